@@ -1,0 +1,158 @@
+"""Tensors to raw little-endian bytes and back, with digests and stats.
+
+Pure: imports no Redis. A tensor travels as its C-contiguous bytes, split
+into chunks of at most ``chunk_bytes``; its dtype and shape travel in the
+manifest under the names of ``DTYPES``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import torch
+
+from hotswap.errors import FormatError, SourceError
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("hotswap needs a little-endian machine: blobs are little-endian bytes")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C128": torch.complex128,
+    "C64": torch.complex64,
+    "C32": torch.complex32,
+}
+# Newer dtypes only where this torch has them, as safetensors does.
+for _name, _attr in [
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+    ("F4_E2M1_X2", "float4_e2m1fn_x2"),
+]:
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+
+_PACKED = {DTYPES[n] for n in ("F4_E2M1_X2",) if n in DTYPES}
+_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+DIGEST_HEX_LEN = 64
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype; SourceError if it cannot travel."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise SourceError(
+            f"dtype {dtype} is not supported: convert the tensor to one of "
+            f"{', '.join(sorted(DTYPES))}"
+        ) from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype for a wire name; FormatError for an unknown name."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise FormatError(f"unknown dtype {name!r} (this torch knows {len(DTYPES)})") from None
+
+
+def itemsize(name: str) -> int:
+    return dtype_from_name(name).itemsize
+
+
+def chunk_count(nbytes: int, chunk_bytes: int) -> int:
+    return math.ceil(nbytes / chunk_bytes) if nbytes else 0
+
+
+def chunk_spans(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of each chunk of a buffer of ``nbytes``."""
+    return [(s, min(s + chunk_bytes, nbytes)) for s in range(0, nbytes, chunk_bytes)]
+
+
+def as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor as a flat memoryview, copying only if needed.
+
+    Non-contiguous or non-CPU tensors are copied once into a contiguous CPU
+    tensor; the view keeps that memory alive.
+    """
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.contiguous()
+    if t.dtype not in _NAMES:
+        dtype_name(t.dtype)
+    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    array: Any = flat.numpy()
+    return memoryview(array).cast("B")
+
+
+def from_bytes(
+    buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """A CPU tensor over ``buf`` (shared memory when ``buf`` is writable)."""
+    torch_dtype = dtype_from_name(dtype)
+    expected = math.prod(shape) * torch_dtype.itemsize
+    if len(buf) != expected:
+        raise FormatError(
+            f"{len(buf)} bytes cannot hold a {dtype} tensor of shape {list(shape)} "
+            f"({expected} bytes)"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    raw = torch.frombuffer(buf if not isinstance(buf, bytes) else bytearray(buf), dtype=torch.uint8)
+    return raw.view(torch_dtype).reshape(shape)
+
+
+def digest(buf: bytes | bytearray | memoryview) -> str:
+    """BLAKE3 of the bytes, as 64 hex characters (threads for large buffers)."""
+    threads = blake3.blake3.AUTO if len(buf) >= 4 * 1024 * 1024 else 1
+    return blake3.blake3(buf, max_threads=threads).hexdigest()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """L2 norm and largest magnitude; a non-finite value makes both non-finite."""
+
+    norm: float
+    max_abs: float
+
+
+def stats(tensor: torch.Tensor) -> Stats:
+    """Norm and max-abs of a tensor, computed the same way everywhere."""
+    t = tensor.detach()
+    if t.numel() == 0:
+        return Stats(0.0, 0.0)
+    if t.dtype in _PACKED:
+        # Packed sub-byte floats have no arithmetic in torch; their bytes still
+        # give a stable fingerprint (and e2m1 has no NaN or inf to screen).
+        t = t.view(torch.uint8)
+    if t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()):
+        t = t.to(torch.float64)
+    elif t.is_complex():
+        t = t.abs() if t.dtype != torch.complex32 else t.to(torch.complex64).abs()
+    elif t.dtype.itemsize == 1 or t.dtype in (torch.float16, torch.bfloat16):
+        t = t.to(torch.float32)
+    norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    lo, hi = torch.aminmax(t)
+    max_abs = max(abs(float(lo)), abs(float(hi)))
+    if not math.isfinite(norm):
+        max_abs = norm if math.isnan(norm) else max_abs
+    return Stats(norm, max_abs)

@@ -1,0 +1,86 @@
+"""Turning settings into a Redis client, and the one retry policy.
+
+Only entry points (the CLI, ``Agent``/``Publisher`` given settings) call
+``connect``; library code takes the client as an argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.cluster
+import tenacity
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from hotswap.errors import ConfigError
+from hotswap.settings import HotswapSettings
+
+RedisClient = Any  # redis.Redis or redis.cluster.RedisCluster: same command API
+
+# Errors worth another attempt: the server is away, restarting, or slow.
+# AuthenticationError derives from ConnectionError but will not heal by waiting.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    ConnectionResetError,
+)
+PERMANENT: tuple[type[BaseException], ...] = (redis.AuthenticationError,)
+
+
+def _is_transient(error: BaseException) -> bool:
+    return isinstance(error, TRANSIENT) and not isinstance(error, PERMANENT)
+
+
+def operation_retry(attempts: int = 6, max_wait: float = 2.0) -> tenacity.Retrying:
+    """Retry policy of one store operation: exponential backoff with jitter, bounded."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential_jitter(initial=0.05, max=max_wait),
+        retry=tenacity.retry_if_exception(_is_transient),
+        reraise=True,
+    )
+
+
+def reconnect_backoff(max_wait: float = 5.0) -> tenacity.wait.wait_base:
+    """Backoff between an agent's reconnect attempts (it never gives up)."""
+    return tenacity.wait_exponential_jitter(initial=0.1, max=max_wait)
+
+
+def retry_from_settings(settings: HotswapSettings) -> tenacity.Retrying:
+    return operation_retry(settings.retry_attempts, settings.retry_max_wait)
+
+
+def connect(settings: HotswapSettings) -> RedisClient:
+    """A client for ``settings.redis_url`` (standalone or cluster, TLS, unix, ACL)."""
+    url = settings.redis_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"HOTSWAP_REDIS_URL {url!r} must start with redis://, rediss:// or unix://"
+        )
+    kwargs: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "socket_keepalive": True,
+    }
+    if url.startswith("rediss://"):
+        for name, value in (
+            ("ssl_ca_certs", settings.tls_ca_file),
+            ("ssl_certfile", settings.tls_cert_file),
+            ("ssl_keyfile", settings.tls_key_file),
+        ):
+            if value:
+                kwargs[name] = value
+    try:
+        if settings.cluster:
+            if url.startswith("unix://"):
+                raise ConfigError("Redis Cluster cannot be reached over a unix:// socket")
+            return redis.cluster.RedisCluster.from_url(url, **kwargs)
+        # Retries belong to our tenacity policy alone, not also redis-py's.
+        return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid HOTSWAP_REDIS_URL {url!r}: {e}") from e

@@ -1,0 +1,80 @@
+"""All configuration, read from ``HOTSWAP_*`` environment variables and ``.env``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class HotswapSettings(BaseSettings):
+    """Settings shared by publishers, agents and the CLI."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HOTSWAP_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL: redis://, rediss:// (TLS), unix://; user:password@ for ACL users.",
+    )
+    cluster: bool = Field(False, description="Connect with the Redis Cluster client.")
+    namespace: str = Field("hotswap", description="Prefix of every key, to share one Redis.")
+    chunk_bytes: int = Field(
+        4 * MiB, ge=4096, le=512 * MiB, description="Largest blob chunk a publish writes."
+    )
+    poll_interval: float = Field(
+        5.0, gt=0, description="Seconds between an agent's checks of head (pub/sub can drop)."
+    )
+    heartbeat_ttl: float = Field(
+        15.0, gt=0, description="Seconds an agent's heartbeat lives; expired agents are gone."
+    )
+    keep_versions: int = Field(10, ge=1, description="Versions gc keeps besides those agents run.")
+    gc_grace_seconds: float = Field(
+        3600.0, ge=0, description="gc never deletes a blob younger than this (uploads in flight)."
+    )
+    signing_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated HMAC keys: publishers sign with the first, agents accept any.",
+    )
+    tls_ca_file: str | None = Field(
+        None, description="CA bundle that signs the Redis server's TLS cert."
+    )
+    tls_cert_file: str | None = Field(None, description="Client certificate for mutual TLS.")
+    tls_key_file: str | None = Field(None, description="Private key of the client certificate.")
+    socket_timeout: float = Field(10.0, gt=0, description="Seconds a Redis command may take.")
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a Redis connection.")
+    retry_attempts: int = Field(
+        6, ge=1, description="Attempts of one Redis operation before StoreUnavailable."
+    )
+    retry_max_wait: float = Field(
+        2.0, gt=0, description="Longest backoff in seconds between two attempts."
+    )
+    max_manifest_bytes: int = Field(
+        64 * MiB, ge=1024, description="Largest manifest accepted from Redis."
+    )
+    max_tensor_bytes: int = Field(
+        64 * 1024 * MiB, ge=1, description="Largest tensor a manifest may declare."
+    )
+    max_tensors: int = Field(100_000, ge=1, description="Most tensors a manifest may declare.")
+
+    @field_validator("signing_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        from hotswap.keys import check_name
+
+        return check_name(value, "namespace")
+
+    def key_bytes(self) -> list[bytes]:
+        """The signing keys as bytes, the publisher's first."""
+        return [key.get_secret_value().encode() for key in self.signing_keys]

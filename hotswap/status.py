@@ -1,0 +1,58 @@
+"""The status record each agent writes for ``hotswap status`` (msgpack)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from hotswap.errors import FormatError
+
+MAX_STATUS_BYTES = 256 * 1024
+STATES = ("starting", "idle", "fetching", "applying", "pending", "disconnected", "stopped")
+
+
+@dataclass
+class AgentStatus:
+    """What one agent reports: who it is, what it runs, what it last refused."""
+
+    agent_id: str
+    host: str
+    pid: int
+    state: str = "starting"
+    version: int | None = None
+    lineage: str | None = None
+    last_error: str | None = None
+    rejected_version: int | None = None
+    rejection: dict[str, list[str]] = field(default_factory=dict)
+    fetch_seconds: float = 0.0
+    validate_seconds: float = 0.0
+    apply_seconds: float = 0.0
+    bytes_fetched: int = 0
+    applied_count: int = 0
+    rejected_count: int = 0
+    updated: float = 0.0
+
+
+_FIELDS = set(AgentStatus.__dataclass_fields__)
+
+
+def encode(status: AgentStatus) -> bytes:
+    return bytes(msgpack.packb(asdict(status), use_bin_type=True))
+
+
+def decode(data: bytes) -> AgentStatus:
+    """Parse a status record; FormatError for anything malformed."""
+    if len(data) > MAX_STATUS_BYTES:
+        raise FormatError(f"agent status is {len(data)} bytes, over the {MAX_STATUS_BYTES} limit")
+    try:
+        raw: Any = msgpack.unpackb(data, raw=False, max_ext_len=0)
+    except Exception as e:
+        raise FormatError(f"agent status is not valid msgpack: {type(e).__name__}") from e
+    if not isinstance(raw, dict) or not {"agent_id", "host", "pid"} <= set(raw):
+        raise FormatError("agent status lacks agent_id, host or pid")
+    try:
+        return AgentStatus(**{k: v for k, v in raw.items() if k in _FIELDS})
+    except TypeError as e:
+        raise FormatError(f"agent status has bad fields: {e}") from e

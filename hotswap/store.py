@@ -1,0 +1,457 @@
+"""All Redis I/O of one model: versions, manifests, blobs, log, agents, notices.
+
+Every operation goes through one tenacity policy (``connection.operation_retry``)
+and turns lasting connection failures into ``StoreUnavailable``. Nothing here
+decides policy; the publisher and the agent do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import redis
+import tenacity
+
+from hotswap import keys
+from hotswap.connection import TRANSIENT, RedisClient, operation_retry
+from hotswap.errors import (
+    ConfigError,
+    HotswapError,
+    IntegrityError,
+    NotFound,
+    StoreUnavailable,
+    VersionConflict,
+)
+from hotswap.manifest import Limits, Manifest, TensorEntry, decode
+
+T = TypeVar("T")
+DEFAULT_LIMITS = Limits()
+LOG_MAXLEN = 10_000
+# Bytes queued in one pipeline round trip: big enough to stream, small enough
+# to bound the client's buffers.
+PIPELINE_BYTES = 32 * 1024 * 1024
+
+# KEYS: head, manifest:V, log. ARGV: parent ('' = none), V, manifest bytes,
+# channel, notice, log maxlen, then log field/value pairs.
+_COMMIT = """
+local head = redis.call('GET', KEYS[1]) or ''
+if head ~= ARGV[1] then return {'conflict', head} end
+if head ~= '' and tonumber(ARGV[2]) <= tonumber(head) then return {'stale', head} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'exists', head} end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return {'ok', head}
+"""
+
+
+class Store:
+    """Redis I/O for one model under one namespace."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        model: str,
+        *,
+        namespace: str = "hotswap",
+        retrying: tenacity.Retrying | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.client = client
+        self.model = keys.check_name(model)
+        self.ns = keys.check_name(namespace, "namespace")
+        self.limits = limits
+        self._retrying = retrying or operation_retry()
+        self._commit_script = client.register_script(_COMMIT)
+
+    # -- plumbing -------------------------------------------------------------
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` under the retry policy, mapping Redis failures to HotswapError."""
+        try:
+            return self._retrying.copy()(fn)
+        except HotswapError:
+            raise
+        except redis.AuthenticationError as e:
+            raise ConfigError(f"Redis refused the credentials while {what}: {e}") from e
+        except redis.exceptions.NoPermissionError as e:
+            raise ConfigError(
+                f"Redis user may not do this while {what} for model {self.model!r}: {e}"
+            ) from e
+        except TRANSIENT as e:
+            raise StoreUnavailable(
+                f"Redis unreachable while {what} for model {self.model!r} "
+                f"({type(e).__name__}: {e}); check HOTSWAP_REDIS_URL and the server"
+            ) from e
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"Redis error while {what} for model {self.model!r}: {e}") from e
+
+    def _key(self, fn: Callable[..., str], *args: Any) -> str:
+        return fn(self.ns, self.model, *args)
+
+    def ping(self) -> None:
+        self.call("connecting", self.client.ping)
+
+    # -- versions and manifests -----------------------------------------------
+
+    def head(self) -> int | None:
+        raw = self.call("reading head", lambda: self.client.get(self._key(keys.head_key)))
+        return None if raw is None else int(raw)
+
+    def manifest_bytes(self, version: int) -> bytes:
+        key = self._key(keys.manifest_key, version)
+        raw = self.call(f"reading manifest v{version}", lambda: self.client.get(key))
+        if raw is None:
+            raise NotFound(f"model {self.model!r} has no version {version} (unknown or collected)")
+        return bytes(raw)
+
+    def manifest(self, version: int, signing_keys: Sequence[bytes] = ()) -> Manifest:
+        """Read, decode and (with keys) verify one version's manifest."""
+        return decode(
+            self.manifest_bytes(version),
+            keys=signing_keys,
+            limits=self.limits,
+            expect_model=self.model,
+            expect_version=version,
+        )
+
+    def head_manifest(self, signing_keys: Sequence[bytes] = ()) -> Manifest | None:
+        head = self.head()
+        return None if head is None else self.manifest(head, signing_keys)
+
+    def versions(self) -> list[int]:
+        """Every version whose manifest is still stored, ascending."""
+        pattern = self._key(keys.manifest_pattern)
+
+        def scan() -> list[int]:
+            return sorted(
+                keys.version_from_manifest_key(k.decode() if isinstance(k, bytes) else k)
+                for k in self.client.scan_iter(match=pattern, count=1000)
+            )
+
+        return self.call("listing versions", scan)
+
+    def reserve_version(self) -> int:
+        return int(
+            self.call("reserving a version", lambda: self.client.incr(self._key(keys.seq_key)))
+        )
+
+    def commit(
+        self,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        log_fields: dict[str, str | int | float],
+        notice: bytes,
+    ) -> None:
+        """Make ``manifest`` the head if head is still its parent (atomic, one script).
+
+        Raises VersionConflict (and writes nothing) if head moved.
+        """
+        version, parent = manifest.version, manifest.parent
+        flat: list[str | int | float] = []
+        for name, value in log_fields.items():
+            flat += [name, value]
+        args = [
+            "" if parent is None else str(parent),
+            str(version),
+            manifest_bytes,
+            self._key(keys.events_channel),
+            notice,
+            LOG_MAXLEN,
+            *flat,
+        ]
+        script_keys = [
+            self._key(keys.head_key),
+            self._key(keys.manifest_key, version),
+            self._key(keys.log_key),
+        ]
+        status, head = self.call(
+            f"committing v{version}", lambda: self._commit_script(keys=script_keys, args=args)
+        )
+        if status == b"ok":
+            return
+        head_text = head.decode() or "none"
+        if head_text == str(version) and self._stored_equals(version, manifest_bytes):
+            return  # an earlier attempt committed before its reply was lost
+        if status == b"exists":
+            raise VersionConflict(
+                f"model {self.model!r} v{version} already exists; versions are immutable"
+            )
+        read = "empty" if parent is None else f"v{parent}"
+        now = "empty" if head_text == "none" else f"v{head_text}"
+        raise VersionConflict(
+            f"model {self.model!r}: head is {now}, not {read} as this publish read it; "
+            "another publisher committed first, publish again on top of it"
+        )
+
+    def _stored_equals(self, version: int, data: bytes) -> bool:
+        try:
+            return self.manifest_bytes(version) == data
+        except NotFound:
+            return False
+
+    def delete_manifests(self, versions: Iterable[int]) -> int:
+        names = [self._key(keys.manifest_key, v) for v in versions]
+        if not names:
+            return 0
+        return int(self.call("deleting manifests", lambda: self.client.delete(*names)))
+
+    # -- log ------------------------------------------------------------------
+
+    def append_log(self, fields: dict[str, str | int | float]) -> None:
+        key = self._key(keys.log_key)
+        self.call(
+            "writing the log",
+            lambda: self.client.xadd(key, fields, maxlen=LOG_MAXLEN, approximate=True),
+        )
+
+    def log(self, count: int = 50) -> list[dict[str, str]]:
+        """Newest first: one dict per publish, rollback or gc."""
+        key = self._key(keys.log_key)
+        rows = self.call("reading the log", lambda: self.client.xrevrange(key, count=count))
+        out = []
+        for entry_id, fields in rows:
+            row = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+            row["id"] = entry_id.decode()
+            out.append(row)
+        return out
+
+    # -- blobs ----------------------------------------------------------------
+
+    def _chunk_keys(self, entry: TensorEntry) -> list[str]:
+        return [
+            self._key(keys.blob_key, entry.digest, entry.chunk_bytes, i)
+            for i in range(entry.chunks)
+        ]
+
+    def touch_blobs(self, entries: Iterable[TensorEntry], now: float | None = None) -> None:
+        """Mark blobs as referenced now, so gc's grace period protects them."""
+        members = {
+            keys.blob_id(e.digest, e.chunk_bytes, e.chunks): now or time.time()
+            for e in entries
+            if e.chunks
+        }
+        if members:
+            key = self._key(keys.blob_index_key)
+            self.call("indexing blobs", lambda: self.client.zadd(key, members))
+
+    def missing(self, entries: Sequence[TensorEntry]) -> list[TensorEntry]:
+        """The entries with at least one chunk absent from Redis (pipelined EXISTS)."""
+        unique = {(e.digest, e.chunk_bytes, e.nbytes): e for e in entries if e.chunks}
+        todo = list(unique.values())
+
+        def check() -> list[int]:
+            pipe = self.client.pipeline(transaction=False)
+            for e in todo:
+                pipe.exists(*self._chunk_keys(e))
+            return list(pipe.execute()) if todo else []
+
+        counts = self.call("checking blobs", check)
+        absent = {
+            (e.digest, e.chunk_bytes, e.nbytes)
+            for e, n in zip(todo, counts, strict=True)
+            if n != e.chunks
+        }
+        return [e for e in entries if (e.digest, e.chunk_bytes, e.nbytes) in absent]
+
+    def upload(
+        self,
+        entry: TensorEntry,
+        data: memoryview,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write a tensor's chunks (idempotent); returns the bytes sent."""
+        if len(data) != entry.nbytes:
+            raise IntegrityError(
+                f"tensor {entry.name!r}: {len(data)} bytes to upload, manifest says {entry.nbytes}"
+            )
+        names = self._chunk_keys(entry)
+        size = entry.chunk_bytes
+        sent = 0
+        batch: list[int] = []
+
+        def flush(indices: list[int]) -> None:
+            def send() -> None:
+                pipe = self.client.pipeline(transaction=False)
+                for i in indices:
+                    pipe.set(names[i], data[i * size : (i + 1) * size])
+                pipe.execute()
+
+            self.call(f"uploading tensor {entry.name!r}", send)
+
+        for i in range(len(names)):
+            batch.append(i)
+            if len(batch) * size >= PIPELINE_BYTES:
+                flush(batch)
+                done = sum(min(size, entry.nbytes - j * size) for j in batch)
+                sent += done
+                if progress:
+                    progress(done)
+                batch = []
+        if batch:
+            flush(batch)
+            done = sum(min(size, entry.nbytes - j * size) for j in batch)
+            sent += done
+            if progress:
+                progress(done)
+        return sent
+
+    def read_into(self, entry: TensorEntry, out: memoryview, version: int | None = None) -> None:
+        """Read a tensor's chunks into ``out`` (exactly ``entry.nbytes`` long).
+
+        Raises IntegrityError naming the tensor for a missing or truncated chunk;
+        the digest check is the caller's.
+        """
+        where = f"model {self.model!r}" + (f" v{version}" if version is not None else "")
+        if len(out) != entry.nbytes:
+            raise IntegrityError(
+                f"{where} tensor {entry.name!r}: buffer is {len(out)} bytes, need {entry.nbytes}"
+            )
+        names = self._chunk_keys(entry)
+        size = entry.chunk_bytes
+        per_batch = max(1, PIPELINE_BYTES // size)
+        for start in range(0, len(names), per_batch):
+            indices = range(start, min(start + per_batch, len(names)))
+
+            def fetch(indices: range = indices) -> list[bytes | None]:
+                pipe = self.client.pipeline(transaction=False)
+                for i in indices:
+                    pipe.get(names[i])
+                return list(pipe.execute())
+
+            chunks = self.call(f"reading tensor {entry.name!r}", fetch)
+            for i, chunk in zip(indices, chunks, strict=True):
+                expected = min(size, entry.nbytes - i * size)
+                if chunk is None:
+                    raise IntegrityError(
+                        f"{where} tensor {entry.name!r}: chunk {i} of {len(names)} is missing "
+                        "from Redis (collected or lost); publish again"
+                    )
+                if len(chunk) != expected:
+                    raise IntegrityError(
+                        f"{where} tensor {entry.name!r}: chunk {i} is {len(chunk)} bytes, "
+                        f"expected {expected} (truncated or corrupted)"
+                    )
+                out[i * size : i * size + expected] = chunk
+
+    def blob_index(self) -> dict[str, float]:
+        """Blob id -> last time a publish referenced it."""
+        key = self._key(keys.blob_index_key)
+        rows = self.call(
+            "reading the blob index", lambda: self.client.zrange(key, 0, -1, withscores=True)
+        )
+        return {m.decode(): float(s) for m, s in rows}
+
+    def blob_scores(self, blobs: Sequence[str]) -> list[float | None]:
+        if not blobs:
+            return []
+        key = self._key(keys.blob_index_key)
+        return list(self.call("reading the blob index", lambda: self.client.zmscore(key, blobs)))
+
+    def delete_blobs(self, blobs: Sequence[str]) -> int:
+        """Delete blobs (all their chunks) and their index entries; returns chunks deleted."""
+        if not blobs:
+            return 0
+        index = self._key(keys.blob_index_key)
+
+        def delete() -> int:
+            pipe = self.client.pipeline(transaction=False)
+            for blob in blobs:
+                pipe.unlink(*keys.blob_keys_of_id(self.ns, self.model, blob))
+            pipe.zrem(index, *blobs)
+            return sum(int(n) for n in pipe.execute()[:-1])
+
+        return self.call("deleting blobs", delete)
+
+    def stored_blob_keys(self) -> Iterator[str]:
+        """Every blob chunk key of this model (SCAN; for gc of unindexed orphans and tests)."""
+        pattern = self._key(keys.blob_prefix) + "*"
+        for k in self.client.scan_iter(match=pattern, count=1000):
+            yield k.decode() if isinstance(k, bytes) else k
+
+    # -- agents ---------------------------------------------------------------
+
+    def write_agent_status(self, agent_id: str, record: bytes, ttl: float) -> None:
+        agents, beat = self._key(keys.agents_key), self._key(keys.heartbeat_key, agent_id)
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(agents, agent_id, record)
+            pipe.set(beat, b"1", px=max(1, int(ttl * 1000)))
+            pipe.execute()
+
+        self.call("writing agent status", write)
+
+    def remove_agent(self, agent_id: str) -> None:
+        agents, beat = self._key(keys.agents_key), self._key(keys.heartbeat_key, agent_id)
+
+        def remove() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hdel(agents, agent_id)
+            pipe.delete(beat)
+            pipe.execute()
+
+        self.call("removing agent status", remove)
+
+    def agent_records(self) -> list[tuple[str, bytes, bool]]:
+        """(agent id, status bytes, heartbeat alive) for every agent that reported."""
+        agents = self._key(keys.agents_key)
+
+        def read() -> list[tuple[str, bytes, bool]]:
+            records = self.client.hgetall(agents)
+            ids = sorted(k.decode() for k in records)
+            pipe = self.client.pipeline(transaction=False)
+            for agent_id in ids:
+                pipe.exists(self._key(keys.heartbeat_key, agent_id))
+            alive = pipe.execute() if ids else []
+            return [
+                (i, bytes(records[i.encode()]), bool(a)) for i, a in zip(ids, alive, strict=True)
+            ]
+
+        return self.call("reading agent status", read)
+
+    # -- notices ----------------------------------------------------------------
+
+    def subscribe(self) -> Subscription:
+        return Subscription(self)
+
+    def delete_all(self) -> int:
+        """Delete every key of this model (demo cleanup); returns the count."""
+
+        def delete() -> int:
+            n = 0
+            for pattern in keys.namespace_pattern(self.ns, self.model):
+                batch = list(self.client.scan_iter(match=pattern, count=1000))
+                for i in range(0, len(batch), 1000):
+                    n += int(self.client.unlink(*batch[i : i + 1000]))
+            return n
+
+        return self.call("deleting the model's keys", delete)
+
+
+class Subscription:
+    """The model's notice channel; ``get`` waits for one raw notice or returns None."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._channel = store._key(keys.events_channel)
+        self._pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+        store.call("subscribing", lambda: self._pubsub.subscribe(self._channel))
+
+    def get(self, timeout: float) -> bytes | None:
+        """One notice's bytes, or None after ``timeout``; raises redis errors unwrapped
+        so the agent can tell a dropped connection from silence."""
+        message = self._pubsub.get_message(timeout=timeout)
+        if message is None or message.get("type") != "message":
+            return None
+        data = message["data"]
+        return data if isinstance(data, bytes) else str(data).encode()
+
+    def close(self) -> None:
+        # Closing a dead connection is not an error.
+        with contextlib.suppress(redis.RedisError, OSError):
+            self._pubsub.close()

@@ -1,0 +1,1 @@
+"""The publishing side of hotswap: the ``Publisher`` API and the ``hotswap`` CLI."""
