@@ -53,6 +53,7 @@ for _name, _attr in [
 _PACKED = {DTYPES[n] for n in ("F4_E2M1_X2",) if n in DTYPES}
 _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 DIGEST_HEX_LEN = 64
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -94,12 +95,24 @@ def as_bytes(tensor: torch.Tensor) -> memoryview:
     tensor; the view keeps that memory alive.
     """
     t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    t = t.contiguous()
     if t.dtype not in _NAMES:
         dtype_name(t.dtype)
-    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    # Lazy conjugate/negative views must be materialised: their memory holds
+    # the un-negated values and torch refuses to reinterpret them as bytes.
+    t = t.resolve_conj().resolve_neg()
+    same_width = _SAME_WIDTH_INT.get(t.dtype.itemsize)
+    if same_width is not None and not t.is_contiguous():
+        # Copy as integers of the same width: bit-exact for every dtype, and
+        # free of the kernels (and warnings) some dtypes such as C32 lack.
+        t = t.view(same_width)
+    t = t.contiguous()
+    if not t.numel():
+        return memoryview(bytearray())
+    # A contiguous tensor of one element may keep any stride (e.g. x[::2] of
+    # two elements), which view(uint8) refuses; as_strided pins it to 1.
+    flat = t.reshape(-1).as_strided((t.numel(),), (1,)).view(torch.uint8)
     array: Any = flat.numpy()
     return memoryview(array).cast("B")
 
@@ -117,7 +130,10 @@ def from_bytes(
         )
     if expected == 0:
         return torch.empty(shape, dtype=torch_dtype)
-    raw = torch.frombuffer(buf if not isinstance(buf, bytes) else bytearray(buf), dtype=torch.uint8)
+    if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
+        # torch.frombuffer warns on read-only memory and would let writes through.
+        buf = bytearray(buf)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
     return raw.view(torch_dtype).reshape(shape)
 
 

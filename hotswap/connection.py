@@ -65,8 +65,10 @@ def connect(settings: HotswapSettings) -> RedisClient:
     kwargs: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout,
         "socket_connect_timeout": settings.connect_timeout,
-        "socket_keepalive": True,
     }
+    if not url.startswith("unix://"):
+        # redis-py's unix-socket connection refuses this TCP-only option.
+        kwargs["socket_keepalive"] = True
     if url.startswith("rediss://"):
         for name, value in (
             ("ssl_ca_certs", settings.tls_ca_file),
