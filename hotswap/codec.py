@@ -15,7 +15,7 @@ from typing import Any
 import blake3
 import torch
 
-from hotswap.errors import FormatError, SourceError
+from hotswap.errors import FormatError, IntegrityError, SourceError
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("hotswap needs a little-endian machine: blobs are little-endian bytes")
@@ -129,7 +129,8 @@ def from_bytes(
             f"({expected} bytes)"
         )
     if expected == 0:
-        return torch.empty(shape, dtype=torch_dtype)
+        # A view, not torch.empty: allocating some dtypes (C32) warns.
+        return torch.empty(0, dtype=torch.uint8).view(torch_dtype).reshape(shape)
     if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
         # torch.frombuffer warns on read-only memory and would let writes through.
         buf = bytearray(buf)
@@ -141,6 +142,22 @@ def digest(buf: bytes | bytearray | memoryview) -> str:
     """BLAKE3 of the bytes, as 64 hex characters (threads for large buffers)."""
     threads = blake3.blake3.AUTO if len(buf) >= 4 * 1024 * 1024 else 1
     return blake3.blake3(buf, max_threads=threads).hexdigest()
+
+
+def check_digest(
+    entry_name: str, data: bytes | bytearray | memoryview, expected: str, where: str
+) -> None:
+    """Raise IntegrityError unless ``data`` hashes to ``expected``.
+
+    ``where`` names the model and version, e.g. ``"model 'm' v3"``.
+    """
+    actual = digest(data)
+    if actual != expected:
+        raise IntegrityError(
+            f"{where} tensor {entry_name!r}: bytes hash to {actual[:16]}..., the manifest says "
+            f"{expected[:16]}... (corrupted in Redis or in transit); run `hotswap verify` "
+            "and publish again"
+        )
 
 
 @dataclass(frozen=True)
