@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from hotswap import codec
-from hotswap.errors import FormatError, SignatureError
+from hotswap.errors import ConfigError, FormatError, SignatureError, SourceError
 
 FORMAT = 1
 KINDS = ("publish", "rollback")
@@ -119,8 +119,29 @@ def _body(m: Manifest) -> dict[str, Any]:
     }
 
 
+def _check_encodable(m: Manifest) -> None:
+    # Refuse here what decode would refuse, or a commit would make a head
+    # that no agent can read.
+    where = f"manifest of {m.model} v{m.version}"
+    for what, text in (("message", m.message), ("author", m.author)):
+        size = len(text.encode())
+        if size > MAX_MESSAGE_LEN:
+            raise ConfigError(f"{where}: {what} is {size} bytes, limit {MAX_MESSAGE_LEN}")
+    for t in m.tensors:
+        if not 0 < len(t.name) <= MAX_NAME_LEN:
+            raise SourceError(
+                f"{where}: tensor name {t.name[:64]!r} has {len(t.name)} characters, "
+                f"need 1-{MAX_NAME_LEN}; rename it"
+            )
+        if len(t.shape) > MAX_NDIM:
+            raise SourceError(
+                f"{where}: tensor {t.name!r} has {len(t.shape)} dimensions, limit {MAX_NDIM}"
+            )
+
+
 def encode(m: Manifest, signing_key: bytes | None = None) -> bytes:
     """Canonical wire bytes of a manifest, signed when a key is given."""
+    _check_encodable(m)
     body = msgpack.packb(_body(m), use_bin_type=True)
     envelope: dict[str, Any] = {"format": FORMAT, "body": body, "kid": None, "sig": None}
     if signing_key:
