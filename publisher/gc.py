@@ -1,0 +1,70 @@
+"""Retention planning, pure: which versions to keep and which blobs may go.
+
+The publisher reads the state from Redis, asks these functions what to
+delete, and re-reads the blob scores right before deleting (``collectable``
+runs twice) so that a publish that touched a blob meanwhile saves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """Versions kept (and why) and versions whose manifests may be deleted."""
+
+    keep: list[int]
+    delete: list[int]
+    reasons: dict[int, list[str]] = field(default_factory=dict)
+
+
+def plan_retention(
+    versions: Iterable[int], head: int | None, keep: int, running: Iterable[int]
+) -> RetentionPlan:
+    """Keep the newest ``keep`` stored versions, the head, and every version an agent runs.
+
+    Args:
+        versions: every version whose manifest is stored.
+        head: the current head (kept even if it were somehow older than the newest N).
+        keep: how many of the newest versions to keep (at least 1).
+        running: versions live agents report running.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    stored = sorted(set(versions))
+    reasons: dict[int, list[str]] = {}
+    for v in stored[-keep:]:
+        reasons.setdefault(v, []).append(f"newest {keep}")
+    if head is not None and head in stored:
+        reasons.setdefault(head, []).append("head")
+    for v in sorted(set(running)):
+        if v in stored:
+            reasons.setdefault(v, []).append("an agent runs it")
+    kept = sorted(reasons)
+    return RetentionPlan(keep=kept, delete=[v for v in stored if v not in reasons], reasons=reasons)
+
+
+def collectable(
+    scores: Mapping[str, float | None],
+    referenced: Iterable[str],
+    now: float,
+    grace: float,
+) -> list[str]:
+    """Blob ids no kept version references and no publish touched within ``grace`` seconds.
+
+    A blob without a score (already gone from the index) is left alone.
+    """
+    ref = set(referenced)
+    cutoff = now - grace
+    return sorted(
+        blob
+        for blob, score in scores.items()
+        if blob not in ref and score is not None and score < cutoff
+    )
+
+
+def rescore(candidates: Sequence[str], scores: Sequence[float | None]) -> dict[str, float | None]:
+    """Pair candidate blob ids with freshly read scores."""
+    return dict(zip(candidates, scores, strict=True))

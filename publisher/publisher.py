@@ -1,0 +1,551 @@
+"""The ``Publisher``: turns state dicts and checkpoints into versions in Redis."""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+
+import torch
+
+from hotswap import codec, keys
+from hotswap import manifest as mf
+from hotswap import notice as nt
+from hotswap import status as st
+from hotswap.connection import RedisClient, connect, retry_from_settings
+from hotswap.errors import (
+    ConfigError,
+    FormatError,
+    HotswapError,
+    IntegrityError,
+    NotFound,
+    SourceError,
+)
+from hotswap.manifest import Manifest, TensorEntry
+from hotswap.settings import HotswapSettings
+from hotswap.store import Store
+from publisher import gc as gcplan
+from publisher import plan
+from publisher.sources import Source, TensorSource, open_source
+
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, bytes_done, bytes_total)``; phase is "hash", "upload" or "verify"."""
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    """What one publish or rollback did."""
+
+    version: int
+    parent: int | None
+    created: bool
+    tensors_total: int
+    tensors_changed: int
+    bytes_total: int
+    bytes_uploaded: int
+    bytes_skipped: int
+    seconds: float
+    kind: str = "publish"
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``gc`` kept and deleted."""
+
+    kept: list[int]
+    deleted_versions: list[int]
+    blobs_deleted: int
+    chunks_deleted: int
+    blobs_kept_young: int
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """A version re-read from Redis: tensors whose bytes do not match their digest."""
+
+    version: int
+    tensors_checked: int
+    bytes_checked: int
+    bad: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def _author() -> str:
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name in a bare container
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _view_key(t: torch.Tensor) -> tuple[object, ...]:
+    """Identity of a tensor's bytes: two names with this key are the same memory."""
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        t.dtype,
+        tuple(t.shape),
+        tuple(t.stride()),
+    )
+
+
+class Publisher:
+    """Publishes versions of one model, rolls back, collects garbage and verifies.
+
+    Tied or shared tensors (two names over one storage, e.g. an embedding tied
+    to the output layer) are published on purpose as two manifest entries that
+    point at the same blobs: the bytes are hashed once and uploaded once, and
+    an agent copies the same bytes into both names. Any two tensors with equal
+    bytes, dtype and shape share blobs the same way, across versions too.
+
+    Args:
+        model_name: the model's name in Redis (``[A-Za-z0-9._-]{1,128}``).
+        settings: defaults to ``HotswapSettings()`` (``HOTSWAP_*`` env, ``.env``).
+        connection: a redis client to use; made from the settings when None
+            (and then closed by ``close()``).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        settings: HotswapSettings | None = None,
+        connection: RedisClient | None = None,
+    ) -> None:
+        self.model = keys.check_name(model_name)
+        self.settings = settings or HotswapSettings()  # type: ignore[call-arg]
+        self._owns_client = connection is None
+        self.client = connect(self.settings) if connection is None else connection
+        self.store = Store(
+            self.client,
+            self.model,
+            namespace=self.settings.namespace,
+            retrying=retry_from_settings(self.settings),
+            limits=mf.Limits(
+                max_manifest_bytes=self.settings.max_manifest_bytes,
+                max_tensors=self.settings.max_tensors,
+                max_tensor_bytes=self.settings.max_tensor_bytes,
+            ),
+        )
+        keys_ = self.settings.key_bytes()
+        self._keys = keys_
+        self._signing_key = keys_[0] if keys_ else None
+        self._last: PublishReport | None = None
+
+    @property
+    def last_report(self) -> PublishReport:
+        """The report of the last ``publish`` or ``rollback`` of this publisher."""
+        if self._last is None:
+            raise HotswapError(f"model {self.model!r}: nothing published by this Publisher yet")
+        return self._last
+
+    # -- publish ----------------------------------------------------------------
+
+    def publish(
+        self,
+        source: Source,
+        message: str = "",
+        only: Sequence[str] | None = None,
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> int:
+        """Publish ``source`` as a new version and return its number.
+
+        Only tensors whose bytes are not already in Redis are uploaded. When
+        nothing changed since head (and not ``force``) no version is created
+        and the head's number is returned. With ``only`` (globs), just the
+        matching tensors are read and the rest are inherited from head.
+        """
+        started = time.monotonic()
+        if len(message) > mf.MAX_MESSAGE_LEN:
+            raise ConfigError(f"message is {len(message)} characters, limit {mf.MAX_MESSAGE_LEN}")
+        with open_source(source) as src:
+            names = plan.select(src.names, only, src.where)
+            head = self.store.head_manifest(self._keys)
+            if only is not None and head is None:
+                raise ConfigError(
+                    f"model {self.model!r} has no version yet: --only needs a parent to inherit "
+                    "the other tensors from; publish the whole model first"
+                )
+            fresh = self._hash(src, names, head, progress)
+            entries = plan.merge(head.tensors, fresh) if head and only is not None else fresh
+            if len(entries) > self.settings.max_tensors:
+                raise SourceError(
+                    f"{src.where}: {len(entries)} tensors, over the limit of "
+                    f"{self.settings.max_tensors} (HOTSWAP_MAX_TENSORS)"
+                )
+            sent = self._upload_missing(src, entries, progress)
+        changes = plan.diff(head.tensors if head else (), entries)
+        if head is not None and changes.count == 0 and not force:
+            self._last = PublishReport(
+                version=head.version,
+                parent=head.parent,
+                created=False,
+                tensors_total=len(entries),
+                tensors_changed=0,
+                bytes_total=head.nbytes,
+                bytes_uploaded=sent,
+                bytes_skipped=head.nbytes - sent,
+                seconds=time.monotonic() - started,
+            )
+            return head.version
+        return self._commit(
+            head=head,
+            entries=entries,
+            kind="publish",
+            rollback_to=None,
+            message=message,
+            changed=changes.count,
+            sent=sent,
+            started=started,
+        )
+
+    def _hash(
+        self,
+        src: TensorSource,
+        names: Sequence[str],
+        head: Manifest | None,
+        progress: Progress | None,
+    ) -> list[TensorEntry]:
+        """One entry per name, reading one tensor at a time; head entries reused when equal."""
+        old = head.by_name() if head else {}
+        chunk_of = {e.digest: e.chunk_bytes for e in old.values()}
+        seen: dict[tuple[object, ...], TensorEntry] = {}
+        out: list[TensorEntry] = []
+        done = 0
+        total = sum(src.size(n) for n in names) if progress else 0
+        for name in names:
+            tensor = src.load(name)
+            view = _view_key(tensor)
+            entry = seen.get(view)
+            if entry is None:
+                buf = codec.as_bytes(tensor)
+                if len(buf) > self.settings.max_tensor_bytes:
+                    raise SourceError(
+                        f"{src.where}: tensor {name!r} is {len(buf)} bytes, over the limit of "
+                        f"{self.settings.max_tensor_bytes} (HOTSWAP_MAX_TENSOR_BYTES)"
+                    )
+                digest = codec.digest(buf)
+                dtype = codec.dtype_name(tensor.dtype)
+                shape = tuple(int(d) for d in tensor.shape)
+                prev = old.get(name)
+                if prev is not None and (prev.digest, prev.dtype, prev.shape) == (
+                    digest,
+                    dtype,
+                    shape,
+                ):
+                    entry = prev
+                else:
+                    stats = codec.stats(tensor)
+                    chunk = chunk_of.get(digest, self.settings.chunk_bytes)
+                    entry = TensorEntry(
+                        name, dtype, shape, len(buf), digest, chunk, stats.norm, stats.max_abs
+                    )
+                seen[view] = entry
+                del buf
+            out.append(entry if entry.name == name else replace(entry, name=name))
+            done += entry.nbytes
+            del tensor
+            if progress:
+                progress("hash", done, total)
+        return out
+
+    def _upload_missing(
+        self, src: TensorSource, entries: Sequence[TensorEntry], progress: Progress | None
+    ) -> int:
+        """Upload every blob of ``entries`` Redis lacks; returns bytes sent.
+
+        Blobs are touched before the check so that a concurrent gc's grace
+        period covers them, and checked again after the upload in case a gc
+        deleted one meanwhile.
+        """
+        readable = set(src.names)
+        # Any name of ours whose bytes make the blob (inherited names cannot be read).
+        name_of = {e.digest: e.name for e in entries if e.name in readable}
+        sent = 0
+        for _attempt in range(3):
+            self.store.touch_blobs(entries)
+            todo = plan.unique_blobs(self.store.missing(entries))
+            if not todo:
+                return sent
+            total = sum(e.nbytes for e in todo.values())
+            done = 0
+            for entry in todo.values():
+                name = name_of.get(entry.digest)
+                if name is None:
+                    raise NotFound(
+                        f"model {self.model!r}: blobs of inherited tensor {entry.name!r} are "
+                        "gone from Redis (collected or lost); publish the whole model again"
+                    )
+                buf = codec.as_bytes(src.load(name))
+                if codec.digest(buf) != entry.digest:
+                    raise SourceError(
+                        f"{src.where}: tensor {name!r} changed while it was being published; "
+                        "publish again once it is stable"
+                    )
+
+                def tick(n: int, base: int = done, total: int = total) -> None:
+                    if progress:
+                        progress("upload", base + n, total)
+
+                sent += self.store.upload(entry, buf, _accumulate(tick))
+                done += entry.nbytes
+                del buf
+        raise IntegrityError(
+            f"model {self.model!r}: uploaded blobs keep disappearing (a gc with "
+            "HOTSWAP_GC_GRACE_SECONDS=0 running?); publish again"
+        )
+
+    def _commit(
+        self,
+        *,
+        head: Manifest | None,
+        entries: Sequence[TensorEntry],
+        kind: str,
+        rollback_to: int | None,
+        message: str,
+        changed: int,
+        sent: int,
+        started: float,
+    ) -> int:
+        version = self.store.reserve_version()
+        m = Manifest(
+            model=self.model,
+            version=version,
+            parent=head.version if head else None,
+            lineage=head.lineage if head else mf.new_lineage(),
+            tensors=tuple(entries),
+            kind=kind,
+            rollback_to=rollback_to,
+            created=time.time(),
+            author=_author(),
+            message=message,
+        )
+        data = mf.encode(m, self._signing_key)
+        log: dict[str, str | int | float] = {
+            "version": version,
+            "kind": kind,
+            "author": m.author,
+            "created": m.created,
+            "message": message,
+            "tensors_changed": changed,
+            "bytes_uploaded": sent,
+            "bytes_total": m.nbytes,
+            "parent": "" if m.parent is None else m.parent,
+            "rollback_to": "" if rollback_to is None else rollback_to,
+        }
+        notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage))
+        self.store.commit(m, data, log, notice)
+        self._last = PublishReport(
+            version=version,
+            parent=m.parent,
+            created=True,
+            tensors_total=len(entries),
+            tensors_changed=changed,
+            bytes_total=m.nbytes,
+            bytes_uploaded=sent,
+            bytes_skipped=m.nbytes - sent,
+            seconds=time.monotonic() - started,
+            kind=kind,
+        )
+        return version
+
+    # -- rollback -----------------------------------------------------------------
+
+    def rollback_target(self, head: Manifest) -> int:
+        """The version before ``head``: its parent, or for a rollback head the
+        newest stored version older than it."""
+        if head.kind == "publish" and head.parent is not None:
+            return head.parent
+        older = [v for v in self.store.versions() if v < head.version]
+        if not older:
+            raise NotFound(
+                f"model {self.model!r}: v{head.version} has no earlier stored version to "
+                "roll back to"
+            )
+        return older[-1]
+
+    def rollback(self, to: int | None = None, message: str = "") -> int:
+        """Make version ``to`` (default: the one before head) current as a new version.
+
+        Uploads nothing: the new manifest points at the target's blobs. Raises
+        NotFound when the target or any of its blobs was collected by gc.
+        """
+        started = time.monotonic()
+        head = self.store.head_manifest(self._keys)
+        if head is None:
+            raise NotFound(f"model {self.model!r} has no versions: nothing to roll back")
+        target_version = self.rollback_target(head) if to is None else int(to)
+        if target_version < 1 or target_version > head.version:
+            raise NotFound(
+                f"model {self.model!r} has no version {target_version} (head is v{head.version})"
+            )
+        if target_version == head.version:
+            raise ConfigError(
+                f"model {self.model!r}: v{target_version} is already the head; nothing to roll back"
+            )
+        try:
+            target = self.store.manifest(target_version, self._keys)
+        except NotFound as e:
+            raise NotFound(
+                f"cannot roll back model {self.model!r} to v{target_version}: its manifest was "
+                "collected by gc (or never committed); see `hotswap log`"
+            ) from e
+        # Touch first so a concurrent gc's grace period protects the blobs we check.
+        self.store.touch_blobs(target.tensors)
+        gone = self.store.missing(target.tensors)
+        if gone:
+            raise NotFound(
+                f"cannot roll back model {self.model!r} to v{target_version}: blobs of "
+                f"{len(gone)} tensors (e.g. {gone[0].name!r}) were collected by gc; "
+                "publish those weights again instead"
+            )
+        changed = plan.diff(head.tensors, target.tensors).count
+        return self._commit(
+            head=head,
+            entries=target.tensors,
+            kind="rollback",
+            rollback_to=target_version,
+            message=message or f"rollback to v{target_version}",
+            changed=changed,
+            sent=0,
+            started=started,
+        )
+
+    # -- gc -----------------------------------------------------------------------
+
+    def running_versions(self) -> list[int]:
+        """Versions that live agents (heartbeat not expired) report running."""
+        out = set()
+        for _agent, raw, alive in self.store.agent_records():
+            if not alive:
+                continue
+            try:
+                record = st.decode(raw)
+            except FormatError:
+                continue  # a garbled record cannot pin anything; status shows it
+            if record.version is not None:
+                out.add(record.version)
+        return sorted(out)
+
+    def gc(self, keep: int | None = None, dry_run: bool = False) -> GcReport:
+        """Delete manifests beyond the newest ``keep`` (and head, and versions agents
+        run), then blobs no kept version references and no publish touched within
+        the grace period."""
+        keep = self.settings.keep_versions if keep is None else int(keep)
+        if keep < 1:
+            raise ConfigError(f"--keep must be at least 1, got {keep}")
+        retention = gcplan.plan_retention(
+            self.store.versions(), self.store.head(), keep, self.running_versions()
+        )
+        referenced: set[str] = set()
+        for v in retention.keep:
+            referenced.update(plan.unique_blobs(self.store.manifest(v).tensors))
+        grace = self.settings.gc_grace_seconds
+        index = self.store.blob_index()
+        unreferenced = sum(1 for blob in index if blob not in referenced)
+        candidates = gcplan.collectable(index, referenced, time.time(), grace)
+        if not dry_run:
+            self.store.delete_manifests(retention.delete)
+            # Re-read the scores last: a publish may have touched a candidate since.
+            fresh = gcplan.rescore(candidates, self.store.blob_scores(candidates))
+            candidates = gcplan.collectable(fresh, referenced, time.time(), grace)
+        young = unreferenced - len(candidates)
+        chunks = 0 if dry_run else self.store.delete_blobs(candidates)
+        report = GcReport(
+            kept=retention.keep,
+            deleted_versions=retention.delete,
+            blobs_deleted=len(candidates),
+            chunks_deleted=chunks,
+            blobs_kept_young=max(0, young),
+            dry_run=dry_run,
+        )
+        if not dry_run:
+            self.store.append_log(
+                {
+                    "kind": "gc",
+                    "author": _author(),
+                    "created": time.time(),
+                    "message": f"kept {len(report.kept)} versions, deleted "
+                    f"{len(report.deleted_versions)} versions and {report.blobs_deleted} blobs",
+                    "versions_deleted": ",".join(map(str, report.deleted_versions)),
+                    "blobs_deleted": report.blobs_deleted,
+                }
+            )
+        return report
+
+    # -- verify -------------------------------------------------------------------
+
+    def verify(self, version: int | None = None, progress: Progress | None = None) -> VerifyReport:
+        """Re-read every chunk of a version (default head) and re-hash each tensor."""
+        started = time.monotonic()
+        if version is None:
+            version = self.store.head()
+            if version is None:
+                raise NotFound(f"model {self.model!r} has no versions to verify")
+        m = self.store.manifest(version, self._keys)
+        blobs = plan.unique_blobs(m.tensors)
+        total = sum(e.nbytes for e in blobs.values())
+        failed: dict[str, str] = {}
+        done = 0
+        for blob, entry in blobs.items():
+            buf = bytearray(entry.nbytes)
+            problem = None
+            try:
+                self.store.read_into(entry, memoryview(buf), version)
+                if codec.digest(buf) != entry.digest:
+                    problem = "digest mismatch: the stored bytes were altered"
+            except IntegrityError as e:
+                problem = str(e).split(": ", 1)[-1]
+            if problem:
+                for e2 in m.tensors:
+                    if plan.blob_of(e2) == blob:
+                        failed[e2.name] = problem
+            done += entry.nbytes
+            if progress:
+                progress("verify", done, total)
+        return VerifyReport(
+            version=version,
+            tensors_checked=len(m.tensors),
+            bytes_checked=done,
+            bad=dict(sorted(failed.items())),
+            seconds=time.monotonic() - started,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the Redis client if this publisher made it."""
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _accumulate(tick: Callable[[int], None]) -> Callable[[int], None]:
+    """Turn the store's per-batch byte deltas into a running total."""
+    total = 0
+
+    def step(n: int) -> None:
+        nonlocal total
+        total += n
+        tick(total)
+
+    return step
