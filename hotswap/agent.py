@@ -1,0 +1,447 @@
+"""The agent: keeps a serving process's model at the head version, safely.
+
+A background thread subscribes to the model's notice channel and polls
+``head`` (every ``poll_interval`` and after every reconnect, since pub/sub
+drops messages while a client is away). For a new head it reads the
+manifest, fetches the tensors whose digest differs from what runs, validates
+them, and only when every one passed copies them into the live tensors under
+the writer side of a readers-writer lock (or at the serving loop's next
+``apply_pending()``). Redis going away delays updates and never stops the
+thread or the serving process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+from readerwriterlock import rwlock
+
+from hotswap import keys, metrics, notice, validate
+from hotswap.connection import RedisClient, connect, retry_from_settings
+from hotswap.delivery import Delivery, Stopped
+from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound, ValidationError
+from hotswap.manifest import Limits, Manifest
+from hotswap.reporter import ApplyReport, Reporter, agent_id
+from hotswap.settings import HotswapSettings
+from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, prepare
+from hotswap.store import Store
+from hotswap.validate import Policy
+
+log = logging.getLogger("hotswap.agent")
+Mode = Literal["auto", "manual"]
+
+
+class Agent:
+    """Keeps ``model`` at the head version of ``model_name``, in place and all-or-nothing.
+
+    Args:
+        model: the live module (or a mapping of name to tensor) to update in place.
+        model_name: the model's name in Redis.
+        settings: connection and timing settings (default: from the environment).
+        connection: a Redis client to use instead of one built from ``settings``.
+        policy: the validation ``Policy`` (or a mapping of its fields).
+        mode: ``"auto"`` applies as soon as a version passed; ``"manual"`` waits
+            for ``apply_pending()``.
+        staging: where fetched bytes wait for CUDA models: ``"auto"``/``"pinned"``
+            (pinned host memory) or ``"device"`` (device memory).
+        on_applied: called as ``on_applied(version, ApplyReport)``.
+        on_rejected: called as ``on_rejected(version, reasons)``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Mapping[str, torch.Tensor],
+        model_name: str,
+        *,
+        settings: HotswapSettings | None = None,
+        connection: RedisClient | None = None,
+        policy: Policy | Mapping[str, Any] | None = None,
+        mode: Mode = "auto",
+        staging: Staging = "auto",
+        on_applied: Callable[[int, ApplyReport], None] | None = None,
+        on_rejected: Callable[[int, dict[str, list[str]]], None] | None = None,
+    ) -> None:
+        self.model_name = keys.check_name(model_name)
+        if mode not in ("auto", "manual"):
+            raise ConfigError(f"agent mode {mode!r} is unknown: use 'auto' or 'manual'")
+        if staging not in ("auto", "pinned", "device"):
+            raise ConfigError(f"staging {staging!r} is unknown: use 'auto', 'pinned' or 'device'")
+        self.settings = settings or HotswapSettings()  # type: ignore[call-arg]
+        self.policy = _policy(policy)
+        self.mode, self.staging = mode, staging
+        self.on_applied, self.on_rejected = on_applied, on_rejected
+        s = self.settings
+        self.store = Store(
+            connection if connection is not None else connect(s),
+            self.model_name,
+            namespace=s.namespace,
+            retrying=retry_from_settings(s),
+            limits=Limits(s.max_manifest_bytes, s.max_tensors, s.max_tensor_bytes),
+        )
+        self.live = LiveModel(model)
+        self.agent_id = agent_id()
+        self.reporter = Reporter(self.store, self.agent_id, s.heartbeat_ttl)
+        self._rw = rwlock.RWLockWrite()
+        self._local = threading.local()
+        self._cond = threading.Condition()
+        self.delivery = Delivery(
+            self.store,
+            self.reporter,
+            s.poll_interval,
+            check=self._check,
+            wanted=self._wanted,
+            serving=self._serving,
+        )
+        self._stop = self.delivery.stop
+        self._thread: threading.Thread | None = None
+        # Guarded by _cond: what runs, what was refused, what waits (manual mode).
+        self._digests: dict[str, str] = {}
+        self._generation = 0
+        self._applying = False
+        self._applied: int | None = None
+        self._lineage: str | None = None
+        self._rejections: dict[int, tuple[str | None, ValidationError]] = {}
+        self._last_rejection: ValidationError | None = None
+        self._pending: Staged | None = None
+        # Used by the agent thread only.
+        self._checked_head: int | None = None
+        self._head: int | None = None
+
+    # -- public API -------------------------------------------------------------
+
+    @property
+    def applied_version(self) -> int | None:
+        """The version the model runs (None until the first version is applied)."""
+        return self._applied
+
+    @property
+    def head_version(self) -> int | None:
+        """The head this agent last saw in Redis."""
+        return self._head
+
+    @property
+    def state(self) -> str:
+        return self.reporter.status.state
+
+    @property
+    def last_rejection(self) -> ValidationError | None:
+        return self._last_rejection
+
+    def start(self) -> Agent:
+        """Start the background thread (returns at once; idempotent)."""
+        if self._stop.is_set():
+            raise ConfigError(f"agent of model {self.model_name!r} was stopped; create a new one")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"hotswap-agent-{self.model_name}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread and report the agent stopped (its heartbeat then expires)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        with self._cond:
+            self._pending = None
+        self.reporter.update(state="stopped")
+        self.reporter.flush(log)
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the reader side around a forward pass (re-entrant within a thread)."""
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            self._local.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._local.depth = depth
+            return
+        lock = self._rw.gen_rlock()
+        lock.acquire()
+        self._local.depth = 1
+        try:
+            yield
+        finally:
+            self._local.depth = 0
+            lock.release()
+
+    def apply_pending(self) -> int | None:
+        """Apply the newest fetched and validated version (manual mode); its number or None."""
+        if getattr(self._local, "depth", 0):
+            raise ConfigError(
+                f"agent of model {self.model_name!r}: apply_pending() was called inside "
+                "reading(); call it between forward passes"
+            )
+        with self._cond:
+            staged, self._pending = self._pending, None
+            if staged is None:
+                return None
+            self._applying = True
+        try:
+            self._apply(staged)
+        finally:
+            with self._cond:
+                self._applying = False
+        return staged.plan.manifest.version
+
+    def wait_for(self, version: int, timeout: float = 10.0) -> bool:
+        """True once ``version`` (or a newer one) runs, False after ``timeout`` seconds.
+
+        Raises ValidationError if this agent rejected ``version``.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                refused = self._rejections.get(version)
+                if refused is not None:
+                    error = refused[1]
+                    raise ValidationError(str(error), error.reasons) from error.__cause__
+                if self._applied is not None and self._applied >= version:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+
+    # -- the background thread --------------------------------------------------
+
+    def _run(self) -> None:
+        digests = self.live.digests()
+        with self._cond:
+            self._digests = digests
+        self.delivery.run()
+
+    def _wanted(self, raw: bytes) -> bool:
+        """Whether a notice may announce something new (a garbled one: look anyway)."""
+        try:
+            n = notice.decode(raw)
+        except FormatError:
+            return True
+        if n.model != self.model_name:
+            return False
+        applied = self._applied
+        return not (n.lineage == self._lineage and applied is not None and n.version <= applied)
+
+    def _check(self, force: bool) -> None:
+        head = self.store.head()
+        self._head = head
+        if head is None:
+            if self._checked_head is not None or force:
+                self._checked_head = None
+                if self._applied is not None:
+                    gone = (
+                        f"model {self.model_name!r} has no head in Redis (Redis lost its data "
+                        f"or the model was deleted); still serving v{self._applied}"
+                    )
+                    self.reporter.update(last_error=gone)
+                    self.delivery.log_once("head-gone", logging.WARNING, gone)
+            return
+        if head == self._checked_head and not force:
+            return
+        self._checked_head = head
+        try:
+            manifest = self.store.manifest(head, self.settings.key_bytes())
+        except NotFound:
+            self._checked_head = None  # collected between two reads; look again next poll
+            return
+        except IntegrityError as e:
+            refused = self._rejections.get(head)
+            if refused is None or str(refused[1].__cause__) != str(e):
+                self._reject(head, None, {"<manifest>": [str(e)]}, e)
+            return
+        self._consider(manifest)
+
+    def _consider(self, m: Manifest) -> None:
+        with self._cond:
+            same_line = m.lineage == self._lineage
+            if same_line and self._applied is not None and m.version <= self._applied:
+                return
+            refused = self._rejections.get(m.version)
+            if refused is not None and refused[0] == m.lineage:
+                return
+            pending = self._pending.plan.manifest if self._pending else None
+            if pending and (pending.version, pending.lineage) == (m.version, m.lineage):
+                return
+        if self._lineage is not None and not same_line:
+            self.delivery.log_once(
+                f"lineage:{m.lineage}",
+                logging.WARNING,
+                f"model {self.model_name!r}: head v{m.version} is of a new lineage {m.lineage} "
+                f"(Redis lost its data or was reset); comparing tensors by digest",
+            )
+        while not self._stage_and_decide(m):
+            pass  # a manual apply_pending() ran meanwhile: plan again against what runs now
+
+    def _stage_and_decide(self, m: Manifest) -> bool:
+        where = f"model {self.model_name!r} v{m.version}"
+        with self._cond:
+            digests, generation = dict(self._digests), self._generation
+        self.reporter.update(state="fetching")
+        self.reporter.beat(log)
+        staged, reasons = prepare(
+            self.store,
+            m,
+            self.live,
+            digests,
+            self.policy,
+            mode=self.staging,
+            where=where,
+            between=self._between_tensors,
+        )
+        self.reporter.update(
+            fetch_seconds=staged.seconds,
+            validate_seconds=staged.validate_seconds,
+            bytes_fetched=self.reporter.status.bytes_fetched + staged.bytes_fetched,
+        )
+        if reasons:
+            self._reject(m.version, m.lineage, reasons, None, staged.bytes_fetched)
+            return True
+        if self.mode == "auto":
+            self._apply(staged)
+            return True
+        with self._cond:
+            if self._applying or self._generation != generation:
+                return False
+            self._pending = staged
+        self.reporter.update(state="pending")
+        log.info("model %r: v%d fetched and valid; apply_pending() applies it", *_mv(self, m))
+        return True
+
+    def _between_tensors(self) -> None:
+        if self._stop.is_set():
+            raise Stopped
+        self.reporter.beat(log)
+
+    def _apply(self, staged: Staged) -> None:
+        m = staged.plan.manifest
+        self.reporter.update(state="applying")
+        copies = pairs(staged, self.live)
+        writer = self._rw.gen_wlock()
+        writer.acquire()
+        locked = time.perf_counter()
+        try:
+            apply(copies)
+            with self._cond:
+                # Still under the writer lock: a reader never sees new weights
+                # with the old version number.
+                for name, entry in staged.plan.changed.items():
+                    self._digests[name] = entry.digest
+                self._generation += 1
+                if m.lineage != self._lineage:
+                    self._rejections = {
+                        v: r for v, r in self._rejections.items() if r[0] in (m.lineage, None)
+                    }
+                self._applied, self._lineage = m.version, m.lineage
+                self._cond.notify_all()
+        finally:
+            writer.release()
+        seconds = time.perf_counter() - locked
+        report = ApplyReport(
+            m.version,
+            m.lineage,
+            len(staged.plan.changed),
+            staged.bytes_fetched,
+            staged.seconds,
+            staged.validate_seconds,
+            seconds,
+        )
+        s = self.reporter.status
+        self.reporter.update(
+            state="idle",
+            version=m.version,
+            lineage=m.lineage,
+            last_error=None,
+            apply_seconds=seconds,
+            applied_count=s.applied_count + 1,
+        )
+        if threading.current_thread() is self._thread:
+            self.reporter.beat(log)
+        metrics.applied(self.model_name, m.version, seconds, staged.bytes_fetched)
+        self.delivery.note("applied")
+        log.info(
+            "model %r: applied v%d (%d tensors, %d bytes fetched, writer lock %.1f ms)",
+            self.model_name,
+            m.version,
+            report.tensors_changed,
+            report.bytes_fetched,
+            seconds * 1000,
+        )
+        _callback(self.on_applied, m.version, report)
+
+    def _reject(
+        self,
+        version: int,
+        lineage: str | None,
+        reasons: dict[str, list[str]],
+        cause: Exception | None,
+        nbytes: int = 0,
+    ) -> None:
+        error = validate.rejection(self.model_name, version, reasons)
+        error.__cause__ = cause
+        s = self.reporter.status
+        self.reporter.update(
+            state="pending" if self._pending else "idle",
+            last_error=str(error),
+            rejected_version=version,
+            rejection=reasons,
+            rejected_count=s.rejected_count + 1,
+        )
+        # The record is written before waiters wake, so they can read it at once.
+        self.reporter.beat(log)
+        with self._cond:
+            self._rejections[version] = (lineage, error)
+            self._last_rejection = error
+            self._cond.notify_all()
+        metrics.rejected(self.model_name, nbytes)
+        self.delivery.note(f"rejected:{version}")
+        log.error("%s", error)
+        _callback(self.on_rejected, version, error.reasons)
+
+    def _serving(self) -> str:
+        return "nothing yet" if self._applied is None else f"v{self._applied}"
+
+
+def _policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
+    if policy is None or isinstance(policy, Policy):
+        return policy or Policy()
+    try:
+        return Policy.model_validate(policy)
+    except Exception as e:
+        raise ConfigError(f"invalid validation policy: {e}".splitlines()[0]) from e
+
+
+def _mv(agent: Agent, m: Manifest) -> tuple[str, int]:
+    return agent.model_name, m.version
+
+
+def _callback(fn: Callable[..., None] | None, *args: Any) -> None:
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("agent callback %r raised; the agent carries on", fn)
+
+
+__all__ = ["Agent", "ApplyReport", "Policy"]

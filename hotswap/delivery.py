@@ -1,0 +1,133 @@
+"""The agent's delivery loop: subscribe, poll head, reconnect with backoff, never give up.
+
+Notices only wake the loop up; the truth is ``head`` and its manifest, read
+by the ``check`` callback on every notice, every ``poll_interval`` and right
+after every (re)connect, because pub/sub drops what is said while a client is
+away. Any failure ends the session; a new one starts with tenacity backoff,
+which starts over after a session that worked. Each change of state is
+logged once, not each retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import tenacity
+
+from hotswap.connection import reconnect_backoff
+from hotswap.reporter import Reporter
+from hotswap.store import Store
+
+log = logging.getLogger("hotswap.agent")
+# Longest the loop waits on the channel before it looks at its timers and stop flag.
+TICK = 0.2
+
+
+class Stopped(Exception):
+    """Raised inside the loop to abandon work once ``stop`` is set."""
+
+
+class _Dropped(Exception):
+    """A session that had worked lost its connection: reconnect at once."""
+
+
+class Delivery:
+    """Runs ``check(force)`` whenever head may have moved, across Redis outages."""
+
+    def __init__(
+        self,
+        store: Store,
+        reporter: Reporter,
+        poll_interval: float,
+        *,
+        check: Callable[[bool], None],
+        wanted: Callable[[bytes], bool],
+        serving: Callable[[], str],
+    ) -> None:
+        self.store = store
+        self.reporter = reporter
+        self.poll_interval = poll_interval
+        self.check, self.wanted, self.serving = check, wanted, serving
+        self.stop = threading.Event()
+        self._logged: str | None = None
+        self._healthy = False
+
+    def log_once(self, key: str, level: int, message: str) -> None:
+        """Log ``message`` unless the last thing logged had the same ``key``."""
+        if self._logged != key:
+            self._logged = key
+            log.log(level, "%s", message)
+
+    def note(self, key: str) -> None:
+        """Record a state change logged elsewhere, so the next repeat logs again."""
+        self._logged = key
+
+    def run(self) -> None:
+        """The thread's body: returns only once ``stop`` is set."""
+        while not self.stop.is_set():
+            retrying = tenacity.Retrying(
+                # Capped near the poll interval: an outage delays an update by
+                # about one interval after Redis is back.
+                wait=reconnect_backoff(min(5.0, max(self.poll_interval, 0.5))),
+                retry=tenacity.retry_if_not_exception_type((_Dropped, Stopped)),
+                stop=tenacity.stop_when_event_set(self.stop),
+                sleep=self.stop.wait,  # type: ignore[arg-type]
+                before_sleep=self._failed,
+                reraise=True,
+            )
+            try:
+                retrying(self._session)
+            except _Dropped as e:
+                self._lost(e.__cause__)
+            except Stopped:
+                break
+            except Exception as e:
+                if not self.stop.is_set():  # pragma: no cover - the retry never gives up
+                    log.exception("delivery loop failed: %s", e)
+
+    def _failed(self, state: tenacity.RetryCallState) -> None:
+        self._lost(state.outcome.exception() if state.outcome else None)
+
+    def _lost(self, e: BaseException | None) -> None:
+        self.reporter.update(state="disconnected", last_error=f"{type(e).__name__}: {e}")
+        self.log_once(
+            f"lost:{type(e).__name__}",
+            logging.WARNING,
+            f"model {self.store.model!r}: Redis unreachable or failing ({type(e).__name__}: "
+            f"{e}); still serving {self.serving()}, reconnecting with backoff",
+        )
+
+    def _session(self) -> None:
+        self.store.ping()
+        subscription = self.store.subscribe()
+        self._healthy = False
+        try:
+            if self._logged is not None and self._logged.startswith("lost:"):
+                log.info("model %r: connected to Redis again", self.store.model)
+            self._logged = "connected"
+            if self.reporter.status.state == "disconnected":
+                self.reporter.update(state="idle", last_error=None)
+            self.check(True)
+            self._healthy = True
+            interval = self.poll_interval
+            next_poll = time.monotonic() + interval
+            while not self.stop.is_set():
+                self.reporter.beat(log)
+                raw = subscription.get(min(TICK, max(0.0, next_poll - time.monotonic())))
+                if raw is not None and self.wanted(raw):
+                    self.check(True)
+                    next_poll = time.monotonic() + interval
+                elif time.monotonic() >= next_poll:
+                    self.check(False)
+                    next_poll = time.monotonic() + interval
+        except Stopped:
+            raise
+        except Exception as e:
+            if self._healthy:
+                raise _Dropped from e
+            raise
+        finally:
+            subscription.close()

@@ -1,0 +1,289 @@
+"""From a manifest to new bytes in the live tensors: plan, stage, apply.
+
+``LiveModel`` names the tensors a process serves and which of them share
+storage. ``plan`` picks the tensors whose digest differs from what runs.
+``fetch`` reads them into staging buffers allocated once per tensor (pinned
+host memory for CUDA models, device memory with ``staging="device"``) and
+checks every digest. ``apply`` copies staged tensors into the live ones in
+place. The same code runs on CPU and CUDA: only the device found at run time
+differs, so CPU tests exercise every path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from hotswap import codec, validate
+from hotswap.errors import IntegrityError
+from hotswap.manifest import Manifest, TensorEntry
+
+Staging = Literal["auto", "pinned", "device"]
+
+
+class ChunkReader(Protocol):
+    """The part of ``Store`` that fetching needs."""
+
+    def read_into(self, entry: TensorEntry, out: memoryview, version: int | None = None) -> None:
+        """Fill ``out`` with the tensor's chunks."""
+
+
+class LiveModel:
+    """The tensors of a serving model by state-dict name, and which share storage."""
+
+    def __init__(self, model: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        if isinstance(model, torch.nn.Module):
+            tensors = dict(model.state_dict(keep_vars=True))
+        else:
+            tensors = dict(model)
+        self.tensors: dict[str, torch.Tensor] = tensors
+        # Names that alias the same view of the same storage (tied weights)
+        # map to one canonical name, the first in state-dict order.
+        self.canonical: dict[str, str] = {}
+        seen: dict[tuple[Any, ...], str] = {}
+        for name, t in tensors.items():
+            key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+            if t.numel() and key in seen:
+                self.canonical[name] = seen[key]
+            else:
+                seen.setdefault(key, name)
+                self.canonical[name] = name
+
+    def ties(self) -> list[list[str]]:
+        """Groups of two or more names that share one storage."""
+        groups: dict[str, list[str]] = {}
+        for name, canon in self.canonical.items():
+            groups.setdefault(canon, []).append(name)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def devices(self) -> set[torch.device]:
+        return {t.device for t in self.tensors.values()}
+
+    def digests(self) -> dict[str, str]:
+        """BLAKE3 of every live tensor's bytes (tied names hashed once)."""
+        out: dict[str, str] = {}
+        for name, canon in self.canonical.items():
+            if canon not in out:
+                out[canon] = codec.digest(codec.as_bytes(self.tensors[canon]))
+            out[name] = out[canon]
+        return out
+
+
+@dataclass
+class Plan:
+    """What one version changes: entries to fetch (one per storage) and every changed name."""
+
+    manifest: Manifest
+    fetch: list[TensorEntry]
+    changed: dict[str, TensorEntry]
+    ignored: set[str] = field(default_factory=set)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.fetch)
+
+
+def plan(
+    manifest: Manifest, live: LiveModel, digests: Mapping[str, str], ignored: set[str]
+) -> Plan:
+    """The tensors of ``manifest`` whose bytes differ from what runs now.
+
+    Call after ``validate.check_entries`` passed: names, shapes and dtypes are
+    known good, and tied names carry one digest.
+    """
+    fetch: dict[str, TensorEntry] = {}
+    changed: dict[str, TensorEntry] = {}
+    for entry in manifest.tensors:
+        if entry.name in ignored or digests.get(entry.name) == entry.digest:
+            continue
+        changed[entry.name] = entry
+        fetch.setdefault(live.canonical[entry.name], entry)
+    return Plan(manifest, list(fetch.values()), changed, set(ignored))
+
+
+def staging_device(live: torch.Tensor, mode: Staging) -> torch.device:
+    """Where a tensor's new bytes wait: the live device with ``device``, else the host."""
+    return live.device if mode == "device" else torch.device("cpu")
+
+
+def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+def _pin_for(device: torch.device, mode: Staging) -> bool:
+    # Pinned pages make host-to-GPU copies asynchronous DMA; a CPU model gains nothing.
+    return device.type == "cuda" and torch.cuda.is_available() and mode != "device"
+
+
+def typed(buf: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """A staging buffer seen as the entry's dtype and shape (no copy)."""
+    dtype = codec.dtype_from_name(entry.dtype)
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype, device=buf.device)
+    return buf.view(dtype).reshape(entry.shape)
+
+
+@dataclass
+class Staged:
+    """A fetched version: one typed tensor per storage (by canonical name), ready to apply.
+
+    ``failures`` names the tensors whose bytes could not be fetched or did not
+    match their digest; such a version must be rejected.
+    """
+
+    plan: Plan
+    tensors: dict[str, torch.Tensor]
+    failures: dict[str, list[str]]
+    bytes_fetched: int
+    seconds: float
+    validate_seconds: float = 0.0
+
+
+def fetch(
+    reader: ChunkReader,
+    p: Plan,
+    live: LiveModel,
+    *,
+    mode: Staging,
+    where: str,
+    between: Callable[[], None] | None = None,
+) -> Staged:
+    """Read every planned tensor into its staging buffer and check its digest.
+
+    With ``mode="device"`` the chunks land in one reusable host buffer, are
+    hashed there, then copied once to the device buffer: device memory has no
+    host address to read into. A tensor that fails its digest or a chunk check
+    is listed in ``failures`` (with the IntegrityError's message naming model,
+    version and tensor) and the others are still fetched, so a rejection names
+    every bad tensor. ``between`` runs after each tensor (heartbeat, stop).
+    """
+    start = time.perf_counter()
+    version = p.manifest.version
+    out: dict[str, torch.Tensor] = {}
+    failures: dict[str, list[str]] = {}
+    bounce: torch.Tensor | None = None
+    fetched = 0
+    for entry in p.fetch:
+        canon = live.canonical[entry.name]
+        target = live.tensors[canon]
+        device = staging_device(target, mode)
+        if device.type == "cpu":
+            buf = _host_buffer(entry.nbytes, _pin_for(target.device, mode))
+            host = buf
+        else:
+            buf = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+            if bounce is None or bounce.numel() < entry.nbytes:
+                bounce = _host_buffer(max(e.nbytes for e in p.fetch), device.type == "cuda")
+            host = bounce[: entry.nbytes]
+        array: Any = host.numpy()
+        view = memoryview(array).cast("B")
+        try:
+            reader.read_into(entry, view, version)
+            fetched += entry.nbytes
+            codec.check_digest(entry.name, view, entry.digest, where)
+        except IntegrityError as e:
+            failures[entry.name] = [str(e)]
+            continue
+        if host is not buf:
+            buf.copy_(host)
+        out[canon] = typed(buf, entry)
+        if between is not None:
+            between()
+    return Staged(p, out, failures, fetched, time.perf_counter() - start)
+
+
+class _Copier:
+    """Copies onto one device: a side stream on CUDA, plain ``copy_`` elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = (
+            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            if device.type == "cuda"
+            else None
+        )
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        if self.stream is None:
+            return contextlib.nullcontext()
+        # Kernels the readers queued may still be reading the weights.
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.stream(self.stream)
+
+    def finish(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+def pairs(staged: Staged, live: LiveModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(live tensor, staged tensor) per storage, tied names once."""
+    return [(live.tensors[name], new) for name, new in staged.tensors.items()]
+
+
+def apply(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy every staged tensor into its live tensor in place; returns when all landed.
+
+    The caller holds the writer lock: readers must not run while this runs.
+    """
+    by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for dst, src in copies:
+        by_device.setdefault(dst.device, []).append((dst, src))
+    copiers = [(_Copier(device), items) for device, items in by_device.items()]
+    with torch.no_grad():
+        for copier, items in copiers:
+            with copier.context():
+                for dst, src in items:
+                    dst.copy_(src, non_blocking=True)
+        for copier, _ in copiers:
+            copier.finish()
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[list[float]]:
+    """``with timed() as t: ...`` leaves the seconds taken in ``t[0]``."""
+    box = [0.0]
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box[0] = time.perf_counter() - start
+
+
+def prepare(
+    reader: ChunkReader,
+    m: Manifest,
+    live: LiveModel,
+    digests: Mapping[str, str],
+    policy: validate.Policy,
+    *,
+    mode: Staging,
+    where: str,
+    between: Callable[[], None] | None = None,
+) -> tuple[Staged, dict[str, list[str]]]:
+    """Check, fetch and validate one version against what runs: (staged, reasons).
+
+    Tensors whose metadata already fails are not fetched; the others are, so
+    that the reasons name every bad tensor. Empty reasons: safe to apply.
+    """
+    reasons, ignored = validate.check_entries(m.tensors, live.tensors, live.ties(), policy)
+    p = plan(m, live, digests, ignored | set(reasons))
+    staged = fetch(reader, p, live, mode=mode, where=where, between=between)
+    for name, why in staged.failures.items():
+        reasons.setdefault(name, []).extend(why)
+    start = time.perf_counter()
+    for name, entry in p.changed.items():
+        canon = live.canonical[name]
+        if canon in staged.tensors:
+            rules = policy.rules_for(name)
+            found = validate.check_values(
+                name, entry, staged.tensors[canon], live.tensors[canon], rules
+            )
+            if found:
+                reasons.setdefault(name, []).extend(found)
+    staged.validate_seconds = time.perf_counter() - start
+    return staged, reasons

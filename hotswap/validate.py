@@ -1,0 +1,286 @@
+"""The validation policy and its checks: pure functions over tensors and manifest entries.
+
+A version is checked in two passes. ``check_entries`` looks only at the
+manifest against the live model (names, shapes, dtypes, tied tensors) before
+any byte is fetched; ``check_values`` looks at each fetched tensor (finite,
+norm as the manifest states it, norm ratio, relative change, user
+validators). Both collect every failing tensor with every reason, so one
+rejection tells the operator everything that is wrong with a version.
+
+Per-name rules come from ``Policy.overrides``: ``{glob: Override}``, matched
+with ``fnmatch`` in insertion order; every matching glob applies and a later
+one wins for the fields it sets (set a field to ``None`` to switch that check
+off for the matching names).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hotswap import codec
+from hotswap.errors import ValidationError
+from hotswap.manifest import TensorEntry
+
+Validator = Callable[[str, torch.Tensor, torch.Tensor], str | None]
+"""A user check: ``(name, new, old) -> None`` to pass, or a reason string to reject."""
+
+UNKNOWN = "unknown tensor: the live model has no tensor of this name"
+
+
+def _check_ratio(value: tuple[float, float] | None) -> tuple[float, float] | None:
+    if value is not None and not (0 <= value[0] <= value[1]):
+        raise ValueError(f"norm_ratio bounds {value} must satisfy 0 <= low <= high")
+    return value
+
+
+class Override(BaseModel):
+    """Rules for the tensors whose names match one glob; unset fields keep the policy's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    check_finite: bool | None = None
+    check_norm: bool | None = None
+    norm_ratio: tuple[float, float] | None = None
+    max_relative_change: float | None = Field(default=None, gt=0)
+    validators: list[Validator] | None = None
+
+    _ratio = field_validator("norm_ratio")(_check_ratio)
+
+
+class Policy(BaseModel):
+    """What a version must satisfy before an agent applies it.
+
+    Args:
+        check_finite: refuse NaN and infinity in floating-point tensors.
+        check_norm: refuse a tensor whose recomputed L2 norm differs from the
+            manifest's by more than ``norm_tolerance`` (relative).
+        norm_ratio: bounds of new/old L2 norm for floating-point tensors
+            (``None``: no bound). A live tensor whose norm is 0 (zero-initialised
+            biases, LoRA B matrices) has no ratio and passes this check.
+        max_relative_change: bound of ``||new - old|| / ||old||`` (``None``: off).
+        unknown_tensors: what to do with a name the live model lacks.
+        validators: callables ``(name, new, old) -> None | reason``.
+        overrides: ``{glob: Override}`` per-name changes to the rules above.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    check_finite: bool = True
+    check_norm: bool = True
+    norm_tolerance: float = Field(default=1e-6, ge=0)
+    norm_ratio: tuple[float, float] | None = (0.1, 10.0)
+    max_relative_change: float | None = Field(default=None, gt=0)
+    unknown_tensors: Literal["reject", "ignore"] = "reject"
+    validators: list[Validator] = Field(default_factory=list)
+    overrides: dict[str, Override] = Field(default_factory=dict)
+
+    _ratio = field_validator("norm_ratio")(_check_ratio)
+
+    def rules_for(self, name: str) -> Rules:
+        """The rules that apply to one tensor name, overrides resolved."""
+        fields: dict[str, object] = {
+            "check_finite": self.check_finite,
+            "check_norm": self.check_norm,
+            "norm_ratio": self.norm_ratio,
+            "max_relative_change": self.max_relative_change,
+            "validators": tuple(self.validators),
+        }
+        for pattern, override in self.overrides.items():
+            if fnmatchcase(name, pattern):
+                for key in override.model_fields_set:
+                    value = getattr(override, key)
+                    if key == "validators":
+                        value = tuple(value or ())
+                    elif key in ("check_finite", "check_norm") and value is None:
+                        value = False
+                    fields[key] = value
+        return Rules(
+            check_finite=bool(fields["check_finite"]),
+            check_norm=bool(fields["check_norm"]),
+            norm_ratio=fields["norm_ratio"],  # type: ignore[arg-type]
+            max_relative_change=fields["max_relative_change"],  # type: ignore[arg-type]
+            validators=fields["validators"],  # type: ignore[arg-type]
+            norm_tolerance=self.norm_tolerance,
+        )
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The resolved checks for one tensor."""
+
+    check_finite: bool
+    check_norm: bool
+    norm_ratio: tuple[float, float] | None
+    max_relative_change: float | None
+    validators: tuple[Validator, ...]
+    norm_tolerance: float
+
+
+def _shape(shape: Iterable[int]) -> list[int]:
+    return [int(d) for d in shape]
+
+
+def check_entry(entry: TensorEntry, live: torch.Tensor | None) -> list[str]:
+    """Metadata reasons to refuse one manifest entry (the live tensor is None if unknown)."""
+    if live is None:
+        return [UNKNOWN]
+    reasons = []
+    live_dtype = codec.dtype_name(live.dtype)
+    if entry.dtype != live_dtype:
+        reasons.append(f"dtype {entry.dtype} differs from the live tensor's {live_dtype}")
+    if _shape(entry.shape) != _shape(live.shape):
+        reasons.append(
+            f"shape {_shape(entry.shape)} differs from the live tensor's {_shape(live.shape)}"
+        )
+    return reasons
+
+
+def check_entries(
+    entries: Iterable[TensorEntry],
+    live: Mapping[str, torch.Tensor],
+    ties: Iterable[Iterable[str]],
+    policy: Policy,
+) -> tuple[dict[str, list[str]], set[str]]:
+    """Check a manifest against the live model before fetching anything.
+
+    ``ties`` lists groups of live names that share one storage: a version must
+    give them identical bytes, or they could not stay tied.
+
+    Returns ``(reasons, ignored)``: reasons per failing tensor, and the unknown
+    names the policy says to ignore.
+    """
+    reasons: dict[str, list[str]] = {}
+    ignored: set[str] = set()
+    by_name: dict[str, TensorEntry] = {}
+    for entry in entries:
+        by_name[entry.name] = entry
+        tensor = live.get(entry.name)
+        if tensor is None and policy.unknown_tensors == "ignore":
+            ignored.add(entry.name)
+            continue
+        found = check_entry(entry, tensor)
+        if found:
+            reasons[entry.name] = found
+    for group in ties:
+        names = [n for n in group if n in by_name]
+        if len({by_name[n].digest for n in names}) > 1:
+            first = names[0]
+            for name in names[1:]:
+                if by_name[name].digest != by_name[first].digest:
+                    reasons.setdefault(name, []).append(
+                        f"shares storage with {first!r} in the live model, "
+                        "but the version gives it different bytes"
+                    )
+    return reasons, ignored
+
+
+def _norm(t: torch.Tensor) -> float:
+    return codec.stats(t).norm
+
+
+def _floating(t: torch.Tensor) -> bool:
+    return (t.is_floating_point() or t.is_complex()) and codec.dtype_name(t.dtype) != "F4_E2M1_X2"
+
+
+def _non_finite(t: torch.Tensor) -> int:
+    if t.dtype in (torch.float16, torch.bfloat16) or t.dtype.itemsize == 1:
+        t = t.to(torch.float32)
+    elif t.dtype == torch.complex32:
+        t = t.to(torch.complex64)
+    return int((~torch.isfinite(t)).sum())
+
+
+def _same_non_finite(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def _g(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def check_values(
+    name: str,
+    entry: TensorEntry,
+    new: torch.Tensor,
+    old: torch.Tensor,
+    rules: Rules,
+) -> list[str]:
+    """Reasons to refuse one fetched tensor ``new`` replacing the live ``old``."""
+    reasons: list[str] = []
+    new_norm = _norm(new)
+    floating = _floating(new)
+    if not math.isfinite(new_norm):
+        bad = _non_finite(new) if floating else 0
+        if not bad:
+            reasons.append("its L2 norm overflows float64")
+        elif rules.check_finite:
+            reasons.append(f"{bad} of {new.numel()} values are not finite (NaN or inf)")
+        elif rules.check_norm and not _same_non_finite(new_norm, entry.norm):
+            reasons.append(f"norm {_g(new_norm)} differs from the manifest's {_g(entry.norm)}")
+        # A ratio or difference of non-finite values says nothing more.
+        return reasons + _run_validators(name, new, old, rules)
+    if rules.check_norm and not math.isclose(
+        new_norm, entry.norm, rel_tol=rules.norm_tolerance, abs_tol=1e-30
+    ):
+        reasons.append(
+            f"norm {_g(new_norm)} differs from the manifest's {_g(entry.norm)} "
+            "(the bytes do not match the published statistics)"
+        )
+    if floating and (rules.norm_ratio is not None or rules.max_relative_change is not None):
+        old_norm = _norm(old)
+        if old_norm > 0 and math.isfinite(old_norm):
+            if rules.norm_ratio is not None:
+                low, high = rules.norm_ratio
+                ratio = new_norm / old_norm
+                if not low <= ratio <= high:
+                    reasons.append(
+                        f"norm ratio new/old {_g(ratio)} is outside [{_g(low)}, {_g(high)}] "
+                        f"(norm {_g(old_norm)} -> {_g(new_norm)})"
+                    )
+            if rules.max_relative_change is not None:
+                change = relative_change(new, old, old_norm)
+                if not change <= rules.max_relative_change:
+                    reasons.append(
+                        f"relative change ||new-old||/||old|| {_g(change)} exceeds "
+                        f"{_g(rules.max_relative_change)}"
+                    )
+    return reasons + _run_validators(name, new, old, rules)
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor, old_norm: float | None = None) -> float:
+    """``||new - old|| / ||old||`` computed on ``old``'s device in at least float32."""
+    wide = torch.promote_types(old.dtype, torch.float32) if not old.is_complex() else old.dtype
+    diff = new.to(device=old.device, dtype=wide) - old.to(wide)
+    base = _norm(old) if old_norm is None else old_norm
+    return float(torch.linalg.vector_norm(diff, dtype=torch.float64)) / base
+
+
+def _run_validators(name: str, new: torch.Tensor, old: torch.Tensor, rules: Rules) -> list[str]:
+    reasons = []
+    for check in rules.validators:
+        label = getattr(check, "__name__", type(check).__name__)
+        try:
+            result = check(name, new, old)
+        except Exception as e:
+            reasons.append(f"validator {label} raised {type(e).__name__}: {e}")
+            continue
+        if result is not None:
+            reasons.append(f"validator {label}: {result}")
+    return reasons
+
+
+def rejection(model: str, version: int, reasons: Mapping[str, list[str]]) -> ValidationError:
+    """One ValidationError listing every failing tensor (the message stays one line)."""
+    parts = [f"{name!r}: {'; '.join(why)}" for name, why in sorted(reasons.items())]
+    shown = " | ".join(parts[:5]) + (f" | and {len(parts) - 5} more" if len(parts) > 5 else "")
+    return ValidationError(
+        f"model {model!r} v{version} rejected, {len(parts)} tensor(s) failed validation: {shown}",
+        {name: list(why) for name, why in reasons.items()},
+    )
