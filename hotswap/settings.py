@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from hotswap.errors import ConfigError
 
 MiB = 1024 * 1024
 
@@ -78,3 +80,23 @@ class HotswapSettings(BaseSettings):
     def key_bytes(self) -> list[bytes]:
         """The signing keys as bytes, the publisher's first."""
         return [key.get_secret_value().encode() for key in self.signing_keys]
+
+
+def load(**overrides: Any) -> HotswapSettings:
+    """Settings from the environment, ``.env`` and ``overrides``; ConfigError if invalid.
+
+    For entry points: turns pydantic's multi-line report into one line naming
+    the variable, e.g. ``HOTSWAP_CHUNK_BYTES='100': Input should be ...``.
+    """
+    try:
+        return HotswapSettings(**overrides)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "settings"
+            value = error.get("input")
+            secret = field.startswith("signing_keys")  # never echo key material
+            shown = "" if secret or isinstance(value, dict) else f"={value!r:.60}"
+            name = field.split(".")[0].upper()
+            problems.append(f"HOTSWAP_{name}{shown}: {error['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from e

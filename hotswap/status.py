@@ -36,6 +36,40 @@ class AgentStatus:
 
 
 _FIELDS = set(AgentStatus.__dataclass_fields__)
+_INT, _NUM, _STR = (int,), (int, float), (str,)
+_OPTIONAL = (type(None),)
+# Each field's accepted wire types: a garbled record must fail here, not in
+# whatever later formats it (``hotswap status``).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "agent_id": _STR,
+    "host": _STR,
+    "pid": _INT,
+    "state": _STR,
+    "version": _INT + _OPTIONAL,
+    "lineage": _STR + _OPTIONAL,
+    "last_error": _STR + _OPTIONAL,
+    "rejected_version": _INT + _OPTIONAL,
+    "rejection": (dict,),
+    "fetch_seconds": _NUM,
+    "validate_seconds": _NUM,
+    "apply_seconds": _NUM,
+    "bytes_fetched": _INT,
+    "applied_count": _INT,
+    "rejected_count": _INT,
+    "updated": _NUM,
+}
+
+
+def _check(name: str, value: Any) -> Any:
+    ok = isinstance(value, _TYPES[name]) and not isinstance(value, bool)
+    if ok and name == "rejection":
+        ok = all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(r, str) for r in v)
+            for k, v in value.items()
+        )
+    if not ok:
+        raise FormatError(f"agent status field {name!r} has a bad value {value!r:.80}")
+    return float(value) if _TYPES[name] is _NUM else value
 
 
 def encode(status: AgentStatus) -> bytes:
@@ -52,7 +86,4 @@ def decode(data: bytes) -> AgentStatus:
         raise FormatError(f"agent status is not valid msgpack: {type(e).__name__}") from e
     if not isinstance(raw, dict) or not {"agent_id", "host", "pid"} <= set(raw):
         raise FormatError("agent status lacks agent_id, host or pid")
-    try:
-        return AgentStatus(**{k: v for k, v in raw.items() if k in _FIELDS})
-    except TypeError as e:
-        raise FormatError(f"agent status has bad fields: {e}") from e
+    return AgentStatus(**{k: _check(k, v) for k, v in raw.items() if k in _FIELDS})

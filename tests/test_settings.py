@@ -1,0 +1,154 @@
+"""Settings: HOTSWAP_* environment, .env file, signing keys, clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from hotswap import settings as settings_module
+from hotswap.errors import ConfigError
+from hotswap.settings import HotswapSettings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No HOTSWAP_* variable from the caller's shell, no stray .env."""
+    for name in list(os.environ):
+        if name.startswith("HOTSWAP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults() -> None:
+    s = HotswapSettings()
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.namespace == "hotswap"
+    assert s.chunk_bytes == 4 * 1024 * 1024
+    assert s.cluster is False
+    assert s.signing_keys == [] and s.key_bytes() == []
+    assert s.keep_versions == 10
+
+
+def test_every_field_is_documented() -> None:
+    for name, field in HotswapSettings.model_fields.items():
+        assert field.description, name
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOTSWAP_REDIS_URL", "redis://redis.internal:7000/2")
+    monkeypatch.setenv("HOTSWAP_NAMESPACE", "prod")
+    monkeypatch.setenv("HOTSWAP_CHUNK_BYTES", "1048576")
+    monkeypatch.setenv("HOTSWAP_CLUSTER", "true")
+    monkeypatch.setenv("HOTSWAP_POLL_INTERVAL", "0.25")
+    s = HotswapSettings()
+    assert s.redis_url == "redis://redis.internal:7000/2"
+    assert s.namespace == "prod"
+    assert s.chunk_bytes == 1048576
+    assert s.cluster is True
+    assert s.poll_interval == 0.25
+
+
+def test_dotenv_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text(
+        "HOTSWAP_NAMESPACE=from-dotenv\nHOTSWAP_SIGNING_KEYS=k1,k2\nHOTSWAP_KEEP_VERSIONS=3\n"
+    )
+    s = HotswapSettings()
+    assert (s.namespace, s.keep_versions) == ("from-dotenv", 3)
+    assert s.key_bytes() == [b"k1", b"k2"]
+    # The environment wins over .env.
+    monkeypatch.setenv("HOTSWAP_NAMESPACE", "from-env")
+    assert HotswapSettings().namespace == "from-env"
+    # And explicit arguments win over both.
+    assert HotswapSettings(namespace="explicit").namespace == "explicit"
+
+
+@pytest.mark.parametrize(
+    ("value", "keys"),
+    [
+        ("a,b", [b"a", b"b"]),
+        (" a , b ,", [b"a", b"b"]),
+        ("only", [b"only"]),
+        ("", []),
+        ("s3cr\u00e9t,x", ["s3cr\u00e9t".encode(), b"x"]),
+    ],
+)
+def test_signing_keys_split_on_commas(
+    monkeypatch: pytest.MonkeyPatch, value: str, keys: list[bytes]
+) -> None:
+    monkeypatch.setenv("HOTSWAP_SIGNING_KEYS", value)
+    assert HotswapSettings().key_bytes() == keys
+
+
+def test_signing_keys_are_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOTSWAP_SIGNING_KEYS", "topsecret1,topsecret2")
+    s = HotswapSettings()
+    assert "topsecret" not in repr(s) and "topsecret" not in str(s)
+    assert s.key_bytes()[0] == b"topsecret1"
+
+
+def test_signing_keys_as_a_list() -> None:
+    assert HotswapSettings(signing_keys=["a", "b"]).key_bytes() == [b"a", b"b"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("HOTSWAP_CHUNK_BYTES", "100", "Input should be greater than or equal to 4096"),
+        ("HOTSWAP_CHUNK_BYTES", "lots", "Input should be a valid integer"),
+        ("HOTSWAP_POLL_INTERVAL", "0", "Input should be greater than 0"),
+        ("HOTSWAP_CLUSTER", "maybe", "Input should be a valid boolean"),
+        ("HOTSWAP_RETRY_ATTEMPTS", "0", "Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    field = name.removeprefix("HOTSWAP_").lower()
+    with pytest.raises(ValidationError) as raw:
+        HotswapSettings()
+    assert raw.value.errors()[0]["loc"] == (field,)
+    with pytest.raises(ConfigError) as e:
+        settings_module.load()
+    assert str(e.value).startswith(f"invalid settings: {name}={value!r}: {problem}")
+    assert "\n" not in str(e.value)
+
+
+def test_load_reports_every_bad_value_on_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOTSWAP_CHUNK_BYTES", "100")
+    monkeypatch.setenv("HOTSWAP_HEARTBEAT_TTL", "-1")
+    with pytest.raises(ConfigError) as e:
+        settings_module.load()
+    assert str(e.value) == (
+        "invalid settings: HOTSWAP_CHUNK_BYTES='100': Input should be greater than or equal "
+        "to 4096; HOTSWAP_HEARTBEAT_TTL='-1': Input should be greater than 0"
+    )
+
+
+def test_load_never_echoes_key_material() -> None:
+    with pytest.raises(ConfigError) as e:
+        settings_module.load(signing_keys=["good", 12345])
+    assert "12345" not in str(e.value)
+    assert str(e.value).startswith("invalid settings: HOTSWAP_SIGNING_KEYS: ")
+
+
+def test_load_returns_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOTSWAP_NAMESPACE", "n1")
+    assert settings_module.load(keep_versions=2).model_dump(
+        include={"namespace", "keep_versions"}
+    ) == {
+        "namespace": "n1",
+        "keep_versions": 2,
+    }
+
+
+def test_bad_namespace_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOTSWAP_NAMESPACE", "has space")
+    with pytest.raises(ConfigError) as e:
+        HotswapSettings()
+    assert str(e.value) == (
+        "invalid namespace 'has space': use 1-128 characters from A-Z a-z 0-9 . _ -"
+    )
