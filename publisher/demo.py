@@ -1,8 +1,10 @@
-"""``hotswap demo``: the whole loop on a real server process, narrated.
+"""``hotswap demo``: the whole loop on a real serving process, narrated.
 
-Starts a Redis of its own (unless HOTSWAP_REDIS_URL is set, then it works
-under a namespace of its own and deletes only its keys), launches
-examples/serve.py with an embedded agent, publishes, breaks, and rolls back.
+Starts a Redis of its own (unless given settings, then it works under a fresh
+namespace of its own and deletes only its keys), launches examples/serve.py
+with an embedded agent, then publishes, updates one layer, publishes a NaN,
+rolls back and shows ``hotswap status``. Every process and file it started is
+removed on the way out, also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,89 +13,125 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import IO, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from hotswap.connection import connect
 from hotswap.embedded import EmbeddedRedis
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, StoreUnavailable
 from hotswap.settings import HotswapSettings
+from hotswap.status import AgentStatus
 from hotswap.status import decode as decode_status
 from hotswap.store import Store
 from publisher.demo_model import build
 from publisher.publisher import Publisher
 
 MODEL = "tiny"
-SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "serve.py"
 PROMPT = [5, 17, 42, 7, 99]
+LAYER = "blocks.1.mlp."
+NAN_TENSOR = "blocks.0.mlp.0.weight"
+STEP_TIMEOUT = 30.0
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-class _Server:
-    """examples/serve.py in a child process, talking JSON over loopback HTTP."""
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
 
-    def __init__(self, settings: HotswapSettings) -> None:
-        if not SERVER_SCRIPT.exists():
-            raise HotswapError(f"{SERVER_SCRIPT} not found: run the demo from a source checkout")
-        env = {
-            **os.environ,
-            "HOTSWAP_REDIS_URL": settings.redis_url,
-            "HOTSWAP_NAMESPACE": settings.namespace,
-            "HOTSWAP_POLL_INTERVAL": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
+
+def server_script() -> Path:
+    """examples/serve.py of this checkout (or of the current directory, as in the image)."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        script = root / "examples" / "serve.py"
+        if script.is_file():
+            return script
+    raise HotswapError(
+        "examples/serve.py not found: run `hotswap demo` from a checkout of the hotswap repository"
+    )
+
+
+class _Server:
+    """examples/serve.py in a child process, spoken to as JSON over loopback HTTP."""
+
+    def __init__(
+        self, settings: HotswapSettings, log: IO[bytes], stack: contextlib.ExitStack
+    ) -> None:
+        env = {**os.environ, **_environment(settings), "PYTHONUNBUFFERED": "1"}
+        env["HOTSWAP_POLL_INTERVAL"] = "1"  # a lost notice costs a second, not five
+        self._log = log
         self.process = subprocess.Popen(
-            [sys.executable, str(SERVER_SCRIPT), "--model-name", MODEL, "--port", "0"],
+            [sys.executable, str(server_script()), "--model-name", MODEL, "--port", "0"],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=log,
             env=env,
             text=True,
         )
+        stack.callback(self.stop)
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("listening on "):
             self.stop()
-            raise HotswapError(
-                "the example server did not start (run examples/serve.py to see why)"
-            )
+            raise HotswapError(f"the example server did not start: {self.errors()}")
         self.base = line.split()[-1]
 
+    def errors(self) -> str:
+        """The last lines the server wrote to stderr, for error messages."""
+        self._log.seek(0)
+        lines = self._log.read().decode(errors="replace").strip().splitlines()
+        return " / ".join(lines[-3:]) or "no output (run examples/serve.py to see why)"
+
+    def _call(self, request: urllib.request.Request | str) -> dict[str, Any]:
+        try:
+            # Only ever http://127.0.0.1:PORT as printed by our own child.
+            with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+                return dict(json.loads(reply.read()))
+        except (urllib.error.URLError, OSError) as e:
+            raise HotswapError(f"the example server did not answer ({e}): {self.errors()}") from e
+
     def get(self, path: str) -> dict[str, Any]:
-        with urllib.request.urlopen(self.base + path, timeout=10) as r:  # noqa: S310 - loopback
-            return dict(json.loads(r.read()))
+        return self._call(self.base + path)
 
     def predict(self) -> dict[str, Any]:
-        req = urllib.request.Request(
-            self.base + "/predict",
-            data=json.dumps({"tokens": PROMPT}).encode(),
-            headers={"Content-Type": "application/json"},
+        return self._call(
+            urllib.request.Request(  # noqa: S310 - our child's loopback URL
+                self.base + "/predict",
+                data=json.dumps({"tokens": PROMPT}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
         )
-        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
-            return dict(json.loads(r.read()))
 
-    def wait_version(self, version: int, timeout: float = 20.0) -> float:
+    def wait_version(self, version: int) -> tuple[float, dict[str, Any]]:
+        """Seconds until the server runs ``version``, and its /version answer."""
         start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.get("/version")["version"] == version:
-                return time.monotonic() - start
-            time.sleep(0.01)
-        raise HotswapError(f"the server did not apply v{version} within {timeout:.0f}s")
+        while time.monotonic() - start < STEP_TIMEOUT:
+            answer = self.get("/version")
+            # last_apply is set just after the version flips: wait for both.
+            if answer["version"] == version and answer["last_apply"].get("version") == version:
+                return time.monotonic() - start, answer["last_apply"]
+            time.sleep(0.02)
+        raise HotswapError(f"the example server did not apply v{version} in {STEP_TIMEOUT:.0f}s")
 
     def stop(self) -> None:
+        """SIGTERM (the server's clean shutdown), then SIGKILL if it hangs."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -101,135 +139,211 @@ class _Server:
             self.process.stdout.close()
 
 
-@contextlib.contextmanager
-def _redis(settings: HotswapSettings | None) -> Iterator[tuple[HotswapSettings, bool]]:
-    if settings is not None:
-        ns = f"hotswap-demo-{secrets.token_hex(3)}"
-        yield settings.model_copy(update={"namespace": ns}), False
-        return
-    with EmbeddedRedis() as server:
-        yield HotswapSettings(redis_url=server.url, _env_file=None), True  # type: ignore[call-arg]
+def _environment(settings: HotswapSettings) -> dict[str, str]:
+    """``settings`` as HOTSWAP_* variables, so the server child runs under the same ones."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if name == "signing_keys":
+            text = ",".join(key.decode() for key in settings.key_bytes())
+        env[f"HOTSWAP_{name.upper()}"] = text
+    return env
 
 
-def _agent_report(store: Store) -> dict[str, Any]:
+def _agent_status(store: Store) -> AgentStatus | None:
     records = [decode_status(raw) for _, raw, alive in store.agent_records() if alive]
-    return vars(records[0]) if records else {}
+    return records[0] if records else None
 
 
-def _wait_rejected(store: Store, version: int, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+def _wait_rejected(store: Store, version: int) -> AgentStatus:
+    deadline = time.monotonic() + STEP_TIMEOUT
     while time.monotonic() < deadline:
-        report = _agent_report(store)
-        if report.get("rejected_version") == version:
-            return report
+        record = _agent_status(store)
+        if record is not None and record.rejected_version == version:
+            return record
         time.sleep(0.02)
-    raise HotswapError(f"the server did not report v{version} as rejected within {timeout:.0f}s")
+    raise HotswapError(f"the example server did not report v{version} rejected in time")
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM interrupts like Ctrl-C, so both paths run the same cleanup."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """A second Ctrl-C must not cut the cleanup short and leave processes behind."""
+    try:
+        saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+class _Demo:
+    """The steps, sharing the server, publisher and store."""
+
+    def __init__(self, settings: HotswapSettings, say: Any, stack: contextlib.ExitStack) -> None:
+        self.say = say
+        self.settings = settings
+        client = connect(settings)
+        stack.callback(client.close)
+        self.store = Store(client, MODEL, namespace=settings.namespace)
+        self.pub = Publisher(MODEL, settings=settings, connection=client)
+        stack.callback(self.pub.close)
+        # Anonymous file: the server's stderr for error messages, gone when closed.
+        log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - on the stack
+        self.server = _Server(settings, log, stack)
+
+    def run(self) -> None:
+        server, pub, say = self.server, self.pub, self.say
+        before = server.predict()
+        say(
+            f"1. Started examples/serve.py (pid {server.process.pid}) at {server.base} with "
+            f"an embedded agent. No version is published yet: from its random initial "
+            f"weights it answers top tokens {before['top']} for the prompt {PROMPT}."
+        )
+
+        weights = build(seed=1).state_dict()
+        v1 = pub.publish(weights, message="first trained weights")
+        r = pub.last_report
+        took, info = server.wait_version(v1)
+        a1 = server.predict()
+        say(
+            f"2. Published v{v1}: all {r.tensors_total} tensors, {_mb(r.bytes_uploaded)} "
+            f"uploaded in {_ms(r.seconds)}. The server fetched {_mb(info['bytes_fetched'])} "
+            f"and applied v{v1} {_ms(took)} after the publish returned; it now answers "
+            f"{a1['top']} (before: {before['top']})."
+        )
+
+        tuned = {k: (v * 1.05 if k.startswith(LAYER) else v) for k, v in weights.items()}
+        v2 = pub.publish(tuned, message=f"fine-tuned {LAYER}*")
+        r = pub.last_report
+        took, info = server.wait_version(v2)
+        a2 = server.predict()
+        say(
+            f"3. Published v{v2}, a fine-tune of one layer ({LAYER}*): {r.tensors_changed} of "
+            f"{r.tensors_total} tensors changed, {_mb(r.bytes_uploaded)} uploaded in "
+            f"{_ms(r.seconds)}, {_mb(r.bytes_skipped)} already in Redis. The server fetched "
+            f"only those {info['tensors_changed']} tensors ({_mb(info['bytes_fetched'])}) and "
+            f"applied v{v2} after {_ms(took)}; it answers {a2['top']}."
+        )
+
+        broken = dict(tuned)
+        broken[NAN_TENSOR] = tuned[NAN_TENSOR].clone()
+        broken[NAN_TENSOR][0, 0] = float("nan")
+        v3 = pub.publish(broken, message="a run that diverged")
+        r = pub.last_report
+        record = _wait_rejected(self.store, v3)
+        a3 = server.predict()
+        reasons = "; ".join(f"{name}: {', '.join(why)}" for name, why in record.rejection.items())
+        same = a3["fingerprint"] == a2["fingerprint"] and a3["version"] == v2
+        say(
+            f"4. Published v{v3} with one NaN in {NAN_TENSOR} ({_mb(r.bytes_uploaded)} "
+            f"uploaded). The agent [bold red]rejected v{v3}[/bold red]: {escape(reasons)}. "
+            f"The server still answers {a3['top']} from v{a3['version']}"
+            + (", the same bytes as before." if same else ", but its answer CHANGED.")
+        )
+        if not same:
+            raise HotswapError(f"the server's answer changed although v{v3} was rejected")
+
+        v4 = pub.rollback(to=v1, message=f"back to v{v1}")
+        r = pub.last_report
+        took, info = server.wait_version(v4)
+        a4 = server.predict()
+        exact = a4["fingerprint"] == a1["fingerprint"]
+        say(
+            f"5. Rolled back to v{v1}: v{v4} is a new version with v{v1}'s tensors "
+            f"({_mb(r.bytes_uploaded)} uploaded, {_ms(r.seconds)}). The server fetched "
+            f"{_mb(info['bytes_fetched'])} and applied v{v4} after {_ms(took)}; it answers "
+            f"{a4['top']}, output fingerprint {a4['fingerprint']}: "
+            + (f"bit-exactly v{v1}'s." if exact else f"NOT v{v1}'s {a1['fingerprint']}.")
+        )
+        if not exact:
+            raise HotswapError(f"rollback to v{v1} did not restore the answer bit-exactly")
+
+        say(f"6. hotswap status {MODEL}:")
+        from publisher.cli import main as cli_main
+
+        args = ["--redis-url", self.settings.redis_url, "--namespace", self.settings.namespace]
+        code = cli_main([*args, "status", MODEL])
+        if code:
+            raise HotswapError(f"hotswap status exited with {code}")
+
+
+def _open_redis(
+    settings: HotswapSettings | None, say: Any, stack: contextlib.ExitStack
+) -> HotswapSettings:
+    """The settings the demo runs under; its cleanup goes on ``stack`` first (runs last)."""
+    if settings is not None:
+        cfg = settings.model_copy(update={"namespace": f"hotswap-demo-{secrets.token_hex(4)}"})
+        client = connect(cfg)
+        stack.callback(client.close)
+        # Registered before the server, so it runs after the server has stopped.
+        stack.callback(Store(client, MODEL, namespace=cfg.namespace).delete_all)
+        say(
+            f"[bold]hotswap demo[/bold] on {escape(settings.redis_url)} under the namespace "
+            f"{cfg.namespace}; its keys are deleted at the end."
+        )
+        return cfg
+    redis = EmbeddedRedis()
+    # On the stack before start(): a Ctrl-C while it starts still stops it.
+    stack.callback(redis.stop)
+    redis.start()
+    pid = redis.process.pid if redis.process else "?"
+    say(f"[bold]hotswap demo[/bold] on a private redis-server (pid {pid}, port {redis.port}).")
+    return HotswapSettings(redis_url=redis.url)  # type: ignore[call-arg]
 
 
 def run_demo(settings: HotswapSettings | None, console: Console | None = None) -> int:
-    """Run the narrated demo; returns the exit code."""
-    out = console or Console()
-    say = out.print
+    """Run the narrated demo and return its exit code (130 when interrupted).
+
+    Args:
+        settings: None to start a private redis-server; otherwise the Redis to
+            use, under a fresh namespace whose keys are deleted at the end.
+        console: where the narration goes (default: stdout).
+    """
+    out = console or Console(highlight=False, soft_wrap=True)
     started = time.monotonic()
-    server: _Server | None = None
+    stack = contextlib.ExitStack()
     try:
-        with _redis(settings) as (cfg, embedded):
-            where = (
-                "an embedded redis-server"
-                if embedded
-                else f"{cfg.redis_url} (namespace {cfg.namespace})"
-            )
-            say(f"[bold]hotswap demo[/bold]: Redis is {where}")
-            client = connect(cfg)
-            store = Store(client, MODEL, namespace=cfg.namespace)
-            pub = Publisher(MODEL, settings=cfg, connection=client)
+        with _interruptible():
             try:
-                server = _Server(cfg)
-                before = server.predict()
-                say(
-                    f"1. Started a serving process ({server.base}) with an embedded agent; "
-                    f"it answers top tokens {before['top']} from its initial weights."
-                )
-
-                weights = build(seed=1).state_dict()
-                v1 = pub.publish(weights, message="first trained weights")
-                r = pub.last_report
-                took = server.wait_version(v1)
-                a1 = server.predict()
-                say(
-                    f"2. Published v{v1}: {r.tensors_changed} tensors, {_mb(r.bytes_uploaded)} "
-                    f"uploaded in {r.seconds:.2f}s; the server applied it {took * 1000:.0f} ms later "
-                    f"and now answers {a1['top']} (was {before['top']})."
-                )
-
-                layer = {k: v.clone() for k, v in weights.items()}
-                for name in layer:
-                    if name.startswith("blocks.1.mlp."):
-                        layer[name] = layer[name] * 1.05
-                v2 = pub.publish(layer, message="fine-tuned blocks.1.mlp")
-                r = pub.last_report
-                took = server.wait_version(v2)
-                a2 = server.predict()
-                fetched = _agent_report(store).get("bytes_fetched", 0)
-                say(
-                    f"3. Published v{v2} changing one layer: {r.tensors_changed} of {r.tensors_total} "
-                    f"tensors, {_mb(r.bytes_uploaded)} uploaded ({_mb(r.bytes_skipped)} already "
-                    f"in Redis); the server fetched {_mb(fetched)} and applied it in "
-                    f"{took * 1000:.0f} ms. Answer: {a2['top']}."
-                )
-
-                broken = dict(layer)
-                bad = broken["blocks.0.mlp.0.weight"].clone()
-                bad[0, 0] = float("nan")
-                broken["blocks.0.mlp.0.weight"] = bad
-                v3 = pub.publish(broken, message="a run that diverged")
-                report = _wait_rejected(store, v3)
-                a3 = server.predict()
-                reasons = "; ".join(
-                    f"{name}: {', '.join(why)}" for name, why in report.get("rejection", {}).items()
-                )
-                kept = "still answers" if a3["fingerprint"] == a2["fingerprint"] else "CHANGED to"
-                say(
-                    f"4. Published v{v3} with a NaN in blocks.0.mlp.0.weight: the agent [red]rejected "
-                    f"[/red]it ({reasons}); the server {kept} {a3['top']} from v{a3['version']}."
-                )
-                if a3["fingerprint"] != a2["fingerprint"] or a3["version"] != v2:
-                    raise HotswapError("the server's answer changed after a rejected update")
-
-                v4 = pub.rollback(to=v1, message="back to the first weights")
-                took = server.wait_version(v4)
-                a4 = server.predict()
-                exact = a4["fingerprint"] == a1["fingerprint"]
-                say(
-                    f"5. Rolled back: v{v4} carries v{v1}'s tensors ({_mb(pub.last_report.bytes_uploaded)} "
-                    f"uploaded); applied in {took * 1000:.0f} ms. Answer {a4['top']} is "
-                    f"{'bit-exactly' if exact else 'NOT'} v{v1}'s (fingerprint {a4['fingerprint']})."
-                )
-                if not exact:
-                    raise HotswapError("rollback did not restore the answer bit-exactly")
-
-                say("6. hotswap status:")
-                from publisher.cli import main as cli_main
-
-                cli_main(
-                    ["--redis-url", cfg.redis_url, "--namespace", cfg.namespace, "status", MODEL]
-                )
+                cfg = _open_redis(settings, out.print, stack)
+                _Demo(cfg, out.print, stack).run()
             finally:
-                if server is not None:
-                    server.stop()
-                    server = None
-                if not embedded:
-                    store.delete_all()
-                pub.close()
-                client.close()
-        say(
-            f"[green]Demo finished in {time.monotonic() - started:.1f}s[/green]; "
-            "every process and file it started is gone."
-        )
-        return 0
+                with _uninterrupted():
+                    stack.close()
     except KeyboardInterrupt:
-        say("interrupted; cleaned up")
+        out.print(
+            "Interrupted: stopped the server and Redis and removed the demo's keys and files."
+        )
         return 130
-    finally:
-        if server is not None:
-            server.stop()
+    except HotswapError as e:
+        out.print(f"[red]demo failed:[/red] {escape(str(e))}")
+        return 3 if isinstance(e, StoreUnavailable) else 1
+    out.print(
+        f"[green]Demo finished in {time.monotonic() - started:.1f}s[/green]; "
+        "the server, Redis and every temporary file are gone."
+    )
+    return 0

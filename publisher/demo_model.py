@@ -16,8 +16,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
+        attended: torch.Tensor = self.attn(h, h, h, need_weights=False)[0]
+        x = x + attended
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
 
 
 class TinyTransformer(nn.Module):
@@ -35,7 +37,8 @@ class TinyTransformer(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        logits: torch.Tensor = self.head(self.norm(x))
+        return logits
 
 
 def build(seed: int = 0) -> TinyTransformer:
