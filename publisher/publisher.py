@@ -49,6 +49,7 @@ class PublishReport:
     bytes_skipped: int
     seconds: float
     kind: str = "publish"
+    rollback_to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ class Publisher:
             bytes_skipped=m.nbytes - sent,
             seconds=time.monotonic() - started,
             kind=kind,
+            rollback_to=rollback_to,
         )
         return version
 

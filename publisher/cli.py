@@ -1,0 +1,327 @@
+"""The ``hotswap`` command: parses arguments and calls the library, nothing more.
+
+Exit codes: 0 success, 1 user error (bad file, unknown model or version,
+conflict, failed verification), 2 usage, 3 Redis unreachable. Errors are
+one line on stderr (``hotswap: error: ...``); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pydantic
+from rich.console import Console
+
+from hotswap import status as st
+from hotswap.errors import (
+    ConfigError,
+    HotswapError,
+    IntegrityError,
+    NotFound,
+    StoreUnavailable,
+)
+from hotswap.settings import HotswapSettings
+from publisher import render
+from publisher.publisher import Publisher
+
+OK, USER_ERROR, USAGE, UNREACHABLE = 0, 1, 2, 3
+WIDE = 160
+
+
+def _shared(defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after the command name."""
+    p = argparse.ArgumentParser(add_help=False)
+    # On subcommands the default is "not given", so a value placed before the
+    # command name is not overwritten by the subcommand's default.
+    d: Callable[[Any], Any] = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    g = p.add_argument_group("shared options")
+    g.add_argument("--redis-url", default=d(None), help="overrides HOTSWAP_REDIS_URL")
+    g.add_argument("--namespace", default=d(None), help="overrides HOTSWAP_NAMESPACE")
+    g.add_argument("--json", action="store_true", default=d(False), help="machine output")
+    g.add_argument("--debug", action="store_true", default=d(False), help="tracebacks on error")
+    return p
+
+
+def _version(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"version must be a number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"version must be 1 or more, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hotswap",
+        description="Publish, inspect and roll back hot-swappable model weights in Redis.",
+        parents=[_shared(True)],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    shared = [_shared(False)]
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, parents=shared)
+
+    p = command("publish", "publish a checkpoint as a new version")
+    p.add_argument("model")
+    p.add_argument("path", help=".safetensors, .pt/.pth/.bin, *.index.json or a folder")
+    p.add_argument("--only", action="append", metavar="GLOB", help="publish only these tensors")
+    p.add_argument("-m", "--message", default="")
+    p.add_argument("--force", action="store_true", help="new version even if nothing changed")
+
+    p = command("status", "head, and what every agent runs")
+    p.add_argument("model")
+
+    p = command("log", "history: publishes, rollbacks and gc runs")
+    p.add_argument("model")
+    p.add_argument("-n", "--count", type=int, default=50)
+
+    p = command("show", "a version's manifest (default: head)")
+    p.add_argument("model")
+    p.add_argument("version", nargs="?", type=_version)
+
+    p = command("diff", "tensors that differ between two versions")
+    p.add_argument("model")
+    p.add_argument("a", type=_version)
+    p.add_argument("b", type=_version)
+
+    p = command("rollback", "make an earlier version current (as a new version)")
+    p.add_argument("model")
+    p.add_argument("--to", type=_version, help="default: the version before head")
+    p.add_argument("-m", "--message", default="")
+
+    p = command("gc", "delete old versions and unreferenced blobs")
+    p.add_argument("model")
+    p.add_argument("--keep", type=int, help="newest versions to keep (HOTSWAP_KEEP_VERSIONS)")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+
+    p = command("verify", "re-read and re-hash every blob of a version (default: head)")
+    p.add_argument("model")
+    p.add_argument("version", nargs="?", type=_version)
+
+    command("demo", "the whole loop on an embedded Redis, no set-up needed")
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> HotswapSettings:
+    """Settings from HOTSWAP_* and .env, with the command line on top."""
+    overrides = {
+        k: v
+        for k, v in (("redis_url", args.redis_url), ("namespace", args.namespace))
+        if v is not None
+    }
+    try:
+        return HotswapSettings(**overrides)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {field}: {first['msg']}") from e
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or inf
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Context:
+    """What a command needs: settings, the two consoles and the output mode."""
+
+    def __init__(self, args: argparse.Namespace, out: Console, err: Console) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.json: bool = args.json
+
+    def settings(self) -> HotswapSettings:
+        return load_settings(self.args)
+
+    def publisher(self) -> Publisher:
+        return Publisher(self.args.model, settings=self.settings())
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        if self.json:
+            # Straight to stdout: rich would wrap long lines at the console width.
+            self.out.file.write(json.dumps(_jsonable(data), indent=2) + "\n")
+        else:
+            human()
+
+    def bars(self) -> Any:
+        return render.progress_bars(self.err, self.out.is_terminal and not self.json)
+
+
+def cmd_publish(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.publisher() as pub, ctx.bars() as bars:
+        pub.publish(a.path, message=a.message, only=a.only, force=a.force, progress=bars)
+        r = pub.last_report
+    ctx.emit(
+        render.report_data(pub.model, r), lambda: ctx.out.print(render.report_line(pub.model, r))
+    )
+    return OK
+
+
+def cmd_status(ctx: Context) -> int:
+    with ctx.publisher() as pub:
+        head = pub.store.head()
+        lineage = pub.store.manifest(head).lineage if head is not None else None
+        now = time.time()
+        agents = []
+        for agent_id, raw, alive in pub.store.agent_records():
+            try:
+                record = st.decode(raw)
+            except HotswapError as e:
+                record = st.AgentStatus(agent_id, "?", 0, state="unreadable", last_error=str(e))
+            agents.append(render.agent_row(record, alive, head, lineage, now))
+    data = {"model": pub.model, "head": head, "lineage": lineage, "agents": agents}
+
+    def human() -> None:
+        ctx.out.print(render.status_table(data))
+        if not agents:
+            ctx.out.print("no agent has reported for this model")
+
+    ctx.emit(data, human)
+    return OK
+
+
+def cmd_log(ctx: Context) -> int:
+    with ctx.publisher() as pub:
+        rows = pub.store.log(ctx.args.count)
+    ctx.emit(rows, lambda: ctx.out.print(render.log_table(pub.model, rows)))
+    return OK
+
+
+def _version_or_head(pub: Publisher, version: int | None) -> int:
+    if version is not None:
+        return version
+    head = pub.store.head()
+    if head is None:
+        raise NotFound(f"model {pub.model!r} has no versions (nothing published yet)")
+    return head
+
+
+def cmd_show(ctx: Context) -> int:
+    with ctx.publisher() as pub:
+        m = pub.store.manifest(_version_or_head(pub, ctx.args.version), pub.settings.key_bytes())
+    ctx.emit(render.manifest_data(m), lambda: ctx.out.print(render.manifest_table(m)))
+    return OK
+
+
+def cmd_diff(ctx: Context) -> int:
+    with ctx.publisher() as pub:
+        keys = pub.settings.key_bytes()
+        a, b = pub.store.manifest(ctx.args.a, keys), pub.store.manifest(ctx.args.b, keys)
+    data = render.diff_data(a, b)
+    ctx.emit(data, lambda: ctx.out.print(render.diff_table(data)))
+    return OK
+
+
+def cmd_rollback(ctx: Context) -> int:
+    with ctx.publisher() as pub:
+        pub.rollback(to=ctx.args.to, message=ctx.args.message)
+        r = pub.last_report
+    ctx.emit(
+        render.report_data(pub.model, r), lambda: ctx.out.print(render.report_line(pub.model, r))
+    )
+    return OK
+
+
+def cmd_gc(ctx: Context) -> int:
+    with ctx.publisher() as pub:
+        r = pub.gc(keep=ctx.args.keep, dry_run=ctx.args.dry_run)
+    ctx.emit(render.gc_data(pub.model, r), lambda: ctx.out.print(render.gc_line(pub.model, r)))
+    return OK
+
+
+def cmd_verify(ctx: Context) -> int:
+    with ctx.publisher() as pub, ctx.bars() as bars:
+        r = pub.verify(ctx.args.version, progress=bars)
+    data = render.verify_data(pub.model, r)
+    if ctx.json:
+        ctx.emit(data, lambda: None)
+    elif r.ok:
+        ctx.out.print(
+            f"model {pub.model} v{r.version}: all {r.tensors_checked} tensors verified "
+            f"({render.size(r.bytes_checked)} re-hashed in {r.seconds:.2f}s)"
+        )
+    if r.ok:
+        return OK
+    name, why = next(iter(r.bad.items()))
+    more = f" and {len(r.bad) - 1} more" if len(r.bad) > 1 else ""
+    raise IntegrityError(
+        f"model {pub.model!r} v{r.version}: {len(r.bad)} of {r.tensors_checked} tensors failed "
+        f"verification: {name!r}{more} ({why}); publish those weights again"
+    )
+
+
+def cmd_demo(ctx: Context) -> int:
+    from publisher.demo import run_demo
+
+    given = ctx.args.redis_url is not None or "HOTSWAP_REDIS_URL" in os.environ
+    return int(run_demo(ctx.settings() if given else None, ctx.out))
+
+
+COMMANDS: dict[str, Callable[[Context], int]] = {
+    "publish": cmd_publish,
+    "status": cmd_status,
+    "log": cmd_log,
+    "show": cmd_show,
+    "diff": cmd_diff,
+    "rollback": cmd_rollback,
+    "gc": cmd_gc,
+    "verify": cmd_verify,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``hotswap`` command line; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else USAGE
+    # Off a terminal rich would squeeze tables into 80 columns and cut digests.
+    wide = None if sys.stdout.isatty() else WIDE
+    out = Console(highlight=False, width=wide)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return COMMANDS[args.command](Context(args, out, err))
+    except HotswapError as e:
+        code = UNREACHABLE if isinstance(e, StoreUnavailable) else USER_ERROR
+        if args.debug:
+            traceback.print_exc()
+        print(f"hotswap: error: {e}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("hotswap: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # A bug, not a user error: still one line unless --debug asks for more.
+        if args.debug:
+            traceback.print_exc()
+            print(f"hotswap: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        else:
+            print(
+                f"hotswap: internal error: {type(e).__name__}: {e} (run with --debug for "
+                "the traceback)",
+                file=sys.stderr,
+            )
+        return USER_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""What the CLI prints: plain data for ``--json`` and rich tables for people.
+
+The ``*_data`` functions are pure (records in, JSON-able dicts out) and are
+what ``--json`` prints; the ``*_table`` functions draw the same data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.filesize import decimal
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from hotswap.manifest import Manifest, TensorEntry
+from hotswap.status import AgentStatus
+from publisher import plan
+from publisher.publisher import GcReport, PublishReport, VerifyReport
+
+PHASES = {"hash": "hashing", "upload": "uploading", "verify": "verifying"}
+
+
+def size(n: int | None) -> str:
+    return "-" if n is None else decimal(n)
+
+
+def when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+# -- progress -------------------------------------------------------------------
+
+
+class ProgressBars:
+    """A rich progress bar per phase (bytes, rate, ETA), fed by the publisher's callback."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:>10}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        task = self.tasks.get(phase)
+        if task is None:
+            task = self.progress.add_task(PHASES.get(phase, phase), total=total)
+            self.tasks[phase] = task
+        self.progress.update(task, completed=done, total=total)
+
+
+@contextmanager
+def progress_bars(console: Console, enabled: bool) -> Iterator[ProgressBars | None]:
+    """Progress bars on a terminal, nothing otherwise (pipes and --json stay clean)."""
+    if not enabled:
+        yield None
+        return
+    bars = ProgressBars(console)
+    with bars.progress:
+        yield bars
+
+
+# -- publish / rollback / gc / verify ---------------------------------------------
+
+
+def report_data(model: str, r: PublishReport) -> dict[str, Any]:
+    return {"model": model, **asdict(r)}
+
+
+def report_line(model: str, r: PublishReport) -> str:
+    if not r.created:
+        return (
+            f"model {model}: nothing changed since v{r.version}; no new version "
+            f"(use --force to publish anyway)"
+        )
+    if r.kind == "rollback":
+        return (
+            f"model {model}: rolled back to v{r.rollback_to} as v{r.version} "
+            f"({r.tensors_changed} of {r.tensors_total} tensors differ from v{r.parent}; "
+            f"{size(r.bytes_uploaded)} uploaded)"
+        )
+    return (
+        f"model {model}: published v{r.version}: {r.tensors_changed} of {r.tensors_total} "
+        f"tensors changed, {size(r.bytes_uploaded)} uploaded, {size(r.bytes_skipped)} "
+        f"already in Redis ({r.seconds:.2f}s)"
+    )
+
+
+def gc_data(model: str, r: GcReport) -> dict[str, Any]:
+    return {"model": model, **asdict(r)}
+
+
+def gc_line(model: str, r: GcReport) -> str:
+    verb = "would delete" if r.dry_run else "deleted"
+    kept = ", ".join(f"v{v}" for v in r.kept) or "nothing"
+    gone = ", ".join(f"v{v}" for v in r.deleted_versions) or "no versions"
+    return (
+        f"model {model}: kept {kept}; {verb} {gone} and {r.blobs_deleted} blobs "
+        f"({r.blobs_kept_young} unreferenced blobs younger than the grace period kept)"
+    )
+
+
+def verify_data(model: str, r: VerifyReport) -> dict[str, Any]:
+    return {"model": model, "ok": r.ok, **asdict(r)}
+
+
+# -- status ---------------------------------------------------------------------
+
+
+def rejection_reason(s: AgentStatus) -> str | None:
+    if not s.rejection:
+        return s.last_error if s.rejected_version is not None else None
+    name, why = next(iter(sorted(s.rejection.items())))
+    more = f" (+{len(s.rejection) - 1} more tensors)" if len(s.rejection) > 1 else ""
+    return f"{name}: {', '.join(why)}{more}"
+
+
+def agent_row(
+    s: AgentStatus, alive: bool, head: int | None, lineage: str | None, now: float
+) -> dict[str, Any]:
+    same_history = lineage is None or s.lineage is None or s.lineage == lineage
+    lag = head - s.version if head is not None and s.version is not None and same_history else None
+    return {
+        "agent_id": s.agent_id,
+        "host": s.host,
+        "pid": s.pid,
+        "state": s.state,
+        "version": s.version,
+        "lag": lag,
+        "same_lineage": same_history,
+        "alive": alive,
+        "heartbeat_age": round(now - s.updated, 3) if s.updated else None,
+        "last_error": s.last_error,
+        "rejected_version": s.rejected_version,
+        "last_rejection": rejection_reason(s),
+        "rejection": s.rejection,
+        "applied_count": s.applied_count,
+        "rejected_count": s.rejected_count,
+        "bytes_fetched": s.bytes_fetched,
+    }
+
+
+def status_table(data: dict[str, Any]) -> Table:
+    head = data["head"]
+    table = Table(title=f"model {data['model']}: head " + (f"v{head}" if head else "none"))
+    for col in ("agent", "host", "pid", "version", "state", "lag", "last rejection", "heartbeat"):
+        table.add_column(col, justify="right" if col in ("pid", "version", "lag") else "left")
+    for a in data["agents"]:
+        lag = a["lag"]
+        lag_text = (
+            "other lineage"
+            if not a["same_lineage"]
+            else "-"
+            if lag is None
+            else f"[green]{lag}[/green]"
+            if lag == 0
+            else f"[yellow]{lag}[/yellow]"
+        )
+        age = "-" if a["heartbeat_age"] is None else f"{a['heartbeat_age']:.1f}s ago"
+        beat = age if a["alive"] else f"[red]expired[/red] ({age})"
+        reason = a["last_rejection"]
+        table.add_row(
+            escape(a["agent_id"]),
+            escape(a["host"]),
+            str(a["pid"]),
+            "-" if a["version"] is None else f"v{a['version']}",
+            a["state"] if a["alive"] else f"[dim]{a['state']}[/dim]",
+            lag_text,
+            "-" if not reason else f"v{a['rejected_version']}: {escape(reason)}",
+            beat,
+        )
+    return table
+
+
+# -- log / show / diff ------------------------------------------------------------
+
+
+def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
+    table = Table(title=f"model {model}: history (newest first)")
+    for col in ("version", "kind", "time", "author", "changed", "uploaded", "message"):
+        table.add_column(col, justify="right" if col in ("version", "changed") else "left")
+    for row in rows:
+        created = float(row.get("created") or 0)
+        kind = row.get("kind", "?")
+        if kind == "rollback" and row.get("rollback_to"):
+            kind = f"rollback to v{row['rollback_to']}"
+        uploaded = row.get("bytes_uploaded")
+        total = row.get("bytes_total")
+        moved = "-" if uploaded is None else f"{size(int(uploaded))} of {size(int(total or 0))}"
+        table.add_row(
+            f"v{row['version']}" if row.get("version") else "-",
+            kind,
+            when(created),
+            escape(row.get("author", "")),
+            row.get("tensors_changed", "-"),
+            moved,
+            escape(row.get("message", "")),
+        )
+    return table
+
+
+def entry_data(e: TensorEntry) -> dict[str, Any]:
+    return {**asdict(e), "shape": list(e.shape), "chunks": e.chunks}
+
+
+def manifest_data(m: Manifest) -> dict[str, Any]:
+    return {
+        "model": m.model,
+        "version": m.version,
+        "parent": m.parent,
+        "kind": m.kind,
+        "rollback_to": m.rollback_to,
+        "lineage": m.lineage,
+        "created": m.created,
+        "author": m.author,
+        "message": m.message,
+        "key_id": m.key_id,
+        "nbytes": m.nbytes,
+        "tensors": [entry_data(e) for e in m.tensors],
+    }
+
+
+def manifest_table(m: Manifest) -> Table:
+    kind = m.kind + (f" to v{m.rollback_to}" if m.rollback_to else "")
+    parent = f"v{m.parent}" if m.parent else "none"
+    signed = f"signed {m.key_id}" if m.key_id else "unsigned"
+    table = Table(
+        title=f"model {m.model} v{m.version} ({kind}, parent {parent}, {when(m.created)}, "
+        f"{escape(m.author)}, {signed}): {escape(m.message)}",
+        caption=f"{len(m.tensors)} tensors, {size(m.nbytes)}",
+    )
+    for col in ("tensor", "dtype", "shape", "bytes", "norm", "max |x|", "digest"):
+        table.add_column(col, justify="right" if col in ("bytes", "norm", "max |x|") else "left")
+    for e in m.tensors:
+        table.add_row(
+            escape(e.name),
+            e.dtype,
+            "x".join(map(str, e.shape)) or "scalar",
+            size(e.nbytes),
+            f"{e.norm:.6g}",
+            f"{e.max_abs:.6g}",
+            e.digest[:12],
+        )
+    return table
+
+
+def diff_data(a: Manifest, b: Manifest) -> dict[str, Any]:
+    d = plan.diff(a.tensors, b.tensors)
+    old, new = a.by_name(), b.by_name()
+    changed = []
+    for name in d.changed:
+        x, y = old[name], new[name]
+        changed.append(
+            {
+                "name": name,
+                "old_norm": x.norm,
+                "new_norm": y.norm,
+                "norm_delta": y.norm - x.norm,
+                "norm_ratio": y.norm / x.norm if x.norm else None,
+                "old_shape": list(x.shape),
+                "new_shape": list(y.shape),
+                "old_dtype": x.dtype,
+                "new_dtype": y.dtype,
+            }
+        )
+    return {
+        "model": a.model,
+        "a": a.version,
+        "b": b.version,
+        "added": d.added,
+        "removed": d.removed,
+        "changed": changed,
+        "unchanged": len(d.unchanged),
+    }
+
+
+def diff_table(data: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"model {data['model']}: v{data['a']} -> v{data['b']}",
+        caption=f"{data['unchanged']} tensors unchanged",
+    )
+    for col in ("tensor", "change", "norm before", "norm after", "delta", "ratio"):
+        table.add_column(col, justify="left" if col in ("tensor", "change") else "right")
+    for name in data["added"]:
+        table.add_row(escape(name), "[green]added[/green]", "", "", "", "")
+    for name in data["removed"]:
+        table.add_row(escape(name), "[red]removed[/red]", "", "", "", "")
+    for c in data["changed"]:
+        kind = "changed"
+        if c["old_shape"] != c["new_shape"] or c["old_dtype"] != c["new_dtype"]:
+            kind = (
+                f"changed ({c['old_dtype']} {c['old_shape']} -> {c['new_dtype']} {c['new_shape']})"
+            )
+        ratio = "-" if c["norm_ratio"] is None else f"{c['norm_ratio']:.4g}"
+        table.add_row(
+            escape(c["name"]),
+            kind,
+            f"{c['old_norm']:.6g}",
+            f"{c['new_norm']:.6g}",
+            f"{c['norm_delta']:+.4g}",
+            ratio,
+        )
+    return table
