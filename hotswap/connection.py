@@ -36,11 +36,19 @@ def _is_transient(error: BaseException) -> bool:
     return isinstance(error, TRANSIENT) and not isinstance(error, PERMANENT)
 
 
+def _backoff(first: float, max_wait: float) -> tenacity.wait.wait_base:
+    try:
+        return tenacity.wait_exponential_jitter(multiplier=first, max=max_wait)
+    except TypeError:
+        # tenacity < 9.1 names it ``initial`` (newer ones warn on that name).
+        return tenacity.wait_exponential_jitter(initial=first, max=max_wait)
+
+
 def operation_retry(attempts: int = 6, max_wait: float = 2.0) -> tenacity.Retrying:
     """Retry policy of one store operation: exponential backoff with jitter, bounded."""
     return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts),
-        wait=tenacity.wait_exponential_jitter(initial=0.05, max=max_wait),
+        wait=_backoff(0.05, max_wait),
         retry=tenacity.retry_if_exception(_is_transient),
         reraise=True,
     )
@@ -48,7 +56,7 @@ def operation_retry(attempts: int = 6, max_wait: float = 2.0) -> tenacity.Retryi
 
 def reconnect_backoff(max_wait: float = 5.0) -> tenacity.wait.wait_base:
     """Backoff between an agent's reconnect attempts (it never gives up)."""
-    return tenacity.wait_exponential_jitter(initial=0.1, max=max_wait)
+    return _backoff(0.1, max_wait)
 
 
 def retry_from_settings(settings: HotswapSettings) -> tenacity.Retrying:
