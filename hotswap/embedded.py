@@ -86,6 +86,7 @@ class EmbeddedRedis:
             os.path.join(self._dir, "redis.log"),
             *self.extra_args,
         ]
+        self._close_pipe()
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -137,9 +138,13 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._close_pipe()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _close_pipe(self) -> None:
+        # The previous process's stderr pipe, left open by kill() or a restart.
         if self.process and self.process.stderr:
             self.process.stderr.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

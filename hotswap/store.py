@@ -19,6 +19,7 @@ from hotswap import keys
 from hotswap.connection import TRANSIENT, RedisClient, operation_retry
 from hotswap.errors import (
     ConfigError,
+    FormatError,
     HotswapError,
     IntegrityError,
     NotFound,
@@ -100,7 +101,15 @@ class Store:
 
     def head(self) -> int | None:
         raw = self.call("reading head", lambda: self.client.get(self._key(keys.head_key)))
-        return None if raw is None else int(raw)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise FormatError(
+                f"model {self.model!r}: head holds {bytes(raw)[:40]!r}, not a version number; "
+                "someone wrote it by hand: set it to a stored version"
+            ) from None
 
     def manifest_bytes(self, version: int) -> bytes:
         key = self._key(keys.manifest_key, version)
@@ -175,11 +184,19 @@ class Store:
         if status == b"ok":
             return
         head_text = head.decode() or "none"
-        if head_text == str(version) and self._stored_equals(version, manifest_bytes):
-            return  # an earlier attempt committed before its reply was lost
+        # Only this script writes manifests, and V is ours (INCR): if manifest:V
+        # holds our bytes, an earlier attempt committed before its reply was
+        # lost, even if another publish has moved head on since.
+        if self._stored_equals(version, manifest_bytes):
+            return
         if status == b"exists":
             raise VersionConflict(
                 f"model {self.model!r} v{version} already exists; versions are immutable"
+            )
+        if status == b"stale":
+            raise VersionConflict(
+                f"model {self.model!r}: v{version} is not newer than head v{head_text}; "
+                "reserve a new version number"
             )
         read = "empty" if parent is None else f"v{parent}"
         now = "empty" if head_text == "none" else f"v{head_text}"
@@ -445,11 +462,16 @@ class Subscription:
     def get(self, timeout: float) -> bytes | None:
         """One notice's bytes, or None after ``timeout``; raises redis errors unwrapped
         so the agent can tell a dropped connection from silence."""
-        message = self._pubsub.get_message(timeout=timeout)
-        if message is None or message.get("type") != "message":
-            return None
-        data = message["data"]
-        return data if isinstance(data, bytes) else str(data).encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            # get_message returns None at once for a (un)subscribe confirmation,
+            # so keep waiting until a real message or the deadline.
+            message = self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if message is not None and message.get("type") == "message":
+                data = message["data"]
+                return data if isinstance(data, bytes) else str(data).encode()
+            if time.monotonic() >= deadline:
+                return None
 
     def close(self) -> None:
         # Closing a dead connection is not an error.
