@@ -1,0 +1,90 @@
+"""``python -m bench``: hotswap against the naive approach and the raw Redis ceiling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report, runner, tune
+from hotswap.transport import DEFAULT_WINDOW
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--size-mb", type=float, default=512, help="state dict size (default 512)")
+    p.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
+    p.add_argument("--quick", action="store_true", help="64 MiB, 3 runs, float32 only")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    p.add_argument("--chunk-mb", type=float, default=None, help="hotswap chunk size")
+    p.add_argument("--ceiling-chunk-mb", type=float, default=1.0, help="raw ceiling chunk size")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="GETs in flight")
+    p.add_argument("--no-deltas", action="store_true", help="skip the delta cases")
+    p.add_argument("--tune", action="store_true", help="sweep chunk size and window instead")
+    p.add_argument("--json", type=Path, default=None, help="where to write the results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    cfg = runner.Config(
+        size_mb=args.size_mb,
+        runs=args.runs,
+        dtypes=[d.strip() for d in args.dtypes.split(",") if d.strip()],
+        chunk_mb=args.chunk_mb,
+        ceiling_chunk_mb=args.ceiling_chunk_mb,
+        window=args.window,
+        deltas=not args.no_deltas,
+    )
+    if args.quick:
+        cfg.size_mb, cfg.runs, cfg.dtypes = min(cfg.size_mb, 64), min(cfg.runs, 3), ["float32"]
+    info = machine()
+    print(f"machine: {info['nproc']} cores, {info['cpu']}; load {os.getloadavg()[0]:.2f}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.tune:
+        raw = tune.run(cfg, log=lambda m: print(m, flush=True))
+        text = tune.markdown(raw)
+        result: dict[str, Any] = {"machine": info, "tune": raw}
+    else:
+        raw = runner.run(cfg, log=lambda m: print(m, flush=True))
+        summary = report.summarize(raw)
+        text = report.markdown(raw, summary)
+        result = {"machine": info, "raw": raw, "summary": summary}
+    print()
+    print(text)
+    path = args.json or RESULTS / f"{'tune' if args.tune else 'bench'}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The two references hotswap is measured against.
+
+Raw ceiling: the lean transport with no hashing, checks or staging: tensor
+memory goes out with sendmsg and comes back with recv_into straight into the
+destination tensors, one window of GETs in flight across all chunks.
+
+Naive: what one writes by hand: per tensor ``torch.save`` to a buffer and
+``SET``; ``GET``, ``torch.load(weights_only=True)`` and ``copy_``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import redis
+import torch
+
+from hotswap import codec
+from hotswap.transport import BlobTransport
+
+
+def chunk_keys(prefix: str, name: str, nbytes: int, chunk: int) -> list[str]:
+    return [f"{prefix}:{name}:{i}" for i in range(codec.chunk_count(nbytes, chunk))]
+
+
+def _chunked(
+    sd: Mapping[str, torch.Tensor], names: Sequence[str], chunk: int, prefix: str
+) -> tuple[list[str], list[memoryview]]:
+    keys: list[str] = []
+    views: list[memoryview] = []
+    for name in names:
+        data = codec.as_bytes(sd[name])
+        keys += chunk_keys(prefix, name, len(data), chunk)
+        views += [data[a:b] for a, b in codec.chunk_spans(len(data), chunk)]
+    return keys, views
+
+
+def ceiling_publish(
+    client: redis.Redis,
+    transport: BlobTransport,
+    sd: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    chunk: int,
+    prefix: str,
+    channel: str,
+) -> None:
+    keys, views = _chunked(sd, names, chunk, prefix)
+    transport.set_chunks(keys, views)
+    client.publish(channel, b"ceiling")
+
+
+def ceiling_apply(
+    transport: BlobTransport,
+    dst: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    chunk: int,
+    prefix: str,
+) -> int:
+    """Fetch straight into ``dst``'s memory; returns the bytes received."""
+    keys, views = _chunked(dst, names, chunk, prefix)
+    lengths = transport.get_into(keys, views)
+    return sum(n or 0 for n in lengths)
+
+
+def naive_publish(
+    client: redis.Redis,
+    sd: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    prefix: str,
+    channel: str,
+) -> None:
+    for name in names:
+        buf = io.BytesIO()
+        torch.save(sd[name], buf)
+        client.set(f"{prefix}:{name}", buf.getbuffer())
+    client.publish(channel, b"naive")
+
+
+def naive_apply(
+    client: redis.Redis, dst: Mapping[str, torch.Tensor], names: Sequence[str], prefix: str
+) -> int:
+    got = 0
+    with torch.no_grad():
+        for name in names:
+            raw = client.get(f"{prefix}:{name}")
+            if not isinstance(raw, bytes):
+                raise KeyError(f"naive baseline: {prefix}:{name} is missing")
+            got += len(raw)
+            dst[name].copy_(torch.load(io.BytesIO(raw), weights_only=True))
+    return got

@@ -1,0 +1,92 @@
+"""The main process's handle on the worker process (JSON lines over pipes)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+from types import TracebackType
+from typing import Any
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class WorkerProc:
+    """Starts ``python -m bench.worker``; ``call`` runs a command, ``event`` waits for one."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            (self.replies if "reply" in message else self.events).put(message)
+        self.replies.put({"reply": "<exit>", "error": "worker exited"})
+        self.events.put({"event": "error", "error": "worker exited"})
+
+    def call(self, cmd: str, timeout: float = 300.0, **kwargs: Any) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        try:
+            reply = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise WorkerError(f"worker did not answer {cmd!r} within {timeout}s") from None
+        if "error" in reply:
+            raise WorkerError(f"worker failed {cmd!r}: {reply['error']}")
+        return reply.get("result")
+
+    def event(self, kind: str, timeout: float = 120.0) -> dict[str, Any]:
+        """The next event of ``kind``; earlier events of other kinds are dropped."""
+        while True:
+            try:
+                ev = self.events.get(timeout=timeout)
+            except queue.Empty:
+                raise WorkerError(f"no {kind!r} event from the worker within {timeout}s") from None
+            if ev["event"] == "error":
+                raise WorkerError(f"worker: {ev['error']}")
+            if ev["event"] == kind:
+                return ev
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> WorkerProc:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,300 @@
+"""Runs every case against one throwaway Redis and collects the raw timings.
+
+Two processes, as in production: this one publishes (ceiling, naive and the
+real ``Publisher``), a worker process serves (ceiling and naive fetches, and a
+real ``Agent`` applying into its live tensors). Runs interleave the three
+approaches, rotating their order, so that drift on a shared machine hits all
+of them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+import torch
+
+from bench import baselines, model
+from bench.memory import PeakRss
+from bench.procs import WorkerProc
+from hotswap.embedded import EmbeddedRedis
+from hotswap.settings import HotswapSettings
+from hotswap.transport import DEFAULT_WINDOW, BlobTransport
+
+MiB = 1024 * 1024
+CHANNEL = "bench:notice"
+
+
+@dataclass
+class Config:
+    size_mb: float = 512
+    runs: int = 5
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    chunk_mb: float | None = None  # hotswap's chunk size; None: the settings default
+    ceiling_chunk_mb: float = 1
+    window: int = DEFAULT_WINDOW
+    deltas: bool = True
+    latency_messages: int = 300
+    seed: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(self.size_mb * MiB)
+
+
+@dataclass
+class Run:
+    """One publish-and-apply, all times in seconds from ``time.monotonic()``."""
+
+    case: str
+    dtype: str
+    bytes_changed: int
+    publish: float
+    apply: float
+    end_to_end: float
+    bytes_moved: int = 0
+    publisher_peak: int = 0
+    agent_peak: int = 0
+    fetch: float = 0.0
+    validate: float = 0.0
+    pause: float = 0.0
+    notice_to_fetch: float = 0.0
+    bytes_sent: int = 0
+
+
+class Bench:
+    def __init__(self, cfg: Config, redis_url: str, log: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.url = redis_url
+        self.log = log
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=60)
+        transport = BlobTransport.for_client(self.client, window=cfg.window)
+        assert transport is not None
+        self.transport = transport
+        self.runs: list[Run] = []
+        self.copies: dict[str, list[float]] = {}
+        self.latency: list[float] = []
+
+    # -- one dtype ----------------------------------------------------------------
+
+    def run_dtype(self, dtype: str, with_deltas: bool) -> None:
+        cfg = self.cfg
+        sd = model.build(cfg.size, getattr(torch, dtype), cfg.seed)
+        names = list(sd)
+        settings = self._settings()
+        with WorkerProc() as w:
+            w.call(
+                "init", url=self.url, size=cfg.size, dtype=dtype, seed=cfg.seed, window=cfg.window
+            )
+            if not self.latency:
+                self.latency = self._notice_latency(w)
+            from publisher.publisher import Publisher
+
+            name = f"bench-{dtype}"
+            pub = Publisher(name, settings=HotswapSettings(**settings, _env_file=None))  # type: ignore[call-arg]
+            try:
+                first = pub.publish(sd, message="base")
+                w.call("agent_start", model_name=name, settings=settings)
+                self._wait_agent(w, first)
+                for r in range(cfg.runs):
+                    model.perturb(sd, names)
+                    cases = [self._ceiling, self._naive, self._hotswap]
+                    for case in cases[r % 3 :] + cases[: r % 3]:
+                        self.runs.append(case(w, pub, sd, names, dtype, "full"))
+                    pub.gc(keep=1)
+                    self.log(f"  {dtype} full run {r + 1}/{cfg.runs}: " + self._last(3))
+                self.copies[f"{dtype}:full"] = w.call("bare_copy", names=names, reps=cfg.runs)
+                if with_deltas:
+                    for kind, changed in model.delta_names(sd).items():
+                        self._delta(w, pub, sd, changed, dtype, kind)
+                w.call("agent_stop")
+            finally:
+                pub.close()
+
+    def _delta(
+        self,
+        w: WorkerProc,
+        pub: Any,
+        sd: dict[str, torch.Tensor],
+        changed: list[str],
+        dtype: str,
+        kind: str,
+    ) -> None:
+        for r in range(self.cfg.runs):
+            model.perturb(sd, changed)
+            self.runs.append(self._ceiling(w, pub, sd, changed, dtype, kind))
+            self.runs.append(self._hotswap(w, pub, sd, changed, dtype, kind, only=True))
+            model.perturb(sd, changed)
+            self.runs.append(self._hotswap(w, pub, sd, changed, dtype, kind + "-scan"))
+            pub.gc(keep=1)
+            self.log(f"  {dtype} {kind} delta run {r + 1}/{self.cfg.runs}: " + self._last(3))
+        self.copies[f"{dtype}:{kind}"] = w.call("bare_copy", names=changed, reps=self.cfg.runs * 4)
+
+    def _last(self, n: int) -> str:
+        return ", ".join(f"{x.case} {x.end_to_end * 1e3:.0f} ms" for x in self.runs[-n:])
+
+    def _settings(self) -> dict[str, Any]:
+        s: dict[str, Any] = {
+            "redis_url": self.url,
+            "namespace": "bench",
+            "gc_grace_seconds": 0,
+            "keep_versions": 1,
+            "socket_timeout": 60,
+        }
+        if self.cfg.chunk_mb is not None:
+            s["chunk_bytes"] = int(self.cfg.chunk_mb * MiB)
+        return s
+
+    @staticmethod
+    def _wait_agent(w: WorkerProc, version: int) -> dict[str, Any]:
+        while True:
+            ev = w.event("agent_applied")
+            if ev["version"] >= version:
+                return ev
+
+    # -- the three approaches -----------------------------------------------------
+
+    def _ceiling(
+        self,
+        w: WorkerProc,
+        pub: Any,
+        sd: dict[str, torch.Tensor],
+        names: list[str],
+        dtype: str,
+        case: str,
+    ) -> Run:
+        chunk = int(self.cfg.ceiling_chunk_mb * MiB)
+        w.call("arm", mode="ceiling", names=names, prefix="ceil", channel=CHANNEL, chunk=chunk)
+        mem = PeakRss().start()
+        t0 = time.monotonic()
+        baselines.ceiling_publish(self.client, self.transport, sd, names, chunk, "ceil", CHANNEL)
+        t1 = time.monotonic()
+        ev = w.event("applied")
+        peak = mem.stop()
+        self._delete("ceil:*")
+        return Run(
+            f"ceiling:{case}",
+            dtype,
+            model.nbytes(sd, names),
+            t1 - t0,
+            ev["t_done"] - t1,
+            ev["t_done"] - t0,
+            ev["bytes"],
+            peak,
+            ev["peak_extra"],
+        )
+
+    def _naive(
+        self,
+        w: WorkerProc,
+        pub: Any,
+        sd: dict[str, torch.Tensor],
+        names: list[str],
+        dtype: str,
+        case: str,
+    ) -> Run:
+        w.call("arm", mode="naive", names=names, prefix="naive", channel=CHANNEL, chunk=0)
+        mem = PeakRss().start()
+        t0 = time.monotonic()
+        baselines.naive_publish(self.client, sd, names, "naive", CHANNEL)
+        t1 = time.monotonic()
+        ev = w.event("applied")
+        peak = mem.stop()
+        self._delete("naive:*")
+        return Run(
+            f"naive:{case}",
+            dtype,
+            model.nbytes(sd, names),
+            t1 - t0,
+            ev["t_done"] - t1,
+            ev["t_done"] - t0,
+            ev["bytes"],
+            peak,
+            ev["peak_extra"],
+        )
+
+    def _hotswap(
+        self,
+        w: WorkerProc,
+        pub: Any,
+        sd: dict[str, torch.Tensor],
+        names: list[str],
+        dtype: str,
+        case: str,
+        only: bool = False,
+    ) -> Run:
+        w.call("mem_arm")
+        mem = PeakRss().start()
+        t0 = time.monotonic()
+        version = pub.publish(sd, only=names if only else None)
+        t1 = time.monotonic()
+        peak = mem.stop()
+        ev = self._wait_agent(w, version)
+        rep = ev["report"]
+        apply = ev["t_done"] - t1
+        busy = rep["fetch_seconds"] + rep["validate_seconds"] + rep["apply_seconds"]
+        return Run(
+            f"hotswap:{case}",
+            dtype,
+            model.nbytes(sd, names),
+            t1 - t0,
+            apply,
+            ev["t_done"] - t0,
+            rep["bytes_fetched"],
+            peak,
+            ev["peak_extra"],
+            rep["fetch_seconds"],
+            rep["validate_seconds"],
+            rep["apply_seconds"],
+            max(0.0, apply - busy),
+            int(pub.last_report.bytes_uploaded),
+        )
+
+    def _delete(self, pattern: str) -> None:
+        batch = list(self.client.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(batch), 1000):
+            self.client.delete(*batch[i : i + 1000])
+
+    # -- notices ------------------------------------------------------------------
+
+    def _notice_latency(self, w: WorkerProc) -> list[float]:
+        channel = "bench:latency"
+        w.call("listen", channel=channel)
+        while self.client.pubsub_numsub(channel)[0][1] < 1:
+            time.sleep(0.01)
+        sent: dict[str, float] = {}
+        for i in range(self.cfg.latency_messages):
+            sent[str(i)] = time.monotonic()
+            self.client.publish(channel, str(i))
+            time.sleep(0.001)
+        self.client.publish(channel, "end")
+        w.event("listened")
+        heard = w.call("heard")
+        return [t - sent[i] for i, t in heard if i in sent]
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every case, raw: the runs, the bare copies, the notice latencies."""
+    started = time.time()
+    load = os.getloadavg()
+    with EmbeddedRedis() as srv:
+        bench = Bench(cfg, srv.url, log)
+        version = bench.client.info("server")["redis_version"]
+        for i, dtype in enumerate(cfg.dtypes):
+            log(f"{dtype}: {cfg.size_mb:g} MiB state dict")
+            bench.run_dtype(dtype, with_deltas=cfg.deltas and i == 0)
+        bench.client.close()
+    return {
+        "config": asdict(cfg),
+        "redis_version": version,
+        "runs": [asdict(r) for r in bench.runs],
+        "bare_copy": bench.copies,
+        "notice_latency": bench.latency,
+        "seconds": time.time() - started,
+        "load_before": load,
+        "load_after": os.getloadavg(),
+    }

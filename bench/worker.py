@@ -1,0 +1,191 @@
+"""The serving side of the benchmark, in its own process (own GIL, own RSS).
+
+Speaks JSON lines: one command per stdin line, one reply per command, and
+asynchronous events (something was applied) on stdout. Times are
+``time.monotonic()``, which is CLOCK_MONOTONIC and so comparable across
+processes on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import redis
+import torch
+
+from bench import baselines, model
+from bench.memory import PeakRss
+from hotswap.settings import HotswapSettings
+from hotswap.transport import BlobTransport
+
+
+class Worker:
+    def __init__(self) -> None:
+        self._out = threading.Lock()
+        self.live: dict[str, torch.Tensor] = {}
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.client: redis.Redis | None = None
+        self.transport: BlobTransport | None = None
+        self.agent: Any = None
+        self.mem = PeakRss()
+        self.heard: list[tuple[str, float]] = []
+
+    def emit(self, message: dict[str, Any]) -> None:
+        with self._out:
+            sys.stdout.write(json.dumps(message) + "\n")
+            sys.stdout.flush()
+
+    # -- commands -----------------------------------------------------------------
+
+    def init(self, url: str, size: int, dtype: str, seed: int, window: int) -> dict[str, Any]:
+        torch_dtype = getattr(torch, dtype)
+        self.live = model.build(size, torch_dtype, seed)
+        # Where the ceiling and naive runs land: never the agent's live tensors.
+        self.shadow = {k: v.clone() for k, v in self.live.items()}
+        self.client = redis.Redis.from_url(url, socket_timeout=30)
+        self.transport = BlobTransport.for_client(self.client, window=window)
+        return {"tensors": len(self.live)}
+
+    def arm(self, mode: str, names: list[str], prefix: str, channel: str, chunk: int) -> None:
+        """Wait (in a thread) for one notice on ``channel``, then apply like ``mode``."""
+        assert self.client is not None and self.transport is not None
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(channel)
+        transport, client = self.transport, self.client
+
+        def run() -> None:
+            try:
+                while True:
+                    msg = pubsub.get_message(timeout=60)
+                    if msg is not None:
+                        break
+                t_notice = time.monotonic()
+                self.mem.start()
+                if mode == "ceiling":
+                    got = baselines.ceiling_apply(transport, self.shadow, names, chunk, prefix)
+                else:
+                    got = baselines.naive_apply(client, self.shadow, names, prefix)
+                t_done = time.monotonic()
+                peak = self.mem.stop()
+                self.emit(
+                    {
+                        "event": "applied",
+                        "mode": mode,
+                        "t_notice": t_notice,
+                        "t_done": t_done,
+                        "bytes": got,
+                        "peak_extra": peak,
+                    }
+                )
+            except Exception as e:
+                self.emit({"event": "error", "error": f"{type(e).__name__}: {e}"})
+            finally:
+                pubsub.close()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def agent_start(self, model_name: str, settings: dict[str, Any]) -> None:
+        from hotswap.agent import Agent
+
+        def applied(version: int, report: Any) -> None:
+            t_done = time.monotonic()
+            peak = self.mem.stop()
+            self.emit(
+                {
+                    "event": "agent_applied",
+                    "version": version,
+                    "t_done": t_done,
+                    "report": asdict(report),
+                    "peak_extra": peak,
+                }
+            )
+
+        def rejected(version: int, reasons: dict[str, list[str]]) -> None:
+            self.emit({"event": "error", "error": f"v{version} rejected: {reasons}"})
+
+        config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
+        self.agent = Agent(
+            self.live, model_name, settings=config, on_applied=applied, on_rejected=rejected
+        )
+        self.agent.start()
+
+    def agent_stop(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+
+    def mem_arm(self) -> None:
+        self.mem.start()
+
+    def listen(self, channel: str) -> None:
+        assert self.client is not None
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(channel)
+        self.heard = []
+
+        def run() -> None:
+            while True:
+                msg = pubsub.get_message(timeout=5)
+                if msg is None:
+                    continue
+                t = time.monotonic()
+                data = bytes(msg["data"])
+                if data == b"end":
+                    break
+                self.heard.append((data.decode(), t))
+            pubsub.close()
+            self.emit({"event": "listened"})
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def heard_times(self) -> list[tuple[str, float]]:
+        return self.heard
+
+    def bare_copy(self, names: list[str], reps: int) -> list[float]:
+        """Seconds of a plain ``copy_`` of these tensors from fresh memory, per rep."""
+        src = {n: self.live[n].clone() for n in names}
+        times = []
+        with torch.no_grad():
+            for _ in range(reps):
+                start = time.perf_counter()
+                for n in names:
+                    self.shadow[n].copy_(src[n])
+                times.append(time.perf_counter() - start)
+        return times
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    worker = Worker()
+    commands: dict[str, Callable[..., Any]] = {
+        "init": worker.init,
+        "arm": worker.arm,
+        "agent_start": worker.agent_start,
+        "agent_stop": worker.agent_stop,
+        "mem_arm": worker.mem_arm,
+        "listen": worker.listen,
+        "heard": worker.heard_times,
+        "bare_copy": worker.bare_copy,
+    }
+    for line in sys.stdin:
+        request = json.loads(line)
+        cmd = request.pop("cmd")
+        if cmd == "quit":
+            break
+        try:
+            result = commands[cmd](**request)
+            worker.emit({"reply": cmd, "result": result})
+        except Exception as e:
+            worker.emit({"reply": cmd, "error": f"{type(e).__name__}: {e}"})
+    worker.agent_stop()
+
+
+if __name__ == "__main__":
+    main()
