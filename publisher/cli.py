@@ -17,12 +17,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pydantic
 from rich.console import Console
 
+from hotswap import settings as settings_mod
 from hotswap import status as st
 from hotswap.errors import (
-    ConfigError,
     HotswapError,
     IntegrityError,
     NotFound,
@@ -120,12 +119,7 @@ def load_settings(args: argparse.Namespace) -> HotswapSettings:
         for k, v in (("redis_url", args.redis_url), ("namespace", args.namespace))
         if v is not None
     }
-    try:
-        return HotswapSettings(**overrides)
-    except pydantic.ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid setting {field}: {first['msg']}") from e
+    return settings_mod.load(**overrides)
 
 
 def _jsonable(value: Any) -> Any:

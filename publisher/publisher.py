@@ -26,6 +26,7 @@ from hotswap.errors import (
 )
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
+from hotswap.settings import load as load_settings
 from hotswap.store import Store
 from publisher import gc as gcplan
 from publisher import plan
@@ -122,7 +123,7 @@ class Publisher:
         connection: RedisClient | None = None,
     ) -> None:
         self.model = keys.check_name(model_name)
-        self.settings = settings or HotswapSettings()  # type: ignore[call-arg]
+        self.settings = settings or load_settings()
         self._owns_client = connection is None
         self.client = connect(self.settings) if connection is None else connection
         self.store = Store(
