@@ -10,6 +10,7 @@ removed on the way out, also on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -323,26 +324,26 @@ def run_demo(settings: HotswapSettings | None, console: Console | None = None) -
             use, under a fresh namespace whose keys are deleted at the end.
         console: where the narration goes (default: stdout).
     """
-    out = console or Console(highlight=False, soft_wrap=True)
+    out = console or Console(highlight=False)
+    # One line per step whatever the console's width: easier to read in logs and to grep.
+    say = functools.partial(out.print, soft_wrap=True)
     started = time.monotonic()
     stack = contextlib.ExitStack()
     try:
         with _interruptible():
             try:
-                cfg = _open_redis(settings, out.print, stack)
-                _Demo(cfg, out.print, stack).run()
+                cfg = _open_redis(settings, say, stack)
+                _Demo(cfg, say, stack).run()
             finally:
                 with _uninterrupted():
                     stack.close()
     except KeyboardInterrupt:
-        out.print(
-            "Interrupted: stopped the server and Redis and removed the demo's keys and files."
-        )
+        say("Interrupted: stopped the server and Redis and removed the demo's keys and files.")
         return 130
     except HotswapError as e:
-        out.print(f"[red]demo failed:[/red] {escape(str(e))}")
+        say(f"[red]demo failed:[/red] {escape(str(e))}")
         return 3 if isinstance(e, StoreUnavailable) else 1
-    out.print(
+    say(
         f"[green]Demo finished in {time.monotonic() - started:.1f}s[/green]; "
         "the server, Redis and every temporary file are gone."
     )

@@ -1,0 +1,203 @@
+"""``hotswap demo``: runs end to end, narrates real figures, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+import torch
+
+from hotswap.embedded import EmbeddedRedis
+from hotswap.settings import HotswapSettings
+from publisher import cli
+from publisher.publisher import Publisher
+
+HOTSWAP = Path(sys.executable).with_name("hotswap")
+
+
+class DemoRun:
+    """``hotswap demo`` as a subprocess, watched: its output lines and every child it had."""
+
+    def __init__(self, cwd: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [str(HOTSWAP), "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self.children: dict[int, psutil.Process] = {}
+        self.cmdlines: dict[int, list[str]] = {}
+        self.cwds: dict[int, str] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.process.stdout.close()
+
+    def _sample(self) -> None:
+        try:
+            found = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in found:
+            try:
+                if child.pid not in self.children:
+                    self.cmdlines[child.pid] = child.cmdline()
+                    self.children[child.pid] = child
+                # redis-server rewrites its command line; its working directory is --dir.
+                self.cwds[child.pid] = child.cwd()
+            except psutil.Error:
+                continue
+
+    def until(self, prefix: str, timeout: float = 45.0) -> None:
+        """Read output until a line starts with ``prefix``, sampling children meanwhile."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._sample()
+            try:
+                line = self.lines.get(timeout=0.05)
+            except queue.Empty:
+                if self.process.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.output.append(line)
+            if line.startswith(prefix):
+                return
+        raise AssertionError(f"no line starting {prefix!r} in:\n{''.join(self.output)}")
+
+    def finish(self, timeout: float = 45.0) -> tuple[int, str, float]:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            self._sample()
+            time.sleep(0.05)
+        if self.process.poll() is None:
+            self.process.kill()
+            raise AssertionError(f"demo still running after {timeout}s")
+        code = self.process.wait()
+        elapsed = time.monotonic() - self.started
+        time.sleep(0.1)
+        while not self.lines.empty():
+            self.output.append(self.lines.get())
+        return code, "".join(self.output), elapsed
+
+    def started_by_demo(self, name: str) -> list[int]:
+        return [pid for pid, cmd in self.cmdlines.items() if any(name in part for part in cmd)]
+
+    def assert_all_gone(self) -> None:
+        redis_pids = self.started_by_demo("redis-server")
+        server_pids = self.started_by_demo("serve.py")
+        assert len(redis_pids) == 1, self.cmdlines
+        assert len(server_pids) == 1, self.cmdlines
+        for pid, child in self.children.items():
+            assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, (
+                f"demo left {self.cmdlines[pid]} running"
+            )
+        data_dir = Path(self.cwds[redis_pids[0]])
+        assert data_dir.name.startswith("hotswap-redis-")
+        assert not data_dir.exists(), f"demo left {data_dir} behind"
+
+
+def test_demo_narrates_every_step_and_cleans_up(tmp_path: Path) -> None:
+    demo = DemoRun(tmp_path)
+    code, out, elapsed = demo.finish()
+    assert code == 0, out
+    assert elapsed < 60
+    lines = out.splitlines()
+
+    def step(number: int) -> str:
+        found = [line for line in lines if line.startswith(f"{number}. ")]
+        assert len(found) == 1, out
+        return found[0]
+
+    assert re.match(r"hotswap demo on a private redis-server \(pid \d+, port \d+\)\.", lines[0])
+    assert "Started examples/serve.py" in step(1)
+    assert re.match(
+        r"2\. Published v1: all 28 tensors, \d\.\d\d MB uploaded in \d+ ms\. The server "
+        r"fetched \d\.\d\d MB and applied v1 \d+ ms after the publish returned",
+        step(2),
+    )
+    assert re.match(
+        r"3\. Published v2, a fine-tune of one layer \(blocks\.1\.mlp\.\*\): 4 of 28 tensors "
+        r"changed, 1\.18 MB uploaded in \d+ ms, \d\.\d\d MB already in Redis\. The server "
+        r"fetched only those 4 tensors \(1\.18 MB\) and applied v2",
+        step(3),
+    )
+    assert step(4).startswith("4. Published v3 with one NaN in blocks.0.mlp.0.weight")
+    assert (
+        "The agent rejected v3: blocks.0.mlp.0.weight: 1 of 147456 values are not finite" in step(4)
+    )
+    assert step(4).endswith("from v2, the same bytes as before.")
+    assert step(5).startswith("5. Rolled back to v1: v4 is a new version with v1's tensors")
+    assert step(5).endswith("bit-exactly v1's.")
+    assert step(6) == "6. hotswap status tiny:"
+    status = out[out.index("6. hotswap status") :]
+    assert "model tiny: head v4" in status
+    assert re.search(r"│ +v4 │ idle +│ +0 │ v3: blocks\.0\.mlp\.0\.weight", status), status
+    assert re.search(r"Demo finished in \d+\.\ds; the server, Redis and every", lines[-1])
+    demo.assert_all_gone()
+
+
+def test_demo_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
+    demo = DemoRun(tmp_path)
+    demo.until("2. Published v1")  # mid-demo: Redis, the server and data all exist
+    demo.process.send_signal(signal.SIGINT)
+    code, out, _ = demo.finish(timeout=30)
+    assert code == 130, out
+    assert "Interrupted: stopped the server and Redis" in out
+    assert "Traceback" not in out
+    assert "3. Published" not in out
+    demo.assert_all_gone()
+
+
+def test_demo_on_a_given_redis_deletes_only_its_own_keys(
+    server: EmbeddedRedis,
+    client: redis.Redis,
+    settings: HotswapSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    other = settings.model_copy(update={"namespace": "other"})
+    with Publisher("tiny", settings=other) as pub:
+        pub.publish({"w": torch.arange(8.0)}, message="someone else's model")
+    with Publisher("tiny", settings=settings) as pub:  # the default namespace, same model name
+        pub.publish({"w": torch.ones(8)}, message="production")
+    client.set("unrelated", b"keep me")
+    before = {key: client.dump(key) for key in client.keys("*")}
+    assert len(before) > 5
+
+    for name in list(os.environ):
+        if name.startswith("HOTSWAP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOTSWAP_REDIS_URL", server.url)
+    monkeypatch.chdir(Path(__file__).parent)  # no .env here
+    children_before = set(psutil.Process().children(recursive=True))
+
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"under the namespace (hotswap-demo-[0-9a-f]{8}); its keys are deleted", out)
+    assert found, out
+    assert "bit-exactly v1's." in out and "model tiny: head v4" in out
+    assert {key: client.dump(key) for key in client.keys("*")} == before
+    # Its agent wrote status under the demo namespace, not under ours.
+    assert client.hgetall("hotswap:{tiny}:agents") == {}
+    started = set(psutil.Process().children(recursive=True)) - children_before
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
