@@ -14,7 +14,7 @@ import tenacity
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from hotswap.errors import ConfigError
+from hotswap.errors import ConfigError, StoreUnavailable
 from hotswap.settings import HotswapSettings
 
 RedisClient = Any  # redis.Redis or redis.cluster.RedisCluster: same command API
@@ -68,7 +68,7 @@ def connect(settings: HotswapSettings) -> RedisClient:
     url = settings.redis_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
-            f"HOTSWAP_REDIS_URL {url!r} must start with redis://, rediss:// or unix://"
+            f"HOTSWAP_REDIS_URL {redact(url)!r} must start with redis://, rediss:// or unix://"
         )
     kwargs: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout,
@@ -89,8 +89,34 @@ def connect(settings: HotswapSettings) -> RedisClient:
         if settings.cluster:
             if url.startswith("unix://"):
                 raise ConfigError("Redis Cluster cannot be reached over a unix:// socket")
-            return redis.cluster.RedisCluster.from_url(url, **kwargs)
+            return _cluster(url, kwargs)
         # Retries belong to our tenacity policy alone, not also redis-py's.
         return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kwargs)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"invalid HOTSWAP_REDIS_URL {url!r}: {e}") from e
+        raise ConfigError(f"invalid HOTSWAP_REDIS_URL {redact(url)!r}: {e}") from e
+
+
+def _cluster(url: str, kwargs: dict[str, Any]) -> RedisClient:
+    # Unlike redis.Redis, the cluster client connects at once to learn the slot
+    # map, and fails with an exception outside redis-py's RedisError tree.
+    try:
+        return redis.cluster.RedisCluster.from_url(url, **kwargs)
+    except redis.exceptions.RedisClusterException as e:
+        where = redact(url)
+        if "Cluster mode is not enabled" in str(e):
+            raise ConfigError(
+                f"HOTSWAP_CLUSTER is set but {where} is not a Redis Cluster node; unset it"
+            ) from e
+        raise StoreUnavailable(
+            f"Redis Cluster at {where} unreachable ({e}); check HOTSWAP_REDIS_URL and the nodes"
+        ) from e
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
