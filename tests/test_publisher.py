@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
 import redis
 import torch
+from pydantic import SecretStr
+from safetensors.torch import save_file
 
 from hotswap import keys
-from hotswap.errors import ConfigError, NotFound, SourceError, VersionConflict
+from hotswap.embedded import EmbeddedRedis
+from hotswap.errors import (
+    ConfigError,
+    NotFound,
+    SignatureError,
+    SourceError,
+    StoreUnavailable,
+    VersionConflict,
+)
+from hotswap.manifest import key_id
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
 from publisher.publisher import Publisher
@@ -165,3 +182,192 @@ def test_concurrent_publisher_gets_version_conflict(
     with pytest.raises(VersionConflict, match="head is v2, not v1 as this publish read it"):
         pub.publish(weights(1), progress=race)
     assert fired == [2] and store.head() == 2 and store.versions() == [1, 2]
+
+
+# -- files, signing, progress, verify -------------------------------------------------
+
+
+def test_publish_files_in_process(pub: Publisher, store: Store, tmp_path: Path) -> None:
+    sd = weights()
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    assert pub.publish(tmp_path / "m.safetensors") == 1
+    torch.save(sd, tmp_path / "m.pt")
+    assert pub.publish(str(tmp_path / "m.pt")) == 1  # same bytes: no new version
+    assert pub.last_report.created is False
+    m = store.manifest(1).by_name()
+    for name, t in sd.items():
+        buf = bytearray(t.nbytes)
+        store.read_into(m[name], memoryview(buf))
+        assert bytes(buf) == t.numpy().tobytes()
+
+
+def test_tied_tensors_in_a_pt_file_upload_once(
+    pub: Publisher, store: Store, tmp_path: Path
+) -> None:
+    w = torch.randn(64, 64)
+    torch.save({"embed.weight": w, "lm_head.weight": w, "b": torch.ones(4)}, tmp_path / "t.pt")
+    pub.publish(tmp_path / "t.pt")
+    assert pub.last_report.bytes_uploaded == w.nbytes + 16
+    m = store.manifest(1).by_name()
+    assert m["embed.weight"].digest == m["lm_head.weight"].digest
+
+
+def test_signed_manifest(settings: HotswapSettings, client: redis.Redis, store: Store) -> None:
+    s = settings.model_copy(update={"signing_keys": [SecretStr("k1"), SecretStr("k0")]})
+    with Publisher("m", settings=s, connection=client) as p:
+        p.publish(weights())
+    m = store.manifest(1, [b"k1"])
+    assert m.key_id == key_id(b"k1")
+    with pytest.raises(SignatureError):
+        store.manifest(1, [b"other"])
+
+
+def test_progress_callback_reports_hash_and_upload_bytes(pub: Publisher) -> None:
+    sd = weights()
+    sd["big"] = torch.randn(100_000)  # 400 kB: several 64 KiB chunks
+    events: list[tuple[str, int, int]] = []
+    pub.publish(sd, progress=lambda phase, done, total: events.append((phase, done, total)))
+    total = sum(t.nbytes for t in sd.values())
+    hashing = [e for e in events if e[0] == "hash"]
+    upload = [e for e in events if e[0] == "upload"]
+    assert hashing[-1] == ("hash", total, total) and len(hashing) == len(sd)
+    assert upload[-1] == ("upload", total, total)
+    assert [d for _, d, _ in upload] == sorted(d for _, d, _ in upload)
+    verified: list[tuple[str, int, int]] = []
+    pub.verify(progress=lambda *e: verified.append(e))
+    assert verified[-1] == ("verify", total, total)
+
+
+def test_verify_catches_corrupted_missing_and_truncated_blobs(
+    pub: Publisher, store: Store, client: redis.Redis
+) -> None:
+    sd = weights()
+    sd["lm_head.weight"] = sd["embed.weight"]
+    pub.publish(sd)
+    assert pub.verify(1).ok
+    m = store.manifest(1).by_name()
+
+    def first_chunk(name: str) -> str:
+        e = m[name]
+        return keys.blob_key("hotswap", "m", e.digest, e.chunk_bytes, 0)
+
+    raw = client.get(first_chunk("embed.weight"))
+    assert raw is not None
+    client.set(first_chunk("embed.weight"), bytes([raw[0] ^ 1]) + raw[1:])
+    client.delete(first_chunk("layer.0.bias"))
+    client.set(first_chunk("layer.1.bias"), b"short")
+    report = pub.verify(1)
+    assert not report.ok
+    assert report.bad == {
+        "embed.weight": "digest mismatch: the stored bytes were altered",
+        "lm_head.weight": "digest mismatch: the stored bytes were altered",
+        "layer.0.bias": "chunk 0 of 1 is missing from Redis (collected or lost); publish again",
+        "layer.1.bias": "chunk 0 is 5 bytes, expected 128 (truncated or corrupted)",
+    }
+    # Publishing the same weights again repairs the store (missing blobs re-uploaded).
+    pub.publish(sd)
+    assert pub.last_report.created is False and pub.last_report.bytes_uploaded == 128
+
+
+def test_verify_unknown_version(pub: Publisher) -> None:
+    with pytest.raises(NotFound, match=r"^model 'm' has no versions to verify$"):
+        pub.verify()
+    pub.publish(weights())
+    with pytest.raises(NotFound, match=r"^model 'm' has no version 7 \(unknown or collected\)$"):
+        pub.verify(7)
+
+
+def test_bad_inputs_leave_redis_unchanged(
+    pub: Publisher, client: redis.Redis, tmp_path: Path
+) -> None:
+    pub.publish(weights())
+    before = {k: client.dump(k) for k in client.keys("*")}
+    with pytest.raises(SourceError, match="no such file or directory"):
+        pub.publish(tmp_path / "missing.safetensors")
+    with pytest.raises(SourceError, match="not a tensor"):
+        pub.publish({"a": torch.ones(1), "b": [1, 2]})  # type: ignore[dict-item]
+    with pytest.raises(SourceError, match=r"has layout torch\.sparse_coo"):
+        pub.publish({"s": torch.eye(2).to_sparse()})
+    with pytest.raises(SourceError, match=r"--only 'x\.\*' matches no tensor"):
+        pub.publish(weights(1), only=["x.*"])
+    assert {k: client.dump(k) for k in client.keys("*")} == before
+
+
+def test_invalid_model_name() -> None:
+    with pytest.raises(ConfigError, match=r"^invalid model name 'a b': use 1-128 characters"):
+        Publisher("a b", settings=HotswapSettings(_env_file=None))  # type: ignore[call-arg]
+
+
+def test_redis_unreachable_is_store_unavailable() -> None:
+    with EmbeddedRedis() as dead:
+        url = dead.url
+    s = HotswapSettings(  # type: ignore[call-arg]
+        redis_url=url, retry_attempts=2, retry_max_wait=0.05, connect_timeout=0.5, _env_file=None
+    )
+    with (
+        Publisher("m", settings=s) as p,
+        pytest.raises(
+            StoreUnavailable, match=r"^Redis unreachable while reading head for model 'm' \("
+        ),
+    ):
+        p.publish(weights())
+
+
+# -- peak memory ------------------------------------------------------------------------
+
+MEMORY_SCRIPT = """
+import json, resource, sys, torch
+from hotswap.settings import HotswapSettings
+from publisher.publisher import Publisher
+
+url, mib = sys.argv[1], int(sys.argv[2])
+s = HotswapSettings(redis_url=url, _env_file=None)
+with Publisher("mem", settings=s) as p:
+    p.publish({"warm": torch.ones(1024)})  # lazy imports and buffers before the baseline
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # 16 MiB tensors, random so nothing deduplicates; made here so RSS counts them.
+    sd = {f"layer.{i}.weight": torch.randn(4 * 1024 * 1024) for i in range(mib // 16)}
+    size = sum(t.nbytes for t in sd.values())
+    events = []
+    p.publish(sd, progress=lambda phase, done, total: events.append((phase, done, total)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"base": base, "peak": peak, "size": size, "events": events[-3:],
+                      "uploaded": p.last_report.bytes_uploaded, "seconds": p.last_report.seconds}))
+"""
+
+
+def measure_publish(url: str, mib: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, url, str(mib)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def test_peak_memory_of_a_publish_is_the_state_dict_plus_one_batch(
+    server: EmbeddedRedis, client: redis.Redis
+) -> None:
+    r = measure_publish(server.url, 64)
+    extra = r["peak"] - r["base"]
+    assert r["uploaded"] == r["size"] == 64 * 1024 * 1024
+    # The state dict itself, plus at most one pipeline batch and slack: never a
+    # second full copy.
+    assert extra < r["size"] + 48 * 1024 * 1024, r
+    assert r["events"][-1] == ["upload", r["size"], r["size"]]
+    client.flushall()
+
+
+@pytest.mark.slow
+def test_one_gigabyte_publish_peak_memory_and_progress(
+    server: EmbeddedRedis, client: redis.Redis
+) -> None:
+    r = measure_publish(server.url, 1024)
+    extra = r["peak"] - r["base"]
+    assert r["size"] == 1024**3 and r["uploaded"] == r["size"]
+    assert extra < 1.3 * r["size"], r
+    assert r["events"][-1] == ["upload", r["size"], r["size"]]
+    client.flushall()
