@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import hmac
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -463,3 +465,86 @@ def test_encode_refuses_names_and_ranks_decode_would_refuse() -> None:
     with pytest.raises(SourceError) as e:
         encode(derive(base, tensors=(deep,)))
     assert str(e.value) == "manifest of m v3: tensor 'deep' has 65 dimensions, limit 64"
+
+
+# -- nothing on the wire is ever unpickled or executed ---------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal"}
+
+
+def unsafe_calls(source: str, filename: str = "<source>") -> list[str]:
+    """Pickle imports, eval/exec, and torch.load without weights_only=True."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Import):
+            found += [f"{where} import {a.name}" for a in node.names if a.name in UNSAFE_MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            if (node.module or "").split(".")[0] in UNSAFE_MODULES:
+                found.append(f"{where} from {node.module} import")
+            if node.module == "torch" and any(a.name == "load" for a in node.names):
+                found.append(f"{where} from torch import load")
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = (
+                f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            )
+            # x.eval() is nn.Module.eval, not the builtin.
+            builtin = isinstance(f, ast.Name) or (
+                isinstance(f, ast.Attribute)
+                and isinstance(f.value, ast.Name)
+                and f.value.id == "builtins"
+            )
+            if name in {"eval", "exec", "__import__"} and builtin:
+                found.append(f"{where} {name}()")
+            if name == "load" and isinstance(f, ast.Attribute):
+                owner = f.value
+                if isinstance(owner, ast.Name) and owner.id == "torch":
+                    safe = any(
+                        k.arg == "weights_only"
+                        and isinstance(k.value, ast.Constant)
+                        and k.value.value is True
+                        for k in node.keywords
+                    )
+                    if not safe:
+                        found.append(f"{where} torch.load without weights_only=True")
+            for k in node.keywords:
+                if k.arg == "allow_pickle" and not (
+                    isinstance(k.value, ast.Constant) and k.value.value is False
+                ):
+                    found.append(f"{where} allow_pickle")
+    return found
+
+
+def test_the_package_never_unpickles_or_executes() -> None:
+    files = sorted((ROOT / "hotswap").rglob("*.py")) + sorted((ROOT / "publisher").rglob("*.py"))
+    assert len(files) > 10
+    problems = [p for f in files for p in unsafe_calls(f.read_text(), str(f.relative_to(ROOT)))]
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import pickle",
+        "import os, dill",
+        "from pickle import loads",
+        "from torch import load",
+        "eval('1')",
+        "exec(code)",
+        "builtins.eval(x)",
+        "torch.load('x.pt')",
+        "torch.load('x.pt', weights_only=False)",
+        "torch.load(f, map_location='cpu', weights_only=flag)",
+        "np.load('x.npy', allow_pickle=True)",
+    ],
+)
+def test_the_scanner_catches_each_pattern(source: str) -> None:
+    assert len(unsafe_calls(source)) == 1
+
+
+def test_the_scanner_accepts_safe_loading() -> None:
+    assert unsafe_calls("model.eval()") == []
+    assert unsafe_calls("torch.load(path, map_location='cpu', weights_only=True)") == []
+    assert unsafe_calls("msgpack.unpackb(data, raw=False)\nsafetensors.torch.load_file(p)") == []
