@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hotswap.agent import Agent
 from hotswap.errors import (
     ConfigError,
     FormatError,
@@ -15,14 +16,17 @@ from hotswap.errors import (
     VersionConflict,
 )
 from hotswap.settings import HotswapSettings
+from hotswap.validate import Policy
 
 __all__ = [
+    "Agent",
     "ConfigError",
     "FormatError",
     "HotswapError",
     "HotswapSettings",
     "IntegrityError",
     "NotFound",
+    "Policy",
     "SignatureError",
     "SourceError",
     "StoreUnavailable",
