@@ -78,6 +78,7 @@ class Agent:
         self.mode, self.staging = mode, staging
         self.on_applied, self.on_rejected = on_applied, on_rejected
         s = self.settings
+        self._owns_client = connection is None
         self.store = Store(
             connection if connection is not None else connect(s),
             self.model_name,
@@ -98,6 +99,7 @@ class Agent:
             check=self._check,
             wanted=self._wanted,
             serving=self._serving,
+            connected=self._connected,
         )
         self._stop = self.delivery.stop
         self._thread: threading.Thread | None = None
@@ -127,6 +129,12 @@ class Agent:
         return self._head
 
     @property
+    def pending_version(self) -> int | None:
+        """The fetched, valid version waiting for ``apply_pending()`` (manual mode)."""
+        pending = self._pending
+        return None if pending is None else pending.plan.manifest.version
+
+    @property
     def state(self) -> str:
         return self.reporter.status.state
 
@@ -147,6 +155,8 @@ class Agent:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the thread and report the agent stopped (its heartbeat then expires)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -154,6 +164,9 @@ class Agent:
             self._pending = None
         self.reporter.update(state="stopped")
         self.reporter.flush(log)
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                self.store.client.close()
 
     def __enter__(self) -> Agent:
         return self.start()
@@ -353,7 +366,6 @@ class Agent:
                         v: r for v, r in self._rejections.items() if r[0] in (m.lineage, None)
                     }
                 self._applied, self._lineage = m.version, m.lineage
-                self._cond.notify_all()
         finally:
             writer.release()
         seconds = time.perf_counter() - locked
@@ -388,6 +400,9 @@ class Agent:
             seconds * 1000,
         )
         _callback(self.on_applied, m.version, report)
+        with self._cond:
+            # Waiters wake after the callback: it has run when wait_for returns.
+            self._cond.notify_all()
 
     def _reject(
         self,
@@ -409,14 +424,17 @@ class Agent:
         )
         # The record is written before waiters wake, so they can read it at once.
         self.reporter.beat(log)
-        with self._cond:
-            self._rejections[version] = (lineage, error)
-            self._last_rejection = error
-            self._cond.notify_all()
         metrics.rejected(self.model_name, nbytes)
         self.delivery.note(f"rejected:{version}")
         log.error("%s", error)
         _callback(self.on_rejected, version, error.reasons)
+        with self._cond:
+            self._rejections[version] = (lineage, error)
+            self._last_rejection = error
+            self._cond.notify_all()
+
+    def _connected(self) -> None:
+        self.reporter.update(state="pending" if self._pending else "idle", last_error=None)
 
     def _serving(self) -> str:
         return "nothing yet" if self._applied is None else f"v{self._applied}"

@@ -46,11 +46,13 @@ class Delivery:
         check: Callable[[bool], None],
         wanted: Callable[[bytes], bool],
         serving: Callable[[], str],
+        connected: Callable[[], None],
     ) -> None:
         self.store = store
         self.reporter = reporter
         self.poll_interval = poll_interval
         self.check, self.wanted, self.serving = check, wanted, serving
+        self.connected = connected
         self.stop = threading.Event()
         self._logged: str | None = None
         self._healthy = False
@@ -108,8 +110,8 @@ class Delivery:
             if self._logged is not None and self._logged.startswith("lost:"):
                 log.info("model %r: connected to Redis again", self.store.model)
             self._logged = "connected"
-            if self.reporter.status.state == "disconnected":
-                self.reporter.update(state="idle", last_error=None)
+            if self.reporter.status.state in ("starting", "disconnected"):
+                self.connected()
             self.check(True)
             self._healthy = True
             interval = self.poll_interval

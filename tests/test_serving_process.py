@@ -1,0 +1,88 @@
+"""A real serving process (tests/serving_worker.py) takes 50 versions while it serves.
+
+Every tensor of version k holds 100 + k, so each forward pass says exactly
+which version each tensor was at: a pass that mixed two versions, or saw a
+half-copied tensor, cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hotswap.embedded import EmbeddedRedis
+from hotswap.settings import HotswapSettings
+from hotswap.store import Store
+from publisher.publisher import Publisher
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("serving_worker.py")
+VERSIONS = 50
+MODEL = "served"
+
+
+def probe_state(version: int) -> dict[str, torch.Tensor]:
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import serving_worker
+    finally:
+        sys.path.pop(0)
+    state = {k: t.clone() for k, t in serving_worker.Probe().state_dict().items()}
+    serving_worker.fill(state, version)
+    return state
+
+
+def test_fifty_versions_while_serving_never_mix(
+    redis_server: EmbeddedRedis, settings: HotswapSettings, store: Store
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(
+        [sys.executable, str(WORKER), settings.redis_url, MODEL, "--last", str(VERSIONS)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        ready = worker.stdout.readline()
+        assert ready.startswith("READY"), worker.stderr.read() if worker.stderr else ready
+        pub = Publisher(MODEL, settings=settings)
+        published = []
+        for k in range(1, VERSIONS + 1):
+            published.append(pub.publish(probe_state(k), message=f"v{k}"))
+            if k % 3 == 0:
+                time.sleep(0.02)  # let some versions be applied one by one
+        pub.close()
+        assert published == list(range(1, VERSIONS + 1))
+        out, err = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["reached_last"] is True
+    assert result["mixed_count"] == 0, result["mixed"]
+    applied = result["applied"]
+    assert applied[-1] == VERSIONS
+    assert applied == sorted(set(applied))  # in order; skipping only forward to a newer head
+    assert result["pointers_unchanged"] is True
+    final = Store(store.client, MODEL).manifest(VERSIONS).by_name()
+    assert result["digests"] == {name: e.digest for name, e in final.items()}
+    # The readers really ran across the updates, and saw them.
+    assert result["passes"] >= 200
+    assert len(result["seen"]) >= 5, result["seen"]
+
+
+@pytest.fixture(autouse=True)
+def _flushed(client: object) -> None:
+    """The `client` fixture empties Redis before the run."""
