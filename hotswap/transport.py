@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
+import redis.cluster
 import redis.connection
 from redis._parsers.base import BaseParser
 
@@ -312,4 +313,73 @@ class BlobTransport:
                     error = error or failed
         if error is not None:
             raise error
+        return lengths
+
+
+class NotApplicable(Exception):
+    """This client or key cannot take the fast path: use redis-py's."""
+
+
+# Replies meaning a key lives elsewhere now: redis-py's cluster client follows them.
+REDIRECTED: tuple[type[Exception], ...] = (
+    NotApplicable,
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+)
+
+
+class ChunkIO:
+    """The fast path for any client: one ``BlobTransport`` per server, and on a
+    Redis Cluster each key through the node that owns its slot.
+
+    A MOVED or ASK reply (slots migrating) surfaces as redis-py's MovedError or
+    AskError, a node without a plain connection as NotApplicable; on any of
+    ``REDIRECTED`` the caller takes redis-py's path, which follows redirections.
+    """
+
+    def __init__(self, client: Any, window: int = DEFAULT_WINDOW) -> None:
+        self.client = client
+        self.window = window
+        self._single = BlobTransport.for_client(client, window)
+        self._nodes: dict[str, BlobTransport | None] = {}
+
+    @classmethod
+    def of(cls, client: Any, window: int = DEFAULT_WINDOW) -> ChunkIO | None:
+        """A ChunkIO for ``client``, or None where only redis-py's path applies."""
+        if isinstance(client, redis.cluster.RedisCluster) or (
+            BlobTransport.for_client(client, window) is not None
+        ):
+            return cls(client, window)
+        return None
+
+    def _groups(self, keys: Sequence[Key]) -> list[tuple[BlobTransport, list[int]]]:
+        if self._single is not None:
+            return [(self._single, list(range(len(keys))))]
+        groups: dict[str, tuple[BlobTransport, list[int]]] = {}
+        for i, key in enumerate(keys):
+            node = self.client.get_node_from_key(key)
+            if node.name not in self._nodes:
+                self._nodes[node.name] = (
+                    BlobTransport.for_client(node.redis_connection, self.window)
+                    if node.redis_connection is not None
+                    else None
+                )
+            transport = self._nodes[node.name]
+            if transport is None:
+                raise redis.exceptions.MovedError(
+                    f"0 {node.name}"
+                )  # no connection: redis-py's path
+            groups.setdefault(node.name, (transport, []))[1].append(i)
+        return list(groups.values())
+
+    def set_chunks(self, keys: Sequence[Key], values: Sequence[memoryview]) -> None:
+        for transport, indices in self._groups(keys):
+            transport.set_chunks([keys[i] for i in indices], [values[i] for i in indices])
+
+    def get_into(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
+        lengths: list[int | None] = [None] * len(keys)
+        for transport, indices in self._groups(keys):
+            got = transport.get_into([keys[i] for i in indices], [outs[i] for i in indices])
+            for i, n in zip(indices, got, strict=True):
+                lengths[i] = n
         return lengths

@@ -8,14 +8,22 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import torch
 from redis.cache import CacheConfig
+from redis.cluster import RedisCluster
 
+from hotswap import codec, keys
+from hotswap.connection import operation_retry
 from hotswap.embedded import EmbeddedRedis, free_port
+from hotswap.errors import IntegrityError, StoreUnavailable
+from hotswap.manifest import TensorEntry
+from hotswap.store import Store
 from hotswap.transport import BlobTransport, _Reader, _reply_error, get_command, set_header
 
 MiB = 1024 * 1024
@@ -271,8 +279,6 @@ def test_dead_server_is_a_connection_error_and_the_socket_is_dropped() -> None:
         srv.kill()
         with pytest.raises(redis.ConnectionError):
             t.get_into(["k"], [memoryview(bytearray(10))])
-        if srv.process is not None and srv.process.stderr is not None:
-            srv.process.stderr.close()  # EmbeddedRedis.start() would leak the old pipe
         srv.start()
         client.set("k", b"w" * 10)
         out = bytearray(10)
@@ -296,3 +302,136 @@ def test_frozen_server_is_a_timeout_error(server: EmbeddedRedis) -> None:
     assert t.get_into(["k"], [memoryview(out)]) == [10]
     assert bytes(out) == b"v" * 10
     client.close()
+
+
+# -- the store on the fast path -------------------------------------------------------
+
+
+def _entry(name: str, data: bytes, chunk: int) -> TensorEntry:
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    s = codec.stats(t)
+    return TensorEntry(name, "U8", (len(data),), len(data), codec.digest(data), chunk, s.norm,
+                       s.max_abs)  # fmt: skip
+
+
+def _plain(store: Store) -> Store:
+    store.__dict__["_blob_io"] = None  # the cached fast path, switched off
+    return store
+
+
+def test_store_fast_path_writes_and_reads_what_redis_py_does(client: redis.Redis) -> None:
+    data = _blob(5 * 65536 + 123, 9)
+    entry = _entry("w", data, 65536)
+    fast, plain = Store(client, "m"), _plain(Store(client, "p"))
+    assert fast._blob_io is not None
+    ticks: list[int] = []
+    assert fast.upload(entry, memoryview(data), ticks.append) == len(data)
+    assert sum(ticks) == len(data)
+    plain.upload(entry, memoryview(data))
+    for i in range(entry.chunks):
+        assert client.get(keys.blob_key("hotswap", "m", entry.digest, 65536, i)) == client.get(
+            keys.blob_key("hotswap", "p", entry.digest, 65536, i)
+        )
+    out_fast, out_plain = bytearray(len(data)), bytearray(len(data))
+    fast.read_into(entry, memoryview(out_fast), 1)
+    plain.read_into(entry, memoryview(out_plain), 1)
+    assert bytes(out_fast) == bytes(out_plain) == data
+
+
+def test_store_fast_path_missing_and_truncated_chunks(client: redis.Redis) -> None:
+    data = _blob(4 * 4096 + 10, 3)
+    entry = _entry("w", data, 4096)
+    store = Store(client, "m", retrying=operation_retry(2, 0.05))
+    store.upload(entry, memoryview(data))
+    key = keys.blob_key("hotswap", "m", entry.digest, 4096, 2)
+    client.set(key, data[:100])
+    with pytest.raises(IntegrityError) as e:
+        store.read_into(entry, memoryview(bytearray(len(data))), 3)
+    assert str(e.value) == (
+        "model 'm' v3 tensor 'w': chunk 2 is 100 bytes, expected 4096 (truncated or corrupted)"
+    )
+    client.set(key, data[2 * 4096 : 3 * 4096] + b"extra")  # too long is as bad
+    with pytest.raises(IntegrityError, match="chunk 2 is 4101 bytes, expected 4096"):
+        store.read_into(entry, memoryview(bytearray(len(data))), 3)
+    client.delete(key)
+    with pytest.raises(IntegrityError) as e:
+        store.read_into(entry, memoryview(bytearray(len(data))), 7)
+    assert str(e.value) == (
+        "model 'm' v7 tensor 'w': chunk 2 of 5 is missing from Redis (collected or lost); "
+        "publish again"
+    )
+    assert client.get(keys.blob_key("hotswap", "m", entry.digest, 4096, 4)) == data[4 * 4096 :]
+
+
+def test_store_fast_path_failures_are_store_unavailable() -> None:
+    with EmbeddedRedis() as srv:
+        client = redis.Redis.from_url(srv.url, socket_timeout=1, socket_connect_timeout=0.5)
+        store = Store(client, "m", retrying=operation_retry(2, 0.05))
+        data = _blob(10_000)
+        entry = _entry("w", data, 4096)
+        store.upload(entry, memoryview(data))
+        srv.kill()
+        with pytest.raises(StoreUnavailable, match="Redis unreachable while reading tensor 'w'"):
+            store.read_into(entry, memoryview(bytearray(len(data))))
+        with pytest.raises(StoreUnavailable, match="Redis unreachable while uploading tensor 'w'"):
+            store.upload(entry, memoryview(data))
+        client.close()
+
+
+def _cluster(servers: list[EmbeddedRedis]) -> None:
+    a, b = (redis.Redis(port=s.port) for s in servers)
+    a.execute_command("CLUSTER ADDSLOTSRANGE", 0, 8191)
+    b.execute_command("CLUSTER ADDSLOTSRANGE", 8192, 16383)
+    a.execute_command("CLUSTER MEET", "127.0.0.1", servers[1].port)
+    deadline = time.monotonic() + 20
+    while not all(
+        c.cluster("info")["cluster_state"] == "ok" and len(c.cluster("nodes")) == 2 for c in (a, b)
+    ):
+        assert time.monotonic() < deadline, "cluster did not form"
+        time.sleep(0.05)
+    a.close()
+    b.close()
+
+
+@pytest.mark.slow
+def test_cluster_goes_through_the_node_that_owns_each_key() -> None:
+    args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+    with EmbeddedRedis(extra_args=args) as one, EmbeddedRedis(extra_args=args) as two:
+        _cluster([one, two])
+        client = RedisCluster(host="127.0.0.1", port=one.port)
+        store = Store(client, "m")
+        data = _blob(40 * 1024 + 5, 4)
+        entry = _entry("w", data, 1024)
+        store.upload(entry, memoryview(data))
+        fast = store._blob_io
+        assert fast is not None and len(fast._nodes) == 2  # keys spread over both shards
+        out = bytearray(len(data))
+        store.read_into(entry, memoryview(out), 1)
+        assert bytes(out) == data
+        for i in range(entry.chunks):
+            key = keys.blob_key("hotswap", "m", entry.digest, 1024, i)
+            assert client.get(key) == data[i * 1024 : (i + 1) * 1024]
+
+        # Move the slot of chunk 0 to the other node behind the client's back: the
+        # fast path gets MOVED, and redis-py's path follows it.
+        key0 = keys.blob_key("hotswap", "m", entry.digest, 1024, 0)
+        slot = client.keyslot(key0)
+        owner = client.get_node_from_key(key0)
+        other = next(n for n in client.get_nodes() if n.name != owner.name)
+        direct = {n.name: redis.Redis(host=n.host, port=n.port) for n in client.get_nodes()}
+        value = direct[owner.name].get(key0)
+        direct[owner.name].delete(key0)
+        target_id = direct[other.name].cluster("myid")
+        for node in direct.values():
+            node.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        direct[other.name].set(key0, value)
+        with pytest.raises(redis.exceptions.MovedError):
+            fast.get_into([key0], [memoryview(bytearray(1024))])
+        out = bytearray(len(data))
+        store.read_into(entry, memoryview(out), 1)
+        assert bytes(out) == data
+        store.upload(entry, memoryview(data))  # writes follow the move too
+        assert direct[other.name].get(key0) == data[:1024]
+        for node in direct.values():
+            node.close()
+        client.close()
