@@ -97,7 +97,7 @@ def check_tensor(value: object, name: str, where: str) -> torch.Tensor:
     """``value`` if it is a dense, materialised tensor, else SourceError naming it."""
     if not isinstance(value, torch.Tensor):
         raise SourceError(
-            f"{where}: {name!r} is a {type(value).__name__}, not a tensor; "
+            f"{where}: {name!r} is of type {type(value).__name__}, not a tensor; "
             "publish a flat state dict of tensors (model.state_dict())"
         )
     if value.layout != torch.strided:
@@ -119,7 +119,7 @@ def open_source(source: Source) -> TensorSource:
         return from_state_dict(source, "state dict")
     if not isinstance(source, (str, os.PathLike)):
         raise SourceError(
-            f"cannot publish a {type(source).__name__}: pass a state dict, "
+            f"cannot publish an object of type {type(source).__name__}: pass a state dict, "
             "a .safetensors/.pt/.bin path or a checkpoint folder"
         )
     path = Path(source)
@@ -258,7 +258,8 @@ def load_pickled(path: Path) -> dict[str, torch.Tensor]:
         ) from e
     if not isinstance(data, dict):
         raise SourceError(
-            f"{path}: holds a {type(data).__name__}, not a dict of tensors; save model.state_dict()"
+            f"{path}: holds an object of type {type(data).__name__}, not a dict of tensors; "
+            "save model.state_dict()"
         )
     for name, value in data.items():
         if isinstance(value, Mapping):

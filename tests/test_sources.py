@@ -188,10 +188,13 @@ def test_folder_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        ([torch.ones(1)], "holds a list, not a dict of tensors; save model.state_dict()"),
+        (
+            [torch.ones(1)],
+            "holds an object of type list, not a dict of tensors; save model.state_dict()",
+        ),
         (
             {"w": torch.ones(1), "epoch": 3},
-            "'epoch' is a int, not a tensor; "
+            "'epoch' is of type int, not a tensor; "
             "publish a flat state dict of tensors (model.state_dict())",
         ),
         (
@@ -248,7 +251,7 @@ def test_state_dict_errors() -> None:
     with pytest.raises(
         SourceError,
         match=exact(
-            "state dict: 'x' is a str, not a tensor; "
+            "state dict: 'x' is of type str, not a tensor; "
             "publish a flat state dict of tensors (model.state_dict())"
         ),
     ):
@@ -271,7 +274,7 @@ def test_state_dict_errors() -> None:
     with pytest.raises(
         SourceError,
         match=exact(
-            "cannot publish a int: pass a state dict, "
+            "cannot publish an object of type int: pass a state dict, "
             "a .safetensors/.pt/.bin path or a checkpoint folder"
         ),
     ):

@@ -1,0 +1,520 @@
+"""The ``hotswap`` command: as a real subprocess and in-process, against the test Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+from safetensors.torch import save_file
+
+from hotswap import keys
+from hotswap import status as st
+from hotswap.embedded import EmbeddedRedis
+from hotswap.settings import HotswapSettings
+from hotswap.store import Store
+from publisher import cli
+from publisher.publisher import Publisher
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 64 * 1024  # float32 elements: 256 KiB a tensor, 4 chunks of 64 KiB
+
+
+def weights(seed: int = 0, names: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    names = names or tuple(f"layer.{i}.{k}" for i in range(3) for k in ("weight", "bias"))
+    return {n: torch.randn(N, generator=g) for n in names}
+
+
+@pytest.fixture
+def env(server: EmbeddedRedis, client: redis.Redis, tmp_path: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
+    return {
+        **base,
+        "HOTSWAP_REDIS_URL": server.url,
+        "HOTSWAP_CHUNK_BYTES": str(64 * 1024),
+        "HOTSWAP_RETRY_ATTEMPTS": "2",
+        "HOTSWAP_RETRY_MAX_WAIT": "0.1",
+        "HOTSWAP_CONNECT_TIMEOUT": "1",
+    }
+
+
+def hotswap(
+    env: dict[str, str], *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real command in a child process (cwd away from any .env)."""
+    return subprocess.run(
+        [sys.executable, "-m", "publisher", *args],
+        env=env,
+        check=False,
+        cwd=cwd or Path("/"),
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+
+
+@pytest.fixture
+def run(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Any]:
+    """``run(*args) -> (code, stdout, stderr)`` in-process, same environment."""
+    for k in [k for k in os.environ if k.startswith("HOTSWAP_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        if k.startswith("HOTSWAP_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.chdir("/")
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield call
+
+
+@pytest.fixture
+def pub(settings: HotswapSettings, client: redis.Redis) -> Iterator[Publisher]:
+    p = Publisher("m", settings=settings, connection=client)
+    yield p
+    p.close()
+
+
+def snapshot(client: redis.Redis) -> dict[bytes, bytes | None]:
+    return {k: client.dump(k) for k in client.keys("*")}
+
+
+def blob_count(client: redis.Redis) -> int:
+    return sum(1 for _ in client.scan_iter(match=keys.blob_prefix("hotswap", "m") + "*"))
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def shard(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    names = sorted(state)
+    half = len(names) // 2
+    parts = {"model-1.safetensors": names[:half], "model-2.safetensors": names[half:]}
+    for file, part in parts.items():
+        save_file({n: state[n] for n in part}, str(folder / file))
+    weight_map = {n: f for f, part in parts.items() for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+# -- the acceptance story, as a subprocess ------------------------------------------
+
+
+def test_publish_formats_and_only_changed_bytes_move(
+    env: dict[str, str], client: redis.Redis, tmp_path: Path
+) -> None:
+    sd = weights()
+    save_file(sd, str(tmp_path / "v1.safetensors"))
+    before_mem = used_memory(client)
+    p = hotswap(env, "publish", "m", str(tmp_path / "v1.safetensors"), "-m", "first", "--json")
+    assert p.returncode == 0, p.stderr
+    r1 = json.loads(p.stdout)
+    total = 6 * N * 4
+    assert (r1["version"], r1["bytes_uploaded"], r1["tensors_changed"]) == (1, total, 6)
+    first_mem = used_memory(client) - before_mem
+    assert blob_count(client) == 6 * 4
+
+    # A sharded checkpoint with one tensor changed: only its 256 KiB move.
+    sd["layer.1.weight"] = sd["layer.1.weight"] * 2
+    (tmp_path / "sharded").mkdir()
+    shard(tmp_path / "sharded", sd)
+    keys_before, mem_before = client.dbsize(), used_memory(client)
+    p = hotswap(env, "publish", "m", str(tmp_path / "sharded"), "--json")
+    assert p.returncode == 0, p.stderr
+    r2 = json.loads(p.stdout)
+    assert (r2["version"], r2["parent"], r2["tensors_changed"]) == (2, 1, 1)
+    assert r2["bytes_uploaded"] == N * 4 and r2["bytes_skipped"] == total - N * 4
+    assert client.dbsize() - keys_before == 4 + 1  # 4 chunks and the manifest
+    grew = used_memory(client) - mem_before
+    assert N * 4 <= grew < 2 * N * 4, (grew, first_mem)
+    assert grew < first_mem / 3
+
+    # A .pt with another tensor changed.
+    sd["layer.2.bias"] = sd["layer.2.bias"] + 1
+    torch.save(sd, tmp_path / "v3.pt")
+    p = hotswap(env, "publish", "m", str(tmp_path / "v3.pt"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("model m: published v3: 1 of 6 tensors changed, 262.1 kB uploaded")
+
+    p = hotswap(env, "show", "m", "--json")
+    shown = json.loads(p.stdout)
+    assert shown["version"] == 3 and shown["parent"] == 2
+    assert [t["name"] for t in shown["tensors"]] == sorted(sd)
+    assert all(t["dtype"] == "F32" and t["shape"] == [N] for t in shown["tensors"])
+
+    p = hotswap(env, "diff", "m", "1", "3", "--json")
+    d = json.loads(p.stdout)
+    assert [c["name"] for c in d["changed"]] == ["layer.1.weight", "layer.2.bias"]
+    assert d["added"] == d["removed"] == [] and d["unchanged"] == 4
+    assert d["changed"][0]["norm_ratio"] == pytest.approx(2.0, rel=1e-5)
+
+
+def test_only_inherits_and_rollback_uploads_nothing(
+    env: dict[str, str], client: redis.Redis, store: Store, pub: Publisher, tmp_path: Path
+) -> None:
+    pub.publish(weights(0))
+    save_file(weights(1), str(tmp_path / "b.safetensors"))  # every tensor differs
+    p = hotswap(env, "publish", "m", str(tmp_path / "b.safetensors"), "--only", "layer.1.*")
+    assert p.returncode == 0, p.stderr
+    assert "published v2: 2 of 6 tensors changed" in p.stdout
+    v1, v2 = store.manifest(1).by_name(), store.manifest(2).by_name()
+    assert {n for n in v2 if v2[n] != v1[n]} == {"layer.1.weight", "layer.1.bias"}
+
+    blobs, count = blob_count(client), client.dbsize()
+    p = hotswap(env, "rollback", "m", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert (r["version"], r["kind"], r["rollback_to"], r["bytes_uploaded"]) == (3, "rollback", 1, 0)
+    m3 = store.manifest(3)
+    assert m3.tensors == store.manifest(1).tensors and m3.kind == "rollback"
+    assert blob_count(client) == blobs and client.dbsize() == count + 1  # the manifest only
+
+
+def test_gc_then_rollback_to_collected_version(
+    env: dict[str, str], client: redis.Redis, store: Store, pub: Publisher
+) -> None:
+    for seed in range(3):
+        pub.publish(weights(seed))
+    index = keys.blob_index_key("hotswap", "m")
+    client.zadd(index, {m: 1.0 for m in client.zrange(index, 0, -1)})  # all past the grace
+    p = hotswap(env, "gc", "m", "--keep", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert (r["kept"], r["deleted_versions"], r["blobs_deleted"]) == ([3], [1, 2], 12)
+    assert store.versions() == [3] and blob_count(client) == 6 * 4
+    before = snapshot(client)
+    p = hotswap(env, "rollback", "m", "--to", "1")
+    assert p.returncode == 1
+    assert p.stderr == (
+        "hotswap: error: cannot roll back model 'm' to v1: its manifest was collected by gc "
+        "(or never committed); see `hotswap log`\n"
+    )
+    assert snapshot(client) == before
+
+
+def test_verify_catches_a_corrupted_blob(
+    env: dict[str, str], run: Any, client: redis.Redis, store: Store, pub: Publisher
+) -> None:
+    pub.publish(weights())
+    code, out, _ = run("verify", "m")
+    assert code == 0 and out.startswith("model m v1: all 6 tensors verified (1.6 MB re-hashed")
+    e = store.manifest(1).by_name()["layer.2.weight"]
+    chunk = keys.blob_key("hotswap", "m", e.digest, e.chunk_bytes, 3)
+    raw = client.get(chunk)
+    assert raw is not None
+    client.set(chunk, raw[:-1] + bytes([raw[-1] ^ 0xFF]))  # same length, one byte off
+    p = hotswap(env, "verify", "m", "1")
+    assert p.returncode == 1
+    assert p.stderr == (
+        "hotswap: error: model 'm' v1: 1 of 6 tensors failed verification: 'layer.2.weight' "
+        "(digest mismatch: the stored bytes were altered); publish those weights again\n"
+    )
+    code, out, err = run("verify", "m", "--json")
+    assert code == 1 and err.startswith("hotswap: error: model 'm' v1: 1 of 6 tensors failed")
+    data = json.loads(out)
+    assert data["ok"] is False and list(data["bad"]) == ["layer.2.weight"]
+
+
+def test_progress_bar_on_a_terminal_only(env: dict[str, str], run: Any, tmp_path: Path) -> None:
+    save_file(weights(), str(tmp_path / "m.safetensors"))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "publisher", "publish", "m", str(tmp_path / "m.safetensors")],
+        env={**env, "TERM": "xterm", "COLUMNS": "120"},
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd="/",
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "hashing" in text and "uploading" in text
+    assert "1.6/1.6 MB" in text and "/s" in text  # bytes done/total and rate
+    assert "published v1" in text
+    # Off a terminal: no bar, just the result line.
+    save_file(weights(1), str(tmp_path / "m2.safetensors"))
+    code, out, err = run("publish", "m", str(tmp_path / "m2.safetensors"))
+    assert code == 0 and out.startswith("model m: published v2") and "uploading" not in out + err
+
+
+def test_real_process_exit_codes(env: dict[str, str], run: Any, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pt"
+    p = hotswap(env, "publish", "m", str(missing))
+    assert (p.returncode, p.stderr) == (
+        1,
+        f"hotswap: error: {missing}: no such file or directory\n",
+    )
+    with EmbeddedRedis() as dead:
+        url = dead.url  # a port nothing listens on once the server stopped
+    p = hotswap({**env, "HOTSWAP_REDIS_URL": url}, "status", "m")
+    assert p.returncode == 3 and p.stdout == ""
+    assert p.stderr.startswith(
+        "hotswap: error: Redis unreachable while reading head for model 'm' ("
+    )
+    assert p.stderr.endswith("; check HOTSWAP_REDIS_URL and the server\n")
+    assert "Traceback" not in p.stderr
+    code, _, err = run("show")
+    assert code == 2 and "the following arguments are required: model" in err
+
+
+# -- bad input, in-process: exact message, exit code, Redis unchanged -----------------
+
+
+@pytest.fixture
+def published(pub: Publisher, client: redis.Redis) -> dict[bytes, bytes | None]:
+    pub.publish(weights())
+    return snapshot(client)
+
+
+def test_bad_files(
+    run: Any, client: redis.Redis, published: dict[bytes, bytes | None], tmp_path: Path
+) -> None:
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not weights")
+    fake = tmp_path / "fake.safetensors"
+    fake.write_text("not weights")
+    pt = tmp_path / "trainer.pt"
+    torch.save({"layer.0.weight": torch.ones(2), "epoch": 3}, pt)
+    cases = [
+        (tmp_path / "missing.safetensors", "{p}: no such file or directory"),
+        (
+            txt,
+            "{p}: not a checkpoint (expected .safetensors, .pt, .pth, .bin, a *.index.json "
+            "or a folder of these)",
+        ),
+        (
+            pt,
+            "{p}: 'epoch' is of type int, not a tensor; publish a flat state dict of tensors "
+            "(model.state_dict())",
+        ),
+    ]
+    for path, message in cases:
+        assert run("publish", "m", str(path)) == (
+            1,
+            "",
+            f"hotswap: error: {message.format(p=path)}\n",
+        )
+    code, _, err = run("publish", "m", str(fake))
+    assert code == 1 and err.startswith(f"hotswap: error: {fake}: not a valid safetensors file: ")
+    assert snapshot(client) == published
+
+
+def test_code_executing_pt_is_refused_without_running(
+    run: Any, client: redis.Redis, published: dict[bytes, bytes | None], tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[object, tuple[str, str]]:
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"layer.0.weight": torch.ones(2), "x": Exploit()}, path)
+    code, out, err = run("publish", "m", str(path))
+    assert code == 1 and out == ""
+    assert err.startswith(
+        f"hotswap: error: {path}: not a loadable tensor checkpoint (torch.load with "
+        "weights_only=True refused it: UnpicklingError: "
+    )
+    assert err.count("\n") == 1
+    assert not marker.exists()
+    assert snapshot(client) == published
+
+
+def test_bad_names_versions_and_usage(
+    run: Any, client: redis.Redis, published: dict[bytes, bytes | None], tmp_path: Path
+) -> None:
+    assert run("status", "bad name") == (
+        1,
+        "",
+        "hotswap: error: invalid model name 'bad name': use 1-128 characters from "
+        "A-Z a-z 0-9 . _ -\n",
+    )
+    assert run("show", "m", "9") == (
+        1,
+        "",
+        "hotswap: error: model 'm' has no version 9 (unknown or collected)\n",
+    )
+    assert run("diff", "m", "1", "4")[2] == (
+        "hotswap: error: model 'm' has no version 4 (unknown or collected)\n"
+    )
+    assert run("rollback", "m", "--to", "5")[2] == (
+        "hotswap: error: model 'm' has no version 5 (head is v1)\n"
+    )
+    assert run("show", "other")[2] == (
+        "hotswap: error: model 'other' has no versions (nothing published yet)\n"
+    )
+    code, _, err = run("show", "m", "x")
+    assert code == 2 and "argument version: version must be a number, got 'x'" in err
+    assert run("frobnicate", "m")[0] == 2
+    assert run("gc", "m", "--keep", "0") == (
+        1,
+        "",
+        "hotswap: error: --keep must be at least 1, got 0\n",
+    )
+    assert snapshot(client) == published
+
+
+def test_bad_setting_is_one_line(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOTSWAP_CHUNK_BYTES", "lots")
+    code, out, err = run("status", "m")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("hotswap: error: invalid settings: HOTSWAP_CHUNK_BYTES='lots': ")
+
+
+def test_debug_adds_the_traceback(run: Any, published: dict[bytes, bytes | None]) -> None:
+    code, _, err = run("--debug", "show", "m", "9")
+    assert code == 1 and "Traceback (most recent call last)" in err
+    assert err.endswith("hotswap: error: model 'm' has no version 9 (unknown or collected)\n")
+
+
+def test_concurrent_publisher_is_a_version_conflict(
+    run: Any,
+    client: redis.Redis,
+    settings: HotswapSettings,
+    published: dict[bytes, bytes | None],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    save_file(weights(5), str(tmp_path / "mine.safetensors"))
+    original = Store.reserve_version
+
+    def rival_commits_first(self: Store) -> int:
+        # Another publisher lands between our read of head and our commit.
+        monkeypatch.setattr(Store, "reserve_version", original)
+        with Publisher("m", settings=settings, connection=client) as rival:
+            rival.publish(weights(9))
+        return original(self)
+
+    monkeypatch.setattr(Store, "reserve_version", rival_commits_first)
+    code, out, err = run("publish", "m", str(tmp_path / "mine.safetensors"))
+    assert (code, out) == (1, "")
+    assert err == (
+        "hotswap: error: model 'm': head is v2, not v1 as this publish read it; another "
+        "publisher committed first, publish again on top of it\n"
+    )
+    assert client.get(keys.head_key("hotswap", "m")) == b"2"
+    assert client.get(keys.manifest_key("hotswap", "m", 3)) is None
+
+
+# -- read commands ---------------------------------------------------------------------
+
+
+def test_status_shows_agents_lag_rejections_and_expired(
+    run: Any, store: Store, pub: Publisher
+) -> None:
+    pub.publish(weights(0))
+    pub.publish(weights(1))
+    now = time.time()
+    lagging = st.AgentStatus(
+        "srv-a",
+        "host-a",
+        101,
+        state="idle",
+        version=1,
+        lineage=store.manifest(2).lineage,
+        rejected_version=2,
+        rejection={"layer.0.weight": ["norm ratio 50.0 above 10.0"]},
+        updated=now - 2,
+    )
+    current = st.AgentStatus("srv-b", "host-b", 202, state="idle", version=2, updated=now)
+    gone = st.AgentStatus("srv-c", "host-c", 303, state="idle", version=1, updated=now - 60)
+    store.write_agent_status("srv-a", st.encode(lagging), ttl=60)
+    store.write_agent_status("srv-b", st.encode(current), ttl=60)
+    store.write_agent_status("srv-c", st.encode(gone), ttl=0.01)
+    time.sleep(0.1)
+    code, out, _ = run("status", "m", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["head"] == 2
+    rows = {a["agent_id"]: a for a in data["agents"]}
+    assert rows["srv-a"]["lag"] == 1 and rows["srv-a"]["alive"] is True
+    assert rows["srv-a"]["last_rejection"] == "layer.0.weight: norm ratio 50.0 above 10.0"
+    assert rows["srv-a"]["heartbeat_age"] == pytest.approx(2, abs=1)
+    assert rows["srv-b"]["lag"] == 0 and rows["srv-b"]["pid"] == 202
+    assert rows["srv-c"]["alive"] is False
+    code, out, _ = run("status", "m")
+    assert code == 0
+    lines = {line.split("│")[1].strip(): line for line in out.splitlines() if "│ srv-" in line}
+    assert "host-a" in lines["srv-a"] and "v2: layer.0.weight: norm ratio 50.0" in lines["srv-a"]
+    assert "expired" in lines["srv-c"] and "expired" not in lines["srv-b"]
+    assert "head v2" in out
+
+
+def test_log_show_diff_human_and_json(run: Any, pub: Publisher) -> None:
+    pub.publish(weights(0), message="first")
+    sd = weights(0)
+    sd["layer.0.bias"] = sd["layer.0.bias"] * 3
+    sd["extra"] = torch.zeros(3)
+    pub.publish(sd, message="second")
+    pub.rollback()
+    code, out, _ = run("log", "m", "--json")
+    rows = json.loads(out)
+    assert [(r["version"], r["kind"]) for r in rows] == [
+        ("3", "rollback"),
+        ("2", "publish"),
+        ("1", "publish"),
+    ]
+    assert rows[0]["rollback_to"] == "1" and rows[2]["message"] == "first"
+    code, out, _ = run("log", "m")
+    assert code == 0 and "rollback to v1" in out and "second" in out
+    code, out, _ = run("show", "m", "2")
+    assert code == 0 and "extra" in out and "layer.0.bias" in out and "second" in out
+    code, out, _ = run("diff", "m", "1", "2")
+    assert code == 0
+    row = next(line for line in out.splitlines() if "layer.0.bias" in line)
+    assert "changed" in row and "3" in row
+    assert "added" in next(line for line in out.splitlines() if "extra" in line)
+
+
+def test_options_after_the_command_and_namespace(
+    run: Any, env: dict[str, str], pub: Publisher
+) -> None:
+    pub.publish(weights())
+    assert run("status", "m", "--json", "--namespace", "other")[0] == 0
+    code, out, _ = run("--namespace", "other", "show", "m")
+    assert code == 1
+    code, out, _ = run("show", "m", "--redis-url", env["HOTSWAP_REDIS_URL"], "--json")
+    assert code == 0 and json.loads(out)["version"] == 1
+
+
+def test_demo_is_wired_lazily(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import publisher.demo
+
+    calls: list[object] = []
+
+    def fake(settings: HotswapSettings | None, console: object) -> int:
+        calls.append(settings)
+        return 0
+
+    monkeypatch.setattr(publisher.demo, "run_demo", fake)
+    monkeypatch.delenv("HOTSWAP_REDIS_URL")
+    assert run("demo")[0] == 0 and calls == [None]
+    assert run("demo", "--redis-url", "redis://127.0.0.1:1/0")[0] == 0
+    assert isinstance(calls[1], HotswapSettings) and calls[1].redis_url == "redis://127.0.0.1:1/0"
