@@ -268,3 +268,27 @@ def test_rejection_is_one_line_and_keeps_every_reason() -> None:
     assert str(e).startswith("model 'm' v3 rejected, 7 tensor(s) failed validation: 't0': r0; x")
     assert str(e).endswith("| and 2 more")
     assert e.reasons == reasons
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.randn(1 << 19) + 1000,
+        torch.randn(1 << 19).to(torch.float16),
+        torch.randn(1 << 19).to(torch.bfloat16) * 1000,
+        torch.randn(1 << 19, dtype=torch.float64),
+        torch.randn(1024, 513).t(),  # non-contiguous
+        torch.randn(10),  # small: codec.stats itself
+    ],
+    ids=["f32", "f16", "bf16", "f64", "strided", "small"],
+)
+def test_fast_norm_agrees_with_codec_stats(t: torch.Tensor) -> None:
+    assert validate.norm(t) == pytest.approx(codec.stats(t).norm, rel=1e-12)
+
+
+def test_fast_norm_of_non_finite_values_is_non_finite() -> None:
+    t = torch.randn(1 << 19)
+    t[7] = float("inf")
+    assert validate.norm(t) == math.inf
+    t[9] = float("nan")
+    assert math.isnan(validate.norm(t))
