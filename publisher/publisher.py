@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import TracebackType
 
 import torch
@@ -14,11 +12,9 @@ import torch
 from hotswap import codec, keys
 from hotswap import manifest as mf
 from hotswap import notice as nt
-from hotswap import status as st
 from hotswap.connection import RedisClient, connect, retry_from_settings
 from hotswap.errors import (
     ConfigError,
-    FormatError,
     HotswapError,
     IntegrityError,
     NotFound,
@@ -28,64 +24,11 @@ from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
-from publisher import gc as gcplan
-from publisher import plan
+from publisher import plan, upkeep
+from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, author
 from publisher.sources import Source, TensorSource, open_source
 
-Progress = Callable[[str, int, int], None]
-"""``progress(phase, bytes_done, bytes_total)``; phase is "hash", "upload" or "verify"."""
-
-
-@dataclass(frozen=True)
-class PublishReport:
-    """What one publish or rollback did."""
-
-    version: int
-    parent: int | None
-    created: bool
-    tensors_total: int
-    tensors_changed: int
-    bytes_total: int
-    bytes_uploaded: int
-    bytes_skipped: int
-    seconds: float
-    kind: str = "publish"
-    rollback_to: int | None = None
-
-
-@dataclass(frozen=True)
-class GcReport:
-    """What ``gc`` kept and deleted."""
-
-    kept: list[int]
-    deleted_versions: list[int]
-    blobs_deleted: int
-    chunks_deleted: int
-    blobs_kept_young: int
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """A version re-read from Redis: tensors whose bytes do not match their digest."""
-
-    version: int
-    tensors_checked: int
-    bytes_checked: int
-    bad: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.bad
-
-
-def _author() -> str:
-    try:
-        user = getpass.getuser()
-    except (OSError, KeyError):  # no login name in a bare container
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+__all__ = ["GcReport", "Progress", "PublishReport", "Publisher", "VerifyReport"]
 
 
 def _view_key(t: torch.Tensor) -> tuple[object, ...]:
@@ -226,8 +169,8 @@ class Publisher:
         total = sum(src.size(n) for n in names) if progress else 0
         for name in names:
             tensor = src.load(name)
-            view = _view_key(tensor)
-            entry = seen.get(view)
+            view = _view_key(tensor) if src.stable else None
+            entry = seen.get(view) if view else None
             if entry is None:
                 buf = codec.as_bytes(tensor)
                 if len(buf) > self.settings.max_tensor_bytes:
@@ -251,7 +194,8 @@ class Publisher:
                     entry = TensorEntry(
                         name, dtype, shape, len(buf), digest, chunk, stats.norm, stats.max_abs
                     )
-                seen[view] = entry
+                if view:
+                    seen[view] = entry
                 del buf
             out.append(entry if entry.name == name else replace(entry, name=name))
             done += entry.nbytes
@@ -328,7 +272,7 @@ class Publisher:
             kind=kind,
             rollback_to=rollback_to,
             created=time.time(),
-            author=_author(),
+            author=author(),
             message=message,
         )
         data = mf.encode(m, self._signing_key)
@@ -423,105 +367,24 @@ class Publisher:
             started=started,
         )
 
-    # -- gc -----------------------------------------------------------------------
+    # -- gc and verify ---------------------------------------------------------------
 
     def running_versions(self) -> list[int]:
         """Versions that live agents (heartbeat not expired) report running."""
-        out = set()
-        for _agent, raw, alive in self.store.agent_records():
-            if not alive:
-                continue
-            try:
-                record = st.decode(raw)
-            except FormatError:
-                continue  # a garbled record cannot pin anything; status shows it
-            if record.version is not None:
-                out.add(record.version)
-        return sorted(out)
+        return upkeep.running_versions(self.store)
 
     def gc(self, keep: int | None = None, dry_run: bool = False) -> GcReport:
-        """Delete manifests beyond the newest ``keep`` (and head, and versions agents
-        run), then blobs no kept version references and no publish touched within
-        the grace period."""
+        """Delete manifests beyond the newest ``keep`` (default: the setting), except
+        head and versions live agents run, then blobs no kept version references and
+        no publish touched within the grace period; logs a gc entry."""
         keep = self.settings.keep_versions if keep is None else int(keep)
-        if keep < 1:
-            raise ConfigError(f"--keep must be at least 1, got {keep}")
-        retention = gcplan.plan_retention(
-            self.store.versions(), self.store.head(), keep, self.running_versions()
+        return upkeep.collect(
+            self.store, keep=keep, grace=self.settings.gc_grace_seconds, dry_run=dry_run
         )
-        referenced: set[str] = set()
-        for v in retention.keep:
-            referenced.update(plan.unique_blobs(self.store.manifest(v).tensors))
-        grace = self.settings.gc_grace_seconds
-        index = self.store.blob_index()
-        unreferenced = sum(1 for blob in index if blob not in referenced)
-        candidates = gcplan.collectable(index, referenced, time.time(), grace)
-        if not dry_run:
-            self.store.delete_manifests(retention.delete)
-            # Re-read the scores last: a publish may have touched a candidate since.
-            fresh = gcplan.rescore(candidates, self.store.blob_scores(candidates))
-            candidates = gcplan.collectable(fresh, referenced, time.time(), grace)
-        young = unreferenced - len(candidates)
-        chunks = 0 if dry_run else self.store.delete_blobs(candidates)
-        report = GcReport(
-            kept=retention.keep,
-            deleted_versions=retention.delete,
-            blobs_deleted=len(candidates),
-            chunks_deleted=chunks,
-            blobs_kept_young=max(0, young),
-            dry_run=dry_run,
-        )
-        if not dry_run:
-            self.store.append_log(
-                {
-                    "kind": "gc",
-                    "author": _author(),
-                    "created": time.time(),
-                    "message": f"kept {len(report.kept)} versions, deleted "
-                    f"{len(report.deleted_versions)} versions and {report.blobs_deleted} blobs",
-                    "versions_deleted": ",".join(map(str, report.deleted_versions)),
-                    "blobs_deleted": report.blobs_deleted,
-                }
-            )
-        return report
-
-    # -- verify -------------------------------------------------------------------
 
     def verify(self, version: int | None = None, progress: Progress | None = None) -> VerifyReport:
         """Re-read every chunk of a version (default head) and re-hash each tensor."""
-        started = time.monotonic()
-        if version is None:
-            version = self.store.head()
-            if version is None:
-                raise NotFound(f"model {self.model!r} has no versions to verify")
-        m = self.store.manifest(version, self._keys)
-        blobs = plan.unique_blobs(m.tensors)
-        total = sum(e.nbytes for e in blobs.values())
-        failed: dict[str, str] = {}
-        done = 0
-        for blob, entry in blobs.items():
-            buf = bytearray(entry.nbytes)
-            problem = None
-            try:
-                self.store.read_into(entry, memoryview(buf), version)
-                if codec.digest(buf) != entry.digest:
-                    problem = "digest mismatch: the stored bytes were altered"
-            except IntegrityError as e:
-                problem = str(e).split(": ", 1)[-1]
-            if problem:
-                for e2 in m.tensors:
-                    if plan.blob_of(e2) == blob:
-                        failed[e2.name] = problem
-            done += entry.nbytes
-            if progress:
-                progress("verify", done, total)
-        return VerifyReport(
-            version=version,
-            tensors_checked=len(m.tensors),
-            bytes_checked=done,
-            bad=dict(sorted(failed.items())),
-            seconds=time.monotonic() - started,
-        )
+        return upkeep.verify(self.store, version, self._keys, progress)
 
     # -- lifecycle ------------------------------------------------------------------
 

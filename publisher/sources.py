@@ -34,17 +34,26 @@ Source = Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
 
 class TensorSource:
-    """Names, then tensors loaded on demand; ``close()`` releases open files."""
+    """Names, then tensors loaded on demand; ``close()`` releases open files.
+
+    ``stable`` says every tensor stays alive while the source is open, so two
+    names over the same memory are the same bytes (tied weights). A source
+    that makes a fresh tensor per ``load`` is not stable: freed memory may be
+    reused at the same address by the next tensor.
+    """
 
     def __init__(
         self,
         where: str,
         names: list[str],
         load: Callable[[str], torch.Tensor],
+        *,
         stack: ExitStack | None = None,
         size: Callable[[str], int] | None = None,
+        stable: bool = False,
     ) -> None:
         self.where = where
+        self.stable = stable
         self.names = names
         self._load = load
         self._size = size
@@ -131,12 +140,14 @@ def open_source(source: Source) -> TensorSource:
 
 
 def from_state_dict(state: Mapping[Any, Any], where: str) -> TensorSource:
-    names = [check_name(name, where) for name in state]
-    for name in names:
-        check_tensor(state[name], name, where)
-    if not names:
+    # Hold one reference per name: a lazy mapping may build a fresh tensor per
+    # lookup, and only tensors kept alive have addresses that identify them.
+    tensors = {check_name(name, where): state[name] for name in state}
+    for name, value in tensors.items():
+        check_tensor(value, name, where)
+    if not tensors:
         raise SourceError(f"{where} holds no tensors")
-    return TensorSource(where, sorted(names), state.__getitem__)
+    return TensorSource(where, sorted(tensors), tensors.__getitem__, stable=True)
 
 
 def _from_file(path: Path) -> TensorSource:
@@ -236,7 +247,7 @@ def _from_safetensors(
         return int(math.prod(piece.get_shape())) * codec.itemsize(str(piece.get_dtype()))
 
     return TensorSource(
-        label, sorted(owner), lambda name: owner[name].get_tensor(name), stack, size
+        label, sorted(owner), lambda name: owner[name].get_tensor(name), stack=stack, size=size
     )
 
 
@@ -275,7 +286,7 @@ def load_pickled(path: Path) -> dict[str, torch.Tensor]:
 
 def _from_pickled(path: Path) -> TensorSource:
     data = load_pickled(path)
-    return TensorSource(str(path), sorted(data), data.__getitem__)
+    return TensorSource(str(path), sorted(data), data.__getitem__, stable=True)
 
 
 def _from_pickled_shards(index: Path, shards: dict[Path, list[str]]) -> TensorSource:

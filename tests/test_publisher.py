@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +372,49 @@ def test_one_gigabyte_publish_peak_memory_and_progress(
     assert extra < 1.3 * r["size"], r
     assert r["events"][-1] == ["upload", r["size"], r["size"]]
     client.flushall()
+
+
+def test_tensors_loaded_one_by_one_never_alias(
+    pub: Publisher, store: Store, tmp_path: Path
+) -> None:
+    # A file source makes a fresh tensor per load: freed memory comes back at the
+    # same address for the next tensor of the same shape, which must not be
+    # mistaken for a tied tensor.
+    sd = {f"t{i:02d}": torch.full((4096,), float(i)) for i in range(20)}
+    save_file(sd, str(tmp_path / "same_shapes.safetensors"))
+    pub.publish(tmp_path / "same_shapes.safetensors")
+    entries = store.manifest(1).by_name()
+    assert len({e.digest for e in entries.values()}) == 20
+    for name, t in sd.items():
+        buf = bytearray(t.nbytes)
+        store.read_into(entries[name], memoryview(buf))
+        assert bytes(buf) == t.numpy().tobytes(), name
+
+
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """A mapping that builds a fresh tensor on every lookup, as a lazy loader does."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.full((4096,), float(int(name[1:])))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(f"t{i:02d}" for i in range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_lazy_mapping_tensors_never_alias(pub: Publisher, store: Store) -> None:
+    # Freed memory comes back at the same address for the next tensor of the
+    # same shape; that must not be mistaken for a tied tensor.
+    lazy = LazyWeights(20)
+    pub.publish(lazy)
+    entries = store.manifest(1).by_name()
+    assert len({e.digest for e in entries.values()}) == 20
+    for name in lazy:
+        buf = bytearray(4096 * 4)
+        store.read_into(entries[name], memoryview(buf))
+        assert bytes(buf) == lazy[name].numpy().tobytes(), name

@@ -1,0 +1,123 @@
+"""Keeping a model's Redis data in shape: garbage collection and verification.
+
+The decisions are the pure functions of ``publisher.gc``; this module reads
+what they need from the store and carries them out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from hotswap import codec
+from hotswap import status as st
+from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound
+from hotswap.store import Store
+from publisher import gc as gcplan
+from publisher import plan
+from publisher.reports import GcReport, Progress, VerifyReport, author
+
+
+def running_versions(store: Store) -> list[int]:
+    """Versions that live agents (heartbeat not expired) report running."""
+    out = set()
+    for _agent, raw, alive in store.agent_records():
+        if not alive:
+            continue
+        try:
+            record = st.decode(raw)
+        except FormatError:
+            continue  # a garbled record cannot pin anything; status shows it
+        if record.version is not None:
+            out.add(record.version)
+    return sorted(out)
+
+
+def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> GcReport:
+    """Delete manifests beyond the newest ``keep`` (except head and versions live
+    agents run), then blobs no kept version references and no publish touched
+    within ``grace`` seconds."""
+    if keep < 1:
+        raise ConfigError(f"--keep must be at least 1, got {keep}")
+    retention = gcplan.plan_retention(store.versions(), store.head(), keep, running_versions(store))
+    referenced: set[str] = set()
+    for v in retention.keep:
+        referenced.update(plan.unique_blobs(store.manifest(v).tensors))
+    index = store.blob_index()
+    unreferenced = sum(1 for blob in index if blob not in referenced)
+    candidates = gcplan.collectable(index, referenced, time.time(), grace)
+    if not dry_run:
+        # Manifests first: a rollback to a deleted version then fails cleanly
+        # instead of finding a manifest whose blobs are going.
+        store.delete_manifests(retention.delete)
+        # Re-read the scores last: a publish may have touched a candidate since.
+        fresh = gcplan.rescore(candidates, store.blob_scores(candidates))
+        candidates = gcplan.collectable(fresh, referenced, time.time(), grace)
+    chunks = 0 if dry_run else store.delete_blobs(candidates)
+    report = GcReport(
+        kept=retention.keep,
+        deleted_versions=retention.delete,
+        blobs_deleted=len(candidates),
+        chunks_deleted=chunks,
+        blobs_kept_young=max(0, unreferenced - len(candidates)),
+        dry_run=dry_run,
+    )
+    if not dry_run:
+        store.append_log(
+            {
+                "kind": "gc",
+                "author": author(),
+                "created": time.time(),
+                "message": f"kept {len(report.kept)} versions, deleted "
+                f"{len(report.deleted_versions)} versions and {report.blobs_deleted} blobs",
+                "versions_deleted": ",".join(map(str, report.deleted_versions)),
+                "blobs_deleted": report.blobs_deleted,
+            }
+        )
+    return report
+
+
+def verify(
+    store: Store,
+    version: int | None,
+    signing_keys: Sequence[bytes] = (),
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Re-read every chunk of a version (default head) and re-hash each tensor.
+
+    Every problem is collected (not just the first), one reason per tensor.
+    """
+    started = time.monotonic()
+    if version is None:
+        version = store.head()
+        if version is None:
+            raise NotFound(f"model {store.model!r} has no versions to verify")
+    m = store.manifest(version, signing_keys)
+    blobs = plan.unique_blobs(m.tensors)
+    total = sum(e.nbytes for e in blobs.values())
+    failed: dict[str, str] = {}
+    done = 0
+    for blob, entry in blobs.items():
+        buf = bytearray(entry.nbytes)
+        problem = None
+        try:
+            store.read_into(entry, memoryview(buf), version)
+            if codec.digest(buf) != entry.digest:
+                problem = "digest mismatch: the stored bytes were altered"
+        except IntegrityError as e:
+            # The store names model, version and tensor; keep just what went wrong.
+            problem = str(e).split(": ", 1)[-1]
+        if problem:
+            for other in m.tensors:
+                if plan.blob_of(other) == blob:
+                    failed[other.name] = problem
+        done += entry.nbytes
+        if progress:
+            progress("verify", done, total)
+    return VerifyReport(
+        version=version,
+        tensors_checked=len(m.tensors),
+        bytes_checked=done,
+        bad=dict(sorted(failed.items())),
+        seconds=time.monotonic() - started,
+    )
