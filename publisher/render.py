@@ -29,7 +29,7 @@ from rich.table import Table
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.status import AgentStatus
 from publisher import plan
-from publisher.publisher import GcReport, PublishReport, VerifyReport
+from publisher.reports import GcReport, PublishReport, VerifyReport
 
 PHASES = {"hash": "hashing", "upload": "uploading", "verify": "verifying"}
 

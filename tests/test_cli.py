@@ -518,3 +518,13 @@ def test_demo_is_wired_lazily(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
     assert run("demo")[0] == 0 and calls == [None]
     assert run("demo", "--redis-url", "redis://127.0.0.1:1/0")[0] == 0
     assert isinstance(calls[1], HotswapSettings) and calls[1].redis_url == "redis://127.0.0.1:1/0"
+
+
+def test_json_stays_valid_with_nan_norms(run: Any, pub: Publisher) -> None:
+    sd = weights()
+    sd["layer.0.bias"][3] = float("nan")  # the publisher publishes it; agents refuse it
+    pub.publish(sd)
+    code, out, _ = run("show", "m", "--json")
+    assert code == 0
+    row = next(t for t in json.loads(out)["tensors"] if t["name"] == "layer.0.bias")
+    assert row["norm"] == "nan" and row["max_abs"] == "nan"

@@ -25,9 +25,10 @@ from hotswap.errors import (
     StoreUnavailable,
     VersionConflict,
 )
-from hotswap.manifest import key_id
+from hotswap.manifest import TensorEntry, key_id
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
+from publisher import plan
 from publisher.publisher import Publisher
 
 
@@ -418,3 +419,40 @@ def test_lazy_mapping_tensors_never_alias(pub: Publisher, store: Store) -> None:
         buf = bytearray(4096 * 4)
         store.read_into(entries[name], memoryview(buf))
         assert bytes(buf) == lazy[name].numpy().tobytes(), name
+
+
+# -- pure planning ----------------------------------------------------------------------
+
+
+def entry(name: str, digest: str = "a" * 64, shape: tuple[int, ...] = (2,)) -> TensorEntry:
+    return TensorEntry(name, "F32", shape, 8, digest, 65536, 1.0, 1.0)
+
+
+def test_select_by_globs() -> None:
+    names = ["enc.0.w", "enc.1.w", "dec.0.w"]
+    assert plan.select(names, None, "x") == names
+    assert plan.select(names, ["enc.*"], "x") == ["enc.0.w", "enc.1.w"]
+    assert plan.select(names, ["*.0.*", "dec.*"], "x") == ["enc.0.w", "dec.0.w"]
+    with pytest.raises(SourceError, match=r"^x: --only 'nope' matches no tensor$"):
+        plan.select(names, ["enc.*", "nope"], "x")
+    with pytest.raises(ConfigError, match="--only was given no glob"):
+        plan.select(names, [], "x")
+
+
+def test_diff_and_merge() -> None:
+    old = [entry("a"), entry("b"), entry("c")]
+    new = [entry("a"), entry("b", "b" * 64), entry("d")]
+    d = plan.diff(old, new)
+    assert (d.added, d.removed, d.changed, d.unchanged) == (["d"], ["c"], ["b"], ["a"])
+    assert d.count == 3
+    assert plan.diff(old, [entry("a"), entry("b"), entry("c", shape=(1, 2))]).changed == ["c"]
+    merged = plan.merge(old, [entry("b", "b" * 64), entry("z")])
+    assert [e.name for e in merged] == ["a", "b", "c", "z"]
+    assert merged[1].digest == "b" * 64 and merged[2] == old[2]
+
+
+def test_unique_blobs_share_equal_content() -> None:
+    blobs = plan.unique_blobs([entry("a"), entry("tied"), entry("b", "b" * 64)])
+    assert list(blobs) == [f"{'a' * 64}:65536:1", f"{'b' * 64}:65536:1"]
+    empty = TensorEntry("e", "F32", (0,), 0, "c" * 64, 65536, 0.0, 0.0)
+    assert plan.unique_blobs([empty]) == {}
