@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
 import tenacity
 
 from hotswap.connection import reconnect_backoff
+from hotswap.errors import HotswapError
 from hotswap.reporter import Reporter
 from hotswap.store import Store
 
@@ -95,25 +97,41 @@ class Delivery:
 
     def _lost(self, e: BaseException | None) -> None:
         self.reporter.update(state="disconnected", last_error=f"{type(e).__name__}: {e}")
-        self.log_once(
-            f"lost:{type(e).__name__}",
-            logging.WARNING,
-            f"model {self.store.model!r}: Redis unreachable or failing ({type(e).__name__}: "
-            f"{e}); still serving {self.serving()}, reconnecting with backoff",
-        )
+        key = f"lost:{type(e).__name__}"
+        if isinstance(e, (HotswapError, redis.RedisError, OSError)):
+            self.log_once(
+                key,
+                logging.WARNING,
+                f"model {self.store.model!r}: Redis unreachable or failing ({type(e).__name__}: "
+                f"{e}); still serving {self.serving()}, reconnecting with backoff",
+            )
+        elif self._logged != key:
+            self._logged = key
+            # Not Redis: a bug or the host (memory?). Worth a traceback, once.
+            log.error(
+                "model %r: unexpected %s while updating; still serving %s, retrying with backoff",
+                self.store.model,
+                type(e).__name__,
+                self.serving(),
+                exc_info=e,
+            )
 
     def _session(self) -> None:
         self.store.ping()
         subscription = self.store.subscribe()
         self._healthy = False
         try:
-            if self._logged is not None and self._logged.startswith("lost:"):
-                log.info("model %r: connected to Redis again", self.store.model)
-            self._logged = "connected"
             if self.reporter.status.state in ("starting", "disconnected"):
                 self.connected()
+            logged = self._logged
             self.check(True)
+            # Only a session that got as far as checking head counts as
+            # recovered: one that fails again at once is the same outage.
             self._healthy = True
+            if logged is not None and logged.startswith("lost:"):
+                log.info("model %r: connected to Redis again, head checked", self.store.model)
+            if self._logged == logged:
+                self._logged = "connected"
             interval = self.poll_interval
             next_poll = time.monotonic() + interval
             while not self.stop.is_set():

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from hotswap import codec, validate
-from hotswap.errors import IntegrityError
+from hotswap.errors import ConfigError, IntegrityError, SourceError
 from hotswap.manifest import Manifest, TensorEntry
 
 Staging = Literal["auto", "pinned", "device"]
@@ -41,6 +41,13 @@ class LiveModel:
             tensors = dict(model.state_dict(keep_vars=True))
         else:
             tensors = dict(model)
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise ConfigError(f"live tensor {name!r} is a {type(t).__name__}, not a tensor")
+            try:
+                codec.dtype_name(t.dtype)
+            except SourceError as e:
+                raise ConfigError(f"live tensor {name!r} cannot be updated: {e}") from e
         self.tensors: dict[str, torch.Tensor] = tensors
         # Names that alias the same view of the same storage (tied weights)
         # map to one canonical name, the first in state-dict order.

@@ -28,6 +28,8 @@ MODEL = "m"
 class Ten(torch.nn.Module):
     """Ten tensors: nine parameters and a buffer, float32."""
 
+    scale: torch.Tensor
+
     def __init__(self, width: int = 16, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -41,7 +43,8 @@ class Ten(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = torch.tanh(layer(x)) * self.scale
-        return self.head(x)
+        out: torch.Tensor = self.head(x)
+        return out
 
 
 def bump(state: Mapping[str, torch.Tensor], delta: float = 0.01) -> dict[str, torch.Tensor]:

@@ -33,6 +33,8 @@ READERS = 4
 class Probe(torch.nn.Module):
     """Each tensor feeds its own output: all outputs agree only if all tensors do."""
 
+    offset: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleList(torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import prometheus_client
@@ -210,7 +210,7 @@ def test_blob_corrupted_after_commit_is_rejected(
     v = pub.publish(new)
     e = store.manifest(v).by_name()["layers.3.weight"]
     key = keys.blob_key("hotswap", MODEL, e.digest, e.chunk_bytes, 0)
-    raw = bytearray(client.get(key))
+    raw = bytearray(cast(bytes, client.get(key)))
     raw[100] ^= 0x01
     client.set(key, bytes(raw))
     before = snapshot(model)
@@ -424,10 +424,15 @@ def test_reading_is_reentrant_while_a_writer_waits(make: Make, pub: Publisher) -
     agent = make(model)
     new = bump(model.state_dict())
     entered = threading.Event()
+
+    def other_reader() -> None:
+        with agent.reading():
+            entered.set()
+
     with agent.reading():
         v = pub.publish(new)
         assert eventually(lambda: agent.state == "applying", 10)
-        done = threading.Thread(target=lambda: (agent.reading().__enter__(), entered.set()))
+        done = threading.Thread(target=other_reader)
         with agent.reading():  # same thread: must not queue behind the writer
             assert agent.applied_version is None
         done.start()
@@ -501,3 +506,14 @@ def test_metrics_are_recorded_per_model(make: Make, pub: Publisher) -> None:
     with pytest.raises(ValidationError):
         agent.wait_for(pub.publish(bad), 10)
     assert sample("hotswap_rejections_total") - rejections == 1
+
+
+def test_live_tensors_that_cannot_travel_are_refused_at_once(settings: HotswapSettings) -> None:
+    raw = torch.empty(2, dtype=torch.bits8)
+    with pytest.raises(ConfigError) as e:
+        Agent({"w": torch.ones(2), "q": raw}, MODEL, settings=settings)
+    assert str(e.value).startswith(
+        "live tensor 'q' cannot be updated: dtype torch.bits8 is not supported"
+    )
+    with pytest.raises(ConfigError, match="live tensor 'n' is a list, not a tensor"):
+        Agent({"n": [1.0]}, MODEL, settings=settings)  # type: ignore[dict-item]

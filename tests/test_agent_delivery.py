@@ -220,7 +220,46 @@ def test_stop_returns_promptly_during_an_outage(
     assert eventually(lambda: agent.state == "disconnected", 10)
     started = time.monotonic()
     done = threading.Event()
-    threading.Thread(target=lambda: (agent.stop(), done.set()), daemon=True).start()
+
+    def stop() -> None:
+        agent.stop()
+        done.set()
+
+    threading.Thread(target=stop, daemon=True).start()
     assert done.wait(10)
     assert time.monotonic() - started < 5
     assert agent.state == "stopped"
+
+
+def test_unexpected_error_is_logged_once_and_retried(
+    settings: HotswapSettings, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = Ten()
+    agent = Agent(model, MODEL, settings=settings)
+    real_read = agent.store.read_into
+    broken = threading.Event()
+    broken.set()
+
+    def flaky(entry: Any, out: memoryview, version: int | None = None) -> None:
+        if broken.is_set():
+            raise RuntimeError("out of staging memory")
+        real_read(entry, out, version)
+
+    agent.store.read_into = flaky  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="hotswap.agent")
+    before = snapshot(model)
+    with agent:
+        new = bump(model.state_dict())
+        v = commit_raw(store, new)
+        assert eventually(lambda: agent.state == "disconnected", 10)
+        time.sleep(1.0)  # several retries, with backoff
+        assert snapshot(model) == before and agent.applied_version is None
+        broken.clear()
+        assert agent.wait_for(v, 10)
+        assert equal_state(model, new)
+    errors = [r for r in caplog.records if "unexpected RuntimeError" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert errors[0].getMessage() == (
+        "model 'm': unexpected RuntimeError while updating; still serving nothing yet, "
+        "retrying with backoff"
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import redis
 import torch
@@ -9,7 +11,7 @@ from agent_support import Ten, commit_raw, entry_for
 
 from hotswap import codec, keys
 from hotswap import manifest as mf
-from hotswap.staging import LiveModel, apply, fetch, pairs, plan, prepare, typed
+from hotswap.staging import LiveModel, Staging, apply, fetch, pairs, plan, prepare, typed
 from hotswap.store import Store
 from hotswap.validate import Policy
 
@@ -95,7 +97,7 @@ def test_apply_copies_in_place_into_strided_and_parameter_tensors() -> None:
 
 
 @pytest.mark.parametrize("mode", ["auto", "pinned", "device"])
-def test_fetch_stages_every_changed_tensor_exactly(store: Store, mode: str) -> None:
+def test_fetch_stages_every_changed_tensor_exactly(store: Store, mode: Staging) -> None:
     model = Ten()
     live = LiveModel(model)
     state = {k: v.detach() * 1.5 for k, v in model.state_dict().items()}
@@ -109,7 +111,7 @@ def test_fetch_stages_every_changed_tensor_exactly(store: Store, mode: str) -> N
         live.digests(),
         Policy(),
         mode=mode,
-        where="model 'm' v1",  # type: ignore[arg-type]
+        where="model 'm' v1",
     )
     assert reasons == {}
     assert "scale" not in staged.tensors and len(staged.tensors) == 9
@@ -131,7 +133,7 @@ def test_fetch_names_every_corrupted_or_missing_tensor(store: Store, client: red
     by = m.by_name()
     bad, gone = by["layers.0.weight"], by["layers.2.bias"]
     first = keys.blob_key("hotswap", "m", bad.digest, bad.chunk_bytes, 0)
-    raw = bytearray(client.get(first))
+    raw = bytearray(cast(bytes, client.get(first)))
     raw[0] ^= 0xFF
     client.set(first, bytes(raw))
     client.delete(keys.blob_key("hotswap", "m", gone.digest, gone.chunk_bytes, 0))

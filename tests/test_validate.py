@@ -63,7 +63,7 @@ def test_overrides_apply_in_order_later_wins_and_none_switches_off() -> None:
         validators=[v1],
         overrides={
             "layers.*": Override(norm_ratio=(0.5, 2.0), max_relative_change=0.3),
-            "layers.0.*": {"norm_ratio": None, "validators": []},
+            "layers.0.*": Override(norm_ratio=None, validators=[]),
             "*.bias": Override(check_finite=False),
         },
     )
