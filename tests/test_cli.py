@@ -528,3 +528,19 @@ def test_json_stays_valid_with_nan_norms(run: Any, pub: Publisher) -> None:
     assert code == 0
     row = next(t for t in json.loads(out)["tensors"] if t["name"] == "layer.0.bias")
     assert row["norm"] == "nan" and row["max_abs"] == "nan"
+
+
+def test_identical_publish_says_so_and_exits_zero(
+    run: Any, client: redis.Redis, tmp_path: Path
+) -> None:
+    save_file(weights(), str(tmp_path / "m.safetensors"))
+    assert run("publish", "m", str(tmp_path / "m.safetensors"))[0] == 0
+    before = client.dbsize()
+    assert run("publish", "m", str(tmp_path / "m.safetensors")) == (
+        0,
+        "model m: nothing changed since v1; no new version (use --force to publish anyway)\n",
+        "",
+    )
+    assert client.dbsize() == before and client.get(keys.head_key("hotswap", "m")) == b"1"
+    code, out, _ = run("publish", "m", str(tmp_path / "m.safetensors"), "--force", "-m", "again")
+    assert code == 0 and out.startswith("model m: published v2: 0 of 6 tensors changed, 0 bytes")
