@@ -62,7 +62,7 @@ def test_missed_notice_is_caught_within_one_poll_interval(
         v = commit_raw(store, new, notify=False)  # head moves, nobody is told
         moved = time.monotonic()
         assert agent.wait_for(v, 5)
-        assert time.monotonic() - moved <= 1.0 + 0.5  # one interval, plus fetch and apply
+        assert time.monotonic() - moved <= 1.0 + 0.75  # one interval, plus fetch and apply
         assert equal_state(model, new)
 
 
@@ -196,11 +196,11 @@ def test_agent_started_while_redis_is_down_logs_once_and_catches_up(
 def test_heartbeat_is_refreshed_and_expires_after_stop(
     settings: HotswapSettings, store: Store
 ) -> None:
-    beat = settings.model_copy(update={"heartbeat_ttl": 0.6})
+    beat = settings.model_copy(update={"heartbeat_ttl": 0.9})
     agent = Agent(Ten(), MODEL, settings=beat).start()
     try:
         assert eventually(lambda: agent.state == "idle")
-        time.sleep(1.5)  # well past one ttl: only refreshes keep it alive
+        time.sleep(2.0)  # well past one ttl: only refreshes keep it alive
         assert [alive for i, _, alive in store.agent_records() if i == agent.agent_id] == [True]
     finally:
         agent.stop()
