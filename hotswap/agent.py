@@ -16,17 +16,17 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal
 
 import torch
-from readerwriterlock import rwlock
 
-from hotswap import keys, metrics, notice, validate
+from hotswap import keys, notice, validate
 from hotswap.connection import RedisClient, connect, retry_from_settings
 from hotswap.delivery import Delivery, Stopped
 from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound, ValidationError
+from hotswap.gate import Gate
 from hotswap.manifest import Limits, Manifest
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
@@ -53,6 +53,10 @@ class Agent:
             (pinned host memory) or ``"device"`` (device memory).
         on_applied: called as ``on_applied(version, ApplyReport)``.
         on_rejected: called as ``on_rejected(version, reasons)``.
+
+    Build the agent after the model is on its device (``module.to()`` replaces
+    buffers). Callbacks run on the agent's thread (``apply_pending()``'s caller
+    in manual mode) before ``wait_for`` returns; an exception in one is logged.
     """
 
     def __init__(
@@ -74,7 +78,7 @@ class Agent:
         if staging not in ("auto", "pinned", "device"):
             raise ConfigError(f"staging {staging!r} is unknown: use 'auto', 'pinned' or 'device'")
         self.settings = settings or HotswapSettings()  # type: ignore[call-arg]
-        self.policy = _policy(policy)
+        self.policy = validate.as_policy(policy)
         self.mode, self.staging = mode, staging
         self.on_applied, self.on_rejected = on_applied, on_rejected
         s = self.settings
@@ -89,8 +93,7 @@ class Agent:
         self.live = LiveModel(model)
         self.agent_id = agent_id()
         self.reporter = Reporter(self.store, self.agent_id, s.heartbeat_ttl)
-        self._rw = rwlock.RWLockWrite()
-        self._local = threading.local()
+        self._gate = Gate()
         self._cond = threading.Condition()
         self.delivery = Delivery(
             self.store,
@@ -179,29 +182,13 @@ class Agent:
     ) -> None:
         self.stop()
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
+    def reading(self) -> contextlib.AbstractContextManager[None]:
         """Hold the reader side around a forward pass (re-entrant within a thread)."""
-        depth = getattr(self._local, "depth", 0)
-        if depth:
-            self._local.depth = depth + 1
-            try:
-                yield
-            finally:
-                self._local.depth = depth
-            return
-        lock = self._rw.gen_rlock()
-        lock.acquire()
-        self._local.depth = 1
-        try:
-            yield
-        finally:
-            self._local.depth = 0
-            lock.release()
+        return self._gate.reading()
 
     def apply_pending(self) -> int | None:
         """Apply the newest fetched and validated version (manual mode); its number or None."""
-        if getattr(self._local, "depth", 0):
+        if self._gate.reading_here():
             raise ConfigError(
                 f"agent of model {self.model_name!r}: apply_pending() was called inside "
                 "reading(); call it between forward passes"
@@ -338,7 +325,7 @@ class Agent:
                 return False
             self._pending = staged
         self.reporter.update(state="pending")
-        log.info("model %r: v%d fetched and valid; apply_pending() applies it", *_mv(self, m))
+        log.info("model %r: v%d valid; apply_pending() applies it", self.model_name, m.version)
         return True
 
     def _between_tensors(self) -> None:
@@ -350,10 +337,8 @@ class Agent:
         m = staged.plan.manifest
         self.reporter.update(state="applying")
         copies = pairs(staged, self.live)
-        writer = self._rw.gen_wlock()
-        writer.acquire()
-        locked = time.perf_counter()
-        try:
+        with self._gate.writing():
+            locked = time.perf_counter()
             apply(copies)
             with self._cond:
                 # Still under the writer lock: a reader never sees new weights
@@ -366,9 +351,6 @@ class Agent:
                         v: r for v, r in self._rejections.items() if r[0] in (m.lineage, None)
                     }
                 self._applied, self._lineage = m.version, m.lineage
-        finally:
-            writer.release()
-        seconds = time.perf_counter() - locked
         report = ApplyReport(
             m.version,
             m.lineage,
@@ -376,29 +358,11 @@ class Agent:
             staged.bytes_fetched,
             staged.seconds,
             staged.validate_seconds,
-            seconds,
+            time.perf_counter() - locked,
         )
-        s = self.reporter.status
-        self.reporter.update(
-            state="idle",
-            version=m.version,
-            lineage=m.lineage,
-            last_error=None,
-            apply_seconds=seconds,
-            applied_count=s.applied_count + 1,
-        )
-        if threading.current_thread() is self._thread:
-            self.reporter.beat(log)
-        metrics.applied(self.model_name, m.version, seconds, staged.bytes_fetched)
+        # Only the agent's thread writes to Redis: apply_pending() must not block on it.
+        self.reporter.applied(report, log, write=threading.current_thread() is self._thread)
         self.delivery.note("applied")
-        log.info(
-            "model %r: applied v%d (%d tensors, %d bytes fetched, writer lock %.1f ms)",
-            self.model_name,
-            m.version,
-            report.tensors_changed,
-            report.bytes_fetched,
-            seconds * 1000,
-        )
         _callback(self.on_applied, m.version, report)
         with self._cond:
             # Waiters wake after the callback: it has run when wait_for returns.
@@ -414,19 +378,9 @@ class Agent:
     ) -> None:
         error = validate.rejection(self.model_name, version, reasons)
         error.__cause__ = cause
-        s = self.reporter.status
-        self.reporter.update(
-            state="pending" if self._pending else "idle",
-            last_error=str(error),
-            rejected_version=version,
-            rejection=reasons,
-            rejected_count=s.rejected_count + 1,
-        )
         # The record is written before waiters wake, so they can read it at once.
-        self.reporter.beat(log)
-        metrics.rejected(self.model_name, nbytes)
+        self.reporter.rejected(version, error, nbytes, bool(self._pending), log)
         self.delivery.note(f"rejected:{version}")
-        log.error("%s", error)
         _callback(self.on_rejected, version, error.reasons)
         with self._cond:
             self._rejections[version] = (lineage, error)
@@ -438,19 +392,6 @@ class Agent:
 
     def _serving(self) -> str:
         return "nothing yet" if self._applied is None else f"v{self._applied}"
-
-
-def _policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
-    if policy is None or isinstance(policy, Policy):
-        return policy or Policy()
-    try:
-        return Policy.model_validate(policy)
-    except Exception as e:
-        raise ConfigError(f"invalid validation policy: {e}".splitlines()[0]) from e
-
-
-def _mv(agent: Agent, m: Manifest) -> tuple[str, int]:
-    return agent.model_name, m.version
 
 
 def _callback(fn: Callable[..., None] | None, *args: Any) -> None:

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hotswap import status
-from hotswap.errors import HotswapError
+from hotswap import metrics, status
+from hotswap.errors import HotswapError, ValidationError
 from hotswap.status import AgentStatus
 from hotswap.store import Store
 
@@ -55,6 +55,54 @@ class Reporter:
                 if getattr(self._status, name) != value:
                     setattr(self._status, name, value)
                     self._dirty = True
+
+    def applied(self, report: ApplyReport, log: logging.Logger, write: bool) -> None:
+        """Record, count and log an applied version; ``write`` the record now."""
+        with self._lock:
+            count = self._status.applied_count + 1
+        self.update(
+            state="idle",
+            version=report.version,
+            lineage=report.lineage,
+            last_error=None,
+            apply_seconds=report.apply_seconds,
+            applied_count=count,
+        )
+        if write:
+            self.beat(log)
+        metrics.applied(
+            self.store.model, report.version, report.apply_seconds, report.bytes_fetched
+        )
+        log.info(
+            "model %r: applied v%d (%d tensors, %d bytes fetched, writer lock %.1f ms)",
+            self.store.model,
+            report.version,
+            report.tensors_changed,
+            report.bytes_fetched,
+            report.apply_seconds * 1000,
+        )
+
+    def rejected(
+        self,
+        version: int,
+        error: ValidationError,
+        nbytes: int,
+        pending: bool,
+        log: logging.Logger,
+    ) -> None:
+        """Record, write, count and log a rejected version."""
+        with self._lock:
+            count = self._status.rejected_count + 1
+        self.update(
+            state="pending" if pending else "idle",
+            last_error=str(error),
+            rejected_version=version,
+            rejection=error.reasons,
+            rejected_count=count,
+        )
+        self.beat(log)
+        metrics.rejected(self.store.model, nbytes)
+        log.error("%s", error)
 
     def beat(self, log: logging.Logger) -> None:
         """Write the record if it changed or the heartbeat is due."""

@@ -19,13 +19,14 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Any, Literal
 
+import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hotswap import codec
-from hotswap.errors import ValidationError
+from hotswap.errors import ConfigError, ValidationError
 from hotswap.manifest import TensorEntry
 
 Validator = Callable[[str, torch.Tensor, torch.Tensor], str | None]
@@ -109,6 +110,16 @@ class Policy(BaseModel):
             validators=fields["validators"],  # type: ignore[arg-type]
             norm_tolerance=self.norm_tolerance,
         )
+
+
+def as_policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
+    """A Policy from a Policy, a mapping of its fields, or None (the defaults)."""
+    if policy is None or isinstance(policy, Policy):
+        return policy or Policy()
+    try:
+        return Policy.model_validate(policy)
+    except pydantic.ValidationError as e:
+        raise ConfigError(f"invalid validation policy: {e}".splitlines()[0]) from e
 
 
 @dataclass(frozen=True)
