@@ -44,10 +44,11 @@ def ceiling_publish(
     chunk: int,
     prefix: str,
     channel: str,
+    notice: bytes,
 ) -> None:
     keys, views = _chunked(sd, names, chunk, prefix)
     transport.set_chunks(keys, views)
-    client.publish(channel, b"ceiling")
+    client.publish(channel, notice)
 
 
 def ceiling_apply(
@@ -69,12 +70,13 @@ def naive_publish(
     names: Sequence[str],
     prefix: str,
     channel: str,
+    notice: bytes,
 ) -> None:
     for name in names:
         buf = io.BytesIO()
         torch.save(sd[name], buf)
         client.set(f"{prefix}:{name}", buf.getbuffer())
-    client.publish(channel, b"naive")
+    client.publish(channel, notice)
 
 
 def naive_apply(

@@ -1,4 +1,5 @@
-"""The main process's handle on the worker process (JSON lines over pipes)."""
+"""The main process's handles on its helper processes: the worker (serving side) and a bare
+notice listener, both over JSON lines."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -90,3 +92,54 @@ class WorkerProc:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class Listener:
+    """``python -m bench.listener``: notice arrival times, keyed by channel and payload."""
+
+    def __init__(self, url: str, pattern: str = "*") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.listener", url, pattern],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self._heard: dict[tuple[str, bytes], float] = {}
+        self._cond = threading.Condition()
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(30):
+            raise WorkerError("notice listener did not start")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if message.get("ready"):
+                self._ready.set()
+                continue
+            with self._cond:
+                key = (message["channel"], bytes.fromhex(message["data"]))
+                self._heard.setdefault(key, message["t"])
+                self._cond.notify_all()
+
+    def when(self, channel: str, match: Callable[[bytes], bool], timeout: float = 60.0) -> float:
+        """When the first message on ``channel`` whose payload ``match``es arrived
+        (waits for it; each message is handed out once)."""
+
+        def found() -> tuple[str, bytes] | None:
+            return next((k for k in self._heard if k[0] == channel and match(k[1])), None)
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise WorkerError(f"no matching notice on {channel} within {timeout}s")
+            key = found()
+            assert key is not None
+            return self._heard.pop(key)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

@@ -239,11 +239,24 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
     )
     lat, ntf = s["notice_latency"], s["notice_to_fetch"]
     parts.append(
-        f"Pub/sub notice, publisher to a subscriber in the serving process: "
+        f"Pub/sub notice, PUBLISH to a bare subscriber in another process: "
         f"p50 {lat['p50'] * 1e3:.3f} ms, p99 {lat['p99'] * 1e3:.3f} ms ({lat['n']} notices). "
         f"Agent, notice to fetch start (apply time minus fetch, validate and lock): "
         f"p50 {ntf['p50'] * 1e3:.2f} ms, p99 {ntf['p99'] * 1e3:.2f} ms ({ntf['n']} updates)."
     )
+    for dtype, steps in raw.get("components", {}).items():
+        size = max(
+            (e["bytes_changed"] for k, e in s["cases"].items() if k == f"{dtype}/hotswap:full"),
+            default=0,
+        )
+        rows = [
+            [step, f"{sec * 1e3:.1f}", f"{size / sec / 1e9:.2f}" if "manifest" not in step else ""]
+            for step, sec in steps.items()
+        ]
+        parts.append(
+            f"Each step alone over the whole {dtype} state dict ({_mb(size)} MiB):\n\n"
+            + table(["step", "ms", "GB/s"], rows)
+        )
     rows = [
         [
             t["target"],

@@ -18,9 +18,10 @@ from typing import Any
 import redis
 import torch
 
-from bench import baselines, model
+from bench import baselines, components, model
 from bench.memory import PeakRss
-from bench.procs import WorkerProc
+from bench.procs import Listener, WorkerProc
+from hotswap import keys, notice
 from hotswap.embedded import EmbeddedRedis
 from hotswap.settings import HotswapSettings
 from hotswap.transport import DEFAULT_WINDOW, BlobTransport
@@ -67,8 +68,12 @@ class Run:
 
 
 class Bench:
-    def __init__(self, cfg: Config, redis_url: str, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, cfg: Config, redis_url: str, listener: Listener, log: Callable[[str], None]
+    ) -> None:
         self.cfg = cfg
+        self.listener = listener
+        self._seq = 0
         self.url = redis_url
         self.log = log
         self.client = redis.Redis.from_url(redis_url, socket_timeout=60)
@@ -78,6 +83,7 @@ class Bench:
         self.runs: list[Run] = []
         self.copies: dict[str, list[float]] = {}
         self.latency: list[float] = []
+        self.components: dict[str, dict[str, float]] = {}
 
     # -- one dtype ----------------------------------------------------------------
 
@@ -91,7 +97,7 @@ class Bench:
                 "init", url=self.url, size=cfg.size, dtype=dtype, seed=cfg.seed, window=cfg.window
             )
             if not self.latency:
-                self.latency = self._notice_latency(w)
+                self.latency = self._notice_latency()
             from publisher.publisher import Publisher
 
             name = f"bench-{dtype}"
@@ -108,6 +114,13 @@ class Bench:
                     pub.gc(keep=1)
                     self.log(f"  {dtype} full run {r + 1}/{cfg.runs}: " + self._last(3))
                 self.copies[f"{dtype}:full"] = w.call("bare_copy", names=names, reps=cfg.runs)
+                head = pub.store.head()
+                assert head is not None
+                self.components[dtype] = components.measure(sd, pub.store.manifest_bytes(head))
+                self.log(
+                    f"  {dtype} components: "
+                    + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.components[dtype].items())
+                )
                 if with_deltas:
                     for kind, changed in model.delta_names(sd).items():
                         self._delta(w, pub, sd, changed, dtype, kind)
@@ -158,8 +171,9 @@ class Bench:
 
     # -- the three approaches -----------------------------------------------------
 
-    def _ceiling(
+    def _baseline(
         self,
+        mode: str,
         w: WorkerProc,
         pub: Any,
         sd: dict[str, torch.Tensor],
@@ -167,55 +181,36 @@ class Bench:
         dtype: str,
         case: str,
     ) -> Run:
+        """The raw ceiling or the naive approach, publish here and apply in the worker."""
         chunk = int(self.cfg.ceiling_chunk_mb * MiB)
-        w.call("arm", mode="ceiling", names=names, prefix="ceil", channel=CHANNEL, chunk=chunk)
+        self._seq += 1
+        tag = f"{mode}:{self._seq}".encode()
+        w.call("arm", mode=mode, names=names, prefix=mode, channel=CHANNEL, chunk=chunk)
         mem = PeakRss().start()
         t0 = time.monotonic()
-        baselines.ceiling_publish(self.client, self.transport, sd, names, chunk, "ceil", CHANNEL)
+        if mode == "ceiling":
+            baselines.ceiling_publish(
+                self.client, self.transport, sd, names, chunk, mode, CHANNEL, tag
+            )
+        else:
+            baselines.naive_publish(self.client, sd, names, mode, CHANNEL, tag)
         t1 = time.monotonic()
         ev = w.event("applied")
         peak = mem.stop()
-        self._delete("ceil:*")
+        t_notice = self.listener.when(CHANNEL, tag.__eq__)
+        self._delete(f"{mode}:*")
+        size = model.nbytes(sd, names)
         return Run(
-            f"ceiling:{case}",
-            dtype,
-            model.nbytes(sd, names),
-            t1 - t0,
-            ev["t_done"] - t1,
-            ev["t_done"] - t0,
-            ev["bytes"],
-            peak,
-            ev["peak_extra"],
-        )
+            f"{mode}:{case}", dtype, size, t1 - t0, ev["t_done"] - t_notice, ev["t_done"] - t0,
+            bytes_moved=ev["bytes"], publisher_peak=peak, agent_peak=ev["peak_extra"],
+            bytes_sent=size,
+        )  # fmt: skip
 
-    def _naive(
-        self,
-        w: WorkerProc,
-        pub: Any,
-        sd: dict[str, torch.Tensor],
-        names: list[str],
-        dtype: str,
-        case: str,
-    ) -> Run:
-        w.call("arm", mode="naive", names=names, prefix="naive", channel=CHANNEL, chunk=0)
-        mem = PeakRss().start()
-        t0 = time.monotonic()
-        baselines.naive_publish(self.client, sd, names, "naive", CHANNEL)
-        t1 = time.monotonic()
-        ev = w.event("applied")
-        peak = mem.stop()
-        self._delete("naive:*")
-        return Run(
-            f"naive:{case}",
-            dtype,
-            model.nbytes(sd, names),
-            t1 - t0,
-            ev["t_done"] - t1,
-            ev["t_done"] - t0,
-            ev["bytes"],
-            peak,
-            ev["peak_extra"],
-        )
+    def _ceiling(self, *args: Any) -> Run:
+        return self._baseline("ceiling", *args)
+
+    def _naive(self, *args: Any) -> Run:
+        return self._baseline("naive", *args)
 
     def _hotswap(
         self,
@@ -234,25 +229,18 @@ class Bench:
         t1 = time.monotonic()
         peak = mem.stop()
         ev = self._wait_agent(w, version)
+        channel = keys.events_channel("bench", pub.model)
+        t_notice = self.listener.when(channel, lambda b: notice.decode(b).version == version)
         rep = ev["report"]
-        apply = ev["t_done"] - t1
+        apply = ev["t_done"] - t_notice
         busy = rep["fetch_seconds"] + rep["validate_seconds"] + rep["apply_seconds"]
         return Run(
-            f"hotswap:{case}",
-            dtype,
-            model.nbytes(sd, names),
-            t1 - t0,
-            apply,
-            ev["t_done"] - t0,
-            rep["bytes_fetched"],
-            peak,
-            ev["peak_extra"],
-            rep["fetch_seconds"],
-            rep["validate_seconds"],
-            rep["apply_seconds"],
-            max(0.0, apply - busy),
-            int(pub.last_report.bytes_uploaded),
-        )
+            f"hotswap:{case}", dtype, model.nbytes(sd, names), t1 - t0, apply, ev["t_done"] - t0,
+            bytes_moved=rep["bytes_fetched"], publisher_peak=peak, agent_peak=ev["peak_extra"],
+            fetch=rep["fetch_seconds"], validate=rep["validate_seconds"],
+            pause=rep["apply_seconds"], notice_to_fetch=apply - busy,
+            bytes_sent=int(pub.last_report.bytes_uploaded),
+        )  # fmt: skip
 
     def _delete(self, pattern: str) -> None:
         batch = list(self.client.scan_iter(match=pattern, count=1000))
@@ -261,20 +249,17 @@ class Bench:
 
     # -- notices ------------------------------------------------------------------
 
-    def _notice_latency(self, w: WorkerProc) -> list[float]:
+    def _notice_latency(self) -> list[float]:
+        """PUBLISH to a subscriber in another process, one small message at a time."""
         channel = "bench:latency"
-        w.call("listen", channel=channel)
-        while self.client.pubsub_numsub(channel)[0][1] < 1:
-            time.sleep(0.01)
-        sent: dict[str, float] = {}
+        out = []
         for i in range(self.cfg.latency_messages):
-            sent[str(i)] = time.monotonic()
-            self.client.publish(channel, str(i))
+            tag = str(i).encode()
+            sent = time.monotonic()
+            self.client.publish(channel, tag)
+            out.append(self.listener.when(channel, tag.__eq__) - sent)
             time.sleep(0.001)
-        self.client.publish(channel, "end")
-        w.event("listened")
-        heard = w.call("heard")
-        return [t - sent[i] for i, t in heard if i in sent]
+        return out
 
 
 def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -282,17 +267,20 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.time()
     load = os.getloadavg()
     with EmbeddedRedis() as srv:
-        bench = Bench(cfg, srv.url, log)
+        listener = Listener(srv.url)
+        bench = Bench(cfg, srv.url, listener, log)
         version = bench.client.info("server")["redis_version"]
         for i, dtype in enumerate(cfg.dtypes):
             log(f"{dtype}: {cfg.size_mb:g} MiB state dict")
             bench.run_dtype(dtype, with_deltas=cfg.deltas and i == 0)
         bench.client.close()
+        listener.close()
     return {
         "config": asdict(cfg),
         "redis_version": version,
         "runs": [asdict(r) for r in bench.runs],
         "bare_copy": bench.copies,
+        "components": bench.components,
         "notice_latency": bench.latency,
         "seconds": time.time() - started,
         "load_before": load,

@@ -35,7 +35,6 @@ class Worker:
         self.transport: BlobTransport | None = None
         self.agent: Any = None
         self.mem = PeakRss()
-        self.heard: list[tuple[str, float]] = []
 
     def emit(self, message: dict[str, Any]) -> None:
         with self._out:
@@ -59,6 +58,7 @@ class Worker:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.subscribe(channel)
         transport, client = self.transport, self.client
+        self.mem.start()
 
         def run() -> None:
             try:
@@ -67,7 +67,6 @@ class Worker:
                     if msg is not None:
                         break
                 t_notice = time.monotonic()
-                self.mem.start()
                 if mode == "ceiling":
                     got = baselines.ceiling_apply(transport, self.shadow, names, chunk, prefix)
                 else:
@@ -94,6 +93,8 @@ class Worker:
     def agent_start(self, model_name: str, settings: dict[str, Any]) -> None:
         from hotswap.agent import Agent
 
+        config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
+
         def applied(version: int, report: Any) -> None:
             t_done = time.monotonic()
             peak = self.mem.stop()
@@ -110,7 +111,6 @@ class Worker:
         def rejected(version: int, reasons: dict[str, list[str]]) -> None:
             self.emit({"event": "error", "error": f"v{version} rejected: {reasons}"})
 
-        config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
         self.agent = Agent(
             self.live, model_name, settings=config, on_applied=applied, on_rejected=rejected
         )
@@ -124,35 +124,13 @@ class Worker:
     def mem_arm(self) -> None:
         self.mem.start()
 
-    def listen(self, channel: str) -> None:
-        assert self.client is not None
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        pubsub.subscribe(channel)
-        self.heard = []
-
-        def run() -> None:
-            while True:
-                msg = pubsub.get_message(timeout=5)
-                if msg is None:
-                    continue
-                t = time.monotonic()
-                data = bytes(msg["data"])
-                if data == b"end":
-                    break
-                self.heard.append((data.decode(), t))
-            pubsub.close()
-            self.emit({"event": "listened"})
-
-        threading.Thread(target=run, daemon=True).start()
-
-    def heard_times(self) -> list[tuple[str, float]]:
-        return self.heard
-
     def bare_copy(self, names: list[str], reps: int) -> list[float]:
         """Seconds of a plain ``copy_`` of these tensors from fresh memory, per rep."""
         src = {n: self.live[n].clone() for n in names}
         times = []
         with torch.no_grad():
+            for n in names:  # warm-up: thread pool up, pages touched
+                self.shadow[n].copy_(src[n])
             for _ in range(reps):
                 start = time.perf_counter()
                 for n in names:
@@ -170,8 +148,6 @@ def main() -> None:
         "agent_start": worker.agent_start,
         "agent_stop": worker.agent_stop,
         "mem_arm": worker.mem_arm,
-        "listen": worker.listen,
-        "heard": worker.heard_times,
         "bare_copy": worker.bare_copy,
     }
     for line in sys.stdin:
