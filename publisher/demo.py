@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -44,6 +44,7 @@ PROMPT = [5, 17, 42, 7, 99]
 LAYER = "blocks.1.mlp."
 NAN_TENSOR = "blocks.0.mlp.0.weight"
 STEP_TIMEOUT = 30.0
+INTERRUPTED = "Interrupted: stopped the server and Redis and removed the demo's keys and files."
 
 
 def _mb(n: int) -> str:
@@ -69,10 +70,19 @@ class _Server:
     """examples/serve.py in a child process, spoken to as JSON over loopback HTTP."""
 
     def __init__(
-        self, settings: HotswapSettings, log: IO[bytes], stack: contextlib.ExitStack
+        self,
+        settings: HotswapSettings,
+        log: IO[bytes],
+        stack: contextlib.ExitStack,
+        check: Callable[[], None],
     ) -> None:
+        self.check = check
         env = {**os.environ, **_environment(settings), "PYTHONUNBUFFERED": "1"}
         env["HOTSWAP_POLL_INTERVAL"] = "1"  # a lost notice costs a second, not five
+        # A Ctrl-C in a terminal also stops the embedded redis-server (same process
+        # group); short retries keep the server's last status write from stalling exit.
+        env["HOTSWAP_RETRY_ATTEMPTS"] = "2"
+        env["HOTSWAP_RETRY_MAX_WAIT"] = "0.2"
         self._log = log
         self.process = subprocess.Popen(
             [sys.executable, str(server_script()), "--model-name", MODEL, "--port", "0"],
@@ -81,6 +91,9 @@ class _Server:
             stderr=log,
             env=env,
             text=True,
+            # Out of the terminal's process group: Ctrl-C reaches only the demo,
+            # which then stops the server in order (while Redis is still up).
+            start_new_session=True,
         )
         stack.callback(self.stop)
         assert self.process.stdout is not None
@@ -120,6 +133,7 @@ class _Server:
         """Seconds until the server runs ``version``, and its /version answer."""
         start = time.monotonic()
         while time.monotonic() - start < STEP_TIMEOUT:
+            self.check()
             answer = self.get("/version")
             # last_apply is set just after the version flips: wait for both.
             if answer["version"] == version and answer["last_apply"].get("version") == version:
@@ -158,9 +172,10 @@ def _agent_status(store: Store) -> AgentStatus | None:
     return records[0] if records else None
 
 
-def _wait_rejected(store: Store, version: int) -> AgentStatus:
+def _wait_rejected(store: Store, version: int, check: Callable[[], None]) -> AgentStatus:
     deadline = time.monotonic() + STEP_TIMEOUT
     while time.monotonic() < deadline:
+        check()
         record = _agent_status(store)
         if record is not None and record.rejected_version == version:
             return record
@@ -168,22 +183,38 @@ def _wait_rejected(store: Store, version: int) -> AgentStatus:
     raise HotswapError(f"the example server did not report v{version} rejected in time")
 
 
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGTERM interrupts like Ctrl-C, so both paths run the same cleanup."""
+class _Interrupts:
+    """Ctrl-C and SIGTERM as KeyboardInterrupt, remembered.
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
+    Python drops a KeyboardInterrupt raised while a finalizer (``__del__``)
+    runs; the flag makes the demo's next ``check()`` raise it again, so no
+    Ctrl-C is lost.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.seen = True
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        signals = (signal.SIGINT, signal.SIGTERM)
+        try:
+            saved = {s: signal.signal(s, self._handler) for s in signals}
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -204,8 +235,15 @@ def _uninterrupted() -> Iterator[None]:
 class _Demo:
     """The steps, sharing the server, publisher and store."""
 
-    def __init__(self, settings: HotswapSettings, say: Any, stack: contextlib.ExitStack) -> None:
+    def __init__(
+        self,
+        settings: HotswapSettings,
+        say: Callable[[str], None],
+        stack: contextlib.ExitStack,
+        check: Callable[[], None],
+    ) -> None:
         self.say = say
+        self.check = check
         self.settings = settings
         client = connect(settings)
         stack.callback(client.close)
@@ -214,7 +252,7 @@ class _Demo:
         stack.callback(self.pub.close)
         # Anonymous file: the server's stderr for error messages, gone when closed.
         log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - on the stack
-        self.server = _Server(settings, log, stack)
+        self.server = _Server(settings, log, stack, check)
 
     def run(self) -> None:
         server, pub, say = self.server, self.pub, self.say
@@ -255,7 +293,7 @@ class _Demo:
         broken[NAN_TENSOR][0, 0] = float("nan")
         v3 = pub.publish(broken, message="a run that diverged")
         r = pub.last_report
-        record = _wait_rejected(self.store, v3)
+        record = _wait_rejected(self.store, v3, self.check)
         a3 = server.predict()
         reasons = "; ".join(f"{name}: {', '.join(why)}" for name, why in record.rejection.items())
         same = a3["fingerprint"] == a2["fingerprint"] and a3["version"] == v2
@@ -283,17 +321,20 @@ class _Demo:
         if not exact:
             raise HotswapError(f"rollback to v{v1} did not restore the answer bit-exactly")
 
+        self.check()  # the status command below handles Ctrl-C on its own
         say(f"6. hotswap status {MODEL}:")
         from publisher.cli import main as cli_main
 
         args = ["--redis-url", self.settings.redis_url, "--namespace", self.settings.namespace]
         code = cli_main([*args, "status", MODEL])
+        if code == 130:  # it caught a Ctrl-C itself
+            raise KeyboardInterrupt
         if code:
             raise HotswapError(f"hotswap status exited with {code}")
 
 
 def _open_redis(
-    settings: HotswapSettings | None, say: Any, stack: contextlib.ExitStack
+    settings: HotswapSettings | None, say: Callable[[str], None], stack: contextlib.ExitStack
 ) -> HotswapSettings:
     """The settings the demo runs under; its cleanup goes on ``stack`` first (runs last)."""
     if settings is not None:
@@ -328,17 +369,23 @@ def run_demo(settings: HotswapSettings | None, console: Console | None = None) -
     # One line per step whatever the console's width: easier to read in logs and to grep.
     say = functools.partial(out.print, soft_wrap=True)
     started = time.monotonic()
+    interrupts = _Interrupts()
     stack = contextlib.ExitStack()
     try:
-        with _interruptible():
+        with interrupts.installed():
             try:
                 cfg = _open_redis(settings, say, stack)
-                _Demo(cfg, say, stack).run()
+                _Demo(cfg, say, stack, interrupts.check).run()
             finally:
                 with _uninterrupted():
                     stack.close()
+            interrupts.check()
     except KeyboardInterrupt:
-        say("Interrupted: stopped the server and Redis and removed the demo's keys and files.")
+        # Plain write, not rich: a Ctrl-C that cut a print short leaves that line in
+        # rich's buffer, and the next rich print would write it a second time.
+        with _uninterrupted(), contextlib.suppress(KeyboardInterrupt, OSError):
+            out.file.write(f"{INTERRUPTED}\n")
+            out.file.flush()
         return 130
     except HotswapError as e:
         say(f"[red]demo failed:[/red] {escape(str(e))}")
