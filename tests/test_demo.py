@@ -23,6 +23,25 @@ from publisher import cli
 from publisher.publisher import Publisher
 
 HOTSWAP = Path(sys.executable).with_name("hotswap")
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_transcript() -> list[str]:
+    """The demo output README shows (``console`` block), minus the prompt and elisions."""
+    body = re.search(r"^```console\n(.*?)^```$", README.read_text(), flags=re.M | re.S)
+    assert body, "README shows no demo transcript"
+    lines = body[1].strip().splitlines()
+    assert lines[0] == "$ make demo"
+    return [line for line in lines[1:] if not line.startswith("(")]
+
+
+def as_pattern(line: str) -> str:
+    """A README transcript line as a regex: its figures (numbers, hex) may differ."""
+    parts = re.split(r"([0-9a-f]{16}|\d+(?:\.\d+)?)", line)
+    return "".join(
+        re.escape(part) if i % 2 == 0 else r"(?:[0-9a-f]{16}|\d+(?:\.\d+)?)"
+        for i, part in enumerate(parts)
+    )
 
 
 class DemoRun:
@@ -153,6 +172,12 @@ def test_demo_narrates_every_step_and_cleans_up(tmp_path: Path) -> None:
     assert "model tiny: head v4" in status
     assert re.search(r"│ +v4 │ idle +│ +0 │ v3: blocks\.0\.mlp\.0\.weight", status), status
     assert re.search(r"Demo finished in \d+\.\ds; the server, Redis and every", lines[-1])
+    # README's transcript is this output, figures aside.
+    narration = [line for line in lines if re.match(r"(hotswap demo |\d\. |Demo finished)", line)]
+    shown = readme_transcript()
+    assert len(shown) == len(narration)
+    for expected, actual in zip(shown, narration, strict=True):
+        assert re.fullmatch(as_pattern(expected), actual), f"README: {expected}\nrun:    {actual}"
     demo.assert_all_gone()
 
 

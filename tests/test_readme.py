@@ -263,6 +263,14 @@ def check_conf(block: Block) -> None:
     assert all(len(line.split()) == 2 for line in block.body.strip().splitlines())
 
 
+def check_console(block: Block) -> None:
+    # Matched line by line against a real run in tests/test_demo.py.
+    lines = block.body.strip().splitlines()
+    assert lines[0] == "$ make demo"
+    for line in lines[1:]:
+        assert re.match(r"(hotswap demo |\d\. |\(.+\)$|Demo finished in )", line), line
+
+
 def check_mermaid(block: Block) -> None:
     body = block.body
     assert body.splitlines()[0] == "sequenceDiagram"
@@ -281,6 +289,7 @@ STRUCTURAL: dict[str, Callable[[Block], None]] = {
     "acl": check_acl,
     "conf": check_conf,
     "mermaid": check_mermaid,
+    "console": check_console,
 }
 
 
