@@ -17,6 +17,7 @@ import re
 import runpy
 import shlex
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ STATIC: dict[str, Callable[[list[str]], None]] = {
     "export": check_export,
     "docker": check_docker,
 }
-LIVE = {"hotswap", "curl"}
+LIVE = {"hotswap", "curl", "mkdir", "python"}
 
 
 # -- the tour, run for real ----------------------------------------------------
@@ -146,8 +147,41 @@ class Tour:
                 assert code == 0, f"{block}: `{shlex.join(words)}` exited {code}"
             elif words[0] == "curl":
                 self.curl(words)
+            elif words[0] == "mkdir":
+                assert words[1] == "-p"
+                for name in words[2:]:
+                    (self.workdir / name).mkdir(parents=True, exist_ok=True)
+            elif words[0] == "python":
+                assert words[1] == "-c"
+                self.python(Block("python -c", words[2], block.line))
+            elif words[0] == "docker":
+                check_docker(words)
+                if "run" in words and "publisher" in words:
+                    self.compose_publish()
             else:
                 STATIC[words[0]](words)
+
+    def compose_publish(self) -> None:
+        """The compose publisher's command, its volume mapped back onto this directory."""
+        service = compose()["services"]["publisher"]
+        host, container, _ = service["volumes"][0].split(":")
+        command = [w.replace(container, str(self.workdir / host)) for w in service["command"]]
+        assert command[0] == "hotswap"
+        before = Store(redis.Redis.from_url(self.settings.redis_url), command[2]).head()
+        assert cli.main(command[1:]) == 0
+        after = Store(redis.Redis.from_url(self.settings.redis_url), command[2]).head()
+        assert after == (before or 0) + 1
+        # The example server runs that model: it must pick the version up.
+        self.wait_server_version(after)
+
+    def wait_server_version(self, version: int) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(self.example_server() + "/version", timeout=5) as reply:
+                if json.loads(reply.read())["version"] == version:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"the example server did not apply v{version}")
 
     def curl(self, words: list[str]) -> None:
         url = next(w for w in words[1:] if "localhost:" in w)
