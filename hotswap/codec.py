@@ -122,20 +122,28 @@ def from_bytes(
 ) -> torch.Tensor:
     """A CPU tensor over ``buf`` (shared memory when ``buf`` is writable)."""
     torch_dtype = dtype_from_name(dtype)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise FormatError(
+            f"shape {list(shape)!r:.200} of a {dtype} tensor has a negative dimension"
+        )
     expected = math.prod(shape) * torch_dtype.itemsize
     if len(buf) != expected:
         raise FormatError(
             f"{len(buf)} bytes cannot hold a {dtype} tensor of shape {list(shape)} "
             f"({expected} bytes)"
         )
-    if expected == 0:
-        # A view, not torch.empty: allocating some dtypes (C32) warns.
-        return torch.empty(0, dtype=torch.uint8).view(torch_dtype).reshape(shape)
-    if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
-        # torch.frombuffer warns on read-only memory and would let writes through.
-        buf = bytearray(buf)
-    raw = torch.frombuffer(buf, dtype=torch.uint8)
-    return raw.view(torch_dtype).reshape(shape)
+    try:
+        if expected == 0:
+            # A view, not torch.empty: allocating some dtypes (C32) warns.
+            return torch.empty(0, dtype=torch.uint8).view(torch_dtype).reshape(shape)
+        if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
+            # torch.frombuffer warns on read-only memory and would let writes through.
+            buf = bytearray(buf)
+        raw = torch.frombuffer(buf, dtype=torch.uint8)
+        return raw.view(torch_dtype).reshape(shape)
+    except RuntimeError as e:
+        # An empty shape whose other dimensions overflow int64 (torch counts them all).
+        raise FormatError(f"a {dtype} tensor of shape {list(shape)} cannot exist: {e}") from e
 
 
 def digest(buf: bytes | bytearray | memoryview) -> str:
