@@ -81,6 +81,7 @@ def _verdict(
 def _targets(out: dict[str, Any], raw: dict[str, Any], dtype: str) -> None:
     c = out["cases"]
     hot, ceil, naive = (c.get(f"{dtype}/{k}:full") for k in ("hotswap", "ceiling", "naive"))
+    warm = c.get(f"{dtype}/ceiling-warm:full")
     t = out["targets"]
     if hot and ceil and naive:
         e2e = hot["end_to_end"]["median"]
@@ -98,6 +99,15 @@ def _targets(out: dict[str, Any], raw: dict[str, Any], dtype: str) -> None:
                 f"{dtype} full: hotswap / ceiling", e2e / ceil["end_to_end"]["median"], 1.5, "x"
             )
         )
+        if warm:
+            t.append(
+                _verdict(
+                    f"{dtype} full: hotswap / ceiling on warm keys",
+                    e2e / warm["end_to_end"]["median"],
+                    1.5,
+                    "x",
+                )
+            )
         copies = raw["bare_copy"].get(f"{dtype}:full")
         if copies:
             ratio = hot["pause"]["median"] / summary(copies)["median"]
