@@ -220,15 +220,32 @@ class Bench:
             bytes_sent=size,
         )
 
-    def _ceiling(self, *args: Any) -> Run:
+    def _ceiling(
+        self,
+        w: WorkerProc,
+        pub: Any,
+        sd: dict[str, torch.Tensor],
+        names: list[str],
+        dtype: str,
+        case: str,
+    ) -> Run:
         """The ceiling on fresh keys (returned), then again over the same keys (warm:
         Redis reuses the values' memory; recorded as ``ceiling-warm``)."""
-        fresh = self._baseline("ceiling", *args, keep=True)
-        self.runs.append(self._baseline("ceiling", *args, label="ceiling-warm"))
+        fresh = self._baseline("ceiling", w, pub, sd, names, dtype, case, keep=True)
+        warm = self._baseline("ceiling", w, pub, sd, names, dtype, case, label="ceiling-warm")
+        self.runs.append(warm)
         return fresh
 
-    def _naive(self, *args: Any) -> Run:
-        return self._baseline("naive", *args)
+    def _naive(
+        self,
+        w: WorkerProc,
+        pub: Any,
+        sd: dict[str, torch.Tensor],
+        names: list[str],
+        dtype: str,
+        case: str,
+    ) -> Run:
+        return self._baseline("naive", w, pub, sd, names, dtype, case)
 
     def _hotswap(
         self,
