@@ -173,7 +173,15 @@ def _mb(n: float) -> str:
 
 def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
     """The tables ``docs/performance.md`` shows."""
-    parts = []
+    cfg = raw["config"]
+    chunks = "the settings default" if cfg["chunk_mb"] is None else f"{cfg['chunk_mb']:g} MiB"
+    parts = [
+        f"{cfg['size_mb']:g} MiB state dict, {cfg['runs']} runs per case (median, min-max), "
+        f"Redis {raw['redis_version']}, hotswap chunks {chunks}, "
+        f"ceiling chunks {cfg['ceiling_chunk_mb']:g} MiB, {cfg['window']} GETs in flight; "
+        f"load average {raw['load_before'][0]:.2f} before, {raw['load_after'][0]:.2f} after; "
+        f"{raw['seconds']:.0f} s in all."
+    ]
     rows = []
     for key, e in s["cases"].items():
         dtype, case = key.split("/")
