@@ -3,6 +3,7 @@ figures that explain the gap between hotswap and the raw ceiling."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +32,16 @@ def _time(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+def _rows_norm(t: torch.Tensor, width: int = 1024) -> float:
+    """L2 norm as float32 norms of rows of ``width`` elements, combined in float64:
+    two large torch ops instead of a float64 pass; ~1e-9 relative to float64."""
+    flat = t.detach().reshape(-1)
+    whole = flat.numel() // width * width
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, width), dim=1, dtype=torch.float32)
+    tail = flat[whole:].double()
+    return math.sqrt(float(rows.double().square().sum()) + float(torch.dot(tail, tail)))
+
+
 def measure(sd: dict[str, torch.Tensor], manifest_bytes: bytes, reps: int = 3) -> dict[str, Any]:
     """Seconds per pass over every tensor of ``sd`` (medians of ``reps``)."""
     tensors = list(sd.values())
@@ -53,6 +64,8 @@ def measure(sd: dict[str, torch.Tensor], manifest_bytes: bytes, reps: int = 3) -
                 d.copy_(t)
 
     return {
+        "norm, float32 rows summed in float64 (candidate)": _time(each(_rows_norm), reps),
+        "max-abs, aminmax in the tensor's dtype (candidate)": _time(each(torch.aminmax), reps),
         "blake3 digest (codec.digest)": _time(
             each(lambda t: codec.digest(codec.as_bytes(t))), reps
         ),
