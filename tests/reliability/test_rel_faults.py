@@ -227,35 +227,51 @@ def test_redis_restarted_empty() -> None:
         assert store.versions() == [1]
 
 
-def test_redis_frozen_longer_than_the_client_timeout() -> None:
+@pytest.mark.parametrize("when", ["before the publish", "mid-upload"])
+def test_redis_frozen_longer_than_the_client_timeout(when: str) -> None:
     with EmbeddedRedis() as server:
         cfg = settings_for(server, socket_timeout=0.5, connect_timeout=0.5, retry_max_wait=0.1)
         first, second = make_state(1), make_state(2)
         live = live_copy(first)
         store = admin_store(server)
+        started: list[float] = []
+
+        def freeze_now() -> None:
+            server.freeze()
+            started.append(time.monotonic())
+
+        def freeze_after_first_tensor(stage: str, done: int, total: int) -> None:
+            if stage == "upload" and not started:
+                freeze_now()
+
         with Publisher(MODEL, settings=cfg) as pub, Agent(live, MODEL, settings=cfg) as agent:
             v1 = pub.publish(first)
             assert agent.wait_for(v1, 10)
-            server.freeze()
             try:
-                started = time.monotonic()
+                if when == "before the publish":
+                    freeze_now()
                 with pytest.raises(StoreUnavailable) as caught:
-                    pub.publish(second)
-                took = time.monotonic() - started
+                    pub.publish(second, progress=freeze_after_first_tensor)
+                took = time.monotonic() - started[0]
                 assert eventually(lambda: agent.state == "disconnected", 10)
-                frozen_for = time.monotonic() - started
             finally:
                 server.thaw()
+            doing = (
+                "reading head"
+                if when == "before the publish"
+                else ("uploading tensor 'layer01.weight'")
+            )
             text = str(caught.value)
             assert text.startswith(
-                f"Redis unreachable while reading head for model {MODEL!r} (TimeoutError: "
+                f"Redis unreachable while {doing} for model {MODEL!r} (TimeoutError: "
             ) and text.endswith("check HOTSWAP_REDIS_URL and the server")
             # Three attempts of at most 0.5 s each, with short backoff in between.
             assert 1.4 < took < 6.0, took
-            assert frozen_for > cfg.socket_timeout
-            # The agent recovers by itself; the publisher's next call just works.
+            # The agent recovers by itself; nothing of the failed publish is visible;
+            # the publisher's next call just works.
             assert eventually(lambda: agent.state == "idle", 15)
-            assert store.head() == v1 and digests(live) == digests(first)
+            assert store.head() == v1 and store.versions() == [v1]
+            assert digests(live) == digests(first)
             v2 = pub.publish(second)
             assert agent.wait_for(v2, 10)
         assert_runs_exactly(store, live, v2)
