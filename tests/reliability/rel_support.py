@@ -6,8 +6,10 @@ published manifest (never a mix of two), and nothing committed was lost.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -23,6 +25,7 @@ from hotswap.status import decode as decode_status
 from hotswap.store import Store
 
 MODEL = "rel"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 
 
 def make_state(seed: int, tensors: int = 6, width: int = 32) -> dict[str, torch.Tensor]:
@@ -104,3 +107,32 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0, every: float = 
             return True
         time.sleep(every)
     return check()
+
+
+def acl_lines() -> list[str]:
+    """The one fenced block of docs/reliability.md made of ``ACL SETUSER`` lines."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", DOC.read_text(), flags=re.S)
+    found = [
+        b.strip().splitlines()
+        for b in blocks
+        if b.strip() and all(line.startswith("ACL SETUSER ") for line in b.strip().splitlines())
+    ]
+    assert len(found) == 1, f"{DOC} must hold exactly one block of ACL SETUSER lines"
+    return found[0]
+
+
+def apply_acl(admin: redis.Redis) -> None:
+    """Load the documented users into a server (as its default, admin user)."""
+    for line in acl_lines():
+        assert admin.execute_command(*line.split()) in (b"OK", "OK", True)
+    admin.execute_command("ACL", "LOG", "RESET")
+
+
+def acl_url(server: EmbeddedRedis, user: str) -> str:
+    """A redis:// URL logging in as one of the documented users."""
+    for line in acl_lines():
+        words = line.split()
+        if words[2] == user:
+            secret = next(w[1:] for w in words if w.startswith(">"))
+            return f"redis://{user}:{secret}@127.0.0.1:{server.port}/0"
+    raise AssertionError(f"no ACL line for {user}")

@@ -10,17 +10,17 @@ code swallows the error (an agent's status write is best effort).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 import torch
 from rel_support import (
     MODEL,
+    acl_url,
     admin_store,
     agent_status,
+    apply_acl,
     assert_runs_exactly,
     live_copy,
     make_state,
@@ -38,41 +38,14 @@ from publisher.publisher import Publisher
 
 pytestmark = pytest.mark.reliability
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 NS = "hotswap"
-
-
-def acl_lines() -> list[str]:
-    """The one fenced block of the document made of ``ACL SETUSER`` lines."""
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", DOC.read_text(), flags=re.S)
-    found = [
-        b.strip().splitlines()
-        for b in blocks
-        if b.strip() and all(line.startswith("ACL SETUSER ") for line in b.strip().splitlines())
-    ]
-    assert len(found) == 1, f"{DOC} must hold exactly one block of ACL SETUSER lines"
-    return found[0]
-
-
-def password(user: str) -> str:
-    for line in acl_lines():
-        words = line.split()
-        if words[2] == user:
-            return next(w[1:] for w in words if w.startswith(">"))
-    raise AssertionError(f"no ACL line for {user}")
-
-
-def url(server: EmbeddedRedis, user: str) -> str:
-    return f"redis://{user}:{password(user)}@127.0.0.1:{server.port}/0"
 
 
 @pytest.fixture
 def acl_redis() -> Iterator[tuple[EmbeddedRedis, redis.Redis]]:
     with EmbeddedRedis() as server:
         admin = redis.Redis.from_url(server.url, socket_timeout=5)
-        for line in acl_lines():
-            assert admin.execute_command(*line.split()) in (b"OK", "OK", True)
-        admin.execute_command("ACL", "LOG", "RESET")
+        apply_acl(admin)
         yield server, admin
         admin.close()
 
@@ -92,8 +65,8 @@ def test_publisher_and_agent_run_a_whole_workflow_under_their_users(
     acl_redis: tuple[EmbeddedRedis, redis.Redis],
 ) -> None:
     server, admin = acl_redis
-    as_agent = settings_for(url(server, "hotswap-agent"))
-    as_publisher = settings_for(url(server, "hotswap-publisher"), gc_grace_seconds=0)
+    as_agent = settings_for(acl_url(server, "hotswap-agent"))
+    as_publisher = settings_for(acl_url(server, "hotswap-publisher"), gc_grace_seconds=0)
     first = make_state(1)
     live = live_copy(first)
     with (
@@ -170,11 +143,11 @@ def test_agent_user_cannot_publish_move_head_or_write_blobs(
 ) -> None:
     server, admin = acl_redis
     state = make_state(2)
-    with Publisher(MODEL, settings=settings_for(url(server, "hotswap-publisher"))) as pub:
+    with Publisher(MODEL, settings=settings_for(acl_url(server, "hotswap-publisher"))) as pub:
         v1 = pub.publish(state)
     store = admin_store(server)
     before = {k: admin.dump(k) for k in admin.keys("*")}
-    agent_client = redis.Redis.from_url(url(server, "hotswap-agent"), socket_timeout=5)
+    agent_client = redis.Redis.from_url(acl_url(server, "hotswap-agent"), socket_timeout=5)
     for command in AGENT_DENIED:
         with pytest.raises(redis.exceptions.NoPermissionError):
             agent_client.execute_command(*command)
@@ -215,7 +188,7 @@ def test_publisher_user_cannot_forge_agent_status_or_administer(
     acl_redis: tuple[EmbeddedRedis, redis.Redis],
 ) -> None:
     server, admin = acl_redis
-    client = redis.Redis.from_url(url(server, "hotswap-publisher"), socket_timeout=5)
+    client = redis.Redis.from_url(acl_url(server, "hotswap-publisher"), socket_timeout=5)
     for command in PUBLISHER_DENIED:
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.execute_command(*command)
@@ -229,7 +202,7 @@ def test_acl_cannot_fence_hash_fields_or_one_agent_from_another(
     """The limits documented beside the ACL: Redis key patterns stop at the key, so any
     agent may overwrite another agent's field of the status hash, or its heartbeat."""
     server, admin = acl_redis
-    client = redis.Redis.from_url(url(server, "hotswap-agent"), socket_timeout=5)
+    client = redis.Redis.from_url(acl_url(server, "hotswap-agent"), socket_timeout=5)
     agents = keys.agents_key(NS, MODEL)
     admin.hset(agents, "agent-a", b"honest")
     client.hset(agents, "agent-a", b"overwritten by agent-b")
