@@ -156,10 +156,14 @@ def test_forged_manifest_is_refused_before_a_byte_is_fetched(
         assert_runs_exactly(store, live, v3)
 
 
-def test_key_rotation_without_restarting_agents(private: EmbeddedRedis, store: Store) -> None:
+def test_key_rotation_without_restarting_agents(
+    private: EmbeddedRedis, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = make_state(1)
     live = live_copy(make_state(0))
-    agent_cfg = settings_for(private, signing_keys=f"{OLD},{NEW}")
+    monkeypatch.setenv("HOTSWAP_SIGNING_KEYS", f"{OLD}, {NEW}")
+    agent_cfg = settings_for(private)  # the keys from the environment, as deployed
+    assert agent_cfg.key_bytes() == [OLD.encode(), NEW.encode()]
     with Agent(live, MODEL, settings=agent_cfg) as agent:
         with Publisher(MODEL, settings=settings_for(private, signing_keys=OLD)) as before:
             v1 = before.publish(first)
