@@ -25,6 +25,8 @@ from bench.memory import PeakRss
 from hotswap.settings import HotswapSettings
 from hotswap.transport import BlobTransport
 
+EVICT_BYTES = 128 * 1024 * 1024
+
 
 class Worker:
     def __init__(self) -> None:
@@ -127,11 +129,15 @@ class Worker:
     def bare_copy(self, names: list[str], reps: int) -> list[float]:
         """Seconds of a plain ``copy_`` of these tensors from fresh memory, per rep."""
         src = {n: self.live[n].clone() for n in names}
+        # Larger than any last-level cache: a small tensor copied over and over
+        # would otherwise be timed from cache, which an update never enjoys.
+        evict = torch.zeros(EVICT_BYTES, dtype=torch.uint8)
         times = []
         with torch.no_grad():
             for n in names:  # warm-up: thread pool up, pages touched
                 self.shadow[n].copy_(src[n])
             for _ in range(reps):
+                evict.add_(1)
                 start = time.perf_counter()
                 for n in names:
                     self.shadow[n].copy_(src[n])
