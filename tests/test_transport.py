@@ -378,11 +378,11 @@ def test_store_fast_path_failures_are_store_unavailable() -> None:
         client.close()
 
 
-def _cluster(servers: list[EmbeddedRedis]) -> None:
+def _cluster(servers: list[EmbeddedRedis], second_bus_port: int) -> None:
     a, b = (redis.Redis(port=s.port) for s in servers)
     a.execute_command("CLUSTER ADDSLOTSRANGE", 0, 8191)
     b.execute_command("CLUSTER ADDSLOTSRANGE", 8192, 16383)
-    a.execute_command("CLUSTER MEET", "127.0.0.1", servers[1].port)
+    a.execute_command("CLUSTER MEET", "127.0.0.1", servers[1].port, second_bus_port)
     deadline = time.monotonic() + 20
     while not all(
         c.cluster("info")["cluster_state"] == "ok" and len(c.cluster("nodes")) == 2 for c in (a, b)
@@ -395,9 +395,13 @@ def _cluster(servers: list[EmbeddedRedis]) -> None:
 
 @pytest.mark.slow
 def test_cluster_goes_through_the_node_that_owns_each_key() -> None:
-    args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-    with EmbeddedRedis(extra_args=args) as one, EmbeddedRedis(extra_args=args) as two:
-        _cluster([one, two])
+    # Bus ports given: the default, port + 10000, overflows for the high
+    # ephemeral ports free_port() hands out.
+    bus = [free_port(), free_port()]
+    args = [["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-port", str(b)] for b in bus]  # fmt: skip
+    with EmbeddedRedis(extra_args=args[0]) as one, EmbeddedRedis(extra_args=args[1]) as two:
+        _cluster([one, two], bus[1])
         client = RedisCluster(host="127.0.0.1", port=one.port)
         store = Store(client, "m")
         data = _blob(40 * 1024 + 5, 4)
