@@ -77,7 +77,7 @@ class Agent:
             raise ConfigError(f"agent mode {mode!r} is unknown: use 'auto' or 'manual'")
         if staging not in ("auto", "pinned", "device"):
             raise ConfigError(f"staging {staging!r} is unknown: use 'auto', 'pinned' or 'device'")
-        self.settings = settings or HotswapSettings()  # type: ignore[call-arg]
+        self.settings = settings or HotswapSettings()
         self.policy = validate.as_policy(policy)
         self.mode, self.staging = mode, staging
         self.on_applied, self.on_rejected = on_applied, on_rejected

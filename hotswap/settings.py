@@ -20,48 +20,68 @@ class HotswapSettings(BaseSettings):
     )
 
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0",
+        default="redis://127.0.0.1:6379/0",
         description="Redis URL: redis://, rediss:// (TLS), unix://; user:password@ for ACL users.",
     )
-    cluster: bool = Field(False, description="Connect with the Redis Cluster client.")
-    namespace: str = Field("hotswap", description="Prefix of every key, to share one Redis.")
+    cluster: bool = Field(default=False, description="Connect with the Redis Cluster client.")
+    namespace: str = Field(
+        default="hotswap", description="Prefix of every key, to share one Redis."
+    )
     chunk_bytes: int = Field(
-        4 * MiB, ge=4096, le=512 * MiB, description="Largest blob chunk a publish writes."
+        default=1 * MiB, ge=4096, le=512 * MiB, description="Largest blob chunk a publish writes."
     )
     poll_interval: float = Field(
-        5.0, gt=0, description="Seconds between an agent's checks of head (pub/sub can drop)."
+        default=5.0,
+        gt=0,
+        description="Seconds between an agent's checks of head (pub/sub can drop).",
     )
     heartbeat_ttl: float = Field(
-        15.0, gt=0, description="Seconds an agent's heartbeat lives; expired agents are gone."
+        default=15.0,
+        gt=0,
+        description="Seconds an agent's heartbeat lives; expired agents are gone.",
     )
-    keep_versions: int = Field(10, ge=1, description="Versions gc keeps besides those agents run.")
+    keep_versions: int = Field(
+        default=10, ge=1, description="Versions gc keeps besides those agents run."
+    )
     gc_grace_seconds: float = Field(
-        3600.0, ge=0, description="gc never deletes a blob younger than this (uploads in flight)."
+        default=3600.0,
+        ge=0,
+        description="gc never deletes a blob younger than this (uploads in flight).",
     )
     signing_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated HMAC keys: publishers sign with the first, agents accept any.",
     )
     tls_ca_file: str | None = Field(
-        None, description="CA bundle that signs the Redis server's TLS cert."
+        default=None, description="CA bundle that signs the Redis server's TLS cert."
     )
-    tls_cert_file: str | None = Field(None, description="Client certificate for mutual TLS.")
-    tls_key_file: str | None = Field(None, description="Private key of the client certificate.")
-    socket_timeout: float = Field(10.0, gt=0, description="Seconds a Redis command may take.")
-    connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a Redis connection.")
+    tls_cert_file: str | None = Field(
+        default=None, description="Client certificate for mutual TLS."
+    )
+    tls_key_file: str | None = Field(
+        default=None, description="Private key of the client certificate."
+    )
+    socket_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a Redis command may take."
+    )
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to open a Redis connection."
+    )
     retry_attempts: int = Field(
-        6, ge=1, description="Attempts of one Redis operation before StoreUnavailable."
+        default=6, ge=1, description="Attempts of one Redis operation before StoreUnavailable."
     )
     retry_max_wait: float = Field(
-        2.0, gt=0, description="Longest backoff in seconds between two attempts."
+        default=2.0, gt=0, description="Longest backoff in seconds between two attempts."
     )
     max_manifest_bytes: int = Field(
-        64 * MiB, ge=1024, description="Largest manifest accepted from Redis."
+        default=64 * MiB, ge=1024, description="Largest manifest accepted from Redis."
     )
     max_tensor_bytes: int = Field(
-        64 * 1024 * MiB, ge=1, description="Largest tensor a manifest may declare."
+        default=64 * 1024 * MiB, ge=1, description="Largest tensor a manifest may declare."
     )
-    max_tensors: int = Field(100_000, ge=1, description="Most tensors a manifest may declare.")
+    max_tensors: int = Field(
+        default=100_000, ge=1, description="Most tensors a manifest may declare."
+    )
 
     @field_validator("signing_keys", mode="before")
     @classmethod

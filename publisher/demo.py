@@ -354,7 +354,7 @@ def _open_redis(
     redis.start()
     pid = redis.process.pid if redis.process else "?"
     say(f"[bold]hotswap demo[/bold] on a private redis-server (pid {pid}, port {redis.port}).")
-    return HotswapSettings(redis_url=redis.url)  # type: ignore[call-arg]
+    return HotswapSettings(redis_url=redis.url)
 
 
 def run_demo(settings: HotswapSettings | None, console: Console | None = None) -> int:

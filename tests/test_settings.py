@@ -26,7 +26,7 @@ def test_defaults() -> None:
     s = HotswapSettings()
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.namespace == "hotswap"
-    assert s.chunk_bytes == 4 * 1024 * 1024
+    assert s.chunk_bytes == 1024 * 1024
     assert s.cluster is False
     assert s.signing_keys == [] and s.key_bytes() == []
     assert s.keep_versions == 10
@@ -40,13 +40,13 @@ def test_every_field_is_documented() -> None:
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOTSWAP_REDIS_URL", "redis://redis.internal:7000/2")
     monkeypatch.setenv("HOTSWAP_NAMESPACE", "prod")
-    monkeypatch.setenv("HOTSWAP_CHUNK_BYTES", "1048576")
+    monkeypatch.setenv("HOTSWAP_CHUNK_BYTES", "2097152")
     monkeypatch.setenv("HOTSWAP_CLUSTER", "true")
     monkeypatch.setenv("HOTSWAP_POLL_INTERVAL", "0.25")
     s = HotswapSettings()
     assert s.redis_url == "redis://redis.internal:7000/2"
     assert s.namespace == "prod"
-    assert s.chunk_bytes == 1048576
+    assert s.chunk_bytes == 2097152
     assert s.cluster is True
     assert s.poll_interval == 0.25
 
