@@ -44,10 +44,21 @@ def find_redis_server() -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _cluster_enabled(args: list[str]) -> bool:
+    return any(
+        a == "--cluster-enabled" and i + 1 < len(args) and args[i + 1] == "yes"
+        for i, a in enumerate(args)
+    )
+
+
+def free_port(avoid: int | None = None) -> int:
+    """A loopback port nobody listens on now (other than ``avoid``)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port != avoid:
+            return port
 
 
 class EmbeddedRedis:
@@ -57,12 +68,34 @@ class EmbeddedRedis:
     With ``persist=True`` the server keeps an append-only file across restarts.
     """
 
-    def __init__(self, persist: bool = False, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        persist: bool = False,
+        extra_args: list[str] | None = None,
+        *,
+        cluster: bool = False,
+        start_timeout: float = 10.0,
+    ) -> None:
         self.binary = find_redis_server()
         self.persist = persist
         self.extra_args = list(extra_args or [])
+        self.start_timeout = start_timeout
         self.port = free_port()
-        self._dir = tempfile.mkdtemp(prefix="hotswap-redis-")
+        if cluster and not _cluster_enabled(self.extra_args):
+            self.extra_args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        # Redis puts the cluster bus on port + 10000 unless told otherwise, and
+        # that overflows 65535 for the high ports free_port() hands out
+        # (ephemeral range 32768-60999 on Linux): pick a free bus port too.
+        self.bus_port: int | None = None
+        if _cluster_enabled(self.extra_args):
+            if "--cluster-port" in self.extra_args:
+                self.bus_port = int(self.extra_args[self.extra_args.index("--cluster-port") + 1])
+            else:
+                self.bus_port = free_port(avoid=self.port)
+                self.extra_args += ["--cluster-port", str(self.bus_port)]
+        # Made by the first start(), so that an object never started (or whose
+        # first start failed) leaves nothing on disk.
+        self._dir: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,40 +104,59 @@ class EmbeddedRedis:
 
     @property
     def dir(self) -> str:
+        """The server's working directory (AOF, nodes.conf, redis.log), from start() to stop()."""
+        if self._dir is None:
+            raise ConfigError("this EmbeddedRedis has no directory: start() it first")
         return self._dir
 
     def start(self) -> EmbeddedRedis:
-        args = [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            self._dir,
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--appendonly",
-            "yes" if self.persist else "no",
-            "--logfile",
-            os.path.join(self._dir, "redis.log"),
-            *self.extra_args,
-        ]
-        self._close_pipe()
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self._wait_ready()
+        """Start the server and wait until it answers PING.
+
+        On any failure, KeyboardInterrupt included, the process is killed and a
+        directory this call made is removed before the exception propagates.
+        """
+        made_dir = self._dir is None
+        try:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="hotswap-redis-")
+            args = [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self._dir,
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--appendonly",
+                "yes" if self.persist else "no",
+                "--logfile",
+                os.path.join(self._dir, "redis.log"),
+                *self.extra_args,
+            ]
+            self._close_pipe()
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            self._wait_ready(self.start_timeout)
+        except BaseException:
+            self.kill()
+            self._close_pipe()
+            if made_dir:
+                self._remove_dir()
+            raise
         return self
 
-    def _wait_ready(self, timeout: float = 10.0) -> None:
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise StoreUnavailable(f"redis-server {self.binary} exited at start: {err.strip()}")
+                raise StoreUnavailable(
+                    f"redis-server {self.binary} exited at start: {self._start_error()}"
+                )
             with (
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s,
@@ -114,6 +166,20 @@ class EmbeddedRedis:
                     return
             time.sleep(0.02)
         raise StoreUnavailable(f"redis-server on port {self.port} did not start within {timeout}s")
+
+    def _start_error(self) -> str:
+        # Bad options are reported on stderr; errors after the config is read
+        # (a port out of range, say) go to the log file only, as warnings
+        # ("PID:ROLE DATE # message"): the last one says why.
+        assert self.process is not None
+        stderr = self.process.stderr
+        err = stderr.read().decode(errors="replace") if stderr else ""
+        if not err.strip() and self._dir is not None:
+            with contextlib.suppress(OSError):
+                log = Path(self._dir, "redis.log").read_text(errors="replace")
+                warnings = [ln.split(" # ", 1)[1] for ln in log.splitlines() if " # " in ln]
+                err = warnings[-1] if warnings else ""
+        return " ".join(err.split())
 
     def kill(self) -> None:
         """SIGKILL the server (no shutdown, no save)."""
@@ -145,7 +211,12 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait()
         self._close_pipe()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._remove_dir()
+
+    def _remove_dir(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def _close_pipe(self) -> None:
         # The previous process's stderr pipe, left open by kill() or a restart.
