@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import blake3
 import pytest
@@ -312,3 +316,165 @@ def test_stats_work_for_every_dtype(name: str) -> None:
     assert s.norm >= 0.0 or math.isnan(s.norm)
     # Deterministic: the same bytes give the same stats (agents recompute them).
     assert codec.stats(tensor_of(raw(x), name, (4,))) == s
+
+
+# -- stats against an exact float64 reference ------------------------------------------
+
+
+def values_of(name: str, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` ordinary values of wire dtype ``name`` (no NaN or inf), of both signs."""
+    dtype = codec.DTYPES[name]
+    g = torch.Generator().manual_seed(seed)
+    if name == "F4_E2M1_X2":
+        return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype)
+    if dtype == torch.bool:
+        return torch.rand(n, generator=g) > 0.5
+    if dtype.is_complex:
+        # Built as a view of real pairs: allocating complex32 itself warns.
+        real = {torch.complex128: torch.float64, torch.complex64: torch.float32}
+        parts = (torch.randn(n, 2, generator=g) * 3).to(real.get(dtype, torch.float16))
+        return torch.view_as_complex(parts)
+    if dtype.is_floating_point:
+        return (torch.randn(n, generator=g) * 3).to(dtype)
+    info = torch.iinfo(dtype)
+    low, high = max(info.min, -(2**62)), min(info.max, 2**62)
+    return torch.randint(low, high, (n,), dtype=torch.int64, generator=g).to(dtype)
+
+
+def exact_stats(t: torch.Tensor) -> tuple[float, float]:
+    """Norm and max-abs over a whole float64 copy (the slow, obviously right way)."""
+    if t.dtype in codec._PACKED:
+        t = t.view(torch.uint8)
+    t = t.resolve_conj().resolve_neg()
+    if t.is_complex():
+        wide = torch.view_as_real(t).to(torch.float64)
+        magnitude = wide.square().sum(-1).sqrt()
+    else:
+        magnitude = t.to(torch.float64).abs()
+    return float(magnitude.square().sum().sqrt()), float(magnitude.max())
+
+
+@pytest.mark.parametrize("size", [1, 3, 2 * codec.BLOCK + 17])
+@pytest.mark.parametrize("name", NAMES)
+def test_stats_agree_with_exact_float64_for_every_dtype(name: str, size: int) -> None:
+    x = values_of(name, size)
+    norm, max_abs = exact_stats(x)
+    s = codec.stats(x)
+    assert s.norm == pytest.approx(norm, rel=1e-12)
+    # The largest magnitude is one element: exact (complex: its modulus in float64).
+    assert s.max_abs == pytest.approx(max_abs, rel=1e-15)
+    assert codec.norm(x) == s.norm
+
+
+def test_stats_beat_float32_accumulation_on_bfloat16_valued_data() -> None:
+    # Squares of values with few significant bits, summed in float32, round down
+    # on average (7e-8 relative here): the reason stats accumulate in float64.
+    x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(3)).bfloat16().float()
+    norm, _ = exact_stats(x)
+    assert codec.norm(x) == pytest.approx(norm, rel=1e-13)
+    assert codec.norm(x.bfloat16()) == pytest.approx(norm, rel=1e-13)
+
+
+LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "transposed": lambda t: t.view(1100, -1).t(),
+    "every-other-column": lambda t: t.view(1100, -1)[:, ::2],
+    "rows-longer-than-a-block": lambda t: t.view(2, -1)[:, : codec.BLOCK + 5],
+    "expanded": lambda t: t[:1000].unsqueeze(0).expand(1200, 1000),
+    "permuted-3d": lambda t: t.view(11, 100, -1).permute(2, 0, 1)[::3],
+    "single-element": lambda t: t[7:8],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", ["F32", "BF16", "F16", "F64", "I32", "C64", "F8_E4M3"])
+def test_stats_of_non_contiguous_views(name: str, layout: str) -> None:
+    x = LAYOUTS[layout](values_of(name, 1100 * 1000, seed=1))
+    assert not x.is_contiguous() or layout == "single-element"
+    norm, max_abs = exact_stats(x)
+    s = codec.stats(x)
+    assert s.norm == pytest.approx(norm, rel=1e-12)
+    assert s.max_abs == pytest.approx(max_abs, rel=1e-15)
+    assert codec.norm(x) == s.norm
+
+
+def test_stats_of_lazy_conjugate_and_negative_views() -> None:
+    z = values_of("C64", 5000, seed=2)
+    assert codec.stats(z.conj()) == codec.stats(z)
+    negative = z.conj().imag  # a lazily negated view of the imaginary parts
+    assert negative.is_neg()
+    assert codec.stats(negative) == codec.stats(z.imag.clone())
+
+
+def poke(x: torch.Tensor, index: int, value: float) -> None:
+    """Set one element (for complex, its real part: writing complex32 warns)."""
+    if x.is_complex():
+        torch.view_as_real(x)[index, 0] = value
+    else:
+        x[index] = value
+
+
+@pytest.mark.parametrize("name", ["F32", "BF16", "F16", "F64", "C64", "C32", "F8_E5M2"])
+@pytest.mark.parametrize("where", [0, codec.BLOCK + 1, 2 * codec.BLOCK + 16])
+def test_nan_anywhere_makes_both_stats_nan(name: str, where: int) -> None:
+    x = values_of(name, 2 * codec.BLOCK + 17, seed=4)
+    poke(x, where, math.nan)
+    s = codec.stats(x)
+    assert math.isnan(s.norm) and math.isnan(s.max_abs)
+    assert math.isnan(codec.norm(x))
+    strided = codec.stats(x[where % 2 :: 2])
+    assert math.isnan(strided.norm) and math.isnan(strided.max_abs)
+    poke(x, 5, math.inf)
+    assert math.isnan(codec.stats(x).norm) and math.isnan(codec.stats(x).max_abs)
+
+
+@pytest.mark.parametrize("name", ["F32", "BF16", "F16", "F64", "C64", "C32", "F8_E5M2"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_infinity_makes_norm_and_max_abs_infinite(name: str, sign: float) -> None:
+    x = values_of(name, codec.BLOCK + 3, seed=5)
+    poke(x, codec.BLOCK + 1, sign * math.inf)
+    assert codec.stats(x) == codec.Stats(math.inf, math.inf)
+    assert codec.norm(x) == math.inf
+
+
+def test_finite_squares_that_overflow_float64_give_an_infinite_norm() -> None:
+    s = codec.stats(torch.full((4,), 1e300, dtype=torch.float64))
+    assert s == codec.Stats(math.inf, 1e300)
+
+
+MEMORY_SCRIPT = """
+import json, re, torch
+from hotswap import codec
+
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+out = {}
+# 64 MiB each, all made (in place) before any is measured.
+tensors = [torch.empty((64 << 20) // d.itemsize, dtype=d).normal_()
+           for d in (torch.float32, torch.bfloat16, torch.float16)]
+codec.stats(tensors[0][:1000])  # lazy set-up before the baseline
+for x in tensors:
+    for name, fn in [("stats", codec.stats), ("norm", codec.norm)]:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # high-water mark := resident now
+        base = status("VmRSS")
+        fn(x)
+        out[f"{name} {x.dtype}"] = status("VmHWM") - base
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_stats_of_a_large_tensor_use_one_bounded_block() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    extra = json.loads(out.stdout)
+    assert len(extra) == 6
+    # A float64 block (4 MiB) and, for float16, a float32 one (2 MiB); a copy
+    # of the tensor would be 64-128 MiB more.
+    assert all(v < 12 * 1024 * 1024 for v in extra.values()), extra
