@@ -15,21 +15,22 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from hotswap import settings as settings_mod
-from hotswap import status as st
 from hotswap.errors import (
     HotswapError,
     IntegrityError,
     NotFound,
     StoreUnavailable,
 )
-from hotswap.settings import HotswapSettings
-from publisher import render
-from publisher.publisher import Publisher
+
+# The rest is imported inside the commands: parsing (--help, usage errors)
+# needs none of it, and torch alone costs about 3 s of CPU to import.
+if TYPE_CHECKING:
+    from hotswap.settings import HotswapSettings
+    from publisher.publisher import Publisher
 
 OK, USER_ERROR, USAGE, UNREACHABLE = 0, 1, 2, 3
 WIDE = 160
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_settings(args: argparse.Namespace) -> HotswapSettings:
     """Settings from HOTSWAP_* and .env, with the command line on top."""
+    from hotswap import settings as settings_mod
+
     overrides = {
         k: v
         for k, v in (("redis_url", args.redis_url), ("namespace", args.namespace))
@@ -145,6 +148,8 @@ class Context:
         return load_settings(self.args)
 
     def publisher(self) -> Publisher:
+        from publisher.publisher import Publisher
+
         return Publisher(self.args.model, settings=self.settings())
 
     def emit(self, data: Any, human: Callable[[], None]) -> None:
@@ -155,10 +160,14 @@ class Context:
             human()
 
     def bars(self) -> Any:
+        from publisher import render
+
         return render.progress_bars(self.err, self.out.is_terminal and not self.json)
 
 
 def cmd_publish(ctx: Context) -> int:
+    from publisher import render
+
     a = ctx.args
     with ctx.publisher() as pub, ctx.bars() as bars:
         pub.publish(a.path, message=a.message, only=a.only, force=a.force, progress=bars)
@@ -170,6 +179,9 @@ def cmd_publish(ctx: Context) -> int:
 
 
 def cmd_status(ctx: Context) -> int:
+    from hotswap import status as st
+    from publisher import render
+
     with ctx.publisher() as pub:
         head = pub.store.head()
         lineage = pub.store.manifest(head).lineage if head is not None else None
@@ -193,6 +205,8 @@ def cmd_status(ctx: Context) -> int:
 
 
 def cmd_log(ctx: Context) -> int:
+    from publisher import render
+
     with ctx.publisher() as pub:
         rows = pub.store.log(ctx.args.count)
     ctx.emit(rows, lambda: ctx.out.print(render.log_table(pub.model, rows)))
@@ -209,6 +223,8 @@ def _version_or_head(pub: Publisher, version: int | None) -> int:
 
 
 def cmd_show(ctx: Context) -> int:
+    from publisher import render
+
     with ctx.publisher() as pub:
         m = pub.store.manifest(_version_or_head(pub, ctx.args.version), pub.settings.key_bytes())
     ctx.emit(render.manifest_data(m), lambda: ctx.out.print(render.manifest_table(m)))
@@ -216,6 +232,8 @@ def cmd_show(ctx: Context) -> int:
 
 
 def cmd_diff(ctx: Context) -> int:
+    from publisher import render
+
     with ctx.publisher() as pub:
         keys = pub.settings.key_bytes()
         a, b = pub.store.manifest(ctx.args.a, keys), pub.store.manifest(ctx.args.b, keys)
@@ -225,6 +243,8 @@ def cmd_diff(ctx: Context) -> int:
 
 
 def cmd_rollback(ctx: Context) -> int:
+    from publisher import render
+
     with ctx.publisher() as pub:
         pub.rollback(to=ctx.args.to, message=ctx.args.message)
         r = pub.last_report
@@ -235,6 +255,8 @@ def cmd_rollback(ctx: Context) -> int:
 
 
 def cmd_gc(ctx: Context) -> int:
+    from publisher import render
+
     with ctx.publisher() as pub:
         r = pub.gc(keep=ctx.args.keep, dry_run=ctx.args.dry_run)
     ctx.emit(render.gc_data(pub.model, r), lambda: ctx.out.print(render.gc_line(pub.model, r)))
@@ -242,6 +264,8 @@ def cmd_gc(ctx: Context) -> int:
 
 
 def cmd_verify(ctx: Context) -> int:
+    from publisher import render
+
     with ctx.publisher() as pub, ctx.bars() as bars:
         r = pub.verify(ctx.args.version, progress=bars)
     data = render.verify_data(pub.model, r)

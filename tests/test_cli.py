@@ -544,3 +544,48 @@ def test_identical_publish_says_so_and_exits_zero(
     assert client.dbsize() == before and client.get(keys.head_key("hotswap", "m")) == b"1"
     code, out, _ = run("publish", "m", str(tmp_path / "m.safetensors"), "--force", "-m", "again")
     assert code == 0 and out.startswith("model m: published v2: 0 of 6 tensors changed, 0 bytes")
+
+
+# What each probe prints: the heavy modules the command line imported.
+_HEAVY = (
+    "import sys; print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))"
+)
+
+
+def _imports(code: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-c", f"{code}\n{_HEAVY}"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    ).stdout.splitlines()[-1]
+
+
+def test_parsing_the_command_line_imports_no_torch() -> None:
+    # torch costs ~3 s of CPU: --help and usage errors must not pay it.
+    assert _imports("import publisher.cli") == "[]"
+    assert _imports("import hotswap, publisher") == "[]"
+    for argv in (["--help"], ["status", "--help"], ["gc", "--help"], ["diff", "m", "1", "x"]):
+        probe = f"from publisher.cli import main; assert main({argv!r}) in (0, 2)"
+        assert _imports(probe) == "[]", argv
+
+
+def test_package_exports_resolve_on_first_use() -> None:
+    assert _imports("from hotswap import HotswapSettings, ConfigError, keys") == "[]"
+    assert "'torch'" in _imports("from hotswap import Agent")  # the probe can tell
+    import hotswap
+    import hotswap.agent
+    import hotswap.validate
+    import publisher.publisher
+
+    assert hotswap.Agent is hotswap.agent.Agent and hotswap.Policy is hotswap.validate.Policy
+    assert publisher.Publisher is publisher.publisher.Publisher
+    assert {"Agent", "HotswapSettings", "Policy"} <= set(dir(hotswap))
+    with pytest.raises(AttributeError) as e:
+        hotswap.Nope
+    assert str(e.value) == "module 'hotswap' has no attribute 'Nope'"
+    with pytest.raises(AttributeError) as e:
+        publisher.Nope
+    assert str(e.value) == "module 'publisher' has no attribute 'Nope'"
