@@ -192,27 +192,6 @@ def check_entries(
     return reasons, ignored
 
 
-# Elements per float64 block of ``norm``: small enough to stay in cache.
-NORM_BLOCK = 1 << 16
-_FAST = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def norm(t: torch.Tensor) -> float:
-    """The L2 norm, accumulated in float64 as ``codec.stats`` does, several times faster.
-
-    Casting blocks to float64 and taking their dot products agrees with
-    ``codec.stats`` to ~1e-13 (relative); non-finite values give a non-finite norm.
-    """
-    if t.dtype not in _FAST or t.numel() < 4 * NORM_BLOCK:
-        return codec.stats(t).norm
-    flat = t.detach().reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), NORM_BLOCK):
-        block = flat[start : start + NORM_BLOCK].to(torch.float64)
-        total += torch.dot(block, block)
-    return math.sqrt(float(total))
-
-
 def _floating(t: torch.Tensor) -> bool:
     return (t.is_floating_point() or t.is_complex()) and codec.dtype_name(t.dtype) != "F4_E2M1_X2"
 
@@ -239,10 +218,16 @@ def check_values(
     new: torch.Tensor,
     old: torch.Tensor,
     rules: Rules,
+    *,
+    old_norm: float | None = None,
 ) -> list[str]:
-    """Reasons to refuse one fetched tensor ``new`` replacing the live ``old``."""
+    """Reasons to refuse one fetched tensor ``new`` replacing the live ``old``.
+
+    ``old_norm``: the live tensor's norm as the manifest it was applied from
+    states it (checked when it was applied); ``None`` computes it from ``old``.
+    """
     reasons: list[str] = []
-    new_norm = norm(new)
+    new_norm = codec.norm(new)
     floating = _floating(new)
     if not math.isfinite(new_norm):
         bad = _non_finite(new) if floating else 0
@@ -262,7 +247,8 @@ def check_values(
             "(the bytes do not match the published statistics)"
         )
     if floating and (rules.norm_ratio is not None or rules.max_relative_change is not None):
-        old_norm = norm(old)
+        if old_norm is None:
+            old_norm = codec.norm(old)
         if old_norm > 0 and math.isfinite(old_norm):
             if rules.norm_ratio is not None:
                 low, high = rules.norm_ratio
@@ -286,8 +272,8 @@ def relative_change(new: torch.Tensor, old: torch.Tensor, old_norm: float | None
     """``||new - old|| / ||old||`` computed on ``old``'s device in at least float32."""
     wide = torch.promote_types(old.dtype, torch.float32) if not old.is_complex() else old.dtype
     diff = new.to(device=old.device, dtype=wide) - old.to(wide)
-    base = norm(old) if old_norm is None else old_norm
-    return norm(diff) / base
+    base = codec.norm(old) if old_norm is None else old_norm
+    return codec.norm(diff) / base
 
 
 def _run_validators(name: str, new: torch.Tensor, old: torch.Tensor, rules: Rules) -> list[str]:

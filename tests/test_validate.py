@@ -270,25 +270,31 @@ def test_rejection_is_one_line_and_keeps_every_reason() -> None:
     assert e.reasons == reasons
 
 
-@pytest.mark.parametrize(
-    "t",
-    [
-        torch.randn(1 << 19) + 1000,
-        torch.randn(1 << 19).to(torch.float16),
-        torch.randn(1 << 19).to(torch.bfloat16) * 1000,
-        torch.randn(1 << 19, dtype=torch.float64),
-        torch.randn(1024, 513).t(),  # non-contiguous
-        torch.randn(10),  # small: codec.stats itself
-    ],
-    ids=["f32", "f16", "bf16", "f64", "strided", "small"],
-)
-def test_fast_norm_agrees_with_codec_stats(t: torch.Tensor) -> None:
-    assert validate.norm(t) == pytest.approx(codec.stats(t).norm, rel=1e-12)
+def test_stated_old_norm_replaces_computing_it() -> None:
+    rules = Policy(max_relative_change=0.5).rules_for("w")
+    new = OLD * 3
+    # The live tensor's norm as its manifest states it: no pass over ``old``.
+    stated = codec.norm(OLD)
+    assert check_values("w", entry("w", new), new, OLD, rules, old_norm=stated) == (
+        check_values("w", entry("w", new), new, OLD, rules)
+    )
+    # What it says is what is used: a stated norm of 0.3 (not 4) puts new/old at 40.
+    got = check_values("w", entry("w", new), new, OLD, rules, old_norm=0.3)
+    assert got == [
+        "norm ratio new/old 40 is outside [0.1, 10] (norm 0.3 -> 12)",
+        "relative change ||new-old||/||old|| 26.6667 exceeds 0.5",
+    ]
 
 
-def test_fast_norm_of_non_finite_values_is_non_finite() -> None:
-    t = torch.randn(1 << 19)
-    t[7] = float("inf")
-    assert validate.norm(t) == math.inf
-    t[9] = float("nan")
-    assert math.isnan(validate.norm(t))
+def test_stated_old_norm_of_zero_or_non_finite_has_no_ratio() -> None:
+    rules = Policy().rules_for("w")
+    new = OLD * 100
+    for stated in (0.0, math.inf, math.nan):
+        assert check_values("w", entry("w", new), new, OLD, rules, old_norm=stated) == []
+
+
+def test_validation_uses_the_codec_norm() -> None:
+    # The agent's recomputed norm and the publisher's stated one are one function.
+    t = torch.randn(1 << 20).bfloat16()
+    assert check_values("w", entry("w", t), t, t, Policy().rules_for("w")) == []
+    assert not hasattr(validate, "norm")
