@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -150,11 +151,31 @@ def encode(m: Manifest, signing_key: bytes | None = None) -> bytes:
     return bytes(msgpack.packb(envelope, use_bin_type=True))
 
 
-def _unpack(data: bytes, limits: Limits, what: str) -> Any:
+# msgpack builds an array by first allocating all the slots its header
+# declares (up to ~80 KB a level, and 1024 levels nest), so a few KB of nested
+# headers would cost tens of MB: every array unpacked here has a small length
+# limit. The one long array, the tensor list, is read header first and then
+# entry by entry. Maps are not preallocated; their limits only refuse junk.
+_ENVELOPE_ARRAYS = 16  # the envelope holds no arrays: any is refused as "not an envelope"
+_ENTRY_ARRAYS = 2 * MAX_NDIM  # an entry's 8 fields and its shape; a longer shape is a bad shape
+_MAX_FIELDS = 32
+_HEX_DIGEST = re.compile(f"[0-9a-f]{{{codec.DIGEST_HEX_LEN}}}")
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in codec.DTYPES.items()}
+
+
+def _check_size(data: bytes, limits: Limits, what: str) -> None:
     if len(data) > limits.max_manifest_bytes:
         raise FormatError(
             f"{what} is {len(data)} bytes, over the {limits.max_manifest_bytes} limit"
         )
+
+
+def _not_msgpack(what: str, e: Exception) -> FormatError:
+    return FormatError(f"{what} is not valid msgpack: {type(e).__name__}: {e}")
+
+
+def _unpack_envelope(data: bytes, limits: Limits, what: str) -> Any:
+    _check_size(data, limits, what)
     try:
         return msgpack.unpackb(
             data,
@@ -162,12 +183,69 @@ def _unpack(data: bytes, limits: Limits, what: str) -> Any:
             strict_map_key=True,
             max_bin_len=limits.max_manifest_bytes,
             max_str_len=max(MAX_MESSAGE_LEN, MAX_NAME_LEN),
-            max_array_len=max(limits.max_tensors, MAX_NDIM, 16),
-            max_map_len=32,
+            max_array_len=_ENVELOPE_ARRAYS,
+            max_map_len=_MAX_FIELDS,
             max_ext_len=0,
         )
     except Exception as e:
-        raise FormatError(f"{what} is not valid msgpack: {type(e).__name__}: {e}") from e
+        raise _not_msgpack(what, e) from e
+
+
+def _is_map(first: int) -> bool:
+    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)  # fixmap, map 16, map 32
+
+
+def _is_array(first: int) -> bool:
+    return 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)  # fixarray, array 16, array 32
+
+
+def _unpack_body(data: bytes, limits: Limits, what: str) -> Any:
+    """The body as unpackb would return it, but the tensor list read entry by entry."""
+    _check_size(data, limits, what)
+    u = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=max(len(data), 1),
+        max_bin_len=limits.max_manifest_bytes,
+        max_str_len=max(MAX_MESSAGE_LEN, MAX_NAME_LEN),
+        max_array_len=_ENTRY_ARRAYS,
+        max_map_len=_MAX_FIELDS,
+        max_ext_len=0,
+    )
+    try:
+        u.feed(data)
+        if not data or not _is_map(data[0]):
+            body: Any = u.unpack()  # not a map: decode's field check refuses it
+        else:
+            fields = u.read_map_header()
+            if fields > _MAX_FIELDS:
+                raise ValueError(f"{fields} exceeds max_map_len({_MAX_FIELDS})")
+            body = {}
+            for _ in range(fields):
+                key = u.unpack()
+                if not isinstance(key, (str, bytes)):
+                    raise ValueError(f"{type(key).__name__} is not allowed for map key")
+                pos = u.tell()
+                if key == "tensors" and pos < len(data) and _is_array(data[pos]):
+                    count = u.read_array_header()
+                    if count > limits.max_tensors:
+                        raise FormatError(
+                            f"{what}: declares more than {limits.max_tensors} tensors"
+                        )
+                    body[key] = [u.unpack() for _ in range(count)]
+                else:
+                    body[key] = u.unpack()
+        if u.tell() != len(data):
+            raise ValueError(f"{len(data) - u.tell()} bytes after the end")
+    except FormatError:
+        raise
+    except Exception as e:
+        raise _not_msgpack(what, e) from e
+    return body
+
+
+def _fail(where: str, problem: str) -> FormatError:
+    return FormatError(f"{where}: {problem}")
 
 
 def _need(cond: bool, what: str, problem: str) -> None:
@@ -179,42 +257,43 @@ def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _dims(shape: list[Any]) -> bool:
+    # A plain loop: several times faster than all() over a generator for 1-4 dims.
+    # msgpack gives exact ints, so ``type(d) is int`` also refuses bools.
+    for d in shape:  # noqa: SIM110
+        if type(d) is not int or d < 0:
+            return False
+    return True
+
+
 def _entry(raw: Any, where: str, limits: Limits) -> TensorEntry:
-    _need(isinstance(raw, list) and len(raw) == 8, where, "tensor entry is not an 8-field array")
+    # Called once per tensor on every manifest read: the checks are cheap and
+    # messages are formatted only when one fails (docs/performance.md).
+    if type(raw) is not list or len(raw) != 8:
+        raise _fail(where, "tensor entry is not an 8-field array")
     name, dtype, shape, nbytes, digest, chunk_bytes, norm, max_abs = raw
-    _need(isinstance(name, str) and 0 < len(name) <= MAX_NAME_LEN, where, "bad tensor name")
-    where = f"{where} tensor {name!r}"
-    _need(isinstance(dtype, str) and dtype in codec.DTYPES, where, f"unknown dtype {dtype!r}")
-    _need(
-        isinstance(shape, list)
-        and len(shape) <= MAX_NDIM
-        and all(_int(d) and d >= 0 for d in shape),
-        where,
-        f"bad shape {shape!r}",
-    )
-    _need(
-        _int(nbytes) and 0 <= nbytes <= limits.max_tensor_bytes,
-        where,
-        f"declares {nbytes!r} bytes, limit {limits.max_tensor_bytes}",
-    )
-    _need(
-        math.prod(shape) * codec.itemsize(dtype) == nbytes,
-        where,
-        f"{nbytes} bytes do not match {dtype} shape {shape}",
-    )
-    _need(
-        isinstance(digest, str)
-        and len(digest) == codec.DIGEST_HEX_LEN
-        and all(c in "0123456789abcdef" for c in digest),
-        where,
-        "bad digest",
-    )
-    _need(
-        _int(chunk_bytes) and 0 < chunk_bytes <= MAX_CHUNK_BYTES,
-        where,
-        f"bad chunk size {chunk_bytes!r}",
-    )
-    _need(isinstance(norm, float) and isinstance(max_abs, float), where, "stats are not floats")
+    if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN:
+        raise _fail(where, "bad tensor name")
+    itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
+    if itemsize is None:
+        raise _fail(f"{where} tensor {name!r}", f"unknown dtype {dtype!r}")
+    if type(shape) is not list or len(shape) > MAX_NDIM or not _dims(shape):
+        raise _fail(f"{where} tensor {name!r}", f"bad shape {shape!r}")
+    if type(nbytes) is not int or not 0 <= nbytes <= limits.max_tensor_bytes:
+        raise _fail(
+            f"{where} tensor {name!r}",
+            f"declares {nbytes!r} bytes, limit {limits.max_tensor_bytes}",
+        )
+    if math.prod(shape) * itemsize != nbytes:
+        raise _fail(
+            f"{where} tensor {name!r}", f"{nbytes} bytes do not match {dtype} shape {shape}"
+        )
+    if type(digest) is not str or _HEX_DIGEST.fullmatch(digest) is None:
+        raise _fail(f"{where} tensor {name!r}", "bad digest")
+    if type(chunk_bytes) is not int or not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise _fail(f"{where} tensor {name!r}", f"bad chunk size {chunk_bytes!r}")
+    if type(norm) is not float or type(max_abs) is not float:
+        raise _fail(f"{where} tensor {name!r}", "stats are not floats")
     return TensorEntry(name, dtype, tuple(shape), nbytes, digest, chunk_bytes, norm, max_abs)
 
 
@@ -238,7 +317,7 @@ def decode(
     where = (
         "manifest" if expect_version is None else f"manifest of {expect_model} v{expect_version}"
     )
-    env = _unpack(data, limits, where)
+    env = _unpack_envelope(data, limits, where)
     _need(
         isinstance(env, dict) and set(env) == {"format", "body", "kid", "sig"},
         where,
@@ -255,7 +334,7 @@ def decode(
     _need(sig is None or isinstance(sig, bytes), where, "bad signature field")
     if keys:
         verify_signature(body_bytes, kid, sig, keys, where)
-    body = _unpack(body_bytes, limits, where)
+    body = _unpack_body(body_bytes, limits, where)
     fields = {
         "model",
         "version",

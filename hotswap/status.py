@@ -10,6 +10,12 @@ import msgpack
 from hotswap.errors import FormatError
 
 MAX_STATUS_BYTES = 256 * 1024
+# msgpack allocates every slot an array header declares before reading any
+# (and arrays nest 1024 deep), so arrays get a small limit: the reporter
+# keeps at most 5 reasons per tensor and 50 tensors (hotswap/reporter.py).
+# Maps are filled as read; their limit only refuses junk early.
+MAX_LIST = 64
+MAX_MAP = 1024
 STATES = ("starting", "idle", "fetching", "applying", "pending", "disconnected", "stopped")
 
 
@@ -81,7 +87,13 @@ def decode(data: bytes) -> AgentStatus:
     if len(data) > MAX_STATUS_BYTES:
         raise FormatError(f"agent status is {len(data)} bytes, over the {MAX_STATUS_BYTES} limit")
     try:
-        raw: Any = msgpack.unpackb(data, raw=False, max_ext_len=0)
+        raw: Any = msgpack.unpackb(
+            data,
+            raw=False,
+            max_array_len=MAX_LIST,
+            max_map_len=MAX_MAP,
+            max_ext_len=0,
+        )
     except Exception as e:
         raise FormatError(f"agent status is not valid msgpack: {type(e).__name__}") from e
     if not isinstance(raw, dict) or not {"agent_id", "host", "pid"} <= set(raw):

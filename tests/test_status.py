@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from dataclasses import asdict
 from typing import Any
 
@@ -98,3 +99,24 @@ def test_bad_field_types_are_refused(field: str, value: Any) -> None:
     with pytest.raises(FormatError) as e:
         status.decode(pack(raw))
     assert str(e.value) == f"agent status field {field!r} has a bad value {value!r:.80}"
+
+
+def test_long_lists_are_refused_before_allocating() -> None:
+    # msgpack allocates the slots an array header declares before reading them:
+    # nested headers must not add up to megabytes.
+    nested = (b"\xdd" + (5000).to_bytes(4, "big")) * 1000
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError) as e:
+            status.decode(nested)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+    assert str(e.value) == "agent status is not valid msgpack: ValueError"
+    raw = {**asdict(full_status()), "rejection": {"w": ["r"] * (status.MAX_LIST + 1)}}
+    with pytest.raises(FormatError, match=r"^agent status is not valid msgpack: ValueError$"):
+        status.decode(pack(raw))
+    # What the reporter writes (5 reasons for each of 50 tensors) stays far inside.
+    most = {f"t{i}": ["x" * 300] * 5 for i in range(50)}
+    assert status.decode(pack({**raw, "rejection": most})).rejection == most
