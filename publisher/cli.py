@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -289,8 +288,11 @@ def cmd_verify(ctx: Context) -> int:
 def cmd_demo(ctx: Context) -> int:
     from publisher.demo import run_demo
 
-    given = ctx.args.redis_url is not None or "HOTSWAP_REDIS_URL" in os.environ
-    return int(run_demo(ctx.settings() if given else None, ctx.out))
+    settings = ctx.settings()
+    # A Redis named anywhere (--redis-url, HOTSWAP_REDIS_URL in the environment
+    # or in .env) is used under a namespace of the demo's own; else a private one.
+    given = "redis_url" in settings.model_fields_set
+    return int(run_demo(settings if given else None, ctx.out))
 
 
 COMMANDS: dict[str, Callable[[Context], int]] = {

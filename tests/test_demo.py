@@ -232,3 +232,51 @@ def test_demo_on_a_given_redis_deletes_only_its_own_keys(
     assert client.hgetall("hotswap:{tiny}:agents") == {}
     started = set(psutil.Process().children(recursive=True)) - children_before
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_demo_takes_the_redis_url_from_dotenv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A throwaway server of this test's own, reporting every key written (keyspace events).
+    with EmbeddedRedis(extra_args=["--notify-keyspace-events", "KA"]) as private:
+        client = redis.Redis.from_url(private.url)
+        with Publisher("tiny", settings=HotswapSettings(redis_url=private.url)) as pub:
+            pub.publish({"w": torch.ones(8)}, message="production")
+        client.set("unrelated", b"keep me")
+        before = {key: client.dump(key) for key in client.keys("*")}
+        assert len(before) > 5
+
+        for name in list(os.environ):
+            if name.startswith("HOTSWAP_"):
+                monkeypatch.delenv(name)
+        (tmp_path / ".env").write_text(f"HOTSWAP_REDIS_URL={private.url}\n")
+        monkeypatch.chdir(tmp_path)
+
+        # Events wait in the subscriber's connection until read after the run.
+        watcher = redis.Redis.from_url(private.url)
+        events = watcher.pubsub()
+        events.psubscribe("__keyspace@0__:*")
+        assert events.get_message(timeout=5)["type"] == "psubscribe"
+        assert cli.main(["demo"]) == 0
+        touched: set[str] = set()
+        while (message := events.get_message(timeout=0.5)) is not None:
+            touched.add(message["channel"].decode().removeprefix("__keyspace@0__:"))
+        events.close()
+        watcher.close()
+        out = capsys.readouterr().out
+        found = re.search(
+            rf"hotswap demo on {re.escape(private.url)} under the namespace "
+            r"(hotswap-demo-[0-9a-f]{8}); its keys are deleted",
+            out,
+        )
+        assert found, out
+        assert "bit-exactly v1's." in out
+        namespace = found[1]
+        # It wrote manifests, blobs and agent records, all under its own namespace...
+        assert any(":blob:" in key for key in touched), touched
+        assert any(key.startswith(f"{namespace}:{{tiny}}:manifest:") for key in touched), touched
+        assert [key for key in touched if not key.startswith(f"{namespace}:")] == []
+        # ...deleted every one of them, and left the rest as it was.
+        assert client.exists(*touched) == 0
+        assert {key: client.dump(key) for key in client.keys("*")} == before
+        client.close()
