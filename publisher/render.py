@@ -1,11 +1,17 @@
 """What the CLI prints: plain data for ``--json`` and rich tables for people.
 
 The ``*_data`` functions are pure (records in, JSON-able dicts out) and are
-what ``--json`` prints; the ``*_table`` functions draw the same data.
+what ``--json`` prints; the ``*_table`` functions draw the same data. Every
+string that came from Redis (an agent's record, a log entry, a manifest) is
+drawn through ``plain``: never read as rich markup, and with the characters a
+terminal would act on shown as escapes, because an agent's ACL user can write
+any status record (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,7 +20,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.filesize import decimal
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -25,6 +30,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.status import AgentStatus
@@ -33,13 +39,32 @@ from publisher.reports import GcReport, PublishReport, VerifyReport
 
 PHASES = {"hash": "hashing", "upload": "uploading", "verify": "verifying"}
 
+# What a terminal acts on instead of printing: C0 controls (ESC starts a
+# sequence that can clear the screen, retitle the window or set the
+# clipboard), DEL, C1 controls (0x9b is a one-byte CSI), and the
+# bidirectional marks, embeddings, overrides and isolates that reorder text
+# (and line/paragraph separators).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def plain(text: object, style: str = "") -> Text:
+    """Text from Redis as a terminal may show it: no markup, control characters as escapes."""
+    return Text(_UNSAFE.sub(_escaped, str(text)), style=style)
+
 
 def size(n: int | None) -> str:
     return "-" if n is None else decimal(n)
 
 
 def when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    except (OverflowError, OSError, ValueError):
+        return f"{ts!r}"  # no calendar date (a NaN or a year past 9999): the number itself
 
 
 # -- progress -------------------------------------------------------------------
@@ -161,7 +186,7 @@ def agent_row(
 
 def status_table(data: dict[str, Any]) -> Table:
     head = data["head"]
-    table = Table(title=f"model {data['model']}: head " + (f"v{head}" if head else "none"))
+    table = Table(title=plain(f"model {data['model']}: head " + (f"v{head}" if head else "none")))
     for col in ("agent", "host", "pid", "version", "state", "lag", "last rejection", "heartbeat"):
         table.add_column(col, justify="right" if col in ("pid", "version", "lag") else "left")
     for a in data["agents"]:
@@ -179,13 +204,13 @@ def status_table(data: dict[str, Any]) -> Table:
         beat = age if a["alive"] else f"[red]expired[/red] ({age})"
         reason = a["last_rejection"]
         table.add_row(
-            escape(a["agent_id"]),
-            escape(a["host"]),
+            plain(a["agent_id"]),
+            plain(a["host"]),
             str(a["pid"]),
             "-" if a["version"] is None else f"v{a['version']}",
-            a["state"] if a["alive"] else f"[dim]{a['state']}[/dim]",
+            plain(a["state"], "" if a["alive"] else "dim"),
             lag_text,
-            "-" if not reason else f"v{a['rejected_version']}: {escape(reason)}",
+            "-" if not reason else plain(f"v{a['rejected_version']}: {reason}"),
             beat,
         )
     return table
@@ -194,26 +219,35 @@ def status_table(data: dict[str, Any]) -> Table:
 # -- log / show / diff ------------------------------------------------------------
 
 
+def _number(text: str | None) -> float | None:
+    # A log field that is not a number is shown as missing, not a crash.
+    try:
+        value = float(text or "nan")
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
-    table = Table(title=f"model {model}: history (newest first)")
+    table = Table(title=plain(f"model {model}: history (newest first)"))
     for col in ("version", "kind", "time", "author", "changed", "uploaded", "message"):
         table.add_column(col, justify="right" if col in ("version", "changed") else "left")
     for row in rows:
-        created = float(row.get("created") or 0)
+        created = _number(row.get("created"))
         kind = row.get("kind", "?")
         if kind == "rollback" and row.get("rollback_to"):
             kind = f"rollback to v{row['rollback_to']}"
-        uploaded = row.get("bytes_uploaded")
-        total = row.get("bytes_total")
+        uploaded = _number(row.get("bytes_uploaded"))
+        total = _number(row.get("bytes_total"))
         moved = "-" if uploaded is None else f"{size(int(uploaded))} of {size(int(total or 0))}"
         table.add_row(
-            f"v{row['version']}" if row.get("version") else "-",
-            kind,
-            when(created),
-            escape(row.get("author", "")),
-            row.get("tensors_changed", "-"),
+            plain(f"v{row['version']}" if row.get("version") else "-"),
+            plain(kind),
+            when(created or 0),
+            plain(row.get("author", "")),
+            plain(row.get("tensors_changed", "-")),
             moved,
-            escape(row.get("message", "")),
+            plain(row.get("message", "")),
         )
     return table
 
@@ -244,15 +278,17 @@ def manifest_table(m: Manifest) -> Table:
     parent = f"v{m.parent}" if m.parent else "none"
     signed = f"signed {m.key_id}" if m.key_id else "unsigned"
     table = Table(
-        title=f"model {m.model} v{m.version} ({kind}, parent {parent}, {when(m.created)}, "
-        f"{escape(m.author)}, {signed}): {escape(m.message)}",
+        title=plain(
+            f"model {m.model} v{m.version} ({kind}, parent {parent}, {when(m.created)}, "
+            f"{m.author}, {signed}): {m.message}"
+        ),
         caption=f"{len(m.tensors)} tensors, {size(m.nbytes)}",
     )
     for col in ("tensor", "dtype", "shape", "bytes", "norm", "max |x|", "digest"):
         table.add_column(col, justify="right" if col in ("bytes", "norm", "max |x|") else "left")
     for e in m.tensors:
         table.add_row(
-            escape(e.name),
+            plain(e.name),
             e.dtype,
             "x".join(map(str, e.shape)) or "scalar",
             size(e.nbytes),
@@ -295,15 +331,15 @@ def diff_data(a: Manifest, b: Manifest) -> dict[str, Any]:
 
 def diff_table(data: dict[str, Any]) -> Table:
     table = Table(
-        title=f"model {data['model']}: v{data['a']} -> v{data['b']}",
+        title=plain(f"model {data['model']}: v{data['a']} -> v{data['b']}"),
         caption=f"{data['unchanged']} tensors unchanged",
     )
     for col in ("tensor", "change", "norm before", "norm after", "delta", "ratio"):
         table.add_column(col, justify="left" if col in ("tensor", "change") else "right")
     for name in data["added"]:
-        table.add_row(escape(name), "[green]added[/green]", "", "", "", "")
+        table.add_row(plain(name), "[green]added[/green]", "", "", "", "")
     for name in data["removed"]:
-        table.add_row(escape(name), "[red]removed[/red]", "", "", "", "")
+        table.add_row(plain(name), "[red]removed[/red]", "", "", "", "")
     for c in data["changed"]:
         kind = "changed"
         if c["old_shape"] != c["new_shape"] or c["old_dtype"] != c["new_dtype"]:
@@ -312,8 +348,8 @@ def diff_table(data: dict[str, Any]) -> Table:
             )
         ratio = "-" if c["norm_ratio"] is None else f"{c['norm_ratio']:.4g}"
         table.add_row(
-            escape(c["name"]),
-            kind,
+            plain(c["name"]),
+            plain(kind),
             f"{c['old_norm']:.6g}",
             f"{c['new_norm']:.6g}",
             f"{c['norm_delta']:+.4g}",
