@@ -429,7 +429,7 @@ def body_bytes(body: dict[str, Any], tensors: bytes) -> bytes:
     raw = packer.pack_map_header(len(rest) + 1)
     for k, v in rest.items():
         raw += packer.pack(k) + packer.pack(v)
-    return raw + packer.pack("tensors") + tensors
+    return bytes(raw + packer.pack("tensors") + tensors)
 
 
 def peak_bytes(data: bytes) -> int:

@@ -139,3 +139,27 @@ def test_bidi_and_c1_controls_from_redis_are_shown_as_escapes(
     for c in "\u202e\u2066\x9b\x7f":
         assert c not in text
     assert text.count(r"ok\u202eevil\u2066\x9b2J\x7f\n[bold]x") == 2  # host and state
+
+
+def test_a_garbled_log_entry_is_shown_not_fatal(
+    fleet: tuple[EmbeddedRedis, redis.Redis], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Numbers that are not numbers, a time past year 9999, emoji codes and markup."""
+    server, _ = fleet
+    admin = redis.Redis.from_url(server.url, socket_timeout=5)
+    fields = {
+        "version": "9",
+        "kind": "publish",
+        "created": "1e300",
+        "bytes_uploaded": "lots",
+        "bytes_total": "nan",
+        "author": ":smile: [b]x[/b]",
+        "message": "[link=http://x.example]m[/link]",
+    }
+    admin.xadd(keys.log_key(NS, MODEL), fields)  # type: ignore[arg-type]
+    admin.close()
+    code, text = run_cli(server, capsys, "log", MODEL)
+    assert code == 0, text
+    row = next(line for line in text.splitlines() if "v9" in line)
+    assert "1e+300" in row and ":smile: [b]x[/b]" in row
+    assert "[link=http://x.example]m[/link]" in row
