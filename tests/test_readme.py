@@ -37,6 +37,7 @@ from publisher import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+RELIABILITY = ROOT / "docs" / "reliability.md"
 TEXT = README.read_text()
 
 
@@ -283,11 +284,26 @@ def check_text(block: Block) -> None:
     assert sorted(listed) == sorted(commands), "the synopsis lists every command once"
 
 
+def reliability_acl_lines() -> list[str]:
+    """The ``ACL SETUSER`` block of docs/reliability.md (tests/reliability/test_rel_acl.py's)."""
+    found = [
+        body.strip().splitlines()
+        for body in re.findall(r"```[a-z]*\n(.*?)```", RELIABILITY.read_text(), flags=re.S)
+        if body.strip()
+        and all(line.startswith("ACL SETUSER ") for line in body.strip().splitlines())
+    ]
+    assert len(found) == 1, f"{RELIABILITY} must hold one block of ACL SETUSER lines"
+    return found[0]
+
+
 def check_acl(block: Block) -> None:
-    lines = [line.split() for line in block.body.strip().splitlines()]
-    assert [words[:2] for words in lines] == [
-        ["user", "hotswap-publisher"],
-        ["user", "hotswap-agent"],
+    # One source of truth: the users tests/reliability/test_rel_acl.py runs a
+    # whole workflow under, line for line.
+    assert block.body.strip().splitlines() == reliability_acl_lines()
+    words = [line.split() for line in reliability_acl_lines()]
+    assert [w[:4] for w in words] == [
+        ["ACL", "SETUSER", "hotswap-agent", "reset"],
+        ["ACL", "SETUSER", "hotswap-publisher", "reset"],
     ]
     # Loaded and used for real by test_acl_users_publish_and_apply_with_least_privilege.
 
@@ -455,7 +471,7 @@ def test_acl_users_publish_and_apply_with_least_privilege() -> None:
         admin = redis.Redis.from_url(private.url)
         for rule in block.body.strip().splitlines():
             words = re.sub(r">CHANGE-ME-(\w+)-password", r">secret-\1", rule).split()
-            admin.execute_command("ACL", "SETUSER", *words[1:])
+            assert admin.execute_command(*words) in (b"OK", "OK", True)
         admin.execute_command("ACL", "LOG", "RESET")
 
         def as_user(role: str) -> HotswapSettings:
@@ -489,17 +505,85 @@ def test_acl_users_publish_and_apply_with_least_privilege() -> None:
             ("SET", "hotswap:acl:blob:x:1:0", "x"),
             ("PUBLISH", "hotswap:{acl}:events", "x"),
             ("GET", "elsewhere"),
+            ("SUBSCRIBE", "elsewhere"),
             ("FLUSHALL",),
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 agent_client.execute_command(*command)
         publisher_client = redis.Redis.from_url(as_user("publisher").redis_url)
-        for command in (("GET", "elsewhere"), ("FLUSHALL",), ("CONFIG", "GET", "*")):
+        for command in (
+            ("GET", "elsewhere"),
+            ("HSET", "hotswap:{acl}:agents", "forged", "x"),  # agents' records are theirs
+            ("SET", "hotswap:{acl}:agent:forged", "x"),
+            ("PUBLISH", "elsewhere", "x"),
+            ("FLUSHALL",),
+            ("CONFIG", "GET", "*"),
+        ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 publisher_client.execute_command(*command)
         agent_client.close()
         publisher_client.close()
         admin.close()
+
+
+def test_acl_block_as_an_acl_file_makes_the_same_users(tmp_path: Path) -> None:
+    # README: "put it in an ACL file with `ACL SETUSER` replaced by `user`".
+    (block,) = [b for b in blocks() if b.lang == "acl"]
+    rules = block.body.strip().splitlines()
+    acl_file = tmp_path / "users.acl"
+    acl_file.write_text("".join(rule.replace("ACL SETUSER ", "user ", 1) + "\n" for rule in rules))
+    with (
+        EmbeddedRedis() as by_command,
+        EmbeddedRedis(extra_args=["--aclfile", str(acl_file)]) as by_file,
+    ):
+        ours = redis.Redis.from_url(by_command.url)
+        for rule in rules:
+            ours.execute_command(*rule.split())
+        theirs = redis.Redis.from_url(by_file.url)
+        # Word order within a rule (the commands) follows a hash table: compare word sets.
+        listed = [
+            sorted(sorted(rule.split()) for rule in c.execute_command("ACL", "LIST"))
+            for c in (ours, theirs)
+        ]
+        assert listed[0] == listed[1] and len(listed[0]) == 3  # default and the two users
+        ours.close()
+        theirs.close()
+
+
+def mask_example() -> Block:
+    (block,) = [b for b in blocks() if "Override(check_finite=False)" in b.body]
+    return block
+
+
+def test_mask_example_applies_and_is_rejected_without_its_override(
+    tour: Tour, client: redis.Redis
+) -> None:
+    from hotswap import ValidationError
+
+    block = mask_example()
+    applied = runpy.run_path(_write(tour, block, "override"))
+    served, version = applied["served"], applied["version"]
+    assert applied["agent"].applied_version == version
+    assert torch.equal(served.attn_mask, applied["attention_mask"](8, 4))  # -inf and all
+    assert torch.isinf(served.attn_mask).sum() == 38
+
+    # The same block with the default policy: the rejection README quotes.
+    client.flushdb()
+    strict = Block(block.lang, block.body.replace(", policy=policy)", ")"), block.line)
+    assert strict.body != block.body
+    with pytest.raises(ValidationError) as e:
+        runpy.run_path(_write(tour, strict, "default"))
+    quoted = "'attn_mask': 38 of 64 values are not finite (NaN or inf)"
+    assert quoted in TEXT
+    assert str(e.value) == (
+        f"model 'windowed' v1 rejected, 1 tensor(s) failed validation: {quoted}"
+    )
+
+
+def _write(tour: Tour, block: Block, name: str) -> str:
+    path = tour.workdir / f"readme_mask_{name}.py"
+    path.write_text(block.body)
+    return str(path)
 
 
 def test_redis_conf_block_is_accepted_by_redis() -> None:
