@@ -2,12 +2,14 @@
 
 A background thread subscribes to the model's notice channel and polls
 ``head`` (every ``poll_interval`` and after every reconnect, since pub/sub
-drops messages while a client is away). For a new head it reads the
-manifest, fetches the tensors whose digest differs from what runs, validates
-them, and only when every one passed copies them into the live tensors under
-the writer side of a readers-writer lock (or at the serving loop's next
-``apply_pending()``). Redis going away delays updates and never stops the
-thread or the serving process.
+drops messages while a client is away). For a notice it reads the manifest
+the notice names (for a poll, head's), fetches the tensors whose digest
+differs from what runs, validates them, and only when every one passed
+copies them into the live tensors under the writer side of a readers-writer
+lock (or at the serving loop's next ``apply_pending()``). The status record
+and heartbeat are written by the reporter's own thread, never in front of a
+fetch. Redis going away delays updates and never stops the thread or the
+serving process.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal
 
+import tenacity
 import torch
 
 from hotswap import keys, notice, validate
-from hotswap.connection import RedisClient, connect, retry_from_settings
+from hotswap.connection import RedisClient, connect, operation_retry, retry_from_settings
 from hotswap.delivery import Delivery, Stopped
 from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound, ValidationError
 from hotswap.gate import Gate
@@ -36,6 +39,10 @@ from hotswap.validate import Policy
 
 log = logging.getLogger("hotswap.agent")
 Mode = Literal["auto", "manual"]
+# Longest ``stop()`` waits for the final status write (tried once).
+FINAL_WRITE_SECONDS = 1.0
+# How long ``stop()`` lets the thread finish what it does before closing its sockets.
+STOP_GRACE_SECONDS = 1.0
 
 
 class Agent:
@@ -83,16 +90,28 @@ class Agent:
         self.on_applied, self.on_rejected = on_applied, on_rejected
         s = self.settings
         self._owns_client = connection is None
+        self._stop = threading.Event()
+        client = connection if connection is not None else connect(s)
+        # Retries of the agent's own reads give up between attempts once
+        # stop() is called, so stop() never waits out a retry budget.
+        retrying = retry_from_settings(s).copy(
+            stop=tenacity.stop_after_attempt(s.retry_attempts)
+            | tenacity.stop_when_event_set(self._stop),
+            sleep=self._stop.wait,
+        )
         self.store = Store(
-            connection if connection is not None else connect(s),
+            client,
             self.model_name,
             namespace=s.namespace,
-            retrying=retry_from_settings(s),
+            retrying=retrying,
             limits=Limits(s.max_manifest_bytes, s.max_tensors, s.max_tensor_bytes),
         )
         self.live = LiveModel(model)
         self.agent_id = agent_id()
-        self.reporter = Reporter(self.store, self.agent_id, s.heartbeat_ttl)
+        # Status writes are tried once: the reporter's thread tries again later,
+        # and stop()'s last write must not wait out a retry budget.
+        once = Store(client, self.model_name, namespace=s.namespace, retrying=operation_retry(1))
+        self.reporter = Reporter(once, self.agent_id, s.heartbeat_ttl, log)
         self._gate = Gate()
         self._cond = threading.Condition()
         self.delivery = Delivery(
@@ -103,8 +122,8 @@ class Agent:
             wanted=self._wanted,
             serving=self._serving,
             connected=self._connected,
+            stop=self._stop,
         )
-        self._stop = self.delivery.stop
         self._thread: threading.Thread | None = None
         # Guarded by _cond: what runs, what was refused, what waits (manual mode).
         self._digests: dict[str, str] = {}
@@ -154,19 +173,33 @@ class Agent:
                 target=self._run, name=f"hotswap-agent-{self.model_name}", daemon=True
             )
             self._thread.start()
+            self.reporter.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the thread and report the agent stopped (its heartbeat then expires)."""
+        """Stop the thread and report the agent stopped (its heartbeat then expires).
+
+        Bounded when Redis is down or frozen: the thread abandons its retries
+        (and, with a client of its own, a read stuck on a frozen server), and
+        the final status write is tried once for at most a second.
+        """
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            deadline = time.monotonic() + timeout
+            thread.join(min(timeout, STOP_GRACE_SECONDS))
+            if thread.is_alive() and self._owns_client:
+                # Stuck in a read from a frozen server (up to socket_timeout):
+                # closing the client's sockets ends the read at once.
+                with contextlib.suppress(Exception):
+                    self.store.client.close()
+            thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
             self._pending = None
         self.reporter.update(state="stopped")
-        self.reporter.flush(log)
+        self.reporter.close(min(timeout, FINAL_WRITE_SECONDS))
         if self._owns_client:
             with contextlib.suppress(Exception):
                 self.store.client.close()
@@ -232,18 +265,37 @@ class Agent:
             self._digests = digests
         self.delivery.run()
 
-    def _wanted(self, raw: bytes) -> bool:
-        """Whether a notice may announce something new (a garbled one: look anyway)."""
+    def _wanted(self, raw: bytes) -> tuple[bool, int | None]:
+        """Whether a notice may announce something new, and which version it names.
+
+        A garbled notice: look at head anyway.
+        """
         try:
             n = notice.decode(raw)
         except FormatError:
-            return True
+            return True, None
         if n.model != self.model_name:
-            return False
+            return False, None
         applied = self._applied
-        return not (n.lineage == self._lineage and applied is not None and n.version <= applied)
+        if n.lineage == self._lineage and applied is not None and n.version <= applied:
+            return False, None
+        return True, n.version
 
-    def _check(self, force: bool) -> None:
+    def _check(self, force: bool, announced: int | None = None) -> None:
+        """Consider the version a notice ``announced`` (one read), or else head's."""
+        if announced is not None:
+            try:
+                manifest = self.store.manifest(announced, self.settings.key_bytes())
+            except NotFound:
+                pass  # a forged notice, or collected already: head tells the truth
+            except IntegrityError as e:
+                self._refuse_manifest(announced, e)
+                return
+            else:
+                self._head = announced
+                self._checked_head = announced
+                self._consider(manifest)
+                return
         head = self.store.head()
         self._head = head
         if head is None:
@@ -266,11 +318,14 @@ class Agent:
             self._checked_head = None  # collected between two reads; look again next poll
             return
         except IntegrityError as e:
-            refused = self._rejections.get(head)
-            if refused is None or str(refused[1].__cause__) != str(e):
-                self._reject(head, None, {"<manifest>": [str(e)]}, e)
+            self._refuse_manifest(head, e)
             return
         self._consider(manifest)
+
+    def _refuse_manifest(self, version: int, e: IntegrityError) -> None:
+        refused = self._rejections.get(version)
+        if refused is None or str(refused[1].__cause__) != str(e):
+            self._reject(version, None, {"<manifest>": [str(e)]}, e)
 
     def _consider(self, m: Manifest) -> None:
         with self._cond:
@@ -297,8 +352,8 @@ class Agent:
         where = f"model {self.model_name!r} v{m.version}"
         with self._cond:
             digests, generation = dict(self._digests), self._generation
+        # The reporter's thread writes this while the fetch runs.
         self.reporter.update(state="fetching")
-        self.reporter.beat(log)
         staged, reasons = prepare(
             self.store,
             m,
@@ -318,6 +373,8 @@ class Agent:
             self._reject(m.version, m.lineage, reasons, None, staged.bytes_fetched)
             return True
         if self.mode == "auto":
+            if self._stop.is_set():
+                raise Stopped  # stop() may have given up waiting: change nothing after it
             self._apply(staged)
             return True
         with self._cond:
@@ -331,7 +388,6 @@ class Agent:
     def _between_tensors(self) -> None:
         if self._stop.is_set():
             raise Stopped
-        self.reporter.beat(log)
 
     def _apply(self, staged: Staged) -> None:
         m = staged.plan.manifest
@@ -360,8 +416,9 @@ class Agent:
             staged.validate_seconds,
             time.perf_counter() - locked,
         )
-        # Only the agent's thread writes to Redis: apply_pending() must not block on it.
-        self.reporter.applied(report, log, write=threading.current_thread() is self._thread)
+        # The reporter's thread writes the record: neither this thread nor
+        # apply_pending()'s caller waits for Redis.
+        self.reporter.applied(report, log)
         self.delivery.note("applied")
         _callback(self.on_applied, m.version, report)
         with self._cond:

@@ -1,11 +1,13 @@
 """The agent's delivery loop: subscribe, poll head, reconnect with backoff, never give up.
 
-Notices only wake the loop up; the truth is ``head`` and its manifest, read
-by the ``check`` callback on every notice, every ``poll_interval`` and right
-after every (re)connect, because pub/sub drops what is said while a client is
-away. Any failure ends the session; a new one starts with tenacity backoff,
-which starts over after a session that worked. Each change of state is
-logged once, not each retry.
+A notice names the version it announces, and ``check`` reads that version's
+manifest straight away (one round trip; the manifest is verified as always,
+so a forged notice can at worst name another stored version). ``head`` is
+read on every ``poll_interval`` and right after every (re)connect, because
+pub/sub drops what is said while a client is away, so a newer head than a
+notice named is caught by the next poll. Any failure ends the session; a new
+one starts with tenacity backoff, which starts over after a session that
+worked. Each change of state is logged once, not each retry.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tenacity
 from hotswap.connection import reconnect_backoff
 from hotswap.errors import HotswapError
 from hotswap.reporter import Reporter
-from hotswap.store import Store
+from hotswap.store import Store, Subscription
 
 log = logging.getLogger("hotswap.agent")
 # Longest the loop waits on the channel before it looks at its timers and stop flag.
@@ -36,8 +38,16 @@ class _Dropped(Exception):
     """A session that had worked lost its connection: reconnect at once."""
 
 
+Wanted = tuple[bool, int | None]
+"""What a notice asks for: (look at all, the version it names or None for head)."""
+
+
 class Delivery:
-    """Runs ``check(force)`` whenever head may have moved, across Redis outages."""
+    """Runs ``check(force, version)`` whenever head may have moved, across Redis outages.
+
+    ``version`` is the version a notice announced, or None to read ``head``.
+    ``wanted(raw)`` says whether a raw notice is worth a look, and at what.
+    """
 
     def __init__(
         self,
@@ -45,17 +55,18 @@ class Delivery:
         reporter: Reporter,
         poll_interval: float,
         *,
-        check: Callable[[bool], None],
-        wanted: Callable[[bytes], bool],
+        check: Callable[[bool, int | None], None],
+        wanted: Callable[[bytes], Wanted],
         serving: Callable[[], str],
         connected: Callable[[], None],
+        stop: threading.Event | None = None,
     ) -> None:
         self.store = store
         self.reporter = reporter
         self.poll_interval = poll_interval
         self.check, self.wanted, self.serving = check, wanted, serving
         self.connected = connected
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self._logged: str | None = None
         self._healthy = False
 
@@ -124,7 +135,7 @@ class Delivery:
             if self.reporter.status.state in ("starting", "disconnected"):
                 self.connected()
             logged = self._logged
-            self.check(True)
+            self.check(True, None)
             # Only a session that got as far as checking head counts as
             # recovered: one that fails again at once is the same outage.
             self._healthy = True
@@ -135,13 +146,15 @@ class Delivery:
             interval = self.poll_interval
             next_poll = time.monotonic() + interval
             while not self.stop.is_set():
-                self.reporter.beat(log)
                 raw = subscription.get(min(TICK, max(0.0, next_poll - time.monotonic())))
-                if raw is not None and self.wanted(raw):
-                    self.check(True)
+                look, version = (
+                    self._newest(raw, subscription) if raw is not None else (False, None)
+                )
+                if look:
+                    self.check(True, version)
                     next_poll = time.monotonic() + interval
                 elif time.monotonic() >= next_poll:
-                    self.check(False)
+                    self.check(False, None)
                     next_poll = time.monotonic() + interval
         except Stopped:
             raise
@@ -151,3 +164,18 @@ class Delivery:
             raise
         finally:
             subscription.close()
+
+    def _newest(self, raw: bytes, subscription: Subscription) -> Wanted:
+        """The newest request among ``raw`` and the notices already queued behind it.
+
+        Notices that arrived together (a burst of publishes, or a publish and a
+        rollback) are read without waiting, so the loop goes straight to the
+        last one instead of applying each in turn; a garbled one means head.
+        """
+        look, version = self.wanted(raw)
+        while (more := subscription.get(0.0)) is not None:
+            now_look, now_version = self.wanted(more)
+            if now_look:
+                version = now_version if not look or version is not None else None
+                look = True
+        return look, version

@@ -1,4 +1,11 @@
-"""An agent's status record and heartbeat, written on every change and every ttl/3."""
+"""An agent's status record and heartbeat, written from the reporter's own thread.
+
+The thread writes the record whenever it changes and refreshes the heartbeat
+every ttl/3, so neither waits for the agent's thread: a notice starts a fetch
+without a status write in front of it, and a fetch of one huge tensor does not
+let the heartbeat expire. Writes go through ``Store.write_agent_status`` on the
+store given (the agent gives one that tries once; the thread tries again later).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from hotswap.store import Store
 # Reasons kept in the record: it must stay small enough for ``status.decode``.
 MAX_TENSORS = 50
 MAX_REASON = 300
+# Pause after a refused write before the thread tries again (Redis away).
+RETRY_SECONDS = 1.0
 
 
 def _trim(rejection: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -28,15 +37,30 @@ def _trim(rejection: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 class Reporter:
-    """Holds one agent's ``AgentStatus`` and writes it with its heartbeat."""
+    """Holds one agent's ``AgentStatus`` and writes it with its heartbeat.
 
-    def __init__(self, store: Store, agent_id: str, ttl: float) -> None:
+    ``start()`` runs the writing thread; ``close()`` writes the record a last
+    time and waits a bounded time for that write. ``flush()`` writes at once
+    from the caller's thread (a rejection is recorded before waiters wake).
+    """
+
+    def __init__(
+        self, store: Store, agent_id: str, ttl: float, log: logging.Logger | None = None
+    ) -> None:
         self.store = store
         self.ttl = ttl
+        self.log = log or logging.getLogger("hotswap.agent")
         self._lock = threading.Lock()
+        # One write at a time, each with the record as it was when it started:
+        # an older record can never land after a newer one.
+        self._io = threading.Lock()
         self._status = AgentStatus(agent_id=agent_id, host=socket.gethostname(), pid=os.getpid())
         self._dirty = True
         self._next = 0.0
+        self._hold = 0.0
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
     def status(self) -> AgentStatus:
@@ -45,19 +69,23 @@ class Reporter:
             return replace(self._status, rejection=dict(self._status.rejection))
 
     def update(self, **fields: Any) -> None:
-        """Change fields of the record; the next ``beat`` writes it."""
+        """Change fields of the record; the thread writes it soon after."""
         if "rejection" in fields:
             fields["rejection"] = _trim(fields["rejection"])
         if "last_error" in fields and fields["last_error"] is not None:
             fields["last_error"] = str(fields["last_error"])[:2000]
+        changed = False
         with self._lock:
             for name, value in fields.items():
                 if getattr(self._status, name) != value:
                     setattr(self._status, name, value)
-                    self._dirty = True
+                    changed = True
+            self._dirty = self._dirty or changed
+        if changed:
+            self._wake.set()
 
-    def applied(self, report: ApplyReport, log: logging.Logger, write: bool) -> None:
-        """Record, count and log an applied version; ``write`` the record now."""
+    def applied(self, report: ApplyReport, log: logging.Logger) -> None:
+        """Record, count and log an applied version (the thread writes the record)."""
         with self._lock:
             count = self._status.applied_count + 1
         self.update(
@@ -68,8 +96,6 @@ class Reporter:
             apply_seconds=report.apply_seconds,
             applied_count=count,
         )
-        if write:
-            self.beat(log)
         metrics.applied(
             self.store.model, report.version, report.apply_seconds, report.bytes_fetched
         )
@@ -105,28 +131,98 @@ class Reporter:
         log.error("%s", error)
 
     def beat(self, log: logging.Logger) -> None:
-        """Write the record if it changed or the heartbeat is due."""
-        with self._lock:
-            due = self._dirty or time.monotonic() >= self._next
-            offline = self._status.state == "disconnected"
-        if due and not offline:
+        """Write the record now if it changed or the heartbeat is due (not while offline)."""
+        if self._due():
             self.flush(log)
+
+    def _due(self) -> bool:
+        with self._lock:
+            if self._status.state == "disconnected":
+                return False
+            return self._dirty or time.monotonic() >= self._next
 
     def flush(self, log: logging.Logger) -> bool:
         """Write the record and heartbeat now; False (logged at debug) if Redis refused."""
-        with self._lock:
-            self._status.updated = time.time()
-            data = status.encode(self._status)
-            self._dirty = False
-            self._next = time.monotonic() + self.ttl / 3
-        try:
-            self.store.write_agent_status(self._status.agent_id, data, self.ttl)
-        except HotswapError as e:
+        with self._io:
             with self._lock:
-                self._dirty = True
-            log.debug("could not write agent status: %s", e)
-            return False
+                self._status.updated = time.time()
+                data = status.encode(self._status)
+                agent_id = self._status.agent_id
+                self._dirty = False
+                self._next = time.monotonic() + self.ttl / 3
+            try:
+                self.store.write_agent_status(agent_id, data, self.ttl)
+            except (HotswapError, OSError) as e:
+                with self._lock:
+                    self._dirty = True
+                    self._hold = time.monotonic() + min(RETRY_SECONDS, self.ttl / 3)
+                log.debug("could not write agent status: %s", e)
+                return False
         return True
+
+    # -- the writing thread ------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread that writes changes and heartbeats (idempotent)."""
+        if self._thread is None and not self._closing.is_set():
+            self._thread = threading.Thread(
+                target=self._run, name=f"hotswap-reporter-{self.store.model}", daemon=True
+            )
+            self._thread.start()
+
+    def close(self, timeout: float) -> bool:
+        """Stop the thread after one last write; True if that write landed within ``timeout``.
+
+        Bounded whatever Redis does: the write is tried once, and a write stuck
+        on a frozen server is left to finish (or fail) on the daemon thread.
+        """
+        done = threading.Event()
+        landed = [False]
+
+        def last() -> None:
+            with self._lock:
+                self._hold = 0.0
+            landed[0] = self.flush(self.log)
+            done.set()
+
+        deadline = time.monotonic() + timeout
+        thread = self._thread
+        self._closing.set()
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                return False  # stuck in a write to a frozen server: give up on this one
+        writer = threading.Thread(target=last, name="hotswap-reporter-last", daemon=True)
+        writer.start()
+        done.wait(max(0.0, deadline - time.monotonic()))
+        return landed[0]
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait(self._idle_seconds())
+            self._wake.clear()
+            if self._closing.is_set():
+                break
+            with self._lock:
+                held = time.monotonic() < self._hold
+            if not held and self._due():
+                try:
+                    self.flush(self.log)
+                except Exception:  # pragma: no cover - a bug; the heartbeat must go on
+                    self.log.exception("agent status write failed")
+
+    def _idle_seconds(self) -> float:
+        """How long the thread may sleep unless woken by a change."""
+        now = time.monotonic()
+        with self._lock:
+            if self._status.state == "disconnected":
+                return self.ttl / 3
+            if now < self._hold:
+                return self._hold - now
+            if self._dirty:
+                return 0.0
+            return max(0.0, self._next - now)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from agent_support import (
     status_of,
 )
 
-from hotswap import keys
+from hotswap import keys, notice
 from hotswap.agent import Agent
 from hotswap.connection import operation_retry
 from hotswap.embedded import EmbeddedRedis
@@ -263,3 +263,211 @@ def test_unexpected_error_is_logged_once_and_retried(
         "model 'm': unexpected RuntimeError while updating; still serving nothing yet, "
         "retrying with backoff"
     )
+
+
+# -- notices, status writes, stop -----------------------------------------------------
+
+
+class Recorder:
+    """Wraps an agent's store reads to record which thread read what, in order."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.status_threads: list[str] = []
+        store, once = agent.store, agent.reporter.store
+        head, manifest, read = store.head, store.manifest_bytes, store.read_into
+        write = once.write_agent_status
+
+        def rec_head() -> int | None:
+            self.calls.append(("head", None))
+            return head()
+
+        def rec_manifest(version: int) -> bytes:
+            self.calls.append(("manifest", version))
+            return manifest(version)
+
+        def rec_read(entry: Any, out: memoryview, version: int | None = None) -> None:
+            self.calls.append(("read", version))
+            read(entry, out, version)
+
+        def rec_write(agent_id: str, record: bytes, ttl: float) -> None:
+            self.status_threads.append(threading.current_thread().name)
+            write(agent_id, record, ttl)
+
+        store.head = rec_head  # type: ignore[method-assign]
+        store.manifest_bytes = rec_manifest  # type: ignore[method-assign]
+        store.read_into = rec_read  # type: ignore[method-assign]
+        once.write_agent_status = rec_write  # type: ignore[method-assign]
+
+
+def test_notice_reads_the_manifest_it_names_and_nothing_before(
+    settings: HotswapSettings, client: redis.Redis, store: Store
+) -> None:
+    model = Ten()
+    pub = Publisher(MODEL, settings=settings, connection=client)
+    slow = settings.model_copy(update={"poll_interval": 30.0})  # no poll gets in between
+    agent = Agent(model, MODEL, settings=slow)
+    seen = Recorder(agent)
+    with agent:
+        assert eventually(lambda: agent.state == "idle")
+        seen.calls.clear()
+        new = bump(model.state_dict())
+        v = pub.publish(new)
+        assert agent.wait_for(v, 10)
+        assert equal_state(model, new)
+        # One read of the announced manifest, then straight to the blobs.
+        assert seen.calls[0] == ("manifest", v)
+        assert ("head", None) not in seen.calls
+        assert {c for c in seen.calls[1:]} == {("read", v)}
+        # No status write on the agent's own thread: the reporter's thread writes.
+        assert eventually(lambda: status_of(store, agent).version == v)
+        assert seen.status_threads and not any(
+            name.startswith("hotswap-agent") for name in seen.status_threads
+        )
+    pub.close()
+
+
+def test_notice_naming_a_missing_version_falls_back_to_head(
+    settings: HotswapSettings, client: redis.Redis, store: Store
+) -> None:
+    model = Ten()
+    slow = settings.model_copy(update={"poll_interval": 30.0})
+    agent = Agent(model, MODEL, settings=slow)
+    seen = Recorder(agent)
+    with agent:
+        assert eventually(lambda: agent.state == "idle")
+        new = bump(model.state_dict())
+        v = commit_raw(store, new, notify=False)  # head moved, nobody told
+        seen.calls.clear()
+        forged = notice.Notice(MODEL, v + 5, "publish", "x" * 32)
+        client.publish(keys.events_channel("hotswap", MODEL), notice.encode(forged))
+        assert agent.wait_for(v, 10)
+        assert seen.calls[:3] == [("manifest", v + 5), ("head", None), ("manifest", v)]
+        assert equal_state(model, new)
+
+
+def test_forged_notice_of_an_old_version_changes_nothing(
+    settings: HotswapSettings, client: redis.Redis, store: Store
+) -> None:
+    model = Ten()
+    slow = settings.model_copy(update={"poll_interval": 30.0})
+    agent = Agent(model, MODEL, settings=slow)
+    seen = Recorder(agent)
+    with agent:
+        v1 = commit_raw(store, bump(model.state_dict(), 0.01))
+        assert agent.wait_for(v1, 10)
+        current = bump(model.state_dict(), 0.01)
+        v2 = commit_raw(store, current)
+        assert agent.wait_for(v2, 10)
+        before, fetched = snapshot(model), agent.reporter.status.bytes_fetched
+        seen.calls.clear()
+        # Another lineage in the notice makes the agent look; the manifest says v1.
+        forged = notice.Notice(MODEL, v1, "publish", "x" * 32)
+        client.publish(keys.events_channel("hotswap", MODEL), notice.encode(forged))
+        assert eventually(lambda: ("manifest", v1) in seen.calls)
+        assert eventually(lambda: agent.state == "idle")
+        assert ("read", v1) not in seen.calls
+        assert snapshot(model) == before and agent.applied_version == v2
+        assert agent.reporter.status.bytes_fetched == fetched
+
+
+def test_notices_queued_during_a_fetch_go_straight_to_the_newest(
+    settings: HotswapSettings, client: redis.Redis, store: Store
+) -> None:
+    model = Ten()
+    slow = settings.model_copy(update={"poll_interval": 30.0})
+    applied: list[int] = []
+    agent = Agent(model, MODEL, settings=slow, on_applied=lambda v, r: applied.append(v))
+    real_read = agent.store.read_into
+    held, release = threading.Event(), threading.Event()
+
+    def read_held(entry: Any, out: memoryview, version: int | None = None) -> None:
+        if not release.is_set():
+            held.set()
+            assert release.wait(10)
+        real_read(entry, out, version)
+
+    agent.store.read_into = read_held  # type: ignore[method-assign]
+    listener = client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(keys.events_channel("hotswap", MODEL))
+    with agent:
+        assert eventually(lambda: agent.state == "idle")
+        v1 = commit_raw(store, bump(model.state_dict(), 0.01))
+        assert held.wait(10)  # the agent is fetching v1
+        v2 = commit_raw(store, bump(model.state_dict(), 0.02))
+        newest = bump(model.state_dict(), 0.03)
+        v3 = commit_raw(store, newest)
+        heard: list[int] = []
+        assert eventually(lambda: _heard(listener, heard) >= 3)  # all three sent
+        release.set()
+        assert agent.wait_for(v3, 10)
+        assert applied == [v1, v3] and v2 == v1 + 1
+        assert equal_state(model, newest)
+    listener.close()
+
+
+def _heard(listener: Any, heard: list[int]) -> int:
+    message = listener.get_message(timeout=0.05)
+    if message is not None:
+        heard.append(notice.decode(message["data"]).version)
+    return len(heard)
+
+
+def test_heartbeat_lives_through_one_long_tensor_fetch(
+    settings: HotswapSettings, store: Store
+) -> None:
+    beat = settings.model_copy(update={"heartbeat_ttl": 0.9})
+    model = Ten()
+    agent = Agent(model, MODEL, settings=beat)
+    real_read = agent.store.read_into
+    held, release = threading.Event(), threading.Event()
+
+    def read_slowly(entry: Any, out: memoryview, version: int | None = None) -> None:
+        held.set()
+        assert release.wait(20)  # one tensor that takes far longer than the ttl
+        real_read(entry, out, version)
+
+    agent.store.read_into = read_slowly  # type: ignore[method-assign]
+
+    def alive() -> list[bool]:
+        return [a for i, _, a in store.agent_records() if i == agent.agent_id]
+
+    with agent:
+        assert eventually(lambda: agent.state == "idle")
+        new = bump(model.state_dict())
+        v = commit_raw(store, new)
+        assert held.wait(10)
+        assert eventually(lambda: status_of(store, agent).state == "fetching")
+        for _ in range(5):  # 2.5 s, nearly three ttls, inside one read
+            time.sleep(0.5)
+            assert alive() == [True]
+        release.set()
+        assert agent.wait_for(v, 10)
+        assert equal_state(model, new)
+
+
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_stop_is_bounded_with_the_default_retry_budget(
+    own_redis: EmbeddedRedis, settings: HotswapSettings, fault: str
+) -> None:
+    # Defaults: 6 attempts with backoff up to 2 s, 10 s socket timeout.
+    cfg = HotswapSettings(redis_url=own_redis.url, poll_interval=0.2, _env_file=None)  # type: ignore[call-arg]
+    assert (cfg.retry_attempts, cfg.retry_max_wait, cfg.socket_timeout) == (6, 2.0, 10.0)
+    agent = Agent(Ten(), MODEL, settings=cfg).start()
+    try:
+        assert eventually(lambda: agent.state == "idle")
+        if fault == "killed":
+            own_redis.kill()
+            assert eventually(lambda: agent.state == "disconnected", 10)
+        else:
+            own_redis.freeze()
+            time.sleep(0.5)  # the thread is now blocked in a read of head
+        started = time.monotonic()
+        agent.stop()
+        took = time.monotonic() - started
+        assert agent.state == "stopped"
+        assert agent._thread is not None and not agent._thread.is_alive()
+        # A second for the thread's grace, a second for the last status write.
+        assert took < 2.5, took
+    finally:
+        own_redis.thaw()
