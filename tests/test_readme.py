@@ -98,7 +98,7 @@ def check_export(words: list[str]) -> None:
     name, _, value = words[1].partition("=")
     field = name.removeprefix("HOTSWAP_").lower()
     assert name.startswith("HOTSWAP_") and field in HotswapSettings.model_fields, name
-    HotswapSettings(**{field: value}, _env_file=None)  # type: ignore[arg-type]
+    HotswapSettings(**{field: value}, _env_file=None)  # type: ignore[arg-type,call-arg]
 
 
 def check_docker(words: list[str]) -> None:
@@ -286,7 +286,7 @@ def check_text(block: Block) -> None:
 
 def reliability_acl_lines() -> list[str]:
     """The ``ACL SETUSER`` block of docs/reliability.md (tests/reliability/test_rel_acl.py's)."""
-    found = [
+    found: list[list[str]] = [
         body.strip().splitlines()
         for body in re.findall(r"```[a-z]*\n(.*?)```", RELIABILITY.read_text(), flags=re.S)
         if body.strip()
@@ -511,7 +511,7 @@ def test_acl_users_publish_and_apply_with_least_privilege() -> None:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 agent_client.execute_command(*command)
         publisher_client = redis.Redis.from_url(as_user("publisher").redis_url)
-        for command in (
+        for denied in (
             ("GET", "elsewhere"),
             ("HSET", "hotswap:{acl}:agents", "forged", "x"),  # agents' records are theirs
             ("SET", "hotswap:{acl}:agent:forged", "x"),
@@ -520,7 +520,7 @@ def test_acl_users_publish_and_apply_with_least_privilege() -> None:
             ("CONFIG", "GET", "*"),
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
-                publisher_client.execute_command(*command)
+                publisher_client.execute_command(*denied)
         agent_client.close()
         publisher_client.close()
         admin.close()
