@@ -15,9 +15,14 @@ _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
+def is_name(name: str) -> bool:
+    """Whether ``name`` is valid as a model name, namespace or agent id."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
 def check_name(name: str, what: str = "model name") -> str:
     """Return ``name`` if it is a valid model name or namespace, else raise ConfigError."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not is_name(name):
         raise ConfigError(f"invalid {what} {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -")
     return name
 

@@ -84,6 +84,9 @@ def encode(status: AgentStatus) -> bytes:
 
 def decode(data: bytes) -> AgentStatus:
     """Parse a status record; FormatError for anything malformed."""
+    if not data:
+        # Also what the store hands over for a record too large to read.
+        raise FormatError(f"agent status is empty or over the {MAX_STATUS_BYTES}-byte limit")
     if len(data) > MAX_STATUS_BYTES:
         raise FormatError(f"agent status is {len(data)} bytes, over the {MAX_STATUS_BYTES} limit")
     try:

@@ -28,6 +28,7 @@ from hotswap.errors import (
     VersionConflict,
 )
 from hotswap.manifest import Limits, Manifest, TensorEntry, decode
+from hotswap.status import MAX_STATUS_BYTES
 
 T = TypeVar("T")
 DEFAULT_LIMITS = Limits()
@@ -233,7 +234,7 @@ class Store:
         rows = self.call("reading the log", lambda: self.client.xrevrange(key, count=count))
         out = []
         for entry_id, fields in rows:
-            row = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+            row = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
             row["id"] = entry_id.decode()
             out.append(row)
         return out
@@ -466,14 +467,31 @@ class Store:
         agents = self._key(keys.agents_key)
 
         def read() -> list[tuple[str, bytes, bool]]:
-            records = self.client.hgetall(agents)
-            ids = sorted(k.decode() for k in records)
+            # Agents (their ACL user may write any field) are not trusted here:
+            # field names need not be UTF-8 or valid ids, and a value's size is
+            # checked before it is read so one huge record cannot bloat `status`.
+            fields = sorted(self.client.hkeys(agents))
+            if not fields:
+                return []
             pipe = self.client.pipeline(transaction=False)
-            for agent_id in ids:
-                pipe.exists(self._key(keys.heartbeat_key, agent_id))
-            alive = pipe.execute() if ids else []
+            ids = [f.decode(errors="backslashreplace") for f in fields]
+            for field, agent_id in zip(fields, ids, strict=True):
+                pipe.hstrlen(agents, field)
+                if keys.is_name(agent_id):
+                    pipe.exists(self._key(keys.heartbeat_key, agent_id))
+                else:
+                    pipe.echo(0)
+            replies = pipe.execute()
+            sizes, alive = replies[0::2], replies[1::2]
+            readable = [f for f, n in zip(fields, sizes, strict=True) if n <= MAX_STATUS_BYTES]
+            values = (
+                dict(zip(readable, self.client.hmget(agents, readable), strict=True))
+                if readable
+                else {}
+            )
             return [
-                (i, bytes(records[i.encode()]), bool(a)) for i, a in zip(ids, alive, strict=True)
+                (agent_id, bytes(values.get(field) or b""), bool(int(a)))
+                for field, agent_id, a in zip(fields, ids, alive, strict=True)
             ]
 
         return self.call("reading agent status", read)
