@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 import torch
@@ -31,32 +32,7 @@ from publisher.sources import Source, TensorSource, open_source
 
 __all__ = ["GcReport", "Progress", "PublishReport", "Publisher", "VerifyReport"]
 
-
-# Elements per block when computing stats of a large tensor: 8 MB of float64.
-STATS_BLOCK = 1 << 20
-
-
-def tensor_stats(tensor: torch.Tensor) -> codec.Stats:
-    """``codec.stats`` in float64 blocks, so a large tensor is never copied whole.
-
-    ``codec.stats`` casts the whole tensor to float64 (twice a float32 tensor's
-    size); this sums the same squares block by block, agreeing to ~1e-13
-    (relative), far inside the agent's norm tolerance.
-    """
-    t = tensor.detach()
-    if t.numel() <= STATS_BLOCK or t.is_complex() or codec.dtype_name(t.dtype) == "F4_E2M1_X2":
-        return codec.stats(t)
-    flat = t.reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    lo, hi = math.inf, -math.inf
-    for start in range(0, flat.numel(), STATS_BLOCK):
-        block = flat[start : start + STATS_BLOCK].to(torch.float64)
-        total += torch.dot(block, block)
-        b_lo, b_hi = torch.aminmax(block)
-        lo, hi = min(lo, float(b_lo)), max(hi, float(b_hi))
-    norm = math.sqrt(float(total))
-    # As codec.stats: a NaN anywhere makes both figures NaN.
-    return codec.Stats(norm, norm if math.isnan(norm) else max(abs(lo), abs(hi)))
+log = logging.getLogger("hotswap.publisher")
 
 
 def _view_key(t: torch.Tensor) -> tuple[object, ...]:
@@ -69,6 +45,36 @@ def _view_key(t: torch.Tensor) -> tuple[object, ...]:
         tuple(t.shape),
         tuple(t.stride()),
     )
+
+
+@dataclass(frozen=True)
+class Head:
+    """What a publish builds on: head's number and, when it can be trusted, its manifest.
+
+    An untrusted head (``manifest`` None, ``distrust`` saying why) lends a full
+    publish only its number, as the parent and for the compare-and-set.
+    """
+
+    model: str
+    number: int | None
+    manifest: Manifest | None = None
+    distrust: HotswapError | None = None
+    signing: bool = False
+
+    def refusal(self, why: str) -> HotswapError:
+        """The error for an operation that needs this untrusted head's content."""
+        way = "a signed version" if self.signing else "a version"
+        return type(self.distrust or HotswapError())(
+            f"model {self.model!r}: head v{self.number} cannot be trusted "
+            f"({_cause(self.distrust)}); {why}: publish the whole model to put {way} on top"
+        )
+
+
+def _cause(e: HotswapError | None) -> str:
+    """The first clause of an error: what is wrong, without the advice after ';'."""
+    if isinstance(e, NotFound):
+        return "its manifest is missing"
+    return str(e).split("; ")[0]
 
 
 class Publisher:
@@ -142,34 +148,38 @@ class Publisher:
             raise ConfigError(f"message is {len(message)} characters, limit {mf.MAX_MESSAGE_LEN}")
         with open_source(source) as src:
             names = plan.select(src.names, only, src.where)
-            head = self.store.head_manifest(self._keys)
-            if only is not None and head is None:
+            head = self._head()
+            if only is not None and head.number is None:
                 raise ConfigError(
                     f"model {self.model!r} has no version yet: --only needs a parent to inherit "
                     "the other tensors from; publish the whole model first"
                 )
-            fresh = self._hash(src, names, head, progress)
-            entries = plan.merge(head.tensors, fresh) if head and only is not None else fresh
+            if only is not None and head.manifest is None:
+                raise head.refusal("--only inherits the other tensors from it") from head.distrust
+            trusted = head.manifest
+            fresh = self._hash(src, names, trusted, progress)
+            entries = plan.merge(trusted.tensors, fresh) if trusted and only is not None else fresh
             if len(entries) > self.settings.max_tensors:
                 raise SourceError(
                     f"{src.where}: {len(entries)} tensors, over the limit of "
                     f"{self.settings.max_tensors} (HOTSWAP_MAX_TENSORS)"
                 )
             sent = self._upload_missing(src, entries, progress)
-        changes = plan.diff(head.tensors if head else (), entries)
-        if head is not None and changes.count == 0 and not force:
+        # An untrusted head is compared with nothing: every tensor counts as new.
+        changes = plan.diff(trusted.tensors if trusted else (), entries)
+        if trusted is not None and changes.count == 0 and not force:
             self._last = PublishReport(
-                version=head.version,
-                parent=head.parent,
+                version=trusted.version,
+                parent=trusted.parent,
                 created=False,
                 tensors_total=len(entries),
                 tensors_changed=0,
-                bytes_total=head.nbytes,
+                bytes_total=trusted.nbytes,
                 bytes_uploaded=sent,
-                bytes_skipped=head.nbytes - sent,
+                bytes_skipped=trusted.nbytes - sent,
                 seconds=time.monotonic() - started,
             )
-            return head.version
+            return trusted.version
         return self._commit(
             head=head,
             entries=entries,
@@ -180,6 +190,19 @@ class Publisher:
             sent=sent,
             started=started,
         )
+
+    def _head(self) -> Head:
+        """The head's number and, if it verifies (with the signing keys), its manifest."""
+        number = self.store.head()
+        signing = bool(self._keys)
+        if number is None:
+            return Head(self.model, None, signing=signing)
+        try:
+            return Head(self.model, number, self.store.manifest(number, self._keys), None, signing)
+        except (IntegrityError, NotFound) as e:
+            # Unsigned (signing just turned on), forged, garbled or missing: a full
+            # publish may still go on top of it, taking nothing from it but its number.
+            return Head(self.model, number, None, e, signing)
 
     def _hash(
         self,
@@ -217,7 +240,7 @@ class Publisher:
                 ):
                     entry = prev
                 else:
-                    stats = tensor_stats(tensor)
+                    stats = codec.stats(tensor)
                     chunk = chunk_of.get(digest, self.settings.chunk_bytes)
                     entry = TensorEntry(
                         name, dtype, shape, len(buf), digest, chunk, stats.norm, stats.max_abs
@@ -240,6 +263,13 @@ class Publisher:
         Blobs are touched before the check so that a concurrent gc's grace
         period covers them, and checked again after the upload in case a gc
         deleted one meanwhile.
+
+        Each uploaded tensor is hashed again *after* its upload, in a thread
+        while the next one uploads, and must still match the digest it was
+        hashed to: no source is immutable (a state dict is the caller's live
+        memory, a safetensors file is mapped and shows in-place writes), and
+        a tensor that changed between the two reads leaves its blob deleted
+        and the publish refused instead of a manifest that lies.
         """
         readable = set(src.names)
         # Any name of ours whose bytes make the blob (inherited names cannot be read).
@@ -252,36 +282,55 @@ class Publisher:
                 return sent
             total = sum(e.nbytes for e in todo.values())
             done = 0
-            for entry in todo.values():
-                name = name_of.get(entry.digest)
-                if name is None:
-                    raise NotFound(
-                        f"model {self.model!r}: blobs of inherited tensor {entry.name!r} are "
-                        "gone from Redis (collected or lost); publish the whole model again"
-                    )
-                buf = codec.as_bytes(src.load(name))
-                if codec.digest(buf) != entry.digest:
-                    raise SourceError(
-                        f"{src.where}: tensor {name!r} changed while it was being published; "
-                        "publish again once it is stable"
-                    )
+            changed: list[str] = []
+            with ThreadPoolExecutor(1, thread_name_prefix="hotswap-verify") as pool:
+                checking: _Check | None = None
+                for entry in todo.values():
+                    if changed:
+                        break
+                    name = name_of.get(entry.digest)
+                    if name is None:
+                        raise NotFound(
+                            f"model {self.model!r}: blobs of inherited tensor {entry.name!r} are "
+                            "gone from Redis (collected or lost); publish the whole model again"
+                        )
+                    buf = codec.as_bytes(src.load(name))
 
-                def tick(n: int, base: int = done, total: int = total) -> None:
-                    if progress:
-                        progress("upload", base + n, total)
+                    def tick(n: int, base: int = done, total: int = total) -> None:
+                        if progress:
+                            progress("upload", base + n, total)
 
-                sent += self.store.upload(entry, buf, _accumulate(tick))
-                done += entry.nbytes
-                del buf
+                    sent += self.store.upload(entry, buf, _accumulate(tick))
+                    done += entry.nbytes
+                    if checking is not None and not self._still_same(checking):
+                        changed.append(checking.name)
+                    checking = _Check(name, entry, pool.submit(codec.digest, buf))
+                    del buf
+                if checking is not None and not self._still_same(checking):
+                    changed.append(checking.name)
+            if changed:
+                more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+                raise SourceError(
+                    f"{src.where}: tensor {changed[0]!r}{more} changed while it was being "
+                    "published; publish again once it is stable"
+                )
         raise IntegrityError(
             f"model {self.model!r}: uploaded blobs keep disappearing (a gc with "
             "HOTSWAP_GC_GRACE_SECONDS=0 running?); publish again"
         )
 
+    def _still_same(self, check: _Check) -> bool:
+        """Wait for one upload's second hash; on a change, delete the blob it made."""
+        if check.digest.result() == check.entry.digest:
+            return True
+        # Its chunks hold bytes that do not hash to the name they are stored under.
+        self.store.delete_blobs([plan.blob_of(check.entry)])
+        return False
+
     def _commit(
         self,
         *,
-        head: Manifest | None,
+        head: Head,
         entries: Sequence[TensorEntry],
         kind: str,
         rollback_to: int | None,
@@ -294,8 +343,8 @@ class Publisher:
         m = Manifest(
             model=self.model,
             version=version,
-            parent=head.version if head else None,
-            lineage=head.lineage if head else mf.new_lineage(),
+            parent=head.number,
+            lineage=head.manifest.lineage if head.manifest else self._lineage(head),
             tensors=tuple(entries),
             kind=kind,
             rollback_to=rollback_to,
@@ -304,7 +353,7 @@ class Publisher:
             message=message,
         )
         data = mf.encode(m, self._signing_key)
-        log: dict[str, str | int | float] = {
+        fields: dict[str, str | int | float] = {
             "version": version,
             "kind": kind,
             "author": m.author,
@@ -316,8 +365,19 @@ class Publisher:
             "parent": "" if m.parent is None else m.parent,
             "rollback_to": "" if rollback_to is None else rollback_to,
         }
+        if head.distrust is not None:
+            fields["untrusted_parent"] = _cause(head.distrust)
         notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage))
-        self.store.commit(m, data, log, notice)
+        self.store.commit(m, data, fields, notice)
+        if head.distrust is not None:
+            log.warning(
+                "model %r: published v%d on top of v%d without trusting it (%s): "
+                "every tensor was hashed, checked and counted as changed",
+                self.model,
+                version,
+                head.number,
+                _cause(head.distrust),
+            )
         self._last = PublishReport(
             version=version,
             parent=m.parent,
@@ -332,6 +392,21 @@ class Publisher:
             rollback_to=rollback_to,
         )
         return version
+
+    def _lineage(self, head: Head) -> str:
+        """The lineage of a new version whose parent's manifest is not trusted (or absent).
+
+        An unsigned or forged manifest that still decodes lends its lineage: a
+        lineage only tells agents whether version numbers are comparable (a
+        wrong one makes them compare digests instead), and keeping it spares
+        them a false "Redis lost its data" when signing is first turned on.
+        """
+        if head.number is None:
+            return mf.new_lineage()
+        try:
+            return self.store.manifest(head.number).lineage
+        except (IntegrityError, NotFound):
+            return mf.new_lineage()
 
     # -- rollback -----------------------------------------------------------------
 
@@ -355,9 +430,12 @@ class Publisher:
         NotFound when the target or any of its blobs was collected by gc.
         """
         started = time.monotonic()
-        head = self.store.head_manifest(self._keys)
-        if head is None:
+        parent = self._head()
+        if parent.number is None:
             raise NotFound(f"model {self.model!r} has no versions: nothing to roll back")
+        if parent.manifest is None:
+            raise parent.refusal("a rollback starts from it") from parent.distrust
+        head = parent.manifest
         target_version = self.rollback_target(head) if to is None else int(to)
         if target_version < 1 or target_version > head.version:
             raise NotFound(
@@ -385,7 +463,7 @@ class Publisher:
             )
         changed = plan.diff(head.tensors, target.tensors).count
         return self._commit(
-            head=head,
+            head=parent,
             entries=target.tensors,
             kind="rollback",
             rollback_to=target_version,
@@ -431,6 +509,15 @@ class Publisher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class _Check:
+    """An uploaded tensor whose bytes are being hashed again."""
+
+    name: str
+    entry: TensorEntry
+    digest: Future[str]
 
 
 def _accumulate(tick: Callable[[int], None]) -> Callable[[int], None]:

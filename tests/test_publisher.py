@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -185,6 +184,92 @@ def test_concurrent_publisher_gets_version_conflict(
     with pytest.raises(VersionConflict, match="head is v2, not v1 as this publish read it"):
         pub.publish(weights(1), progress=race)
     assert fired == [2] and store.head() == 2 and store.versions() == [1, 2]
+
+
+def blobs_that_lie(client: redis.Redis) -> list[str]:
+    """Digests of stored blobs whose chunks, joined in order, do not hash to that digest."""
+    chunks: dict[str, dict[int, bytes]] = {}
+    for key in blob_keys(client):
+        digest, _size, index = key.decode().rsplit(":", 3)[-3:]
+        value = client.get(key)
+        assert isinstance(value, bytes)
+        chunks.setdefault(digest, {})[int(index)] = value
+    return sorted(
+        d
+        for d, parts in chunks.items()
+        if codec.digest(b"".join(v for _, v in sorted(parts.items()))) != d
+    )
+
+
+CHANGED = (
+    r"^state dict: tensor '{}'{} changed while it was being published; "
+    "publish again once it is stable$"
+)
+
+
+def test_tensor_changed_after_hashing_is_refused_and_its_blob_deleted(
+    pub: Publisher, store: Store, client: redis.Redis
+) -> None:
+    pub.publish(weights())
+    sd = weights(1)
+    stale = codec.digest(codec.as_bytes(sd["layer.0.weight"]))
+
+    def train_step(phase: str, done: int, total: int) -> None:
+        if phase == "hash" and done == total:
+            sd["layer.0.weight"].add_(1)  # the caller's live memory, in place
+
+    with pytest.raises(SourceError, match=CHANGED.format(r"layer\.0\.weight", "")):
+        pub.publish(sd, progress=train_step)
+    assert store.head() == 1 and store.versions() == [1]
+    assert not any(stale in k.decode() for k in blob_keys(client))
+    assert blobs_that_lie(client) == []
+    # Once the tensor holds still, the same publish goes through.
+    assert pub.publish(sd) == 2 and pub.verify(2).ok
+
+
+def test_tensor_changed_during_its_upload_is_refused(
+    pub: Publisher, store: Store, client: redis.Redis
+) -> None:
+    pub.publish(weights())
+    sd = weights(1)
+    fired: list[int] = []
+
+    def train_step(phase: str, done: int, total: int) -> None:
+        # After the first tensor's bytes went out, before they are hashed again.
+        if phase == "upload" and not fired:
+            fired.append(done)
+            with torch.no_grad():
+                for t in sd.values():
+                    t.add_(1)
+
+    with pytest.raises(SourceError, match=CHANGED.format(r"embed\.weight", r" \(and 1 more\)")):
+        pub.publish(sd, progress=train_step)
+    assert fired == [sd["embed.weight"].nbytes]
+    assert store.head() == 1 and store.versions() == [1]
+    assert blobs_that_lie(client) == []
+
+
+def test_checkpoint_file_rewritten_in_place_mid_publish_is_refused(
+    pub: Publisher, store: Store, client: redis.Redis, tmp_path: Path
+) -> None:
+    # safetensors maps the file: bytes written in place show through the loaded
+    # tensors, so a file source is no more immutable than a state dict.
+    path = tmp_path / "m.safetensors"
+    save_file(weights(), str(path))
+    data = path.read_bytes()
+    offset = data.index(codec.as_bytes(weights()["layer.1.weight"]).tobytes())
+
+    def overwrite(phase: str, done: int, total: int) -> None:
+        if phase == "hash" and done == total:
+            with path.open("r+b") as f:
+                f.seek(offset)
+                f.write(bytes(64))
+
+    with pytest.raises(
+        SourceError, match=r"m\.safetensors: tensor 'layer\.1\.weight' changed while"
+    ):
+        pub.publish(path, progress=overwrite)
+    assert store.head() is None and blobs_that_lie(client) == []
 
 
 # -- files, signing, progress, verify -------------------------------------------------
@@ -462,15 +547,14 @@ def test_unique_blobs_share_equal_content() -> None:
     assert plan.unique_blobs([empty]) == {}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int32])
-def test_blockwise_stats_match_codec_stats(dtype: torch.dtype) -> None:
-    from publisher.publisher import STATS_BLOCK, tensor_stats
-
-    t = (torch.randn(STATS_BLOCK * 2 + 17, generator=torch.Generator().manual_seed(1)) * 9).to(
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32])
+def test_manifest_stats_are_codec_stats(pub: Publisher, store: Store, dtype: torch.dtype) -> None:
+    # The agent recomputes the norm with codec.norm and allows 1e-6: one function
+    # on both sides (here over several of its blocks).
+    t = (torch.randn(2 * codec.BLOCK + 17, generator=torch.Generator().manual_seed(1)) * 9).to(
         dtype
     )
-    a, b = codec.stats(t), tensor_stats(t)
-    assert b.norm == pytest.approx(a.norm, rel=1e-12) and b.max_abs == a.max_abs
-    t[STATS_BLOCK + 3] = float("nan") if dtype.is_floating_point else 0
-    if dtype.is_floating_point:
-        assert math.isnan(tensor_stats(t).norm) and math.isnan(tensor_stats(t).max_abs)
+    pub.publish({"w": t, "b": torch.ones(3, dtype=dtype)})
+    (e, _) = sorted(store.manifest(1).tensors, key=lambda e: e.name, reverse=True)
+    assert e.name == "w"
+    assert (e.norm, e.max_abs) == (codec.norm(t), codec.stats(t).max_abs)
