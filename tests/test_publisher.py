@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from pydantic import SecretStr
 from safetensors.torch import save_file
 
 from hotswap import codec, keys
+from hotswap import manifest as mf
+from hotswap.agent import Agent
 from hotswap.embedded import EmbeddedRedis
 from hotswap.errors import (
     ConfigError,
@@ -23,9 +26,10 @@ from hotswap.errors import (
     SignatureError,
     SourceError,
     StoreUnavailable,
+    ValidationError,
     VersionConflict,
 )
-from hotswap.manifest import TensorEntry, key_id
+from hotswap.manifest import Manifest, TensorEntry, key_id
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
 from publisher import plan
@@ -308,6 +312,145 @@ def test_signed_manifest(settings: HotswapSettings, client: redis.Redis, store: 
     assert m.key_id == key_id(b"k1")
     with pytest.raises(SignatureError):
         store.manifest(1, [b"other"])
+
+
+# -- signing turned on over an untrusted head --------------------------------------------
+
+KEY = "publisher-key-0123456789"
+
+
+@pytest.fixture
+def signed(settings: HotswapSettings, client: redis.Redis) -> Iterator[Publisher]:
+    s = settings.model_copy(update={"signing_keys": [SecretStr(KEY)]})
+    with Publisher("m", settings=s, connection=client) as p:
+        yield p
+
+
+def redis_dump(client: redis.Redis) -> dict[bytes, bytes | None]:
+    return {k: client.dump(k) for k in client.keys("*")}
+
+
+def test_signing_turned_on_publishes_a_signed_version_on_the_unsigned_head(
+    pub: Publisher,
+    signed: Publisher,
+    store: Store,
+    settings: HotswapSettings,
+    client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pub.publish(weights())  # unsigned, as everything was before signing
+    unsigned = store.manifest(1)
+    # The same weights again: nothing of the untrusted v1 is taken as "unchanged".
+    with caplog.at_level("WARNING", logger="hotswap.publisher"):
+        v = signed.publish(weights(), message="signing on")
+    r = signed.last_report
+    assert (v, r.parent, r.created) == (2, 1, True)
+    assert (r.tensors_changed, r.tensors_total) == (6, 6)
+    assert r.bytes_uploaded == 0  # the blobs are content-addressed and already there
+    m = store.manifest(2, [KEY.encode()])  # what an agent with the key accepts
+    assert m.key_id == key_id(KEY.encode()) and m.parent == 1
+    assert m.lineage == unsigned.lineage  # no false "Redis lost its data" for agents
+    assert content_of(m) == content_of(unsigned)
+    (entry,) = store.log(1)
+    assert entry["untrusted_parent"] == (
+        "manifest of m v1 is unsigned, but signing keys are configured"
+    )
+    assert caplog.messages == [
+        "model 'm': published v2 on top of v1 without trusting it (manifest of m v1 is "
+        "unsigned, but signing keys are configured): every tensor was hashed, checked and "
+        "counted as changed"
+    ]
+    # From now on the head is trusted: an unchanged publish creates nothing.
+    assert signed.publish(weights()) == 2 and signed.last_report.created is False
+    assert signed.publish(weights(), force=True) == 3
+    assert "untrusted_parent" not in store.log(1)[0]
+
+
+def test_agent_with_keys_applies_the_first_signed_version(
+    pub: Publisher, signed: Publisher, settings: HotswapSettings
+) -> None:
+    # Keys deployed to agents first: they refuse the unsigned head and keep
+    # serving; the publisher turns signing on and its next full publish applies.
+    pub.publish(weights(1))
+    live = {k: v.clone() for k, v in weights(0).items()}
+    keyed = settings.model_copy(update={"signing_keys": [SecretStr(KEY)]})
+    with Agent(live, "m", settings=keyed) as agent:
+        with pytest.raises(ValidationError, match="is unsigned, but signing keys are configured"):
+            agent.wait_for(1, 10)
+        assert all(torch.equal(live[k], v) for k, v in weights(0).items())
+        v = signed.publish(weights(1))
+        assert agent.wait_for(v, 10)
+    assert all(torch.equal(live[k], t) for k, t in weights(1).items())
+
+
+def content_of(m: Manifest) -> list[tuple[object, ...]]:
+    return [(e.name, e.digest, e.dtype, e.shape, e.norm, e.max_abs) for e in m.tensors]
+
+
+def test_untrusted_head_lends_no_entry(
+    signed: Publisher, store: Store, client: redis.Redis
+) -> None:
+    # A forged head whose entries point at the right blobs but state false norms:
+    # reusing them would sign the lie.
+    sd = weights()
+    signed.publish(sd)
+    genuine = store.manifest(1)
+    lying = tuple(replace(e, norm=e.norm * 2) for e in genuine.tensors)
+    forged = mf.derive(genuine, version=store.reserve_version(), parent=1, tensors=lying)
+    client.set(keys.manifest_key("hotswap", "m", 2), mf.encode(forged, b"intruder"))
+    client.set(keys.head_key("hotswap", "m"), 2)
+    assert signed.publish(sd) == 3
+    m = store.manifest(3, [KEY.encode()])
+    assert m.parent == 2 and content_of(m) == content_of(genuine)
+    assert store.log(1)[0]["untrusted_parent"] == (
+        f"manifest of m v2 is signed with unknown key id '{key_id(b'intruder')}'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("how", "cause"),
+    [
+        (
+            "garbled",
+            "manifest of m v1 is not valid msgpack: ExtraData: unpack(b) received extra data.",
+        ),
+        ("missing", "its manifest is missing"),
+    ],
+)
+def test_full_publish_repairs_an_unreadable_head(
+    pub: Publisher, store: Store, client: redis.Redis, how: str, cause: str
+) -> None:
+    pub.publish(weights())
+    lineage = store.manifest(1).lineage
+    if how == "garbled":
+        client.set(keys.manifest_key("hotswap", "m", 1), b"\x93garbage")
+    else:
+        client.delete(keys.manifest_key("hotswap", "m", 1))
+    assert pub.publish(weights(1)) == 2
+    m = store.manifest(2)
+    assert m.parent == 1 and len(m.tensors) == 6
+    assert store.log(1)[0]["untrusted_parent"] == cause
+    assert m.lineage != lineage  # nothing to take it from: a new one
+
+
+UNTRUSTED = (
+    "model 'm': head v1 cannot be trusted (manifest of m v1 is unsigned, but signing keys "
+    "are configured); {}: publish the whole model to put a signed version on top"
+)
+
+
+def test_only_and_rollback_refuse_an_untrusted_head_and_change_nothing(
+    pub: Publisher, signed: Publisher, store: Store, client: redis.Redis
+) -> None:
+    pub.publish(weights())
+    before = redis_dump(client)
+    with pytest.raises(SignatureError) as only:
+        signed.publish(weights(1), only=["layer.0.*"])
+    assert str(only.value) == UNTRUSTED.format("--only inherits the other tensors from it")
+    with pytest.raises(SignatureError) as back:
+        signed.rollback(to=1)
+    assert str(back.value) == UNTRUSTED.format("a rollback starts from it")
+    assert redis_dump(client) == before and store.head() == 1
 
 
 def test_progress_callback_reports_hash_and_upload_bytes(pub: Publisher) -> None:
