@@ -33,7 +33,7 @@ from hotswap.gate import Gate
 from hotswap.manifest import Limits, Manifest
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
-from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, prepare
+from hotswap.staging import HostMemory, LiveModel, Staged, Staging, apply, pairs, prepare
 from hotswap.store import Store
 from hotswap.validate import Policy
 
@@ -58,6 +58,9 @@ class Agent:
             for ``apply_pending()``.
         staging: where fetched bytes wait for CUDA models: ``"auto"``/``"pinned"``
             (pinned host memory) or ``"device"`` (device memory).
+        staging_keep_bytes: host staging memory of a CPU model kept between
+            versions (up to this many bytes), so the next version's fetch lands
+            in memory already faulted in; 0 keeps none.
         on_applied: called as ``on_applied(version, ApplyReport)``.
         on_rejected: called as ``on_rejected(version, reasons)``.
 
@@ -76,6 +79,7 @@ class Agent:
         policy: Policy | Mapping[str, Any] | None = None,
         mode: Mode = "auto",
         staging: Staging = "auto",
+        staging_keep_bytes: int = 0,
         on_applied: Callable[[int, ApplyReport], None] | None = None,
         on_rejected: Callable[[int, dict[str, list[str]]], None] | None = None,
     ) -> None:
@@ -107,6 +111,7 @@ class Agent:
             limits=Limits(s.max_manifest_bytes, s.max_tensors, s.max_tensor_bytes),
         )
         self.live = LiveModel(model)
+        self._memory = HostMemory(staging_keep_bytes)
         self.agent_id = agent_id()
         # Status writes are tried once: the reporter's thread tries again later,
         # and stop()'s last write must not wait out a retry budget.
@@ -127,6 +132,9 @@ class Agent:
         self._thread: threading.Thread | None = None
         # Guarded by _cond: what runs, what was refused, what waits (manual mode).
         self._digests: dict[str, str] = {}
+        # name -> (digest, norm): the norm of those bytes as a manifest states it.
+        self._norms: dict[str, tuple[str, float]] = {}
+        self._checks_norm: dict[str, bool] = {}
         self._generation = 0
         self._applying = False
         self._applied: int | None = None
@@ -197,7 +205,10 @@ class Agent:
                     self.store.client.close()
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
-            self._pending = None
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.release()
+        self._memory.clear()
         self.reporter.update(state="stopped")
         self.reporter.close(min(timeout, FINAL_WRITE_SECONDS))
         if self._owns_client:
@@ -234,6 +245,7 @@ class Agent:
         try:
             self._apply(staged)
         finally:
+            staged.release()
             with self._cond:
                 self._applying = False
         return staged.plan.manifest.version
@@ -352,6 +364,7 @@ class Agent:
         where = f"model {self.model_name!r} v{m.version}"
         with self._cond:
             digests, generation = dict(self._digests), self._generation
+            norms = self._live_norms(m, digests)
         # The reporter's thread writes this while the fetch runs.
         self.reporter.update(state="fetching")
         staged, reasons = prepare(
@@ -363,6 +376,8 @@ class Agent:
             mode=self.staging,
             where=where,
             between=self._between_tensors,
+            memory=self._memory,
+            old_norms=norms,
         )
         self.reporter.update(
             fetch_seconds=staged.seconds,
@@ -370,20 +385,58 @@ class Agent:
             bytes_fetched=self.reporter.status.bytes_fetched + staged.bytes_fetched,
         )
         if reasons:
+            staged.release()
             self._reject(m.version, m.lineage, reasons, None, staged.bytes_fetched)
             return True
         if self.mode == "auto":
-            if self._stop.is_set():
-                raise Stopped  # stop() may have given up waiting: change nothing after it
-            self._apply(staged)
+            try:
+                if self._stop.is_set():
+                    raise Stopped  # stop() may have given up waiting: change nothing after it
+                self._apply(staged)
+            finally:
+                staged.release()
             return True
         with self._cond:
             if self._applying or self._generation != generation:
-                return False
-            self._pending = staged
+                stale: Staged | None = staged
+            else:
+                stale, self._pending = self._pending, staged
+        if stale is not None:
+            stale.release()
+        if stale is staged:
+            return False
         self.reporter.update(state="pending")
         log.info("model %r: v%d valid; apply_pending() applies it", self.model_name, m.version)
         return True
+
+    def _live_norms(self, m: Manifest, digests: Mapping[str, str]) -> dict[str, float]:
+        """Norms of the live tensors where known; learns those of entries ``m`` leaves as they run.
+
+        A norm is known for bytes this agent applied with the norm check on,
+        or whose digest equals the entry of a manifest it read (the entry's
+        stats describe those very bytes; a manifest lying about them lies
+        about its own content), where the policy checks that name's norm.
+        Call with ``_cond`` held.
+        """
+        known: dict[str, float] = {}
+        for entry in m.tensors:
+            runs = digests.get(entry.name)
+            if runs is None:
+                continue
+            seen = self._norms.get(entry.name)
+            if runs == entry.digest:
+                if (seen is None or seen[0] != runs) and self._norm_checked(entry.name):
+                    self._norms[entry.name] = (entry.digest, entry.norm)
+            elif seen is not None and seen[0] == runs:
+                known[entry.name] = seen[1]
+        return known
+
+    def _norm_checked(self, name: str) -> bool:
+        """Whether the policy checks this name's norm (where it does not, no norm is trusted)."""
+        checked = self._checks_norm.get(name)
+        if checked is None:
+            checked = self._checks_norm[name] = self.policy.rules_for(name).check_norm
+        return checked
 
     def _between_tensors(self) -> None:
         if self._stop.is_set():
@@ -401,6 +454,10 @@ class Agent:
                 # with the old version number.
                 for name, entry in staged.plan.changed.items():
                     self._digests[name] = entry.digest
+                    if name in staged.norms:
+                        self._norms[name] = (entry.digest, staged.norms[name])
+                    else:
+                        self._norms.pop(name, None)
                 self._generation += 1
                 if m.lineage != self._lineage:
                     self._rejections = {

@@ -26,7 +26,7 @@ from agent_support import (
     status_of,
 )
 
-from hotswap import keys
+from hotswap import codec, keys
 from hotswap.agent import Agent, ApplyReport
 from hotswap.errors import ConfigError, ValidationError
 from hotswap.settings import HotswapSettings
@@ -517,3 +517,104 @@ def test_live_tensors_that_cannot_travel_are_refused_at_once(settings: HotswapSe
     )
     with pytest.raises(ConfigError, match="live tensor 'n' is a list, not a tensor"):
         Agent({"n": [1.0]}, MODEL, settings=settings)  # type: ignore[dict-item]
+
+
+# -- staging memory and known norms ------------------------------------------------------
+
+
+def _norms_of_live(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every codec.norm over a live tensor's memory (validation's pass over the old)."""
+    live = {t.data_ptr() for t in model.state_dict().values()}
+    calls: list[int] = []
+    real = codec.norm
+
+    def norm(t: torch.Tensor) -> float:
+        calls.append(int(t.data_ptr() in live))
+        return real(t)
+
+    monkeypatch.setattr(codec, "norm", norm)
+    return calls
+
+
+def test_live_norms_come_from_the_manifest_the_model_runs(
+    make: Make, pub: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Ten()
+    agent = make(model)
+    v1 = pub.publish(bump(model.state_dict()))
+    assert agent.wait_for(v1, 10)
+    calls = _norms_of_live(model, monkeypatch)
+    new = bump(model.state_dict())
+    assert agent.wait_for(pub.publish(new), 10)
+    assert equal_state(model, new)
+    # Ten new norms computed, none over the live tensors: their norms were v1's.
+    assert calls == [0] * 10
+
+
+def test_a_norm_the_policy_does_not_check_is_not_trusted_later(make: Make, store: Store) -> None:
+    model = Ten()
+    policy = Policy(overrides={"layers.0.weight": Override(check_norm=False)})
+    agent = make(model, policy=policy)
+    v1 = commit_raw(
+        store,
+        bump(model.state_dict()),
+        tamper=lambda es: restate(es, "layers.0.weight", norm=1e6),  # a lie, unchecked
+    )
+    assert agent.wait_for(v1, 10)
+    weight = model.state_dict()["layers.0.weight"]
+    true_norm = codec.norm(weight)
+    jumped = dict(cloned(model), **{"layers.0.weight": weight * 100})
+    before = snapshot(model)
+    with pytest.raises(ValidationError) as e:
+        agent.wait_for(commit_raw(store, jumped), 10)
+    (why,) = e.value.reasons["layers.0.weight"]
+    assert f"(norm {true_norm:.6g} -> " in why and "1e+06" not in why
+    assert snapshot(model) == before
+
+
+def test_an_unchanged_tensor_takes_its_norm_from_its_entry(make: Make, store: Store) -> None:
+    # The entry's stats describe the very bytes that run (same digest): the
+    # ratio of a later version is taken against them, with no pass over the tensor.
+    model = Ten()
+    agent = make(model)
+    v1 = commit_raw(
+        store, cloned(model), tamper=lambda es: restate(es, "layers.0.weight", norm=1000.0)
+    )
+    assert agent.wait_for(v1, 10)
+    nudged = dict(
+        cloned(model), **{"layers.0.weight": model.state_dict()["layers.0.weight"] * 1.01}
+    )
+    with pytest.raises(ValidationError) as e:
+        agent.wait_for(commit_raw(store, nudged), 10)
+    (why,) = e.value.reasons["layers.0.weight"]
+    assert why.startswith("norm ratio new/old ") and "(norm 1000 -> " in why
+
+
+def test_staging_memory_is_kept_between_versions_when_asked(make: Make, pub: Publisher) -> None:
+    model = Ten()
+    agent = make(model, staging_keep_bytes=1 << 20)
+    where = pointers(model)
+    for step in (0.01, 0.02, 0.03):
+        new = bump(model.state_dict(), step)
+        assert agent.wait_for(pub.publish(new), 10)
+        assert equal_state(model, new) and pointers(model) == where
+        assert agent._memory.kept_bytes >= sum(t.nbytes for t in new.values())
+    agent.stop()
+    assert agent._memory.kept_bytes == 0
+
+
+def test_manual_mode_with_kept_memory_never_shares_a_pending_arena(
+    make: Make, pub: Publisher
+) -> None:
+    model = Ten()
+    agent = make(model, mode="manual", staging_keep_bytes=1 << 20)
+    for step in (0.01, 0.02, 0.03):
+        good = bump(model.state_dict(), step)
+        v1 = pub.publish(good)
+        assert eventually(lambda v=v1: agent.pending_version == v)  # type: ignore[misc]
+        bad = bump(model.state_dict(), 2 * step)
+        _nan(bad)
+        with pytest.raises(ValidationError):  # fetched while v1 waits, then refused
+            agent.wait_for(pub.publish(bad), 10)
+        assert agent.apply_pending() == v1
+        assert equal_state(model, good), step  # v1's staged bytes were left alone

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import cast
 
 import pytest
@@ -9,9 +11,24 @@ import redis
 import torch
 from agent_support import Ten, commit_raw, entry_for
 
-from hotswap import codec, keys
+from hotswap import codec, keys, validate
 from hotswap import manifest as mf
-from hotswap.staging import LiveModel, Staging, apply, fetch, pairs, plan, prepare, typed
+from hotswap.errors import ConfigError, StoreUnavailable
+from hotswap.staging import (
+    ALIGN,
+    HostMemory,
+    LiveModel,
+    Staging,
+    anonymous,
+    apply,
+    check_metadata,
+    fetch,
+    pairs,
+    plan,
+    populate,
+    prepare,
+    typed,
+)
 from hotswap.store import Store
 from hotswap.validate import Policy
 
@@ -145,3 +162,174 @@ def test_fetch_names_every_corrupted_or_missing_tensor(store: Store, client: red
     )
     assert "chunk 0 of 1 is missing" in staged.failures["layers.2.bias"][0]
     assert "layers.0.weight" not in staged.tensors and len(staged.tensors) == 8
+
+
+# -- host arenas --------------------------------------------------------------------
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_fetch_lands_in_one_arena_that_a_kept_budget_reuses(store: Store) -> None:
+    model = Ten()
+    live = LiveModel(model)
+    memory = HostMemory(keep_bytes=1 << 20)
+    first = {k: v.detach() * 1.5 for k, v in model.state_dict().items()}
+    m1 = store.manifest(commit_raw(store, first))
+    staged = fetch(
+        store, plan(m1, live, live.digests(), set()), live, mode="auto", where="w", memory=memory
+    )
+    assert staged.failures == {} and len(staged.tensors) == 10
+    assert staged.arena is not None
+    arena = _storage(staged.arena)
+    assert {_storage(t) for t in staged.tensors.values()} == {arena}
+    assert all(t.data_ptr() % ALIGN == 0 for t in staged.tensors.values())
+    assert all(torch.equal(t, first[k]) for k, t in staged.tensors.items())
+    assert memory.kept_bytes == 0  # in use
+    staged.release()
+    assert staged.tensors == {} and staged.arena is None
+    assert memory.kept_bytes == sum(-(-t.nbytes // ALIGN) * ALIGN for t in first.values())
+    second = {k: v.detach() * 2.5 for k, v in model.state_dict().items()}
+    m2 = store.manifest(commit_raw(store, second))
+    again = fetch(
+        store, plan(m2, live, live.digests(), set()), live, mode="auto", where="w", memory=memory
+    )
+    assert again.arena is not None and _storage(again.arena) == arena  # the same memory
+    assert all(torch.equal(t, second[k]) for k, t in again.tensors.items())
+    assert memory.kept_bytes == 0
+
+
+def test_without_a_budget_nothing_is_kept(store: Store) -> None:
+    model = Ten()
+    live = LiveModel(model)
+    memory = HostMemory()
+    m = store.manifest(
+        commit_raw(store, {k: v.detach() + 1 for k, v in model.state_dict().items()})
+    )
+    staged = fetch(
+        store, plan(m, live, live.digests(), set()), live, mode="auto", where="w", memory=memory
+    )
+    assert staged.arena is not None
+    staged.release()
+    assert memory.kept_bytes == 0
+
+
+def test_host_memory_keeps_the_largest_arena_within_budget() -> None:
+    memory = HostMemory(keep_bytes=1000)
+    small, big, huge = (torch.empty(n, dtype=torch.uint8) for n in (100, 900, 2000))
+    memory.give(small)
+    memory.give(big)
+    memory.give(huge)  # over the budget: dropped
+    assert memory.kept_bytes == 900
+    assert memory.take(500) is big and memory.kept_bytes == 0
+    memory.give(big)
+    fresh = memory.take(950)  # too small: dropped, a new one is made
+    assert fresh.numel() == 950 and memory.kept_bytes == 0
+    with pytest.raises(ConfigError, match="staging keep_bytes must be >= 0, not -1"):
+        HostMemory(-1)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mappings: Linux")
+def test_fresh_arena_is_faulted_in_and_writable() -> None:
+    size = 64 * 1024 * 1024
+    before = _rss()
+    arena = anonymous(size)
+    grew = _rss() - before
+    assert arena.numel() == size and arena.dtype == torch.uint8
+    assert arena.data_ptr() % 4096 == 0
+    if populate(arena):
+        assert grew >= size * 0.9  # resident before anything was written
+    arena[-4:] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    assert arena[-4:].tolist() == [1, 2, 3, 4] and int(arena[:4096].sum()) == 0
+
+
+def test_a_fetch_that_fails_hands_its_arena_back(store: Store) -> None:
+    model = Ten()
+    live = LiveModel(model)
+    memory = HostMemory(keep_bytes=1 << 20)
+    m = store.manifest(
+        commit_raw(store, {k: v.detach() + 1 for k, v in model.state_dict().items()})
+    )
+    calls = [0]
+
+    class Dying:
+        def read_into(
+            self, entry: mf.TensorEntry, out: memoryview, version: int | None = None
+        ) -> None:
+            calls[0] += 1
+            if calls[0] == 3:
+                raise StoreUnavailable("Redis unreachable while reading tensor")
+            store.read_into(entry, out, version)
+
+    with pytest.raises(StoreUnavailable, match="Redis unreachable while reading tensor"):
+        fetch(
+            Dying(),
+            plan(m, live, live.digests(), set()),
+            live,
+            mode="auto",
+            where="w",
+            memory=memory,
+        )
+    assert memory.kept_bytes > 0 and calls[0] == 3
+
+
+# -- metadata checks and known norms --------------------------------------------------
+
+
+def _spoiled(model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    shape = dict(base, **{"emb.weight": torch.zeros(9, 4)})
+    dtype = dict(base, **{"out.weight": base["out.weight"].double()})
+    unknown = dict(base, extra=torch.ones(2))
+    split = dict(base, **{"out.weight": base["emb.weight"] + 1})
+    return [base, shape, dtype, unknown, split]
+
+
+@pytest.mark.parametrize("unknown", ["reject", "ignore"])
+def test_metadata_fast_path_agrees_with_checking_every_entry(unknown: str) -> None:
+    model = Tied()
+    live = LiveModel(model)
+    policy = Policy(unknown_tensors=unknown)  # type: ignore[arg-type]
+    found = []
+    for state in _spoiled(model):
+        m = manifest_of(state)
+        fast = check_metadata(m, live, policy)
+        assert fast == validate.check_entries(m.tensors, live.tensors, live.ties(), policy)
+        found.append(fast)
+    assert found[0] == ({}, set())
+    assert all(f != found[0] for f in found[1:])
+
+
+def test_a_known_old_norm_is_used_instead_of_a_pass_over_the_live_tensor(store: Store) -> None:
+    model = Ten()
+    live = LiveModel(model)
+    state = {k: v.detach() * 1.01 for k, v in model.state_dict().items()}
+    m = store.manifest(commit_raw(store, state))
+    real = codec.norm(live.tensors["layers.0.weight"])
+    staged, reasons = prepare(
+        store,
+        m,
+        live,
+        live.digests(),
+        Policy(),
+        mode="auto",
+        where="w",
+        old_norms={"layers.0.weight": real / 1000},
+    )
+    assert list(reasons) == ["layers.0.weight"]
+    (why,) = reasons["layers.0.weight"]
+    assert why.startswith("norm ratio new/old ") and f"(norm {real / 1000:.6g} -> " in why
+    # Every norm the validation checked against the bytes is handed on.
+    entries = m.by_name()
+    assert staged.norms == {k: entries[k].norm for k in state if k != "layers.0.weight"}
+    staged.release()
+    staged, reasons = prepare(
+        store, m, live, live.digests(), Policy(check_norm=False), mode="auto", where="w"
+    )
+    assert reasons == {} and staged.norms == {}
