@@ -401,11 +401,12 @@ class Agent:
                 stale: Staged | None = staged
             else:
                 stale, self._pending = self._pending, staged
+                # With the pending version: whoever sees one sees the other.
+                self.reporter.update(state="pending")
         if stale is not None:
             stale.release()
         if stale is staged:
             return False
-        self.reporter.update(state="pending")
         log.info("model %r: v%d valid; apply_pending() applies it", self.model_name, m.version)
         return True
 

@@ -62,7 +62,8 @@ def test_missed_notice_is_caught_within_one_poll_interval(
         v = commit_raw(store, new, notify=False)  # head moves, nobody is told
         moved = time.monotonic()
         assert agent.wait_for(v, 5)
-        assert time.monotonic() - moved <= 1.0 + 0.75  # one interval, plus fetch and apply
+        # One interval, plus fetch and apply on a busy machine (the default interval is 5 s).
+        assert time.monotonic() - moved <= 1.0 + 1.5
         assert equal_state(model, new)
 
 
@@ -388,7 +389,7 @@ def test_notices_queued_during_a_fetch_go_straight_to_the_newest(
         real_read(entry, out, version)
 
     agent.store.read_into = read_held  # type: ignore[method-assign]
-    listener = client.pubsub(ignore_subscribe_messages=True)
+    listener = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     listener.subscribe(keys.events_channel("hotswap", MODEL))
     with agent:
         assert eventually(lambda: agent.state == "idle")
@@ -416,7 +417,7 @@ def _heard(listener: Any, heard: list[int]) -> int:
 def test_heartbeat_lives_through_one_long_tensor_fetch(
     settings: HotswapSettings, store: Store
 ) -> None:
-    beat = settings.model_copy(update={"heartbeat_ttl": 0.9})
+    beat = settings.model_copy(update={"heartbeat_ttl": 1.5})  # refreshed every 0.5 s
     model = Ten()
     agent = Agent(model, MODEL, settings=beat)
     real_read = agent.store.read_into
@@ -438,7 +439,7 @@ def test_heartbeat_lives_through_one_long_tensor_fetch(
         v = commit_raw(store, new)
         assert held.wait(10)
         assert eventually(lambda: status_of(store, agent).state == "fetching")
-        for _ in range(5):  # 2.5 s, nearly three ttls, inside one read
+        for _ in range(9):  # 4.5 s, three ttls, inside one read
             time.sleep(0.5)
             assert alive() == [True]
         release.set()

@@ -67,9 +67,21 @@ def test_nested_reading_does_not_queue_behind_a_waiting_writer() -> None:
         assert gate.reading_here()
         t = threading.Thread(target=writer)
         t.start()
-        time.sleep(0.05)  # the writer now waits for us
+        assert _queued(gate)  # the writer now waits for us, and holds new readers back
         with gate.reading():  # would deadlock if it queued behind the writer
             assert not wrote.is_set()
         assert gate.reading_here()
     t.join(5)
     assert wrote.is_set() and not gate.reading_here()
+
+
+def _queued(gate: Gate, timeout: float = 5.0) -> bool:
+    """Wait until a writer has queued (readerwriterlock's RWLockWrite: the first queued
+    writer counts itself, then takes the readers' entry lock)."""
+    deadline = time.monotonic() + timeout
+    rw = gate._rw
+    while time.monotonic() < deadline:
+        if rw.v_write_count == 1 and rw.c_lock_read_try.locked():
+            return True
+        time.sleep(0.001)
+    return False
