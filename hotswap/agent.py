@@ -60,7 +60,8 @@ class Agent:
             (pinned host memory) or ``"device"`` (device memory).
         staging_keep_bytes: host staging memory of a CPU model kept between
             versions (up to this many bytes), so the next version's fetch lands
-            in memory already faulted in; 0 keeps none.
+            in memory already faulted in; 0 keeps none (default: the
+            ``staging_keep_bytes`` setting where there is one, else 0).
         on_applied: called as ``on_applied(version, ApplyReport)``.
         on_rejected: called as ``on_rejected(version, reasons)``.
 
@@ -79,7 +80,7 @@ class Agent:
         policy: Policy | Mapping[str, Any] | None = None,
         mode: Mode = "auto",
         staging: Staging = "auto",
-        staging_keep_bytes: int = 0,
+        staging_keep_bytes: int | None = None,
         on_applied: Callable[[int, ApplyReport], None] | None = None,
         on_rejected: Callable[[int, dict[str, list[str]]], None] | None = None,
     ) -> None:
@@ -111,6 +112,9 @@ class Agent:
             limits=Limits(s.max_manifest_bytes, s.max_tensors, s.max_tensor_bytes),
         )
         self.live = LiveModel(model)
+        if staging_keep_bytes is None:
+            # A settings field of that name, where the settings have one.
+            staging_keep_bytes = int(getattr(s, "staging_keep_bytes", 0))
         self._memory = HostMemory(staging_keep_bytes)
         self.agent_id = agent_id()
         # Status writes are tried once: the reporter's thread tries again later,
@@ -301,6 +305,7 @@ class Agent:
             except NotFound:
                 pass  # a forged notice, or collected already: head tells the truth
             except IntegrityError as e:
+                self._checked_head = announced  # polls of the same head do not re-read it
                 self._refuse_manifest(announced, e)
                 return
             else:

@@ -458,6 +458,7 @@ def _writer_queued(agent: Agent) -> bool:
         ({"mode": "eager"}, "agent mode 'eager' is unknown: use 'auto' or 'manual'"),
         ({"staging": "disk"}, "staging 'disk' is unknown: use 'auto', 'pinned' or 'device'"),
         ({"policy": {"norm_ratio": (5, 1)}}, "invalid validation policy: 1 validation error"),
+        ({"staging_keep_bytes": -1}, "staging keep_bytes must be >= 0, not -1"),
     ],
 )
 def test_bad_arguments_are_config_errors(

@@ -11,7 +11,7 @@ import redis
 import torch
 from agent_support import Ten, commit_raw, entry_for
 
-from hotswap import codec, keys, validate
+from hotswap import codec, keys, staging, validate
 from hotswap import manifest as mf
 from hotswap.errors import ConfigError, StoreUnavailable
 from hotswap.staging import (
@@ -333,3 +333,28 @@ def test_a_known_old_norm_is_used_instead_of_a_pass_over_the_live_tensor(store: 
         store, m, live, live.digests(), Policy(check_norm=False), mode="auto", where="w"
     )
     assert reasons == {} and staged.norms == {}
+
+
+def test_per_tensor_host_buffers_of_cuda_models_run_on_cpu_too(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CUDA models stage each tensor in its own pinned buffer; on a CPU-only
+    # machine the same branch runs with plain memory once arenas are off.
+    monkeypatch.setattr(staging, "_in_arena", lambda device, mode: False)
+    made: list[tuple[int, bool]] = []
+    real = staging._host_buffer
+
+    def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+        made.append((nbytes, pin))
+        return real(nbytes, pin)
+
+    monkeypatch.setattr(staging, "_host_buffer", host_buffer)
+    model = Ten()
+    live = LiveModel(model)
+    state = {k: v.detach() * 3 for k, v in model.state_dict().items()}
+    m = store.manifest(commit_raw(store, state))
+    staged, reasons = prepare(store, m, live, live.digests(), Policy(), mode="pinned", where="w")
+    assert reasons == {} and staged.arena is None
+    assert sorted(made) == sorted((t.nbytes, False) for t in state.values())
+    apply(pairs(staged, live))
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
