@@ -547,26 +547,58 @@ def test_redis_unreachable_is_store_unavailable() -> None:
 # -- peak memory ------------------------------------------------------------------------
 
 MEMORY_SCRIPT = """
-import json, resource, sys, psutil, torch
+import json, re, sys, threading, psutil, torch
 from hotswap.settings import HotswapSettings
 from publisher.publisher import Publisher
+
+def resident():
+    return psutil.Process().memory_info().rss
+
+def high_water():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\\s+(\\d+)", f.read()).group(1)) * 1024
 
 url, mib, each = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 s = HotswapSettings(redis_url=url, _env_file=None)
 with Publisher("mem", settings=s) as p:
-    p.publish({"warm": torch.ones(1024)})  # lazy imports and buffers before the baseline
-    # Baseline: resident now. Peak: the high-water mark, which can only
-    # overstate the publish's peak (an earlier transient counts too).
-    base = psutil.Process().memory_info().rss
-    # Tensors of `each` MiB, random so nothing deduplicates; made here so RSS counts them.
-    sd = {f"layer.{i}.weight": torch.randn(each * 256 * 1024) for i in range(mib // each)}
+    # Lazy imports, hashing threads and buffers before the baseline.
+    p.publish({"warm": torch.ones(2 * 1024 * 1024)})
+    # Tensors of `each` MiB filled in place (no temporary), random so nothing
+    # deduplicates; they are resident before the baseline.
+    sd = {f"layer.{i}.weight": torch.empty(each * 256 * 1024).normal_() for i in range(mib // each)}
     size = sum(t.nbytes for t in sd.values())
+    try:
+        # The kernel's high-water mark, reset to the resident size now: the peak
+        # of this publish alone, however brief.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        sampler = None
+    except OSError:
+        # No resettable high-water mark here: sample instead.
+        peak, done = [0], threading.Event()
+        def sample():
+            while not done.wait(0.001):
+                peak[0] = max(peak[0], resident())
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+    base = resident()
     events = []
     p.publish(sd, progress=lambda phase, done, total: events.append((phase, done, total)))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"base": base, "peak": peak, "size": size, "events": events[-3:],
+    if sampler is None:
+        top = high_water()
+    else:
+        done.set()
+        sampler.join()
+        top = max(peak[0], resident())
+    print(json.dumps({"extra": top - base, "size": size, "events": events[-3:],
+                      "sampled": sampler is not None,
                       "uploaded": p.last_report.bytes_uploaded, "seconds": p.last_report.seconds}))
 """
+
+# What a publish may hold beyond the tensors it reads: a stats block (4 MiB),
+# transport buffers and the hashing threads, whatever the model's size. A copy
+# of the 64 MiB tensor (a float64 cast for stats, a serialized copy) is over it.
+PUBLISH_OVERHEAD = 32 * 1024 * 1024
 
 
 def measure_publish(url: str, mib: int, each: int) -> dict[str, Any]:
@@ -585,12 +617,10 @@ def test_peak_memory_of_a_publish_has_no_whole_tensor_copy(
     server: EmbeddedRedis, client: redis.Redis
 ) -> None:
     # One 64 MiB tensor: the hardest case for a streaming publish, since any
-    # whole-tensor temporary (a float64 cast for stats, a serialized copy)
-    # would show as 64-128 MiB more.
+    # whole-tensor temporary would show as 64-128 MiB more.
     r = measure_publish(server.url, 64, 64)
-    extra = r["peak"] - r["base"]
     assert r["uploaded"] == r["size"] == 64 * 1024 * 1024
-    assert extra < r["size"] + 32 * 1024 * 1024, r
+    assert r["extra"] < PUBLISH_OVERHEAD, r
     assert r["events"][-1] == ["upload", r["size"], r["size"]]
     client.flushall()
 
@@ -600,9 +630,8 @@ def test_one_gigabyte_publish_peak_memory_and_progress(
     server: EmbeddedRedis, client: redis.Redis
 ) -> None:
     r = measure_publish(server.url, 1024, 16)
-    extra = r["peak"] - r["base"]
     assert r["size"] == 1024**3 and r["uploaded"] == r["size"]
-    assert extra < 1.3 * r["size"], r
+    assert r["extra"] < PUBLISH_OVERHEAD, r
     assert r["events"][-1] == ["upload", r["size"], r["size"]]
     client.flushall()
 
