@@ -142,6 +142,11 @@ class Publisher:
         nothing changed since head (and not ``force``) no version is created
         and the head's number is returned. With ``only`` (globs), just the
         matching tensors are read and the rest are inherited from head.
+
+        A head whose manifest cannot be trusted (unsigned while signing keys
+        are set, forged, garbled, missing) gives a full publish only its number
+        as the parent: every tensor is hashed and counted as changed, and the
+        log entry says why (``untrusted_parent``). ``only`` refuses such a head.
         """
         started = time.monotonic()
         if len(message) > mf.MAX_MESSAGE_LEN:
