@@ -61,7 +61,7 @@ class Agent:
         staging_keep_bytes: host staging memory of a CPU model kept between
             versions (up to this many bytes), so the next version's fetch lands
             in memory already faulted in; 0 keeps none (default: the
-            ``staging_keep_bytes`` setting where there is one, else 0).
+            ``staging_keep_bytes`` setting).
         on_applied: called as ``on_applied(version, ApplyReport)``.
         on_rejected: called as ``on_rejected(version, reasons)``.
 
@@ -113,8 +113,7 @@ class Agent:
         )
         self.live = LiveModel(model)
         if staging_keep_bytes is None:
-            # A settings field of that name, where the settings have one.
-            staging_keep_bytes = int(getattr(s, "staging_keep_bytes", 0))
+            staging_keep_bytes = s.staging_keep_bytes
         self._memory = HostMemory(staging_keep_bytes)
         self.agent_id = agent_id()
         # Status writes are tried once: the reporter's thread tries again later,

@@ -234,7 +234,9 @@ class Store:
         rows = self.call("reading the log", lambda: self.client.xrevrange(key, count=count))
         out = []
         for entry_id, fields in rows:
-            row = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
+            row = {
+                k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()
+            }
             row["id"] = entry_id.decode()
             out.append(row)
         return out
@@ -473,16 +475,16 @@ class Store:
             fields = sorted(self.client.hkeys(agents))
             if not fields:
                 return []
-            pipe = self.client.pipeline(transaction=False)
             ids = [f.decode(errors="backslashreplace") for f in fields]
-            for field, agent_id in zip(fields, ids, strict=True):
+            named = [i for i in ids if keys.is_name(i)]
+            pipe = self.client.pipeline(transaction=False)
+            for field in fields:
                 pipe.hstrlen(agents, field)
-                if keys.is_name(agent_id):
-                    pipe.exists(self._key(keys.heartbeat_key, agent_id))
-                else:
-                    pipe.echo(0)
+            for agent_id in named:
+                pipe.exists(self._key(keys.heartbeat_key, agent_id))
             replies = pipe.execute()
-            sizes, alive = replies[0::2], replies[1::2]
+            sizes = replies[: len(fields)]
+            beating = dict(zip(named, replies[len(fields) :], strict=True))
             readable = [f for f, n in zip(fields, sizes, strict=True) if n <= MAX_STATUS_BYTES]
             values = (
                 dict(zip(readable, self.client.hmget(agents, readable), strict=True))
@@ -490,8 +492,8 @@ class Store:
                 else {}
             )
             return [
-                (agent_id, bytes(values.get(field) or b""), bool(int(a)))
-                for field, agent_id, a in zip(fields, ids, alive, strict=True)
+                (agent_id, bytes(values.get(field) or b""), bool(beating.get(agent_id)))
+                for field, agent_id in zip(fields, ids, strict=True)
             ]
 
         return self.call("reading agent status", read)
