@@ -395,6 +395,7 @@ class Publisher:
             seconds=time.monotonic() - started,
             kind=kind,
             rollback_to=rollback_to,
+            untrusted_parent=None if head.distrust is None else _cause(head.distrust),
         )
         return version
 

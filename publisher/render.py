@@ -111,7 +111,7 @@ def report_data(model: str, r: PublishReport) -> dict[str, Any]:
     return {"model": model, **asdict(r)}
 
 
-def report_line(model: str, r: PublishReport) -> str:
+def report_line(model: str, r: PublishReport) -> str | Text:
     if not r.created:
         return (
             f"model {model}: nothing changed since v{r.version}; no new version "
@@ -123,11 +123,18 @@ def report_line(model: str, r: PublishReport) -> str:
             f"({r.tensors_changed} of {r.tensors_total} tensors differ from v{r.parent}; "
             f"{size(r.bytes_uploaded)} uploaded)"
         )
-    return (
+    line = (
         f"model {model}: published v{r.version}: {r.tensors_changed} of {r.tensors_total} "
         f"tensors changed, {size(r.bytes_uploaded)} uploaded, {size(r.bytes_skipped)} "
         f"already in Redis ({r.seconds:.2f}s)"
     )
+    if r.untrusted_parent:
+        # The cause can quote a key id read from Redis: drawn as plain text.
+        return plain(
+            f"{line}; parent v{r.parent} was not trusted ({r.untrusted_parent}), "
+            "so every tensor was checked and counted as changed"
+        )
+    return line
 
 
 def gc_data(model: str, r: GcReport) -> dict[str, Any]:
@@ -237,6 +244,8 @@ def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
         kind = row.get("kind", "?")
         if kind == "rollback" and row.get("rollback_to"):
             kind = f"rollback to v{row['rollback_to']}"
+        if row.get("untrusted_parent"):
+            kind += f" (parent untrusted: {row['untrusted_parent']})"
         uploaded = _number(row.get("bytes_uploaded"))
         total = _number(row.get("bytes_total"))
         moved = "-" if uploaded is None else f"{size(int(uploaded))} of {size(int(total or 0))}"

@@ -26,6 +26,8 @@ class PublishReport:
     seconds: float
     kind: str = "publish"
     rollback_to: int | None = None
+    # Why the parent's manifest was not trusted (unsigned, forged, garbled), if so.
+    untrusted_parent: str | None = None
 
 
 @dataclass(frozen=True)

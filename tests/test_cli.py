@@ -589,3 +589,24 @@ def test_package_exports_resolve_on_first_use() -> None:
     with pytest.raises(AttributeError) as e:
         publisher.Nope
     assert str(e.value) == "module 'publisher' has no attribute 'Nope'"
+
+
+def test_turning_signing_on_publishes_over_the_unsigned_head_and_says_so(
+    run: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, client: redis.Redis
+) -> None:
+    save_file(weights(), str(tmp_path / "w.safetensors"))
+    assert run("publish", "m", str(tmp_path / "w.safetensors"))[0] == 0
+    monkeypatch.setenv("HOTSWAP_SIGNING_KEYS", "k1-secret")
+    code, out, _ = run("publish", "m", str(tmp_path / "w.safetensors"))
+    assert code == 0
+    assert "published v2: 6 of 6 tensors changed" in out
+    assert (
+        "parent v1 was not trusted (manifest of m v1 is unsigned, but signing keys are "
+        "configured), so every tensor was checked and counted as changed"
+    ) in " ".join(out.split())
+    code, out, _ = run("log", "m", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    newest = rows[0] if isinstance(rows, list) else rows["log"][0]
+    assert newest["untrusted_parent"].startswith("manifest of m v1 is unsigned")
+    assert client.get("hotswap:{m}:head") == b"2"
