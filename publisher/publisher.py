@@ -20,6 +20,7 @@ from hotswap.errors import (
     HotswapError,
     IntegrityError,
     NotFound,
+    SignatureError,
     SourceError,
 )
 from hotswap.manifest import Manifest, TensorEntry
@@ -457,6 +458,13 @@ class Publisher:
             raise NotFound(
                 f"cannot roll back model {self.model!r} to v{target_version}: its manifest was "
                 "collected by gc (or never committed); see `hotswap log`"
+            ) from e
+        except SignatureError as e:
+            # Agents with these keys would refuse the rolled-back tensors too.
+            raise SignatureError(
+                f"cannot roll back model {self.model!r} to v{target_version}: "
+                f"{_cause(e)}; agents with HOTSWAP_SIGNING_KEYS set would refuse it: "
+                "publish those weights again to sign them"
             ) from e
         # Touch first so a concurrent gc's grace period protects the blobs we check.
         self.store.touch_blobs(target.tensors)

@@ -383,6 +383,22 @@ def test_agent_with_keys_applies_the_first_signed_version(
     assert all(torch.equal(live[k], t) for k, t in weights(1).items())
 
 
+def test_rollback_to_an_unsigned_version_refuses_with_the_publishers_message(
+    pub: Publisher, signed: Publisher, client: redis.Redis
+) -> None:
+    pub.publish(weights(1))  # v1, before signing was turned on
+    signed.publish(weights(2))  # v2, signed
+    before = redis_dump(client)
+    with pytest.raises(SignatureError) as e:
+        signed.rollback(to=1)
+    assert str(e.value) == (
+        "cannot roll back model 'm' to v1: manifest of m v1 is unsigned, but signing keys are "
+        "configured; agents with HOTSWAP_SIGNING_KEYS set would refuse it: publish those "
+        "weights again to sign them"
+    )
+    assert redis_dump(client) == before
+
+
 def content_of(m: Manifest) -> list[tuple[object, ...]]:
     return [(e.name, e.digest, e.dtype, e.shape, e.norm, e.max_abs) for e in m.tensors]
 
