@@ -304,7 +304,7 @@ def fetch(
     """Read every planned tensor into its staging buffer and check its digest.
 
     Host staging for a CPU model lands in slices of one arena from ``memory``
-    (fresh huge-page memory per version when none is given). With
+    (fresh memory faulted in at once, per version, when none is given). With
     ``mode="device"`` the chunks land in one reusable host buffer, are hashed
     there, then copied once to the device buffer: device memory has no host
     address to read into. A tensor that fails its digest or a chunk check is
@@ -321,7 +321,7 @@ def fetch(
     offsets: dict[str, int] = {}
     total = 0
     # Decided once per device: this runs between a notice and the first fetch.
-    arena_on = {d: _in_arena(d, mode) for d in live._devices}
+    arena_on = {d: _in_arena(d, mode) for d in live.devices()}
     for entry in p.fetch:
         if arena_on[live.tensors[live.canonical[entry.name]].device]:
             offsets[entry.name] = total
