@@ -79,6 +79,12 @@ def blob_key(ns: str, model: str, digest: str, chunk_bytes: int, index: int) -> 
     return f"{blob_prefix(ns, model)}{digest}:{int(chunk_bytes)}:{int(index)}"
 
 
+def chunk_keys(ns: str, model: str, digest: str, chunk_bytes: int, count: int) -> list[str]:
+    """The keys of a blob's ``count`` chunks, as ``blob_key`` names each (checked once)."""
+    base = blob_key(ns, model, digest, chunk_bytes, 0)[:-1]
+    return [f"{base}{i}" for i in range(count)]
+
+
 def namespace_pattern(ns: str, model: str) -> list[str]:
     """Patterns that match every key of one model (for demos and cleanup)."""
     return [
@@ -98,4 +104,4 @@ def blob_id(digest: str, chunk_bytes: int, chunks: int) -> str:
 
 def blob_keys_of_id(ns: str, model: str, blob: str) -> list[str]:
     digest, chunk_bytes, chunks = blob.split(":")
-    return [blob_key(ns, model, digest, int(chunk_bytes), i) for i in range(int(chunks))]
+    return chunk_keys(ns, model, digest, int(chunk_bytes), int(chunks))

@@ -1,7 +1,7 @@
 """An agent's status record and heartbeat, written from the reporter's own thread.
 
-The thread writes the record whenever it changes and refreshes the heartbeat
-every ttl/3, so neither waits for the agent's thread: a notice starts a fetch
+The thread writes the record whenever it changes (once the change has settled
+for ``SETTLE_SECONDS``) and refreshes the heartbeat every ttl/3, so neither waits for the agent's thread: a notice starts a fetch
 without a status write in front of it, and a fetch of one huge tensor does not
 let the heartbeat expire. Writes go through ``Store.write_agent_status`` on the
 store given (the agent gives one that tries once; the thread tries again later).
@@ -29,6 +29,11 @@ MAX_TENSORS = 50
 MAX_REASON = 300
 # Pause after a refused write before the thread tries again (Redis away).
 RETRY_SECONDS = 1.0
+# How long the thread lets a change settle before writing it: the states an
+# update passes through within this time are written once, as the last, and
+# the write (GIL and socket time) stays out of the agent's way between a
+# notice and its first fetch (0.45 ms of a 1.7 ms notice-to-fetch here).
+SETTLE_SECONDS = 0.02
 
 
 def _trim(rejection: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -203,6 +208,10 @@ class Reporter:
             self._wake.wait(self._idle_seconds())
             self._wake.clear()
             if self._closing.is_set():
+                break
+            with self._lock:
+                changed = self._dirty
+            if changed and self._closing.wait(SETTLE_SECONDS):
                 break
             with self._lock:
                 held = time.monotonic() < self._hold

@@ -170,7 +170,8 @@ class Publisher:
                     f"{src.where}: {len(entries)} tensors, over the limit of "
                     f"{self.settings.max_tensors} (HOTSWAP_MAX_TENSORS)"
                 )
-            sent = self._upload_missing(src, entries, progress)
+            stored = trusted.tensors if trusted else ()
+            sent = self._upload_missing(src, entries, stored, progress)
         # An untrusted head is compared with nothing: every tensor counts as new.
         changes = plan.diff(trusted.tensors if trusted else (), entries)
         if trusted is not None and changes.count == 0 and not force:
@@ -262,9 +263,16 @@ class Publisher:
         return out
 
     def _upload_missing(
-        self, src: TensorSource, entries: Sequence[TensorEntry], progress: Progress | None
+        self,
+        src: TensorSource,
+        entries: Sequence[TensorEntry],
+        stored: Sequence[TensorEntry],
+        progress: Progress | None,
     ) -> int:
         """Upload every blob of ``entries`` Redis lacks; returns bytes sent.
+
+        ``stored`` are entries whose blobs should be in Redis (the parent's):
+        checked together, and one by one only if one of them is gone.
 
         Blobs are touched before the check so that a concurrent gc's grace
         period covers them, and checked again after the upload in case a gc
@@ -281,9 +289,14 @@ class Publisher:
         # Any name of ours whose bytes make the blob (inherited names cannot be read).
         name_of = {e.digest: e.name for e in entries if e.name in readable}
         sent = 0
+        known = {(e.digest, e.chunk_bytes) for e in stored}
+        likely = [e for e in entries if (e.digest, e.chunk_bytes) in known]
+        unsure = [e for e in entries if (e.digest, e.chunk_bytes) not in known]
         for _attempt in range(3):
             self.store.touch_blobs(entries)
-            todo = plan.unique_blobs(self.store.missing(entries))
+            todo = plan.unique_blobs(self.store.missing(unsure, expect_present=likely))
+            # What was uploaded is expected to be there now, like the rest.
+            likely, unsure = list(entries), []
             if not todo:
                 return sent
             total = sum(e.nbytes for e in todo.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -11,7 +12,9 @@ import pytest
 import redis
 import redis.cluster
 import tenacity
+import torch
 
+from hotswap.agent import Agent
 from hotswap.connection import (
     connect,
     operation_retry,
@@ -24,6 +27,7 @@ from hotswap.errors import ConfigError, StoreUnavailable
 from hotswap.manifest import Manifest, TensorEntry, encode
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
+from publisher import Publisher, upkeep
 
 
 def make_settings(url: str, **more: object) -> HotswapSettings:
@@ -169,10 +173,10 @@ def test_unreachable_cluster_is_store_unavailable(server: EmbeddedRedis) -> None
     assert str(e.value).endswith("; check HOTSWAP_REDIS_URL and the nodes")
 
 
-@pytest.mark.reliability
-def test_store_works_unchanged_on_a_cluster() -> None:
-    extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-    with EmbeddedRedis(extra_args=extra) as node:
+@contextlib.contextmanager
+def single_node_cluster() -> Iterator[EmbeddedRedis]:
+    """A cluster of one node owning every slot: it refuses multi-key commands across slots."""
+    with EmbeddedRedis(cluster=True) as node:
         admin = redis.Redis.from_url(node.url)
         admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         deadline = time.monotonic() + 10
@@ -180,6 +184,12 @@ def test_store_works_unchanged_on_a_cluster() -> None:
             assert time.monotonic() < deadline, "single-node cluster did not come up"
             time.sleep(0.05)
         admin.close()
+        yield node
+
+
+@pytest.mark.reliability
+def test_store_works_unchanged_on_a_cluster() -> None:
+    with single_node_cluster() as node:
         c = connect(make_settings(node.url, cluster=True))
         try:
             assert isinstance(c, redis.cluster.RedisCluster)
@@ -196,6 +206,37 @@ def test_store_works_unchanged_on_a_cluster() -> None:
             assert store.log()[0]["version"] == str(v)
         finally:
             c.close()
+
+
+@pytest.mark.reliability
+def test_publish_apply_and_gc_on_a_cluster_with_chunks_over_many_slots() -> None:
+    # A blob's chunks hash to different slots: one EXISTS or UNLINK over them
+    # is refused by a cluster ("all keys must map to the same key slot").
+    with single_node_cluster() as node:
+        s = make_settings(node.url, cluster=True, chunk_bytes=4096)
+        source = {"a": torch.randn(10_000), "b": torch.randn(3)}
+        live = {k: torch.zeros_like(t) for k, t in source.items()}
+        pub = Publisher("m", settings=s)
+        try:
+            v1 = pub.publish(source)
+            assert pub.last_report.bytes_uploaded == 40_012  # 10 chunks of "a", one of "b"
+            with Agent(live, "m", settings=s) as agent:
+                assert agent.wait_for(v1, 10)
+                assert torch.equal(live["a"], source["a"])
+                source["a"].add_(1.0)
+                v2 = pub.publish(source, only=["a"])
+                assert agent.wait_for(v2, 10)
+                assert torch.equal(live["a"], source["a"])
+            assert pub.verify(v2).ok
+            report = pub.gc(keep=1)
+            assert report.deleted_versions == [v1]
+            # v1's "a" is younger than the grace period: kept until it is over.
+            assert (report.blobs_deleted, report.blobs_kept_young) == (0, 1)
+            report = upkeep.collect(pub.store, keep=1, grace=0.0)
+            assert (report.blobs_deleted, report.chunks_deleted) == (1, 10)
+            assert pub.store.missing(pub.store.manifest(v2).tensors) == []
+        finally:
+            pub.close()
 
 
 # -- the retry policy ------------------------------------------------------------

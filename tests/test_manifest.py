@@ -22,6 +22,7 @@ from hotswap.manifest import (
     FORMAT,
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_LEN,
+    EntryCache,
     Limits,
     Manifest,
     TensorEntry,
@@ -450,8 +451,9 @@ def test_nested_array_headers_cost_little() -> None:
     for data, problem in [
         (nested, "manifest is not valid msgpack: ValueError: 100000 exceeds max_array_len(16)"),
         (
+            # Entries are skipped over (nothing allocated) before each is unpacked.
             envelope(body_bytes(body, nested)),
-            "manifest is not valid msgpack: ValueError: 100000 exceeds max_array_len(128)",
+            "manifest is not valid msgpack: OutOfData: No more data to unpack.",
         ),
         (
             envelope(body_bytes(body, b"\x91" + (b"\xdc\x00\x80") * 1000)),
@@ -643,3 +645,37 @@ def test_the_scanner_accepts_safe_loading() -> None:
     assert unsafe_calls("model.eval()") == []
     assert unsafe_calls("torch.load(path, map_location='cpu', weights_only=True)") == []
     assert unsafe_calls("msgpack.unpackb(data, raw=False)\nsafetensors.torch.load_file(p)") == []
+
+
+def test_entry_cache_reuses_entries_whose_bytes_it_has_seen() -> None:
+    cache = EntryCache()
+    first = decode(encode(fixed_manifest()), cache=cache)
+    changed = TensorEntry("b", "F32", (2,), 8, "ef" * 32, 65536, 2.5, 2.0)
+    nxt = derive(fixed_manifest(), version=4, tensors=(changed, fixed_manifest().tensors[0]))
+    second = decode(encode(nxt), cache=cache)
+    assert second == nxt
+    assert second.tensors[0] is first.tensors[0]  # "a": same bytes, same object
+    assert second.tensors[1] == changed and second.tensors[1] is not first.tensors[1]
+    # Without the cache every entry is new.
+    assert decode(encode(nxt)).tensors[0] is not first.tensors[0]
+
+
+def test_entry_cache_checks_again_under_other_limits() -> None:
+    cache = EntryCache()
+    data = encode(fixed_manifest())
+    decode(data, cache=cache)
+    tight = Limits(max_tensor_bytes=4)
+    with pytest.raises(FormatError) as e:
+        decode(data, cache=cache, limits=tight)
+    assert str(e.value) == "manifest tensor 'b': declares 8 bytes, limit 4"
+    assert decode(data, cache=cache) == fixed_manifest()
+
+
+def test_entry_cache_keeps_nothing_from_a_refused_manifest() -> None:
+    cache = EntryCache()
+    good = decode(encode(fixed_manifest()), cache=cache)
+    body = body_of(fixed_manifest())
+    body["tensors"].append(["c", "F32", [1], 5, "ab" * 32, 4096, 1.0, 1.0])
+    with pytest.raises(FormatError, match=r"^manifest tensor 'c': 5 bytes do not match F32"):
+        decode(envelope(body), cache=cache)
+    assert decode(encode(fixed_manifest()), cache=cache).tensors[0] is good.tensors[0]

@@ -166,6 +166,20 @@ def test_missing_reports_entries_with_absent_chunks(store: Store, client: redis.
     assert store.missing([other]) == [other]
 
 
+def test_missing_counts_expected_blobs_together(store: Store, client: redis.Redis) -> None:
+    a, abuf = entry_for("a", big_tensor(1))
+    b, bbuf = entry_for("b", big_tensor(2))
+    c, _ = entry_for("c", big_tensor(3))
+    store.upload(a, abuf)
+    store.upload(b, bbuf)
+    assert store.missing([c], expect_present=[a, b]) == [c]
+    assert store.missing([], expect_present=[a, b]) == []
+    # One chunk of an expected blob gone: found blob by blob.
+    client.delete(keys.blob_key("hotswap", "m", b.digest, CHUNK, 4))
+    assert store.missing([c], expect_present=[a, b]) == [c, b]
+    assert store.missing([], expect_present=[a, b, c]) == [b, c]
+
+
 def test_flipped_byte_is_caught_by_the_digest_check(store: Store, client: redis.Redis) -> None:
     entry, buf = entry_for("layer.0.weight", big_tensor())
     store.upload(entry, buf)
