@@ -1,8 +1,9 @@
 """An agent's status record and heartbeat, written from the reporter's own thread.
 
 The thread writes the record whenever it changes (once the change has settled
-for ``SETTLE_SECONDS``) and refreshes the heartbeat every ttl/3, so neither waits for the agent's thread: a notice starts a fetch
-without a status write in front of it, and a fetch of one huge tensor does not
+for ``SETTLE_SECONDS``) and refreshes the heartbeat every ttl/3, so neither
+waits for the agent's thread: a notice starts a fetch without a status write
+in front of it, and a fetch of one huge tensor does not
 let the heartbeat expire. Writes go through ``Store.write_agent_status`` on the
 store given (the agent gives one that tries once; the thread tries again later).
 """
