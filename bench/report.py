@@ -270,7 +270,8 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
     parts.append(
         f"Pub/sub notice, PUBLISH to a bare subscriber in another process: "
         f"p50 {lat['p50'] * 1e3:.3f} ms, p99 {lat['p99'] * 1e3:.3f} ms ({lat['n']} notices). "
-        f"Agent, notice to fetch start (apply time minus fetch, validate and lock): "
+        f"Agent, notice (at a bare subscriber) to the agent's first fetch "
+        f"(`ApplyReport.fetch_started`): "
         f"p50 {ntf['p50'] * 1e3:.2f} ms, p99 {ntf['p99'] * 1e3:.2f} ms ({ntf['n']} updates)."
     )
     for dtype, steps in raw.get("components", {}).items():

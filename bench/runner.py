@@ -273,7 +273,6 @@ class Bench:
         t_notice = self.listener.when(channel, lambda b: notice.decode(b).version == version)
         rep = ev["report"]
         apply = ev["t_done"] - t_notice
-        busy = rep["fetch_seconds"] + rep["validate_seconds"] + rep["apply_seconds"]
         return Run(
             f"hotswap:{case}",
             dtype,
@@ -287,7 +286,8 @@ class Bench:
             fetch=rep["fetch_seconds"],
             validate=rep["validate_seconds"],
             pause=rep["apply_seconds"],
-            notice_to_fetch=apply - busy,
+            # The agent's own clock of its first fetch: monotonic, like the notice's.
+            notice_to_fetch=rep["fetch_started"] - t_notice,
             bytes_sent=int(pub.last_report.bytes_uploaded),
         )
 

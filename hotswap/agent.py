@@ -61,7 +61,7 @@ class Agent:
         staging_keep_bytes: host staging memory of a CPU model kept between
             versions (up to this many bytes), so the next version's fetch lands
             in memory already faulted in; 0 keeps none (default: the
-            ``staging_keep_bytes`` setting).
+            ``staging_keep_bytes`` setting, 64 MiB).
         on_applied: called as ``on_applied(version, ApplyReport)``.
         on_rejected: called as ``on_rejected(version, reasons)``.
 
@@ -477,6 +477,7 @@ class Agent:
             staged.seconds,
             staged.validate_seconds,
             time.perf_counter() - locked,
+            staged.started,
         )
         # The reporter's thread writes the record: neither this thread nor
         # apply_pending()'s caller waits for Redis.

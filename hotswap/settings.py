@@ -74,10 +74,10 @@ class HotswapSettings(BaseSettings):
         default=2.0, gt=0, description="Longest backoff in seconds between two attempts."
     )
     staging_keep_bytes: int = Field(
-        default=0,
+        default=64 * MiB,
         ge=0,
         description="Host staging memory an agent of a CPU model keeps between versions "
-        "(fetches land in memory already faulted in); 0 keeps none.",
+        "(fetches of updates up to this size land in memory already faulted in); 0 keeps none.",
     )
     max_manifest_bytes: int = Field(
         default=64 * MiB, ge=1024, description="Largest manifest accepted from Redis."

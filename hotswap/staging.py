@@ -268,6 +268,8 @@ class Staged:
     bytes_fetched: int
     seconds: float
     validate_seconds: float = 0.0
+    # time.monotonic() when the fetch began.
+    started: float = 0.0
     # Names whose manifest norm was checked against the fetched bytes.
     norms: dict[str, float] = field(default_factory=dict)
     arena: torch.Tensor | None = None
@@ -313,7 +315,7 @@ def fetch(
     every bad tensor. ``between`` runs after each tensor (heartbeat, stop).
     Call ``Staged.release()`` once the staged tensors are no longer needed.
     """
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.monotonic()
     memory = memory or HostMemory()
     version = p.manifest.version
     out: dict[str, torch.Tensor] = {}
@@ -327,7 +329,7 @@ def fetch(
             offsets[entry.name] = total
             total += _aligned(entry.nbytes)
     arena = memory.take(total) if total else None
-    staged = Staged(p, out, failures, 0, 0.0, arena=arena, memory=memory)
+    staged = Staged(p, out, failures, 0, 0.0, started=started, arena=arena, memory=memory)
     bounce: torch.Tensor | None = None
     try:
         for entry in p.fetch:

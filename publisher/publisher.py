@@ -274,9 +274,11 @@ class Publisher:
         ``stored`` are entries whose blobs should be in Redis (the parent's):
         checked together, and one by one only if one of them is gone.
 
-        Blobs are touched before the check so that a concurrent gc's grace
-        period covers them, and checked again after the upload in case a gc
-        deleted one meanwhile.
+        Blobs the parent does not reference are touched before the check so
+        that a concurrent gc's grace period covers them, and checked again
+        after the upload in case a gc deleted one meanwhile. The parent's own
+        blobs are checked once, together: gc keeps head's blobs, and the
+        parent stays head until the commit (or the commit conflicts).
 
         Each uploaded tensor is hashed again *after* its upload, in a thread
         while the next one uploads, and must still match the digest it was
@@ -293,10 +295,9 @@ class Publisher:
         likely = [e for e in entries if (e.digest, e.chunk_bytes) in known]
         unsure = [e for e in entries if (e.digest, e.chunk_bytes) not in known]
         for _attempt in range(3):
-            self.store.touch_blobs(entries)
+            self.store.touch_blobs(unsure)
             todo = plan.unique_blobs(self.store.missing(unsure, expect_present=likely))
-            # What was uploaded is expected to be there now, like the rest.
-            likely, unsure = list(entries), []
+            likely = []
             if not todo:
                 return sent
             total = sum(e.nbytes for e in todo.values())

@@ -73,11 +73,16 @@ def equal_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> bo
     )
 
 
-def status_of(store: Store, agent: Agent) -> AgentStatus:
-    for agent_id, raw, _alive in store.agent_records():
-        if agent_id == agent.agent_id:
-            return decode_status(raw)
-    raise AssertionError(f"no status record for {agent.agent_id}")
+def status_of(store: Store, agent: Agent, wait: float = 5.0) -> AgentStatus:
+    """The agent's record in Redis, waiting up to ``wait`` s for its first write."""
+    deadline = time.monotonic() + wait
+    while True:
+        for agent_id, raw, _alive in store.agent_records():
+            if agent_id == agent.agent_id:
+                return decode_status(raw)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no status record for {agent.agent_id}")
+        time.sleep(0.02)
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0, every: float = 0.02) -> bool:
