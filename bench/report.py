@@ -227,7 +227,7 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
     )
     rows = []
     for key, e in s["cases"].items():
-        if "/hotswap:" not in key:
+        if "/hotswap" not in key:
             continue
         dtype, case = key.split("/")
         kind = case.split(":")[1].removesuffix("-scan")

@@ -118,6 +118,7 @@ class Bench:
                         self.runs.append(case(w, pub, sd, names, dtype, "full"))
                     pub.gc(keep=1)
                     self.log(f"  {dtype} full run {r + 1}/{cfg.runs}: " + self._last(3))
+                self._kept_arena(w, pub, sd, names, dtype, name, settings)
                 self.copies[f"{dtype}:full"] = w.call("bare_copy", names=names, reps=cfg.runs)
                 head = pub.store.head()
                 assert head is not None
@@ -151,6 +152,32 @@ class Bench:
             pub.gc(keep=1)
             self.log(f"  {dtype} {kind} delta run {r + 1}/{self.cfg.runs}: " + self._last(3))
         self.copies[f"{dtype}:{kind}"] = w.call("bare_copy", names=changed, reps=self.cfg.runs * 4)
+
+    def _kept_arena(
+        self,
+        w: WorkerProc,
+        pub: Any,
+        sd: dict[str, torch.Tensor],
+        names: list[str],
+        dtype: str,
+        model_name: str,
+        settings: dict[str, Any],
+    ) -> None:
+        """Full updates again, the agent keeping its staging arena between versions
+        (``HOTSWAP_STAGING_KEEP_BYTES`` over the model's size), as ``hotswap-kept``."""
+        w.call("agent_stop")
+        keep = {**settings, "staging_keep_bytes": 2 * self.cfg.size}
+        w.call("agent_start", model_name=model_name, settings=keep)
+        # One update first: the arena it leaves is what the measured runs reuse.
+        model.perturb(sd, names)
+        self._wait_agent(w, pub.publish(sd))
+        for r in range(self.cfg.runs):
+            model.perturb(sd, names)
+            self.runs.append(self._hotswap(w, pub, sd, names, dtype, "full", label="hotswap-kept"))
+            pub.gc(keep=1)
+            self.log(f"  {dtype} full run {r + 1}/{self.cfg.runs}, arena kept: " + self._last(1))
+        w.call("agent_stop")
+        w.call("agent_start", model_name=model_name, settings=settings)
 
     def _last(self, n: int) -> str:
         return ", ".join(f"{x.case} {x.end_to_end * 1e3:.0f} ms" for x in self.runs[-n:])
@@ -261,6 +288,7 @@ class Bench:
         dtype: str,
         case: str,
         only: bool = False,
+        label: str = "hotswap",
     ) -> Run:
         w.call("mem_arm")
         mem = PeakRss().start()
@@ -274,7 +302,7 @@ class Bench:
         rep = ev["report"]
         apply = ev["t_done"] - t_notice
         return Run(
-            f"hotswap:{case}",
+            f"{label}:{case}",
             dtype,
             model.nbytes(sd, names),
             t1 - t0,
