@@ -2,20 +2,23 @@
 
 Pure: imports no Redis. A tensor travels as its C-contiguous bytes, split
 into chunks of at most ``chunk_bytes``; its dtype and shape travel in the
-manifest under the names of ``DTYPES``.
+manifest under the names of ``DTYPES``. Those names and their widths are
+also in ``hotswap.dtypes``, for readers that must not import torch; this
+module refuses to import if the two tables disagree.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import blake3
 import torch
 
+from hotswap import dtypes
 from hotswap.errors import FormatError, IntegrityError, SourceError
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
@@ -37,7 +40,7 @@ DTYPES: dict[str, torch.dtype] = {
     "C32": torch.complex32,
 }
 # Newer dtypes only where this torch has them, as safetensors does.
-for _name, _attr in [
+_NEWER = [
     ("U16", "uint16"),
     ("U32", "uint32"),
     ("U64", "uint64"),
@@ -47,13 +50,39 @@ for _name, _attr in [
     ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
     ("F8_E8M0", "float8_e8m0fnu"),
     ("F4_E2M1_X2", "float4_e2m1fn_x2"),
-]:
+]
+for _name, _attr in _NEWER:
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 
+
+def _disagreements(
+    table: Mapping[str, torch.dtype], optional: Iterable[str], wire: Mapping[str, dtypes.WireDtype]
+) -> list[str]:
+    """How ``table`` differs from the torch-free ``wire`` table; ``optional``
+    names may be missing from ``table`` (this torch lacks them)."""
+    known = set(table) | set(optional)
+    problems = [f"{n} is not in hotswap.dtypes" for n in sorted(known - set(wire))]
+    problems += [f"{n} is missing here" for n in sorted(set(wire) - known)]
+    problems += [
+        f"{n} is {table[n].itemsize} bytes here, {wire[n].itemsize} in hotswap.dtypes"
+        for n in sorted(set(table) & set(wire))
+        if table[n].itemsize != wire[n].itemsize
+    ]
+    return problems
+
+
+# Manifests are checked against hotswap.dtypes, tensors built from this table:
+# a name or width in one and not the other would pass one check and fail later.
+if _drift := _disagreements(DTYPES, [n for n, _ in _NEWER], dtypes.DTYPES):
+    raise ImportError(f"hotswap.codec and hotswap.dtypes disagree: {'; '.join(_drift)}")
+
+# Defined in hotswap.dtypes (manifests need them without torch), kept here for callers.
+DIGEST_HEX_LEN = dtypes.DIGEST_HEX_LEN
+chunk_count = dtypes.chunk_count
+
 _PACKED = {DTYPES[n] for n in ("F4_E2M1_X2",) if n in DTYPES}
 _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
-DIGEST_HEX_LEN = 64
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -78,10 +107,6 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 def itemsize(name: str) -> int:
     return dtype_from_name(name).itemsize
-
-
-def chunk_count(nbytes: int, chunk_bytes: int) -> int:
-    return math.ceil(nbytes / chunk_bytes) if nbytes else 0
 
 
 def chunk_spans(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from hotswap import codec
+from hotswap import dtypes as codec  # the wire names and sizes only: reading needs no torch
 from hotswap.errors import ConfigError, FormatError, SignatureError, SourceError
 
 FORMAT = 1

@@ -13,7 +13,8 @@ import math
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -26,9 +27,12 @@ from hotswap.errors import (
 )
 
 # The rest is imported inside the commands: parsing (--help, usage errors)
-# needs none of it, and torch alone costs about 3 s of CPU to import.
+# needs none of it, and torch alone costs about 3 s of CPU to import. Only
+# publish, rollback, gc, verify and demo import torch (through Publisher);
+# status, log, show and diff read through a bare Store.
 if TYPE_CHECKING:
     from hotswap.settings import HotswapSettings
+    from hotswap.store import Store
     from publisher.publisher import Publisher
 
 OK, USER_ERROR, USAGE, UNREACHABLE = 0, 1, 2, 3
@@ -142,14 +146,44 @@ class Context:
         self.out = out
         self.err = err
         self.json: bool = args.json
+        self._settings: HotswapSettings | None = None
 
     def settings(self) -> HotswapSettings:
-        return load_settings(self.args)
+        if self._settings is None:
+            self._settings = load_settings(self.args)
+        return self._settings
 
     def publisher(self) -> Publisher:
         from publisher.publisher import Publisher
 
         return Publisher(self.args.model, settings=self.settings())
+
+    @contextmanager
+    def store(self) -> Iterator[Store]:
+        """The model's store, built as ``Publisher`` builds it but without torch."""
+        from hotswap import keys
+        from hotswap.connection import connect, retry_from_settings
+        from hotswap.manifest import Limits
+        from hotswap.store import Store
+
+        # Same order as Publisher: a bad name is reported before a bad setting.
+        model = keys.check_name(self.args.model)
+        settings = self.settings()
+        client = connect(settings)
+        try:
+            yield Store(
+                client,
+                model,
+                namespace=settings.namespace,
+                retrying=retry_from_settings(settings),
+                limits=Limits(
+                    max_manifest_bytes=settings.max_manifest_bytes,
+                    max_tensors=settings.max_tensors,
+                    max_tensor_bytes=settings.max_tensor_bytes,
+                ),
+            )
+        finally:
+            client.close()
 
     def emit(self, data: Any, human: Callable[[], None]) -> None:
         if self.json:
@@ -181,18 +215,18 @@ def cmd_status(ctx: Context) -> int:
     from hotswap import status as st
     from publisher import render
 
-    with ctx.publisher() as pub:
-        head = pub.store.head()
-        lineage = pub.store.manifest(head).lineage if head is not None else None
+    with ctx.store() as store:
+        head = store.head()
+        lineage = store.manifest(head).lineage if head is not None else None
         now = time.time()
         agents = []
-        for agent_id, raw, alive in pub.store.agent_records():
+        for agent_id, raw, alive in store.agent_records():
             try:
                 record = st.decode(raw)
             except HotswapError as e:
                 record = st.AgentStatus(agent_id, "?", 0, state="unreadable", last_error=str(e))
             agents.append(render.agent_row(record, alive, head, lineage, now))
-    data = {"model": pub.model, "head": head, "lineage": lineage, "agents": agents}
+    data = {"model": store.model, "head": head, "lineage": lineage, "agents": agents}
 
     def human() -> None:
         ctx.out.print(render.status_table(data))
@@ -206,26 +240,27 @@ def cmd_status(ctx: Context) -> int:
 def cmd_log(ctx: Context) -> int:
     from publisher import render
 
-    with ctx.publisher() as pub:
-        rows = pub.store.log(ctx.args.count)
-    ctx.emit(rows, lambda: ctx.out.print(render.log_table(pub.model, rows)))
+    with ctx.store() as store:
+        rows = store.log(ctx.args.count)
+    ctx.emit(rows, lambda: ctx.out.print(render.log_table(store.model, rows)))
     return OK
 
 
-def _version_or_head(pub: Publisher, version: int | None) -> int:
+def _version_or_head(store: Store, version: int | None) -> int:
     if version is not None:
         return version
-    head = pub.store.head()
+    head = store.head()
     if head is None:
-        raise NotFound(f"model {pub.model!r} has no versions (nothing published yet)")
+        raise NotFound(f"model {store.model!r} has no versions (nothing published yet)")
     return head
 
 
 def cmd_show(ctx: Context) -> int:
     from publisher import render
 
-    with ctx.publisher() as pub:
-        m = pub.store.manifest(_version_or_head(pub, ctx.args.version), pub.settings.key_bytes())
+    with ctx.store() as store:
+        version = _version_or_head(store, ctx.args.version)
+        m = store.manifest(version, ctx.settings().key_bytes())
     ctx.emit(render.manifest_data(m), lambda: ctx.out.print(render.manifest_table(m)))
     return OK
 
@@ -233,9 +268,9 @@ def cmd_show(ctx: Context) -> int:
 def cmd_diff(ctx: Context) -> int:
     from publisher import render
 
-    with ctx.publisher() as pub:
-        keys = pub.settings.key_bytes()
-        a, b = pub.store.manifest(ctx.args.a, keys), pub.store.manifest(ctx.args.b, keys)
+    with ctx.store() as store:
+        keys = ctx.settings().key_bytes()
+        a, b = store.manifest(ctx.args.a, keys), store.manifest(ctx.args.b, keys)
     data = render.diff_data(a, b)
     ctx.emit(data, lambda: ctx.out.print(render.diff_table(data)))
     return OK

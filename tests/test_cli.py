@@ -552,11 +552,12 @@ _HEAVY = (
 )
 
 
-def _imports(code: str) -> str:
+def _imports(code: str, env: dict[str, str] | None = None) -> str:
     return subprocess.run(
         [sys.executable, "-c", f"{code}\n{_HEAVY}"],
         check=True,
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=100,
@@ -570,6 +571,27 @@ def test_parsing_the_command_line_imports_no_torch() -> None:
     for argv in (["--help"], ["status", "--help"], ["gc", "--help"], ["diff", "m", "1", "x"]):
         probe = f"from publisher.cli import main; assert main({argv!r}) in (0, 2)"
         assert _imports(probe) == "[]", argv
+
+
+def test_read_commands_import_no_torch(env: dict[str, str], pub: Publisher) -> None:
+    # status, log, show and diff are run often, by people and by scripts: each
+    # used to spend ~2 s importing torch (through Publisher) to read a manifest.
+    pub.publish(weights(0))
+    pub.publish(weights(1))
+    calls = [
+        (["status", "m"], 0),
+        (["log", "m"], 0),
+        (["show", "m"], 0),
+        (["show", "m", "1"], 0),
+        (["diff", "m", "1", "2"], 0),
+        (["show", "m", "9"], 1),  # NotFound: the error path is torch-free too
+    ]
+    calls += [([*argv, "--json"], code) for argv, code in calls]
+    probe = "\n".join(
+        ["from publisher.cli import main"]
+        + [f"assert main({argv!r}) == {code}, {argv!r}" for argv, code in calls]
+    )
+    assert _imports(probe, env) == "[]"
 
 
 def test_package_exports_resolve_on_first_use() -> None:

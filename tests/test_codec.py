@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotswap import codec
+from hotswap import codec, dtypes
 from hotswap.errors import FormatError, IntegrityError, SourceError
 
 NAMES = sorted(codec.DTYPES)
@@ -73,6 +73,34 @@ def test_wire_names_are_unique_and_safetensors_style() -> None:
     assert codec.DTYPES["BF16"] is torch.bfloat16
     assert codec.DTYPES["F8_E4M3"] is torch.float8_e4m3fn
     assert codec.DTYPES["BOOL"] is torch.bool
+
+
+def test_torch_free_table_agrees_with_torch() -> None:
+    # Manifests are checked against hotswap.dtypes, tensors built from codec.DTYPES.
+    assert set(codec.DTYPES) <= set(dtypes.DTYPES)
+    for name, dtype in codec.DTYPES.items():
+        assert dtypes.DTYPES[name] == dtypes.WireDtype(name, dtype.itemsize)
+    # Only the newer dtypes this torch lacks are missing from codec's table.
+    lacking = {name for name, attr in codec._NEWER if not hasattr(torch, attr)}
+    assert set(dtypes.DTYPES) - set(codec.DTYPES) == lacking
+    assert codec.chunk_count is dtypes.chunk_count
+    assert codec.DIGEST_HEX_LEN == dtypes.DIGEST_HEX_LEN == len(codec.digest(b""))
+
+
+def test_a_drifted_table_is_named_at_import() -> None:
+    newer = [n for n, _ in codec._NEWER]
+    assert codec._disagreements(codec.DTYPES, newer, dtypes.DTYPES) == []
+    wire = {**dtypes.DTYPES, "BF16": dtypes.WireDtype("BF16", 4), "F6": dtypes.WireDtype("F6", 1)}
+    table = {n: d for n, d in codec.DTYPES.items() if n != "I8"} | {"Q8": torch.qint8}
+    assert codec._disagreements(table, newer, wire) == [
+        "Q8 is not in hotswap.dtypes",
+        "F6 is missing here",
+        "I8 is missing here",
+        "BF16 is 2 bytes here, 4 in hotswap.dtypes",
+    ]
+    # A newer dtype this torch lacks may be missing from the torch table.
+    without = {n: d for n, d in codec.DTYPES.items() if n != "F8_E8M0"}
+    assert codec._disagreements(without, newer, dtypes.DTYPES) == []
 
 
 @pytest.mark.parametrize("name", ["F128", "f32", "", "bfloat16", "F32 "])
@@ -443,7 +471,7 @@ def test_finite_squares_that_overflow_float64_give_an_infinite_norm() -> None:
 
 MEMORY_SCRIPT = """
 import json, re, torch
-from hotswap import codec
+from hotswap import codec, dtypes
 
 def status(field):
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
