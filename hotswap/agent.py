@@ -30,7 +30,7 @@ from hotswap.connection import RedisClient, connect, operation_retry, retry_from
 from hotswap.delivery import Delivery, Stopped
 from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound, ValidationError
 from hotswap.gate import Gate
-from hotswap.manifest import Limits, Manifest
+from hotswap.manifest import Manifest
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.staging import HostMemory, LiveModel, Staged, Staging, apply, pairs, prepare
@@ -104,13 +104,7 @@ class Agent:
             | tenacity.stop_when_event_set(self._stop),
             sleep=self._stop.wait,
         )
-        self.store = Store(
-            client,
-            self.model_name,
-            namespace=s.namespace,
-            retrying=retrying,
-            limits=Limits(s.max_manifest_bytes, s.max_tensors, s.max_tensor_bytes),
-        )
+        self.store = Store.from_settings(client, self.model_name, s, retrying)
         self.live = LiveModel(model)
         if staging_keep_bytes is None:
             staging_keep_bytes = s.staging_keep_bytes

@@ -8,6 +8,7 @@ bytes, so verifying never depends on re-encoding.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -19,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from hotswap import dtypes as codec  # the wire names and sizes only: reading needs no torch
+from hotswap import dtypes
 from hotswap.errors import ConfigError, FormatError, SignatureError, SourceError
 
 FORMAT = 1
@@ -55,9 +56,10 @@ class TensorEntry:
     norm: float
     max_abs: float
 
-    @property
+    @functools.cached_property
     def chunks(self) -> int:
-        return codec.chunk_count(self.nbytes, self.chunk_bytes)
+        # Cached: blob checks ask every entry of a manifest on each publish.
+        return dtypes.chunk_count(self.nbytes, self.chunk_bytes)
 
     def same_content(self, other: TensorEntry) -> bool:
         return (self.digest, self.dtype, self.shape) == (other.digest, other.dtype, other.shape)
@@ -159,8 +161,8 @@ def encode(m: Manifest, signing_key: bytes | None = None) -> bytes:
 _ENVELOPE_ARRAYS = 16  # the envelope holds no arrays: any is refused as "not an envelope"
 _ENTRY_ARRAYS = 2 * MAX_NDIM  # an entry's 8 fields and its shape; a longer shape is a bad shape
 _MAX_FIELDS = 32
-_HEX_DIGEST = re.compile(f"[0-9a-f]{{{codec.DIGEST_HEX_LEN}}}")
-_ITEMSIZE = {name: dtype.itemsize for name, dtype in codec.DTYPES.items()}
+_HEX_DIGEST = re.compile(f"[0-9a-f]{{{dtypes.DIGEST_HEX_LEN}}}")
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in dtypes.DTYPES.items()}
 
 
 def _check_size(data: bytes, limits: Limits, what: str) -> None:

@@ -173,6 +173,20 @@ def populate(buf: torch.Tensor) -> bool:
     return int(fn(buf.data_ptr(), buf.numel(), MADV_POPULATE_WRITE)) == 0
 
 
+def lazy_free(buf: torch.Tensor) -> bool:
+    """Let the kernel take a kept arena's pages back under memory pressure; False where unsupported.
+
+    ``MADV_FREE``: until the kernel needs the memory the pages stay in place
+    (a later ``populate`` finds them: 5 ms per 256 MiB, against 200-700 ms
+    to fault in fresh ones), and once it does they are dropped without swap.
+    Only for memory of ``anonymous`` that nothing reads until it is written again.
+    """
+    fn, advice = _madvise(), getattr(mmap, "MADV_FREE", None)
+    if fn is None or advice is None or buf.numel() == 0:
+        return False
+    return int(fn(buf.data_ptr(), buf.numel(), advice)) == 0
+
+
 def anonymous(nbytes: int) -> torch.Tensor:
     """``nbytes`` of memory fresh from the kernel, already faulted in.
 
@@ -199,7 +213,9 @@ class HostMemory:
     ``give`` returns it once they were applied or dropped. The next version
     reuses a kept arena that is big enough (its pages are already faulted
     in); ``keep_bytes=0`` keeps nothing, so memory is only held while a
-    version is staged.
+    version is staged. At rest a kept arena is lazily freed (``lazy_free``):
+    still counted in the process's RSS, but the kernel may reclaim it under
+    memory pressure instead of swapping or killing anything.
     """
 
     def __init__(self, keep_bytes: int = 0) -> None:
@@ -220,6 +236,8 @@ class HostMemory:
         with self._lock:
             kept, self._kept = self._kept, None
         if kept is not None and kept.numel() >= nbytes:
+            if kept.numel() >= ARENA_MIN_BYTES:
+                populate(kept)  # pages the kernel took back fault in again, in one call
             return kept
         # Too small: unmapped before the new arena is, so the peak stays one arena.
         del kept
@@ -232,8 +250,13 @@ class HostMemory:
         if arena.numel() > self.keep_bytes:
             return
         with self._lock:
-            if self._kept is None or self._kept.numel() < arena.numel():
-                self._kept = arena
+            if self._kept is not None and self._kept.numel() >= arena.numel():
+                return
+            self._kept = arena
+        # Arenas this large come from ``anonymous`` wherever it exists; a
+        # ``torch.empty`` one belongs to an allocator and is left alone.
+        if arena.numel() >= ARENA_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
+            lazy_free(arena)
 
     def clear(self) -> None:
         """Drop what is kept."""

@@ -17,7 +17,7 @@ import redis
 import tenacity
 
 from hotswap import keys, transport
-from hotswap.connection import TRANSIENT, RedisClient, operation_retry
+from hotswap.connection import TRANSIENT, RedisClient, operation_retry, retry_from_settings
 from hotswap.errors import (
     ConfigError,
     FormatError,
@@ -28,6 +28,7 @@ from hotswap.errors import (
     VersionConflict,
 )
 from hotswap.manifest import EntryCache, Limits, Manifest, TensorEntry, decode
+from hotswap.settings import HotswapSettings
 from hotswap.status import MAX_STATUS_BYTES
 
 T = TypeVar("T")
@@ -71,6 +72,27 @@ class Store:
         self._entries = EntryCache()
         self._retrying = retrying or operation_retry()
         self._commit_script = client.register_script(_COMMIT)
+
+    @classmethod
+    def from_settings(
+        cls,
+        client: RedisClient,
+        model: str,
+        settings: HotswapSettings,
+        retrying: tenacity.Retrying | None = None,
+    ) -> Store:
+        """A Store with the settings' namespace, size limits and (unless given) retry policy."""
+        return cls(
+            client,
+            model,
+            namespace=settings.namespace,
+            retrying=retrying or retry_from_settings(settings),
+            limits=Limits(
+                max_manifest_bytes=settings.max_manifest_bytes,
+                max_tensors=settings.max_tensors,
+                max_tensor_bytes=settings.max_tensor_bytes,
+            ),
+        )
 
     # -- plumbing -------------------------------------------------------------
 

@@ -162,8 +162,7 @@ class Context:
     def store(self) -> Iterator[Store]:
         """The model's store, built as ``Publisher`` builds it but without torch."""
         from hotswap import keys
-        from hotswap.connection import connect, retry_from_settings
-        from hotswap.manifest import Limits
+        from hotswap.connection import connect
         from hotswap.store import Store
 
         # Same order as Publisher: a bad name is reported before a bad setting.
@@ -171,17 +170,7 @@ class Context:
         settings = self.settings()
         client = connect(settings)
         try:
-            yield Store(
-                client,
-                model,
-                namespace=settings.namespace,
-                retrying=retry_from_settings(settings),
-                limits=Limits(
-                    max_manifest_bytes=settings.max_manifest_bytes,
-                    max_tensors=settings.max_tensors,
-                    max_tensor_bytes=settings.max_tensor_bytes,
-                ),
-            )
+            yield Store.from_settings(client, model, settings)
         finally:
             client.close()
 

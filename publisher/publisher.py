@@ -14,7 +14,7 @@ import torch
 from hotswap import codec, keys
 from hotswap import manifest as mf
 from hotswap import notice as nt
-from hotswap.connection import RedisClient, connect, retry_from_settings
+from hotswap.connection import RedisClient, connect
 from hotswap.errors import (
     ConfigError,
     HotswapError,
@@ -104,17 +104,7 @@ class Publisher:
         self.settings = settings or load_settings()
         self._owns_client = connection is None
         self.client = connect(self.settings) if connection is None else connection
-        self.store = Store(
-            self.client,
-            self.model,
-            namespace=self.settings.namespace,
-            retrying=retry_from_settings(self.settings),
-            limits=mf.Limits(
-                max_manifest_bytes=self.settings.max_manifest_bytes,
-                max_tensors=self.settings.max_tensors,
-                max_tensor_bytes=self.settings.max_tensor_bytes,
-            ),
-        )
+        self.store = Store.from_settings(self.client, self.model, self.settings)
         keys_ = self.settings.key_bytes()
         self._keys = keys_
         self._signing_key = keys_[0] if keys_ else None

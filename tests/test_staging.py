@@ -230,6 +230,33 @@ def test_host_memory_keeps_the_largest_arena_within_budget() -> None:
         HostMemory(-1)
 
 
+def _lazy_free_mib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("LazyFree:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/smaps_rollup"), reason="LazyFree shows in Linux smaps"
+)
+def test_a_kept_arena_is_lazily_freed_at_rest_and_whole_again_when_taken() -> None:
+    size = 32 * 1024 * 1024
+    memory = HostMemory(keep_bytes=size)
+    arena = memory.take(size)
+    arena.fill_(7)
+    before = _lazy_free_mib()
+    memory.give(arena)
+    # At rest the kernel may take the pages back under pressure.
+    assert _lazy_free_mib() - before >= 30
+    again = memory.take(size)
+    assert again is arena
+    assert _lazy_free_mib() - before <= 1  # taken: faulted in and no longer reclaimable
+    again.fill_(3)
+    assert int(again[:: 4096].eq(3).all()) == 1
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
