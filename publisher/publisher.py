@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -153,7 +154,7 @@ class Publisher:
             if only is not None and head.manifest is None:
                 raise head.refusal("--only inherits the other tensors from it") from head.distrust
             trusted = head.manifest
-            fresh = self._hash(src, names, trusted, progress)
+            fresh, pending = self._hash(src, names, trusted, progress)
             entries = plan.merge(trusted.tensors, fresh) if trusted and only is not None else fresh
             if len(entries) > self.settings.max_tensors:
                 raise SourceError(
@@ -161,7 +162,8 @@ class Publisher:
                     f"{self.settings.max_tensors} (HOTSWAP_MAX_TENSORS)"
                 )
             stored = trusted.tensors if trusted else ()
-            sent = self._upload_missing(src, entries, stored, progress)
+            sent, stats = self._upload_missing(src, entries, stored, pending, progress)
+            entries = _with_stats(src, entries, pending, stats)
         # An untrusted head is compared with nothing: every tensor counts as new.
         changes = plan.diff(trusted.tensors if trusted else (), entries)
         if trusted is not None and changes.count == 0 and not force:
@@ -207,12 +209,18 @@ class Publisher:
         names: Sequence[str],
         head: Manifest | None,
         progress: Progress | None,
-    ) -> list[TensorEntry]:
-        """One entry per name, reading one tensor at a time; head entries reused when equal."""
+    ) -> tuple[list[TensorEntry], set[_Content]]:
+        """One entry per name, reading one tensor at a time; head entries reused when equal.
+
+        New content gets its statistics later (``_with_stats``): they are
+        computed while that tensor uploads. Returns the entries and the
+        contents whose statistics are still to come (NaN until then).
+        """
         old = head.by_name() if head else {}
         chunk_of = {e.digest: e.chunk_bytes for e in old.values()}
         seen: dict[tuple[object, ...], TensorEntry] = {}
         out: list[TensorEntry] = []
+        pending: set[_Content] = set()
         done = 0
         total = sum(src.size(n) for n in names) if progress else 0
         for name in names:
@@ -237,11 +245,11 @@ class Publisher:
                 ):
                     entry = prev
                 else:
-                    stats = codec.stats(tensor)
                     chunk = chunk_of.get(digest, self.settings.chunk_bytes)
                     entry = TensorEntry(
-                        name, dtype, shape, len(buf), digest, chunk, stats.norm, stats.max_abs
+                        name, dtype, shape, len(buf), digest, chunk, math.nan, math.nan
                     )
+                    pending.add((digest, dtype))
                 if view:
                     seen[view] = entry
                 del buf
@@ -250,16 +258,21 @@ class Publisher:
             del tensor
             if progress:
                 progress("hash", done, total)
-        return out
+        return out, pending
 
     def _upload_missing(
         self,
         src: TensorSource,
         entries: Sequence[TensorEntry],
         stored: Sequence[TensorEntry],
+        pending: set[_Content],
         progress: Progress | None,
-    ) -> int:
-        """Upload every blob of ``entries`` Redis lacks; returns bytes sent.
+    ) -> tuple[int, dict[_Content, codec.Stats]]:
+        """Upload every blob of ``entries`` Redis lacks: (bytes sent, statistics).
+
+        The statistics of an uploaded tensor whose content is ``pending`` are
+        computed in a thread while its bytes upload (the upload waits on the
+        Redis server, so the client's core has time: 16 MiB 10.4 -> 8.1 ms).
 
         ``stored`` are entries whose blobs should be in Redis (the parent's):
         checked together, and one by one only if one of them is gone.
@@ -281,6 +294,7 @@ class Publisher:
         # Any name of ours whose bytes make the blob (inherited names cannot be read).
         name_of = {e.digest: e.name for e in entries if e.name in readable}
         sent = 0
+        stats: dict[_Content, Future[codec.Stats]] = {}
         known = {(e.digest, e.chunk_bytes) for e in stored}
         likely = [e for e in entries if (e.digest, e.chunk_bytes) in known]
         unsure = [e for e in entries if (e.digest, e.chunk_bytes) not in known]
@@ -289,7 +303,7 @@ class Publisher:
             todo = plan.unique_blobs(self.store.missing(unsure, expect_present=likely))
             likely = []
             if not todo:
-                return sent
+                return sent, {c: f.result() for c, f in stats.items()}
             total = sum(e.nbytes for e in todo.values())
             done = 0
             changed: list[str] = []
@@ -304,7 +318,12 @@ class Publisher:
                             f"model {self.model!r}: blobs of inherited tensor {entry.name!r} are "
                             "gone from Redis (collected or lost); publish the whole model again"
                         )
-                    buf = codec.as_bytes(src.load(name))
+                    tensor = src.load(name)
+                    content = (entry.digest, codec.dtype_name(tensor.dtype))
+                    if content in pending and content not in stats:
+                        stats[content] = pool.submit(codec.stats, tensor)
+                    buf = codec.as_bytes(tensor)
+                    del tensor
 
                     def tick(n: int, base: int = done, total: int = total) -> None:
                         if progress:
@@ -527,6 +546,36 @@ class Publisher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_Content = tuple[str, str]
+"""(digest, dtype): what a tensor's statistics depend on."""
+
+
+def _with_stats(
+    src: TensorSource,
+    entries: Sequence[TensorEntry],
+    pending: set[_Content],
+    known: dict[_Content, codec.Stats],
+) -> list[TensorEntry]:
+    """``entries`` with the statistics of every ``pending`` content filled in.
+
+    Content that was not uploaded (its blob was in Redis already) is read
+    and measured here.
+    """
+    if not pending:
+        return list(entries)
+    readable = set(src.names)
+    stats = dict(known)
+    for e in entries:
+        content = (e.digest, e.dtype)
+        if content in pending and content not in stats and e.name in readable:
+            stats[content] = codec.stats(src.load(e.name))
+    out = []
+    for e in entries:
+        s = stats.get((e.digest, e.dtype)) if (e.digest, e.dtype) in pending else None
+        out.append(e if s is None else replace(e, norm=s.norm, max_abs=s.max_abs))
+    return out
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -746,3 +747,32 @@ def test_manifest_stats_are_codec_stats(pub: Publisher, store: Store, dtype: tor
     (e, _) = sorted(store.manifest(1).tensors, key=lambda e: e.name, reverse=True)
     assert e.name == "w"
     assert (e.norm, e.max_abs) == (codec.norm(t), codec.stats(t).max_abs)
+
+
+def stats_of(m: Manifest) -> dict[str, tuple[float, float]]:
+    return {e.name: (e.norm, e.max_abs) for e in m.tensors}
+
+
+def test_stats_of_content_already_in_redis_are_measured_too(pub: Publisher, store: Store) -> None:
+    # v3 brings back v1's bytes: nothing is uploaded (the blob is there), and
+    # its statistics are still those of the bytes, not the placeholder.
+    x, y = torch.randn(5000), torch.randn(5000) * 3
+    pub.publish({"w": x})
+    pub.publish({"w": y})
+    v3 = pub.publish({"w": x.clone()})
+    assert pub.last_report.bytes_uploaded == 0
+    want = codec.stats(x)
+    assert stats_of(store.manifest(v3)) == {"w": (want.norm, want.max_abs)}
+
+
+def test_stats_follow_the_dtype_of_bytes_shared_by_two_names(pub: Publisher, store: Store) -> None:
+    f = torch.randn(4096)
+    i = f.view(torch.int32).clone()  # the same bytes, read as integers
+    e = torch.empty(0)
+    pub.publish({"f": f, "i": i, "e": e})
+    m = store.manifest(1)
+    assert len({x.digest for x in m.tensors if x.name in ("f", "i")}) == 1
+    assert pub.last_report.bytes_uploaded == 4096 * 4  # one blob
+    expected = {n: codec.stats(t) for n, t in (("f", f), ("i", i), ("e", e))}
+    assert stats_of(m) == {n: (s.norm, s.max_abs) for n, s in expected.items()}
+    assert not any(math.isnan(v) for pair in stats_of(m).values() for v in pair)
