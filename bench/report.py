@@ -237,6 +237,7 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
             [
                 dtype,
                 case.split(":")[1],
+                case.split(":")[0],
                 ms(e["notice_to_fetch"]),
                 ms(e["fetch"]),
                 ms(e["validate"]),
@@ -253,6 +254,7 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
             [
                 "dtype",
                 "change",
+                "approach",
                 "notice→fetch ms",
                 "fetch+hash ms",
                 "validate ms",
