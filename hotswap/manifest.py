@@ -176,8 +176,7 @@ def _not_msgpack(what: str, e: Exception) -> FormatError:
     return FormatError(f"{what} is not valid msgpack: {type(e).__name__}: {e}")
 
 
-def _unpack_envelope(data: bytes, limits: Limits, what: str) -> Any:
-    _check_size(data, limits, what)
+def _unpack(data: bytes, limits: Limits, what: str, max_array_len: int) -> Any:
     try:
         return msgpack.unpackb(
             data,
@@ -185,12 +184,17 @@ def _unpack_envelope(data: bytes, limits: Limits, what: str) -> Any:
             strict_map_key=True,
             max_bin_len=limits.max_manifest_bytes,
             max_str_len=max(MAX_MESSAGE_LEN, MAX_NAME_LEN),
-            max_array_len=_ENVELOPE_ARRAYS,
+            max_array_len=max_array_len,
             max_map_len=_MAX_FIELDS,
             max_ext_len=0,
         )
     except Exception as e:
         raise _not_msgpack(what, e) from e
+
+
+def _unpack_envelope(data: bytes, limits: Limits, what: str) -> Any:
+    _check_size(data, limits, what)
+    return _unpack(data, limits, what, _ENVELOPE_ARRAYS)
 
 
 def _is_map(first: int) -> bool:
@@ -252,22 +256,6 @@ def _unpack_body(data: bytes, limits: Limits, what: str) -> Any:
     return body
 
 
-def _unpack_entry(data: bytes, limits: Limits, what: str) -> Any:
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=limits.max_manifest_bytes,
-            max_str_len=max(MAX_MESSAGE_LEN, MAX_NAME_LEN),
-            max_array_len=_ENTRY_ARRAYS,
-            max_map_len=_MAX_FIELDS,
-            max_ext_len=0,
-        )
-    except Exception as e:
-        raise _not_msgpack(what, e) from e
-
-
 class EntryCache:
     """The entries of the last manifest decoded, by their wire bytes.
 
@@ -288,7 +276,7 @@ class EntryCache:
         for raw in raws:
             entry = known.get(raw)
             if entry is None:
-                entry = _entry(_unpack_entry(raw, limits, where), where, limits)
+                entry = _entry(_unpack(raw, limits, where, _ENTRY_ARRAYS), where, limits)
             seen[raw] = entry
         self._limits, self._entries = limits, seen
         return tuple(seen.values()) if len(seen) == len(raws) else tuple(seen[r] for r in raws)

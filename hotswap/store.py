@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -274,39 +274,55 @@ class Store:
     def _cluster(self) -> bool:
         return isinstance(self.client, redis.cluster.RedisCluster)
 
-    def _per_group(self, command: str, groups: Sequence[Sequence[str]]) -> list[int]:
+    def _per_group(
+        self,
+        command: str,
+        groups: Sequence[Sequence[str]],
+        touch: Mapping[str, float] | None = None,
+    ) -> list[int]:
         """``command`` (EXISTS, UNLINK) over each group of keys: the count each returned.
 
         One multi-key command per group on a single server. A cluster refuses
         keys of different slots in one command (a blob's chunks are spread
         over slots), so there each key is its own command, summed per group.
+        ``touch`` (blob id -> time) is written to the blob index first, in
+        the same round trip.
         """
         pipe = self.client.pipeline(transaction=False)
-        if not self._cluster:
-            for group in groups:
-                pipe.execute_command(command, *group)
-            return [int(n) for n in pipe.execute()] if groups else []
+        if touch:
+            pipe.zadd(self._key(keys.blob_index_key), dict(touch))
         for group in groups:
-            for key in group:
-                pipe.execute_command(command, key)
-        counts = iter(pipe.execute())
-        return [sum(int(next(counts)) for _ in group) for group in groups]
+            for args in [group] if not self._cluster else [[key] for key in group]:
+                pipe.execute_command(command, *args)
+        replies = iter(pipe.execute()[1 if touch else 0 :])
+        if not self._cluster:
+            return [int(next(replies)) for _ in groups]
+        return [sum(int(next(replies)) for _ in group) for group in groups]
+
+    @staticmethod
+    def _index_members(entries: Iterable[TensorEntry], now: float | None) -> dict[str, float]:
+        stamp = now or time.time()
+        return {keys.blob_id(e.digest, e.chunk_bytes, e.chunks): stamp for e in entries if e.chunks}
 
     def touch_blobs(self, entries: Iterable[TensorEntry], now: float | None = None) -> None:
         """Mark blobs as referenced now, so gc's grace period protects them."""
-        members = {
-            keys.blob_id(e.digest, e.chunk_bytes, e.chunks): now or time.time()
-            for e in entries
-            if e.chunks
-        }
+        members = self._index_members(entries, now)
         if members:
             key = self._key(keys.blob_index_key)
             self.call("indexing blobs", lambda: self.client.zadd(key, members))
 
     def missing(
-        self, entries: Sequence[TensorEntry], *, expect_present: Sequence[TensorEntry] = ()
+        self,
+        entries: Sequence[TensorEntry],
+        *,
+        expect_present: Sequence[TensorEntry] = (),
+        touch: bool = False,
     ) -> list[TensorEntry]:
         """The entries with at least one chunk absent from Redis.
+
+        ``touch`` first marks the blobs of ``entries`` as referenced now (as
+        ``touch_blobs`` does, so a concurrent gc's grace period covers them),
+        in the same round trip as the check.
 
         ``entries`` are checked blob by blob. ``expect_present`` (blobs believed
         stored, such as the parent version's) are counted together in the same
@@ -326,7 +342,8 @@ class Store:
             groups = [self._chunk_keys(e) for e in todo]
             if likely_keys:
                 groups.append([k for ks in likely_keys for k in ks])
-            return self._per_group("EXISTS", groups)
+            stamps = self._index_members(entries, None) if touch else None
+            return self._per_group("EXISTS", groups, stamps)
 
         counts = self.call("checking blobs", check)
         absent = {e for e, n in zip(todo, counts[: len(todo)], strict=True) if n != e.chunks}

@@ -299,8 +299,7 @@ class Publisher:
         likely = [e for e in entries if (e.digest, e.chunk_bytes) in known]
         unsure = [e for e in entries if (e.digest, e.chunk_bytes) not in known]
         for _attempt in range(3):
-            self.store.touch_blobs(unsure)
-            todo = plan.unique_blobs(self.store.missing(unsure, expect_present=likely))
+            todo = plan.unique_blobs(self.store.missing(unsure, expect_present=likely, touch=True))
             likely = []
             if not todo:
                 return sent, {c: f.result() for c, f in stats.items()}
@@ -489,9 +488,8 @@ class Publisher:
                 f"{_cause(e)}; agents with HOTSWAP_SIGNING_KEYS set would refuse it: "
                 "publish those weights again to sign them"
             ) from e
-        # Touch first so a concurrent gc's grace period protects the blobs we check.
-        self.store.touch_blobs(target.tensors)
-        gone = self.store.missing(target.tensors)
+        # Touched first so a concurrent gc's grace period protects the blobs we check.
+        gone = self.store.missing(target.tensors, touch=True)
         if gone:
             raise NotFound(
                 f"cannot roll back model {self.model!r} to v{target_version}: blobs of "

@@ -180,6 +180,21 @@ def test_missing_counts_expected_blobs_together(store: Store, client: redis.Redi
     assert store.missing([], expect_present=[a, b, c]) == [b, c]
 
 
+def test_missing_can_touch_in_the_same_round_trip(store: Store) -> None:
+    a, abuf = entry_for("a", big_tensor(1))
+    b, _ = entry_for("b", big_tensor(2))
+    store.upload(a, abuf)
+    before = time.time()
+    assert store.missing([a, b], touch=True) == [b]
+    scores = store.blob_index()
+    # Both are indexed, present or not: an upload of b follows, under gc's grace.
+    assert set(scores) == {keys.blob_id(a.digest, CHUNK, 5), keys.blob_id(b.digest, CHUNK, 5)}
+    assert all(before <= t <= time.time() for t in scores.values())
+    c, _ = entry_for("c", big_tensor(3))
+    assert store.missing([], expect_present=[c], touch=True) == [c]
+    assert set(store.blob_index()) == set(scores)  # expected blobs are not touched
+
+
 def test_flipped_byte_is_caught_by_the_digest_check(store: Store, client: redis.Redis) -> None:
     entry, buf = entry_for("layer.0.weight", big_tensor())
     store.upload(entry, buf)
