@@ -125,7 +125,31 @@ class Store:
     # -- versions and manifests -----------------------------------------------
 
     def head(self) -> int | None:
-        raw = self.call("reading head", lambda: self.client.get(self._key(keys.head_key)))
+        return self._head(
+            self.call("reading head", lambda: self.client.get(self._key(keys.head_key)))
+        )
+
+    def head_and_manifest_bytes(self, guess: int | None) -> tuple[int | None, bytes | None]:
+        """Head, and manifest ``guess``'s bytes if head is ``guess``, in one round trip.
+
+        A publisher guesses the version it made last: publishing again on top
+        of it then costs one read instead of two.
+        """
+        if guess is None:
+            return self.head(), None
+        head_key, manifest_key = self._key(keys.head_key), self._key(keys.manifest_key, guess)
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(head_key)
+            pipe.get(manifest_key)
+            return list(pipe.execute())
+
+        raw, data = self.call("reading head", read)
+        head = self._head(raw)
+        return head, bytes(data) if head == guess and data is not None else None
+
+    def _head(self, raw: Any) -> int | None:
         if raw is None:
             return None
         try:
@@ -143,10 +167,12 @@ class Store:
             raise NotFound(f"model {self.model!r} has no version {version} (unknown or collected)")
         return bytes(raw)
 
-    def manifest(self, version: int, signing_keys: Sequence[bytes] = ()) -> Manifest:
-        """Read, decode and (with keys) verify one version's manifest."""
+    def manifest(
+        self, version: int, signing_keys: Sequence[bytes] = (), data: bytes | None = None
+    ) -> Manifest:
+        """Read (unless ``data`` holds its bytes), decode and (with keys) verify a manifest."""
         return decode(
-            self.manifest_bytes(version),
+            self.manifest_bytes(version) if data is None else data,
             keys=signing_keys,
             limits=self.limits,
             expect_model=self.model,

@@ -192,12 +192,14 @@ class Publisher:
 
     def _head(self) -> Head:
         """The head's number and, if it verifies (with the signing keys), its manifest."""
-        number = self.store.head()
+        guess = self._last.version if self._last is not None else None
+        number, data = self.store.head_and_manifest_bytes(guess)
         signing = bool(self._keys)
         if number is None:
             return Head(self.model, None, signing=signing)
         try:
-            return Head(self.model, number, self.store.manifest(number, self._keys), None, signing)
+            manifest = self.store.manifest(number, self._keys, data)
+            return Head(self.model, number, manifest, None, signing)
         except (IntegrityError, NotFound) as e:
             # Unsigned (signing just turned on), forged, garbled or missing: a full
             # publish may still go on top of it, taking nothing from it but its number.

@@ -379,6 +379,21 @@ def test_manifest_under_the_wrong_key_is_refused(store: Store, client: redis.Red
     assert str(e.value) == "manifest of m v5: says it is version 4"
 
 
+def test_head_and_the_guessed_manifest_in_one_read(store: Store, client: redis.Redis) -> None:
+    assert store.head_and_manifest_bytes(None) == (None, None)
+    assert store.head_and_manifest_bytes(1) == (None, None)
+    data1 = commit(store, manifest(1, None))
+    assert store.head_and_manifest_bytes(1) == (1, data1)
+    assert store.head_and_manifest_bytes(None) == (1, None)
+    commit(store, manifest(2, 1))
+    # A wrong guess gives head only (v1's bytes exist, but v1 is not head).
+    assert store.head_and_manifest_bytes(1) == (2, None)
+    assert store.manifest(1, data=data1) == manifest(1, None)
+    client.set(keys.head_key("hotswap", "m"), b"banana")
+    with pytest.raises(FormatError, match="head holds b'banana'"):
+        store.head_and_manifest_bytes(2)
+
+
 def test_garbled_head_is_a_format_error(store: Store, client: redis.Redis) -> None:
     client.set(keys.head_key("hotswap", "m"), b"banana")
     with pytest.raises(FormatError) as e:
