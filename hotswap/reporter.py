@@ -35,7 +35,8 @@ RETRY_SECONDS = 1.0
 # update shorter than this is not slowed by a write at all (a status write
 # landing mid-update cost 0.45 ms between notice and first GET, and 2-9 ms of
 # a 16 MiB delta's fetch and validation on 2 cores). Longer fetches still
-# show "fetching"; the record lags what runs by at most this much.
+# show "fetching". An applied version ends the wait: once the update is over
+# its record is written at once (a rejection is written before waiters wake).
 SETTLE_SECONDS = 0.25
 
 
@@ -64,6 +65,8 @@ class Reporter:
         self._io = threading.Lock()
         self._status = AgentStatus(agent_id=agent_id, host=socket.gethostname(), pid=os.getpid())
         self._dirty = True
+        # An applied version is written at once: it is what ``hotswap status`` is for.
+        self._outcome = False
         self._next = 0.0
         self._hold = 0.0
         self._wake = threading.Event()
@@ -96,6 +99,7 @@ class Reporter:
         """Record, count and log an applied version (the thread writes the record)."""
         with self._lock:
             count = self._status.applied_count + 1
+            self._outcome = True
         self.update(
             state="idle",
             version=report.version,
@@ -156,7 +160,7 @@ class Reporter:
                 self._status.updated = time.time()
                 data = status.encode(self._status)
                 agent_id = self._status.agent_id
-                self._dirty = False
+                self._dirty = self._outcome = False
                 self._next = time.monotonic() + self.ttl / 3
             try:
                 self.store.write_agent_status(agent_id, data, self.ttl)
@@ -212,9 +216,8 @@ class Reporter:
             self._wake.clear()
             if self._closing.is_set():
                 break
-            with self._lock:
-                changed = self._dirty
-            if changed and self._closing.wait(SETTLE_SECONDS):
+            self._settle()
+            if self._closing.is_set():
                 break
             with self._lock:
                 held = time.monotonic() < self._hold
@@ -223,6 +226,19 @@ class Reporter:
                     self.flush(self.log)
                 except Exception:  # pragma: no cover - a bug; the heartbeat must go on
                     self.log.exception("agent status write failed")
+
+    def _settle(self) -> None:
+        """Wait up to ``SETTLE_SECONDS`` for a change to settle; an outcome ends the wait."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not self._closing.is_set():
+            with self._lock:
+                if not self._dirty or self._outcome:
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._wake.wait(remaining):
+                self._wake.clear()
 
     def _idle_seconds(self) -> float:
         """How long the thread may sleep unless woken by a change."""

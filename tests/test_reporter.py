@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import redis
 
 from hotswap import keys, status
-from hotswap.reporter import SETTLE_SECONDS, Reporter
+from hotswap.reporter import SETTLE_SECONDS, ApplyReport, Reporter
 from hotswap.store import Store
 
 
@@ -62,3 +63,22 @@ def test_close_writes_a_change_still_settling(client: redis.Redis) -> None:
     reporter.update(state="stopped")
     assert reporter.close(1.0) is True
     assert stored_state(client, "a-2") == "stopped"
+
+
+def test_an_applied_version_is_written_at_once(client: redis.Redis) -> None:
+    store = CountingStore(client)
+    reporter = Reporter(store, "a-3", ttl=30.0)
+    reporter.start()
+    try:
+        assert store.landed.wait(5)
+        reporter.update(state="fetching")
+        started = time.monotonic()
+        reporter.applied(ApplyReport(7, "ab" * 16, 1, 100, 0.01, 0.0, 0.001), logging.getLogger())
+        while "idle" not in store.written and time.monotonic() - started < 5:
+            time.sleep(0.001)
+        assert time.monotonic() - started < SETTLE_SECONDS / 2
+        assert store.written == ["starting", "idle"]
+        raw = client.hget(keys.agents_key("hotswap", "m"), "a-3")
+        assert raw is not None and status.decode(raw).version == 7
+    finally:
+        reporter.close(1.0)
