@@ -368,13 +368,16 @@ class Publisher:
         changed: int,
         sent: int,
         started: float,
+        lineage: str | None = None,
     ) -> int:
         version = self.store.reserve_version()
+        if lineage is None:
+            lineage = head.manifest.lineage if head.manifest else self._lineage(head)
         m = Manifest(
             model=self.model,
             version=version,
             parent=head.number,
-            lineage=head.manifest.lineage if head.manifest else self._lineage(head),
+            lineage=lineage,
             tensors=tuple(entries),
             kind=kind,
             rollback_to=rollback_to,
@@ -400,13 +403,17 @@ class Publisher:
         notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage))
         self.store.commit(m, data, fields, notice)
         if head.distrust is not None:
+            did = "published" if kind == "publish" else f"rolled back to v{rollback_to} as"
+            checked = "hashed, checked and " if kind == "publish" else ""
             log.warning(
-                "model %r: published v%d on top of v%d without trusting it (%s): "
-                "every tensor was hashed, checked and counted as changed",
+                "model %r: %s v%d on top of v%d without trusting it (%s): "
+                "every tensor was %scounted as changed",
                 self.model,
+                did,
                 version,
                 head.number,
                 _cause(head.distrust),
+                checked,
             )
         self._last = PublishReport(
             version=version,
@@ -459,20 +466,28 @@ class Publisher:
 
         Uploads nothing: the new manifest points at the target's blobs. Raises
         NotFound when the target or any of its blobs was collected by gc.
+
+        A head that cannot be trusted (forged, garbled, missing, unsigned with
+        keys set) does not stop a rollback to a version that verifies: the
+        default target is then the newest earlier version that does, every
+        tensor counts as changed, and the log says why (``untrusted_parent``).
         """
         started = time.monotonic()
         parent = self._head()
         if parent.number is None:
             raise NotFound(f"model {self.model!r} has no versions: nothing to roll back")
-        if parent.manifest is None:
-            raise parent.refusal("a rollback starts from it") from parent.distrust
         head = parent.manifest
-        target_version = self.rollback_target(head) if to is None else int(to)
-        if target_version < 1 or target_version > head.version:
+        if to is not None:
+            target_version = int(to)
+        elif head is not None:
+            target_version = self.rollback_target(head)
+        else:
+            target_version = self._newest_trusted_before(parent)
+        if target_version < 1 or target_version > parent.number:
             raise NotFound(
-                f"model {self.model!r} has no version {target_version} (head is v{head.version})"
+                f"model {self.model!r} has no version {target_version} (head is v{parent.number})"
             )
-        if target_version == head.version:
+        if target_version == parent.number and head is not None:
             raise ConfigError(
                 f"model {self.model!r}: v{target_version} is already the head; nothing to roll back"
             )
@@ -498,7 +513,7 @@ class Publisher:
                 f"{len(gone)} tensors (e.g. {gone[0].name!r}) were collected by gc; "
                 "publish those weights again instead"
             )
-        changed = plan.diff(head.tensors, target.tensors).count
+        changed = plan.diff(head.tensors if head else (), target.tensors).count
         return self._commit(
             head=parent,
             entries=target.tensors,
@@ -508,7 +523,20 @@ class Publisher:
             changed=changed,
             sent=0,
             started=started,
+            # An untrusted head's lineage is not taken: the target's is verified.
+            lineage=target.lineage if head is None else None,
         )
+
+    def _newest_trusted_before(self, head: Head) -> int:
+        """The newest stored version older than an untrusted head whose manifest verifies."""
+        assert head.number is not None
+        for version in sorted((v for v in self.store.versions() if v < head.number), reverse=True):
+            try:
+                self.store.manifest(version, self._keys)
+            except (IntegrityError, NotFound):
+                continue
+            return version
+        raise head.refusal("no earlier stored version verifies to roll back to") from head.distrust
 
     # -- gc and verify ---------------------------------------------------------------
 

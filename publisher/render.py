@@ -118,11 +118,17 @@ def report_line(model: str, r: PublishReport) -> str | Text:
             f"(use --force to publish anyway)"
         )
     if r.kind == "rollback":
-        return (
+        back = (
             f"model {model}: rolled back to v{r.rollback_to} as v{r.version} "
             f"({r.tensors_changed} of {r.tensors_total} tensors differ from v{r.parent}; "
             f"{size(r.bytes_uploaded)} uploaded)"
         )
+        if r.untrusted_parent:
+            return plain(
+                f"{back}; v{r.parent} was not trusted ({r.untrusted_parent}), "
+                "so every tensor counts as changed"
+            )
+        return back
     line = (
         f"model {model}: published v{r.version}: {r.tensors_changed} of {r.tensors_total} "
         f"tensors changed, {size(r.bytes_uploaded)} uploaded, {size(r.bytes_skipped)} "

@@ -632,3 +632,20 @@ def test_turning_signing_on_publishes_over_the_unsigned_head_and_says_so(
     newest = rows[0] if isinstance(rows, list) else rows["log"][0]
     assert newest["untrusted_parent"].startswith("manifest of m v1 is unsigned")
     assert client.get("hotswap:{m}:head") == b"2"
+
+
+def test_rollback_from_a_garbled_head_says_it_did_not_trust_it(
+    run: Any, tmp_path: Path, client: redis.Redis
+) -> None:
+    for seed in (0, 1):
+        save_file(weights(seed), str(tmp_path / f"w{seed}.safetensors"))
+        assert run("publish", "m", str(tmp_path / f"w{seed}.safetensors"))[0] == 0
+    client.set("hotswap:{m}:manifest:2", b"\x93garbage")
+    code, out, _ = run("rollback", "m")
+    assert code == 0
+    assert " ".join(out.split()) == (
+        "model m: rolled back to v1 as v3 (6 of 6 tensors differ from v2; 0 bytes uploaded); "
+        "v2 was not trusted (manifest of m v2 is not valid msgpack: ExtraData: unpack(b) "
+        "received extra data.), so every tensor counts as changed"
+    )
+    assert client.get("hotswap:{m}:head") == b"3"

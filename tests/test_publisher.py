@@ -465,9 +465,55 @@ def test_only_and_rollback_refuse_an_untrusted_head_and_change_nothing(
         signed.publish(weights(1), only=["layer.0.*"])
     assert str(only.value) == UNTRUSTED.format("--only inherits the other tensors from it")
     with pytest.raises(SignatureError) as back:
+        signed.rollback()
+    assert str(back.value) == UNTRUSTED.format(
+        "no earlier stored version verifies to roll back to"
+    )
+    with pytest.raises(SignatureError) as to_head:
         signed.rollback(to=1)
-    assert str(back.value) == UNTRUSTED.format("a rollback starts from it")
+    assert str(to_head.value).startswith("cannot roll back model 'm' to v1: manifest of m v1 is")
     assert redis_dump(client) == before and store.head() == 1
+
+
+def test_rollback_from_a_forged_head_to_the_newest_version_that_verifies(
+    signed: Publisher, store: Store, client: redis.Redis, settings: HotswapSettings
+) -> None:
+    # The emergency rollback must work when head is the problem: a forged v2
+    # (signed with a key nobody accepts) is left behind for the signed v1.
+    signed.publish(weights(0))
+    genuine = store.manifest(1, [KEY.encode()])
+    forged = mf.derive(genuine, version=store.reserve_version(), parent=1, message="forged")
+    client.set(keys.manifest_key("hotswap", "m", 2), mf.encode(forged, b"intruder"))
+    client.set(keys.head_key("hotswap", "m"), 2)
+    live = {k: v.clone() for k, v in weights(0).items()}
+    keyed = settings.model_copy(update={"signing_keys": [SecretStr(KEY)]})
+    with Agent(live, "m", settings=keyed) as agent:
+        with pytest.raises(ValidationError, match="signed with unknown key id"):
+            agent.wait_for(2, 10)
+        v = signed.rollback()
+        assert agent.wait_for(v, 10)
+    r = signed.last_report
+    assert (v, r.parent, r.rollback_to, r.kind) == (3, 2, 1, "rollback")
+    assert r.tensors_changed == r.tensors_total == 6
+    cause = f"manifest of m v2 is signed with unknown key id '{key_id(b'intruder')}'"
+    assert r.untrusted_parent == cause
+    m = store.manifest(3, [KEY.encode()])
+    assert content_of(m) == content_of(genuine) and m.lineage == genuine.lineage
+    assert store.log(1)[0]["untrusted_parent"] == cause
+    assert all(torch.equal(live[k], t) for k, t in weights(0).items())
+
+
+def test_rollback_from_a_garbled_head_skips_to_the_version_before(
+    pub: Publisher, store: Store, client: redis.Redis
+) -> None:
+    pub.publish(weights(0))
+    pub.publish(weights(1))
+    client.set(keys.manifest_key("hotswap", "m", 2), b"\x93garbage")
+    assert pub.rollback() == 3
+    assert content_of(store.manifest(3)) == content_of(store.manifest(1))
+    assert pub.last_report.untrusted_parent == (
+        "manifest of m v2 is not valid msgpack: ExtraData: unpack(b) received extra data."
+    )
 
 
 def test_progress_callback_reports_hash_and_upload_bytes(pub: Publisher) -> None:
