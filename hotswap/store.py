@@ -344,17 +344,15 @@ class Store:
         expect_present: Sequence[TensorEntry] = (),
         touch: bool = False,
     ) -> list[TensorEntry]:
-        """The entries with at least one chunk absent from Redis.
-
-        ``touch`` first marks the blobs of ``entries`` as referenced now (as
-        ``touch_blobs`` does, so a concurrent gc's grace period covers them),
-        in the same round trip as the check.
+        """The entries (of both lists) with at least one chunk absent from Redis.
 
         ``entries`` are checked blob by blob. ``expect_present`` (blobs believed
         stored, such as the parent version's) are counted together in the same
         round trip, and looked at blob by blob only when that count falls short:
         a pipeline of one EXISTS per blob cost 1.7 ms for 97 tensors, one
-        EXISTS over all their chunks 0.7 ms.
+        EXISTS over all their chunks 0.7 ms. ``touch`` first marks the blobs
+        of ``entries`` as referenced now (as ``touch_blobs`` does, so that a
+        concurrent gc's grace period covers them), in the same round trip.
         """
 
         def blobs(items: Iterable[TensorEntry]) -> list[TensorEntry]:

@@ -54,7 +54,8 @@ class Head:
     """What a publish builds on: head's number and, when it can be trusted, its manifest.
 
     An untrusted head (``manifest`` None, ``distrust`` saying why) lends a full
-    publish only its number, as the parent and for the compare-and-set.
+    publish or a rollback only its number, as the parent and for the
+    compare-and-set.
     """
 
     model: str
@@ -274,7 +275,8 @@ class Publisher:
 
         The statistics of an uploaded tensor whose content is ``pending`` are
         computed in a thread while its bytes upload (the upload waits on the
-        Redis server, so the client's core has time: 16 MiB 10.4 -> 8.1 ms).
+        Redis server, so the client's core has time: a 512 MiB publish took
+        0.80-0.86 s instead of 1.0 s).
 
         ``stored`` are entries whose blobs should be in Redis (the parent's):
         checked together, and one by one only if one of them is gone.
@@ -482,7 +484,7 @@ class Publisher:
         elif head is not None:
             target_version = self.rollback_target(head)
         else:
-            target_version = self._newest_trusted_before(parent)
+            target_version = self._newest_trusted_before(parent, parent.number)
         if target_version < 1 or target_version > parent.number:
             raise NotFound(
                 f"model {self.model!r} has no version {target_version} (head is v{parent.number})"
@@ -527,10 +529,9 @@ class Publisher:
             lineage=target.lineage if head is None else None,
         )
 
-    def _newest_trusted_before(self, head: Head) -> int:
-        """The newest stored version older than an untrusted head whose manifest verifies."""
-        assert head.number is not None
-        for version in sorted((v for v in self.store.versions() if v < head.number), reverse=True):
+    def _newest_trusted_before(self, head: Head, number: int) -> int:
+        """The newest stored version older than untrusted head ``number`` that verifies."""
+        for version in sorted((v for v in self.store.versions() if v < number), reverse=True):
             try:
                 self.store.manifest(version, self._keys)
             except (IntegrityError, NotFound):
