@@ -249,14 +249,15 @@ class HostMemory:
         """Take back an arena nothing uses any more; kept if within budget and largest."""
         if arena.numel() > self.keep_bytes:
             return
-        with self._lock:
-            if self._kept is not None and self._kept.numel() >= arena.numel():
-                return
-            self._kept = arena
-        # Arenas this large come from ``anonymous`` wherever it exists; a
-        # ``torch.empty`` one belongs to an allocator and is left alone.
+        # Before it can be taken: advised after a taker began writing into it,
+        # the kernel could drop pages already fetched and checked. Arenas this
+        # large come from ``anonymous`` wherever it exists; a ``torch.empty``
+        # one belongs to an allocator and is left alone.
         if arena.numel() >= ARENA_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
             lazy_free(arena)
+        with self._lock:
+            if self._kept is None or self._kept.numel() < arena.numel():
+                self._kept = arena
 
     def clear(self) -> None:
         """Drop what is kept."""
