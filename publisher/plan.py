@@ -1,4 +1,4 @@
-"""Pure planning of a publish: which tensors to read, and what changed.
+"""Pure planning of a publish: which tensors to read, what changed, what it builds on.
 
 No Redis here: these functions take names and manifest entries and are
 tested on their own.
@@ -11,8 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from hotswap import keys
-from hotswap.errors import ConfigError, SourceError
-from hotswap.manifest import TensorEntry
+from hotswap.errors import ConfigError, HotswapError, NotFound, SourceError
+from hotswap.manifest import Manifest, TensorEntry
 
 
 def select(names: Sequence[str], only: Sequence[str] | None, where: str) -> list[str]:
@@ -84,3 +84,34 @@ def unique_blobs(entries: Iterable[TensorEntry]) -> dict[str, TensorEntry]:
         if e.chunks:
             out.setdefault(blob_of(e), e)
     return out
+
+
+@dataclass(frozen=True)
+class Head:
+    """What a publish builds on: head's number and, when it can be trusted, its manifest.
+
+    An untrusted head (``manifest`` None, ``distrust`` saying why) lends a full
+    publish or a rollback only its number, as the parent and for the
+    compare-and-set.
+    """
+
+    model: str
+    number: int | None
+    manifest: Manifest | None = None
+    distrust: HotswapError | None = None
+    signing: bool = False
+
+    def refusal(self, why: str) -> HotswapError:
+        """The error for an operation that needs this untrusted head's content."""
+        way = "a signed version" if self.signing else "a version"
+        return type(self.distrust or HotswapError())(
+            f"model {self.model!r}: head v{self.number} cannot be trusted "
+            f"({cause(self.distrust)}); {why}: publish the whole model to put {way} on top"
+        )
+
+
+def cause(e: HotswapError | None) -> str:
+    """The first clause of an error: what is wrong, without the advice after ';'."""
+    if isinstance(e, NotFound):
+        return "its manifest is missing"
+    return str(e).split("; ")[0]

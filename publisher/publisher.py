@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from types import TracebackType
 
-import torch
-
-from hotswap import codec, keys
+from hotswap import keys
 from hotswap import manifest as mf
 from hotswap import notice as nt
 from hotswap.connection import RedisClient, connect
@@ -28,56 +23,14 @@ from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
-from publisher import plan, upkeep
+from publisher import plan, upkeep, upload
+from publisher.plan import Head, cause
 from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, author
-from publisher.sources import Source, TensorSource, open_source
+from publisher.sources import Source, open_source
 
 __all__ = ["GcReport", "Progress", "PublishReport", "Publisher", "VerifyReport"]
 
 log = logging.getLogger("hotswap.publisher")
-
-
-def _view_key(t: torch.Tensor) -> tuple[object, ...]:
-    """Identity of a tensor's bytes: two names with this key are the same memory."""
-    return (
-        t.device,
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
-        t.dtype,
-        tuple(t.shape),
-        tuple(t.stride()),
-    )
-
-
-@dataclass(frozen=True)
-class Head:
-    """What a publish builds on: head's number and, when it can be trusted, its manifest.
-
-    An untrusted head (``manifest`` None, ``distrust`` saying why) lends a full
-    publish or a rollback only its number, as the parent and for the
-    compare-and-set.
-    """
-
-    model: str
-    number: int | None
-    manifest: Manifest | None = None
-    distrust: HotswapError | None = None
-    signing: bool = False
-
-    def refusal(self, why: str) -> HotswapError:
-        """The error for an operation that needs this untrusted head's content."""
-        way = "a signed version" if self.signing else "a version"
-        return type(self.distrust or HotswapError())(
-            f"model {self.model!r}: head v{self.number} cannot be trusted "
-            f"({_cause(self.distrust)}); {why}: publish the whole model to put {way} on top"
-        )
-
-
-def _cause(e: HotswapError | None) -> str:
-    """The first clause of an error: what is wrong, without the advice after ';'."""
-    if isinstance(e, NotFound):
-        return "its manifest is missing"
-    return str(e).split("; ")[0]
 
 
 class Publisher:
@@ -155,7 +108,7 @@ class Publisher:
             if only is not None and head.manifest is None:
                 raise head.refusal("--only inherits the other tensors from it") from head.distrust
             trusted = head.manifest
-            fresh, pending = self._hash(src, names, trusted, progress)
+            fresh, pending = upload.hash_entries(src, names, trusted, self.settings, progress)
             entries = plan.merge(trusted.tensors, fresh) if trusted and only is not None else fresh
             if len(entries) > self.settings.max_tensors:
                 raise SourceError(
@@ -163,8 +116,10 @@ class Publisher:
                     f"{self.settings.max_tensors} (HOTSWAP_MAX_TENSORS)"
                 )
             stored = trusted.tensors if trusted else ()
-            sent, stats = self._upload_missing(src, entries, stored, pending, progress)
-            entries = _with_stats(src, entries, pending, stats)
+            sent, stats = upload.upload_missing(
+                self.store, src, entries, stored, pending=pending, progress=progress
+            )
+            entries = upload.with_stats(src, entries, pending, stats)
         # An untrusted head is compared with nothing: every tensor counts as new.
         changes = plan.diff(trusted.tensors if trusted else (), entries)
         if trusted is not None and changes.count == 0 and not force:
@@ -205,159 +160,6 @@ class Publisher:
             # Unsigned (signing just turned on), forged, garbled or missing: a full
             # publish may still go on top of it, taking nothing from it but its number.
             return Head(self.model, number, None, e, signing)
-
-    def _hash(
-        self,
-        src: TensorSource,
-        names: Sequence[str],
-        head: Manifest | None,
-        progress: Progress | None,
-    ) -> tuple[list[TensorEntry], set[_Content]]:
-        """One entry per name, reading one tensor at a time; head entries reused when equal.
-
-        New content gets its statistics later (``_with_stats``): they are
-        computed while that tensor uploads. Returns the entries and the
-        contents whose statistics are still to come (NaN until then).
-        """
-        old = head.by_name() if head else {}
-        chunk_of = {e.digest: e.chunk_bytes for e in old.values()}
-        seen: dict[tuple[object, ...], TensorEntry] = {}
-        out: list[TensorEntry] = []
-        pending: set[_Content] = set()
-        done = 0
-        total = sum(src.size(n) for n in names) if progress else 0
-        for name in names:
-            tensor = src.load(name)
-            view = _view_key(tensor) if src.stable else None
-            entry = seen.get(view) if view else None
-            if entry is None:
-                buf = codec.as_bytes(tensor)
-                if len(buf) > self.settings.max_tensor_bytes:
-                    raise SourceError(
-                        f"{src.where}: tensor {name!r} is {len(buf)} bytes, over the limit of "
-                        f"{self.settings.max_tensor_bytes} (HOTSWAP_MAX_TENSOR_BYTES)"
-                    )
-                digest = codec.digest(buf)
-                dtype = codec.dtype_name(tensor.dtype)
-                shape = tuple(int(d) for d in tensor.shape)
-                prev = old.get(name)
-                if prev is not None and (prev.digest, prev.dtype, prev.shape) == (
-                    digest,
-                    dtype,
-                    shape,
-                ):
-                    entry = prev
-                else:
-                    chunk = chunk_of.get(digest, self.settings.chunk_bytes)
-                    entry = TensorEntry(
-                        name, dtype, shape, len(buf), digest, chunk, math.nan, math.nan
-                    )
-                    pending.add((digest, dtype))
-                if view:
-                    seen[view] = entry
-                del buf
-            out.append(entry if entry.name == name else replace(entry, name=name))
-            done += entry.nbytes
-            del tensor
-            if progress:
-                progress("hash", done, total)
-        return out, pending
-
-    def _upload_missing(
-        self,
-        src: TensorSource,
-        entries: Sequence[TensorEntry],
-        stored: Sequence[TensorEntry],
-        pending: set[_Content],
-        progress: Progress | None,
-    ) -> tuple[int, dict[_Content, codec.Stats]]:
-        """Upload every blob of ``entries`` Redis lacks: (bytes sent, statistics).
-
-        The statistics of an uploaded tensor whose content is ``pending`` are
-        computed in a thread while its bytes upload (the upload waits on the
-        Redis server, so the client's core has time: a 512 MiB publish took
-        0.80-0.86 s instead of 1.0 s).
-
-        ``stored`` are entries whose blobs should be in Redis (the parent's):
-        checked together, and one by one only if one of them is gone.
-
-        Blobs the parent does not reference are touched before the check so
-        that a concurrent gc's grace period covers them, and checked again
-        after the upload in case a gc deleted one meanwhile. The parent's own
-        blobs are checked once, together: gc keeps head's blobs, and the
-        parent stays head until the commit (or the commit conflicts).
-
-        Each uploaded tensor is hashed again *after* its upload, in a thread
-        while the next one uploads, and must still match the digest it was
-        hashed to: no source is immutable (a state dict is the caller's live
-        memory, a safetensors file is mapped and shows in-place writes), and
-        a tensor that changed between the two reads leaves its blob deleted
-        and the publish refused instead of a manifest that lies.
-        """
-        readable = set(src.names)
-        # Any name of ours whose bytes make the blob (inherited names cannot be read).
-        name_of = {e.digest: e.name for e in entries if e.name in readable}
-        sent = 0
-        stats: dict[_Content, Future[codec.Stats]] = {}
-        known = {(e.digest, e.chunk_bytes) for e in stored}
-        likely = [e for e in entries if (e.digest, e.chunk_bytes) in known]
-        unsure = [e for e in entries if (e.digest, e.chunk_bytes) not in known]
-        for _attempt in range(3):
-            todo = plan.unique_blobs(self.store.missing(unsure, expect_present=likely, touch=True))
-            likely = []
-            if not todo:
-                return sent, {c: f.result() for c, f in stats.items()}
-            total = sum(e.nbytes for e in todo.values())
-            done = 0
-            changed: list[str] = []
-            with ThreadPoolExecutor(1, thread_name_prefix="hotswap-verify") as pool:
-                checking: _Check | None = None
-                for entry in todo.values():
-                    if changed:
-                        break
-                    name = name_of.get(entry.digest)
-                    if name is None:
-                        raise NotFound(
-                            f"model {self.model!r}: blobs of inherited tensor {entry.name!r} are "
-                            "gone from Redis (collected or lost); publish the whole model again"
-                        )
-                    tensor = src.load(name)
-                    content = (entry.digest, codec.dtype_name(tensor.dtype))
-                    if content in pending and content not in stats:
-                        stats[content] = pool.submit(codec.stats, tensor)
-                    buf = codec.as_bytes(tensor)
-                    del tensor
-
-                    def tick(n: int, base: int = done, total: int = total) -> None:
-                        if progress:
-                            progress("upload", base + n, total)
-
-                    sent += self.store.upload(entry, buf, _accumulate(tick))
-                    done += entry.nbytes
-                    if checking is not None and not self._still_same(checking):
-                        changed.append(checking.name)
-                    checking = _Check(name, entry, pool.submit(codec.digest, buf))
-                    del buf
-                if checking is not None and not self._still_same(checking):
-                    changed.append(checking.name)
-            if changed:
-                more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-                raise SourceError(
-                    f"{src.where}: tensor {changed[0]!r}{more} changed while it was being "
-                    "published; publish again once it is stable"
-                )
-        raise IntegrityError(
-            f"model {self.model!r}: uploaded blobs keep disappearing (a gc with "
-            "HOTSWAP_GC_GRACE_SECONDS=0 running?); publish again"
-        )
-
-    def _still_same(self, check: _Check) -> bool:
-        """Wait for one upload's second hash; on a change, delete the blob it made."""
-        if check.digest.result() == check.entry.digest:
-            return True
-        # Its chunks hold bytes that do not hash to the name they are stored under.
-        self.store.delete_blobs([plan.blob_of(check.entry)])
-        return False
 
     def _commit(
         self,
@@ -401,7 +203,7 @@ class Publisher:
             "rollback_to": "" if rollback_to is None else rollback_to,
         }
         if head.distrust is not None:
-            fields["untrusted_parent"] = _cause(head.distrust)
+            fields["untrusted_parent"] = cause(head.distrust)
         notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage))
         self.store.commit(m, data, fields, notice)
         if head.distrust is not None:
@@ -414,7 +216,7 @@ class Publisher:
                 did,
                 version,
                 head.number,
-                _cause(head.distrust),
+                cause(head.distrust),
                 checked,
             )
         self._last = PublishReport(
@@ -429,7 +231,7 @@ class Publisher:
             seconds=time.monotonic() - started,
             kind=kind,
             rollback_to=rollback_to,
-            untrusted_parent=None if head.distrust is None else _cause(head.distrust),
+            untrusted_parent=None if head.distrust is None else cause(head.distrust),
         )
         return version
 
@@ -504,7 +306,7 @@ class Publisher:
             # Agents with these keys would refuse the rolled-back tensors too.
             raise SignatureError(
                 f"cannot roll back model {self.model!r} to v{target_version}: "
-                f"{_cause(e)}; agents with HOTSWAP_SIGNING_KEYS set would refuse it: "
+                f"{cause(e)}; agents with HOTSWAP_SIGNING_KEYS set would refuse it: "
                 "publish those weights again to sign them"
             ) from e
         # Touched first so a concurrent gc's grace period protects the blobs we check.
@@ -575,54 +377,3 @@ class Publisher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-_Content = tuple[str, str]
-"""(digest, dtype): what a tensor's statistics depend on."""
-
-
-def _with_stats(
-    src: TensorSource,
-    entries: Sequence[TensorEntry],
-    pending: set[_Content],
-    known: dict[_Content, codec.Stats],
-) -> list[TensorEntry]:
-    """``entries`` with the statistics of every ``pending`` content filled in.
-
-    Content that was not uploaded (its blob was in Redis already) is read
-    and measured here.
-    """
-    if not pending:
-        return list(entries)
-    readable = set(src.names)
-    stats = dict(known)
-    for e in entries:
-        content = (e.digest, e.dtype)
-        if content in pending and content not in stats and e.name in readable:
-            stats[content] = codec.stats(src.load(e.name))
-    out = []
-    for e in entries:
-        s = stats.get((e.digest, e.dtype)) if (e.digest, e.dtype) in pending else None
-        out.append(e if s is None else replace(e, norm=s.norm, max_abs=s.max_abs))
-    return out
-
-
-@dataclass(frozen=True)
-class _Check:
-    """An uploaded tensor whose bytes are being hashed again."""
-
-    name: str
-    entry: TensorEntry
-    digest: Future[str]
-
-
-def _accumulate(tick: Callable[[int], None]) -> Callable[[int], None]:
-    """Turn the store's per-batch byte deltas into a running total."""
-    total = 0
-
-    def step(n: int) -> None:
-        nonlocal total
-        total += n
-        tick(total)
-
-    return step
