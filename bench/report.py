@@ -104,6 +104,19 @@ def _targets(out: dict[str, Any], raw: dict[str, Any], dtype: str) -> None:
                 f"{dtype} full: hotswap / ceiling", e2e / ceil["end_to_end"]["median"], 1.5, "x"
             )
         )
+        kept = c.get(f"{dtype}/hotswap-kept:full")
+        if kept:
+            # The same targets with the agent's staging arena kept between versions.
+            k2e = kept["end_to_end"]["median"]
+            naive_e2e, ceil_e2e = naive["end_to_end"]["median"], ceil["end_to_end"]["median"]
+            t.append(
+                _verdict(
+                    f"{dtype} full, arena kept: naive / hotswap", naive_e2e / k2e, 4.0, "x", True
+                )
+            )
+            t.append(
+                _verdict(f"{dtype} full, arena kept: hotswap / ceiling", k2e / ceil_e2e, 1.5, "x")
+            )
         if warm:
             t.append(
                 _verdict(
