@@ -236,8 +236,11 @@ class HostMemory:
         with self._lock:
             kept, self._kept = self._kept, None
         if kept is not None and kept.numel() >= nbytes:
-            if kept.numel() >= ARENA_MIN_BYTES:
-                populate(kept)  # pages the kernel took back fault in again, in one call
+            if kept.numel() >= ARENA_MIN_BYTES and nbytes:
+                # Pages the kernel took back fault in again, in one call; only
+                # the part this version uses (a 4 KiB update after a 64 MiB one
+                # need not touch 64 MiB).
+                populate(kept[:nbytes])
             return kept
         # Too small: unmapped before the new arena is, so the peak stays one arena.
         del kept
@@ -245,8 +248,12 @@ class HostMemory:
             return torch.empty(nbytes, dtype=torch.uint8)
         return anonymous(nbytes)
 
-    def give(self, arena: torch.Tensor) -> None:
-        """Take back an arena nothing uses any more; kept if within budget and largest."""
+    def give(self, arena: torch.Tensor, used: int | None = None) -> None:
+        """Take back an arena nothing uses any more; kept if within budget and largest.
+
+        ``used``: how many of its leading bytes were written since it was
+        taken (the rest is still as lazily freed as before).
+        """
         if arena.numel() > self.keep_bytes:
             return
         # Before it can be taken: advised after a taker began writing into it,
@@ -254,7 +261,7 @@ class HostMemory:
         # large come from ``anonymous`` wherever it exists; a ``torch.empty``
         # one belongs to an allocator and is left alone.
         if arena.numel() >= ARENA_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
-            lazy_free(arena)
+            lazy_free(arena if used is None else arena[:used])
         with self._lock:
             if self._kept is None or self._kept.numel() < arena.numel():
                 self._kept = arena
@@ -294,6 +301,8 @@ class Staged:
     validate_seconds: float = 0.0
     # time.monotonic() when the fetch began.
     started: float = 0.0
+    # Leading bytes of ``arena`` this version wrote.
+    arena_used: int = 0
     # Names whose manifest norm was checked against the fetched bytes.
     norms: dict[str, float] = field(default_factory=dict)
     arena: torch.Tensor | None = None
@@ -304,7 +313,7 @@ class Staged:
         arena, self.arena = self.arena, None
         self.tensors = {}
         if arena is not None and self.memory is not None:
-            self.memory.give(arena)
+            self.memory.give(arena, self.arena_used)
 
 
 def _in_arena(device: torch.device, mode: Staging) -> bool:
@@ -353,7 +362,9 @@ def fetch(
             offsets[entry.name] = total
             total += _aligned(entry.nbytes)
     arena = memory.take(total) if total else None
-    staged = Staged(p, out, failures, 0, 0.0, started=started, arena=arena, memory=memory)
+    staged = Staged(
+        p, out, failures, 0, 0.0, started=started, arena_used=total, arena=arena, memory=memory
+    )
     bounce: torch.Tensor | None = None
     try:
         for entry in p.fetch:

@@ -254,7 +254,15 @@ def test_a_kept_arena_is_lazily_freed_at_rest_and_whole_again_when_taken() -> No
     assert again is arena
     assert _lazy_free_mib() - before <= 1  # taken: faulted in and no longer reclaimable
     again.fill_(3)
-    assert int(again[:: 4096].eq(3).all()) == 1
+    assert int(again[::4096].eq(3).all()) == 1
+    memory.give(again, used=size)
+    # A small version takes back, and later frees, only the part it writes.
+    small = memory.take(4 * 1024 * 1024)
+    assert small is arena
+    assert 26 <= _lazy_free_mib() - before <= 29
+    small[: 4 * 1024 * 1024].fill_(5)
+    memory.give(small, used=4 * 1024 * 1024)
+    assert _lazy_free_mib() - before >= 30
 
 
 def _rss() -> int:
