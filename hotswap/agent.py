@@ -30,10 +30,11 @@ from hotswap.connection import RedisClient, connect, operation_retry, retry_from
 from hotswap.delivery import Delivery, Stopped
 from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound, ValidationError
 from hotswap.gate import Gate
+from hotswap.hostmem import HostMemory
 from hotswap.manifest import Manifest
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
-from hotswap.staging import HostMemory, LiveModel, Staged, Staging, apply, pairs, prepare
+from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, prepare
 from hotswap.store import Store
 from hotswap.validate import Policy
 

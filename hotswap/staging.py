@@ -5,7 +5,7 @@ storage. ``plan`` picks the tensors whose digest differs from what runs.
 ``fetch`` reads them into staging buffers and checks every digest: for host
 staging of CPU models, slices of one arena per version (fresh memory faulted
 in with one call, or the previous version's arena, already faulted in, that
-``HostMemory`` kept up to a byte budget); pinned host memory per tensor for
+``hostmem.HostMemory`` kept up to a byte budget); pinned host memory per tensor for
 CUDA models (torch's pinned allocator caches it); device memory with
 ``staging="device"``. ``apply`` copies staged tensors into the live ones in
 place. The same code runs on CPU and CUDA: only the device found at run time
@@ -15,10 +15,6 @@ differs, so CPU tests exercise every path.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import mmap
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,17 +24,13 @@ import torch
 
 from hotswap import codec, validate
 from hotswap.errors import ConfigError, IntegrityError, SourceError
+from hotswap.hostmem import HostMemory
 from hotswap.manifest import Manifest, TensorEntry
 
 Staging = Literal["auto", "pinned", "device"]
-MiB = 1024 * 1024
 # Staged tensors start at this alignment inside an arena (any dtype, and
 # cache-line aligned for the copies).
 ALIGN = 64
-# Below this an arena is plain torch memory (the allocator's warm heap).
-ARENA_MIN_BYTES = 4 * MiB
-# <linux/mman.h>; Python's mmap module does not name it.
-MADV_POPULATE_WRITE = 23
 
 
 class ChunkReader(Protocol):
@@ -147,129 +139,6 @@ def staging_device(live: torch.Tensor, mode: Staging) -> torch.device:
 
 def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-
-
-@functools.cache
-def _madvise() -> Any:
-    """libc's ``madvise`` (it releases the GIL while the kernel works), or None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def populate(buf: torch.Tensor) -> bool:
-    """Fault in a page-aligned host buffer's pages now, in one call; False where unsupported.
-
-    One ``MADV_POPULATE_WRITE`` (Linux 5.14+) costs less than taking the same
-    faults one by one while data arrives, and runs without the GIL.
-    """
-    fn = _madvise()
-    if fn is None or buf.numel() == 0:
-        return False
-    return int(fn(buf.data_ptr(), buf.numel(), MADV_POPULATE_WRITE)) == 0
-
-
-def lazy_free(buf: torch.Tensor) -> bool:
-    """Let the kernel take a kept arena's pages back under memory pressure; False where unsupported.
-
-    ``MADV_FREE``: until the kernel needs the memory the pages stay in place
-    (a later ``populate`` finds them: 5 ms per 256 MiB, against 200-700 ms
-    to fault in fresh ones), and once it does they are dropped without swap.
-    Only for memory of ``anonymous`` that nothing reads until it is written again.
-    """
-    fn, advice = _madvise(), getattr(mmap, "MADV_FREE", None)
-    if fn is None or advice is None or buf.numel() == 0:
-        return False
-    return int(fn(buf.data_ptr(), buf.numel(), advice)) == 0
-
-
-def anonymous(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of memory fresh from the kernel, already faulted in.
-
-    Populating the whole range in one call costs less than taking the same
-    page faults one by one while chunks arrive (0.39 s against 0.48 s per
-    512 MiB on the 2-core VM). Transparent huge pages are left to the
-    system's setting: advised into them on that VM, a fresh arena faulted in
-    3x faster when the process had just unmapped one, but 1.5-2x slower
-    otherwise, and a whole 512 MiB agent fetch took 1.4 s instead of 1.1 s.
-    Falls back to ``torch.empty`` where anonymous mappings do not exist.
-    """
-    if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return torch.empty(nbytes, dtype=torch.uint8)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena = torch.frombuffer(region, dtype=torch.uint8)  # keeps ``region`` mapped
-    populate(arena)
-    return arena
-
-
-class HostMemory:
-    """Host staging memory for CPU models, kept between versions up to ``keep_bytes``.
-
-    A version's host-staged tensors are slices of one arena taken here, and
-    ``give`` returns it once they were applied or dropped. The next version
-    reuses a kept arena that is big enough (its pages are already faulted
-    in); ``keep_bytes=0`` keeps nothing, so memory is only held while a
-    version is staged. At rest a kept arena is lazily freed (``lazy_free``):
-    still counted in the process's RSS, but the kernel may reclaim it under
-    memory pressure instead of swapping or killing anything.
-    """
-
-    def __init__(self, keep_bytes: int = 0) -> None:
-        if keep_bytes < 0:
-            raise ConfigError(f"staging keep_bytes must be >= 0, not {keep_bytes}")
-        self.keep_bytes = keep_bytes
-        self._lock = threading.Lock()
-        self._kept: torch.Tensor | None = None
-
-    @property
-    def kept_bytes(self) -> int:
-        """Bytes held between versions now."""
-        kept = self._kept
-        return 0 if kept is None else kept.numel()
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """An arena of at least ``nbytes`` (uint8), for one version's staged tensors."""
-        with self._lock:
-            kept, self._kept = self._kept, None
-        if kept is not None and kept.numel() >= nbytes:
-            if kept.numel() >= ARENA_MIN_BYTES and nbytes:
-                # Pages the kernel took back fault in again, in one call; only
-                # the part this version uses (a 4 KiB update after a 64 MiB one
-                # need not touch 64 MiB).
-                populate(kept[:nbytes])
-            return kept
-        # Too small: unmapped before the new arena is, so the peak stays one arena.
-        del kept
-        if nbytes < ARENA_MIN_BYTES:
-            return torch.empty(nbytes, dtype=torch.uint8)
-        return anonymous(nbytes)
-
-    def give(self, arena: torch.Tensor, used: int | None = None) -> None:
-        """Take back an arena nothing uses any more; kept if within budget and largest.
-
-        ``used``: how many of its leading bytes were written since it was
-        taken (the rest is still as lazily freed as before).
-        """
-        if arena.numel() > self.keep_bytes:
-            return
-        # Before it can be taken: advised after a taker began writing into it,
-        # the kernel could drop pages already fetched and checked. Arenas this
-        # large come from ``anonymous`` wherever it exists; a ``torch.empty``
-        # one belongs to an allocator and is left alone.
-        if arena.numel() >= ARENA_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
-            lazy_free(arena if used is None else arena[:used])
-        with self._lock:
-            if self._kept is None or self._kept.numel() < arena.numel():
-                self._kept = arena
-
-    def clear(self) -> None:
-        """Drop what is kept."""
-        with self._lock:
-            self._kept = None
 
 
 def _pin_for(device: torch.device, mode: Staging) -> bool:

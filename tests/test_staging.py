@@ -14,18 +14,16 @@ from agent_support import Ten, commit_raw, entry_for
 from hotswap import codec, keys, staging, validate
 from hotswap import manifest as mf
 from hotswap.errors import ConfigError, StoreUnavailable
+from hotswap.hostmem import HostMemory, anonymous, populate
 from hotswap.staging import (
     ALIGN,
-    HostMemory,
     LiveModel,
     Staging,
-    anonymous,
     apply,
     check_metadata,
     fetch,
     pairs,
     plan,
-    populate,
     prepare,
     typed,
 )
