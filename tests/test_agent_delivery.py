@@ -301,14 +301,18 @@ class Recorder:
         once.write_agent_status = rec_write  # type: ignore[method-assign]
 
 
+def recorded_agent(settings: HotswapSettings) -> tuple[Ten, Agent, Recorder]:
+    """A model and its agent whose reads are recorded; no poll gets between a notice and them."""
+    model = Ten()
+    agent = Agent(model, MODEL, settings=settings.model_copy(update={"poll_interval": 30.0}))
+    return model, agent, Recorder(agent)
+
+
 def test_notice_reads_the_manifest_it_names_and_nothing_before(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
-    model = Ten()
+    model, agent, seen = recorded_agent(settings)
     pub = Publisher(MODEL, settings=settings, connection=client)
-    slow = settings.model_copy(update={"poll_interval": 30.0})  # no poll gets in between
-    agent = Agent(model, MODEL, settings=slow)
-    seen = Recorder(agent)
     with agent:
         assert eventually(lambda: agent.state == "idle")
         seen.calls.clear()
@@ -331,10 +335,7 @@ def test_notice_reads_the_manifest_it_names_and_nothing_before(
 def test_notice_naming_a_missing_version_falls_back_to_head(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
-    model = Ten()
-    slow = settings.model_copy(update={"poll_interval": 30.0})
-    agent = Agent(model, MODEL, settings=slow)
-    seen = Recorder(agent)
+    model, agent, seen = recorded_agent(settings)
     with agent:
         assert eventually(lambda: agent.state == "idle")
         new = bump(model.state_dict())
@@ -350,10 +351,7 @@ def test_notice_naming_a_missing_version_falls_back_to_head(
 def test_forged_notice_of_an_old_version_changes_nothing(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
-    model = Ten()
-    slow = settings.model_copy(update={"poll_interval": 30.0})
-    agent = Agent(model, MODEL, settings=slow)
-    seen = Recorder(agent)
+    model, agent, seen = recorded_agent(settings)
     with agent:
         v1 = commit_raw(store, bump(model.state_dict(), 0.01))
         assert agent.wait_for(v1, 10)
