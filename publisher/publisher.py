@@ -24,6 +24,7 @@ from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
 from publisher import plan, upkeep, upload
+from publisher.fingerprint import Fingerprints
 from publisher.plan import Head, cause
 from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, author
 from publisher.sources import Source, open_source
@@ -64,6 +65,8 @@ class Publisher:
         self._keys = keys_
         self._signing_key = keys_[0] if keys_ else None
         self._last: PublishReport | None = None
+        # Digests of contents this publisher read, by fingerprint (publisher.fingerprint).
+        self._fingerprints = Fingerprints()
 
     @property
     def last_report(self) -> PublishReport:
@@ -108,7 +111,10 @@ class Publisher:
             if only is not None and head.manifest is None:
                 raise head.refusal("--only inherits the other tensors from it") from head.distrust
             trusted = head.manifest
-            fresh, pending = upload.hash_entries(src, names, trusted, self.settings, progress)
+            hashed = upload.hash_entries(
+                src, names, trusted, self.settings, progress=progress, memo=self._fingerprints
+            )
+            fresh, pending = hashed.entries, hashed.pending
             entries = plan.merge(trusted.tensors, fresh) if trusted and only is not None else fresh
             if len(entries) > self.settings.max_tensors:
                 raise SourceError(
@@ -117,9 +123,17 @@ class Publisher:
                 )
             stored = trusted.tensors if trusted else ()
             sent, stats = upload.upload_missing(
-                self.store, src, entries, stored, pending=pending, progress=progress
+                self.store,
+                src,
+                entries,
+                stored,
+                pending=pending,
+                progress=progress,
+                prints=hashed.fingerprints,
+                memo=self._fingerprints,
             )
             entries = upload.with_stats(src, entries, pending, stats)
+        self._fingerprints.retain({e.digest for e in entries})
         # An untrusted head is compared with nothing: every tensor counts as new.
         changes = plan.diff(trusted.tensors if trusted else (), entries)
         if trusted is not None and changes.count == 0 and not force:

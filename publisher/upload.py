@@ -1,9 +1,10 @@
 """From a source to manifest entries whose bytes are in Redis.
 
 ``hash_entries`` reads one tensor at a time and makes its entry (head's
-entry reused when the bytes are equal); ``upload_missing`` writes the blobs
-Redis lacks, measures each new tensor while it uploads and hashes it again
-after; ``with_stats`` fills in the statistics before the commit.
+entry reused when the bytes are equal, the digest found by fingerprint when
+this publisher saw the bytes before); ``upload_missing`` writes the blobs
+Redis lacks, measures each new tensor while it uploads and fingerprints it
+again after; ``with_stats`` fills in the statistics before the commit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
 from publisher import plan
+from publisher.fingerprint import Fingerprint, Fingerprints, fingerprint
 from publisher.reports import Progress
 from publisher.sources import TensorSource
 
@@ -40,24 +42,41 @@ def _view_key(t: torch.Tensor) -> tuple[object, ...]:
     )
 
 
+@dataclass
+class Hashed:
+    """What ``hash_entries`` found: one entry per name, and what is still to do."""
+
+    entries: list[TensorEntry]
+    # Contents whose statistics are still to come (NaN until ``with_stats``).
+    pending: set[Content]
+    # The fingerprint each digest's bytes had when they were read: an upload
+    # of them must leave the same fingerprint behind.
+    fingerprints: dict[str, Fingerprint]
+
+
 def hash_entries(
     src: TensorSource,
     names: Sequence[str],
     head: Manifest | None,
     settings: HotswapSettings,
+    *,
     progress: Progress | None,
-) -> tuple[list[TensorEntry], set[Content]]:
+    memo: Fingerprints,
+) -> Hashed:
     """One entry per name, reading one tensor at a time; head entries reused when equal.
 
-    New content gets its statistics later (``with_stats``): they are
-    computed while that tensor uploads. Returns the entries and the
-    contents whose statistics are still to come (NaN until then).
+    Each tensor is fingerprinted first; bytes ``memo`` knows by fingerprint
+    are not hashed again (a scan of a state dict where little changed costs
+    one xxh3 pass). Bytes that are hashed and turn out to be head's are
+    fingerprinted again to learn them. New content gets its statistics
+    later (``with_stats``): they are computed while that tensor uploads.
     """
     old = head.by_name() if head else {}
     chunk_of = {e.digest: e.chunk_bytes for e in old.values()}
     seen: dict[tuple[object, ...], TensorEntry] = {}
     out: list[TensorEntry] = []
     pending: set[Content] = set()
+    prints: dict[str, Fingerprint] = {}
     done = 0
     total = sum(src.size(n) for n in names) if progress else 0
     for name in names:
@@ -71,7 +90,12 @@ def hash_entries(
                     f"{src.where}: tensor {name!r} is {len(buf)} bytes, over the limit of "
                     f"{settings.max_tensor_bytes} (HOTSWAP_MAX_TENSOR_BYTES)"
                 )
-            digest = codec.digest(buf)
+            fp = fingerprint(buf)
+            digest = memo.digest_of(fp)
+            hashed = digest is None
+            if digest is None:
+                digest = codec.digest(buf)
+            prints[digest] = fp
             dtype = codec.dtype_name(tensor.dtype)
             shape = tuple(int(d) for d in tensor.shape)
             prev = old.get(name)
@@ -81,6 +105,10 @@ def hash_entries(
                 shape,
             ):
                 entry = prev
+                # Head's bytes will not be uploaded: read them once more to learn
+                # them (a tensor written to meanwhile is not learned).
+                if hashed and fingerprint(buf) == fp:
+                    memo.learn(fp, digest)
             else:
                 chunk = chunk_of.get(digest, settings.chunk_bytes)
                 entry = TensorEntry(name, dtype, shape, len(buf), digest, chunk, math.nan, math.nan)
@@ -93,7 +121,7 @@ def hash_entries(
         del tensor
         if progress:
             progress("hash", done, total)
-    return out, pending
+    return Hashed(out, pending, prints)
 
 
 def upload_missing(
@@ -104,6 +132,8 @@ def upload_missing(
     *,
     pending: set[Content],
     progress: Progress | None,
+    prints: dict[str, Fingerprint],
+    memo: Fingerprints,
 ) -> tuple[int, dict[Content, codec.Stats]]:
     """Upload every blob of ``entries`` Redis lacks: (bytes sent, statistics).
 
@@ -121,12 +151,13 @@ def upload_missing(
     blobs are checked once, together: gc keeps head's blobs, and the
     parent stays head until the commit (or the commit conflicts).
 
-    Each uploaded tensor is hashed again *after* its upload, in a thread
-    while the next one uploads, and must still match the digest it was
-    hashed to: no source is immutable (a state dict is the caller's live
-    memory, a safetensors file is mapped and shows in-place writes), and
-    a tensor that changed between the two reads leaves its blob deleted
-    and the publish refused instead of a manifest that lies.
+    Each uploaded tensor is fingerprinted again *after* its upload, in a
+    thread while the next one uploads, and must still match the fingerprint
+    it had before it was hashed (``prints``): no source is immutable (a
+    state dict is the caller's live memory, a safetensors file is mapped
+    and shows in-place writes), and a tensor that changed between the two
+    reads leaves its blob deleted and the publish refused instead of a
+    manifest that lies. One that did not is learned by ``memo``.
     """
     readable = set(src.names)
     # Any name of ours whose bytes make the blob (inherited names cannot be read).
@@ -168,11 +199,11 @@ def upload_missing(
 
                 sent += store.upload(entry, buf, _accumulate(tick))
                 done += entry.nbytes
-                if checking is not None and not _still_same(store, checking):
+                if checking is not None and not _still_same(store, checking, memo):
                     changed.append(checking.name)
-                checking = _Check(name, entry, pool.submit(codec.digest, buf))
+                checking = _Check(name, entry, prints[entry.digest], pool.submit(fingerprint, buf))
                 del buf
-            if checking is not None and not _still_same(store, checking):
+            if checking is not None and not _still_same(store, checking, memo):
                 changed.append(checking.name)
         if changed:
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
@@ -186,9 +217,10 @@ def upload_missing(
     )
 
 
-def _still_same(store: Store, check: _Check) -> bool:
-    """Wait for one upload's second hash; on a change, delete the blob it made."""
-    if check.digest.result() == check.entry.digest:
+def _still_same(store: Store, check: _Check, memo: Fingerprints) -> bool:
+    """Wait for one upload's second fingerprint; on a change, delete the blob it made."""
+    if check.after.result() == check.before:
+        memo.learn(check.before, check.entry.digest)
         return True
     # Its chunks hold bytes that do not hash to the name they are stored under.
     store.delete_blobs([plan.blob_of(check.entry)])
@@ -223,11 +255,13 @@ def with_stats(
 
 @dataclass(frozen=True)
 class _Check:
-    """An uploaded tensor whose bytes are being hashed again."""
+    """An uploaded tensor whose bytes are being fingerprinted again."""
 
     name: str
     entry: TensorEntry
-    digest: Future[str]
+    # Its fingerprint before its digest was taken, and after the upload.
+    before: Fingerprint
+    after: Future[Fingerprint]
 
 
 def _accumulate(tick: Callable[[int], None]) -> Callable[[int], None]:
