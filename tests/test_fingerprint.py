@@ -165,7 +165,7 @@ class Racer:
     ) -> None:
         self.calls = 0
         self.armed = True
-        real = upload.fingerprint
+        real = fingerprint
 
         def racing(buf: bytes | bytearray | memoryview) -> bytes:
             fp = real(buf)
