@@ -2,11 +2,14 @@
 
 A background thread subscribes to the model's notice channel and polls
 ``head`` (every ``poll_interval`` and after every reconnect, since pub/sub
-drops messages while a client is away). For a notice it reads the manifest
-the notice names (for a poll, head's), fetches the tensors whose digest
+drops messages while a client is away). For a notice it takes the manifest
+the notice carries, or reads the one it names (for a poll, head's); it
+fetches the tensors whose digest
 differs from what runs, validates them, and only when every one passed
 copies them into the live tensors under the writer side of a readers-writer
-lock (or at the serving loop's next ``apply_pending()``). The status record
+lock (or at the serving loop's next ``apply_pending()``). A manifest a
+notice carried is compared with the one Redis holds before the version is
+applied or refused. The status record
 and heartbeat are written by the reporter's own thread, never in front of a
 fetch. Redis going away delays updates and never stops the thread or the
 serving process.
@@ -143,6 +146,8 @@ class Agent:
         # Used by the agent thread only.
         self._checked_head: int | None = None
         self._head: int | None = None
+        # Whether to start from the manifest a notice carries (until one lies).
+        self._use_carried = True
 
     # -- public API -------------------------------------------------------------
 
@@ -275,24 +280,30 @@ class Agent:
             self._digests = digests
         self.delivery.run()
 
-    def _wanted(self, raw: bytes) -> tuple[bool, int | None]:
-        """Whether a notice may announce something new, and which version it names.
+    def _wanted(self, raw: bytes) -> tuple[bool, int | None, bytes | None]:
+        """Whether a notice may announce something new, which version it names,
+        and the manifest bytes it carries for it.
 
         A garbled notice: look at head anyway.
         """
         try:
             n = notice.decode(raw)
         except FormatError:
-            return True, None
+            return True, None, None
         if n.model != self.model_name:
-            return False, None
+            return False, None, None
         applied = self._applied
         if n.lineage == self._lineage and applied is not None and n.version <= applied:
-            return False, None
-        return True, n.version
+            return False, None, None
+        return True, n.version, n.manifest if self._use_carried else None
 
-    def _check(self, force: bool, announced: int | None = None) -> None:
-        """Consider the version a notice ``announced`` (one read), or else head's."""
+    def _check(
+        self, force: bool, announced: int | None = None, carried: bytes | None = None
+    ) -> None:
+        """Consider the version a notice ``announced`` (from the manifest it
+        ``carried``, or one read), or else head's."""
+        if announced is not None and carried is not None and self._carried(announced, carried):
+            return
         if announced is not None:
             try:
                 manifest = self.store.manifest(announced, self.settings.key_bytes())
@@ -333,12 +344,37 @@ class Agent:
             return
         self._consider(manifest)
 
+    def _carried(self, version: int, carried: bytes) -> bool:
+        """Consider ``version`` from the manifest bytes its notice carried; False
+        when they are not to be relied on, and Redis's manifest must be read."""
+        try:
+            m = self.store.manifest(version, self.settings.key_bytes(), carried)
+        except IntegrityError:
+            return False  # garbled, forged or unsigned: what Redis holds decides
+        if self._lineage is not None and m.lineage != self._lineage:
+            return False  # a new lineage is rare enough to read from Redis
+        self._head = self._checked_head = version
+        try:
+            self._consider(m, carried)
+        except _Unconfirmed as e:
+            if e.held is not None:
+                self._use_carried = False
+                log.warning(
+                    "model %r: the notice for v%d carried a manifest that is not the one "
+                    "Redis holds (a forged notice?); reading manifests from Redis from now on",
+                    self.model_name,
+                    version,
+                )
+            self.reporter.update(state="pending" if self._pending else "idle")
+            return False
+        return True
+
     def _refuse_manifest(self, version: int, e: IntegrityError) -> None:
         refused = self._rejections.get(version)
         if refused is None or str(refused[1].__cause__) != str(e):
             self._reject(version, None, {"<manifest>": [str(e)]}, e)
 
-    def _consider(self, m: Manifest) -> None:
+    def _consider(self, m: Manifest, carried: bytes | None = None) -> None:
         with self._cond:
             same_line = m.lineage == self._lineage
             if same_line and self._applied is not None and m.version <= self._applied:
@@ -356,14 +392,14 @@ class Agent:
                 f"model {self.model_name!r}: head v{m.version} is of a new lineage {m.lineage} "
                 f"(Redis lost its data or was reset); comparing tensors by digest",
             )
-        while not self._stage_and_decide(m):
+        while not self._stage_and_decide(m, carried):
             pass  # a manual apply_pending() ran meanwhile: plan again against what runs now
 
-    def _stage_and_decide(self, m: Manifest) -> bool:
+    def _stage_and_decide(self, m: Manifest, carried: bytes | None) -> bool:
         where = f"model {self.model_name!r} v{m.version}"
         with self._cond:
             digests, generation = dict(self._digests), self._generation
-            norms = self._live_norms(m, digests)
+            norms = self._known_norms(digests)
         # The reporter's thread writes this while the fetch runs.
         self.reporter.update(state="fetching")
         staged, reasons = prepare(
@@ -383,6 +419,10 @@ class Agent:
             validate_seconds=staged.validate_seconds,
             bytes_fetched=self.reporter.status.bytes_fetched + staged.bytes_fetched,
         )
+        if carried is not None:
+            self._confirm(m, carried, staged)
+        with self._cond:
+            self._learn_norms(m, digests)
         if reasons:
             staged.release()
             self._reject(m.version, m.lineage, reasons, None, staged.bytes_fetched)
@@ -409,27 +449,43 @@ class Agent:
         log.info("model %r: v%d valid; apply_pending() applies it", self.model_name, m.version)
         return True
 
-    def _live_norms(self, m: Manifest, digests: Mapping[str, str]) -> dict[str, float]:
-        """Norms of the live tensors where known; learns those of entries ``m`` leaves as they run.
+    def _confirm(self, m: Manifest, carried: bytes, staged: Staged) -> None:
+        """Raise _Unconfirmed (the staged tensors released) unless Redis holds
+        ``carried`` as ``m``'s manifest: nothing is applied or refused on a
+        notice's word."""
+        try:
+            held: bytes | None = self.store.manifest_bytes(m.version)
+        except NotFound:
+            held = None  # collected already, or never published
+        if held != carried:
+            staged.release()
+            raise _Unconfirmed(held)
+
+    def _known_norms(self, digests: Mapping[str, str]) -> dict[str, float]:
+        """Norms of the live tensors where known (``_learn_norms``); ``_cond`` held."""
+        known: dict[str, float] = {}
+        for name, runs in digests.items():
+            seen = self._norms.get(name)
+            if seen is not None and seen[0] == runs:
+                known[name] = seen[1]
+        return known
+
+    def _learn_norms(self, m: Manifest, digests: Mapping[str, str]) -> None:
+        """Learn the norms ``m`` states for bytes that run as they are.
 
         A norm is known for bytes this agent applied with the norm check on,
-        or whose digest equals the entry of a manifest it read (the entry's
-        stats describe those very bytes; a manifest lying about them lies
-        about its own content), where the policy checks that name's norm.
+        or whose digest equals the entry of a manifest it read from Redis (the
+        entry's stats describe those very bytes; a manifest lying about them
+        lies about its own content), where the policy checks that name's norm.
         Call with ``_cond`` held.
         """
-        known: dict[str, float] = {}
         for entry in m.tensors:
             runs = digests.get(entry.name)
-            if runs is None:
+            if runs != entry.digest:
                 continue
             seen = self._norms.get(entry.name)
-            if runs == entry.digest:
-                if (seen is None or seen[0] != runs) and self._norm_checked(entry.name):
-                    self._norms[entry.name] = (entry.digest, entry.norm)
-            elif seen is not None and seen[0] == runs:
-                known[entry.name] = seen[1]
-        return known
+            if (seen is None or seen[0] != runs) and self._norm_checked(entry.name):
+                self._norms[entry.name] = (entry.digest, entry.norm)
 
     def _norm_checked(self, name: str) -> bool:
         """Whether the policy checks this name's norm (where it does not, no norm is trusted)."""
@@ -507,6 +563,14 @@ class Agent:
 
     def _serving(self) -> str:
         return "nothing yet" if self._applied is None else f"v{self._applied}"
+
+
+class _Unconfirmed(Exception):
+    """The manifest a notice carried is not what Redis holds (``held``) for its version."""
+
+    def __init__(self, held: bytes | None) -> None:
+        super().__init__()
+        self.held = held
 
 
 def _callback(fn: Callable[..., None] | None, *args: Any) -> None:

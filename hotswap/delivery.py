@@ -1,8 +1,10 @@
 """The agent's delivery loop: subscribe, poll head, reconnect with backoff, never give up.
 
-A notice names the version it announces, and ``check`` reads that version's
-manifest straight away (one round trip; the manifest is verified as always,
-so a forged notice can at worst name another stored version). ``head`` is
+A notice names the version it announces, and ``check`` starts on that
+version straight away: from the manifest bytes the notice carries, or else by
+reading that version's manifest (one round trip). Either is verified as
+always, and carried bytes are compared with Redis's before anything is
+applied or refused, so a forged notice can at worst cost one fetch. ``head`` is
 read on every ``poll_interval`` and right after every (re)connect, because
 pub/sub drops what is said while a client is away, so a newer head than a
 notice named is caught by the next poll. Any failure ends the session; a new
@@ -38,14 +40,17 @@ class _Dropped(Exception):
     """A session that had worked lost its connection: reconnect at once."""
 
 
-Wanted = tuple[bool, int | None]
-"""What a notice asks for: (look at all, the version it names or None for head)."""
+Wanted = tuple[bool, int | None, bytes | None]
+"""What a notice asks for: (look at all, the version it names or None for head,
+the manifest bytes it carries for that version or None)."""
 
 
 class Delivery:
-    """Runs ``check(force, version)`` whenever head may have moved, across Redis outages.
+    """Runs ``check(force, version, carried)`` whenever head may have moved, across
+    Redis outages.
 
-    ``version`` is the version a notice announced, or None to read ``head``.
+    ``version`` is the version a notice announced, or None to read ``head``;
+    ``carried`` the manifest bytes that notice carried.
     ``wanted(raw)`` says whether a raw notice is worth a look, and at what.
     """
 
@@ -55,7 +60,7 @@ class Delivery:
         reporter: Reporter,
         poll_interval: float,
         *,
-        check: Callable[[bool, int | None], None],
+        check: Callable[[bool, int | None, bytes | None], None],
         wanted: Callable[[bytes], Wanted],
         serving: Callable[[], str],
         connected: Callable[[], None],
@@ -135,7 +140,7 @@ class Delivery:
             if self.reporter.status.state in ("starting", "disconnected"):
                 self.connected()
             logged = self._logged
-            self.check(True, None)
+            self.check(True, None, None)
             # Only a session that got as far as checking head counts as
             # recovered: one that fails again at once is the same outage.
             self._healthy = True
@@ -147,14 +152,14 @@ class Delivery:
             next_poll = time.monotonic() + interval
             while not self.stop.is_set():
                 raw = subscription.get(min(TICK, max(0.0, next_poll - time.monotonic())))
-                look, version = (
-                    self._newest(raw, subscription) if raw is not None else (False, None)
+                look, version, carried = (
+                    self._newest(raw, subscription) if raw is not None else (False, None, None)
                 )
                 if look:
-                    self.check(True, version)
+                    self.check(True, version, carried)
                     next_poll = time.monotonic() + interval
                 elif time.monotonic() >= next_poll:
-                    self.check(False, None)
+                    self.check(False, None, None)
                     next_poll = time.monotonic() + interval
         except Stopped:
             raise
@@ -172,10 +177,11 @@ class Delivery:
         rollback) are read without waiting, so the loop goes straight to the
         last one instead of applying each in turn; a garbled one means head.
         """
-        look, version = self.wanted(raw)
+        look, version, carried = self.wanted(raw)
         while (more := subscription.get(0.0)) is not None:
-            now_look, now_version = self.wanted(more)
+            now_look, now_version, now_carried = self.wanted(more)
             if now_look:
-                version = now_version if not look or version is not None else None
+                if not look or version is not None:
+                    version, carried = now_version, now_carried
                 look = True
-        return look, version
+        return look, version, carried

@@ -1,7 +1,12 @@
 """The pub/sub notice announcing a new head: small msgpack, never trusted alone.
 
-A notice only wakes agents up; they re-read head and the signed manifest,
-so a forged or garbled notice can at worst cause one extra read.
+A notice wakes agents up and names the version. It also carries that
+version's manifest bytes when they are small (``carried``), so that an agent
+can start fetching without a round trip to Redis first: the agent verifies
+them like a manifest read from Redis (signature included), and before it
+applies or refuses anything it reads the manifest Redis holds and compares.
+A forged or garbled notice can at worst cost one fetch, after which the
+agent stops using carried manifests.
 """
 
 from __future__ import annotations
@@ -12,7 +17,11 @@ import msgpack
 
 from hotswap.errors import FormatError
 
-MAX_NOTICE_BYTES = 4096
+# A manifest of about 600 tensors; larger ones are read from Redis. Every
+# subscriber gets every notice, so this bounds what a publish fans out.
+MAX_CARRIED_MANIFEST = 64 * 1024
+MAX_NOTICE_BYTES = MAX_CARRIED_MANIFEST + 4096
+_FIELDS = {"model", "version", "kind", "lineage"}
 
 
 @dataclass(frozen=True)
@@ -21,20 +30,25 @@ class Notice:
     version: int
     kind: str
     lineage: str
+    # The version's manifest as stored in Redis, when small enough to carry.
+    manifest: bytes | None = None
+
+
+def carried(manifest_bytes: bytes) -> bytes | None:
+    """The manifest bytes a notice carries: these, unless over the limit."""
+    return manifest_bytes if len(manifest_bytes) <= MAX_CARRIED_MANIFEST else None
 
 
 def encode(notice: Notice) -> bytes:
-    return bytes(
-        msgpack.packb(
-            {
-                "model": notice.model,
-                "version": notice.version,
-                "kind": notice.kind,
-                "lineage": notice.lineage,
-            },
-            use_bin_type=True,
-        )
-    )
+    fields: dict[str, object] = {
+        "model": notice.model,
+        "version": notice.version,
+        "kind": notice.kind,
+        "lineage": notice.lineage,
+    }
+    if notice.manifest is not None:
+        fields["manifest"] = notice.manifest
+    return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
 def decode(data: bytes) -> Notice:
@@ -46,7 +60,7 @@ def decode(data: bytes) -> Notice:
             data,
             raw=False,
             max_str_len=256,
-            max_bin_len=0,
+            max_bin_len=MAX_CARRIED_MANIFEST,
             max_array_len=0,
             max_map_len=8,
             max_ext_len=0,
@@ -55,7 +69,8 @@ def decode(data: bytes) -> Notice:
         raise FormatError(f"notice is not valid msgpack: {type(e).__name__}") from e
     if not (
         isinstance(raw, dict)
-        and set(raw) == {"model", "version", "kind", "lineage"}
+        and set(raw) in (_FIELDS, _FIELDS | {"manifest"})
+        and isinstance(raw.get("manifest", b""), bytes)
         and isinstance(raw["model"], str)
         and isinstance(raw["kind"], str)
         and isinstance(raw["lineage"], str)
@@ -63,4 +78,4 @@ def decode(data: bytes) -> Notice:
         and not isinstance(raw["version"], bool)
     ):
         raise FormatError(f"notice has the wrong fields: {raw!r:.200}")
-    return Notice(raw["model"], raw["version"], raw["kind"], raw["lineage"])
+    return Notice(raw["model"], raw["version"], raw["kind"], raw["lineage"], raw.get("manifest"))

@@ -218,7 +218,7 @@ class Publisher:
         }
         if head.distrust is not None:
             fields["untrusted_parent"] = cause(head.distrust)
-        notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage))
+        notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage, nt.carried(data)))
         self.store.commit(m, data, fields, notice)
         if head.distrust is not None:
             did = "published" if kind == "publish" else f"rolled back to v{rollback_to} as"

@@ -7,10 +7,12 @@ moved without a notice).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -18,6 +20,7 @@ from hotswap import codec, keys, notice
 from hotswap import manifest as mf
 from hotswap.agent import Agent
 from hotswap.manifest import Manifest, TensorEntry
+from hotswap.settings import HotswapSettings
 from hotswap.status import AgentStatus
 from hotswap.status import decode as decode_status
 from hotswap.store import Store
@@ -109,6 +112,35 @@ def entry_for(name: str, t: torch.Tensor, chunk_bytes: int = 64 * 1024) -> Tenso
     )
 
 
+def manifest_raw(
+    store: Store,
+    state: Mapping[str, torch.Tensor],
+    version: int,
+    *,
+    tamper: Callable[[list[TensorEntry]], list[TensorEntry]] | None = None,
+    signing_key: bytes | None = None,
+) -> tuple[Manifest, bytes]:
+    """Upload ``state``'s blobs and build (not store) the manifest of ``version`` on head.
+
+    ``tamper`` edits the entries before the manifest is built.
+    """
+    entries = [entry_for(k, v) for k, v in state.items()]
+    for e in entries:
+        store.upload(e, codec.as_bytes(state[e.name]))
+    if tamper is not None:
+        entries = tamper(entries)
+    head = store.head_manifest()
+    m = Manifest(
+        model=store.model,
+        version=version,
+        parent=head.version if head else None,
+        lineage=head.lineage if head else mf.new_lineage(),
+        tensors=tuple(entries),
+        created=time.time(),
+    )
+    return m, mf.encode(m, signing_key)
+
+
 def commit_raw(
     store: Store,
     state: Mapping[str, torch.Tensor],
@@ -120,24 +152,11 @@ def commit_raw(
     """Upload ``state`` and make it head without the Publisher; returns the version.
 
     ``tamper`` edits the entries before the manifest is built; ``notify=False``
-    moves head without a notice, as if the notice were lost.
+    moves head without a notice, as if the notice were lost. The notice
+    carries no manifest, as a publisher's does when the manifest is large.
     """
-    entries = [entry_for(k, v) for k, v in state.items()]
-    for e in entries:
-        store.upload(e, codec.as_bytes(state[e.name]))
-    if tamper is not None:
-        entries = tamper(entries)
-    head = store.head_manifest()
     version = store.reserve_version()
-    m = Manifest(
-        model=store.model,
-        version=version,
-        parent=head.version if head else None,
-        lineage=head.lineage if head else mf.new_lineage(),
-        tensors=tuple(entries),
-        created=time.time(),
-    )
-    data = mf.encode(m, signing_key)
+    m, data = manifest_raw(store, state, version, tamper=tamper, signing_key=signing_key)
     if notify:
         n = notice.encode(notice.Notice(store.model, version, "publish", m.lineage))
         store.commit(m, data, {"version": version}, n)
@@ -145,6 +164,52 @@ def commit_raw(
         store.client.set(keys.manifest_key(store.ns, store.model, version), data)
         store.client.set(keys.head_key(store.ns, store.model), version)
     return version
+
+
+def announce(store: Store, version: int, lineage: str, carried: bytes | None = None) -> None:
+    """Publish a notice for ``version`` (carrying ``carried``), as anyone with PUBLISH can."""
+    n = notice.Notice(store.model, version, "publish", lineage, carried)
+    store.client.publish(keys.events_channel(store.ns, store.model), notice.encode(n))
+
+
+class Recorder:
+    """Wraps an agent's store reads to record which thread read what, in order."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.status_threads: list[str] = []
+        store, once = agent.store, agent.reporter.store
+        head, manifest, read = store.head, store.manifest_bytes, store.read_into
+        write = once.write_agent_status
+
+        def rec_head() -> int | None:
+            self.calls.append(("head", None))
+            return head()
+
+        def rec_manifest(version: int) -> bytes:
+            self.calls.append(("manifest", version))
+            return manifest(version)
+
+        def rec_read(entry: Any, out: memoryview, version: int | None = None) -> None:
+            self.calls.append(("read", version))
+            read(entry, out, version)
+
+        def rec_write(agent_id: str, record: bytes, ttl: float) -> None:
+            self.status_threads.append(threading.current_thread().name)
+            write(agent_id, record, ttl)
+
+        store.head = rec_head  # type: ignore[method-assign]
+        store.manifest_bytes = rec_manifest  # type: ignore[method-assign]
+        store.read_into = rec_read  # type: ignore[method-assign]
+        once.write_agent_status = rec_write  # type: ignore[method-assign]
+
+
+def recorded_agent(settings: HotswapSettings, **kwargs: Any) -> tuple[Ten, Agent, Recorder]:
+    """A model and its agent whose reads are recorded; no poll gets between a notice and them."""
+    model = Ten()
+    slow = settings.model_copy(update={"poll_interval": 30.0})
+    agent = Agent(model, MODEL, settings=slow, **kwargs)
+    return model, agent, Recorder(agent)
 
 
 def restate(entries: list[TensorEntry], name: str, **changes: object) -> list[TensorEntry]:

@@ -19,6 +19,7 @@ from agent_support import (
     equal_state,
     eventually,
     pointers,
+    recorded_agent,
     snapshot,
     status_of,
 )
@@ -269,55 +270,15 @@ def test_unexpected_error_is_logged_once_and_retried(
 # -- notices, status writes, stop -----------------------------------------------------
 
 
-class Recorder:
-    """Wraps an agent's store reads to record which thread read what, in order."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self.status_threads: list[str] = []
-        store, once = agent.store, agent.reporter.store
-        head, manifest, read = store.head, store.manifest_bytes, store.read_into
-        write = once.write_agent_status
-
-        def rec_head() -> int | None:
-            self.calls.append(("head", None))
-            return head()
-
-        def rec_manifest(version: int) -> bytes:
-            self.calls.append(("manifest", version))
-            return manifest(version)
-
-        def rec_read(entry: Any, out: memoryview, version: int | None = None) -> None:
-            self.calls.append(("read", version))
-            read(entry, out, version)
-
-        def rec_write(agent_id: str, record: bytes, ttl: float) -> None:
-            self.status_threads.append(threading.current_thread().name)
-            write(agent_id, record, ttl)
-
-        store.head = rec_head  # type: ignore[method-assign]
-        store.manifest_bytes = rec_manifest  # type: ignore[method-assign]
-        store.read_into = rec_read  # type: ignore[method-assign]
-        once.write_agent_status = rec_write  # type: ignore[method-assign]
-
-
-def recorded_agent(settings: HotswapSettings) -> tuple[Ten, Agent, Recorder]:
-    """A model and its agent whose reads are recorded; no poll gets between a notice and them."""
-    model = Ten()
-    agent = Agent(model, MODEL, settings=settings.model_copy(update={"poll_interval": 30.0}))
-    return model, agent, Recorder(agent)
-
-
 def test_notice_reads_the_manifest_it_names_and_nothing_before(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
     model, agent, seen = recorded_agent(settings)
-    pub = Publisher(MODEL, settings=settings, connection=client)
     with agent:
         assert eventually(lambda: agent.state == "idle")
         seen.calls.clear()
         new = bump(model.state_dict())
-        v = pub.publish(new)
+        v = commit_raw(store, new)  # its notice carries no manifest
         assert agent.wait_for(v, 10)
         assert equal_state(model, new)
         # One read of the announced manifest, then straight to the blobs.
@@ -329,7 +290,6 @@ def test_notice_reads_the_manifest_it_names_and_nothing_before(
         assert seen.status_threads and not any(
             name.startswith("hotswap-agent") for name in seen.status_threads
         )
-    pub.close()
 
 
 def test_notice_naming_a_missing_version_falls_back_to_head(
