@@ -36,8 +36,14 @@ ALIGN = 64
 class ChunkReader(Protocol):
     """The part of ``Store`` that fetching needs."""
 
-    def read_into(self, entry: TensorEntry, out: memoryview, version: int | None = None) -> None:
-        """Fill ``out`` with the tensor's chunks."""
+    def read_into(
+        self,
+        entry: TensorEntry,
+        out: memoryview,
+        version: int | None = None,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Fill ``out`` with the tensor's chunks, calling ``on_chunk(i, length)`` as each lands."""
 
 
 class LiveModel:
@@ -252,10 +258,11 @@ def fetch(
                 host = bounce[: entry.nbytes]
             array: Any = host.numpy()
             view = memoryview(array).cast("B")
+            hashing = codec.ChunkDigest(view, entry.chunk_bytes)
             try:
-                reader.read_into(entry, view, version)
+                reader.read_into(entry, view, version, hashing.landed)
                 staged.bytes_fetched += entry.nbytes
-                codec.check_digest(entry.name, view, entry.digest, where)
+                codec.check_hexdigest(entry.name, hashing.hexdigest(), entry.digest, where)
             except IntegrityError as e:
                 failures[entry.name] = [str(e)]
                 continue

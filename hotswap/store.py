@@ -427,11 +427,18 @@ class Store:
                 progress(done)
         return sent
 
-    def read_into(self, entry: TensorEntry, out: memoryview, version: int | None = None) -> None:
+    def read_into(
+        self,
+        entry: TensorEntry,
+        out: memoryview,
+        version: int | None = None,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> None:
         """Read a tensor's chunks into ``out`` (exactly ``entry.nbytes`` long).
 
         Raises IntegrityError naming the tensor for a missing or truncated chunk;
-        the digest check is the caller's.
+        the digest check is the caller's. ``on_chunk(i, length)`` runs once
+        chunk ``i`` is in ``out`` (again for every chunk of a retried read).
         """
         where = f"model {self.model!r}" + (f" v{version}" if version is not None else "")
         if len(out) != entry.nbytes:
@@ -440,7 +447,7 @@ class Store:
             )
         names = self._chunk_keys(entry)
         size = entry.chunk_bytes
-        if self._read_fast(entry, out, names, where):
+        if self._read_fast(entry, out, names, where, on_chunk):
             return
         per_batch = max(1, PIPELINE_BYTES // size)
         for start in range(0, len(names), per_batch):
@@ -466,13 +473,22 @@ class Store:
                         f"expected {expected} (truncated or corrupted)"
                     )
                 out[i * size : i * size + expected] = chunk
+                if on_chunk is not None:
+                    on_chunk(i, expected)
 
     @functools.cached_property
     def _blob_io(self) -> transport.ChunkIO | None:
         """The zero-copy chunk path (hotswap.transport), None where only redis-py's applies."""
         return transport.ChunkIO.of(self.client)
 
-    def _read_fast(self, entry: TensorEntry, out: memoryview, names: list[str], where: str) -> bool:
+    def _read_fast(
+        self,
+        entry: TensorEntry,
+        out: memoryview,
+        names: list[str],
+        where: str,
+        on_chunk: Callable[[int, int], None] | None,
+    ) -> bool:
         """``read_into`` over the zero-copy path: every chunk straight into ``out``.
 
         False (nothing raised) where that path does not apply; then redis-py's runs.
@@ -485,7 +501,7 @@ class Store:
 
         def fetch() -> list[int | None] | None:
             try:
-                return fast.get_into(names, views)
+                return fast.get_into(names, views, on_chunk)
             except transport.REDIRECTED:
                 return None
 

@@ -376,10 +376,26 @@ class ChunkIO:
         for transport, indices in self._groups(keys):
             transport.set_chunks([keys[i] for i in indices], [values[i] for i in indices])
 
-    def get_into(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
+    def get_into(
+        self,
+        keys: Sequence[Key],
+        outs: Sequence[memoryview],
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> list[int | None]:
+        """``BlobTransport.get_into`` over every node; ``on_chunk`` gets indices into
+        ``keys`` (in order on one server, in order per node on a cluster)."""
         lengths: list[int | None] = [None] * len(keys)
         for transport, indices in self._groups(keys):
-            got = transport.get_into([keys[i] for i in indices], [outs[i] for i in indices])
+
+            def landed(j: int, n: int, indices: list[int] = indices) -> None:
+                if on_chunk is not None:
+                    on_chunk(indices[j], n)
+
+            got = transport.get_into(
+                [keys[i] for i in indices],
+                [outs[i] for i in indices],
+                on_chunk=None if on_chunk is None else landed,
+            )
             for i, n in zip(indices, got, strict=True):
                 lengths[i] = n
         return lengths

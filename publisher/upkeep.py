@@ -98,11 +98,12 @@ def verify(
     failed: dict[str, str] = {}
     done = 0
     for blob, entry in blobs.items():
-        buf = bytearray(entry.nbytes)
+        buf = memoryview(bytearray(entry.nbytes))
+        hashing = codec.ChunkDigest(buf, entry.chunk_bytes)
         problem = None
         try:
-            store.read_into(entry, memoryview(buf), version)
-            if codec.digest(buf) != entry.digest:
+            store.read_into(entry, buf, version, hashing.landed)
+            if hashing.hexdigest() != entry.digest:
                 problem = "digest mismatch: the stored bytes were altered"
         except IntegrityError as e:
             # The store names model, version and tensor; keep just what went wrong.

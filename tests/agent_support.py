@@ -190,9 +190,11 @@ class Recorder:
             self.calls.append(("manifest", version))
             return manifest(version)
 
-        def rec_read(entry: Any, out: memoryview, version: int | None = None) -> None:
+        def rec_read(
+            entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
+        ) -> None:
             self.calls.append(("read", version))
-            read(entry, out, version)
+            read(entry, out, version, on_chunk)
 
         def rec_write(agent_id: str, record: bytes, ttl: float) -> None:
             self.status_threads.append(threading.current_thread().name)

@@ -105,11 +105,13 @@ def test_redis_killed_during_fetch_then_restarted(
     real_read = agent.store.read_into
     reads: list[str] = []
 
-    def read_then_die(entry: Any, out: memoryview, version: int | None = None) -> None:
+    def read_then_die(
+        entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
+    ) -> None:
         reads.append(entry.name)
         if len(reads) == 3:  # two tensors staged, the third never arrives
             own_redis.kill()
-        real_read(entry, out, version)
+        real_read(entry, out, version, on_chunk)
 
     agent.store.read_into = read_then_die  # type: ignore[method-assign]
     with agent:
@@ -242,10 +244,12 @@ def test_unexpected_error_is_logged_once_and_retried(
     broken = threading.Event()
     broken.set()
 
-    def flaky(entry: Any, out: memoryview, version: int | None = None) -> None:
+    def flaky(
+        entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
+    ) -> None:
         if broken.is_set():
             raise RuntimeError("out of staging memory")
-        real_read(entry, out, version)
+        real_read(entry, out, version, on_chunk)
 
     agent.store.read_into = flaky  # type: ignore[method-assign]
     caplog.set_level(logging.INFO, logger="hotswap.agent")
@@ -340,11 +344,13 @@ def test_notices_queued_during_a_fetch_go_straight_to_the_newest(
     real_read = agent.store.read_into
     held, release = threading.Event(), threading.Event()
 
-    def read_held(entry: Any, out: memoryview, version: int | None = None) -> None:
+    def read_held(
+        entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
+    ) -> None:
         if not release.is_set():
             held.set()
             assert release.wait(10)
-        real_read(entry, out, version)
+        real_read(entry, out, version, on_chunk)
 
     agent.store.read_into = read_held  # type: ignore[method-assign]
     listener = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
@@ -381,10 +387,12 @@ def test_heartbeat_lives_through_one_long_tensor_fetch(
     real_read = agent.store.read_into
     held, release = threading.Event(), threading.Event()
 
-    def read_slowly(entry: Any, out: memoryview, version: int | None = None) -> None:
+    def read_slowly(
+        entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
+    ) -> None:
         held.set()
         assert release.wait(20)  # one tensor that takes far longer than the ttl
-        real_read(entry, out, version)
+        real_read(entry, out, version, on_chunk)
 
     agent.store.read_into = read_slowly  # type: ignore[method-assign]
 

@@ -316,6 +316,64 @@ def test_check_digest_names_model_version_and_tensor() -> None:
     )
 
 
+# -- hashing chunks as they land ---------------------------------------------------
+
+CHUNK = 1000
+
+
+def chunked(n: int = 7 * CHUNK + 321) -> tuple[bytearray, memoryview, int]:
+    data = bytearray(torch.randint(0, 256, (n,), dtype=torch.uint8).numpy().tobytes())
+    return data, memoryview(data), -(-n // CHUNK)
+
+
+def test_chunk_digest_in_order_equals_the_whole_buffers() -> None:
+    data, view, count = chunked()
+    hashing = codec.ChunkDigest(view, CHUNK)
+    for i in range(count):
+        hashing.landed(i, min(CHUNK, len(data) - i * CHUNK))
+    assert hashing.hexdigest() == codec.digest(data)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [[3, 1, 0, 2, 7, 5, 4, 6], [7, 6, 5, 4, 3, 2, 1, 0], [0, 2, 4, 6], [], [1]],
+    ids=["shuffled", "reversed", "some", "none", "not-the-first"],
+)
+def test_chunk_digest_in_any_order_or_part_equals_the_whole_buffers(order: list[int]) -> None:
+    # Per node on a cluster, or a path that reports nothing: the rest is hashed at the end.
+    data, view, _ = chunked()
+    hashing = codec.ChunkDigest(view, CHUNK)
+    for i in order:
+        hashing.landed(i)
+    assert hashing.hexdigest() == codec.digest(data)
+
+
+def test_chunk_landing_twice_rehashes_what_the_buffer_holds_now() -> None:
+    # A retried read: chunk 0 was hashed, then overwritten by the second attempt.
+    data, view, count = chunked()
+    hashing = codec.ChunkDigest(view, CHUNK)
+    hashing.landed(0)
+    hashing.landed(1)
+    data[5] ^= 0xFF
+    for i in range(count):
+        hashing.landed(i)
+    assert hashing.hexdigest() == codec.digest(data)
+    with pytest.raises(IntegrityError, match="bytes hash to"):
+        codec.check_hexdigest("w", hashing.hexdigest(), codec.digest(bytes(data[:5])), "m v1")
+
+
+def test_chunk_landing_twice_before_it_was_hashed_is_hashed_as_it_is_then() -> None:
+    data, view, count = chunked()
+    hashing = codec.ChunkDigest(view, CHUNK)
+    hashing.landed(2)
+    data[2 * CHUNK] ^= 0xFF
+    hashing.landed(2)
+    for i in range(count):
+        if i != 2:
+            hashing.landed(i)
+    assert hashing.hexdigest() == codec.digest(data)
+
+
 # -- stats -----------------------------------------------------------------------
 
 

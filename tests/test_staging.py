@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import cast
 
 import pytest
@@ -293,12 +294,16 @@ def test_a_fetch_that_fails_hands_its_arena_back(store: Store) -> None:
 
     class Dying:
         def read_into(
-            self, entry: mf.TensorEntry, out: memoryview, version: int | None = None
+            self,
+            entry: mf.TensorEntry,
+            out: memoryview,
+            version: int | None = None,
+            on_chunk: Callable[[int, int], None] | None = None,
         ) -> None:
             calls[0] += 1
             if calls[0] == 3:
                 raise StoreUnavailable("Redis unreachable while reading tensor")
-            store.read_into(entry, out, version)
+            store.read_into(entry, out, version, on_chunk)
 
     with pytest.raises(StoreUnavailable, match="Redis unreachable while reading tensor"):
         fetch(

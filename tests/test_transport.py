@@ -338,6 +338,25 @@ def test_store_fast_path_writes_and_reads_what_redis_py_does(client: redis.Redis
     assert bytes(out_fast) == bytes(out_plain) == data
 
 
+def test_store_reports_each_chunk_as_it_lands_on_both_paths(client: redis.Redis) -> None:
+    data = _blob(5 * 65536 + 123, 4)
+    entry = _entry("w", data, 65536)
+    expected = [(i, 65536) for i in range(5)] + [(5, 123)]
+    for store in (Store(client, "m"), _plain(Store(client, "m"))):
+        store.upload(entry, memoryview(data))
+        out = bytearray(len(data))
+        landed: list[tuple[int, int]] = []
+        hashing = codec.ChunkDigest(memoryview(out), 65536)
+
+        def seen(i: int, n: int, hashing: codec.ChunkDigest = hashing) -> None:
+            landed.append((i, n))
+            hashing.landed(i, n)
+
+        store.read_into(entry, memoryview(out), 1, seen)
+        assert landed == expected
+        assert bytes(out) == data and hashing.hexdigest() == entry.digest
+
+
 def test_store_fast_path_missing_and_truncated_chunks(client: redis.Redis) -> None:
     data = _blob(4 * 4096 + 10, 3)
     entry = _entry("w", data, 4096)
@@ -410,8 +429,18 @@ def test_cluster_goes_through_the_node_that_owns_each_key() -> None:
         fast = store._blob_io
         assert fast is not None and len(fast._nodes) == 2  # keys spread over both shards
         out = bytearray(len(data))
-        store.read_into(entry, memoryview(out), 1)
+        landed: list[int] = []
+        hashing = codec.ChunkDigest(memoryview(out), 1024)
+
+        def seen(i: int, n: int) -> None:
+            landed.append(i)
+            hashing.landed(i, n)
+
+        store.read_into(entry, memoryview(out), 1, seen)
         assert bytes(out) == data
+        # Node by node: every chunk once, not in order overall, hashed all the same.
+        assert sorted(landed) == list(range(entry.chunks)) and landed != sorted(landed)
+        assert hashing.hexdigest() == entry.digest
         for i in range(entry.chunks):
             key = keys.blob_key("hotswap", "m", entry.digest, 1024, i)
             assert client.get(key) == data[i * 1024 : (i + 1) * 1024]

@@ -176,12 +176,14 @@ def test_redis_killed_during_an_agents_fetch(durable: EmbeddedRedis) -> None:
         real_read = agent.store.read_into
         reads: list[str] = []
 
-        def read_then_die(entry: Any, out: memoryview, version: int | None = None) -> None:
+        def read_then_die(
+            entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
+        ) -> None:
             if version == 2:
                 reads.append(entry.name)
                 if len(reads) == 5:
                     durable.kill()  # 4 of v2's 12 tensors staged, the rest never arrive
-            real_read(entry, out, version)
+            real_read(entry, out, version, on_chunk)
 
         agent.store.read_into = read_then_die  # type: ignore[method-assign]
         with agent:
