@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
 import torch
 from agent_support import (
     MODEL,
+    Recorder,
+    Ten,
     announce,
     bump,
     commit_raw,
@@ -30,11 +34,25 @@ from agent_support import (
 from pydantic import SecretStr
 
 from hotswap import keys, notice
+from hotswap.agent import Agent
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
 from publisher.publisher import Publisher
 
 KEY = "agent-carried-key-0123456789"
+
+
+Serving = tuple[Ten, Agent, Recorder, int]
+
+
+@contextmanager
+def serving_v1(settings: HotswapSettings, store: Store) -> Iterator[Serving]:
+    """A recorded agent, running, that has applied a first version (no carried manifest)."""
+    model, agent, seen = recorded_agent(settings)
+    with agent:
+        v1 = commit_raw(store, bump(model.state_dict()))
+        assert agent.wait_for(v1, 10)
+        yield model, agent, seen, v1
 
 
 def test_publisher_notice_carries_the_manifest_and_agent_fetches_before_reading_it(
@@ -66,10 +84,7 @@ def test_publisher_notice_carries_the_manifest_and_agent_fetches_before_reading_
 def test_carried_manifest_redis_does_not_hold_changes_nothing(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
-    model, agent, seen = recorded_agent(settings)
-    with agent:
-        v1 = commit_raw(store, bump(model.state_dict()))
-        assert agent.wait_for(v1, 10)
+    with serving_v1(settings, store) as (model, agent, seen, v1):
         before, fetched = snapshot(model), agent.reporter.status.bytes_fetched
         # Uploaded and announced, never committed (a forged notice, or a
         # publish that lost its compare-and-set).
@@ -105,10 +120,7 @@ def test_carried_manifest_unlike_redis_is_not_applied_and_no_longer_trusted(
     store: Store,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    model, agent, seen = recorded_agent(settings)
-    with agent:
-        v1 = commit_raw(store, bump(model.state_dict()))
-        assert agent.wait_for(v1, 10)
+    with serving_v1(settings, store) as (model, agent, seen, _v1):
         real = bump(model.state_dict(), 0.5)
         v2 = commit_raw(store, real, notify=False)
         forged, data = manifest_raw(store, bump(model.state_dict(), -0.5), v2)
@@ -138,10 +150,7 @@ def test_carried_manifest_unlike_redis_is_not_applied_and_no_longer_trusted(
 def test_carried_manifest_that_fails_validation_records_no_rejection(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
-    model, agent, seen = recorded_agent(settings)
-    with agent:
-        v1 = commit_raw(store, bump(model.state_dict()))
-        assert agent.wait_for(v1, 10)
+    with serving_v1(settings, store) as (model, agent, seen, v1):
         before = snapshot(model)
         bad = bump(model.state_dict())
         name = next(iter(bad))

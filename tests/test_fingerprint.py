@@ -21,15 +21,13 @@ from publisher import upload
 from publisher.fingerprint import Fingerprints, fingerprint
 from publisher.publisher import Publisher
 
+SHAPES = {"embed.weight": (64, 32), "layer.0.weight": (32, 32), "layer.0.bias": (32,),
+          "layer.1.weight": (32, 32)}  # fmt: skip
+
 
 def weights(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {
-        "embed.weight": torch.randn(64, 32, generator=g),
-        "layer.0.weight": torch.randn(32, 32, generator=g),
-        "layer.0.bias": torch.randn(32, generator=g),
-        "layer.1.weight": torch.randn(32, 32, generator=g),
-    }
+    return {name: torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
 
 
 def true_digests(sd: dict[str, torch.Tensor]) -> dict[str, str]:
