@@ -2,17 +2,16 @@
 
 A background thread subscribes to the model's notice channel and polls
 ``head`` (every ``poll_interval`` and after every reconnect, since pub/sub
-drops messages while a client is away). For a notice it takes the manifest
-the notice carries, or reads the one it names (for a poll, head's); it
-fetches the tensors whose digest
-differs from what runs, validates them, and only when every one passed
-copies them into the live tensors under the writer side of a readers-writer
-lock (or at the serving loop's next ``apply_pending()``). A manifest a
-notice carried is compared with the one Redis holds before the version is
-applied or refused. The status record
-and heartbeat are written by the reporter's own thread, never in front of a
-fetch. Redis going away delays updates and never stops the thread or the
-serving process.
+drops messages while a client is away; ``delivery.py``). For a notice it
+takes the manifest the notice carries, or reads the one it names (for a
+poll, head's; ``lookout.py``); it fetches the tensors whose digest differs
+from what runs, validates them, and only when every one passed copies them
+into the live tensors under the writer side of a readers-writer lock (or at
+the serving loop's next ``apply_pending()``). A manifest a notice carried is
+compared with the one Redis holds before the version is applied or refused.
+The status record and heartbeat are written by the reporter's own thread,
+never in front of a fetch. Redis going away delays updates and never stops
+the thread or the serving process.
 """
 
 from __future__ import annotations
@@ -28,13 +27,15 @@ from typing import Any, Literal
 import tenacity
 import torch
 
-from hotswap import keys, notice, validate
+from hotswap import keys, validate
 from hotswap.connection import RedisClient, connect, operation_retry, retry_from_settings
 from hotswap.delivery import Delivery, Stopped
-from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound, ValidationError
+from hotswap.errors import ConfigError, IntegrityError, ValidationError
 from hotswap.gate import Gate
 from hotswap.hostmem import HostMemory
+from hotswap.lookout import Lookout
 from hotswap.manifest import Manifest
+from hotswap.norms import RunningNorms
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, prepare
@@ -120,12 +121,21 @@ class Agent:
         self.reporter = Reporter(once, self.agent_id, s.heartbeat_ttl, log)
         self._gate = Gate()
         self._cond = threading.Condition()
+        self._lookout = Lookout(
+            self.store,
+            s,
+            running=lambda: (self._applied, self._lineage),
+            consider=self._consider,
+            refuse=self._refuse_manifest,
+            gone=self._head_gone,
+            settle=self._settle,
+        )
         self.delivery = Delivery(
             self.store,
             self.reporter,
             s.poll_interval,
-            check=self._check,
-            wanted=self._wanted,
+            check=self._lookout.check,
+            wanted=self._lookout.wanted,
             serving=self._serving,
             connected=self._connected,
             stop=self._stop,
@@ -133,9 +143,7 @@ class Agent:
         self._thread: threading.Thread | None = None
         # Guarded by _cond: what runs, what was refused, what waits (manual mode).
         self._digests: dict[str, str] = {}
-        # name -> (digest, norm): the norm of those bytes as a manifest states it.
-        self._norms: dict[str, tuple[str, float]] = {}
-        self._checks_norm: dict[str, bool] = {}
+        self._norms = RunningNorms(self.policy)
         self._generation = 0
         self._applying = False
         self._applied: int | None = None
@@ -143,11 +151,6 @@ class Agent:
         self._rejections: dict[int, tuple[str | None, ValidationError]] = {}
         self._last_rejection: ValidationError | None = None
         self._pending: Staged | None = None
-        # Used by the agent thread only.
-        self._checked_head: int | None = None
-        self._head: int | None = None
-        # Whether to start from the manifest a notice carries (until one lies).
-        self._use_carried = True
 
     # -- public API -------------------------------------------------------------
 
@@ -159,7 +162,7 @@ class Agent:
     @property
     def head_version(self) -> int | None:
         """The head this agent last saw in Redis."""
-        return self._head
+        return self._lookout.head
 
     @property
     def pending_version(self) -> int | None:
@@ -280,99 +283,22 @@ class Agent:
             self._digests = digests
         self.delivery.run()
 
-    def _wanted(self, raw: bytes) -> tuple[bool, int | None, bytes | None]:
-        """Whether a notice may announce something new, which version it names,
-        and the manifest bytes it carries for it.
-
-        A garbled notice: look at head anyway.
-        """
-        try:
-            n = notice.decode(raw)
-        except FormatError:
-            return True, None, None
-        if n.model != self.model_name:
-            return False, None, None
-        applied = self._applied
-        if n.lineage == self._lineage and applied is not None and n.version <= applied:
-            return False, None, None
-        return True, n.version, n.manifest if self._use_carried else None
-
-    def _check(
-        self, force: bool, announced: int | None = None, carried: bytes | None = None
-    ) -> None:
-        """Consider the version a notice ``announced`` (from the manifest it
-        ``carried``, or one read), or else head's."""
-        if announced is not None and carried is not None and self._carried(announced, carried):
-            return
-        if announced is not None:
-            try:
-                manifest = self.store.manifest(announced, self.settings.key_bytes())
-            except NotFound:
-                pass  # a forged notice, or collected already: head tells the truth
-            except IntegrityError as e:
-                self._checked_head = announced  # polls of the same head do not re-read it
-                self._refuse_manifest(announced, e)
-                return
-            else:
-                self._head = announced
-                self._checked_head = announced
-                self._consider(manifest)
-                return
-        head = self.store.head()
-        self._head = head
-        if head is None:
-            if self._checked_head is not None or force:
-                self._checked_head = None
-                if self._applied is not None:
-                    gone = (
-                        f"model {self.model_name!r} has no head in Redis (Redis lost its data "
-                        f"or the model was deleted); still serving v{self._applied}"
-                    )
-                    self.reporter.update(last_error=gone)
-                    self.delivery.log_once("head-gone", logging.WARNING, gone)
-            return
-        if head == self._checked_head and not force:
-            return
-        self._checked_head = head
-        try:
-            manifest = self.store.manifest(head, self.settings.key_bytes())
-        except NotFound:
-            self._checked_head = None  # collected between two reads; look again next poll
-            return
-        except IntegrityError as e:
-            self._refuse_manifest(head, e)
-            return
-        self._consider(manifest)
-
-    def _carried(self, version: int, carried: bytes) -> bool:
-        """Consider ``version`` from the manifest bytes its notice carried; False
-        when they are not to be relied on, and Redis's manifest must be read."""
-        try:
-            m = self.store.manifest(version, self.settings.key_bytes(), carried)
-        except IntegrityError:
-            return False  # garbled, forged or unsigned: what Redis holds decides
-        if self._lineage is not None and m.lineage != self._lineage:
-            return False  # a new lineage is rare enough to read from Redis
-        self._head = self._checked_head = version
-        try:
-            self._consider(m, carried)
-        except _Unconfirmed as e:
-            if e.held is not None:
-                self._use_carried = False
-                log.warning(
-                    "model %r: the notice for v%d carried a manifest that is not the one "
-                    "Redis holds (a forged notice?); reading manifests from Redis from now on",
-                    self.model_name,
-                    version,
-                )
-            self.reporter.update(state="pending" if self._pending else "idle")
-            return False
-        return True
-
     def _refuse_manifest(self, version: int, e: IntegrityError) -> None:
         refused = self._rejections.get(version)
         if refused is None or str(refused[1].__cause__) != str(e):
             self._reject(version, None, {"<manifest>": [str(e)]}, e)
+
+    def _head_gone(self) -> None:
+        if self._applied is not None:
+            gone = (
+                f"model {self.model_name!r} has no head in Redis (Redis lost its data "
+                f"or the model was deleted); still serving v{self._applied}"
+            )
+            self.reporter.update(last_error=gone)
+            self.delivery.log_once("head-gone", logging.WARNING, gone)
+
+    def _settle(self) -> None:
+        self.reporter.update(state="pending" if self._pending else "idle")
 
     def _consider(self, m: Manifest, carried: bytes | None = None) -> None:
         with self._cond:
@@ -399,7 +325,7 @@ class Agent:
         where = f"model {self.model_name!r} v{m.version}"
         with self._cond:
             digests, generation = dict(self._digests), self._generation
-            norms = self._known_norms(digests)
+            norms = self._norms.known(digests)
         # The reporter's thread writes this while the fetch runs.
         self.reporter.update(state="fetching")
         staged, reasons = prepare(
@@ -420,9 +346,9 @@ class Agent:
             bytes_fetched=self.reporter.status.bytes_fetched + staged.bytes_fetched,
         )
         if carried is not None:
-            self._confirm(m, carried, staged)
+            self._lookout.confirm(m, carried, staged)  # raises Unconfirmed unless Redis agrees
         with self._cond:
-            self._learn_norms(m, digests)
+            self._norms.learn(m, digests)
         if reasons:
             staged.release()
             self._reject(m.version, m.lineage, reasons, None, staged.bytes_fetched)
@@ -449,51 +375,6 @@ class Agent:
         log.info("model %r: v%d valid; apply_pending() applies it", self.model_name, m.version)
         return True
 
-    def _confirm(self, m: Manifest, carried: bytes, staged: Staged) -> None:
-        """Raise _Unconfirmed (the staged tensors released) unless Redis holds
-        ``carried`` as ``m``'s manifest: nothing is applied or refused on a
-        notice's word."""
-        try:
-            held: bytes | None = self.store.manifest_bytes(m.version)
-        except NotFound:
-            held = None  # collected already, or never published
-        if held != carried:
-            staged.release()
-            raise _Unconfirmed(held)
-
-    def _known_norms(self, digests: Mapping[str, str]) -> dict[str, float]:
-        """Norms of the live tensors where known (``_learn_norms``); ``_cond`` held."""
-        known: dict[str, float] = {}
-        for name, runs in digests.items():
-            seen = self._norms.get(name)
-            if seen is not None and seen[0] == runs:
-                known[name] = seen[1]
-        return known
-
-    def _learn_norms(self, m: Manifest, digests: Mapping[str, str]) -> None:
-        """Learn the norms ``m`` states for bytes that run as they are.
-
-        A norm is known for bytes this agent applied with the norm check on,
-        or whose digest equals the entry of a manifest it read from Redis (the
-        entry's stats describe those very bytes; a manifest lying about them
-        lies about its own content), where the policy checks that name's norm.
-        Call with ``_cond`` held.
-        """
-        for entry in m.tensors:
-            runs = digests.get(entry.name)
-            if runs != entry.digest:
-                continue
-            seen = self._norms.get(entry.name)
-            if (seen is None or seen[0] != runs) and self._norm_checked(entry.name):
-                self._norms[entry.name] = (entry.digest, entry.norm)
-
-    def _norm_checked(self, name: str) -> bool:
-        """Whether the policy checks this name's norm (where it does not, no norm is trusted)."""
-        checked = self._checks_norm.get(name)
-        if checked is None:
-            checked = self._checks_norm[name] = self.policy.rules_for(name).check_norm
-        return checked
-
     def _between_tensors(self) -> None:
         if self._stop.is_set():
             raise Stopped
@@ -510,10 +391,7 @@ class Agent:
                 # with the old version number.
                 for name, entry in staged.plan.changed.items():
                     self._digests[name] = entry.digest
-                    if name in staged.norms:
-                        self._norms[name] = (entry.digest, staged.norms[name])
-                    else:
-                        self._norms.pop(name, None)
+                self._norms.applied(staged.plan.changed, staged.norms)
                 self._generation += 1
                 if m.lineage != self._lineage:
                     self._rejections = {
@@ -563,14 +441,6 @@ class Agent:
 
     def _serving(self) -> str:
         return "nothing yet" if self._applied is None else f"v{self._applied}"
-
-
-class _Unconfirmed(Exception):
-    """The manifest a notice carried is not what Redis holds (``held``) for its version."""
-
-    def __init__(self, held: bytes | None) -> None:
-        super().__init__()
-        self.held = held
 
 
 def _callback(fn: Callable[..., None] | None, *args: Any) -> None:
