@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -12,10 +13,10 @@ import redis
 import torch
 from agent_support import Ten, commit_raw, entry_for
 
-from hotswap import codec, keys, staging, validate
+from hotswap import codec, hostmem, keys, staging, validate
 from hotswap import manifest as mf
 from hotswap.errors import ConfigError, StoreUnavailable
-from hotswap.hostmem import HostMemory, anonymous, populate
+from hotswap.hostmem import HostMemory, anonymous, populate, populate_behind
 from hotswap.staging import (
     ALIGN,
     LiveModel,
@@ -281,6 +282,46 @@ def test_fresh_arena_is_faulted_in_and_writable() -> None:
         assert grew >= size * 0.9  # resident before anything was written
     arena[-4:] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
     assert arena[-4:].tolist() == [1, 2, 3, 4] and int(arena[:4096].sum()) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mappings: Linux")
+def test_fresh_arena_is_faulted_in_behind_its_first_writes() -> None:
+    size = 64 * 1024 * 1024
+    before = _rss()
+    arena = anonymous(size, fill_behind=True)
+    assert _rss() - before < size * 0.1  # handed out before any page is in
+    arena[:4] = torch.tensor([9, 8, 7, 6], dtype=torch.uint8)  # the fetch starts at once
+    filling = populate_behind(arena)
+    assert filling is not None
+    filling.join()
+    assert _rss() - before >= size * 0.9
+    assert arena[:4].tolist() == [9, 8, 7, 6] and int(arena[4:].sum()) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mappings: Linux")
+def test_host_memory_waits_for_the_filling_thread_before_taking_an_arena_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    size = 64 * 1024 * 1024
+    done: list[int] = []
+    real = hostmem.populate
+
+    def slow(buf: torch.Tensor) -> bool:
+        time.sleep(0.3)  # a kernel still busy faulting in a large arena
+        ok = real(buf)
+        done.append(buf.numel())
+        return ok
+
+    monkeypatch.setattr(hostmem, "populate", slow)
+    memory = HostMemory(keep_bytes=size)
+    arena = memory.take(size)
+    assert list(memory._filling) == [arena.data_ptr()] and done == []
+    arena[: 1024 * 1024].fill_(1)
+    memory.give(arena, used=1024 * 1024)
+    # Advised free only once the thread was done: no page it faults in later is kept.
+    assert done == [size]
+    assert memory._filling == {} and memory.kept_bytes == size
+    assert memory.take(size) is arena and memory._filling == {}  # kept: nothing to fill
 
 
 def test_a_fetch_that_fails_hands_its_arena_back(store: Store) -> None:
