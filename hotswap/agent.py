@@ -233,15 +233,40 @@ class Agent:
         self.stop()
 
     def reading(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the reader side around a forward pass (re-entrant within a thread)."""
+        """Hold the reader side around a forward pass: no update is applied inside.
+
+        For threads (re-entrant within a thread). In asyncio code use
+        ``reading_async()``.
+
+        Raises:
+            ConfigError: entered by a second asyncio task on an event loop while
+                another task holds it across an ``await``.
+
+        Example:
+            >>> with agent.reading(), torch.inference_mode():  # doctest: +SKIP
+            ...     logits = model(batch)
+        """
         return self._gate.reading()
+
+    def reading_async(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the reader side from asyncio code (awaits; never blocks the loop).
+
+        Re-entrant within a task. Each task (each request handler) holds its
+        own read, so a handler may ``await`` inside it while others read too.
+
+        Example:
+            >>> async with agent.reading_async():  # doctest: +SKIP
+            ...     logits = await run_model(batch)
+        """
+        return self._gate.reading_async()
 
     def apply_pending(self) -> int | None:
         """Apply the newest fetched and validated version (manual mode); its number or None."""
-        if self._gate.reading_here():
+        if self._gate.held_in_thread():
             raise ConfigError(
                 f"agent of model {self.model_name!r}: apply_pending() was called inside "
-                "reading(); call it between forward passes"
+                "reading() (or while another task on this event loop holds it); call it "
+                "between forward passes"
             )
         with self._cond:
             staged, self._pending = self._pending, None
