@@ -28,10 +28,15 @@ from typing import Any
 
 import torch
 
-from hotswap import HotswapError, HotswapSettings
-from hotswap.agent import Agent, ApplyReport
-from hotswap.connection import connect, operation_retry
-from hotswap.store import Store
+from hotswap import (
+    Agent,
+    ApplyReport,
+    HotswapError,
+    HotswapSettings,
+    Store,
+    connect,
+    operation_retry,
+)
 from publisher.demo_model import TinyTransformer, build
 
 MAX_TOKENS = 512

@@ -20,16 +20,25 @@ from hotswap.errors import (
 
 if TYPE_CHECKING:
     from hotswap.agent import Agent
+    from hotswap.connection import connect, operation_retry
+    from hotswap.reporter import ApplyReport
     from hotswap.settings import HotswapSettings
-    from hotswap.validate import Policy
+    from hotswap.store import Store
+    from hotswap.validate import Override, Policy
 
-# Imported on first use (PEP 562): the agent and the validator pull in torch
-# (about 3 s of CPU), which the command line's status/log/show/diff/gc and
-# anything importing only hotswap.errors or hotswap.keys do not need.
+# Imported on first use (PEP 562): the agent and the validator pull in torch,
+# a heavy import that the command line's status/log/show/diff/gc and anything
+# importing only hotswap.errors or hotswap.keys do not need. Each name maps to
+# the module that defines it.
 _LAZY = {
     "Agent": "hotswap.agent",
+    "ApplyReport": "hotswap.reporter",
     "HotswapSettings": "hotswap.settings",
+    "Override": "hotswap.validate",
     "Policy": "hotswap.validate",
+    "Store": "hotswap.store",
+    "connect": "hotswap.connection",
+    "operation_retry": "hotswap.connection",
 }
 
 
@@ -48,17 +57,22 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Agent",
+    "ApplyReport",
     "ConfigError",
     "FormatError",
     "HotswapError",
     "HotswapSettings",
     "IntegrityError",
     "NotFound",
+    "Override",
     "Policy",
     "SignatureError",
     "SourceError",
+    "Store",
     "StoreUnavailable",
     "ValidationError",
     "VersionConflict",
+    "connect",
+    "operation_retry",
 ]
 __version__ = "0.1.0"
