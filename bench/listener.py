@@ -18,7 +18,7 @@ import redis
 def main() -> None:
     url, pattern = sys.argv[1], sys.argv[2]
     client = redis.Redis.from_url(url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.psubscribe(pattern)
     print(json.dumps({"ready": True}), flush=True)
     while True:

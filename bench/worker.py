@@ -57,7 +57,7 @@ class Worker:
     def arm(self, mode: str, names: list[str], prefix: str, channel: str, chunk: int) -> None:
         """Wait (in a thread) for one notice on ``channel``, then apply like ``mode``."""
         assert self.client is not None and self.transport is not None
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(channel)
         transport, client = self.transport, self.client
         self.mem.start()
