@@ -182,11 +182,10 @@ class ChunkDigest:
     """BLAKE3 of a buffer that fills chunk by chunk, each chunk hashed as soon as
     every chunk before it has landed, while later ones are still on the wire.
 
-    One thread: hashing during a fetch was faster than hashing the whole
-    buffer afterwards with two (a 16 MiB tensor in 6.6-7.4 ms against
-    8.3-9.0 ms, 128 MiB in 49-54 ms against 69-73 ms, here), because the
-    transfer leaves the client's core idle part of the time. Call
-    ``landed(i, length)`` once chunk ``i`` is in place. A chunk that lands
+    One thread: the transfer leaves the client's core idle part of the time,
+    and hashing in those gaps finishes sooner than hashing the whole buffer
+    afterwards on two threads (figures in docs/performance.md).
+    Call ``landed(i, length)`` once chunk ``i`` is in place. A chunk that lands
     again after it was hashed (a retried read) makes ``hexdigest`` hash the
     whole buffer again: the bytes hashed may since have been overwritten.
     """
@@ -253,8 +252,8 @@ class Stats:
 # allocated once per call and reused. A fresh block per step (``.to(float64)``)
 # costs more than the arithmetic: every block is new pages from the kernel.
 BLOCK = 1 << 19
-# Half floats convert to float64 faster through float32 (4.4 GB/s against 2.0
-# GB/s here); bfloat16 converts directly faster (5.2 against 3.7).
+# Half floats convert to float64 faster through float32 than directly;
+# bfloat16 converts faster directly (figures in docs/performance.md).
 _VIA_FLOAT32 = {torch.float16}
 # dtypes whose ``torch.aminmax`` runs in place, on the tensor's own dtype.
 _AMINMAX = {

@@ -56,9 +56,10 @@ def lazy_free(buf: torch.Tensor) -> bool:
     """Let the kernel take a kept arena's pages back under memory pressure; False where unsupported.
 
     ``MADV_FREE``: until the kernel needs the memory the pages stay in place
-    (a later ``populate`` finds them: 5 ms per 256 MiB, against 200-700 ms
-    to fault in fresh ones), and once it does they are dropped without swap.
-    Only for memory of ``anonymous`` that nothing reads until it is written again.
+    (a later ``populate`` finds them, far cheaper than faulting in fresh
+    ones; docs/performance.md), and once it does they are dropped without
+    swap. Only for memory of ``anonymous`` that nothing reads until it is
+    written again.
     """
     fn, advice = _madvise(), getattr(mmap, "MADV_FREE", None)
     if fn is None or advice is None or buf.numel() == 0:
@@ -70,14 +71,12 @@ def anonymous(nbytes: int, *, fill_behind: bool = False) -> torch.Tensor:
     """``nbytes`` of memory fresh from the kernel, faulted in.
 
     Populating the whole range in one call costs less than taking the same
-    page faults one by one while chunks arrive (0.39 s against 0.48 s per
-    512 MiB on the 2-core VM). With ``fill_behind`` it is returned at once
-    and a thread populates it (``populate_behind``) while the caller writes.
-    Transparent huge pages are left to the system's setting: advised into
-    them on that VM, a fresh arena faulted in 3x faster when the process had
-    just unmapped one, but 1.5-2x slower otherwise, and a whole 512 MiB agent
-    fetch took 1.4 s instead of 1.1 s. Falls back to ``torch.empty`` where
-    anonymous mappings do not exist.
+    page faults one by one while chunks arrive. With ``fill_behind`` it is
+    returned at once and a thread populates it (``populate_behind``) while
+    the caller writes. Transparent huge pages are left to the system's
+    setting: advising them was slower on a first mapping and made the
+    agent's whole fetch slower (docs/performance.md). Falls back to
+    ``torch.empty`` where anonymous mappings do not exist.
     """
     if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -93,10 +92,10 @@ def populate_behind(buf: torch.Tensor) -> threading.Thread | None:
 
     The fetch writes into the arena from its first byte while the thread
     runs ahead of it (whoever touches a page first faults it; populating
-    never changes a page's contents): a 512 MiB fetch into a fresh arena
-    took 0.36 s instead of 0.69 s populated first and 0.52 s faulted on
-    arrival, 128 MiB 96 ms against 127 and 146 ms (medians of 7, 2-core VM).
-    The thread holds ``buf``, so the mapping outlives it.
+    never changes a page's contents), so a fetch into a fresh arena waits
+    for neither a populate up front nor a fault per page (figures in
+    docs/performance.md). The thread holds ``buf``, so the mapping outlives
+    it.
     """
     if _madvise() is None or buf.numel() == 0:
         return None

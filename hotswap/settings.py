@@ -13,7 +13,28 @@ MiB = 1024 * 1024
 
 
 class HotswapSettings(BaseSettings):
-    """Settings shared by publishers, agents and the CLI."""
+    """Settings shared by publishers, agents and the CLI.
+
+    Every field reads ``HOTSWAP_<FIELD>`` from the environment (then ``.env``)
+    unless given as a keyword; each field's ``description`` says what it does.
+    Library code takes a settings object and never reads the environment
+    itself: only entry points (``Agent``, ``Publisher``, the CLI) build one
+    when none is passed.
+
+    Args:
+        **values: fields to set, overriding the environment.
+
+    Raises:
+        pydantic.ValidationError: a field or ``HOTSWAP_*`` variable is invalid.
+            ``hotswap.settings.load`` raises ``ConfigError`` instead, with one
+            line naming the variable.
+
+    Example:
+        >>> from hotswap import HotswapSettings
+        >>> settings = HotswapSettings(redis_url="redis://cache:6379/0", namespace="prod")
+        >>> settings.namespace
+        'prod'
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="HOTSWAP_", env_file=".env", extra="ignore", validate_default=True
@@ -109,10 +130,20 @@ class HotswapSettings(BaseSettings):
 
 
 def load(**overrides: Any) -> HotswapSettings:
-    """Settings from the environment, ``.env`` and ``overrides``; ConfigError if invalid.
+    """Settings from the environment, ``.env`` and ``overrides``.
 
     For entry points: turns pydantic's multi-line report into one line naming
     the variable, e.g. ``HOTSWAP_CHUNK_BYTES='100': Input should be ...``.
+
+    Args:
+        **overrides: fields to set, overriding the environment.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: a field or ``HOTSWAP_*`` variable is invalid (signing keys
+            are never echoed in the message).
     """
     try:
         return HotswapSettings(**overrides)

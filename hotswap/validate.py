@@ -42,7 +42,30 @@ def _check_ratio(value: tuple[float, float] | None) -> tuple[float, float] | Non
 
 
 class Override(BaseModel):
-    """Rules for the tensors whose names match one glob; unset fields keep the policy's."""
+    """Rules for the tensors whose names match one glob; unset fields keep the policy's.
+
+    Used as a value of ``Policy.overrides``. A field set to ``None`` switches
+    that check off for the matching names; a field left unset keeps what the
+    policy (or an earlier matching glob) says.
+
+    Args:
+        check_finite: refuse NaN and infinity (``None``: off).
+        check_norm: refuse a norm that differs from the manifest's (``None``: off).
+        norm_ratio: bounds of new/old L2 norm (``None``: no bound).
+        max_relative_change: bound of ``||new - old|| / ||old||`` (``None``: off).
+        validators: callables ``(name, new, old) -> None | reason``; replace the
+            policy's for these names (``None`` or ``[]``: none).
+
+    Raises:
+        pydantic.ValidationError: an unknown field, ``norm_ratio`` bounds not
+            ``0 <= low <= high``, or ``max_relative_change <= 0``.
+
+    Example:
+        >>> from hotswap import Override, Policy
+        >>> policy = Policy(overrides={"*.bias": Override(norm_ratio=None)})
+        >>> policy.rules_for("fc.bias").norm_ratio is None
+        True
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -62,13 +85,32 @@ class Policy(BaseModel):
         check_finite: refuse NaN and infinity in floating-point tensors.
         check_norm: refuse a tensor whose recomputed L2 norm differs from the
             manifest's by more than ``norm_tolerance`` (relative).
+        norm_tolerance: the relative difference ``check_norm`` allows.
         norm_ratio: bounds of new/old L2 norm for floating-point tensors
             (``None``: no bound). A live tensor whose norm is 0 (zero-initialised
             biases, LoRA B matrices) has no ratio and passes this check.
         max_relative_change: bound of ``||new - old|| / ||old||`` (``None``: off).
         unknown_tensors: what to do with a name the live model lacks.
         validators: callables ``(name, new, old) -> None | reason``.
-        overrides: ``{glob: Override}`` per-name changes to the rules above.
+        overrides: ``{glob: Override}`` per-name changes to the rules above,
+            matched in insertion order; every matching glob applies and a
+            later one wins for the fields it sets.
+
+    Raises:
+        pydantic.ValidationError: an unknown field or an invalid value. An
+            ``Agent`` given a mapping instead raises ``ConfigError``.
+
+    Example:
+        >>> from hotswap import Override, Policy
+        >>> policy = Policy(
+        ...     norm_ratio=(0.5, 2.0),
+        ...     max_relative_change=0.5,
+        ...     overrides={"*.bias": Override(max_relative_change=None)},
+        ... )
+        >>> policy.rules_for("fc.weight").max_relative_change
+        0.5
+        >>> policy.rules_for("fc.bias").max_relative_change is None
+        True
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import doctest
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 import hotswap
+from hotswap import settings, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +37,9 @@ def test_names_that_read_redis_import_no_torch() -> None:
         [sys.executable, "-c", probe], check=True, cwd=ROOT, capture_output=True, text=True
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("module", [validate, settings])
+def test_public_docstring_examples_run(module: ModuleType) -> None:
+    failed, attempted = doctest.testmod(module, raise_on_error=False, verbose=False)
+    assert attempted > 0 and failed == 0
