@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +19,9 @@ from typing import Any
 import pytest
 import redis
 import torch
+from waiting import poll
 
+from hotswap import ValidationError
 from hotswap.embedded import EmbeddedRedis
 from hotswap.settings import HotswapSettings
 from hotswap.status import decode as decode_status
@@ -54,14 +55,28 @@ def predict(base: str, tokens: object) -> tuple[int, dict[str, Any]]:
     return call(base, "/predict", json.dumps({"tokens": tokens}).encode())
 
 
-def wait_version(base: str, version: int, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _, answer = call(base, "/version")
-        if answer["version"] == version and answer["last_apply"].get("version") == version:
-            return answer
-        time.sleep(0.02)
-    raise AssertionError(f"server did not reach v{version}: {answer}")
+def wait_version(base: str, version: int, attempts: int = 750) -> dict[str, Any]:
+    """/version once the server runs ``version`` and reports what its apply cost."""
+    answers: list[dict[str, Any]] = []
+
+    def reached() -> bool:
+        answers.append(call(base, "/version")[1])
+        last = answers[-1]
+        return bool(last["version"] == version and last["last_apply"].get("version") == version)
+
+    assert poll(reached, attempts), f"server did not reach v{version}: {answers[-1]}"
+    return answers[-1]
+
+
+def applied_answer(base: str, server: Any, version: int) -> dict[str, Any]:
+    """/version once the in-process server's agent has applied ``version``.
+
+    ``wait_for`` returns after ``on_applied`` ran, so /version already reports it.
+    """
+    assert server.agent.wait_for(version, 15), f"server did not reach v{version}"
+    answer = call(base, "/version")[1]
+    assert answer["version"] == version and answer["last_apply"]["version"] == version, answer
+    return answer
 
 
 def variant(base: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -94,7 +109,7 @@ def test_version_and_healthz_follow_publishes_and_rejections(
     weights = build(seed=1).state_dict()
     with Publisher(MODEL, settings=settings) as pub:
         v1 = pub.publish(weights)
-        info = wait_version(base, v1)["last_apply"]
+        info = applied_answer(base, server, v1)["last_apply"]
         initial = build(seed=0).state_dict()  # what the server started from
         differ = [n for n, t in weights.items() if not torch.equal(t, initial[n])]
         assert 0 < info["tensors_changed"] == len(differ) < len(weights)
@@ -111,11 +126,17 @@ def test_version_and_healthz_follow_publishes_and_rejections(
         broken = dict(weights)
         broken["norm.weight"] = torch.full_like(weights["norm.weight"], float("inf"))
         v2 = pub.publish(broken)
-        deadline = time.monotonic() + 10
-        while server.agent.last_rejection is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(1.1)  # the head read by /healthz is cached for a second
-        status, health = call(base, "/healthz")
+        with pytest.raises(ValidationError):
+            server.agent.wait_for(v2, 15)
+        # The head /healthz reports is cached for a second: ask until it moved.
+        replies: list[tuple[int, dict[str, Any]]] = []
+
+        def head_moved() -> bool:
+            replies.append(call(base, "/healthz"))
+            return bool(replies[-1][1]["head"] == v2)
+
+        assert poll(head_moved), replies[-1]
+        status, health = replies[-1]
     assert status == 200  # still serving v1: healthy, one version behind
     assert (health["version"], health["head"], health["lag"]) == (v1, v2, 1)
     assert "'norm.weight'" in health["last_rejection"] and "not finite" in health["last_rejection"]
@@ -191,6 +212,7 @@ def test_serves_every_request_while_publishing_then_stops_on_sigterm(
         answers: list[dict[str, Any]] = []
         failures: list[str] = []
         stop = threading.Event()
+        answered_by_last = threading.Event()
 
         def load() -> None:
             while not stop.is_set():
@@ -202,6 +224,8 @@ def test_serves_every_request_while_publishing_then_stops_on_sigterm(
                 if status != 200:
                     failures.append(f"{status} {answer}")
                 answers.append(answer)
+                if answer.get("version") == 10:
+                    answered_by_last.set()
 
         loader = threading.Thread(target=load)
         loader.start()
@@ -211,10 +235,7 @@ def test_serves_every_request_while_publishing_then_stops_on_sigterm(
                 versions = [pub.publish(variant(weights, k), message=f"v{k}") for k in range(10)]
             assert versions == list(range(1, 11))
             wait_version(base, 10)
-            deadline = time.monotonic() + 10
-            while not any(a.get("version") == 10 for a in answers[-5:]):
-                assert time.monotonic() < deadline, "no answer from v10"
-                time.sleep(0.02)
+            assert answered_by_last.wait(10), "no answer from v10"
         finally:
             stop.set()
             loader.join(10)

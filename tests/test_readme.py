@@ -17,7 +17,6 @@ import re
 import runpy
 import shlex
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -176,13 +175,12 @@ class Tour:
         self.wait_server_version(after)
 
     def wait_server_version(self, version: int) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with urllib.request.urlopen(self.example_server() + "/version", timeout=5) as reply:
-                if json.loads(reply.read())["version"] == version:
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"the example server did not apply v{version}")
+        base = self.example_server()
+        assert self._server is not None
+        if not self._server.agent.wait_for(version, 15):
+            raise AssertionError(f"the example server did not apply v{version}")
+        with urllib.request.urlopen(base + "/version", timeout=5) as reply:
+            assert json.loads(reply.read())["version"] == version
 
     def curl(self, words: list[str]) -> None:
         url = next(w for w in words[1:] if "localhost:" in w)

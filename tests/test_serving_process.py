@@ -11,14 +11,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from waiting import poll
 
 from hotswap.embedded import EmbeddedRedis
 from hotswap.settings import HotswapSettings
+from hotswap.status import decode as decode_status
 from hotswap.store import Store
 from publisher.publisher import Publisher
 
@@ -55,12 +56,23 @@ def test_fifty_versions_while_serving_never_mix(
         assert worker.stdout is not None
         ready = worker.stdout.readline()
         assert ready.startswith("READY"), worker.stderr.read() if worker.stderr else ready
+        agent_id = ready.split()[1]
+        records = Store(store.client, MODEL)
+
+        def runs(version: int) -> bool:
+            """Whether the worker's agent record says it runs ``version`` or newer."""
+            for found, raw, _alive in records.agent_records():
+                if found == agent_id:
+                    return (decode_status(raw).version or 0) >= version
+            return False
+
         pub = Publisher(MODEL, settings=settings)
         published = []
         for k in range(1, VERSIONS + 1):
             published.append(pub.publish(probe_state(k), message=f"v{k}"))
             if k % 3 == 0:
-                time.sleep(0.02)  # let some versions be applied one by one
+                # Some versions are applied one by one, the others back to back.
+                assert poll(lambda k=k: runs(k)), f"the worker did not apply v{k}"
         pub.close()
         assert published == list(range(1, VERSIONS + 1))
         out, err = worker.communicate(timeout=60)

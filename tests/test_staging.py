@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+import threading
 from collections.abc import Callable
 from typing import cast
 
@@ -304,15 +304,33 @@ def test_host_memory_waits_for_the_filling_thread_before_taking_an_arena_back(
 ) -> None:
     size = 64 * 1024 * 1024
     done: list[int] = []
-    real = hostmem.populate
+    waited = threading.Event()  # someone began waiting for the filling thread
+    real, real_behind = hostmem.populate, hostmem.populate_behind
 
-    def slow(buf: torch.Tensor) -> bool:
-        time.sleep(0.3)  # a kernel still busy faulting in a large arena
+    def held(buf: torch.Tensor) -> bool:
+        # A kernel still busy faulting in a large arena: busy until give() waits
+        # for it, so a give() that did not wait returns before it is done.
+        waited.wait(10)
         ok = real(buf)
         done.append(buf.numel())
         return ok
 
-    monkeypatch.setattr(hostmem, "populate", slow)
+    class Watched:
+        """The filling thread, noting when someone starts waiting for it."""
+
+        def __init__(self, thread: threading.Thread) -> None:
+            self.thread = thread
+
+        def join(self, timeout: float | None = None) -> None:
+            waited.set()
+            self.thread.join(timeout)
+
+    def behind(buf: torch.Tensor) -> Watched | None:
+        thread = real_behind(buf)
+        return None if thread is None else Watched(thread)
+
+    monkeypatch.setattr(hostmem, "populate", held)
+    monkeypatch.setattr(hostmem, "populate_behind", behind)
     memory = HostMemory(keep_bytes=size)
     arena = memory.take(size)
     assert list(memory._filling) == [arena.data_ptr()] and done == []
