@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, runner, tune
-from hotswap.transport import DEFAULT_WINDOW
+from bench.baselines import DEFAULT_WINDOW
 
 RESULTS = Path(__file__).parent / "results"
 

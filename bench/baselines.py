@@ -6,6 +6,10 @@ destination tensors, one window of GETs in flight across all chunks.
 
 Naive: what one writes by hand: per tensor ``torch.save`` to a buffer and
 ``SET``; ``GET``, ``torch.load(weights_only=True)`` and ``copy_``.
+
+The ceiling runs on hotswap's own chunk transport (``hotswap.transport``),
+which is not public API: this is the one bench module that imports it, so a
+change there is followed here only.
 """
 
 from __future__ import annotations
@@ -17,16 +21,37 @@ import redis
 import torch
 
 from hotswap import codec
-from hotswap.transport import BlobTransport
+from hotswap.transport import DEFAULT_WINDOW, BlobTransport
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "BlobTransport",
+    "ceiling_apply",
+    "ceiling_publish",
+    "chunk_keys",
+    "chunked",
+    "naive_apply",
+    "naive_publish",
+    "raw_transport",
+]
+
+
+def raw_transport(client: redis.Redis, window: int = DEFAULT_WINDOW) -> BlobTransport:
+    """hotswap's chunk transport over ``client``'s pool, with ``window`` GETs in flight."""
+    transport = BlobTransport.for_client(client, window=window)
+    if transport is None:
+        raise TypeError(f"the raw ceiling needs a plain redis.Redis client, not {client!r}")
+    return transport
 
 
 def chunk_keys(prefix: str, name: str, nbytes: int, chunk: int) -> list[str]:
     return [f"{prefix}:{name}:{i}" for i in range(codec.chunk_count(nbytes, chunk))]
 
 
-def _chunked(
+def chunked(
     sd: Mapping[str, torch.Tensor], names: Sequence[str], chunk: int, prefix: str
 ) -> tuple[list[str], list[memoryview]]:
+    """The chunk keys of ``names`` under ``prefix`` and views of their bytes, in order."""
     keys: list[str] = []
     views: list[memoryview] = []
     for name in names:
@@ -46,7 +71,7 @@ def ceiling_publish(
     channel: str,
     notice: bytes,
 ) -> None:
-    keys, views = _chunked(sd, names, chunk, prefix)
+    keys, views = chunked(sd, names, chunk, prefix)
     transport.set_chunks(keys, views)
     client.publish(channel, notice)
 
@@ -59,7 +84,7 @@ def ceiling_apply(
     prefix: str,
 ) -> int:
     """Fetch straight into ``dst``'s memory; returns the bytes received."""
-    keys, views = _chunked(dst, names, chunk, prefix)
+    keys, views = chunked(dst, names, chunk, prefix)
     lengths = transport.get_into(keys, views)
     return sum(n or 0 for n in lengths)
 

@@ -19,12 +19,12 @@ import redis
 import torch
 
 from bench import baselines, components, model
+from bench.baselines import DEFAULT_WINDOW
 from bench.memory import PeakRss
 from bench.procs import Listener, WorkerProc
 from hotswap import keys, notice
 from hotswap.embedded import EmbeddedRedis
 from hotswap.settings import HotswapSettings
-from hotswap.transport import DEFAULT_WINDOW, BlobTransport
 
 MiB = 1024 * 1024
 CHANNEL = "bench:notice"
@@ -77,9 +77,7 @@ class Bench:
         self.url = redis_url
         self.log = log
         self.client = redis.Redis.from_url(redis_url, socket_timeout=60)
-        transport = BlobTransport.for_client(self.client, window=cfg.window)
-        assert transport is not None
-        self.transport = transport
+        self.transport = baselines.raw_transport(self.client, cfg.window)
         self.runs: list[Run] = []
         self.copies: dict[str, list[float]] = {}
         self.latency: list[float] = []

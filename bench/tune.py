@@ -18,7 +18,6 @@ from bench import baselines, model
 from bench.runner import Config
 from bench.stats import summary, table
 from hotswap.embedded import EmbeddedRedis
-from hotswap.transport import BlobTransport
 
 MiB = 1024 * 1024
 CHUNKS = [256 * 1024, MiB, 2 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
@@ -49,11 +48,10 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     with EmbeddedRedis() as srv:
         client = redis.Redis.from_url(srv.url, socket_timeout=60)
         for chunk in CHUNKS:
-            keys, views = baselines._chunked(sd, names, chunk, "t")
-            _, outs = baselines._chunked(dst, names, chunk, "t")
+            keys, views = baselines.chunked(sd, names, chunk, "t")
+            _, outs = baselines.chunked(dst, names, chunk, "t")
             for window in WINDOWS:
-                transport = BlobTransport.for_client(client, window=window)
-                assert transport is not None
+                transport = baselines.raw_transport(client, window)
                 sets, gets = [], []
                 for _ in range(cfg.runs):
                     t0 = time.perf_counter()

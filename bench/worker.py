@@ -23,7 +23,6 @@ import torch
 from bench import baselines, model
 from bench.memory import PeakRss
 from hotswap.settings import HotswapSettings
-from hotswap.transport import BlobTransport
 
 EVICT_BYTES = 128 * 1024 * 1024
 
@@ -34,7 +33,7 @@ class Worker:
         self.live: dict[str, torch.Tensor] = {}
         self.shadow: dict[str, torch.Tensor] = {}
         self.client: redis.Redis | None = None
-        self.transport: BlobTransport | None = None
+        self.transport: baselines.BlobTransport | None = None
         self.agent: Any = None
         self.mem = PeakRss()
 
@@ -51,7 +50,7 @@ class Worker:
         # Where the ceiling and naive runs land: never the agent's live tensors.
         self.shadow = {k: v.clone() for k, v in self.live.items()}
         self.client = redis.Redis.from_url(url, socket_timeout=30)
-        self.transport = BlobTransport.for_client(self.client, window=window)
+        self.transport = baselines.raw_transport(self.client, window)
         return {"tensors": len(self.live)}
 
     def arm(self, mode: str, names: list[str], prefix: str, channel: str, chunk: int) -> None:
