@@ -23,10 +23,9 @@ from collections.abc import Iterator
 
 import torch
 
-from hotswap.agent import Agent, ApplyReport
+from hotswap import Agent, ApplyReport, HotswapSettings
 from hotswap.embedded import EmbeddedRedis
-from hotswap.settings import HotswapSettings
-from publisher.publisher import Publisher
+from publisher import Publisher
 
 MiB = 1024 * 1024
 TARGET = 1.3

@@ -20,12 +20,10 @@ import time
 
 import torch
 
-from hotswap import codec
-from hotswap.agent import Agent, ApplyReport
+from hotswap import Agent, ApplyReport, HotswapSettings, codec
 from hotswap.embedded import EmbeddedRedis
-from hotswap.settings import HotswapSettings
 from hotswap.staging import Staging
-from publisher.publisher import Publisher
+from publisher import Publisher
 
 MiB = 1024 * 1024
 BASE = 100.0  # version k fills every tensor with BASE + k: ratios stay near 1

@@ -22,9 +22,8 @@ from bench import baselines, components, model
 from bench.baselines import DEFAULT_WINDOW
 from bench.memory import PeakRss
 from bench.procs import Listener, WorkerProc
-from hotswap import keys, notice
+from hotswap import HotswapSettings, keys, notice
 from hotswap.embedded import EmbeddedRedis
-from hotswap.settings import HotswapSettings
 
 MiB = 1024 * 1024
 CHANNEL = "bench:notice"
@@ -97,7 +96,7 @@ class Bench:
             )
             if not self.latency:
                 self.latency = self._notice_latency()
-            from publisher.publisher import Publisher
+            from publisher import Publisher
 
             name = f"bench-{dtype}"
             pub = Publisher(name, settings=HotswapSettings(**settings, _env_file=None))  # type: ignore[call-arg]

@@ -22,7 +22,7 @@ import torch
 
 from bench import baselines, model
 from bench.memory import PeakRss
-from hotswap.settings import HotswapSettings
+from hotswap import HotswapSettings
 
 EVICT_BYTES = 128 * 1024 * 1024
 
@@ -92,7 +92,7 @@ class Worker:
         threading.Thread(target=run, daemon=True).start()
 
     def agent_start(self, model_name: str, settings: dict[str, Any]) -> None:
-        from hotswap.agent import Agent
+        from hotswap import Agent
 
         config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
 
