@@ -1,4 +1,12 @@
-"""hotswap: Redis-backed hot updates of the weights of running PyTorch models."""
+"""hotswap: Redis-backed hot updates of the weights of running PyTorch models.
+
+Serving: ``Agent`` keeps a live model's weights at the newest version,
+checked by a ``Policy`` (per-name ``Override``); ``on_applied`` callbacks get
+an ``ApplyReport``. ``HotswapSettings`` holds the configuration. Reading Redis
+directly (status pages, health probes): ``connect``, ``Store`` and
+``operation_retry``, none of which imports torch. Every error derives from
+``HotswapError``. Publishing is ``publisher.Publisher``.
+"""
 
 from __future__ import annotations
 
