@@ -1,8 +1,9 @@
 """The ``hotswap`` command: parses arguments and calls the library, nothing more.
 
-Exit codes: 0 success, 1 user error (bad file, unknown model or version,
-conflict, failed verification), 2 usage, 3 Redis unreachable. Errors are
-one line on stderr (``hotswap: error: ...``); ``--debug`` adds the traceback.
+Exit codes (``publisher.exitcodes``): 0 success, 1 user error (bad file,
+unknown model or version, conflict, failed verification), 2 usage, 3 Redis
+unreachable, 130 interrupted. Errors are one line on stderr
+(``hotswap: error: ...``); ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,15 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from hotswap.errors import (
-    HotswapError,
-    IntegrityError,
-    NotFound,
-    StoreUnavailable,
-)
+from hotswap.errors import HotswapError, IntegrityError, NotFound
+from publisher.exitcodes import INTERRUPTED, OK, UNREACHABLE, USAGE, USER_ERROR, for_error
 
 # The rest is imported inside the commands: parsing (--help, usage errors)
-# needs none of it, and torch alone costs about 3 s of CPU to import. Only
+# needs none of it, and torch is slow to import (docs/performance.md). Only
 # publish, rollback, gc, verify and demo import torch (through Publisher);
 # status, log, show and diff read through a bare Store.
 if TYPE_CHECKING:
@@ -35,7 +31,8 @@ if TYPE_CHECKING:
     from hotswap.store import Store
     from publisher.publisher import Publisher
 
-OK, USER_ERROR, USAGE, UNREACHABLE = 0, 1, 2, 3
+__all__ = ["OK", "UNREACHABLE", "USAGE", "USER_ERROR", "build_parser", "main"]
+
 WIDE = 160
 
 
@@ -201,28 +198,11 @@ def cmd_publish(ctx: Context) -> int:
 
 
 def cmd_status(ctx: Context) -> int:
-    from hotswap import status as st
-    from publisher import render
+    from publisher import render, views
 
     with ctx.store() as store:
-        head = store.head()
-        lineage = store.manifest(head).lineage if head is not None else None
-        now = time.time()
-        agents = []
-        for agent_id, raw, alive in store.agent_records():
-            try:
-                record = st.decode(raw)
-            except HotswapError as e:
-                record = st.AgentStatus(agent_id, "?", 0, state="unreadable", last_error=str(e))
-            agents.append(render.agent_row(record, alive, head, lineage, now))
-    data = {"model": store.model, "head": head, "lineage": lineage, "agents": agents}
-
-    def human() -> None:
-        ctx.out.print(render.status_table(data))
-        if not agents:
-            ctx.out.print("no agent has reported for this model")
-
-    ctx.emit(data, human)
+        data = views.status_view(store)
+    ctx.emit(data, lambda: render.print_status(ctx.out, data))
     return OK
 
 
@@ -345,14 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](Context(args, out, err))
     except HotswapError as e:
-        code = UNREACHABLE if isinstance(e, StoreUnavailable) else USER_ERROR
+        code = for_error(e)
         if args.debug:
             traceback.print_exc()
         print(f"hotswap: error: {e}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print("hotswap: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except Exception as e:
         # A bug, not a user error: still one line unless --debug asks for more.
         if args.debug:

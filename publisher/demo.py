@@ -1,9 +1,10 @@
 """``hotswap demo``: the whole loop on a real serving process, narrated.
 
 Starts a Redis of its own (unless given settings, then it works under a fresh
-namespace of its own and deletes only its keys), launches examples/serve.py
-with an embedded agent, then publishes, updates one layer, publishes a NaN,
-rolls back and shows ``hotswap status``. Every process and file it started is
+namespace of its own and deletes only its keys), launches the example server
+(``publisher.demo_server``, which examples/serve.py runs) with an embedded
+agent, then publishes, updates one layer, publishes a NaN, rolls back and
+shows ``hotswap status``. Every process and file it started is
 removed on the way out, also on Ctrl-C or SIGTERM.
 """
 
@@ -22,7 +23,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
@@ -31,12 +31,13 @@ from rich.markup import escape
 
 from hotswap.connection import connect
 from hotswap.embedded import EmbeddedRedis
-from hotswap.errors import HotswapError, StoreUnavailable
+from hotswap.errors import HotswapError
 from hotswap.settings import HotswapSettings
 from hotswap.status import AgentStatus
-from hotswap.status import decode as decode_status
 from hotswap.store import Store
+from publisher import render, views
 from publisher.demo_model import build
+from publisher.exitcodes import INTERRUPTED, OK, for_error
 from publisher.publisher import Publisher
 
 MODEL = "tiny"
@@ -44,7 +45,9 @@ PROMPT = [5, 17, 42, 7, 99]
 LAYER = "blocks.1.mlp."
 NAN_TENSOR = "blocks.0.mlp.0.weight"
 STEP_TIMEOUT = 30.0
-INTERRUPTED = "Interrupted: stopped the server and Redis and removed the demo's keys and files."
+INTERRUPTED_LINE = (
+    "Interrupted: stopped the server and Redis and removed the demo's keys and files."
+)
 
 
 def _mb(n: int) -> str:
@@ -55,19 +58,11 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-def server_script() -> Path:
-    """examples/serve.py of this checkout (or of the current directory, as in the image)."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        script = root / "examples" / "serve.py"
-        if script.is_file():
-            return script
-    raise HotswapError(
-        "examples/serve.py not found: run `hotswap demo` from a checkout of the hotswap repository"
-    )
+SERVER_MODULE = "publisher.demo_server"
 
 
 class _Server:
-    """examples/serve.py in a child process, spoken to as JSON over loopback HTTP."""
+    """The example server in a child process, spoken to as JSON over loopback HTTP."""
 
     def __init__(
         self,
@@ -85,7 +80,7 @@ class _Server:
         env["HOTSWAP_RETRY_MAX_WAIT"] = "0.2"
         self._log = log
         self.process = subprocess.Popen(
-            [sys.executable, str(server_script()), "--model-name", MODEL, "--port", "0"],
+            [sys.executable, "-m", SERVER_MODULE, "--model-name", MODEL, "--port", "0"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -107,7 +102,7 @@ class _Server:
         """The last lines the server wrote to stderr, for error messages."""
         self._log.seek(0)
         lines = self._log.read().decode(errors="replace").strip().splitlines()
-        return " / ".join(lines[-3:]) or "no output (run examples/serve.py to see why)"
+        return " / ".join(lines[-3:]) or f"no output (run python -m {SERVER_MODULE} to see why)"
 
     def _call(self, request: urllib.request.Request | str) -> dict[str, Any]:
         try:
@@ -167,18 +162,14 @@ def _environment(settings: HotswapSettings) -> dict[str, str]:
     return env
 
 
-def _agent_status(store: Store) -> AgentStatus | None:
-    records = [decode_status(raw) for _, raw, alive in store.agent_records() if alive]
-    return records[0] if records else None
-
-
 def _wait_rejected(store: Store, version: int, check: Callable[[], None]) -> AgentStatus:
+    """The record of the server's agent once it reports ``version`` rejected."""
     deadline = time.monotonic() + STEP_TIMEOUT
     while time.monotonic() < deadline:
         check()
-        record = _agent_status(store)
-        if record is not None and record.rejected_version == version:
-            return record
+        alive = [record for record, live in views.agent_statuses(store) if live]
+        if alive and alive[0].rejected_version == version:
+            return alive[0]
         time.sleep(0.02)
     raise HotswapError(f"the example server did not report v{version} rejected in time")
 
@@ -238,13 +229,14 @@ class _Demo:
     def __init__(
         self,
         settings: HotswapSettings,
-        say: Callable[[str], None],
+        out: Console,
         stack: contextlib.ExitStack,
         check: Callable[[], None],
     ) -> None:
-        self.say = say
+        self.out = out
+        # One line per step whatever the console's width: easier to read in logs and to grep.
+        self.say = functools.partial(out.print, soft_wrap=True)
         self.check = check
-        self.settings = settings
         client = connect(settings)
         stack.callback(client.close)
         self.store = Store(client, MODEL, namespace=settings.namespace)
@@ -321,16 +313,9 @@ class _Demo:
         if not exact:
             raise HotswapError(f"rollback to v{v1} did not restore the answer bit-exactly")
 
-        self.check()  # the status command below handles Ctrl-C on its own
+        self.check()
         say(f"6. hotswap status {MODEL}:")
-        from publisher.cli import main as cli_main
-
-        args = ["--redis-url", self.settings.redis_url, "--namespace", self.settings.namespace]
-        code = cli_main([*args, "status", MODEL])
-        if code == 130:  # it caught a Ctrl-C itself
-            raise KeyboardInterrupt
-        if code:
-            raise HotswapError(f"hotswap status exited with {code}")
+        render.print_status(self.out, views.status_view(self.store))
 
 
 def _open_redis(
@@ -358,7 +343,7 @@ def _open_redis(
 
 
 def run_demo(settings: HotswapSettings | None, console: Console | None = None) -> int:
-    """Run the narrated demo and return its exit code (130 when interrupted).
+    """Run the narrated demo and return its exit code (``exitcodes``; 130 when interrupted).
 
     Args:
         settings: None to start a private redis-server; otherwise the Redis to
@@ -366,7 +351,6 @@ def run_demo(settings: HotswapSettings | None, console: Console | None = None) -
         console: where the narration goes (default: stdout).
     """
     out = console or Console(highlight=False)
-    # One line per step whatever the console's width: easier to read in logs and to grep.
     say = functools.partial(out.print, soft_wrap=True)
     started = time.monotonic()
     interrupts = _Interrupts()
@@ -375,7 +359,7 @@ def run_demo(settings: HotswapSettings | None, console: Console | None = None) -
         with interrupts.installed():
             try:
                 cfg = _open_redis(settings, say, stack)
-                _Demo(cfg, say, stack, interrupts.check).run()
+                _Demo(cfg, out, stack, interrupts.check).run()
             finally:
                 with _uninterrupted():
                     stack.close()
@@ -384,14 +368,14 @@ def run_demo(settings: HotswapSettings | None, console: Console | None = None) -
         # Plain write, not rich: a Ctrl-C that cut a print short leaves that line in
         # rich's buffer, and the next rich print would write it a second time.
         with _uninterrupted(), contextlib.suppress(KeyboardInterrupt, OSError):
-            out.file.write(f"{INTERRUPTED}\n")
+            out.file.write(f"{INTERRUPTED_LINE}\n")
             out.file.flush()
-        return 130
+        return INTERRUPTED
     except HotswapError as e:
         say(f"[red]demo failed:[/red] {escape(str(e))}")
-        return 3 if isinstance(e, StoreUnavailable) else 1
+        return for_error(e)
     say(
         f"[green]Demo finished in {time.monotonic() - started:.1f}s[/green]; "
         "the server, Redis and every temporary file are gone."
     )
-    return 0
+    return OK

@@ -1,10 +1,10 @@
 """Fingerprints: a fast hash that tells whether a tensor's bytes changed.
 
-A BLAKE3 digest names a blob and is what agents check, but computing one
-costs about three times an xxh3-128 pass (7-8 GB/s on two threads against
-22 GB/s on one, here). A publisher that sees the same bytes again, as it
-does for every unchanged tensor of a state dict it publishes over and over,
-finds their digest by fingerprint instead of hashing them again.
+A BLAKE3 digest names a blob and is what agents check, but it is several
+times slower to compute than an xxh3-128 pass (docs/performance.md, change
+13). A publisher that sees the same bytes again, as it does for every
+unchanged tensor of a state dict it publishes over and over, finds their
+digest by fingerprint instead of hashing them again.
 
 A fingerprint never reaches Redis or an agent: it only decides which digest
 the publisher writes into a manifest. An entry is learned only from bytes

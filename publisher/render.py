@@ -33,7 +33,6 @@ from rich.table import Table
 from rich.text import Text
 
 from hotswap.manifest import Manifest, TensorEntry
-from hotswap.status import AgentStatus
 from publisher import plan
 from publisher.reports import GcReport, PublishReport, VerifyReport
 
@@ -164,39 +163,6 @@ def verify_data(model: str, r: VerifyReport) -> dict[str, Any]:
 # -- status ---------------------------------------------------------------------
 
 
-def rejection_reason(s: AgentStatus) -> str | None:
-    if not s.rejection:
-        return s.last_error if s.rejected_version is not None else None
-    name, why = next(iter(sorted(s.rejection.items())))
-    more = f" (+{len(s.rejection) - 1} more tensors)" if len(s.rejection) > 1 else ""
-    return f"{name}: {', '.join(why)}{more}"
-
-
-def agent_row(
-    s: AgentStatus, alive: bool, head: int | None, lineage: str | None, now: float
-) -> dict[str, Any]:
-    same_history = lineage is None or s.lineage is None or s.lineage == lineage
-    lag = head - s.version if head is not None and s.version is not None and same_history else None
-    return {
-        "agent_id": s.agent_id,
-        "host": s.host,
-        "pid": s.pid,
-        "state": s.state,
-        "version": s.version,
-        "lag": lag,
-        "same_lineage": same_history,
-        "alive": alive,
-        "heartbeat_age": round(now - s.updated, 3) if s.updated else None,
-        "last_error": s.last_error,
-        "rejected_version": s.rejected_version,
-        "last_rejection": rejection_reason(s),
-        "rejection": s.rejection,
-        "applied_count": s.applied_count,
-        "rejected_count": s.rejected_count,
-        "bytes_fetched": s.bytes_fetched,
-    }
-
-
 def status_table(data: dict[str, Any]) -> Table:
     head = data["head"]
     table = Table(title=plain(f"model {data['model']}: head " + (f"v{head}" if head else "none")))
@@ -227,6 +193,13 @@ def status_table(data: dict[str, Any]) -> Table:
             beat,
         )
     return table
+
+
+def print_status(console: Console, data: dict[str, Any]) -> None:
+    """``hotswap status`` for people: the table, and a line when no agent has reported."""
+    console.print(status_table(data))
+    if not data["agents"]:
+        console.print("no agent has reported for this model")
 
 
 # -- log / show / diff ------------------------------------------------------------

@@ -1,0 +1,21 @@
+"""The exit codes of the ``hotswap`` command (``hotswap demo`` included), in one table."""
+
+from __future__ import annotations
+
+from hotswap.errors import HotswapError, StoreUnavailable
+
+OK = 0
+"""Success."""
+USER_ERROR = 1
+"""A bad file, unknown model or version, a conflict, a failed verification, or a bug."""
+USAGE = 2
+"""The command line did not parse (argparse's own code)."""
+UNREACHABLE = 3
+"""Redis could not be reached (``StoreUnavailable``)."""
+INTERRUPTED = 130
+"""Ctrl-C or SIGTERM: the shell's code for a process ended by SIGINT."""
+
+
+def for_error(error: HotswapError) -> int:
+    """The exit code a command ends with after ``error``."""
+    return UNREACHABLE if isinstance(error, StoreUnavailable) else USER_ERROR
