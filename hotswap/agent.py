@@ -354,7 +354,7 @@ class Agent:
         # The reporter's thread writes this while the fetch runs.
         self.reporter.update(state="fetching")
         staged, reasons = prepare(
-            self.store,
+            self.store.blobs,
             m,
             self.live,
             digests,

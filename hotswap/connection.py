@@ -1,12 +1,15 @@
-"""Turning settings into a Redis client, and the one retry policy.
+"""Turning settings into a Redis client, and the one retry and error policy.
 
 Only entry points (the CLI, ``Agent``/``Publisher`` given settings) call
-``connect``; library code takes the client as an argument.
+``connect``; library code takes the client as an argument. ``guarded`` is the
+policy every Redis operation of ``store`` and ``blobs`` runs under: retried
+while the failure may heal, then mapped into the ``HotswapError`` tree.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 import redis.cluster
@@ -14,9 +17,10 @@ import tenacity
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from hotswap.errors import ConfigError, StoreUnavailable
+from hotswap.errors import ConfigError, HotswapError, StoreUnavailable
 from hotswap.settings import HotswapSettings
 
+T = TypeVar("T")
 RedisClient = Any  # redis.Redis or redis.cluster.RedisCluster: same command API
 
 # Errors worth another attempt: the server is away, restarting, or slow.
@@ -61,6 +65,48 @@ def reconnect_backoff(max_wait: float = 5.0) -> tenacity.wait.wait_base:
 
 def retry_from_settings(settings: HotswapSettings) -> tenacity.Retrying:
     return operation_retry(settings.retry_attempts, settings.retry_max_wait)
+
+
+def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` under ``retrying``, mapping Redis failures to ``HotswapError``.
+
+    Args:
+        retrying: the retry policy (``operation_retry``); copied, so one
+            policy may serve many threads.
+        model: the model named in error messages.
+        what: what ``fn`` does, as in "while <what>".
+        fn: the Redis operation.
+
+    Returns:
+        What ``fn`` returned.
+
+    Raises:
+        ConfigError: Redis refused the credentials or the ACL user's rights
+            (never retried: waiting will not fix it).
+        StoreUnavailable: Redis stayed unreachable for the whole policy, or
+            answered with an error.
+
+    Example::
+
+        head = guarded(operation_retry(), "m", "reading head", lambda: client.get(key))
+    """
+    try:
+        return retrying.copy()(fn)
+    except HotswapError:
+        raise
+    except redis.AuthenticationError as e:
+        raise ConfigError(f"Redis refused the credentials while {what}: {e}") from e
+    except redis.exceptions.NoPermissionError as e:
+        raise ConfigError(
+            f"Redis user may not do this while {what} for model {model!r}: {e}"
+        ) from e
+    except TRANSIENT as e:
+        raise StoreUnavailable(
+            f"Redis unreachable while {what} for model {model!r} "
+            f"({type(e).__name__}: {e}); check HOTSWAP_REDIS_URL and the server"
+        ) from e
+    except redis.RedisError as e:
+        raise StoreUnavailable(f"Redis error while {what} for model {model!r}: {e}") from e
 
 
 def connect(settings: HotswapSettings) -> RedisClient:

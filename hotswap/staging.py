@@ -34,7 +34,7 @@ ALIGN = 64
 
 
 class ChunkReader(Protocol):
-    """The part of ``Store`` that fetching needs."""
+    """The part of ``BlobStore`` that fetching needs."""
 
     def read_into(
         self,

@@ -1,19 +1,10 @@
 """Blob chunks over a raw socket: zero-copy SET, and GET straight into a buffer.
 
-redis-py builds every SET into one concatenated command (a copy of the
-value) and turns every GET reply into a bytes object read in 64 KiB pieces
-(another copy, and many small reads); for megabyte chunks that halves the
-throughput. This module speaks just enough RESP for SET and GET of chunks on a
-socket borrowed from the client's own connection pool, so host, port, unix
-path, TLS, ACL user, password and db all come from the client (one source of
-truth) and the handshake is redis-py's. Values leave with ``sendmsg`` over the
-caller's memory and replies land with ``recv_into`` in the caller's buffer,
-with a window of GETs in flight so the server never waits for us.
-
-Failures surface as redis-py's exceptions (ConnectionError, TimeoutError,
-ResponseError and its subclasses), so the store's retry and error mapping
-treat both paths alike. A connection that failed mid-stream is dropped, never
-reused.
+Just enough RESP for SET and GET of chunks, on a socket borrowed from the
+client's own connection pool (so address, TLS, ACL and db are the client's).
+Failures surface as redis-py's exceptions, so ``blobs`` retries and maps both
+paths alike. Why it exists and how it works: docs/design.md ("The chunk
+transport"); what it gains: docs/performance.md ("Transport").
 """
 
 from __future__ import annotations
@@ -29,24 +20,70 @@ import redis.cluster
 import redis.connection
 from redis._parsers.base import BaseParser
 
+Key = str | bytes
+
+# -- redis-py adapter ----------------------------------------------------------
+# Every use of redis-py beyond its documented client API is in this section,
+# so that an upgrade breaks one place: tests/test_redis_adapter.py checks each
+# piece and pyproject.toml pins the majors they hold on. Nothing below the
+# section reaches into redis-py.
+
+# Connection classes whose socket speaks plain RESP to one server.
+_PLAIN = (
+    redis.connection.Connection,
+    redis.connection.SSLConnection,
+    redis.connection.UnixDomainSocketConnection,
+)
+
+
+def plain_pool(client: Any) -> redis.ConnectionPool | None:
+    """``client``'s pool if its connections are plain sockets to one server, else None
+    (Redis Cluster, client-side caching, custom connection classes)."""
+    if not isinstance(client, redis.Redis):
+        return None
+    pool = client.connection_pool
+    if pool.connection_class not in _PLAIN or getattr(pool, "cache", None) is not None:
+        return None
+    return pool
+
+
+def borrow(pool: redis.ConnectionPool) -> redis.connection.Connection:
+    """A connected connection from ``pool`` (asked without a command name, as redis-py 6 wants)."""
+    return pool.get_connection()
+
+
+def connection_socket(conn: redis.connection.Connection) -> socket.socket:
+    """The open socket of a connection taken from the pool (redis-py keeps it in ``_sock``)."""
+    sock = getattr(conn, "_sock", None)
+    if not isinstance(sock, socket.socket):
+        raise redis.ConnectionError("Redis connection has no open socket")
+    return sock
+
+
+def reply_error(text: bytes) -> redis.RedisError:
+    """The redis-py exception for an error reply's text (MOVED, ASK, NOAUTH, ...)."""
+    return BaseParser.parse_error(text.decode(errors="replace"))  # type: ignore[no-untyped-call,no-any-return]
+
+
+def node_for_key(cluster: redis.cluster.RedisCluster, key: Key) -> tuple[str, Any]:
+    """The name of the cluster node owning ``key``'s slot, and its client (None if unset)."""
+    node = cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]
+    return node.name, node.redis_connection
+
+
+# -- the transport ----------------------------------------------------------------
+
 MiB = 1024 * 1024
-# Chosen by `python -m bench --tune` on a 2-core machine: 4 GETs in flight kept
-# loopback busy; more gained nothing and cost the server output buffer memory.
+# GETs in flight on one socket: enough that the server always has the next
+# request waiting; more only costs the server output-buffer memory. Set from
+# the transport sweep (`python -m bench --tune`, docs/performance.md).
 DEFAULT_WINDOW = 4
 # Receive buffer for reply headers. A header recv may pull in the start of the
 # next value, which is then copied once; small keeps that copy small.
 SCRATCH_BYTES = 64 * 1024
 # Pieces handed to one sendmsg call (the kernel accepts up to IOV_MAX = 1024).
 SEND_PARTS = 48
-# Connection classes whose socket speaks plain RESP2 to one server.
-_PLAIN = (
-    redis.connection.Connection,
-    redis.connection.SSLConnection,
-    redis.connection.UnixDomainSocketConnection,
-)
 CRLF = b"\r\n"
-
-Key = str | bytes
 
 
 def _key_bytes(key: Key) -> bytes:
@@ -178,16 +215,12 @@ def _send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
             first += 1
 
 
-def _error_of(text: bytes) -> redis.RedisError:
-    return BaseParser.parse_error(text.decode(errors="replace"))  # type: ignore[no-untyped-call,no-any-return]
-
-
 def _reply_error(reader: _Reader, line: bytes) -> redis.RedisError | None:
     """The error a reply line carries (simple ``-`` or RESP3 bulk ``!``), else None."""
     if line[:1] == b"-":
-        return _error_of(line[1:])
+        return reply_error(line[1:])
     if line[:1] == b"!":
-        return _error_of(reader.bulk(line))
+        return reply_error(reader.bulk(line))
     return None
 
 
@@ -204,21 +237,15 @@ class BlobTransport:
     def for_client(cls, client: Any, window: int = DEFAULT_WINDOW) -> BlobTransport | None:
         """A transport over ``client``'s pool, or None where only redis-py's path applies
         (Redis Cluster, client-side caching, custom connection classes)."""
-        if not isinstance(client, redis.Redis):
-            return None
-        pool = client.connection_pool
-        if pool.connection_class not in _PLAIN or getattr(pool, "cache", None) is not None:
-            return None
-        return cls(pool, window)
+        pool = plain_pool(client)
+        return None if pool is None else cls(pool, window)
 
     @contextlib.contextmanager
     def _socket(self) -> Iterator[socket.socket]:
-        conn = self.pool.get_connection()
+        conn = borrow(self.pool)
         clean = False
         try:
-            sock = getattr(conn, "_sock", None)
-            if not isinstance(sock, socket.socket):
-                raise redis.ConnectionError("Redis connection has no open socket")
+            sock = connection_socket(conn)
             try:
                 yield sock
             except TimeoutError as e:
@@ -320,7 +347,9 @@ class NotApplicable(Exception):
     """This client or key cannot take the fast path: use redis-py's."""
 
 
-# Replies meaning a key lives elsewhere now: redis-py's cluster client follows them.
+# When to take redis-py's path instead: a node this module cannot talk to
+# (NotApplicable), or a key that lives elsewhere now (MOVED, ASK: slots
+# migrating), which redis-py's cluster client follows.
 REDIRECTED: tuple[type[Exception], ...] = (
     NotApplicable,
     redis.exceptions.MovedError,
@@ -357,19 +386,17 @@ class ChunkIO:
             return [(self._single, list(range(len(keys))))]
         groups: dict[str, tuple[BlobTransport, list[int]]] = {}
         for i, key in enumerate(keys):
-            node = self.client.get_node_from_key(key)
-            if node.name not in self._nodes:
-                self._nodes[node.name] = (
-                    BlobTransport.for_client(node.redis_connection, self.window)
-                    if node.redis_connection is not None
+            name, node_client = node_for_key(self.client, key)
+            if name not in self._nodes:
+                self._nodes[name] = (
+                    BlobTransport.for_client(node_client, self.window)
+                    if node_client is not None
                     else None
                 )
-            transport = self._nodes[node.name]
+            transport = self._nodes[name]
             if transport is None:
-                raise redis.exceptions.MovedError(
-                    f"0 {node.name}"
-                )  # no connection: redis-py's path
-            groups.setdefault(node.name, (transport, []))[1].append(i)
+                raise NotApplicable(f"cluster node {name} has no plain connection")
+            groups.setdefault(name, (transport, []))[1].append(i)
         return list(groups.values())
 
     def set_chunks(self, keys: Sequence[Key], values: Sequence[memoryview]) -> None:

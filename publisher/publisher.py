@@ -324,7 +324,7 @@ class Publisher:
                 "publish those weights again to sign them"
             ) from e
         # Touched first so a concurrent gc's grace period protects the blobs we check.
-        gone = self.store.missing(target.tensors, touch=True)
+        gone = self.store.blobs.missing(target.tensors, touch=True)
         if gone:
             raise NotFound(
                 f"cannot roll back model {self.model!r} to v{target_version}: blobs of "

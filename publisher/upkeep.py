@@ -43,7 +43,7 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
     referenced: set[str] = set()
     for v in retention.keep:
         referenced.update(plan.unique_blobs(store.manifest(v).tensors))
-    index = store.blob_index()
+    index = store.blobs.blob_index()
     unreferenced = sum(1 for blob in index if blob not in referenced)
     candidates = gcplan.collectable(index, referenced, time.time(), grace)
     if not dry_run:
@@ -51,9 +51,9 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
         # instead of finding a manifest whose blobs are going.
         store.delete_manifests(retention.delete)
         # Re-read the scores last: a publish may have touched a candidate since.
-        fresh = gcplan.rescore(candidates, store.blob_scores(candidates))
+        fresh = gcplan.rescore(candidates, store.blobs.blob_scores(candidates))
         candidates = gcplan.collectable(fresh, referenced, time.time(), grace)
-    chunks = 0 if dry_run else store.delete_blobs(candidates)
+    chunks = 0 if dry_run else store.blobs.delete_blobs(candidates)
     report = GcReport(
         kept=retention.keep,
         deleted_versions=retention.delete,
@@ -102,7 +102,7 @@ def verify(
         hashing = codec.ChunkDigest(buf, entry.chunk_bytes)
         problem = None
         try:
-            store.read_into(entry, buf, version, hashing.landed)
+            store.blobs.read_into(entry, buf, version, hashing.landed)
             if hashing.hexdigest() != entry.digest:
                 problem = "digest mismatch: the stored bytes were altered"
         except IntegrityError as e:

@@ -168,7 +168,7 @@ def upload_missing(
     likely = [e for e in entries if (e.digest, e.chunk_bytes) in known]
     unsure = [e for e in entries if (e.digest, e.chunk_bytes) not in known]
     for _attempt in range(3):
-        todo = plan.unique_blobs(store.missing(unsure, expect_present=likely, touch=True))
+        todo = plan.unique_blobs(store.blobs.missing(unsure, expect_present=likely, touch=True))
         likely = []
         if not todo:
             return sent, {c: f.result() for c, f in stats.items()}
@@ -197,7 +197,7 @@ def upload_missing(
                     if progress:
                         progress("upload", base + n, total)
 
-                sent += store.upload(entry, buf, _accumulate(tick))
+                sent += store.blobs.upload(entry, buf, _accumulate(tick))
                 done += entry.nbytes
                 if checking is not None and not _still_same(store, checking, memo):
                     changed.append(checking.name)
@@ -223,7 +223,7 @@ def _still_same(store: Store, check: _Check, memo: Fingerprints) -> bool:
         memo.learn(check.before, check.entry.digest)
         return True
     # Its chunks hold bytes that do not hash to the name they are stored under.
-    store.delete_blobs([plan.blob_of(check.entry)])
+    store.blobs.delete_blobs([plan.blob_of(check.entry)])
     return False
 
 

@@ -126,7 +126,7 @@ def manifest_raw(
     """
     entries = [entry_for(k, v) for k, v in state.items()]
     for e in entries:
-        store.upload(e, codec.as_bytes(state[e.name]))
+        store.blobs.upload(e, codec.as_bytes(state[e.name]))
     if tamper is not None:
         entries = tamper(entries)
     head = store.head_manifest()
@@ -179,7 +179,7 @@ class Recorder:
         self.calls: list[tuple[str, Any]] = []
         self.status_threads: list[str] = []
         store, once = agent.store, agent.reporter.store
-        head, manifest, read = store.head, store.manifest_bytes, store.read_into
+        head, manifest, read = store.head, store.manifest_bytes, store.blobs.read_into
         write = once.write_agent_status
 
         def rec_head() -> int | None:
@@ -202,7 +202,7 @@ class Recorder:
 
         store.head = rec_head  # type: ignore[method-assign]
         store.manifest_bytes = rec_manifest  # type: ignore[method-assign]
-        store.read_into = rec_read  # type: ignore[method-assign]
+        store.blobs.read_into = rec_read  # type: ignore[method-assign]
         once.write_agent_status = rec_write  # type: ignore[method-assign]
 
 

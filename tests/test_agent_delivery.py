@@ -102,7 +102,7 @@ def test_redis_killed_during_fetch_then_restarted(
     pub = Publisher(MODEL, settings=cfg)
     v1 = pub.publish(cloned(model))
     agent = Agent(model, MODEL, settings=cfg)
-    real_read = agent.store.read_into
+    real_read = agent.store.blobs.read_into
     reads: list[str] = []
 
     def read_then_die(
@@ -113,7 +113,7 @@ def test_redis_killed_during_fetch_then_restarted(
             own_redis.kill()
         real_read(entry, out, version, on_chunk)
 
-    agent.store.read_into = read_then_die  # type: ignore[method-assign]
+    agent.store.blobs.read_into = read_then_die  # type: ignore[method-assign]
     with agent:
         assert agent.wait_for(v1, 10)
         before = snapshot(model)
@@ -240,7 +240,7 @@ def test_unexpected_error_is_logged_once_and_retried(
 ) -> None:
     model = Ten()
     agent = Agent(model, MODEL, settings=settings)
-    real_read = agent.store.read_into
+    real_read = agent.store.blobs.read_into
     broken = threading.Event()
     broken.set()
 
@@ -251,7 +251,7 @@ def test_unexpected_error_is_logged_once_and_retried(
             raise RuntimeError("out of staging memory")
         real_read(entry, out, version, on_chunk)
 
-    agent.store.read_into = flaky  # type: ignore[method-assign]
+    agent.store.blobs.read_into = flaky  # type: ignore[method-assign]
     caplog.set_level(logging.INFO, logger="hotswap.agent")
     before = snapshot(model)
     with agent:
@@ -341,7 +341,7 @@ def test_notices_queued_during_a_fetch_go_straight_to_the_newest(
     slow = settings.model_copy(update={"poll_interval": 30.0})
     applied: list[int] = []
     agent = Agent(model, MODEL, settings=slow, on_applied=lambda v, r: applied.append(v))
-    real_read = agent.store.read_into
+    real_read = agent.store.blobs.read_into
     held, release = threading.Event(), threading.Event()
 
     def read_held(
@@ -352,7 +352,7 @@ def test_notices_queued_during_a_fetch_go_straight_to_the_newest(
             assert release.wait(10)
         real_read(entry, out, version, on_chunk)
 
-    agent.store.read_into = read_held  # type: ignore[method-assign]
+    agent.store.blobs.read_into = read_held  # type: ignore[method-assign]
     listener = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     listener.subscribe(keys.events_channel("hotswap", MODEL))
     with agent:
@@ -384,7 +384,7 @@ def test_heartbeat_lives_through_one_long_tensor_fetch(
     beat = settings.model_copy(update={"heartbeat_ttl": 1.5})  # refreshed every 0.5 s
     model = Ten()
     agent = Agent(model, MODEL, settings=beat)
-    real_read = agent.store.read_into
+    real_read = agent.store.blobs.read_into
     held, release = threading.Event(), threading.Event()
 
     def read_slowly(
@@ -394,7 +394,7 @@ def test_heartbeat_lives_through_one_long_tensor_fetch(
         assert release.wait(20)  # one tensor that takes far longer than the ttl
         real_read(entry, out, version, on_chunk)
 
-    agent.store.read_into = read_slowly  # type: ignore[method-assign]
+    agent.store.blobs.read_into = read_slowly  # type: ignore[method-assign]
 
     def alive() -> list[bool]:
         return [a for i, _, a in store.agent_records() if i == agent.agent_id]

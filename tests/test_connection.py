@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +12,7 @@ import redis
 import redis.cluster
 import tenacity
 import torch
+from polling import until
 
 from hotswap.agent import Agent
 from hotswap.connection import (
@@ -179,10 +179,12 @@ def single_node_cluster() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis(cluster=True) as node:
         admin = redis.Redis.from_url(node.url)
         admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-        deadline = time.monotonic() + 10
-        while b"cluster_state:ok" not in admin.execute_command("CLUSTER", "INFO"):
-            assert time.monotonic() < deadline, "single-node cluster did not come up"
-            time.sleep(0.05)
+        up = until(
+            lambda: b"cluster_state:ok" in admin.execute_command("CLUSTER", "INFO"),
+            attempts=200,
+            pause=0.05,
+        )
+        assert up, "single-node cluster did not come up"
         admin.close()
         yield node
 
@@ -195,9 +197,9 @@ def test_store_works_unchanged_on_a_cluster() -> None:
             assert isinstance(c, redis.cluster.RedisCluster)
             store = Store(c, "m")
             entry = TensorEntry("w", "U8", (5,), 5, "ab" * 32, 2, 0.0, 0.0)
-            store.upload(entry, memoryview(b"hello"))
+            store.blobs.upload(entry, memoryview(b"hello"))
             out = bytearray(5)
-            store.read_into(entry, memoryview(out), 1)
+            store.blobs.read_into(entry, memoryview(out), 1)
             assert out == b"hello"
             v = store.reserve_version()
             m = Manifest("m", v, None, "ab" * 16, (entry,))
@@ -234,7 +236,7 @@ def test_publish_apply_and_gc_on_a_cluster_with_chunks_over_many_slots() -> None
             assert (report.blobs_deleted, report.blobs_kept_young) == (0, 1)
             report = upkeep.collect(pub.store, keep=1, grace=0.0)
             assert (report.blobs_deleted, report.chunks_deleted) == (1, 10)
-            assert pub.store.missing(pub.store.manifest(v2).tensors) == []
+            assert pub.store.blobs.missing(pub.store.manifest(v2).tensors) == []
         finally:
             pub.close()
 

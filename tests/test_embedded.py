@@ -6,12 +6,12 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
+from polling import until
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -108,10 +108,8 @@ def test_freeze_and_thaw() -> None:
         server.freeze()
         assert server.process is not None
         process = psutil.Process(server.process.pid)
-        deadline = time.monotonic() + 2
-        while process.status() != psutil.STATUS_STOPPED:  # signals land asynchronously
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # Signals land asynchronously.
+        assert until(lambda: process.status() == psutil.STATUS_STOPPED, attempts=200)
         c = redis.Redis(port=server.port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
         with pytest.raises(redis.TimeoutError):
             c.ping()
@@ -253,10 +251,8 @@ def test_cluster_node_on_a_high_port_gets_its_own_bus_port() -> None:
         assert c.config_get("cluster-port") == {"cluster-port": str(server.bus_port)}
         assert c.config_get("cluster-enabled") == {"cluster-enabled": "yes"}
         c.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
-        deadline = time.monotonic() + 10
-        while c.cluster("info")["cluster_state"] != "ok":
-            assert time.monotonic() < deadline, "single-node cluster did not come up"
-            time.sleep(0.05)
+        up = until(lambda: c.cluster("info")["cluster_state"] == "ok", attempts=200, pause=0.05)
+        assert up, "single-node cluster did not come up"
         assert (Path(server.dir) / "nodes.conf").is_file()
         c.close()
         server.restart()  # same bus port after a restart

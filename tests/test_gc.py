@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 import torch
+from polling import until
 
 from hotswap import keys
 from hotswap import status as st
@@ -97,7 +98,7 @@ def test_gc_keeps_newest_and_deletes_the_rest(
     # Blobs of v1-v3's "w" are gone; "shared" (in every version) and v4/v5 remain.
     assert report.blobs_deleted == 3
     wanted = set().union(*(unique_blobs(store.manifest(v).tensors) for v in (4, 5)))
-    assert set(store.blob_index()) == wanted
+    assert set(store.blobs.blob_index()) == wanted
     left = {k.decode().split(":blob:")[1].rsplit(":", 1)[0] for k in chunk_keys(client)}
     assert {b.rsplit(":", 1)[0] for b in wanted} == left
     for v in (4, 5):
@@ -125,7 +126,8 @@ def test_gc_keeps_what_live_agents_run_but_not_dead_ones(
     dead = st.AgentStatus("dead", "h", 1, state="idle", version=1, updated=time.time())
     store.write_agent_status("live", st.encode(live), ttl=60)
     store.write_agent_status("dead", st.encode(dead), ttl=0.05)
-    time.sleep(0.2)
+    dead_beat = keys.heartbeat_key("hotswap", "m", "dead")
+    assert until(lambda: not client.exists(dead_beat), attempts=500), "heartbeat never expired"
     age_all_blobs(client)
     report = pub.gc(keep=1)
     assert report.kept == [2, 5] and report.deleted_versions == [1, 3, 4]
@@ -185,7 +187,7 @@ def test_rollback_to_version_whose_blobs_were_collected(
 ) -> None:
     publish_versions(pub, 2)
     w = unique_blobs([store.manifest(1).by_name()["w"]])
-    store.delete_blobs(list(w))
+    store.blobs.delete_blobs(list(w))
     with pytest.raises(
         NotFound,
         match=r"^cannot roll back model 'm' to v1: blobs of 1 tensors \(e\.g\. 'w'\) were "

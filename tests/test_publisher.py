@@ -290,7 +290,7 @@ def test_publish_files_in_process(pub: Publisher, store: Store, tmp_path: Path) 
     m = store.manifest(1).by_name()
     for name, t in sd.items():
         buf = bytearray(t.nbytes)
-        store.read_into(m[name], memoryview(buf))
+        store.blobs.read_into(m[name], memoryview(buf))
         assert bytes(buf) == t.numpy().tobytes()
 
 
@@ -712,7 +712,7 @@ def test_tensors_loaded_one_by_one_never_alias(
     assert len({e.digest for e in entries.values()}) == 20
     for name, t in sd.items():
         buf = bytearray(t.nbytes)
-        store.read_into(entries[name], memoryview(buf))
+        store.blobs.read_into(entries[name], memoryview(buf))
         assert bytes(buf) == t.numpy().tobytes(), name
 
 
@@ -741,7 +741,7 @@ def test_lazy_mapping_tensors_never_alias(pub: Publisher, store: Store) -> None:
     assert len({e.digest for e in entries.values()}) == 20
     for name in lazy:
         buf = bytearray(4096 * 4)
-        store.read_into(entries[name], memoryview(buf))
+        store.blobs.read_into(entries[name], memoryview(buf))
         assert bytes(buf) == lazy[name].numpy().tobytes(), name
 
 

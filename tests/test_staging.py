@@ -122,7 +122,7 @@ def test_fetch_stages_every_changed_tensor_exactly(store: Store, mode: Staging) 
     v = commit_raw(store, state)
     m = store.manifest(v)
     staged, reasons = prepare(
-        store,
+        store.blobs,
         m,
         live,
         live.digests(),
@@ -155,7 +155,7 @@ def test_fetch_names_every_corrupted_or_missing_tensor(store: Store, client: red
     client.set(first, bytes(raw))
     client.delete(keys.blob_key("hotswap", "m", gone.digest, gone.chunk_bytes, 0))
     p = plan(m, live, live.digests(), set())
-    staged = fetch(store, p, live, mode="auto", where="model 'm' v1")
+    staged = fetch(store.blobs, p, live, mode="auto", where="model 'm' v1")
     assert sorted(staged.failures) == ["layers.0.weight", "layers.2.bias"]
     assert staged.failures["layers.0.weight"][0].startswith(
         "model 'm' v1 tensor 'layers.0.weight': bytes hash to"
@@ -178,7 +178,12 @@ def test_fetch_lands_in_one_arena_that_a_kept_budget_reuses(store: Store) -> Non
     first = {k: v.detach() * 1.5 for k, v in model.state_dict().items()}
     m1 = store.manifest(commit_raw(store, first))
     staged = fetch(
-        store, plan(m1, live, live.digests(), set()), live, mode="auto", where="w", memory=memory
+        store.blobs,
+        plan(m1, live, live.digests(), set()),
+        live,
+        mode="auto",
+        where="w",
+        memory=memory,
     )
     assert staged.failures == {} and len(staged.tensors) == 10
     assert staged.arena is not None
@@ -193,7 +198,12 @@ def test_fetch_lands_in_one_arena_that_a_kept_budget_reuses(store: Store) -> Non
     second = {k: v.detach() * 2.5 for k, v in model.state_dict().items()}
     m2 = store.manifest(commit_raw(store, second))
     again = fetch(
-        store, plan(m2, live, live.digests(), set()), live, mode="auto", where="w", memory=memory
+        store.blobs,
+        plan(m2, live, live.digests(), set()),
+        live,
+        mode="auto",
+        where="w",
+        memory=memory,
     )
     assert again.arena is not None and _storage(again.arena) == arena  # the same memory
     assert all(torch.equal(t, second[k]) for k, t in again.tensors.items())
@@ -208,7 +218,12 @@ def test_without_a_budget_nothing_is_kept(store: Store) -> None:
         commit_raw(store, {k: v.detach() + 1 for k, v in model.state_dict().items()})
     )
     staged = fetch(
-        store, plan(m, live, live.digests(), set()), live, mode="auto", where="w", memory=memory
+        store.blobs,
+        plan(m, live, live.digests(), set()),
+        live,
+        mode="auto",
+        where="w",
+        memory=memory,
     )
     assert staged.arena is not None
     staged.release()
@@ -362,7 +377,7 @@ def test_a_fetch_that_fails_hands_its_arena_back(store: Store) -> None:
             calls[0] += 1
             if calls[0] == 3:
                 raise StoreUnavailable("Redis unreachable while reading tensor")
-            store.read_into(entry, out, version, on_chunk)
+            store.blobs.read_into(entry, out, version, on_chunk)
 
     with pytest.raises(StoreUnavailable, match="Redis unreachable while reading tensor"):
         fetch(
@@ -410,7 +425,7 @@ def test_a_known_old_norm_is_used_instead_of_a_pass_over_the_live_tensor(store: 
     m = store.manifest(commit_raw(store, state))
     real = codec.norm(live.tensors["layers.0.weight"])
     staged, reasons = prepare(
-        store,
+        store.blobs,
         m,
         live,
         live.digests(),
@@ -427,7 +442,7 @@ def test_a_known_old_norm_is_used_instead_of_a_pass_over_the_live_tensor(store: 
     assert staged.norms == {k: entries[k].norm for k in state if k != "layers.0.weight"}
     staged.release()
     staged, reasons = prepare(
-        store, m, live, live.digests(), Policy(check_norm=False), mode="auto", where="w"
+        store.blobs, m, live, live.digests(), Policy(check_norm=False), mode="auto", where="w"
     )
     assert reasons == {} and staged.norms == {}
 
@@ -450,7 +465,9 @@ def test_per_tensor_host_buffers_of_cuda_models_run_on_cpu_too(
     live = LiveModel(model)
     state = {k: v.detach() * 3 for k, v in model.state_dict().items()}
     m = store.manifest(commit_raw(store, state))
-    staged, reasons = prepare(store, m, live, live.digests(), Policy(), mode="pinned", where="w")
+    staged, reasons = prepare(
+        store.blobs, m, live, live.digests(), Policy(), mode="pinned", where="w"
+    )
     assert reasons == {} and staged.arena is None
     assert sorted(made) == sorted((t.nbytes, False) for t in state.values())
     apply(pairs(staged, live))

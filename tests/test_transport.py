@@ -8,23 +8,30 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import torch
+from polling import until
 from redis.cache import CacheConfig
 from redis.cluster import RedisCluster
 
 from hotswap import codec, keys
-from hotswap.connection import operation_retry
 from hotswap.embedded import EmbeddedRedis, free_port
-from hotswap.errors import IntegrityError, StoreUnavailable
 from hotswap.manifest import TensorEntry
 from hotswap.store import Store
-from hotswap.transport import BlobTransport, _Reader, _reply_error, get_command, set_header
+from hotswap.transport import (
+    REDIRECTED,
+    BlobTransport,
+    ChunkIO,
+    NotApplicable,
+    _Reader,
+    _reply_error,
+    get_command,
+    set_header,
+)
 
 MiB = 1024 * 1024
 
@@ -304,7 +311,7 @@ def test_frozen_server_is_a_timeout_error(server: EmbeddedRedis) -> None:
     client.close()
 
 
-# -- the store on the fast path -------------------------------------------------------
+# -- ChunkIO: which path, on which node -----------------------------------------------
 
 
 def _entry(name: str, data: bytes, chunk: int) -> TensorEntry:
@@ -314,87 +321,25 @@ def _entry(name: str, data: bytes, chunk: int) -> TensorEntry:
                        s.max_abs)  # fmt: skip
 
 
-def _plain(store: Store) -> Store:
-    store.__dict__["_blob_io"] = None  # the cached fast path, switched off
-    return store
+class _Node:
+    def __init__(self, name: str, client: object) -> None:
+        self.name, self.redis_connection = name, client
 
 
-def test_store_fast_path_writes_and_reads_what_redis_py_does(client: redis.Redis) -> None:
-    data = _blob(5 * 65536 + 123, 9)
-    entry = _entry("w", data, 65536)
-    fast, plain = Store(client, "m"), _plain(Store(client, "p"))
-    assert fast._blob_io is not None
-    ticks: list[int] = []
-    assert fast.upload(entry, memoryview(data), ticks.append) == len(data)
-    assert sum(ticks) == len(data)
-    plain.upload(entry, memoryview(data))
-    for i in range(entry.chunks):
-        assert client.get(keys.blob_key("hotswap", "m", entry.digest, 65536, i)) == client.get(
-            keys.blob_key("hotswap", "p", entry.digest, 65536, i)
-        )
-    out_fast, out_plain = bytearray(len(data)), bytearray(len(data))
-    fast.read_into(entry, memoryview(out_fast), 1)
-    plain.read_into(entry, memoryview(out_plain), 1)
-    assert bytes(out_fast) == bytes(out_plain) == data
+class _ClusterWithoutConnections:
+    """Quacks like RedisCluster where ChunkIO asks it: every key on one unreachable node."""
+
+    def get_node_from_key(self, key: str | bytes) -> _Node:
+        return _Node("127.0.0.1:1", None)
 
 
-def test_store_reports_each_chunk_as_it_lands_on_both_paths(client: redis.Redis) -> None:
-    data = _blob(5 * 65536 + 123, 4)
-    entry = _entry("w", data, 65536)
-    expected = [(i, 65536) for i in range(5)] + [(5, 123)]
-    for store in (Store(client, "m"), _plain(Store(client, "m"))):
-        store.upload(entry, memoryview(data))
-        out = bytearray(len(data))
-        landed: list[tuple[int, int]] = []
-        hashing = codec.ChunkDigest(memoryview(out), 65536)
-
-        def seen(i: int, n: int, hashing: codec.ChunkDigest = hashing) -> None:
-            landed.append((i, n))
-            hashing.landed(i, n)
-
-        store.read_into(entry, memoryview(out), 1, seen)
-        assert landed == expected
-        assert bytes(out) == data and hashing.hexdigest() == entry.digest
-
-
-def test_store_fast_path_missing_and_truncated_chunks(client: redis.Redis) -> None:
-    data = _blob(4 * 4096 + 10, 3)
-    entry = _entry("w", data, 4096)
-    store = Store(client, "m", retrying=operation_retry(2, 0.05))
-    store.upload(entry, memoryview(data))
-    key = keys.blob_key("hotswap", "m", entry.digest, 4096, 2)
-    client.set(key, data[:100])
-    with pytest.raises(IntegrityError) as e:
-        store.read_into(entry, memoryview(bytearray(len(data))), 3)
-    assert str(e.value) == (
-        "model 'm' v3 tensor 'w': chunk 2 is 100 bytes, expected 4096 (truncated or corrupted)"
-    )
-    client.set(key, data[2 * 4096 : 3 * 4096] + b"extra")  # too long is as bad
-    with pytest.raises(IntegrityError, match="chunk 2 is 4101 bytes, expected 4096"):
-        store.read_into(entry, memoryview(bytearray(len(data))), 3)
-    client.delete(key)
-    with pytest.raises(IntegrityError) as e:
-        store.read_into(entry, memoryview(bytearray(len(data))), 7)
-    assert str(e.value) == (
-        "model 'm' v7 tensor 'w': chunk 2 of 5 is missing from Redis (collected or lost); "
-        "publish again"
-    )
-    assert client.get(keys.blob_key("hotswap", "m", entry.digest, 4096, 4)) == data[4 * 4096 :]
-
-
-def test_store_fast_path_failures_are_store_unavailable() -> None:
-    with EmbeddedRedis() as srv:
-        client = redis.Redis.from_url(srv.url, socket_timeout=1, socket_connect_timeout=0.5)
-        store = Store(client, "m", retrying=operation_retry(2, 0.05))
-        data = _blob(10_000)
-        entry = _entry("w", data, 4096)
-        store.upload(entry, memoryview(data))
-        srv.kill()
-        with pytest.raises(StoreUnavailable, match="Redis unreachable while reading tensor 'w'"):
-            store.read_into(entry, memoryview(bytearray(len(data))))
-        with pytest.raises(StoreUnavailable, match="Redis unreachable while uploading tensor 'w'"):
-            store.upload(entry, memoryview(data))
-        client.close()
+def test_a_node_without_a_plain_connection_is_not_applicable() -> None:
+    io = ChunkIO(_ClusterWithoutConnections())
+    with pytest.raises(NotApplicable, match=r"cluster node 127\.0\.0\.1:1 has no plain connection"):
+        io.get_into(["k"], [memoryview(bytearray(1))])
+    with pytest.raises(NotApplicable):
+        io.set_chunks(["k"], [memoryview(b"v")])
+    assert NotApplicable in REDIRECTED  # the blob store then takes redis-py's path
 
 
 def _cluster(servers: list[EmbeddedRedis], second_bus_port: int) -> None:
@@ -402,12 +347,14 @@ def _cluster(servers: list[EmbeddedRedis], second_bus_port: int) -> None:
     a.execute_command("CLUSTER ADDSLOTSRANGE", 0, 8191)
     b.execute_command("CLUSTER ADDSLOTSRANGE", 8192, 16383)
     a.execute_command("CLUSTER MEET", "127.0.0.1", servers[1].port, second_bus_port)
-    deadline = time.monotonic() + 20
-    while not all(
-        c.cluster("info")["cluster_state"] == "ok" and len(c.cluster("nodes")) == 2 for c in (a, b)
-    ):
-        assert time.monotonic() < deadline, "cluster did not form"
-        time.sleep(0.05)
+
+    def formed() -> bool:
+        return all(
+            c.cluster("info")["cluster_state"] == "ok" and len(c.cluster("nodes")) == 2
+            for c in (a, b)
+        )
+
+    assert until(formed, attempts=400, pause=0.05), "cluster did not form"
     a.close()
     b.close()
 
@@ -422,11 +369,11 @@ def test_cluster_goes_through_the_node_that_owns_each_key() -> None:
     with EmbeddedRedis(extra_args=args[0]) as one, EmbeddedRedis(extra_args=args[1]) as two:
         _cluster([one, two], bus[1])
         client = RedisCluster(host="127.0.0.1", port=one.port)
-        store = Store(client, "m")
+        blobs = Store(client, "m").blobs
         data = _blob(40 * 1024 + 5, 4)
         entry = _entry("w", data, 1024)
-        store.upload(entry, memoryview(data))
-        fast = store._blob_io
+        blobs.upload(entry, memoryview(data))
+        fast = blobs._blob_io
         assert fast is not None and len(fast._nodes) == 2  # keys spread over both shards
         out = bytearray(len(data))
         landed: list[int] = []
@@ -436,7 +383,7 @@ def test_cluster_goes_through_the_node_that_owns_each_key() -> None:
             landed.append(i)
             hashing.landed(i, n)
 
-        store.read_into(entry, memoryview(out), 1, seen)
+        blobs.read_into(entry, memoryview(out), 1, seen)
         assert bytes(out) == data
         # Node by node: every chunk once, not in order overall, hashed all the same.
         assert sorted(landed) == list(range(entry.chunks)) and landed != sorted(landed)
@@ -461,9 +408,9 @@ def test_cluster_goes_through_the_node_that_owns_each_key() -> None:
         with pytest.raises(redis.exceptions.MovedError):
             fast.get_into([key0], [memoryview(bytearray(1024))])
         out = bytearray(len(data))
-        store.read_into(entry, memoryview(out), 1)
+        blobs.read_into(entry, memoryview(out), 1)
         assert bytes(out) == data
-        store.upload(entry, memoryview(data))  # writes follow the move too
+        blobs.upload(entry, memoryview(data))  # writes follow the move too
         assert direct[other.name].get(key0) == data[:1024]
         for node in direct.values():
             node.close()

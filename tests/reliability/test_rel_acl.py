@@ -160,13 +160,13 @@ def test_agent_user_cannot_publish_move_head_or_write_blobs(
         agent_store.commit(forged, data, {"version": 2}, heard)
     entry = forged.tensors[0]
     with pytest.raises(ConfigError, match=r"^Redis user may not do this while uploading tensor"):
-        agent_store.upload(entry, memoryview(bytes(entry.nbytes)))
+        agent_store.blobs.upload(entry, memoryview(bytes(entry.nbytes)))
     with pytest.raises(ConfigError, match=r"^Redis user may not do this while reserving a version"):
         agent_store.reserve_version()
     # What an agent needs still works: read head, manifests and blobs, write its status.
     assert agent_store.head() == v1 and agent_store.manifest(v1) == store.manifest(v1)
     out = bytearray(entry.nbytes)
-    agent_store.read_into(entry, memoryview(out), v1)
+    agent_store.blobs.read_into(entry, memoryview(out), v1)
     assert bytes(out) == bytes(pub_bytes(state, entry.name))
     agent_store.write_agent_status("a-1", b"record", 10.0)
     after = {k: admin.dump(k) for k in admin.keys("*")}

@@ -57,7 +57,7 @@ def durable() -> Iterator[EmbeddedRedis]:
 
 
 def blob_keys(store: Store) -> set[str]:
-    return set(store.stored_blob_keys())
+    return set(store.blobs.stored_blob_keys())
 
 
 def referenced_keys(store: Store) -> set[str]:
@@ -173,7 +173,7 @@ def test_redis_killed_during_an_agents_fetch(durable: EmbeddedRedis) -> None:
     with Publisher(MODEL, settings=cfg) as pub:
         v1 = pub.publish(first)
         agent = Agent(live, MODEL, settings=cfg)
-        real_read = agent.store.read_into
+        real_read = agent.store.blobs.read_into
         reads: list[str] = []
 
         def read_then_die(
@@ -185,7 +185,7 @@ def test_redis_killed_during_an_agents_fetch(durable: EmbeddedRedis) -> None:
                     durable.kill()  # 4 of v2's 12 tensors staged, the rest never arrive
             real_read(entry, out, version, on_chunk)
 
-        agent.store.read_into = read_then_die  # type: ignore[method-assign]
+        agent.store.blobs.read_into = read_then_die  # type: ignore[method-assign]
         with agent:
             assert agent.wait_for(v1, 10)
             v2 = pub.publish(second)
@@ -323,7 +323,7 @@ def test_publisher_process_killed_mid_upload_leaves_only_orphans_for_gc(
             report = late.gc()
         assert (report.blobs_deleted, report.chunks_deleted) == (6, len(orphans))
         assert blob_keys(store) == before == referenced_keys(store)
-        assert set(store.blob_index()) == set(plan.unique_blobs(store.manifest(v1).tensors))
+        assert set(store.blobs.blob_index()) == set(plan.unique_blobs(store.manifest(v1).tensors))
         assert pub.verify(v1).ok
         again = make_state(9, 6, 32)
         v2 = pub.publish(again)

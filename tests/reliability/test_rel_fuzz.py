@@ -353,7 +353,7 @@ def chunk_store(redis_server: EmbeddedRedis) -> Iterator[Store]:
 def test_hostile_chunks_in_redis(chunk_store: Store, chunks: tuple[bytes | None, ...]) -> None:
     """Missing, short, long and garbled chunks: IntegrityError, or exactly the stored bytes
     (which then pass the digest check only if they are the original)."""
-    client, names = chunk_store.client, chunk_store._chunk_keys(CHUNK_ENTRY)
+    client, names = chunk_store.client, chunk_store.blobs._chunk_keys(CHUNK_ENTRY)
     client.delete(*names)
     for name, value in zip(names, chunks, strict=True):
         if value is not None:
@@ -361,7 +361,7 @@ def test_hostile_chunks_in_redis(chunk_store: Store, chunks: tuple[bytes | None,
     out = bytearray(CHUNK_ENTRY.nbytes)
 
     def read() -> bytes:
-        chunk_store.read_into(CHUNK_ENTRY, memoryview(out), 1)
+        chunk_store.blobs.read_into(CHUNK_ENTRY, memoryview(out), 1)
         codec.check_digest("w", out, CHUNK_ENTRY.digest, "model 'fuzz-chunks' v1")
         return bytes(out)
 

@@ -79,7 +79,7 @@ def evil_entry(store: Store, like: TensorEntry, values: object) -> TensorEntry:
         like.name, like.dtype, like.shape, like.nbytes, codec.digest(buf), like.chunk_bytes,
         stats.norm, stats.max_abs,
     )  # fmt: skip
-    store.upload(entry, buf)
+    store.blobs.upload(entry, buf)
     return entry
 
 

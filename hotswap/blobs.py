@@ -1,0 +1,387 @@
+"""Blob I/O of one model: which chunks are missing, upload, read back, index, delete.
+
+A tensor's bytes are stored by content: cut at the entry's chunk size, one
+Redis string per chunk (``keys.blob_key``), and a sorted set indexes each blob
+by when a publish last referenced it (gc's grace clock). Chunks travel over
+the zero-copy path of ``hotswap.transport`` where it applies and over
+redis-py's pipelines elsewhere; every operation runs under the one retry and
+error policy (``connection.guarded``). This module does not import ``store``:
+``Store.blobs`` is a ``BlobStore`` on the same client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar, cast
+
+import redis
+import redis.cluster
+import tenacity
+
+from hotswap import keys, transport
+from hotswap.connection import RedisClient, guarded, operation_retry
+from hotswap.errors import IntegrityError
+from hotswap.manifest import TensorEntry
+
+T = TypeVar("T")
+# Bytes queued in one pipeline round trip: big enough to stream, small enough
+# to bound the client's buffers.
+PIPELINE_BYTES = 32 * 1024 * 1024
+
+
+def _span(entry: TensorEntry, i: int) -> tuple[int, int]:
+    """Where chunk ``i`` of ``entry`` starts and ends in the tensor's bytes."""
+    start = i * entry.chunk_bytes
+    return start, min(start + entry.chunk_bytes, entry.nbytes)
+
+
+def _batches(entry: TensorEntry) -> Iterator[range]:
+    """The chunk indices of ``entry`` in runs of at most ``PIPELINE_BYTES``."""
+    per_batch = max(1, PIPELINE_BYTES // entry.chunk_bytes)
+    for start in range(0, entry.chunks, per_batch):
+        yield range(start, min(start + per_batch, entry.chunks))
+
+
+def check_chunk(where: str, entry: TensorEntry, i: int, got: int | None) -> None:
+    """Refuse chunk ``i`` read back as ``got`` bytes (None: absent), whichever path read it.
+
+    Raises:
+        IntegrityError: the chunk is missing, or not the length the manifest implies.
+    """
+    start, end = _span(entry, i)
+    if got is None:
+        raise IntegrityError(
+            f"{where} tensor {entry.name!r}: chunk {i} of {entry.chunks} is missing "
+            "from Redis (collected or lost); publish again"
+        )
+    if got != end - start:
+        raise IntegrityError(
+            f"{where} tensor {entry.name!r}: chunk {i} is {got} bytes, "
+            f"expected {end - start} (truncated or corrupted)"
+        )
+
+
+def _unique_blobs(entries: Iterable[TensorEntry]) -> list[TensorEntry]:
+    """One entry per stored blob (tied tensors share one), empty tensors left out."""
+    unique = {(e.digest, e.chunk_bytes, e.nbytes): e for e in entries if e.chunks}
+    return list(unique.values())
+
+
+class BlobStore:
+    """Blob (tensor content) I/O for one model under one namespace.
+
+    Args:
+        client: a ``redis.Redis`` or ``redis.cluster.RedisCluster``.
+        model: the model's name.
+        namespace: the key prefix shared by a deployment's models.
+        retrying: the retry policy (default ``connection.operation_retry()``).
+
+    Raises:
+        ConfigError: the model or namespace name is not allowed in a key.
+
+    Example::
+
+        blobs = BlobStore(client, "m")  # or Store(client, "m").blobs
+        if blobs.missing([entry]):
+            blobs.upload(entry, codec.as_bytes(tensor))
+        blobs.read_into(entry, memoryview(bytearray(entry.nbytes)))
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        model: str,
+        *,
+        namespace: str = "hotswap",
+        retrying: tenacity.Retrying | None = None,
+    ) -> None:
+        self.client = client
+        self.model = keys.check_name(model)
+        self.ns = keys.check_name(namespace, "namespace")
+        self._retrying = retrying or operation_retry()
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` under the retry policy, mapping Redis failures to HotswapError."""
+        return guarded(self._retrying, self.model, what, fn)
+
+    def _key(self, fn: Callable[..., str], *args: Any) -> str:
+        return fn(self.ns, self.model, *args)
+
+    def _chunk_keys(self, entry: TensorEntry) -> list[str]:
+        return keys.chunk_keys(self.ns, self.model, entry.digest, entry.chunk_bytes, entry.chunks)
+
+    @functools.cached_property
+    def _cluster(self) -> bool:
+        return isinstance(self.client, redis.cluster.RedisCluster)
+
+    @functools.cached_property
+    def _blob_io(self) -> transport.ChunkIO | None:
+        """The zero-copy chunk path (hotswap.transport), None where only redis-py's applies."""
+        return transport.ChunkIO.of(self.client)
+
+    # -- which blobs are stored -------------------------------------------------
+
+    def _per_group(
+        self,
+        command: str,
+        groups: Sequence[Sequence[str]],
+        touch: Mapping[str, float] | None = None,
+    ) -> list[int]:
+        """``command`` (EXISTS, UNLINK) over each group of keys: the count each returned.
+
+        One multi-key command per group on a single server. A cluster refuses
+        keys of different slots in one command (a blob's chunks are spread
+        over slots), so there each key is its own command, summed per group.
+        ``touch`` (blob id -> time) is written to the blob index first, in
+        the same round trip.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        if touch:
+            pipe.zadd(self._key(keys.blob_index_key), dict(touch))
+        for group in groups:
+            for args in [group] if not self._cluster else [[key] for key in group]:
+                pipe.execute_command(command, *args)
+        replies = iter(pipe.execute()[1 if touch else 0 :])
+        if not self._cluster:
+            return [int(next(replies)) for _ in groups]
+        return [sum(int(next(replies)) for _ in group) for group in groups]
+
+    @staticmethod
+    def _index_members(entries: Iterable[TensorEntry], now: float | None) -> dict[str, float]:
+        stamp = now or time.time()
+        return {keys.blob_id(e.digest, e.chunk_bytes, e.chunks): stamp for e in entries if e.chunks}
+
+    def touch_blobs(self, entries: Iterable[TensorEntry], now: float | None = None) -> None:
+        """Mark blobs as referenced now, so gc's grace period protects them."""
+        members = self._index_members(entries, now)
+        if members:
+            key = self._key(keys.blob_index_key)
+            self.call("indexing blobs", lambda: self.client.zadd(key, members))
+
+    def missing(
+        self,
+        entries: Sequence[TensorEntry],
+        *,
+        expect_present: Sequence[TensorEntry] = (),
+        touch: bool = False,
+    ) -> list[TensorEntry]:
+        """The entries (of both lists) with at least one chunk absent from Redis.
+
+        Args:
+            entries: checked blob by blob.
+            expect_present: blobs believed stored, such as the parent version's:
+                counted together in the same round trip, and looked at blob by
+                blob only when that count falls short (one EXISTS over many
+                keys is cheaper than one per blob; docs/performance.md,
+                "Blob checks").
+            touch: first mark the blobs of ``entries`` as referenced now (as
+                ``touch_blobs`` does, so that a concurrent gc's grace period
+                covers them), in the same round trip.
+
+        Returns:
+            The entries of ``entries`` then ``expect_present`` whose blob is
+            incomplete, in that order.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        todo, likely = _unique_blobs(entries), _unique_blobs(expect_present)
+        likely_keys = [self._chunk_keys(e) for e in likely]
+
+        def check() -> list[int]:
+            groups = [self._chunk_keys(e) for e in todo]
+            if likely_keys:
+                groups.append([k for ks in likely_keys for k in ks])
+            stamps = self._index_members(entries, None) if touch else None
+            return self._per_group("EXISTS", groups, stamps)
+
+        counts = self.call("checking blobs", check)
+        absent = {e for e, n in zip(todo, counts[: len(todo)], strict=True) if n != e.chunks}
+        if likely and counts[-1] != sum(len(ks) for ks in likely_keys):
+            each = self.call("checking blobs", lambda: self._per_group("EXISTS", likely_keys))
+            absent |= {e for e, n in zip(likely, each, strict=True) if n != e.chunks}
+        gone = {(e.digest, e.chunk_bytes, e.nbytes) for e in absent}
+        return [
+            e for e in (*entries, *expect_present) if (e.digest, e.chunk_bytes, e.nbytes) in gone
+        ]
+
+    # -- chunks in and out ------------------------------------------------------
+
+    def upload(
+        self,
+        entry: TensorEntry,
+        data: memoryview,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write a tensor's chunks (idempotent: the keys are its content).
+
+        Args:
+            entry: the tensor's manifest entry (digest, size, chunk size).
+            data: the tensor's bytes, exactly ``entry.nbytes`` long.
+            progress: called with the bytes of each batch once it is stored.
+
+        Returns:
+            The bytes sent.
+
+        Raises:
+            IntegrityError: ``data`` is not ``entry.nbytes`` long.
+            StoreUnavailable: Redis could not be reached.
+        """
+        if len(data) != entry.nbytes:
+            raise IntegrityError(
+                f"tensor {entry.name!r}: {len(data)} bytes to upload, manifest says {entry.nbytes}"
+            )
+        names = self._chunk_keys(entry)
+        sent = 0
+        for batch in _batches(entry):
+            spans = [_span(entry, i) for i in batch]
+            values = [data[start:end] for start, end in spans]
+            write = functools.partial(self._write, [names[i] for i in batch], values)
+            self.call(f"uploading tensor {entry.name!r}", write)
+            done = sum(end - start for start, end in spans)
+            sent += done
+            if progress:
+                progress(done)
+        return sent
+
+    def _write(self, names: list[str], values: list[memoryview]) -> None:
+        fast = self._blob_io
+        if fast is not None:
+            with contextlib.suppress(*transport.REDIRECTED):
+                fast.set_chunks(names, values)
+                return
+        pipe = self.client.pipeline(transaction=False)
+        for name, value in zip(names, values, strict=True):
+            pipe.set(name, value)
+        pipe.execute()
+
+    def read_into(
+        self,
+        entry: TensorEntry,
+        out: memoryview,
+        version: int | None = None,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Read a tensor's chunks into ``out``; the digest check is the caller's.
+
+        Args:
+            entry: the tensor's manifest entry.
+            out: exactly ``entry.nbytes`` long.
+            version: the version read, named in error messages.
+            on_chunk: ``on_chunk(i, length)`` runs once chunk ``i`` is in
+                ``out`` (again for every chunk of a retried read).
+
+        Raises:
+            IntegrityError: ``out`` has the wrong length, or a chunk is
+                missing or of the wrong length (names the tensor and chunk).
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            out = bytearray(entry.nbytes)
+            store.blobs.read_into(entry, memoryview(out), version=7)
+            codec.check_digest(entry.name, out, entry.digest, "model 'm' v7")
+        """
+        where = f"model {self.model!r}" + (f" v{version}" if version is not None else "")
+        if len(out) != entry.nbytes:
+            raise IntegrityError(
+                f"{where} tensor {entry.name!r}: buffer is {len(out)} bytes, need {entry.nbytes}"
+            )
+        names = self._chunk_keys(entry)
+        if not self._read_fast(entry, out, names, where, on_chunk):
+            self._read_pipelined(entry, out, names, where, on_chunk)
+
+    def _read_fast(
+        self,
+        entry: TensorEntry,
+        out: memoryview,
+        names: list[str],
+        where: str,
+        on_chunk: Callable[[int, int], None] | None,
+    ) -> bool:
+        """``read_into`` over the zero-copy path: every chunk straight into ``out``.
+
+        False (nothing raised) where that path does not apply; then redis-py's runs.
+        """
+        fast = self._blob_io
+        if fast is None:
+            return False
+        views = [out[slice(*_span(entry, i))] for i in range(entry.chunks)]
+
+        def fetch() -> list[int | None] | None:
+            try:
+                return fast.get_into(names, views, on_chunk)
+            except transport.REDIRECTED:
+                return None
+
+        lengths = self.call(f"reading tensor {entry.name!r}", fetch)
+        if lengths is None:
+            return False
+        for i, got in enumerate(lengths):
+            check_chunk(where, entry, i, got)
+        return True
+
+    def _read_pipelined(
+        self,
+        entry: TensorEntry,
+        out: memoryview,
+        names: list[str],
+        where: str,
+        on_chunk: Callable[[int, int], None] | None,
+    ) -> None:
+        """``read_into`` over redis-py's pipelines, one batch of GETs per round trip."""
+        for batch in _batches(entry):
+
+            def fetch(batch: range = batch) -> list[bytes | None]:
+                pipe = self.client.pipeline(transaction=False)
+                for i in batch:
+                    pipe.get(names[i])
+                return list(pipe.execute())
+
+            chunks = self.call(f"reading tensor {entry.name!r}", fetch)
+            for i, chunk in zip(batch, chunks, strict=True):
+                check_chunk(where, entry, i, None if chunk is None else len(chunk))
+                start, end = _span(entry, i)
+                out[start:end] = cast(bytes, chunk)  # present: check_chunk raised otherwise
+                if on_chunk is not None:
+                    on_chunk(i, end - start)
+
+    # -- the blob index and deletion ----------------------------------------------
+
+    def blob_index(self) -> dict[str, float]:
+        """Blob id -> last time a publish referenced it."""
+        key = self._key(keys.blob_index_key)
+        rows = self.call(
+            "reading the blob index", lambda: self.client.zrange(key, 0, -1, withscores=True)
+        )
+        return {m.decode(): float(s) for m, s in rows}
+
+    def blob_scores(self, blobs: Sequence[str]) -> list[float | None]:
+        """Each blob id's time in the index, None where it is not indexed."""
+        if not blobs:
+            return []
+        key = self._key(keys.blob_index_key)
+        return list(self.call("reading the blob index", lambda: self.client.zmscore(key, blobs)))
+
+    def delete_blobs(self, blobs: Sequence[str]) -> int:
+        """Delete blobs (all their chunks) and their index entries; returns chunks deleted."""
+        if not blobs:
+            return 0
+        index = self._key(keys.blob_index_key)
+
+        def delete() -> int:
+            groups = [keys.blob_keys_of_id(self.ns, self.model, blob) for blob in blobs]
+            deleted = sum(self._per_group("UNLINK", groups))
+            self.client.zrem(index, *blobs)
+            return deleted
+
+        return self.call("deleting blobs", delete)
+
+    def stored_blob_keys(self) -> Iterator[str]:
+        """Every blob chunk key of this model (SCAN; for gc of unindexed orphans and tests)."""
+        pattern = self._key(keys.blob_prefix) + "*"
+        for k in self.client.scan_iter(match=pattern, count=1000):
+            yield k.decode() if isinstance(k, bytes) else k
