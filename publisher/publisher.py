@@ -16,17 +16,16 @@ from hotswap.errors import (
     HotswapError,
     IntegrityError,
     NotFound,
-    SignatureError,
     SourceError,
 )
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
-from publisher import plan, upkeep, upload
+from publisher import commit, plan, restore, upkeep, upload
 from publisher.fingerprint import Fingerprints
-from publisher.plan import Head, cause
-from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, author
+from publisher.plan import Head
+from publisher.reports import GcReport, Progress, PublishReport, VerifyReport
 from publisher.sources import Source, open_source
 
 __all__ = ["GcReport", "Progress", "PublishReport", "Publisher", "VerifyReport"]
@@ -37,17 +36,26 @@ log = logging.getLogger("hotswap.publisher")
 class Publisher:
     """Publishes versions of one model, rolls back, collects garbage and verifies.
 
-    Tied or shared tensors (two names over one storage, e.g. an embedding tied
-    to the output layer) are published on purpose as two manifest entries that
-    point at the same blobs: the bytes are hashed once and uploaded once, and
-    an agent copies the same bytes into both names. Any two tensors with equal
-    bytes, dtype and shape share blobs the same way, across versions too.
+    Tensors with equal bytes, dtype and shape share blobs, across versions
+    too: tied weights (an embedding tied to the output layer) are two
+    manifest entries over one blob, hashed and uploaded once.
 
     Args:
         model_name: the model's name in Redis (``[A-Za-z0-9._-]{1,128}``).
         settings: defaults to ``HotswapSettings()`` (``HOTSWAP_*`` env, ``.env``).
         connection: a redis client to use; made from the settings when None
             (and then closed by ``close()``).
+
+    Raises:
+        ConfigError: an invalid model name, setting or ``HOTSWAP_REDIS_URL``.
+
+    Example::
+
+        from publisher import Publisher
+
+        with Publisher("minilm") as pub:
+            version = pub.publish(model.state_dict(), message="nightly")
+            print(version, pub.last_report.bytes_uploaded)
     """
 
     def __init__(
@@ -70,7 +78,11 @@ class Publisher:
 
     @property
     def last_report(self) -> PublishReport:
-        """The report of the last ``publish`` or ``rollback`` of this publisher."""
+        """The report of the last ``publish`` or ``rollback`` of this publisher.
+
+        Raises:
+            HotswapError: this publisher has not published or rolled back yet.
+        """
         if self._last is None:
             raise HotswapError(f"model {self.model!r}: nothing published by this Publisher yet")
         return self._last
@@ -87,15 +99,37 @@ class Publisher:
     ) -> int:
         """Publish ``source`` as a new version and return its number.
 
-        Only tensors whose bytes are not already in Redis are uploaded. When
-        nothing changed since head (and not ``force``) no version is created
-        and the head's number is returned. With ``only`` (globs), just the
-        matching tensors are read and the rest are inherited from head.
+        Only tensors whose bytes are not already in Redis are uploaded. A head
+        whose manifest cannot be trusted (unsigned while signing keys are set,
+        forged, garbled, missing) lends a full publish only its number: every
+        tensor counts as changed and the log says why (``untrusted_parent``).
 
-        A head whose manifest cannot be trusted (unsigned while signing keys
-        are set, forged, garbled, missing) gives a full publish only its number
-        as the parent: every tensor is hashed and counted as changed, and the
-        log entry says why (``untrusted_parent``). ``only`` refuses such a head.
+        Args:
+            source: a state dict (name -> tensor) or the path of a ``.safetensors``
+                file, a folder of them, an ``*.index.json`` or a ``.pt``/``.bin``.
+            message: a note for the manifest and ``hotswap log``.
+            only: globs; just the matching tensors are read, the rest are
+                inherited from head (which must exist and be trusted).
+            force: create a version even when nothing changed since head.
+            progress: called as ``progress(phase, bytes_done, bytes_total)``.
+
+        Returns:
+            The new version's number, or head's when nothing changed (and not
+            ``force``); ``last_report`` says which.
+
+        Raises:
+            SourceError: the source cannot be read, is over a size limit, or
+                changed while it was being published.
+            ConfigError: ``message`` too long, or ``only`` without a version
+                to inherit from.
+            VersionConflict: another publisher committed first (nothing written).
+            NotFound: blobs of an inherited tensor are gone (collected or lost).
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            v = pub.publish("model.safetensors", message="nightly")
+            v = pub.publish(model.state_dict(), only=["head.*"], message="new head")
         """
         started = time.monotonic()
         if len(message) > mf.MAX_MESSAGE_LEN:
@@ -127,27 +161,17 @@ class Publisher:
                 src,
                 entries,
                 stored,
-                pending=pending,
-                progress=progress,
-                prints=hashed.fingerprints,
+                hashed=hashed,
                 memo=self._fingerprints,
+                progress=progress,
             )
             entries = upload.with_stats(src, entries, pending, stats)
         self._fingerprints.retain({e.digest for e in entries})
         # An untrusted head is compared with nothing: every tensor counts as new.
         changes = plan.diff(trusted.tensors if trusted else (), entries)
         if trusted is not None and changes.count == 0 and not force:
-            self._last = PublishReport(
-                version=trusted.version,
-                parent=trusted.parent,
-                created=False,
-                tensors_total=len(entries),
-                tensors_changed=0,
-                bytes_total=trusted.nbytes,
-                bytes_uploaded=sent,
-                bytes_skipped=trusted.nbytes - sent,
-                seconds=time.monotonic() - started,
-            )
+            seconds = time.monotonic() - started
+            self._last = commit.unchanged(trusted, len(entries), sent, seconds)
             return trusted.version
         return self._commit(
             head=head,
@@ -191,62 +215,22 @@ class Publisher:
         version = self.store.reserve_version()
         if lineage is None:
             lineage = head.manifest.lineage if head.manifest else self._lineage(head)
-        m = Manifest(
-            model=self.model,
-            version=version,
-            parent=head.number,
-            lineage=lineage,
-            tensors=tuple(entries),
+        m = commit.new_manifest(
+            head,
+            version,
+            entries,
             kind=kind,
             rollback_to=rollback_to,
-            created=time.time(),
-            author=author(),
             message=message,
+            lineage=lineage,
         )
         data = mf.encode(m, self._signing_key)
-        fields: dict[str, str | int | float] = {
-            "version": version,
-            "kind": kind,
-            "author": m.author,
-            "created": m.created,
-            "message": message,
-            "tensors_changed": changed,
-            "bytes_uploaded": sent,
-            "bytes_total": m.nbytes,
-            "parent": "" if m.parent is None else m.parent,
-            "rollback_to": "" if rollback_to is None else rollback_to,
-        }
-        if head.distrust is not None:
-            fields["untrusted_parent"] = cause(head.distrust)
         notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage, nt.carried(data)))
-        self.store.commit(m, data, fields, notice)
+        self.store.commit(m, data, commit.log_fields(m, head, changed, sent), notice)
         if head.distrust is not None:
-            did = "published" if kind == "publish" else f"rolled back to v{rollback_to} as"
-            checked = "hashed, checked and " if kind == "publish" else ""
-            log.warning(
-                "model %r: %s v%d on top of v%d without trusting it (%s): "
-                "every tensor was %scounted as changed",
-                self.model,
-                did,
-                version,
-                head.number,
-                cause(head.distrust),
-                checked,
-            )
-        self._last = PublishReport(
-            version=version,
-            parent=m.parent,
-            created=True,
-            tensors_total=len(entries),
-            tensors_changed=changed,
-            bytes_total=m.nbytes,
-            bytes_uploaded=sent,
-            bytes_skipped=m.nbytes - sent,
-            seconds=time.monotonic() - started,
-            kind=kind,
-            rollback_to=rollback_to,
-            untrusted_parent=None if head.distrust is None else cause(head.distrust),
-        )
+            log.warning(*commit.untrusted_warning(m, head))
+        seconds = time.monotonic() - started
+        self._last = commit.committed(m, head, changed, sent, seconds)
         return version
 
     def _lineage(self, head: Head) -> str:
@@ -268,69 +252,46 @@ class Publisher:
 
     def rollback_target(self, head: Manifest) -> int:
         """The version before ``head``: its parent, or for a rollback head the
-        newest stored version older than it."""
-        if head.kind == "publish" and head.parent is not None:
-            return head.parent
-        older = [v for v in self.store.versions() if v < head.version]
-        if not older:
-            raise NotFound(
-                f"model {self.model!r}: v{head.version} has no earlier stored version to "
-                "roll back to"
-            )
-        return older[-1]
+        newest stored version older than it.
+
+        Raises:
+            NotFound: no stored version is older than ``head``.
+        """
+        return restore.previous(self.store, head)
 
     def rollback(self, to: int | None = None, message: str = "") -> int:
         """Make version ``to`` (default: the one before head) current as a new version.
 
-        Uploads nothing: the new manifest points at the target's blobs. Raises
-        NotFound when the target or any of its blobs was collected by gc.
+        Uploads nothing: the new manifest points at the target's blobs. An
+        untrusted head does not stop a rollback to a version that verifies
+        (the default target is then the newest earlier one that does).
 
-        A head that cannot be trusted (forged, garbled, missing, unsigned with
-        keys set) does not stop a rollback to a version that verifies: the
-        default target is then the newest earlier version that does, every
-        tensor counts as changed, and the log says why (``untrusted_parent``).
+        Args:
+            to: the version to restore; default the one before head
+                (``rollback_target``).
+            message: a note for the log (default ``"rollback to vN"``).
+
+        Returns:
+            The number of the new version.
+
+        Raises:
+            NotFound: no such version, or it or some of its blobs were
+                collected by gc.
+            ConfigError: ``to`` is already the head.
+            SignatureError: the target is not signed with the signing keys.
+            VersionConflict: another publisher committed first (nothing written).
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            v = pub.rollback()  # the version before head
+            v = pub.rollback(to=3, message="v4 diverged")
         """
         started = time.monotonic()
         parent = self._head()
-        if parent.number is None:
-            raise NotFound(f"model {self.model!r} has no versions: nothing to roll back")
+        target_version = restore.target_version(self.store, self._keys, parent, to)
+        target = restore.target_manifest(self.store, target_version, self._keys)
         head = parent.manifest
-        if to is not None:
-            target_version = int(to)
-        elif head is not None:
-            target_version = self.rollback_target(head)
-        else:
-            target_version = self._newest_trusted_before(parent, parent.number)
-        if target_version < 1 or target_version > parent.number:
-            raise NotFound(
-                f"model {self.model!r} has no version {target_version} (head is v{parent.number})"
-            )
-        if target_version == parent.number and head is not None:
-            raise ConfigError(
-                f"model {self.model!r}: v{target_version} is already the head; nothing to roll back"
-            )
-        try:
-            target = self.store.manifest(target_version, self._keys)
-        except NotFound as e:
-            raise NotFound(
-                f"cannot roll back model {self.model!r} to v{target_version}: its manifest was "
-                "collected by gc (or never committed); see `hotswap log`"
-            ) from e
-        except SignatureError as e:
-            # Agents with these keys would refuse the rolled-back tensors too.
-            raise SignatureError(
-                f"cannot roll back model {self.model!r} to v{target_version}: "
-                f"{cause(e)}; agents with HOTSWAP_SIGNING_KEYS set would refuse it: "
-                "publish those weights again to sign them"
-            ) from e
-        # Touched first so a concurrent gc's grace period protects the blobs we check.
-        gone = self.store.blobs.missing(target.tensors, touch=True)
-        if gone:
-            raise NotFound(
-                f"cannot roll back model {self.model!r} to v{target_version}: blobs of "
-                f"{len(gone)} tensors (e.g. {gone[0].name!r}) were collected by gc; "
-                "publish those weights again instead"
-            )
         changed = plan.diff(head.tensors if head else (), target.tensors).count
         return self._commit(
             head=parent,
@@ -345,16 +306,6 @@ class Publisher:
             lineage=target.lineage if head is None else None,
         )
 
-    def _newest_trusted_before(self, head: Head, number: int) -> int:
-        """The newest stored version older than untrusted head ``number`` that verifies."""
-        for version in sorted((v for v in self.store.versions() if v < number), reverse=True):
-            try:
-                self.store.manifest(version, self._keys)
-            except (IntegrityError, NotFound):
-                continue
-            return version
-        raise head.refusal("no earlier stored version verifies to roll back to") from head.distrust
-
     # -- gc and verify ---------------------------------------------------------------
 
     def running_versions(self) -> list[int]:
@@ -362,16 +313,54 @@ class Publisher:
         return upkeep.running_versions(self.store)
 
     def gc(self, keep: int | None = None, dry_run: bool = False) -> GcReport:
-        """Delete manifests beyond the newest ``keep`` (default: the setting), except
-        head and versions live agents run, then blobs no kept version references and
-        no publish touched within the grace period; logs a gc entry."""
+        """Delete old versions' manifests, then the blobs no kept version uses.
+
+        Head and every version a live agent runs are kept whatever ``keep``
+        says; a blob a publish touched within ``HOTSWAP_GC_GRACE_SECONDS``
+        is kept too, so a publish in flight does not lose its uploads. A run
+        that deletes (not ``dry_run``) writes a gc entry to the log.
+
+        Args:
+            keep: the newest versions to keep (default ``HOTSWAP_KEEP_VERSIONS``).
+            dry_run: report what would be deleted, delete nothing.
+
+        Returns:
+            What was kept and deleted (``GcReport``).
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            report = pub.gc(keep=5, dry_run=True)
+            print(report.deleted_versions, report.blobs_deleted)
+        """
         keep = self.settings.keep_versions if keep is None else int(keep)
         return upkeep.collect(
             self.store, keep=keep, grace=self.settings.gc_grace_seconds, dry_run=dry_run
         )
 
     def verify(self, version: int | None = None, progress: Progress | None = None) -> VerifyReport:
-        """Re-read every chunk of a version (default head) and re-hash each tensor."""
+        """Re-read every chunk of a version and re-hash each tensor against its digest.
+
+        Args:
+            version: the version to check (default: head).
+            progress: called as ``progress("verify", bytes_done, bytes_total)``.
+
+        Returns:
+            A ``VerifyReport``: ``ok`` is False and ``bad`` names each tensor
+            that failed, and why. A failed tensor is reported, not raised.
+
+        Raises:
+            NotFound: no such version (or nothing published yet).
+            IntegrityError: the version's manifest itself does not verify.
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            report = pub.verify()
+            assert report.ok, report.bad
+        """
         return upkeep.verify(self.store, version, self._keys, progress)
 
     # -- lifecycle ------------------------------------------------------------------

@@ -5,6 +5,10 @@ entry reused when the bytes are equal, the digest found by fingerprint when
 this publisher saw the bytes before); ``upload_missing`` writes the blobs
 Redis lacks, measures each new tensor while it uploads and fingerprints it
 again after; ``with_stats`` fills in the statistics before the commit.
+
+``upload_missing`` is one loop of rounds (check what Redis lacks, upload
+it) over small named steps; the I/O is in that loop and in
+``_Uploads.send``, the rest is pure.
 """
 
 from __future__ import annotations
@@ -124,54 +128,71 @@ def hash_entries(
     return Hashed(out, pending, prints)
 
 
+ATTEMPTS = 3
+"""Rounds of check-then-upload before a publish gives up on blobs a gc keeps deleting."""
+
+
 def upload_missing(
     store: Store,
     src: TensorSource,
     entries: Sequence[TensorEntry],
     stored: Sequence[TensorEntry],
     *,
-    pending: set[Content],
-    progress: Progress | None,
-    prints: dict[str, Fingerprint],
+    hashed: Hashed,
     memo: Fingerprints,
+    progress: Progress | None,
 ) -> tuple[int, dict[Content, codec.Stats]]:
-    """Upload every blob of ``entries`` Redis lacks: (bytes sent, statistics).
+    """Upload every blob of ``entries`` Redis lacks: (bytes sent, statistics of new contents).
 
-    The statistics of an uploaded tensor whose content is ``pending`` are
-    computed in a thread while its bytes upload (the upload waits on the
-    Redis server, so the client's core has time: a 512 MiB publish took
-    0.80-0.86 s instead of 1.0 s).
-
-    ``stored`` are entries whose blobs should be in Redis (the parent's):
-    checked together, and one by one only if one of them is gone.
-
-    Blobs the parent does not reference are touched before the check so
-    that a concurrent gc's grace period covers them, and checked again
-    after the upload in case a gc deleted one meanwhile. The parent's own
-    blobs are checked once, together: gc keeps head's blobs, and the
-    parent stays head until the commit (or the commit conflicts).
-
-    Each uploaded tensor is fingerprinted again *after* its upload, in a
-    thread while the next one uploads, and must still match the fingerprint
-    it had before it was hashed (``prints``): no source is immutable (a
-    state dict is the caller's live memory, a safetensors file is mapped
-    and shows in-place writes), and a tensor that changed between the two
-    reads leaves its blob deleted and the publish refused instead of a
-    manifest that lies. One that did not is learned by ``memo``.
+    ``stored`` are the entries whose blobs should be in Redis (the parent's).
+    Why each round checks what it checks: docs/design.md, **Publish**.
     """
-    readable = set(src.names)
-    # Any name of ours whose bytes make the blob (inherited names cannot be read).
-    name_of = {e.digest: e.name for e in entries if e.name in readable}
-    sent = 0
-    stats: dict[Content, Future[codec.Stats]] = {}
-    known = {(e.digest, e.chunk_bytes) for e in stored}
-    likely = [e for e in entries if (e.digest, e.chunk_bytes) in known]
-    unsure = [e for e in entries if (e.digest, e.chunk_bytes) not in known]
-    for _attempt in range(3):
+    likely, unsure = _split_by_parent(entries, stored)
+    names = _readable_names(src, entries)
+    uploads = _Uploads(store, src, names, hashed=hashed, memo=memo, progress=progress)
+    for _attempt in range(ATTEMPTS):
+        # The parent's blobs are checked once (gc keeps head's, and the parent
+        # stays head until the commit); the others are touched, so that a
+        # concurrent gc spares them, and checked again after each round.
         todo = plan.unique_blobs(store.blobs.missing(unsure, expect_present=likely, touch=True))
         likely = []
         if not todo:
-            return sent, {c: f.result() for c, f in stats.items()}
+            return uploads.sent, uploads.statistics()
+        uploads.send(todo)
+    raise _keeps_disappearing(store.model)
+
+
+class _Uploads:
+    """One publish's uploads, with the statistics and second fingerprints taken beside them.
+
+    No source is immutable (a state dict is the caller's live memory, a
+    mapped file shows writes in place): bytes whose second fingerprint
+    differs from their first leave their blob deleted and the publish
+    refused, never a manifest that lies.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        src: TensorSource,
+        names: dict[str, str],
+        *,
+        hashed: Hashed,
+        memo: Fingerprints,
+        progress: Progress | None,
+    ) -> None:
+        self.store = store
+        self.src = src
+        self.names = names
+        self.pending = hashed.pending
+        self.prints = hashed.fingerprints
+        self.memo = memo
+        self.progress = progress
+        self.sent = 0
+        self.stats: dict[Content, Future[codec.Stats]] = {}
+
+    def send(self, todo: dict[str, TensorEntry]) -> None:
+        """Upload ``todo``, fingerprinting each blob's bytes again while the next one uploads."""
         total = sum(e.nbytes for e in todo.values())
         done = 0
         changed: list[str] = []
@@ -180,51 +201,112 @@ def upload_missing(
             for entry in todo.values():
                 if changed:
                     break
-                name = name_of.get(entry.digest)
-                if name is None:
-                    raise NotFound(
-                        f"model {store.model!r}: blobs of inherited tensor {entry.name!r} are "
-                        "gone from Redis (collected or lost); publish the whole model again"
-                    )
-                tensor = src.load(name)
-                content = (entry.digest, codec.dtype_name(tensor.dtype))
-                if content in pending and content not in stats:
-                    stats[content] = pool.submit(codec.stats, tensor)
+                name = _source_name(self.store.model, self.names, entry)
+                tensor = self.src.load(name)
+                self._measure(pool, entry.digest, tensor)
                 buf = codec.as_bytes(tensor)
                 del tensor
-
-                def tick(n: int, base: int = done, total: int = total) -> None:
-                    if progress:
-                        progress("upload", base + n, total)
-
-                sent += store.blobs.upload(entry, buf, _accumulate(tick))
+                tick = _running_total(self.progress, done, total)
+                self.sent += self.store.blobs.upload(entry, buf, tick)
                 done += entry.nbytes
-                if checking is not None and not _still_same(store, checking, memo):
-                    changed.append(checking.name)
-                checking = _Check(name, entry, prints[entry.digest], pool.submit(fingerprint, buf))
+                changed += self._settle(checking)
+                before = self.prints[entry.digest]
+                checking = _Check(name, entry, before, pool.submit(fingerprint, buf))
                 del buf
-            if checking is not None and not _still_same(store, checking, memo):
-                changed.append(checking.name)
+            changed += self._settle(checking)
         if changed:
-            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-            raise SourceError(
-                f"{src.where}: tensor {changed[0]!r}{more} changed while it was being "
-                "published; publish again once it is stable"
-            )
-    raise IntegrityError(
-        f"model {store.model!r}: uploaded blobs keep disappearing (a gc with "
-        "HOTSWAP_GC_GRACE_SECONDS=0 running?); publish again"
+            raise _changed_while_published(self.src.where, changed)
+
+    def _measure(self, pool: ThreadPoolExecutor, digest: str, tensor: torch.Tensor) -> None:
+        """Start a new content's statistics in the thread, while its bytes upload."""
+        # The upload mostly waits on the Redis server, leaving this core free
+        # (docs/performance.md, change 11).
+        content = (digest, codec.dtype_name(tensor.dtype))
+        if content in self.pending and content not in self.stats:
+            self.stats[content] = pool.submit(codec.stats, tensor)
+
+    def _settle(self, check: _Check | None) -> list[str]:
+        """Wait for an upload's second fingerprint: [] if its bytes held still, else its name."""
+        if check is None:
+            return []
+        if check.after.result() == check.before:
+            self.memo.learn(check.before, check.entry.digest)
+            return []
+        # Its chunks hold bytes that do not hash to the name they are stored under.
+        self.store.blobs.delete_blobs([plan.blob_of(check.entry)])
+        return [check.name]
+
+    def statistics(self) -> dict[Content, codec.Stats]:
+        """The statistics measured beside the uploads, by content."""
+        return {content: future.result() for content, future in self.stats.items()}
+
+
+@dataclass(frozen=True)
+class _Check:
+    """An uploaded tensor whose bytes are being fingerprinted again."""
+
+    name: str
+    entry: TensorEntry
+    # Its fingerprint before its digest was taken, and after the upload.
+    before: Fingerprint
+    after: Future[Fingerprint]
+
+
+def _split_by_parent(
+    entries: Sequence[TensorEntry], stored: Sequence[TensorEntry]
+) -> tuple[list[TensorEntry], list[TensorEntry]]:
+    """The entries whose blobs ``stored`` has (likely in Redis), and the others."""
+    known = {(e.digest, e.chunk_bytes) for e in stored}
+    likely = [e for e in entries if (e.digest, e.chunk_bytes) in known]
+    unsure = [e for e in entries if (e.digest, e.chunk_bytes) not in known]
+    return likely, unsure
+
+
+def _readable_names(src: TensorSource, entries: Sequence[TensorEntry]) -> dict[str, str]:
+    """For each digest, a name of ours whose bytes ``src`` can load (inherited names cannot)."""
+    readable = set(src.names)
+    return {e.digest: e.name for e in entries if e.name in readable}
+
+
+def _source_name(model: str, names: dict[str, str], entry: TensorEntry) -> str:
+    """The name to load ``entry``'s bytes from; NotFound when no tensor of the source has them."""
+    name = names.get(entry.digest)
+    if name is None:
+        raise NotFound(
+            f"model {model!r}: blobs of inherited tensor {entry.name!r} are "
+            "gone from Redis (collected or lost); publish the whole model again"
+        )
+    return name
+
+
+def _running_total(progress: Progress | None, base: int, total: int) -> Callable[[int], None]:
+    """The store's per-batch byte counts, reported as the upload phase's running total."""
+    sent = 0
+
+    def step(n: int) -> None:
+        nonlocal sent
+        sent += n
+        if progress:
+            progress("upload", base + sent, total)
+
+    return step
+
+
+def _changed_while_published(where: str, changed: Sequence[str]) -> SourceError:
+    """The error for tensors whose bytes changed between their digest and their upload."""
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    return SourceError(
+        f"{where}: tensor {changed[0]!r}{more} changed while it was being "
+        "published; publish again once it is stable"
     )
 
 
-def _still_same(store: Store, check: _Check, memo: Fingerprints) -> bool:
-    """Wait for one upload's second fingerprint; on a change, delete the blob it made."""
-    if check.after.result() == check.before:
-        memo.learn(check.before, check.entry.digest)
-        return True
-    # Its chunks hold bytes that do not hash to the name they are stored under.
-    store.blobs.delete_blobs([plan.blob_of(check.entry)])
-    return False
+def _keeps_disappearing(model: str) -> IntegrityError:
+    """The error when blobs are gone again after every round of uploads."""
+    return IntegrityError(
+        f"model {model!r}: uploaded blobs keep disappearing (a gc with "
+        "HOTSWAP_GC_GRACE_SECONDS=0 running?); publish again"
+    )
 
 
 def with_stats(
@@ -251,26 +333,3 @@ def with_stats(
         s = stats.get((e.digest, e.dtype)) if (e.digest, e.dtype) in pending else None
         out.append(e if s is None else replace(e, norm=s.norm, max_abs=s.max_abs))
     return out
-
-
-@dataclass(frozen=True)
-class _Check:
-    """An uploaded tensor whose bytes are being fingerprinted again."""
-
-    name: str
-    entry: TensorEntry
-    # Its fingerprint before its digest was taken, and after the upload.
-    before: Fingerprint
-    after: Future[Fingerprint]
-
-
-def _accumulate(tick: Callable[[int], None]) -> Callable[[int], None]:
-    """Turn the store's per-batch byte deltas into a running total."""
-    total = 0
-
-    def step(n: int) -> None:
-        nonlocal total
-        total += n
-        tick(total)
-
-    return step
