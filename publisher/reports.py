@@ -13,7 +13,29 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class PublishReport:
-    """What one publish or rollback did."""
+    """What one publish or rollback did (``Publisher.last_report``).
+
+    Attributes:
+        version: the version made, or head's when nothing changed.
+        parent: the version it was built on (None for a model's first).
+        created: False when nothing changed since head and no version was made.
+        tensors_total: tensors in the version.
+        tensors_changed: tensors whose content differs from the parent's.
+        bytes_total: bytes of all its tensors.
+        bytes_uploaded: bytes this publish sent to Redis (0 for a rollback).
+        bytes_skipped: bytes already in Redis, not sent again.
+        seconds: how long the publish or rollback took.
+        kind: "publish" or "rollback".
+        rollback_to: the version a rollback restored.
+        untrusted_parent: why the parent's manifest was not trusted, if so.
+
+    Example::
+
+        pub.publish(model.state_dict())
+        r = pub.last_report
+        if r.created:
+            print(f"v{r.version}: {r.tensors_changed} tensors, {r.bytes_uploaded} bytes sent")
+    """
 
     version: int
     parent: int | None
@@ -26,7 +48,6 @@ class PublishReport:
     seconds: float
     kind: str = "publish"
     rollback_to: int | None = None
-    # Why the parent's manifest was not trusted (unsigned, forged, garbled), if so.
     untrusted_parent: str | None = None
 
 
