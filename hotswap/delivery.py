@@ -1,31 +1,28 @@
 """The agent's delivery loop: subscribe, poll head, reconnect with backoff, never give up.
 
-A notice names the version it announces, and ``check`` starts on that
-version straight away: from the manifest bytes the notice carries, or else by
-reading that version's manifest (one round trip). Either is verified as
-always, and carried bytes are compared with Redis's before anything is
-applied or refused, so a forged notice can at worst cost one fetch. ``head`` is
-read on every ``poll_interval`` and right after every (re)connect, because
-pub/sub drops what is said while a client is away, so a newer head than a
-notice named is caught by the next poll. Any failure ends the session; a new
-one starts with tenacity backoff, which starts over after a session that
-worked. Each change of state is logged once, not each retry.
+Shaped like redis-py's ``PubSubWorkerThread``: ``run`` is the thread's body,
+``stop`` ends it, and one injected ``exception_handler`` hears every failure.
+What a wake-up means (which manifest, what to apply) is the handler's business
+(``hotswap.pipeline``); this module only decides *when* to ask. Head is read
+right after every (re)connect and every ``poll_interval``, because pub/sub
+drops what is said while a client is away.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
-import redis
 import tenacity
 
 from hotswap.connection import reconnect_backoff
-from hotswap.errors import HotswapError
-from hotswap.reporter import Reporter
-from hotswap.store import Store, Subscription
+from hotswap.store import Store
+from hotswap.subscription import Subscription
 
 log = logging.getLogger("hotswap.agent")
 # Longest the loop waits on the channel before it looks at its timers and stop flag.
@@ -40,148 +37,148 @@ class _Dropped(Exception):
     """A session that had worked lost its connection: reconnect at once."""
 
 
-Wanted = tuple[bool, int | None, bytes | None]
-"""What a notice asks for: (look at all, the version it names or None for head,
-the manifest bytes it carries for that version or None)."""
+class Reason(enum.Enum):
+    """Why the loop asks the handler to look."""
+
+    CONNECTED = "a session began: head may have moved while nobody listened"
+    NOTICE = "a notice arrived"
+    POLL = "the poll interval passed"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to look at: head, or the version a notice announced.
+
+    Attributes:
+        reason: why the loop asks.
+        version: the version a notice announced; None to read head.
+        carried: the manifest bytes that notice carried for ``version``.
+    """
+
+    reason: Reason
+    version: int | None = None
+    carried: bytes | None = None
+
+    @property
+    def force(self) -> bool:
+        """Whether to consider head even if it did not move since the last look."""
+        return self.reason is not Reason.POLL
+
+
+CONNECTED = Request(Reason.CONNECTED)
+POLL = Request(Reason.POLL)
+
+
+class Handler(Protocol):
+    """What the loop drives: the agent's update path."""
+
+    def wanted(self, raw: bytes) -> Request | None:
+        """The request a raw notice makes, or None when it announces nothing new."""
+
+    def handle(self, request: Request) -> None:
+        """Look, fetch, and apply or refuse; raises to end the session."""
 
 
 class Delivery:
-    """Runs ``check(force, version, carried)`` whenever head may have moved, across
-    Redis outages.
+    """Runs ``handler.handle`` whenever head may have moved, across Redis outages.
 
-    ``version`` is the version a notice announced, or None to read ``head``;
-    ``carried`` the manifest bytes that notice carried.
-    ``wanted(raw)`` says whether a raw notice is worth a look, and at what.
+    Args:
+        store: the model's store (ping, subscribe).
+        poll_interval: seconds between two reads of head.
+        handler: turns notices into requests and handles them.
+        exception_handler: hears each failure of a session, before the backoff.
+        stop: set to end the loop (and abandon a fetch between two tensors).
+        clock: seconds on a monotonic clock, for the poll timer.
     """
 
     def __init__(
         self,
         store: Store,
-        reporter: Reporter,
         poll_interval: float,
+        handler: Handler,
+        exception_handler: Callable[[BaseException], None],
         *,
-        check: Callable[[bool, int | None, bytes | None], None],
-        wanted: Callable[[bytes], Wanted],
-        serving: Callable[[], str],
-        connected: Callable[[], None],
         stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
-        self.reporter = reporter
         self.poll_interval = poll_interval
-        self.check, self.wanted, self.serving = check, wanted, serving
-        self.connected = connected
-        self.stop = stop or threading.Event()
-        self._logged: str | None = None
-        self._healthy = False
+        self.handler = handler
+        self.exception_handler = exception_handler
+        self._stop = stop or threading.Event()
+        self._clock = clock
 
-    def log_once(self, key: str, level: int, message: str) -> None:
-        """Log ``message`` unless the last thing logged had the same ``key``."""
-        if self._logged != key:
-            self._logged = key
-            log.log(level, "%s", message)
-
-    def note(self, key: str) -> None:
-        """Record a state change logged elsewhere, so the next repeat logs again."""
-        self._logged = key
+    def stop(self) -> None:
+        """Ask the loop to end; ``run`` returns once the current step gives up."""
+        self._stop.set()
 
     def run(self) -> None:
-        """The thread's body: returns only once ``stop`` is set."""
-        while not self.stop.is_set():
+        """The thread's body: sessions until ``stop()``, a failed one retried with backoff."""
+        while not self._stop.is_set():
             retrying = tenacity.Retrying(
                 # Capped near the poll interval: an outage delays an update by
                 # about one interval after Redis is back.
                 wait=reconnect_backoff(min(5.0, max(self.poll_interval, 0.5))),
                 retry=tenacity.retry_if_not_exception_type((_Dropped, Stopped)),
-                stop=tenacity.stop_when_event_set(self.stop),
-                sleep=self.stop.wait,  # type: ignore[arg-type]
+                stop=tenacity.stop_when_event_set(self._stop),
+                sleep=self._stop.wait,  # type: ignore[arg-type]
                 before_sleep=self._failed,
                 reraise=True,
             )
             try:
                 retrying(self._session)
             except _Dropped as e:
-                self._lost(e.__cause__)
+                # Backoff starts over: a session that worked is a new outage.
+                self.exception_handler(e.__cause__ or e)
             except Stopped:
                 break
             except Exception as e:
-                if not self.stop.is_set():  # pragma: no cover - the retry never gives up
+                if not self._stop.is_set():  # pragma: no cover - the retry never gives up
                     log.exception("delivery loop failed: %s", e)
 
     def _failed(self, state: tenacity.RetryCallState) -> None:
-        self._lost(state.outcome.exception() if state.outcome else None)
-
-    def _lost(self, e: BaseException | None) -> None:
-        self.reporter.update(state="disconnected", last_error=f"{type(e).__name__}: {e}")
-        key = f"lost:{type(e).__name__}"
-        if isinstance(e, (HotswapError, redis.RedisError, OSError)):
-            self.log_once(
-                key,
-                logging.WARNING,
-                f"model {self.store.model!r}: Redis unreachable or failing ({type(e).__name__}: "
-                f"{e}); still serving {self.serving()}, reconnecting with backoff",
-            )
-        elif self._logged != key:
-            self._logged = key
-            # Not Redis: a bug or the host (memory?). Worth a traceback, once.
-            log.error(
-                "model %r: unexpected %s while updating; still serving %s, retrying with backoff",
-                self.store.model,
-                type(e).__name__,
-                self.serving(),
-                exc_info=e,
-            )
+        error = state.outcome.exception() if state.outcome else None
+        if error is not None:
+            self.exception_handler(error)
 
     def _session(self) -> None:
+        """One connection's life: head at once, then notices as they come and polls when due."""
         self.store.ping()
         subscription = self.store.subscribe()
-        self._healthy = False
+        healthy = False
         try:
-            if self.reporter.status.state in ("starting", "disconnected"):
-                self.connected()
-            logged = self._logged
-            self.check(True, None, None)
+            self.handler.handle(CONNECTED)
             # Only a session that got as far as checking head counts as
             # recovered: one that fails again at once is the same outage.
-            self._healthy = True
-            if logged is not None and logged.startswith("lost:"):
-                log.info("model %r: connected to Redis again, head checked", self.store.model)
-            if self._logged == logged:
-                self._logged = "connected"
-            interval = self.poll_interval
-            next_poll = time.monotonic() + interval
-            while not self.stop.is_set():
-                raw = subscription.get(min(TICK, max(0.0, next_poll - time.monotonic())))
-                look, version, carried = (
-                    self._newest(raw, subscription) if raw is not None else (False, None, None)
-                )
-                if look:
-                    self.check(True, version, carried)
-                    next_poll = time.monotonic() + interval
-                elif time.monotonic() >= next_poll:
-                    self.check(False, None, None)
-                    next_poll = time.monotonic() + interval
+            healthy = True
+            next_poll = self._clock() + self.poll_interval
+            while not self._stop.is_set():
+                raw = subscription.get(min(TICK, max(0.0, next_poll - self._clock())))
+                request = self._newest(raw, subscription) if raw is not None else None
+                if request is None and self._clock() < next_poll:
+                    continue
+                self.handler.handle(request or POLL)
+                next_poll = self._clock() + self.poll_interval
         except Stopped:
             raise
         except Exception as e:
-            if self._healthy:
+            if healthy:
                 raise _Dropped from e
             raise
         finally:
             subscription.close()
 
-    def _newest(self, raw: bytes, subscription: Subscription) -> Wanted:
+    def _newest(self, raw: bytes, subscription: Subscription) -> Request | None:
         """The newest request among ``raw`` and the notices already queued behind it.
 
         Notices that arrived together (a burst of publishes, or a publish and a
         rollback) are read without waiting, so the loop goes straight to the
         last one instead of applying each in turn; a garbled one means head.
         """
-        look, version, carried = self.wanted(raw)
+        request = self.handler.wanted(raw)
         while (more := subscription.get(0.0)) is not None:
-            now_look, now_version, now_carried = self.wanted(more)
-            if now_look:
-                if not look or version is not None:
-                    version, carried = now_version, now_carried
-                look = True
-        return look, version, carried
+            later = self.handler.wanted(more)
+            # A look at head already covers any version named after it.
+            if later is not None and (request is None or request.version is not None):
+                request = later
+        return request

@@ -3,9 +3,10 @@
 The thread writes the record whenever it changes (once the change has settled
 for ``SETTLE_SECONDS``) and refreshes the heartbeat every ttl/3, so neither
 waits for the agent's thread: a notice starts a fetch without a status write
-in front of it, and a fetch of one huge tensor does not
-let the heartbeat expire. Writes go through ``Store.write_agent_status`` on the
-store given (the agent gives one that tries once; the thread tries again later).
+in front of it, and a fetch of one huge tensor does not let the heartbeat
+expire. Writes go through ``Store.write_agent_status`` on the store given (the
+agent gives one that tries once; the thread tries again later). The schedule
+(settling, heartbeat, pause after a failed write) reads an injectable clock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,12 +33,12 @@ MAX_REASON = 300
 # Pause after a refused write before the thread tries again (Redis away).
 RETRY_SECONDS = 1.0
 # How long the thread lets a change settle before writing it. The states an
-# update passes through within this time are written once, as the last; an
-# update shorter than this is not slowed by a write at all (a status write
-# landing mid-update cost 0.45 ms between notice and first GET, and 2-9 ms of
-# a 16 MiB delta's fetch and validation on 2 cores). Longer fetches still
-# show "fetching". An applied version ends the wait: once the update is over
-# its record is written at once (a rejection is written before waiters wake).
+# update passes through within this time are written once, as the last, so
+# an update shorter than this is not slowed by a write landing in the middle
+# of its fetch (what such a write costs: docs/performance.md, "Status writes
+# settle"). Longer fetches still show "fetching". An applied version ends the
+# wait: once the update is over its record is written at once (a rejection is
+# written before waiters wake). It is also how far ``hotswap status`` may lag.
 SETTLE_SECONDS = 0.25
 
 
@@ -51,18 +53,29 @@ class Reporter:
     ``start()`` runs the writing thread; ``close()`` writes the record a last
     time and waits a bounded time for that write. ``flush()`` writes at once
     from the caller's thread (a rejection is recorded before waiters wake).
+    ``clock`` (seconds, monotonic) schedules settling and heartbeats; tests
+    pass one they move by hand.
     """
 
     def __init__(
-        self, store: Store, agent_id: str, ttl: float, log: logging.Logger | None = None
+        self,
+        store: Store,
+        agent_id: str,
+        ttl: float,
+        log: logging.Logger | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.ttl = ttl
         self.log = log or logging.getLogger("hotswap.agent")
-        self._lock = threading.Lock()
+        self._clock = clock
         # One write at a time, each with the record as it was when it started:
         # an older record can never land after a newer one.
         self._io = threading.Lock()
+        self._lock = threading.Lock()
+        # Guarded by _lock: the record, whether it changed since the last write,
+        # and the schedule (next heartbeat, pause after a failed write).
         self._status = AgentStatus(agent_id=agent_id, host=socket.gethostname(), pid=os.getpid())
         self._dirty = True
         # An applied version is written at once: it is what ``hotswap status`` is for.
@@ -71,6 +84,7 @@ class Reporter:
         self._hold = 0.0
         self._wake = threading.Event()
         self._closing = threading.Event()
+        # Set by start(), read by close(): the agent calls both from one thread.
         self._thread: threading.Thread | None = None
 
     @property
@@ -151,7 +165,7 @@ class Reporter:
         with self._lock:
             if self._status.state == "disconnected":
                 return False
-            return self._dirty or time.monotonic() >= self._next
+            return self._dirty or self._clock() >= self._next
 
     def flush(self, log: logging.Logger) -> bool:
         """Write the record and heartbeat now; False (logged at debug) if Redis refused."""
@@ -161,13 +175,13 @@ class Reporter:
                 data = status.encode(self._status)
                 agent_id = self._status.agent_id
                 self._dirty = self._outcome = False
-                self._next = time.monotonic() + self.ttl / 3
+                self._next = self._clock() + self.ttl / 3
             try:
                 self.store.write_agent_status(agent_id, data, self.ttl)
             except (HotswapError, OSError) as e:
                 with self._lock:
                     self._dirty = True
-                    self._hold = time.monotonic() + min(RETRY_SECONDS, self.ttl / 3)
+                    self._hold = self._clock() + min(RETRY_SECONDS, self.ttl / 3)
                 log.debug("could not write agent status: %s", e)
                 return False
         return True
@@ -220,7 +234,7 @@ class Reporter:
             if self._closing.is_set():
                 break
             with self._lock:
-                held = time.monotonic() < self._hold
+                held = self._clock() < self._hold
             if not held and self._due():
                 try:
                     self.flush(self.log)
@@ -229,12 +243,12 @@ class Reporter:
 
     def _settle(self) -> None:
         """Wait up to ``SETTLE_SECONDS`` for a change to settle; an outcome ends the wait."""
-        deadline = time.monotonic() + SETTLE_SECONDS
+        deadline = self._clock() + SETTLE_SECONDS
         while not self._closing.is_set():
             with self._lock:
                 if not self._dirty or self._outcome:
                     return
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._clock()
             if remaining <= 0:
                 return
             if self._wake.wait(remaining):
@@ -242,7 +256,7 @@ class Reporter:
 
     def _idle_seconds(self) -> float:
         """How long the thread may sleep unless woken by a change."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if self._status.state == "disconnected":
                 return self.ttl / 3

@@ -1,8 +1,11 @@
-"""Helpers for the agent tests: models, snapshots, and hand-made versions.
+"""Helpers for the agent tests: models, snapshots, hand-made versions, and waits.
 
 ``commit_raw`` writes a version without the Publisher, for what a correct
 publisher never produces (a manifest whose stated norm lies, a head that
-moved without a notice).
+moved without a notice). ``Watch`` sees what an agent asks of Redis (through
+``Agent(store_factory=...)``), so tests wait for those calls and count them
+instead of sleeping; ``until`` waits for the agent's own state, asked again
+after every step its thread takes.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
+import tenacity
 import torch
 
 from hotswap import codec, keys, notice
 from hotswap import manifest as mf
 from hotswap.agent import Agent
+from hotswap.blobs import BlobStore
+from hotswap.connection import RedisClient
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.status import AgentStatus
@@ -76,25 +82,135 @@ def equal_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> bo
     )
 
 
-def status_of(store: Store, agent: Agent, wait: float = 5.0) -> AgentStatus:
-    """The agent's record in Redis, waiting up to ``wait`` s for its first write."""
-    deadline = time.monotonic() + wait
-    while True:
-        for agent_id, raw, _alive in store.agent_records():
-            if agent_id == agent.agent_id:
-                return decode_status(raw)
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"no status record for {agent.agent_id}")
-        time.sleep(0.02)
+class Watch:
+    """What agents asked of Redis, in order, for tests to wait on instead of sleeping.
+
+    ``factory`` is an ``Agent(store_factory=...)``: the stores it builds note
+    here every read of head and of a manifest and every blob read (``calls``),
+    every connection attempt (``pings``), and every status record that landed
+    (``written``; the writing thread in ``status_threads``).
+    ``before_read(entry)``, when set, runs before each blob read: to fail it,
+    hold it, or kill the server under it.
+    """
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.calls: list[tuple[str, Any]] = []
+        self.pings = 0
+        self.written: list[AgentStatus] = []
+        self.status_threads: list[str] = []
+        self.before_read: Callable[[TensorEntry], None] | None = None
+
+    def factory(
+        self,
+        client: RedisClient,
+        model: str,
+        settings: HotswapSettings,
+        retrying: tenacity.Retrying,
+    ) -> Store:
+        store = cast(WatchedStore, WatchedStore.from_settings(client, model, settings, retrying))
+        blobs = WatchedBlobs(client, store.model, namespace=store.ns, retrying=retrying)
+        store.watch = blobs.watch = self
+        store.blobs = blobs
+        return store
+
+    def saw(self, kind: str, version: int | None = None) -> None:
+        with self.changed:
+            if kind == "ping":
+                self.pings += 1
+            else:
+                self.calls.append((kind, version))
+            self.changed.notify_all()
+
+    def wrote(self, record: AgentStatus) -> None:
+        with self.changed:
+            self.written.append(record)
+            self.changed.notify_all()
+
+    def wait(self, check: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Whether ``check()`` held within ``timeout`` s, asked again after every call noted."""
+        with self.changed:
+            return self.changed.wait_for(check, timeout)
+
+    def count(self, kind: str) -> int:
+        """How many calls of ``kind`` ("head", "manifest", "read") were noted."""
+        with self.changed:
+            return sum(1 for seen, _ in self.calls if seen == kind)
 
 
-def eventually(check: Callable[[], bool], timeout: float = 10.0, every: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(every)
-    return check()
+class WatchedStore(Store):
+    """A Store that tells its ``Watch`` what the agent asks of Redis."""
+
+    watch: Watch
+
+    def ping(self) -> None:
+        self.watch.saw("ping")
+        super().ping()
+
+    def head(self) -> int | None:
+        self.watch.saw("head")
+        return super().head()
+
+    def manifest_bytes(self, version: int) -> bytes:
+        self.watch.saw("manifest", version)
+        return super().manifest_bytes(version)
+
+    def write_agent_status(self, agent_id: str, record: bytes, ttl: float) -> None:
+        self.watch.status_threads.append(threading.current_thread().name)
+        super().write_agent_status(agent_id, record, ttl)
+        self.watch.wrote(decode_status(record))
+
+
+class WatchedBlobs(BlobStore):
+    """Blob reads noted in the ``Watch``, after its ``before_read`` hook."""
+
+    watch: Watch
+
+    def read_into(
+        self,
+        entry: TensorEntry,
+        out: memoryview,
+        version: int | None = None,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.watch.saw("read", version)
+        if self.watch.before_read is not None:
+            self.watch.before_read(entry)
+        super().read_into(entry, out, version, on_chunk)
+
+
+def watch_of(agent: Agent) -> Watch:
+    """The ``Watch`` an agent was built with (``watched_agent``, ``recorded_agent``)."""
+    assert isinstance(agent.store, WatchedStore), "build the agent with a Watch's factory"
+    return agent.store.watch
+
+
+def watched_agent(model: Any, settings: HotswapSettings, **kwargs: Any) -> tuple[Agent, Watch]:
+    """An agent (not started) whose Redis calls a fresh ``Watch`` sees."""
+    watch = Watch()
+    return Agent(model, MODEL, settings=settings, store_factory=watch.factory, **kwargs), watch
+
+
+def until(agent: Agent, check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``check()`` held within ``timeout`` s, asked again after every step the
+    agent's thread takes (a notice or poll handled, a failure, an apply)."""
+    return agent._pipeline.state.wait_until(check, timeout)
+
+
+def status_of(
+    store: Store,
+    agent: Agent,
+    check: Callable[[AgentStatus], bool] = lambda _s: True,
+    timeout: float = 10.0,
+) -> AgentStatus:
+    """The agent's record in Redis, once a record that passes ``check`` has landed there."""
+    watch = watch_of(agent)
+    if not watch.wait(lambda: any(check(s) for s in watch.written), timeout):
+        raise AssertionError(f"no status record as expected for {agent.agent_id}")
+    for agent_id, raw, _alive in store.agent_records():
+        if agent_id == agent.agent_id:
+            return decode_status(raw)
+    raise AssertionError(f"no status record for {agent.agent_id}")
 
 
 def entry_for(name: str, t: torch.Tensor, chunk_bytes: int = 64 * 1024) -> TensorEntry:
@@ -172,46 +288,12 @@ def announce(store: Store, version: int, lineage: str, carried: bytes | None = N
     store.client.publish(keys.events_channel(store.ns, store.model), notice.encode(n))
 
 
-class Recorder:
-    """Wraps an agent's store reads to record which thread read what, in order."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self.status_threads: list[str] = []
-        store, once = agent.store, agent.reporter.store
-        head, manifest, read = store.head, store.manifest_bytes, store.blobs.read_into
-        write = once.write_agent_status
-
-        def rec_head() -> int | None:
-            self.calls.append(("head", None))
-            return head()
-
-        def rec_manifest(version: int) -> bytes:
-            self.calls.append(("manifest", version))
-            return manifest(version)
-
-        def rec_read(
-            entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
-        ) -> None:
-            self.calls.append(("read", version))
-            read(entry, out, version, on_chunk)
-
-        def rec_write(agent_id: str, record: bytes, ttl: float) -> None:
-            self.status_threads.append(threading.current_thread().name)
-            write(agent_id, record, ttl)
-
-        store.head = rec_head  # type: ignore[method-assign]
-        store.manifest_bytes = rec_manifest  # type: ignore[method-assign]
-        store.blobs.read_into = rec_read  # type: ignore[method-assign]
-        once.write_agent_status = rec_write  # type: ignore[method-assign]
-
-
-def recorded_agent(settings: HotswapSettings, **kwargs: Any) -> tuple[Ten, Agent, Recorder]:
-    """A model and its agent whose reads are recorded; no poll gets between a notice and them."""
+def recorded_agent(settings: HotswapSettings, **kwargs: Any) -> tuple[Ten, Agent, Watch]:
+    """A model and its watched agent; no poll gets between a notice and the reads it makes."""
     model = Ten()
     slow = settings.model_copy(update={"poll_interval": 30.0})
-    agent = Agent(model, MODEL, settings=slow, **kwargs)
-    return model, agent, Recorder(agent)
+    agent, watch = watched_agent(model, slow, **kwargs)
+    return model, agent, watch
 
 
 def restate(entries: list[TensorEntry], name: str, **changes: object) -> list[TensorEntry]:

@@ -16,9 +16,9 @@ import argparse
 import json
 import sys
 import threading
-import time
 
 import torch
+from agent_support import until
 
 from hotswap import codec
 from hotswap.agent import Agent
@@ -78,7 +78,7 @@ def main() -> int:
     )
     agent = Agent(model, args.model, settings=settings, on_applied=lambda v, r: applied.append(v))
     stop = threading.Event()
-    lock = threading.Lock()
+    lock = threading.Condition()
     seen: dict[str, int] = {}
     mixed: list[object] = []
     passes = [0]
@@ -97,17 +97,17 @@ def main() -> int:
                     mixed.append({"applied_version": number, "versions": versions})
                 else:
                     seen[str(expected)] = seen.get(str(expected), 0) + 1
+                lock.notify_all()
 
     agent.start()
-    deadline = time.monotonic() + 10
-    while agent.state != "idle" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(agent, lambda: agent.state == "idle")
     threads = [threading.Thread(target=serve) for _ in range(READERS)]
     for t in threads:
         t.start()
     print("READY", agent.agent_id, flush=True)
     ok = agent.wait_for(args.last, args.timeout)
-    time.sleep(0.2)
+    with lock:  # the readers serve the last version a few dozen times before the end
+        lock.wait_for(lambda: seen.get(str(args.last), 0) >= 10 * READERS, 10)
     stop.set()
     for t in threads:
         t.join()

@@ -9,22 +9,25 @@ from typing import Any, cast
 
 import msgpack
 import prometheus_client
+import pydantic
 import pytest
 import redis
 import torch
 from agent_support import (
     MODEL,
     Ten,
+    Watch,
     bump,
     cloned,
     commit_raw,
     equal_state,
-    eventually,
     pointers,
     restate,
     snapshot,
     status_of,
+    until,
 )
+from waiting import poll
 
 from hotswap import codec, keys
 from hotswap.agent import Agent, ApplyReport
@@ -46,11 +49,12 @@ def pub(settings: HotswapSettings, client: redis.Redis) -> Iterator[Publisher]:
 
 @pytest.fixture
 def make(settings: HotswapSettings) -> Iterator[Make]:
-    """Agents built from settings (their own client), stopped after the test."""
+    """Agents built from settings (their own client, watched), stopped after the test."""
     agents: list[Agent] = []
 
     def build(model: Any, start: bool = True, **kwargs: Any) -> Agent:
         kwargs.setdefault("settings", settings)
+        kwargs.setdefault("store_factory", Watch().factory)
         agent = Agent(model, MODEL, **kwargs)
         agents.append(agent)
         return agent.start() if start else agent
@@ -77,8 +81,7 @@ def test_applies_in_place_and_reports(make: Make, pub: Publisher, store: Store) 
     assert all(p.requires_grad for p in model.parameters())
     changed = sum(t.nbytes for k, t in new.items() if k != "scale")
     assert [(rv, r.tensors_changed, r.bytes_fetched) for rv, r in reports] == [(v, 9, changed)]
-    assert eventually(lambda: status_of(store, agent).version == v)
-    s = status_of(store, agent)
+    s = status_of(store, agent, lambda s: s.version == v)
     assert (s.state, s.lineage, s.applied_count, s.bytes_fetched) == (
         "idle",
         store.manifest(v).lineage,
@@ -312,7 +315,7 @@ def test_manual_mode_applies_only_the_newest_valid_version_when_asked(
     pub.publish(bump(model.state_dict(), 0.01))
     newest = bump(model.state_dict(), 0.02)
     v2 = pub.publish(newest)
-    assert eventually(lambda: agent.pending_version == v2)
+    assert until(agent, lambda: agent.pending_version == v2)
     assert agent.state == "pending" and agent.applied_version is None
     bad = bump(model.state_dict(), 0.03)
     _nan(bad)
@@ -325,7 +328,7 @@ def test_manual_mode_applies_only_the_newest_valid_version_when_asked(
     assert agent.apply_pending() == v2
     assert agent.applied_version == v2 and equal_state(model, newest)
     assert agent.apply_pending() is None
-    assert eventually(lambda: status_of(store, agent).version == v2)
+    assert status_of(store, agent, lambda s: s.version == v2).version == v2
 
 
 class TiedLM(torch.nn.Module):
@@ -395,22 +398,30 @@ def test_writer_is_not_starved_by_a_steady_stream_of_readers(make: Make, pub: Pu
     agent = make(model)
     stop = threading.Event()
     reads = [0] * 4
+    counted = threading.Condition()
+    started = threading.Barrier(len(reads) + 1)
+    batch = torch.randn(256, 16)
 
     def reader(i: int) -> None:
+        started.wait()
         while not stop.is_set():
-            with agent.reading():
-                time.sleep(0.005)
+            with agent.reading(), torch.no_grad():
+                model(batch)  # a forward pass, back to back with the other readers'
+            with counted:
                 reads[i] += 1
+                counted.notify_all()
 
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.1)
+        started.wait(10)  # every reader runs before the version is published
         new = bump(model.state_dict())
         assert agent.wait_for(pub.publish(new), 10)
-        counted = sum(reads)
-        assert eventually(lambda: sum(reads) > counted)  # readers carry on after the write
+        with counted:
+            before = sum(reads)
+            # Readers carry on after the write.
+            assert counted.wait_for(lambda: sum(reads) > before, 10)
     finally:
         stop.set()
         for t in threads:
@@ -430,7 +441,7 @@ def test_reading_is_reentrant_while_a_writer_waits(make: Make, pub: Publisher) -
 
     with agent.reading():
         v = pub.publish(new)
-        assert eventually(lambda: _writer_queued(agent), 10)
+        assert poll(lambda: _writer_queued(agent))  # nothing announces it: ask
         done = threading.Thread(target=other_reader)
         with agent.reading():  # same thread: must not queue behind the writer
             assert agent.applied_version is None
@@ -470,9 +481,22 @@ def test_bad_arguments_are_config_errors(
     assert str(e.value).startswith(message)
 
 
+def test_bad_environment_is_a_config_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOTSWAP_CHUNK_BYTES", "100")
+    with pytest.raises(ConfigError) as e:
+        Agent(Ten(), MODEL)
+    assert type(e.value) is ConfigError
+    assert isinstance(e.value.__cause__, pydantic.ValidationError)
+    assert str(e.value) == (
+        "invalid settings: HOTSWAP_CHUNK_BYTES='100': Input should be greater than or equal to 4096"
+    )
+
+
 def test_stop_reports_stopped_and_cannot_restart(make: Make, store: Store) -> None:
     agent = make(Ten())
-    assert eventually(lambda: agent.state == "idle")
+    assert until(agent, lambda: agent.state == "idle")
     agent.stop()
     assert status_of(store, agent).state == "stopped"
     with pytest.raises(ConfigError, match="was stopped; create a new one"):
@@ -606,7 +630,8 @@ def test_staging_memory_is_kept_between_versions_when_asked(make: Make, pub: Pub
         assert agent.wait_for(pub.publish(new), 10)
         assert equal_state(model, new) and pointers(model) == where
         # Handed back just after the apply, once waiters were woken.
-        assert eventually(lambda: agent._memory.kept_bytes >= sum(t.nbytes for t in new.values()))
+        kept = sum(t.nbytes for t in new.values())
+        assert until(agent, lambda: agent._memory.kept_bytes >= kept)
     agent.stop()
     assert agent._memory.kept_bytes == 0
 
@@ -619,7 +644,7 @@ def test_manual_mode_with_kept_memory_never_shares_a_pending_arena(
     for step in (0.01, 0.02, 0.03):
         good = bump(model.state_dict(), step)
         v1 = pub.publish(good)
-        assert eventually(lambda v=v1: agent.pending_version == v)  # type: ignore[misc]
+        assert until(agent, lambda v=v1: agent.pending_version == v)  # type: ignore[misc]
         bad = bump(model.state_dict(), 2 * step)
         _nan(bad)
         with pytest.raises(ValidationError):  # fetched while v1 waits, then refused

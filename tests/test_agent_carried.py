@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,18 +17,18 @@ import redis
 import torch
 from agent_support import (
     MODEL,
-    Recorder,
     Ten,
+    Watch,
     announce,
     bump,
     commit_raw,
     equal_state,
-    eventually,
     manifest_raw,
     recorded_agent,
     restate,
     snapshot,
     status_of,
+    until,
 )
 from pydantic import SecretStr
 
@@ -42,7 +41,7 @@ from publisher.publisher import Publisher
 KEY = "agent-carried-key-0123456789"
 
 
-Serving = tuple[Ten, Agent, Recorder, int]
+Serving = tuple[Ten, Agent, Watch, int]
 
 
 @contextmanager
@@ -62,7 +61,7 @@ def test_publisher_notice_carries_the_manifest_and_agent_fetches_before_reading_
     heard = client.pubsub(ignore_subscribe_messages=True)
     heard.subscribe(keys.events_channel("hotswap", MODEL))
     with agent, Publisher(MODEL, settings=settings, connection=client) as pub:
-        assert eventually(lambda: agent.state == "idle")
+        assert until(agent, lambda: agent.state == "idle")
         seen.calls.clear()
         new = bump(model.state_dict())
         v = pub.publish(new)
@@ -73,9 +72,10 @@ def test_publisher_notice_carries_the_manifest_and_agent_fetches_before_reading_
         assert reads and seen.calls == [*reads, ("manifest", v)]
         assert set(reads) == {("read", v)}
     said = None
-    deadline = time.monotonic() + 5
-    while said is None and time.monotonic() < deadline:
-        said = heard.get_message(timeout=0.1)  # None for the subscribe confirmation
+    for _ in range(50):  # None for the subscribe confirmation: ask again
+        said = heard.get_message(timeout=0.1)
+        if said is not None:
+            break
     heard.close()
     assert said is not None
     assert notice.decode(said["data"]).manifest == store.manifest_bytes(v)
@@ -91,8 +91,9 @@ def test_carried_manifest_redis_does_not_hold_changes_nothing(
         m, data = manifest_raw(store, bump(model.state_dict()), v1 + 1)
         seen.calls.clear()
         announce(store, v1 + 1, m.lineage, data)
-        assert eventually(lambda: ("head", None) in seen.calls)
-        assert eventually(lambda: agent.state == "idle")
+        # Done once head's manifest (v1, which runs) was read.
+        assert seen.wait(lambda: seen.calls[-1:] == [("manifest", v1)])
+        assert until(agent, lambda: agent.state == "idle")
         # Fetched, found no such manifest to confirm, looked for it and at head.
         confirm = seen.calls.index(("manifest", v1 + 1))
         assert set(seen.calls[:confirm]) == {("read", v1 + 1)}
@@ -159,8 +160,8 @@ def test_carried_manifest_that_fails_validation_records_no_rejection(
         )
         seen.calls.clear()
         announce(store, v1 + 1, m.lineage, data)
-        assert eventually(lambda: ("head", None) in seen.calls)
-        assert eventually(lambda: agent.state == "idle")
+        assert seen.wait(lambda: ("head", None) in seen.calls)
+        assert until(agent, lambda: agent.state == "idle")
         assert ("read", v1 + 1) in seen.calls  # fetched and validated, then not confirmed
         assert snapshot(model) == before and agent.last_rejection is None
         status = status_of(store, agent)
@@ -198,14 +199,14 @@ def test_norms_a_carried_manifest_states_are_not_learned_before_it_is_confirmed(
 ) -> None:
     model, agent, seen = recorded_agent(settings)
     with agent:
-        assert eventually(lambda: agent.state == "idle")
+        assert until(agent, lambda: agent.state == "idle")
         running = {k: v.clone() for k, v in model.state_dict().items()}
         name = next(iter(running))
         # Every entry is what runs, but one states a norm far below the truth:
         # learned, it would make any real change of that tensor look 1e6x larger.
         m, data = manifest_raw(store, running, 1, tamper=lambda es: restate(es, name, norm=1e-6))
         announce(store, 1, m.lineage, data)
-        assert eventually(lambda: ("head", None) in seen.calls)
+        assert seen.wait(lambda: ("head", None) in seen.calls)
         changed = dict(running)
         changed[name] = running[name] * 1.01
         v1 = commit_raw(store, changed)

@@ -1,10 +1,14 @@
-"""Delivery under faults: lost notices, Redis killed mid-fetch, Redis back empty."""
+"""Delivery under faults: lost notices, Redis killed mid-fetch, Redis back empty.
+
+No test sleeps: each waits for what it needs (a call the agent makes to
+Redis, noted by a ``Watch``; a step of the agent's thread, ``until``) and
+counts attempts where retries matter.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,17 +21,19 @@ from agent_support import (
     cloned,
     commit_raw,
     equal_state,
-    eventually,
     pointers,
     recorded_agent,
     snapshot,
     status_of,
+    until,
+    watched_agent,
 )
+from waiting import poll
 
 from hotswap import keys, notice
-from hotswap.agent import Agent
 from hotswap.connection import operation_retry
 from hotswap.embedded import EmbeddedRedis
+from hotswap.manifest import TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
 from publisher.publisher import Publisher
@@ -51,20 +57,32 @@ def store_for(server: EmbeddedRedis) -> Store:
     return Store(client, MODEL, retrying=operation_retry(5, 0.2))
 
 
+class HandClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_missed_notice_is_caught_within_one_poll_interval(
     settings: HotswapSettings, store: Store
 ) -> None:
     model = Ten()
+    clock = HandClock()
     slow = settings.model_copy(update={"poll_interval": 1.0})
-    with Agent(model, MODEL, settings=slow) as agent:
-        assert eventually(lambda: agent.state == "idle")
-        time.sleep(0.1)
-        new = bump(model.state_dict())
-        v = commit_raw(store, new, notify=False)  # head moves, nobody is told
-        moved = time.monotonic()
-        assert agent.wait_for(v, 5)
-        # One interval, plus fetch and apply on a busy machine (the default interval is 5 s).
-        assert time.monotonic() - moved <= 1.0 + 1.5
+    agent, seen = watched_agent(model, slow, clock=clock)
+    with agent:
+        v1 = commit_raw(store, bump(model.state_dict(), 0.01))  # told: connected and listening
+        assert agent.wait_for(v1, 10)
+        heads = seen.count("head")
+        new = bump(model.state_dict(), 0.02)
+        v2 = commit_raw(store, new, notify=False)  # head moves, nobody is told
+        clock.now += slow.poll_interval  # one poll interval passes
+        assert agent.wait_for(v2, 10)
+        assert seen.count("head") == heads + 1  # the first poll after the move caught it
         assert equal_state(model, new)
 
 
@@ -72,8 +90,9 @@ def test_notice_lost_with_the_subscription_connection(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
     model = Ten()
-    with Agent(model, MODEL, settings=settings) as agent:
-        assert eventually(lambda: agent.state == "idle")
+    agent, _seen = watched_agent(model, settings)
+    with agent:
+        assert until(agent, lambda: agent.state == "idle")
         assert client.client_kill_filter(_type="pubsub") >= 1
         new = bump(model.state_dict())
         v = commit_raw(store, new)  # its notice goes nowhere: nobody is subscribed
@@ -85,8 +104,9 @@ def test_garbled_notice_only_makes_the_agent_look(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
     model = Ten()
-    with Agent(model, MODEL, settings=settings) as agent:
-        assert eventually(lambda: agent.state == "idle")
+    agent, _seen = watched_agent(model, settings)
+    with agent:
+        assert until(agent, lambda: agent.state == "idle")
         client.publish(keys.events_channel("hotswap", MODEL), b"\xc1 not msgpack")
         new = bump(model.state_dict())
         assert agent.wait_for(commit_raw(store, new), 10)
@@ -101,32 +121,29 @@ def test_redis_killed_during_fetch_then_restarted(
     where = pointers(model)
     pub = Publisher(MODEL, settings=cfg)
     v1 = pub.publish(cloned(model))
-    agent = Agent(model, MODEL, settings=cfg)
-    real_read = agent.store.blobs.read_into
+    agent, seen = watched_agent(model, cfg)
     reads: list[str] = []
 
-    def read_then_die(
-        entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
-    ) -> None:
+    def die_on_the_third(entry: TensorEntry) -> None:
         reads.append(entry.name)
         if len(reads) == 3:  # two tensors staged, the third never arrives
             own_redis.kill()
-        real_read(entry, out, version, on_chunk)
 
-    agent.store.blobs.read_into = read_then_die  # type: ignore[method-assign]
+    seen.before_read = die_on_the_third
     with agent:
         assert agent.wait_for(v1, 10)
         before = snapshot(model)
         new = bump(model.state_dict())
         v2 = pub.publish(new)
-        assert eventually(lambda: agent.state == "disconnected", 10)
+        assert until(agent, lambda: agent.state == "disconnected")
         assert snapshot(model) == before and agent.applied_version == v1
-        time.sleep(0.5)  # a few reconnect attempts against a dead server
+        attempts = seen.pings
+        assert seen.wait(lambda: seen.pings >= attempts + 3)  # reconnects to a dead server
         assert snapshot(model) == before
         own_redis.start()  # same port, data from the append-only file
         assert agent.wait_for(v2, 15)
         assert equal_state(model, new) and pointers(model) == where
-        assert eventually(lambda: status_of(store_for(own_redis), agent).version == v2)
+        assert status_of(store_for(own_redis), agent, lambda s: s.version == v2).version == v2
     pub.close()
     assert len(reads) > 10  # the whole version was fetched again after the restart
 
@@ -139,15 +156,16 @@ def test_redis_back_empty_keeps_serving_then_follows_the_new_lineage(
         model = Ten()
         where = pointers(model)
         pub = Publisher(MODEL, settings=cfg)
-        with Agent(model, MODEL, settings=cfg) as agent:
+        agent, _seen = watched_agent(model, cfg)
+        with agent:
             pub.publish(bump(model.state_dict(), 0.01))
             served = bump(model.state_dict(), 0.02)
             v2 = pub.publish(served)
             assert agent.wait_for(v2, 10)
-            old_lineage = status_of(store_for(server), agent).lineage
+            old_lineage = status_of(store_for(server), agent, lambda s: s.version == v2).lineage
             server.restart()
-            assert eventually(
-                lambda: "has no head in Redis" in (agent.reporter.status.last_error or ""), 10
+            assert until(
+                agent, lambda: "has no head in Redis" in (agent.reporter.status.last_error or "")
             )
             assert equal_state(model, served) and agent.applied_version == v2
             # The first publish into the empty Redis is v1 of a new lineage:
@@ -155,18 +173,18 @@ def test_redis_back_empty_keeps_serving_then_follows_the_new_lineage(
             fresh = bump(served, 0.5)
             v1 = pub.publish(fresh)
             assert v1 == 1
-            assert eventually(lambda: agent.applied_version == 1, 10)
+            assert until(agent, lambda: agent.applied_version == 1)
             assert equal_state(model, fresh) and pointers(model) == where
-            s = status_of(store_for(server), agent)
+            s = status_of(store_for(server), agent, lambda s: (s.version, s.state) == (1, "idle"))
             assert (s.version, s.state) == (1, "idle") and s.lineage != old_lineage
             fetched = agent.reporter.status.bytes_fetched
             # Lost again, then the same bytes republished: same number, new
             # lineage: recorded as running, nothing fetched, nothing copied.
             server.restart()
-            assert eventually(lambda: agent.head_version is None, 10)
+            assert until(agent, lambda: agent.head_version is None)
             assert pub.publish(fresh) == 1
-            assert eventually(
-                lambda: (agent.reporter.status.lineage or "") not in ("", s.lineage), 10
+            assert until(
+                agent, lambda: (agent.reporter.status.lineage or "") not in ("", s.lineage)
             )
             assert agent.reporter.status.bytes_fetched == fetched
             assert equal_state(model, fresh)
@@ -180,9 +198,10 @@ def test_agent_started_while_redis_is_down_logs_once_and_catches_up(
     own_redis.kill()
     model = Ten()
     caplog.set_level(logging.INFO, logger="hotswap.agent")
-    with Agent(model, MODEL, settings=cfg) as agent:
-        assert eventually(lambda: agent.state == "disconnected", 10)
-        time.sleep(1.5)  # several attempts
+    agent, seen = watched_agent(model, cfg)
+    with agent:
+        assert until(agent, lambda: agent.state == "disconnected")
+        assert seen.wait(lambda: seen.pings >= 3)  # several attempts, all failed
         assert model.training  # the serving process is untouched
         own_redis.start()
         new = bump(model.state_dict())
@@ -201,28 +220,34 @@ def test_heartbeat_is_refreshed_and_expires_after_stop(
     settings: HotswapSettings, store: Store
 ) -> None:
     beat = settings.model_copy(update={"heartbeat_ttl": 0.9})
-    agent = Agent(Ten(), MODEL, settings=beat).start()
+    agent, seen = watched_agent(Ten(), beat)
+    agent.start()
     try:
-        assert eventually(lambda: agent.state == "idle")
-        time.sleep(2.0)  # well past one ttl: only refreshes keep it alive
+        assert until(agent, lambda: agent.state == "idle")
+        written = len(seen.written)
+        # Seven refreshes, a third of a ttl apart: well past two ttls, so
+        # only refreshes keep the record alive.
+        assert seen.wait(lambda: len(seen.written) >= written + 7)
         assert [alive for i, _, alive in store.agent_records() if i == agent.agent_id] == [True]
     finally:
         agent.stop()
     assert status_of(store, agent).state == "stopped"
-    assert eventually(
-        lambda: [a for i, _, a in store.agent_records() if i == agent.agent_id] == [False], 3
-    )
+
+    def expired() -> bool:
+        return [a for i, _, a in store.agent_records() if i == agent.agent_id] == [False]
+
+    assert poll(expired)  # Redis expires the heartbeat: nothing here announces it
 
 
 def test_stop_returns_promptly_during_an_outage(
     own_redis: EmbeddedRedis, settings: HotswapSettings
 ) -> None:
     cfg = on(own_redis, settings)
-    agent = Agent(Ten(), MODEL, settings=cfg).start()
-    assert eventually(lambda: agent.state == "idle")
+    agent, _seen = watched_agent(Ten(), cfg)
+    agent.start()
+    assert until(agent, lambda: agent.state == "idle")
     own_redis.kill()
-    assert eventually(lambda: agent.state == "disconnected", 10)
-    started = time.monotonic()
+    assert until(agent, lambda: agent.state == "disconnected")
     done = threading.Event()
 
     def stop() -> None:
@@ -231,7 +256,7 @@ def test_stop_returns_promptly_during_an_outage(
 
     threading.Thread(target=stop, daemon=True).start()
     assert done.wait(10)
-    assert time.monotonic() - started < 5
+    assert agent._thread is not None and not agent._thread.is_alive()
     assert agent.state == "stopped"
 
 
@@ -239,26 +264,22 @@ def test_unexpected_error_is_logged_once_and_retried(
     settings: HotswapSettings, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = Ten()
-    agent = Agent(model, MODEL, settings=settings)
-    real_read = agent.store.blobs.read_into
+    agent, seen = watched_agent(model, settings)
     broken = threading.Event()
     broken.set()
 
-    def flaky(
-        entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
-    ) -> None:
+    def flaky(entry: TensorEntry) -> None:
         if broken.is_set():
             raise RuntimeError("out of staging memory")
-        real_read(entry, out, version, on_chunk)
 
-    agent.store.blobs.read_into = flaky  # type: ignore[method-assign]
+    seen.before_read = flaky
     caplog.set_level(logging.INFO, logger="hotswap.agent")
     before = snapshot(model)
     with agent:
         new = bump(model.state_dict())
         v = commit_raw(store, new)
-        assert eventually(lambda: agent.state == "disconnected", 10)
-        time.sleep(1.0)  # several retries, with backoff
+        assert until(agent, lambda: agent.state == "disconnected")
+        assert seen.wait(lambda: seen.count("read") >= 3)  # three tries, with backoff
         assert snapshot(model) == before and agent.applied_version is None
         broken.clear()
         assert agent.wait_for(v, 10)
@@ -279,7 +300,7 @@ def test_notice_reads_the_manifest_it_names_and_nothing_before(
 ) -> None:
     model, agent, seen = recorded_agent(settings)
     with agent:
-        assert eventually(lambda: agent.state == "idle")
+        assert until(agent, lambda: agent.state == "idle")
         seen.calls.clear()
         new = bump(model.state_dict())
         v = commit_raw(store, new)  # its notice carries no manifest
@@ -290,7 +311,7 @@ def test_notice_reads_the_manifest_it_names_and_nothing_before(
         assert ("head", None) not in seen.calls
         assert {c for c in seen.calls[1:]} == {("read", v)}
         # No status write on the agent's own thread: the reporter's thread writes.
-        assert eventually(lambda: status_of(store, agent).version == v)
+        assert status_of(store, agent, lambda s: s.version == v).version == v
         assert seen.status_threads and not any(
             name.startswith("hotswap-agent") for name in seen.status_threads
         )
@@ -301,7 +322,7 @@ def test_notice_naming_a_missing_version_falls_back_to_head(
 ) -> None:
     model, agent, seen = recorded_agent(settings)
     with agent:
-        assert eventually(lambda: agent.state == "idle")
+        assert until(agent, lambda: agent.state == "idle")
         new = bump(model.state_dict())
         v = commit_raw(store, new, notify=False)  # head moved, nobody told
         seen.calls.clear()
@@ -327,8 +348,8 @@ def test_forged_notice_of_an_old_version_changes_nothing(
         # Another lineage in the notice makes the agent look; the manifest says v1.
         forged = notice.Notice(MODEL, v1, "publish", "x" * 32)
         client.publish(keys.events_channel("hotswap", MODEL), notice.encode(forged))
-        assert eventually(lambda: ("manifest", v1) in seen.calls)
-        assert eventually(lambda: agent.state == "idle")
+        assert seen.wait(lambda: ("manifest", v1) in seen.calls)
+        assert until(agent, lambda: agent.state == "idle")
         assert ("read", v1) not in seen.calls
         assert snapshot(model) == before and agent.applied_version == v2
         assert agent.reporter.status.bytes_fetched == fetched
@@ -340,30 +361,25 @@ def test_notices_queued_during_a_fetch_go_straight_to_the_newest(
     model = Ten()
     slow = settings.model_copy(update={"poll_interval": 30.0})
     applied: list[int] = []
-    agent = Agent(model, MODEL, settings=slow, on_applied=lambda v, r: applied.append(v))
-    real_read = agent.store.blobs.read_into
+    agent, seen = watched_agent(model, slow, on_applied=lambda v, r: applied.append(v))
     held, release = threading.Event(), threading.Event()
 
-    def read_held(
-        entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
-    ) -> None:
+    def hold(entry: TensorEntry) -> None:
         if not release.is_set():
             held.set()
             assert release.wait(10)
-        real_read(entry, out, version, on_chunk)
 
-    agent.store.blobs.read_into = read_held  # type: ignore[method-assign]
-    listener = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    seen.before_read = hold
+    listener = client.pubsub(ignore_subscribe_messages=True)
     listener.subscribe(keys.events_channel("hotswap", MODEL))
     with agent:
-        assert eventually(lambda: agent.state == "idle")
+        assert until(agent, lambda: agent.state == "idle")
         v1 = commit_raw(store, bump(model.state_dict(), 0.01))
         assert held.wait(10)  # the agent is fetching v1
         v2 = commit_raw(store, bump(model.state_dict(), 0.02))
         newest = bump(model.state_dict(), 0.03)
         v3 = commit_raw(store, newest)
-        heard: list[int] = []
-        assert eventually(lambda: _heard(listener, heard) >= 3)  # all three sent
+        assert _heard(listener, 3) == [v1, v2, v3]  # all three sent
         release.set()
         assert agent.wait_for(v3, 10)
         assert applied == [v1, v3] and v2 == v1 + 1
@@ -371,11 +387,16 @@ def test_notices_queued_during_a_fetch_go_straight_to_the_newest(
     listener.close()
 
 
-def _heard(listener: Any, heard: list[int]) -> int:
-    message = listener.get_message(timeout=0.05)
-    if message is not None:
-        heard.append(notice.decode(message["data"]).version)
-    return len(heard)
+def _heard(listener: Any, count: int, attempts: int = 100) -> list[int]:
+    """The versions of the first ``count`` notices a listener hears (blocking reads)."""
+    heard: list[int] = []
+    for _ in range(attempts):
+        message = listener.get_message(timeout=0.1)
+        if message is not None:
+            heard.append(notice.decode(message["data"]).version)
+            if len(heard) == count:
+                break
+    return heard
 
 
 def test_heartbeat_lives_through_one_long_tensor_fetch(
@@ -383,30 +404,27 @@ def test_heartbeat_lives_through_one_long_tensor_fetch(
 ) -> None:
     beat = settings.model_copy(update={"heartbeat_ttl": 1.5})  # refreshed every 0.5 s
     model = Ten()
-    agent = Agent(model, MODEL, settings=beat)
-    real_read = agent.store.blobs.read_into
+    agent, seen = watched_agent(model, beat)
     held, release = threading.Event(), threading.Event()
 
-    def read_slowly(
-        entry: Any, out: memoryview, version: int | None = None, on_chunk: Any = None
-    ) -> None:
+    def hold(entry: TensorEntry) -> None:
         held.set()
         assert release.wait(20)  # one tensor that takes far longer than the ttl
-        real_read(entry, out, version, on_chunk)
 
-    agent.store.blobs.read_into = read_slowly  # type: ignore[method-assign]
+    seen.before_read = hold
 
     def alive() -> list[bool]:
         return [a for i, _, a in store.agent_records() if i == agent.agent_id]
 
     with agent:
-        assert eventually(lambda: agent.state == "idle")
+        assert until(agent, lambda: agent.state == "idle")
         new = bump(model.state_dict())
         v = commit_raw(store, new)
         assert held.wait(10)
-        assert eventually(lambda: status_of(store, agent).state == "fetching")
-        for _ in range(9):  # 4.5 s, three ttls, inside one read
-            time.sleep(0.5)
+        assert status_of(store, agent, lambda s: s.state == "fetching").state == "fetching"
+        for _ in range(9):  # nine refreshes, three ttls, inside one read
+            written = len(seen.written)
+            assert seen.wait(lambda: len(seen.written) > written)
             assert alive() == [True]
         release.set()
         assert agent.wait_for(v, 10)
@@ -417,24 +435,25 @@ def test_heartbeat_lives_through_one_long_tensor_fetch(
 def test_stop_is_bounded_with_the_default_retry_budget(
     own_redis: EmbeddedRedis, settings: HotswapSettings, fault: str
 ) -> None:
-    # Defaults: 6 attempts with backoff up to 2 s, 10 s socket timeout.
+    # Defaults: 6 attempts with backoff up to 2 s, 10 s socket timeout: either
+    # outlasts the time stop() is given below, unless stop() cuts it short.
     cfg = HotswapSettings(redis_url=own_redis.url, poll_interval=0.2, _env_file=None)  # type: ignore[call-arg]
     assert (cfg.retry_attempts, cfg.retry_max_wait, cfg.socket_timeout) == (6, 2.0, 10.0)
-    agent = Agent(Ten(), MODEL, settings=cfg).start()
+    agent, seen = watched_agent(Ten(), cfg)
+    agent.start()
     try:
-        assert eventually(lambda: agent.state == "idle")
+        assert until(agent, lambda: agent.state == "idle")
         if fault == "killed":
             own_redis.kill()
-            assert eventually(lambda: agent.state == "disconnected", 10)
+            assert until(agent, lambda: agent.state == "disconnected")
         else:
             own_redis.freeze()
-            time.sleep(0.5)  # the thread is now blocked in a read of head
-        started = time.monotonic()
-        agent.stop()
-        took = time.monotonic() - started
+            heads = seen.count("head")
+            # The next poll's read of head is under way: it blocks on the frozen server.
+            assert seen.wait(lambda: seen.count("head") > heads)
+        # A second of grace for the thread, then its sockets are closed.
+        agent.stop(timeout=2.0)
         assert agent.state == "stopped"
         assert agent._thread is not None and not agent._thread.is_alive()
-        # A second for the thread's grace, a second for the last status write.
-        assert took < 2.5, took
     finally:
         own_redis.thaw()

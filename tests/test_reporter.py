@@ -1,10 +1,15 @@
-"""The reporter thread: when the status record reaches Redis."""
+"""The reporter thread: when the status record reaches Redis.
+
+The reporter reads a clock the tests move by hand, so that "within the
+settling time" and "after it" are facts the test sets, not races it hopes to
+win: while the clock stands still, only an outcome (an applied version) or
+``close()`` can make the thread write.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import redis
 
@@ -27,6 +32,31 @@ class CountingStore(Store):
         self.landed.set()
 
 
+class HandClock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def settle(clock: HandClock, store: CountingStore, attempts: int = 40) -> bool:
+    """Move the clock one settling time at a time until a record lands; whether one did.
+
+    The thread may not have started its wait when the clock first moves (it
+    then waits from the moved time), hence more than one step; the heartbeat
+    is many steps away, so no step writes a record of its own.
+    """
+    for _ in range(attempts):
+        clock.now += SETTLE_SECONDS
+        if store.landed.wait(SETTLE_SECONDS):
+            store.landed.clear()
+            return True
+    return False
+
+
 def stored_state(client: redis.Redis, agent_id: str) -> str:
     raw = client.hget(keys.agents_key("hotswap", "m"), agent_id)
     assert raw is not None
@@ -35,19 +65,17 @@ def stored_state(client: redis.Redis, agent_id: str) -> str:
 
 def test_states_of_a_short_update_are_written_once_as_the_last(client: redis.Redis) -> None:
     store = CountingStore(client)
-    reporter = Reporter(store, "a-1", ttl=30.0)
+    clock = HandClock()
+    reporter = Reporter(store, "a-1", ttl=30.0, clock=clock)
     reporter.start()
     try:
-        assert store.landed.wait(5)  # the first record, "starting"
+        assert settle(clock, store)  # the first record, "starting"
         assert store.written == ["starting"]
         reporter.update(state="fetching")
         reporter.update(state="applying")
         reporter.update(state="idle", version=3)
-        time.sleep(SETTLE_SECONDS / 2)
-        assert store.written == ["starting"]  # nothing written in the middle of an update
-        deadline = time.monotonic() + 5
-        while len(store.written) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert store.written == ["starting"]  # the clock stands still: no write mid-update
+        assert settle(clock, store)
         assert store.written == ["starting", "idle"]
         assert stored_state(client, "a-1") == "idle"
     finally:
@@ -57,26 +85,27 @@ def test_states_of_a_short_update_are_written_once_as_the_last(client: redis.Red
 
 def test_close_writes_a_change_still_settling(client: redis.Redis) -> None:
     store = CountingStore(client)
-    reporter = Reporter(store, "a-2", ttl=30.0)
+    clock = HandClock()
+    reporter = Reporter(store, "a-2", ttl=30.0, clock=clock)
     reporter.start()
-    assert store.landed.wait(5)
-    reporter.update(state="stopped")
+    assert settle(clock, store)
+    reporter.update(state="stopped")  # settles forever: the clock stands still
     assert reporter.close(1.0) is True
     assert stored_state(client, "a-2") == "stopped"
 
 
 def test_an_applied_version_is_written_at_once(client: redis.Redis) -> None:
     store = CountingStore(client)
-    reporter = Reporter(store, "a-3", ttl=30.0)
+    clock = HandClock()
+    reporter = Reporter(store, "a-3", ttl=30.0, clock=clock)
     reporter.start()
     try:
-        assert store.landed.wait(5)
+        assert settle(clock, store)
         reporter.update(state="fetching")
-        started = time.monotonic()
         reporter.applied(ApplyReport(7, "ab" * 16, 1, 100, 0.01, 0.0, 0.001), logging.getLogger())
-        while "idle" not in store.written and time.monotonic() - started < 5:
-            time.sleep(0.001)
-        assert time.monotonic() - started < SETTLE_SECONDS / 2
+        # The clock stands still, so the settling time never ends: only the
+        # applied version itself can have made the thread write.
+        assert store.landed.wait(10)
         assert store.written == ["starting", "idle"]
         raw = client.hget(keys.agents_key("hotswap", "m"), "a-3")
         assert raw is not None and status.decode(raw).version == 7

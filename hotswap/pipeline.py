@@ -1,0 +1,368 @@
+"""The agent's update path, top to bottom: request -> manifest -> stage -> confirm -> act.
+
+``Pipeline.handle`` takes one request of the delivery loop to its end:
+``Lookout`` names the manifest to consider (the one a notice carried, the one
+it named, or head's); ``staging.prepare`` fetches and validates the tensors
+that differ from what runs; a manifest a notice carried is confirmed against
+the one Redis holds; then the version is applied (auto mode), refused (it
+failed validation) or left pending for ``apply_pending()`` (manual mode).
+
+What runs, was refused or waits lives in ``RunState`` behind its lock; the
+head last seen is ``Lookout``'s (its own lock), what was said last is
+``LogOnce``'s, and the live tensors are guarded by the gate's writer side.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, Literal
+
+import redis
+
+from hotswap import validate
+from hotswap.delivery import Reason, Request, Stopped
+from hotswap.errors import HotswapError, ValidationError
+from hotswap.gate import Gate
+from hotswap.hostmem import HostMemory
+from hotswap.lookout import Candidate, Confirmation, Lookout, Quiet, Refused
+from hotswap.manifest import Manifest
+from hotswap.reporter import ApplyReport, Reporter
+from hotswap.runstate import Rejection, RunState
+from hotswap.settings import HotswapSettings
+from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, prepare
+from hotswap.store import Store
+
+log = logging.getLogger("hotswap.agent")
+Mode = Literal["auto", "manual"]
+OnApplied = Callable[[int, ApplyReport], None]
+OnRejected = Callable[[int, dict[str, list[str]]], None]
+
+
+class Outcome(Enum):
+    """How considering one manifest ended."""
+
+    SKIPPED = "it runs, was refused, or waits already"
+    APPLIED = "applied"
+    REJECTED = "refused: it failed validation"
+    PENDING = "valid, waiting for apply_pending()"
+    UNCONFIRMED = "a notice carried it and Redis holds otherwise: nothing changed"
+    REPLAN = "apply_pending() ran meanwhile: plan again against what runs now"
+
+
+class LogOnce:
+    """Logs each change of state once, not each retry: remembers the key of the last thing said.
+
+    The agent's thread and ``apply_pending()``'s caller both use it, hence its lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: str | None = None
+
+    @property
+    def last(self) -> str | None:
+        with self._lock:
+            return self._last
+
+    def say(self, key: str, level: int, message: str, exc: BaseException | None = None) -> None:
+        """Log ``message`` unless the last thing said had the same ``key``."""
+        with self._lock:
+            if self._last == key:
+                return
+            self._last = key
+        log.log(level, "%s", message, exc_info=exc)
+
+    def note(self, key: str) -> None:
+        """Record a change of state logged elsewhere, so the next repeat is said again."""
+        with self._lock:
+            self._last = key
+
+    def replace(self, old: str | None, new: str) -> None:
+        """Record ``new`` unless something was said since ``old``."""
+        with self._lock:
+            if self._last == old:
+                self._last = new
+
+
+class Pipeline:
+    """One agent's update path; the delivery loop's ``Handler``.
+
+    Args:
+        store: the model's store, with the agent's stop-aware retries.
+        settings: the signing keys manifests must verify with.
+        live: the live tensors to update in place.
+        policy: the validation policy.
+        mode: ``"auto"`` applies at once, ``"manual"`` leaves it pending.
+        staging: where fetched bytes wait (see ``Agent``).
+        memory: host staging memory kept between versions.
+        reporter: the status record.
+        gate: readers-writer lock of the live tensors.
+        stop: set once the agent stops: work in progress is abandoned.
+        on_applied, on_rejected: the agent's callbacks.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: HotswapSettings,
+        live: LiveModel,
+        policy: validate.Policy,
+        *,
+        mode: Mode,
+        staging: Staging,
+        memory: HostMemory,
+        reporter: Reporter,
+        gate: Gate,
+        stop: threading.Event,
+        on_applied: OnApplied | None = None,
+        on_rejected: OnRejected | None = None,
+    ) -> None:
+        self.model_name = store.model
+        self.store, self.live, self.policy = store, live, policy
+        self.mode, self.staging = mode, staging
+        self.reporter = reporter
+        self.on_applied, self.on_rejected = on_applied, on_rejected
+        self.state = RunState(policy, reporter)
+        self.lookout = Lookout(store, settings)
+        self._memory, self._gate, self._stop = memory, gate, stop
+        self._said = LogOnce()
+
+    # -- the delivery loop's handler (the agent's thread) -------------------------
+
+    def start(self) -> None:
+        """Learn what runs: the digest of every live tensor (first thing on the thread)."""
+        self.state.start(self.live.digests())
+
+    def wanted(self, raw: bytes) -> Request | None:
+        """The request a raw notice makes (``delivery.Handler``)."""
+        return self.lookout.wanted(raw, self.state.running())
+
+    def handle(self, request: Request) -> None:
+        """Take one request to its end (``delivery.Handler``); raises to end the session."""
+        try:
+            if request.reason is Reason.CONNECTED:
+                self._reconnect(request)
+            else:
+                self._update(request)
+        finally:
+            self.state.stepped()
+
+    def lost(self, e: BaseException) -> None:
+        """The delivery loop's exception handler: report the outage, log it once."""
+        self.reporter.update(state="disconnected", last_error=f"{type(e).__name__}: {e}")
+        key, name, serving = f"lost:{type(e).__name__}", type(e).__name__, self.state.serving()
+        if isinstance(e, (HotswapError, redis.RedisError, OSError)):
+            self._said.say(
+                key,
+                logging.WARNING,
+                f"model {self.model_name!r}: Redis unreachable or failing ({name}: {e}); "
+                f"still serving {serving}, reconnecting with backoff",
+            )
+        else:
+            # Not Redis: a bug or the host (memory?). Worth a traceback, once.
+            self._said.say(
+                key,
+                logging.ERROR,
+                f"model {self.model_name!r}: unexpected {name} while updating; "
+                f"still serving {serving}, retrying with backoff",
+                e,
+            )
+        self.state.stepped()
+
+    # -- apply_pending()'s caller -------------------------------------------------
+
+    def apply_pending(self) -> int | None:
+        """``Agent.apply_pending``, on the caller's thread, outside any read."""
+        staged = self.state.begin_apply_pending()
+        if staged is None:
+            return None
+        try:
+            self._apply(staged)
+        finally:
+            staged.release()
+            self.state.end_apply_pending()
+        return staged.plan.manifest.version
+
+    # -- the path, top to bottom --------------------------------------------------
+
+    def _reconnect(self, request: Request) -> None:
+        """A session began: report connected, look at head, say so once after an outage."""
+        if self.reporter.status.state in ("starting", "disconnected"):
+            self.state.rest(last_error=None)
+        said = self._said.last
+        self._update(request)
+        if said is not None and said.startswith("lost:"):
+            log.info("model %r: connected to Redis again, head checked", self.model_name)
+        self._said.replace(said, "connected")
+
+    def _update(self, request: Request) -> None:
+        """One request: the notice's own manifest if it may be relied on, else Redis's."""
+        candidate = self.lookout.carried(request, self.state.running())
+        if candidate is not None:
+            if self._consider(candidate) is not Outcome.UNCONFIRMED:
+                return
+            self.state.rest()  # nothing changed; what Redis holds decides
+        look = self.lookout.look(request)
+        if isinstance(look, Candidate):
+            self._consider(look)
+        elif isinstance(look, Refused):
+            self._refuse(look)
+        elif look is Quiet.HEAD_GONE:
+            self._head_gone()
+
+    def _consider(self, candidate: Candidate) -> Outcome:
+        """Stage a manifest unless it runs, was refused or waits already; then act."""
+        m = candidate.manifest
+        if self.state.known(m):
+            return Outcome.SKIPPED
+        lineage = self.state.running().lineage
+        if lineage is not None and m.lineage != lineage:
+            self._said.say(
+                f"lineage:{m.lineage}",
+                logging.WARNING,
+                f"model {self.model_name!r}: head v{m.version} is of a new lineage {m.lineage} "
+                f"(Redis lost its data or was reset); comparing tensors by digest",
+            )
+        outcome = Outcome.REPLAN
+        while outcome is Outcome.REPLAN:
+            outcome = self._stage(candidate)
+        return outcome
+
+    def _stage(self, candidate: Candidate) -> Outcome:
+        """Fetch and validate what differs from what runs, confirm a carried manifest, act."""
+        m = candidate.manifest
+        basis = self.state.basis()
+        # The reporter's thread writes this while the fetch runs.
+        self.reporter.update(state="fetching")
+        staged, reasons = prepare(
+            self.store.blobs,
+            m,
+            self.live,
+            basis.digests,
+            self.policy,
+            mode=self.staging,
+            where=f"model {self.model_name!r} v{m.version}",
+            between=self._between_tensors,
+            memory=self._memory,
+            old_norms=basis.norms,
+        )
+        self.reporter.update(
+            fetch_seconds=staged.seconds,
+            validate_seconds=staged.validate_seconds,
+            bytes_fetched=self.reporter.status.bytes_fetched + staged.bytes_fetched,
+        )
+        if candidate.carried is not None and not self._confirmed(m, candidate.carried, staged):
+            return Outcome.UNCONFIRMED  # nothing is applied or refused on a notice's word
+        self.state.learn(m, basis.digests)
+        if reasons:
+            staged.release()
+            self._reject(m.version, m.lineage, reasons, None, staged.bytes_fetched)
+            return Outcome.REJECTED
+        if self.mode == "manual":
+            return self._pend(staged, basis.generation)
+        try:
+            if self._stop.is_set():
+                raise Stopped  # stop() may have given up waiting: change nothing after it
+            self._apply(staged)
+        finally:
+            staged.release()
+        return Outcome.APPLIED
+
+    def _confirmed(self, m: Manifest, carried: bytes, staged: Staged) -> bool:
+        """Whether Redis holds ``carried`` as ``m``'s manifest; if not, ``staged`` is released."""
+        try:
+            confirmed = self.lookout.confirm(m, carried)
+        except BaseException:
+            staged.release()
+            raise
+        if confirmed is not Confirmation.CONFIRMED:
+            staged.release()
+            return False
+        return True
+
+    def _between_tensors(self) -> None:
+        if self._stop.is_set():
+            raise Stopped
+
+    def _pend(self, staged: Staged, generation: int) -> Outcome:
+        """Keep a valid version for ``apply_pending()``, unless one ran since it was planned."""
+        stale = self.state.pend(staged, generation)
+        if stale is not None:
+            stale.release()
+        if stale is staged:
+            return Outcome.REPLAN
+        m = staged.plan.manifest
+        log.info("model %r: v%d valid; apply_pending() applies it", self.model_name, m.version)
+        return Outcome.PENDING
+
+    def _apply(self, staged: Staged) -> None:
+        """Copy a staged version into the live tensors under the writer lock, and report it."""
+        m = staged.plan.manifest
+        self.reporter.update(state="applying")
+        copies = pairs(staged, self.live)
+        with self._gate.writing():
+            locked = time.perf_counter()
+            apply(copies)
+            self.state.record_applied(staged)
+        report = ApplyReport(
+            m.version,
+            m.lineage,
+            len(staged.plan.changed),
+            staged.bytes_fetched,
+            staged.seconds,
+            staged.validate_seconds,
+            time.perf_counter() - locked,
+            staged.started,
+        )
+        # The reporter's thread writes the record: neither this thread nor
+        # apply_pending()'s caller waits for Redis.
+        self.reporter.applied(report, log)
+        self._said.note("applied")
+        _callback(self.on_applied, m.version, report)
+        self.state.decided()  # after the callback: it has run when wait_for returns
+
+    def _reject(
+        self,
+        version: int,
+        lineage: str | None,
+        reasons: dict[str, list[str]],
+        cause: Exception | None,
+        nbytes: int = 0,
+    ) -> None:
+        error: ValidationError = validate.rejection(self.model_name, version, reasons)
+        error.__cause__ = cause
+        # The record is written before waiters wake, so they can read it at once.
+        self.reporter.rejected(version, error, nbytes, self.state.has_pending(), log)
+        self._said.note(f"rejected:{version}")
+        _callback(self.on_rejected, version, error.reasons)
+        self.state.record_rejection(version, Rejection(lineage, error))
+
+    def _refuse(self, refused: Refused) -> None:
+        """Reject a version whose manifest failed its checks, once per distinct failure."""
+        before = self.state.rejection(refused.version)
+        if before is None or str(before.error.__cause__) != str(refused.error):
+            reasons = {"<manifest>": [str(refused.error)]}
+            self._reject(refused.version, None, reasons, refused.error)
+
+    def _head_gone(self) -> None:
+        applied = self.state.running().version
+        if applied is not None:
+            gone = (
+                f"model {self.model_name!r} has no head in Redis (Redis lost its data "
+                f"or the model was deleted); still serving v{applied}"
+            )
+            self.reporter.update(last_error=gone)
+            self._said.say("head-gone", logging.WARNING, gone)
+
+
+def _callback(fn: Callable[..., None] | None, *args: Any) -> None:
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("agent callback %r raised; the agent carries on", fn)
