@@ -5,7 +5,8 @@ copies or snapshots (``Running``). Two conditions share the lock: one wakes
 ``wait_for`` when a version is applied or refused, the other wakes
 ``wait_until`` after any step of the agent. Where the status record must move
 together with a field (a version pending), the reporter is updated under the
-lock too, so whoever sees one sees the other. Imports no Redis.
+lock too (``Reporter.update`` only changes memory), so whoever sees one sees
+the other. Nothing here does I/O.
 """
 
 from __future__ import annotations
