@@ -136,7 +136,7 @@ def as_bytes(tensor: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if not t.numel():
         return memoryview(bytearray())
-    # A contiguous tensor of one element may keep any stride (e.g. x[::2] of
+    # A contiguous tensor of one element may keep any stride (say, t[::2] of
     # two elements), which view(uint8) refuses; as_strided pins it to 1.
     flat = t.reshape(-1).as_strided((t.numel(),), (1,)).view(torch.uint8)
     array: Any = flat.numpy()
