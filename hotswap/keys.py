@@ -39,6 +39,11 @@ def head_key(ns: str, model: str) -> str:
     return _meta(ns, model, "head")
 
 
+def head_record_key(ns: str, model: str) -> str:
+    """The signed head record (``hotswap.headrecord``), written with head when signing."""
+    return _meta(ns, model, "head:signed")
+
+
 def manifest_key(ns: str, model: str, version: int) -> str:
     return _meta(ns, model, f"manifest:{int(version)}")
 

@@ -124,6 +124,19 @@ class Store:
             self.call("reading head", lambda: self.client.get(self._key(keys.head_key)))
         )
 
+    def head_and_record(self) -> tuple[int | None, bytes | None]:
+        """Head and the signed head record's bytes (None where absent), in one round trip."""
+        head_key, record_key = self._key(keys.head_key), self._key(keys.head_record_key)
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(head_key)
+            pipe.get(record_key)
+            return list(pipe.execute())
+
+        raw, record = self.call("reading head", read)
+        return self._head(raw), None if record is None else bytes(record)
+
     def head_and_manifest_bytes(self, guess: int | None) -> tuple[int | None, bytes | None]:
         """Head, and manifest ``guess``'s bytes if head is ``guess``, in one round trip.
 

@@ -15,6 +15,7 @@ def metadata_keys(ns: str, model: str) -> list[str]:
     return [
         keys.seq_key(ns, model),
         keys.head_key(ns, model),
+        keys.head_record_key(ns, model),
         keys.manifest_key(ns, model, 1),
         keys.manifest_key(ns, model, 987654),
         keys.log_key(ns, model),
@@ -28,6 +29,7 @@ def metadata_keys(ns: str, model: str) -> list[str]:
 def test_layout_matches_the_design() -> None:
     assert keys.seq_key("hotswap", "m") == "hotswap:{m}:seq"
     assert keys.head_key("hotswap", "m") == "hotswap:{m}:head"
+    assert keys.head_record_key("hotswap", "m") == "hotswap:{m}:head:signed"
     assert keys.manifest_key("hotswap", "m", 7) == "hotswap:{m}:manifest:7"
     assert keys.manifest_pattern("hotswap", "m") == "hotswap:{m}:manifest:*"
     assert keys.log_key("ns", "m") == "ns:{m}:log"
