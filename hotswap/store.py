@@ -29,6 +29,17 @@ T = TypeVar("T")
 DEFAULT_LIMITS = Limits()
 LOG_MAXLEN = 10_000
 
+# KEYS: seq, head. The next number is max(seq, head) + 1: a seq that was
+# evicted, deleted or restored older than head costs no failed publish.
+# A value that is not a number counts as 0 (head's own check reports it).
+_RESERVE = """
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local head = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local v = math.max(math.floor(seq), math.floor(head)) + 1
+redis.call('SET', KEYS[1], string.format('%d', v))
+return v
+"""
+
 # KEYS: head, manifest:V, log. ARGV: parent ('' = none), V, manifest bytes,
 # channel, notice, log maxlen, then log field/value pairs.
 _COMMIT = """
@@ -82,6 +93,7 @@ class Store:
         self._entries = EntryCache()
         self._retrying = retrying or operation_retry()
         self._commit_script = client.register_script(_COMMIT)
+        self._reserve_script = client.register_script(_RESERVE)
         self.blobs = BlobStore(client, self.model, namespace=self.ns, retrying=self._retrying)
 
     @classmethod
@@ -205,9 +217,9 @@ class Store:
         return self.call("listing versions", scan)
 
     def reserve_version(self) -> int:
-        return int(
-            self.call("reserving a version", lambda: self.client.incr(self._key(keys.seq_key)))
-        )
+        """A version number no commit has used: one more than both seq and head (atomic)."""
+        script_keys = [self._key(keys.seq_key), self._key(keys.head_key)]
+        return int(self.call("reserving a version", lambda: self._reserve_script(keys=script_keys)))
 
     def commit(
         self,
