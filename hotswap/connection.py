@@ -17,7 +17,7 @@ import tenacity
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from hotswap.errors import ConfigError, HotswapError, StoreUnavailable
+from hotswap.errors import ConfigError, HotswapError, StoreFull, StoreUnavailable
 from hotswap.settings import HotswapSettings
 
 T = TypeVar("T")
@@ -38,6 +38,12 @@ PERMANENT: tuple[type[BaseException], ...] = (redis.AuthenticationError,)
 
 def _is_transient(error: BaseException) -> bool:
     return isinstance(error, TRANSIENT) and not isinstance(error, PERMANENT)
+
+
+def _out_of_memory(error: redis.RedisError) -> bool:
+    # A write from inside a Lua script comes back as a plain script error
+    # quoting Redis's OOM text, not as redis-py's OutOfMemoryError.
+    return isinstance(error, redis.exceptions.OutOfMemoryError) or "> 'maxmemory'" in str(error)
 
 
 def _backoff(first: float, max_wait: float) -> tenacity.wait.wait_base:
@@ -83,6 +89,8 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
     Raises:
         ConfigError: Redis refused the credentials or the ACL user's rights
             (never retried: waiting will not fix it).
+        StoreFull: Redis refused a write over its ``maxmemory`` (never
+            retried: it lasts until memory is freed or the limit raised).
         StoreUnavailable: Redis stayed unreachable for the whole policy, or
             answered with an error.
 
@@ -106,6 +114,11 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
             f"({type(e).__name__}: {e}); check HOTSWAP_REDIS_URL and the server"
         ) from e
     except redis.RedisError as e:
+        if _out_of_memory(e):
+            raise StoreFull(
+                f"Redis is out of memory (maxmemory reached) while {what} for model {model!r}: "
+                "free memory (hotswap gc) or raise maxmemory"
+            ) from e
         raise StoreUnavailable(f"Redis error while {what} for model {model!r}: {e}") from e
 
 

@@ -9,6 +9,7 @@
     │   ├── FormatError    malformed or oversized manifest / notice / record
     │   └── SignatureError missing, unknown or wrong signature
     ├── ValidationError    a version refused by the validation policy
+    ├── StoreFull          Redis out of memory (maxmemory reached)
     └── StoreUnavailable   Redis unreachable after the retry budget
 
 Messages are one line and name the model, version or tensor at fault.
@@ -55,6 +56,14 @@ class ValidationError(HotswapError):
     def __init__(self, message: str, reasons: dict[str, list[str]] | None = None) -> None:
         super().__init__(message)
         self.reasons: dict[str, list[str]] = reasons or {}
+
+
+class StoreFull(HotswapError):
+    """Redis refused a write because it is out of memory (``maxmemory``).
+
+    Not a ``StoreUnavailable``: retrying will not help until someone frees
+    memory or raises the limit.
+    """
 
 
 class StoreUnavailable(HotswapError):

@@ -7,7 +7,8 @@ from hotswap.errors import HotswapError, StoreUnavailable
 OK = 0
 """Success."""
 USER_ERROR = 1
-"""A bad file, unknown model or version, a conflict, a failed verification, or a bug."""
+"""A bad file, unknown model or version, a conflict, a failed verification, Redis out of
+memory (``StoreFull``: it answers, but needs memory freed), or a bug."""
 USAGE = 2
 """The command line did not parse (argparse's own code)."""
 UNREACHABLE = 3

@@ -6,13 +6,20 @@ tensors is refused unless named; Redis out of memory is its own error.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import redis
 import torch
-from rel_support import MODEL, make_state, nudged
+from rel_support import MODEL, make_state, nudged, settings_for
+from safetensors.torch import save_file
 
 from hotswap import keys
+from hotswap.embedded import EmbeddedRedis
+from hotswap.errors import StoreFull, StoreUnavailable
 from hotswap.settings import HotswapSettings
+from publisher import cli
 from publisher.publisher import Publisher
 
 pytestmark = pytest.mark.reliability
@@ -42,3 +49,45 @@ def test_a_lost_seq_costs_no_failed_publish(
         assert pub.publish(nxt) == 6  # at the first try
         assert client.get(HEAD) == b"6" and client.get(SEQ) == b"6"
         assert pub.publish(nudged(nxt, 0.1)) == 7
+
+
+@pytest.fixture
+def full_server() -> Iterator[EmbeddedRedis]:
+    """A private redis-server that refuses writes once over maxmemory (noeviction)."""
+    with EmbeddedRedis(extra_args=["--maxmemory-policy", "noeviction"]) as server:
+        yield server
+
+
+def test_redis_out_of_memory_is_store_full_exit_1_and_head_stays(
+    full_server: EmbeddedRedis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    admin = redis.Redis.from_url(full_server.url, socket_timeout=5)
+    settings = settings_for(full_server)
+    first = make_state(1)
+    with Publisher(MODEL, settings=settings) as pub:
+        assert pub.publish(first) == 1
+        # Room for a few more keys, not for a whole new version.
+        used = int(admin.info("memory")["used_memory"])
+        admin.config_set("maxmemory", used + 16 * 1024)
+        big = make_state(2, width=256)
+        with pytest.raises(StoreFull) as e:
+            pub.publish(big)
+    assert str(e.value).startswith("Redis is out of memory (maxmemory reached) while ")
+    assert "free memory (hotswap gc) or raise maxmemory" in str(e.value)
+    assert not isinstance(e.value, StoreUnavailable)
+    assert admin.get(keys.head_key("hotswap", MODEL)) == b"1"
+    # The command line: one line, exit 1 (not 3, "unreachable").
+    save_file(big, str(tmp_path / "big.safetensors"))
+    monkeypatch.setenv("HOTSWAP_REDIS_URL", full_server.url)
+    monkeypatch.setenv("HOTSWAP_RETRY_ATTEMPTS", "2")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["publish", MODEL, str(tmp_path / "big.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("hotswap: error: Redis is out of memory (maxmemory reached) while ")
+    assert err.count("\n") == 1
+    assert admin.get(keys.head_key("hotswap", MODEL)) == b"1"
+    admin.close()
