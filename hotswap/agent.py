@@ -172,6 +172,13 @@ class Agent:
         return self._pipeline.state.running().version
 
     @property
+    def manifest_digest(self) -> str | None:
+        """BLAKE3 (hex) of the wire bytes of the manifest the model runs (None until the
+        first version is applied): what the model runs, where a version number may
+        name other content after Redis was restored from an older snapshot."""
+        return self._pipeline.state.running().digest
+
+    @property
     def head_version(self) -> int | None:
         """The head this agent last saw in Redis (None before the first look, or if none)."""
         return self._pipeline.lookout.head

@@ -14,7 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from hotswap import notice
+from hotswap import codec, notice
 from hotswap.delivery import Reason, Request
 from hotswap.errors import FormatError, IntegrityError, NotFound
 from hotswap.manifest import Manifest
@@ -27,11 +27,18 @@ log = logging.getLogger("hotswap.agent")
 
 @dataclass(frozen=True)
 class Candidate:
-    """A manifest to consider; ``carried`` holds its bytes when a notice carried it
-    (to ``confirm`` against Redis before it is applied or refused)."""
+    """A manifest to consider, and the BLAKE3 ``digest`` of its wire bytes.
+
+    ``carried`` holds those bytes when a notice carried them (to ``confirm``
+    against Redis before it is applied or refused). ``head`` says it is head's
+    manifest: the agent converges on head's content whatever its number, while
+    a manifest a notice named is only worth it when newer than what runs.
+    """
 
     manifest: Manifest
+    digest: str
     carried: bytes | None = None
+    head: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,14 +100,20 @@ class Lookout:
             self._head = head
 
     def wanted(self, raw: bytes, running: Running) -> Request | None:
-        """The request a raw notice makes: None if it announces nothing newer than
-        what runs; a look at head if it is garbled."""
+        """The request a raw notice makes: None if it is another model's or carries
+        the very manifest that runs; a look at head if it is garbled or names a
+        version no newer than what runs (after Redis was restored from an older
+        snapshot, that number may name other content: head decides)."""
         try:
             n = notice.decode(raw)
         except FormatError:
             return Request(Reason.NOTICE)
-        if n.model != self.store.model or running.covers(n.version, n.lineage):
+        if n.model != self.store.model:
             return None
+        if running.covers(n.version, n.lineage):
+            if n.manifest is not None and codec.digest(n.manifest) == running.digest:
+                return None
+            return Request(Reason.NOTICE)
         return Request(Reason.NOTICE, n.version, n.manifest if self.use_carried else None)
 
     def carried(self, request: Request, running: Running) -> Candidate | None:
@@ -116,7 +129,7 @@ class Lookout:
             return None  # a new lineage is rare enough to read from Redis
         self._saw_head(request.version)
         self._checked_head = request.version
-        return Candidate(m, request.carried)
+        return Candidate(m, codec.digest(request.carried), request.carried)
 
     def confirm(self, m: Manifest, carried: bytes) -> Confirmation:
         """Whether Redis holds ``carried`` as ``m``'s manifest: nothing is applied or
@@ -142,7 +155,7 @@ class Lookout:
         """Read the manifest of the version the request names, or else head's."""
         if request.version is not None:
             try:
-                manifest = self.store.manifest(request.version, self.settings.key_bytes())
+                candidate = self._read(request.version)
             except NotFound:
                 pass  # a forged notice, or collected already: head tells the truth
             except IntegrityError as e:
@@ -151,8 +164,14 @@ class Lookout:
             else:
                 self._saw_head(request.version)
                 self._checked_head = request.version
-                return Candidate(manifest)
+                return candidate
         return self._look_at_head(request.force)
+
+    def _read(self, version: int, head: bool = False) -> Candidate:
+        """Read, decode and (with keys) verify a manifest; its digest is of the wire bytes."""
+        data = self.store.manifest_bytes(version)
+        manifest = self.store.manifest(version, self.settings.key_bytes(), data)
+        return Candidate(manifest, codec.digest(data), head=head)
 
     def _look_at_head(self, force: bool) -> Look:
         head = self.store.head()
@@ -166,10 +185,9 @@ class Lookout:
             return Quiet.NOTHING_NEW
         self._checked_head = head
         try:
-            manifest = self.store.manifest(head, self.settings.key_bytes())
+            return self._read(head, head=True)
         except NotFound:
             self._checked_head = None  # collected between two reads; look again next poll
             return Quiet.NOTHING_NEW
         except IntegrityError as e:
             return Refused(head, e)
-        return Candidate(manifest)

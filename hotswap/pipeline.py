@@ -31,7 +31,7 @@ from hotswap.hostmem import HostMemory
 from hotswap.lookout import Candidate, Confirmation, Lookout, Quiet, Refused
 from hotswap.manifest import Manifest
 from hotswap.reporter import ApplyReport, Reporter
-from hotswap.runstate import Rejection, RunState
+from hotswap.runstate import Ready, Rejection, RunState
 from hotswap.settings import HotswapSettings
 from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, prepare
 from hotswap.store import Store
@@ -177,15 +177,15 @@ class Pipeline:
 
     def apply_pending(self) -> int | None:
         """``Agent.apply_pending``, on the caller's thread, outside any read."""
-        staged = self.state.begin_apply_pending()
-        if staged is None:
+        ready = self.state.begin_apply_pending()
+        if ready is None:
             return None
         try:
-            self._apply(staged)
+            self._apply(ready)
         finally:
-            staged.release()
+            ready.staged.release()
             self.state.end_apply_pending()
-        return staged.plan.manifest.version
+        return ready.staged.plan.manifest.version
 
     # -- the path, top to bottom --------------------------------------------------
 
@@ -215,17 +215,34 @@ class Pipeline:
             self._head_gone()
 
     def _consider(self, candidate: Candidate) -> Outcome:
-        """Stage a manifest unless it runs, was refused or waits already; then act."""
+        """Stage a manifest unless it runs, was refused or waits already; then act.
+
+        Head's manifest is staged whenever its content differs from what runs,
+        even under a number no newer than the applied one (Redis restored from
+        an older snapshot): staging compares tensors by digest, so only those
+        that differ are fetched. A manifest a notice named must be newer.
+        """
         m = candidate.manifest
-        if self.state.known(m):
+        running = self.state.running()
+        if self.state.known(m, candidate.digest) or (
+            not candidate.head and running.covers(m.version, m.lineage)
+        ):
             return Outcome.SKIPPED
-        lineage = self.state.running().lineage
+        lineage = running.lineage
         if lineage is not None and m.lineage != lineage:
             self._said.say(
                 f"lineage:{m.lineage}",
                 logging.WARNING,
                 f"model {self.model_name!r}: head v{m.version} is of a new lineage {m.lineage} "
                 f"(Redis lost its data or was reset); comparing tensors by digest",
+            )
+        elif running.covers(m.version, m.lineage):
+            self._said.say(
+                f"content:{candidate.digest}",
+                logging.WARNING,
+                f"model {self.model_name!r}: head v{m.version} holds other content than "
+                f"v{running.version} that runs (Redis restored from an older snapshot?); "
+                "following head, comparing tensors by digest",
             )
         outcome = Outcome.REPLAN
         while outcome is Outcome.REPLAN:
@@ -260,14 +277,17 @@ class Pipeline:
         self.state.learn(m, basis.digests)
         if reasons:
             staged.release()
-            self._reject(m.version, m.lineage, reasons, None, staged.bytes_fetched)
+            self._reject(
+                m.version, m.lineage, reasons, None, staged.bytes_fetched, digest=candidate.digest
+            )
             return Outcome.REJECTED
+        ready = Ready(staged, candidate.digest)
         if self.mode == "manual":
-            return self._pend(staged, basis.generation)
+            return self._pend(ready, basis.generation)
         try:
             if self._stop.is_set():
                 raise Stopped  # stop() may have given up waiting: change nothing after it
-            self._apply(staged)
+            self._apply(ready)
         finally:
             staged.release()
         return Outcome.APPLIED
@@ -288,26 +308,27 @@ class Pipeline:
         if self._stop.is_set():
             raise Stopped
 
-    def _pend(self, staged: Staged, generation: int) -> Outcome:
+    def _pend(self, ready: Ready, generation: int) -> Outcome:
         """Keep a valid version for ``apply_pending()``, unless one ran since it was planned."""
-        stale = self.state.pend(staged, generation)
+        stale = self.state.pend(ready, generation)
         if stale is not None:
             stale.release()
-        if stale is staged:
+        if stale is ready.staged:
             return Outcome.REPLAN
-        m = staged.plan.manifest
+        m = ready.staged.plan.manifest
         log.info("model %r: v%d valid; apply_pending() applies it", self.model_name, m.version)
         return Outcome.PENDING
 
-    def _apply(self, staged: Staged) -> None:
+    def _apply(self, ready: Ready) -> None:
         """Copy a staged version into the live tensors under the writer lock, and report it."""
+        staged = ready.staged
         m = staged.plan.manifest
         self.reporter.update(state="applying")
         copies = pairs(staged, self.live)
         with self._gate.writing():
             locked = time.perf_counter()
             apply(copies)
-            self.state.record_applied(staged)
+            self.state.record_applied(staged, ready.digest)
         report = ApplyReport(
             m.version,
             m.lineage,
@@ -317,6 +338,7 @@ class Pipeline:
             staged.validate_seconds,
             time.perf_counter() - locked,
             staged.started,
+            ready.digest,
         )
         # The reporter's thread writes the record: neither this thread nor
         # apply_pending()'s caller waits for Redis.
@@ -332,6 +354,8 @@ class Pipeline:
         reasons: dict[str, list[str]],
         cause: Exception | None,
         nbytes: int = 0,
+        *,
+        digest: str | None = None,
     ) -> None:
         error: ValidationError = validate.rejection(self.model_name, version, reasons)
         error.__cause__ = cause
@@ -339,7 +363,7 @@ class Pipeline:
         self.reporter.rejected(version, error, nbytes, self.state.has_pending(), log)
         self._said.note(f"rejected:{version}")
         _callback(self.on_rejected, version, error.reasons)
-        self.state.record_rejection(version, Rejection(lineage, error))
+        self.state.record_rejection(version, Rejection(lineage, error, digest))
 
     def _refuse(self, refused: Refused) -> None:
         """Reject a version whose manifest failed its checks, once per distinct failure."""

@@ -118,6 +118,7 @@ class Reporter:
             state="idle",
             version=report.version,
             lineage=report.lineage,
+            manifest_digest=report.manifest_digest,
             last_error=None,
             apply_seconds=report.apply_seconds,
             applied_count=count,
@@ -281,6 +282,10 @@ class ApplyReport:
     # ``time.monotonic()`` when the fetch began (comparable across processes of
     # one host: a notice's arrival elsewhere tells the latency before it).
     fetch_started: float = 0.0
+    # BLAKE3 of the applied manifest's wire bytes: what identifies the content,
+    # since one version number can name two manifests (Redis restored from an
+    # older snapshot).
+    manifest_digest: str | None = None
 
 
 def agent_id() -> str:

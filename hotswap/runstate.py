@@ -26,23 +26,38 @@ from hotswap.validate import Policy
 
 @dataclass(frozen=True)
 class Running:
-    """What the model runs: the applied version and its lineage (None before the first)."""
+    """What the model runs: the applied version, its lineage and the BLAKE3 digest of
+    its manifest's wire bytes (None before the first).
+
+    The digest is what identifies content: after Redis is restored from an older
+    snapshot, one version number can name two different manifests.
+    """
 
     version: int | None = None
     lineage: str | None = None
+    digest: str | None = None
 
     def covers(self, version: int, lineage: str) -> bool:
-        """Whether ``version`` of ``lineage`` is what runs or older."""
+        """Whether ``version`` of ``lineage`` is what runs or older (by number only)."""
         return lineage == self.lineage and self.version is not None and version <= self.version
 
 
 @dataclass(frozen=True)
 class Rejection:
-    """A refused version: the lineage of the manifest refused (None when the
-    manifest itself failed its checks) and the error ``wait_for`` raises."""
+    """A refused version: the lineage and manifest digest of the manifest refused
+    (None when the manifest itself failed its checks) and the error ``wait_for`` raises."""
 
     lineage: str | None
     error: ValidationError
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A fetched, valid version waiting for ``apply_pending()``, and its manifest's digest."""
+
+    staged: Staged
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -76,15 +91,16 @@ class RunState:
         self._applying = False
         self._applied: int | None = None
         self._lineage: str | None = None
+        self._manifest_digest: str | None = None
         self._rejections: dict[int, Rejection] = {}
         self._last_rejection: ValidationError | None = None
-        self._pending: Staged | None = None
+        self._pending: Ready | None = None
 
     # -- readers ------------------------------------------------------------------
 
     def running(self) -> Running:
         with self._lock:
-            return Running(self._applied, self._lineage)
+            return Running(self._applied, self._lineage, self._manifest_digest)
 
     def serving(self) -> str:
         """What runs, for log lines: ``v3``, or ``nothing yet``."""
@@ -94,7 +110,7 @@ class RunState:
     @property
     def pending_version(self) -> int | None:
         with self._lock:
-            return None if self._pending is None else self._pending.plan.manifest.version
+            return None if self._pending is None else self._pending.staged.plan.manifest.version
 
     def has_pending(self) -> bool:
         with self._lock:
@@ -109,19 +125,16 @@ class RunState:
         with self._lock:
             return self._rejections.get(version)
 
-    def known(self, m: Manifest) -> bool:
-        """Whether ``m`` (or a newer version of its lineage) runs, was refused or waits."""
+    def known(self, m: Manifest, digest: str) -> bool:
+        """Whether the manifest ``m`` (wire bytes of BLAKE3 ``digest``) runs, was refused
+        or waits. By content, not number: the same number may name other bytes."""
         with self._lock:
-            if Running(self._applied, self._lineage).covers(m.version, m.lineage):
+            if digest == self._manifest_digest:
                 return True
             refused = self._rejections.get(m.version)
-            if refused is not None and refused.lineage == m.lineage:
+            if refused is not None and refused.digest == digest:
                 return True
-            pending = self._pending.plan.manifest if self._pending else None
-            return pending is not None and (pending.version, pending.lineage) == (
-                m.version,
-                m.lineage,
-            )
+            return self._pending is not None and self._pending.digest == digest
 
     def basis(self) -> Basis:
         with self._lock:
@@ -169,20 +182,20 @@ class RunState:
         with self._lock:
             self._norms.learn(m, digests)
 
-    def pend(self, staged: Staged, generation: int) -> Staged | None:
+    def pend(self, ready: Ready, generation: int) -> Staged | None:
         """Keep a valid version for ``apply_pending()`` unless one ran since it was planned.
 
         Returns:
-            The version to release: the one it replaced, ``staged`` itself when
-            it came too late (plan again), or None.
+            The version to release: the one it replaced, ``ready.staged`` itself
+            when it came too late (plan again), or None.
         """
         with self._lock:
             if self._applying or self._generation != generation:
-                return staged
-            replaced, self._pending = self._pending, staged
+                return ready.staged
+            replaced, self._pending = self._pending, ready
             # With the pending version: whoever sees one sees the other.
             self._reporter.update(state="pending")
-            return replaced
+            return None if replaced is None else replaced.staged
 
     def rest(self, **fields: object) -> None:
         """Report the state between updates (pending if a version waits, else idle)."""
@@ -192,26 +205,27 @@ class RunState:
     def take_pending(self) -> Staged | None:
         """Remove the pending version (the caller releases it)."""
         with self._lock:
-            staged, self._pending = self._pending, None
-            return staged
+            ready, self._pending = self._pending, None
+            return None if ready is None else ready.staged
 
-    def begin_apply_pending(self) -> Staged | None:
+    def begin_apply_pending(self) -> Ready | None:
         """Remove the pending version to apply it on the caller's thread; until
         ``end_apply_pending()``, a version planned meanwhile is planned again."""
         with self._lock:
-            staged, self._pending = self._pending, None
-            if staged is not None:
+            ready, self._pending = self._pending, None
+            if ready is not None:
                 self._applying = True
-            return staged
+            return ready
 
     def end_apply_pending(self) -> None:
         with self._lock:
             self._applying = False
             self._stepped.notify_all()
 
-    def record_applied(self, staged: Staged) -> None:
-        """What runs now (call under the gate's writer lock, so that a reader never
-        sees new weights with the old version number)."""
+    def record_applied(self, staged: Staged, digest: str) -> None:
+        """What runs now, ``digest`` the BLAKE3 of its manifest's wire bytes (call under
+        the gate's writer lock, so that a reader never sees new weights with the old
+        version number)."""
         m = staged.plan.manifest
         with self._lock:
             for name, entry in staged.plan.changed.items():
@@ -223,6 +237,7 @@ class RunState:
                     v: r for v, r in self._rejections.items() if r.lineage in (m.lineage, None)
                 }
             self._applied, self._lineage = m.version, m.lineage
+            self._manifest_digest = digest
 
     def decided(self) -> None:
         """A version was applied and its callback ran: ``wait_for`` looks again."""

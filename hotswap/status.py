@@ -1,4 +1,9 @@
-"""The status record each agent writes for ``hotswap status`` (msgpack)."""
+"""The status record each agent writes for ``hotswap status`` (msgpack).
+
+Fields unknown to a reader are ignored and missing ones take their defaults,
+so agents and the CLI of different releases read each other's records during
+a rolling upgrade.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ class AgentStatus:
     state: str = "starting"
     version: int | None = None
     lineage: str | None = None
+    # BLAKE3 of the wire bytes of the manifest that runs (None from agents
+    # older than this field, or before the first version): ``hotswap status``
+    # shows an agent whose digest is not its version's as diverged.
+    manifest_digest: str | None = None
     last_error: str | None = None
     rejected_version: int | None = None
     rejection: dict[str, list[str]] = field(default_factory=dict)
@@ -53,6 +62,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "state": _STR,
     "version": _INT + _OPTIONAL,
     "lineage": _STR + _OPTIONAL,
+    "manifest_digest": _STR + _OPTIONAL,
     "last_error": _STR + _OPTIONAL,
     "rejected_version": _INT + _OPTIONAL,
     "rejection": (dict,),

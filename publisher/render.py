@@ -32,6 +32,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from hotswap import keys
 from hotswap.manifest import Manifest, TensorEntry
 from publisher import plan
 from publisher.reports import GcReport, PublishReport, VerifyReport
@@ -146,13 +147,22 @@ def gc_data(model: str, r: GcReport) -> dict[str, Any]:
     return {"model": model, **asdict(r)}
 
 
-def gc_line(model: str, r: GcReport) -> str:
+def gc_line(model: str, r: GcReport, namespace: str = "hotswap") -> str | Text:
     verb = "would delete" if r.dry_run else "deleted"
     kept = ", ".join(f"v{v}" for v in r.kept) or "nothing"
     gone = ", ".join(f"v{v}" for v in r.deleted_versions) or "no versions"
-    return (
+    line = (
         f"model {model}: kept {kept}; {verb} {gone} and {r.blobs_deleted} blobs "
         f"({r.blobs_kept_young} unreferenced blobs younger than the grace period kept)"
+    )
+    if not r.malformed_index:
+        return line
+    # The members came from Redis: drawn as plain text.
+    member, why = next(iter(r.malformed_examples.items()))
+    return plain(
+        f"{line}; skipped {r.malformed_index} malformed blob index entries "
+        f"(e.g. {member!r}: {why}), left in place: look at them with "
+        f"ZRANGE {keys.blob_index_key(namespace, model)} 0 -1 and remove them with ZREM"
     )
 
 
@@ -173,6 +183,9 @@ def status_table(data: dict[str, Any]) -> Table:
         lag_text = (
             "other lineage"
             if not a["same_lineage"]
+            # Content no stored version has under this number: never "0".
+            else "[red]diverged[/red]"
+            if a.get("diverged")
             else "-"
             if lag is None
             else f"[green]{lag}[/green]"

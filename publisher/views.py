@@ -2,17 +2,20 @@
 
 The CLI prints these rows (``render.status_table``) or dumps them as
 ``--json``; the demo watches its server's agent through them. Everything
-here is pure but ``status_view``, which reads the store. Imports no torch:
-``hotswap status`` must stay quick to start.
+here is pure but ``status_view`` and ``stored_digests``, which read the
+store. Imports no torch: ``hotswap status`` must stay quick to start.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import blake3
+
 from hotswap import status as st
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, NotFound
 from hotswap.status import AgentStatus
 from hotswap.store import Store
 
@@ -26,20 +29,51 @@ def rejection_reason(s: AgentStatus) -> str | None:
     return f"{name}: {', '.join(why)}{more}"
 
 
+def diverged(s: AgentStatus, stored: Mapping[int, str | None]) -> bool:
+    """Whether the agent runs a manifest other than the one Redis stores as its version.
+
+    ``stored`` maps versions to the BLAKE3 digest of their stored manifest (None
+    when collected). Unknown either side (an agent older than the digest in its
+    record, a collected version) is not divergence.
+    """
+    if s.version is None or s.manifest_digest is None:
+        return False
+    held = stored.get(s.version)
+    return held is not None and held != s.manifest_digest
+
+
 def agent_row(
-    s: AgentStatus, alive: bool, head: int | None, lineage: str | None, now: float
+    s: AgentStatus,
+    alive: bool,
+    head: int | None,
+    lineage: str | None,
+    now: float,
+    *,
+    stored: Mapping[int, str | None] | None = None,
 ) -> dict[str, Any]:
-    """One agent's row: its record, its lag behind ``head`` and its heartbeat's age."""
+    """One agent's row: its record, its lag behind ``head`` and its heartbeat's age.
+
+    An agent whose manifest digest is not that of its version's stored manifest
+    (``stored``, see ``diverged``) runs content that no stored version has:
+    its row says ``diverged`` and has no lag, never lag 0.
+    """
     same_history = lineage is None or s.lineage is None or s.lineage == lineage
-    lag = head - s.version if head is not None and s.version is not None and same_history else None
+    apart = same_history and diverged(s, stored or {})
+    lag = (
+        head - s.version
+        if head is not None and s.version is not None and same_history and not apart
+        else None
+    )
     return {
         "agent_id": s.agent_id,
         "host": s.host,
         "pid": s.pid,
         "state": s.state,
         "version": s.version,
+        "manifest_digest": s.manifest_digest,
         "lag": lag,
         "same_lineage": same_history,
+        "diverged": apart,
         "alive": alive,
         "heartbeat_age": round(now - s.updated, 3) if s.updated else None,
         "last_error": s.last_error,
@@ -87,5 +121,19 @@ def status_view(store: Store, now: float | None = None) -> dict[str, Any]:
     head = store.head()
     lineage = store.manifest(head).lineage if head is not None else None
     now = time.time() if now is None else now
-    agents = [agent_row(s, alive, head, lineage, now) for s, alive in agent_statuses(store)]
+    records = agent_statuses(store)
+    stored = stored_digests(store, {s.version for s, _ in records if s.manifest_digest})
+    agents = [agent_row(s, alive, head, lineage, now, stored=stored) for s, alive in records]
     return {"model": store.model, "head": head, "lineage": lineage, "agents": agents}
+
+
+def stored_digests(store: Store, versions: Iterable[int | None]) -> dict[int, str | None]:
+    """The BLAKE3 digest of each version's stored manifest (None: not stored)."""
+    found: dict[int, str | None] = {}
+    for v in sorted({v for v in versions if v is not None and v > 0}):
+        try:
+            # codec.digest's BLAKE3, without importing torch with codec.
+            found[v] = blake3.blake3(store.manifest_bytes(v)).hexdigest()
+        except NotFound:
+            found[v] = None
+    return found

@@ -212,3 +212,20 @@ def test_norms_a_carried_manifest_states_are_not_learned_before_it_is_confirmed(
         v1 = commit_raw(store, changed)
         assert agent.wait_for(v1, 10)
         assert equal_state(model, changed) and agent.last_rejection is None
+
+
+def test_a_notice_for_the_version_that_runs_is_dropped_only_if_it_carries_that_manifest(
+    settings: HotswapSettings, client: redis.Redis, store: Store
+) -> None:
+    """One number can name two manifests (Redis restored from an older snapshot):
+    a notice naming the version that runs is dropped unread only when the manifest
+    it carries is the one that runs; otherwise head decides."""
+    with serving_v1(settings, store) as (_model, agent, seen, v1):
+        lineage = store.manifest(v1).lineage
+        seen.calls.clear()
+        announce(store, v1, lineage, store.manifest_bytes(v1))  # the very manifest: nothing
+        announce(store, v1, lineage)  # no manifest carried: a look at head
+        assert seen.wait(lambda: seen.calls[-1:] == [("manifest", v1)])
+        assert until(agent, lambda: agent.state == "idle")
+        assert seen.calls == [("head", None), ("manifest", v1)]
+        assert agent.applied_version == v1 and agent.last_rejection is None

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import redis
 import torch
@@ -470,6 +471,39 @@ def test_status_shows_agents_lag_rejections_and_expired(
     assert "host-a" in lines["srv-a"] and "v2: layer.0.weight: norm ratio 50.0" in lines["srv-a"]
     assert "expired" in lines["srv-c"] and "expired" not in lines["srv-b"]
     assert "head v2" in out
+
+
+def test_status_shows_an_agent_running_other_content_than_its_version_as_diverged(
+    run: Any, store: Store, pub: Publisher
+) -> None:
+    """Issue 13, defect 1: after Redis was restored from an older snapshot one number
+    can name two manifests; an agent whose manifest digest is not its version's
+    stored one is "diverged", never lag 0. Records without a digest (older agents)
+    show their lag as before."""
+    pub.publish(weights(0))
+    pub.publish(weights(1))
+    held = blake3.blake3(store.manifest_bytes(2)).hexdigest()
+    lineage = store.manifest(2).lineage
+    now = time.time()
+    records = {
+        "srv-same": st.AgentStatus("srv-same", "h", 1, "idle", 2, lineage, held, updated=now),
+        "srv-other": st.AgentStatus("srv-other", "h", 2, "idle", 2, lineage, "0" * 64),
+        "srv-older": st.AgentStatus("srv-older", "h", 3, "idle", 2, lineage, updated=now),
+    }
+    for agent_id, record in records.items():
+        store.write_agent_status(agent_id, st.encode(record), ttl=60)
+    code, out, _ = run("status", "m", "--json")
+    assert code == 0
+    rows = {a["agent_id"]: a for a in json.loads(out)["agents"]}
+    assert (rows["srv-same"]["lag"], rows["srv-same"]["diverged"]) == (0, False)
+    assert (rows["srv-other"]["lag"], rows["srv-other"]["diverged"]) == (None, True)
+    assert rows["srv-other"]["manifest_digest"] == "0" * 64
+    assert (rows["srv-older"]["lag"], rows["srv-older"]["diverged"]) == (0, False)
+    code, out, _ = run("status", "m")
+    assert code == 0
+    lines = {line.split("│")[1].strip(): line for line in out.splitlines() if "│ srv-" in line}
+    assert "diverged" in lines["srv-other"]
+    assert "diverged" not in lines["srv-same"] and "diverged" not in lines["srv-older"]
 
 
 def test_log_show_diff_human_and_json(run: Any, pub: Publisher) -> None:

@@ -120,3 +120,14 @@ def test_long_lists_are_refused_before_allocating() -> None:
     # What the reporter writes (5 reasons for each of 50 tensors) stays far inside.
     most = {f"t{i}": ["x" * 300] * 5 for i in range(50)}
     assert status.decode(pack({**raw, "rejection": most})).rejection == most
+
+
+def test_manifest_digest_round_trips_and_records_of_older_agents_lack_it() -> None:
+    s = full_status()
+    s.manifest_digest = "c" * 64
+    assert status.decode(status.encode(s)).manifest_digest == "c" * 64
+    # An agent older than the field writes none: read as unknown.
+    older = {k: v for k, v in asdict(full_status()).items() if k != "manifest_digest"}
+    assert status.decode(pack(older)).manifest_digest is None
+    with pytest.raises(FormatError, match=r"^agent status field 'manifest_digest' has a bad"):
+        status.decode(pack({**older, "manifest_digest": 7}))
