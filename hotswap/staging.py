@@ -335,10 +335,22 @@ def timed() -> Iterator[list[float]]:
         box[0] = time.perf_counter() - start
 
 
+def covered_names(m: Manifest) -> set[str]:
+    """The live names whose bytes a version gives this agent.
+
+    Today a manifest's names are live names. The hook for an agent that maps
+    names, transforms or slices what it is sent (none does yet): missing
+    tensors are counted after that mapping, so an agent that deliberately
+    holds a subset or a slice of a version is not missing anything.
+    """
+    return {e.name for e in m.tensors}
+
+
 def check_metadata(
     m: Manifest, live: LiveModel, policy: validate.Policy
 ) -> tuple[dict[str, list[str]], set[str]]:
-    """``validate.check_entries`` over the entries that need it: (reasons, ignored).
+    """``validate.check_entries`` over the entries that need it, and
+    ``validate.check_missing``: (reasons, ignored).
 
     An entry with the live tensor's dtype and shape that is not tied passes
     every metadata check, so only the others are looked at (a manifest is
@@ -347,7 +359,9 @@ def check_metadata(
     meta, tied = live.meta, live.tied
     # A shape decoded as anything but a tuple only takes the full check.
     suspect = [e for e in m.tensors if e.name in tied or meta.get(e.name) != (e.dtype, e.shape)]
-    return validate.check_entries(suspect, live.tensors, live.ties(), policy)
+    reasons, ignored = validate.check_entries(suspect, live.tensors, live.ties(), policy)
+    missing = validate.check_missing(covered_names(m), live.tensors, live.ties(), policy)
+    return {**reasons, **missing}, ignored
 
 
 def prepare(

@@ -1,11 +1,12 @@
 """The validation policy and its checks: pure functions over tensors and manifest entries.
 
-A version is checked in two passes. ``check_entries`` looks only at the
-manifest against the live model (names, shapes, dtypes, tied tensors) before
-any byte is fetched; ``check_values`` looks at each fetched tensor (finite,
-norm as the manifest states it, norm ratio, relative change, user
-validators). Both collect every failing tensor with every reason, so one
-rejection tells the operator everything that is wrong with a version.
+A version is checked in two passes. ``check_entries`` and ``check_missing``
+look only at the manifest against the live model (names, shapes, dtypes, tied
+tensors, live tensors the version leaves out) before any byte is fetched;
+``check_values`` looks at each fetched tensor (finite, norm as the manifest
+states it, norm ratio, relative change, user validators). Both passes collect
+every failing tensor with every reason, so one rejection tells the operator
+everything that is wrong with a version.
 
 Per-name rules come from ``Policy.overrides``: ``{glob: Override}``, matched
 with ``fnmatch`` in insertion order; every matching glob applies and a later
@@ -33,6 +34,10 @@ Validator = Callable[[str, torch.Tensor, torch.Tensor], str | None]
 """A user check: ``(name, new, old) -> None`` to pass, or a reason string to reject."""
 
 UNKNOWN = "unknown tensor: the live model has no tensor of this name"
+MISSING = (
+    "missing: the version has no tensor of this name and the model would keep its own "
+    "(publish it, or set Policy(missing_tensors='keep'))"
+)
 
 
 def _check_ratio(value: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -91,6 +96,10 @@ class Policy(BaseModel):
             biases, LoRA B matrices) has no ratio and passes this check.
         max_relative_change: bound of ``||new - old|| / ||old||`` (``None``: off).
         unknown_tensors: what to do with a name the live model lacks.
+        missing_tensors: what to do with a live tensor the version leaves out:
+            ``"reject"`` the version, or ``"keep"`` the live values (agents that
+            ran different versions then hold different bytes for it). A live
+            tensor that shares storage with a published one is not missing.
         validators: callables ``(name, new, old) -> None | reason``.
         overrides: ``{glob: Override}`` per-name changes to the rules above,
             matched in insertion order; every matching glob applies and a
@@ -121,6 +130,7 @@ class Policy(BaseModel):
     norm_ratio: tuple[float, float] | None = (0.1, 10.0)
     max_relative_change: float | None = Field(default=None, gt=0)
     unknown_tensors: Literal["reject", "ignore"] = "reject"
+    missing_tensors: Literal["reject", "keep"] = "reject"
     validators: list[Validator] = Field(default_factory=list)
     overrides: dict[str, Override] = Field(default_factory=dict)
 
@@ -232,6 +242,33 @@ def check_entries(
                         "but the version gives it different bytes"
                     )
     return reasons, ignored
+
+
+def check_missing(
+    published: Iterable[str],
+    live: Mapping[str, torch.Tensor],
+    ties: Iterable[Iterable[str]],
+    policy: Policy,
+) -> dict[str, list[str]]:
+    """Live tensors a version leaves out, each with its reason (none if the policy keeps them).
+
+    Applying such a version would leave the model's own bytes in place: two
+    agents reporting the same version could then hold different weights.
+    A live name tied to a published one is covered (the version writes their
+    one storage; Hugging Face checkpoints leave out a tied ``lm_head.weight``),
+    and an empty tensor holds no bytes to differ.
+
+    Returns:
+        ``{name: [MISSING]}`` for every live name not covered, in live order.
+    """
+    if policy.missing_tensors == "keep":
+        return {}
+    covered = set(published)
+    for group in ties:
+        names = set(group)
+        if covered & names:
+            covered |= names
+    return {name: [MISSING] for name, t in live.items() if name not in covered and t.numel() > 0}
 
 
 def _floating(t: torch.Tensor) -> bool:

@@ -418,6 +418,22 @@ def test_metadata_fast_path_agrees_with_checking_every_entry(unknown: str) -> No
     assert all(f != found[0] for f in found[1:])
 
 
+def test_metadata_names_live_tensors_the_version_leaves_out() -> None:
+    model = Tied()
+    live = LiveModel(model)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # The tied "out.weight" is covered by "emb.weight"; an empty tensor holds no bytes.
+    lean = {k: v for k, v in state.items() if k not in ("out.weight", "empty_b")}
+    assert check_metadata(manifest_of(lean), live, Policy()) == ({}, set())
+    no_emb = {k: v for k, v in state.items() if k not in ("emb.weight", "out.weight")}
+    reasons, _ = check_metadata(manifest_of(no_emb), live, Policy())
+    assert reasons == {"emb.weight": [validate.MISSING], "out.weight": [validate.MISSING]}
+    assert check_metadata(manifest_of(no_emb), live, Policy(missing_tensors="keep")) == (
+        {},
+        set(),
+    )
+
+
 def test_a_known_old_norm_is_used_instead_of_a_pass_over_the_live_tensor(store: Store) -> None:
     model = Ten()
     live = LiveModel(model)

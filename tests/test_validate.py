@@ -87,6 +87,7 @@ def test_overrides_apply_in_order_later_wins_and_none_switches_off() -> None:
         {"norm_ratio": (-1.0, 1.0)},
         {"max_relative_change": 0},
         {"unknown_tensors": "maybe"},
+        {"missing_tensors": "ignore"},
         {"overrides": {"x": {"nonsense": 1}}},
         {"no_such_field": True},
     ],
@@ -143,6 +144,25 @@ def test_tied_names_must_get_identical_bytes() -> None:
             "shares storage with 'emb' in the live model, but the version gives it different bytes"
         ]
     }
+
+
+def test_missing_tensors_are_named_unless_the_policy_keeps_them() -> None:
+    w = torch.zeros(3)
+    live = {"a": w, "b": torch.zeros(3), "emb": w, "empty": torch.zeros(0)}
+    ties = [["a", "emb"]]
+    assert Policy().missing_tensors == "reject"
+    assert validate.check_missing({"a", "b", "emb"}, live, ties, Policy()) == {}
+    # "emb" shares storage with the published "a": the version writes its bytes too.
+    assert validate.check_missing({"a", "b"}, live, ties, Policy()) == {}
+    assert validate.check_missing({"b", "x"}, live, ties, Policy()) == {
+        "a": [validate.MISSING],
+        "emb": [validate.MISSING],
+    }
+    assert validate.check_missing({"b"}, live, ties, Policy(missing_tensors="keep")) == {}
+    assert validate.MISSING == (
+        "missing: the version has no tensor of this name and the model would keep its own "
+        "(publish it, or set Policy(missing_tensors='keep'))"
+    )
 
 
 # -- values -------------------------------------------------------------------
