@@ -30,6 +30,10 @@ T = TypeVar("T")
 # Bytes queued in one pipeline round trip: big enough to stream, small enough
 # to bound the client's buffers.
 PIPELINE_BYTES = 32 * 1024 * 1024
+# The buffer a streamed read (``BlobStore.stream``) reuses for each batch of chunks.
+STREAM_BYTES = PIPELINE_BYTES
+# Chunk keys one deletion round names: what gc holds at once, whatever an id declares.
+DELETE_BATCH = 8192
 
 
 def _span(entry: TensorEntry, i: int) -> tuple[int, int]:
@@ -38,11 +42,12 @@ def _span(entry: TensorEntry, i: int) -> tuple[int, int]:
     return start, min(start + entry.chunk_bytes, entry.nbytes)
 
 
-def _batches(entry: TensorEntry) -> Iterator[range]:
-    """The chunk indices of ``entry`` in runs of at most ``PIPELINE_BYTES``."""
+def _batches(entry: TensorEntry, chunks: range | None = None) -> Iterator[range]:
+    """The chunk indices of ``entry`` (or of ``chunks``) in runs of at most ``PIPELINE_BYTES``."""
+    chunks = range(entry.chunks) if chunks is None else chunks
     per_batch = max(1, PIPELINE_BYTES // entry.chunk_bytes)
-    for start in range(0, entry.chunks, per_batch):
-        yield range(start, min(start + per_batch, entry.chunks))
+    for start in range(chunks.start, chunks.stop, per_batch):
+        yield range(start, min(start + per_batch, chunks.stop))
 
 
 def check_chunk(where: str, entry: TensorEntry, i: int, got: int | None) -> None:
@@ -290,62 +295,120 @@ class BlobStore:
             raise IntegrityError(
                 f"{where} tensor {entry.name!r}: buffer is {len(out)} bytes, need {entry.nbytes}"
             )
-        names = self._chunk_keys(entry)
-        if not self._read_fast(entry, out, names, where, on_chunk):
-            self._read_pipelined(entry, out, names, where, on_chunk)
+        self._read_chunks(entry, range(entry.chunks), out, where, on_chunk)
+
+    def stream(self, entry: TensorEntry, version: int | None = None) -> Iterator[memoryview]:
+        """A tensor's bytes in order, a batch of chunks at a time, in one reused buffer.
+
+        Memory stays at one batch (``STREAM_BYTES``, or one chunk where chunks
+        are larger) whatever size the entry declares, and a missing chunk ends
+        the read at its batch: the way to re-read a version whose manifest may
+        lie (``hotswap verify``). Each view is overwritten by the next one.
+
+        Args:
+            entry: the tensor's manifest entry.
+            version: the version read, named in error messages.
+
+        Returns:
+            An iterator of consecutive pieces of the tensor's bytes.
+
+        Raises:
+            IntegrityError: a chunk is missing or of the wrong length.
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            hasher = blake3.blake3()
+            for piece in store.blobs.stream(entry, version=7):
+                hasher.update(piece)
+        """
+        where = f"model {self.model!r}" + (f" v{version}" if version is not None else "")
+        buf: memoryview | None = None
+        for batch in _batches(entry):
+            base, stop = _span(entry, batch.start)[0], _span(entry, batch.stop - 1)[1]
+            if buf is None:
+                buf = memoryview(bytearray(stop - base))  # the first batch is the largest
+            out = buf[: stop - base]
+            self._read_chunks(entry, batch, out, where, None)
+            yield out
+
+    def _read_chunks(
+        self,
+        entry: TensorEntry,
+        chunks: range,
+        out: memoryview,
+        where: str,
+        on_chunk: Callable[[int, int], None] | None,
+    ) -> None:
+        """Chunks ``chunks`` of ``entry`` into ``out``, which starts where the first one does."""
+        names = keys.chunk_keys(
+            self.ns, self.model, entry.digest, entry.chunk_bytes, chunks.stop, first=chunks.start
+        )
+        if not self._read_fast(entry, chunks, out, names, where=where, on_chunk=on_chunk):
+            self._read_pipelined(entry, chunks, out, names, where=where, on_chunk=on_chunk)
 
     def _read_fast(
         self,
         entry: TensorEntry,
+        chunks: range,
         out: memoryview,
         names: list[str],
+        *,
         where: str,
         on_chunk: Callable[[int, int], None] | None,
     ) -> bool:
-        """``read_into`` over the zero-copy path: every chunk straight into ``out``.
+        """``_read_chunks`` over the zero-copy path: every chunk straight into ``out``.
 
         False (nothing raised) where that path does not apply; then redis-py's runs.
         """
         fast = self._blob_io
         if fast is None:
             return False
-        views = [out[slice(*_span(entry, i))] for i in range(entry.chunks)]
+        base = _span(entry, chunks.start)[0]
+        views = [out[slice(*(x - base for x in _span(entry, i)))] for i in chunks]
+
+        def landed(j: int, length: int) -> None:  # j counts from chunks.start
+            if on_chunk is not None:
+                on_chunk(chunks.start + j, length)
 
         def fetch() -> list[int | None] | None:
             try:
-                return fast.get_into(names, views, on_chunk)
+                return fast.get_into(names, views, landed if on_chunk is not None else None)
             except transport.REDIRECTED:
                 return None
 
         lengths = self.call(f"reading tensor {entry.name!r}", fetch)
         if lengths is None:
             return False
-        for i, got in enumerate(lengths):
+        for i, got in zip(chunks, lengths, strict=True):
             check_chunk(where, entry, i, got)
         return True
 
     def _read_pipelined(
         self,
         entry: TensorEntry,
+        chunks: range,
         out: memoryview,
         names: list[str],
+        *,
         where: str,
         on_chunk: Callable[[int, int], None] | None,
     ) -> None:
-        """``read_into`` over redis-py's pipelines, one batch of GETs per round trip."""
-        for batch in _batches(entry):
+        """``_read_chunks`` over redis-py's pipelines, one batch of GETs per round trip."""
+        base = _span(entry, chunks.start)[0]
+        for batch in _batches(entry, chunks):
 
             def fetch(batch: range = batch) -> list[bytes | None]:
                 pipe = self.client.pipeline(transaction=False)
                 for i in batch:
-                    pipe.get(names[i])
+                    pipe.get(names[i - chunks.start])
                 return list(pipe.execute())
 
-            chunks = self.call(f"reading tensor {entry.name!r}", fetch)
-            for i, chunk in zip(batch, chunks, strict=True):
+            got = self.call(f"reading tensor {entry.name!r}", fetch)
+            for i, chunk in zip(batch, got, strict=True):
                 check_chunk(where, entry, i, None if chunk is None else len(chunk))
                 start, end = _span(entry, i)
-                out[start:end] = cast(bytes, chunk)  # present: check_chunk raised otherwise
+                out[start - base : end - base] = cast(bytes, chunk)  # check_chunk: present
                 if on_chunk is not None:
                     on_chunk(i, end - start)
 
@@ -367,18 +430,50 @@ class BlobStore:
         return list(self.call("reading the blob index", lambda: self.client.zmscore(key, blobs)))
 
     def delete_blobs(self, blobs: Sequence[str]) -> int:
-        """Delete blobs (all their chunks) and their index entries; returns chunks deleted."""
-        if not blobs:
-            return 0
+        """Delete blobs (all their chunks) and their index entries; returns chunks deleted.
+
+        Round by round, each of at most ``DELETE_BATCH`` chunk keys: however
+        many chunks an id names, gc holds one round's key names at a time. A
+        blob leaves the index only once all its chunks are gone, so a gc that
+        stops midway finds it again.
+
+        Raises:
+            ConfigError: an id is not of the form ``keys.blob_id`` writes
+                (``keys.blob_id_problem`` says why; gc checks first).
+            StoreUnavailable: Redis could not be reached.
+        """
         index = self._key(keys.blob_index_key)
+        deleted = 0
+        for groups, finished in self._deletion_rounds(blobs):
 
-        def delete() -> int:
-            groups = [keys.blob_keys_of_id(self.ns, self.model, blob) for blob in blobs]
-            deleted = sum(self._per_group("UNLINK", groups))
-            self.client.zrem(index, *blobs)
-            return deleted
+            def delete(groups: list[list[str]] = groups, finished: list[str] = finished) -> int:
+                n = sum(self._per_group("UNLINK", groups)) if groups else 0
+                if finished:
+                    self.client.zrem(index, *finished)
+                return n
 
-        return self.call("deleting blobs", delete)
+            deleted += self.call("deleting blobs", delete)
+        return deleted
+
+    def _deletion_rounds(self, blobs: Sequence[str]) -> Iterator[tuple[list[list[str]], list[str]]]:
+        """Rounds of (chunk keys per blob, blobs whose last chunks these are)."""
+        groups: list[list[str]] = []
+        finished: list[str] = []
+        size = 0
+        for blob in blobs:
+            count = keys.parse_blob_id(blob)[2]
+            for start in range(0, count, DELETE_BATCH):
+                group = keys.blob_keys_of_id(
+                    self.ns, self.model, blob, range(start, start + DELETE_BATCH)
+                )
+                groups.append(group)
+                size += len(group)
+                if size >= DELETE_BATCH:
+                    yield groups, finished
+                    groups, finished, size = [], [], 0
+            finished.append(blob)
+        if groups or finished:
+            yield groups, finished
 
     def stored_blob_keys(self) -> Iterator[str]:
         """Every blob chunk key of this model (SCAN; for gc of unindexed orphans and tests)."""

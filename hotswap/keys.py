@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from hotswap.errors import ConfigError
+from hotswap.manifest import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -84,10 +85,12 @@ def blob_key(ns: str, model: str, digest: str, chunk_bytes: int, index: int) -> 
     return f"{blob_prefix(ns, model)}{digest}:{int(chunk_bytes)}:{int(index)}"
 
 
-def chunk_keys(ns: str, model: str, digest: str, chunk_bytes: int, count: int) -> list[str]:
-    """The keys of a blob's ``count`` chunks, as ``blob_key`` names each (checked once)."""
+def chunk_keys(
+    ns: str, model: str, digest: str, chunk_bytes: int, count: int, *, first: int = 0
+) -> list[str]:
+    """The keys of chunks ``first`` to ``count - 1`` of a blob, as ``blob_key`` names each."""
     base = blob_key(ns, model, digest, chunk_bytes, 0)[:-1]
-    return [f"{base}{i}" for i in range(count)]
+    return [f"{base}{i}" for i in range(first, count)]
 
 
 def namespace_pattern(ns: str, model: str) -> list[str]:
@@ -107,6 +110,53 @@ def blob_id(digest: str, chunk_bytes: int, chunks: int) -> str:
     return f"{digest}:{int(chunk_bytes)}:{int(chunks)}"
 
 
-def blob_keys_of_id(ns: str, model: str, blob: str) -> list[str]:
-    digest, chunk_bytes, chunks = blob.split(":")
-    return chunk_keys(ns, model, digest, int(chunk_bytes), int(chunks))
+def _id_parts(blob: str) -> tuple[str, int, int] | None:
+    parts = blob.split(":")
+    # At most 20 digits: int() of a huge digit string is slow (and refused past 4300).
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) <= 20 for p in parts[1:]):
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def blob_id_problem(blob: str, max_tensor_bytes: int) -> str | None:
+    """Why ``blob`` is not an id a publish writes (None if it is one).
+
+    The blob index is read from Redis, where anyone with write access may have
+    put anything: an id is checked before any key list is built from it, so a
+    member declaring billions of one-byte chunks costs nothing.
+    """
+    parts = _id_parts(blob)
+    if parts is None:
+        return "not digest:chunk_bytes:chunks"
+    digest, chunk_bytes, chunks = parts
+    if not _DIGEST.fullmatch(digest):
+        return "digest is not 64 lowercase hex characters"
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        return f"chunk size {chunk_bytes} is outside {MIN_CHUNK_BYTES}-{MAX_CHUNK_BYTES}"
+    if chunks < 1:
+        return f"declares {chunks} chunks"
+    if (chunks - 1) * chunk_bytes >= max_tensor_bytes:
+        return (
+            f"{chunks} chunks of {chunk_bytes} bytes exceed the {max_tensor_bytes}-byte "
+            "tensor limit"
+        )
+    return None
+
+
+def parse_blob_id(blob: str) -> tuple[str, int, int]:
+    """(digest, chunk bytes, chunk count) of a blob id; check it with ``blob_id_problem`` first.
+
+    Raises:
+        ConfigError: ``blob`` is not of the form ``blob_id`` writes.
+    """
+    parts = _id_parts(blob)
+    if parts is None:
+        raise ConfigError(f"invalid blob id {blob[:160]!r}: expected digest:chunk_bytes:chunks")
+    return parts
+
+
+def blob_keys_of_id(ns: str, model: str, blob: str, chunks: range | None = None) -> list[str]:
+    """The chunk keys of blob id ``blob`` (only the chunks in ``chunks``, if given)."""
+    digest, chunk_bytes, count = parse_blob_id(blob)
+    wanted = range(count) if chunks is None else range(chunks.start, min(chunks.stop, count))
+    return chunk_keys(ns, model, digest, chunk_bytes, wanted.stop, first=wanted.start)

@@ -29,6 +29,11 @@ MAX_NDIM = 64
 MAX_NAME_LEN = 1024
 MAX_MESSAGE_LEN = 64 * 1024
 MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis refuses larger values
+# The least a publish cuts (``HotswapSettings.chunk_bytes`` has this floor): a
+# declared chunk size below it (unless the tensor is smaller, then one chunk)
+# is refused, so a manifest costs at most nbytes / MIN_CHUNK_BYTES + 1 reads
+# per tensor, whatever it declares.
+MIN_CHUNK_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -332,6 +337,13 @@ def _entry(raw: Any, where: str, limits: Limits) -> TensorEntry:
         raise _fail(f"{where} tensor {name!r}", "bad digest")
     if type(chunk_bytes) is not int or not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise _fail(f"{where} tensor {name!r}", f"bad chunk size {chunk_bytes!r}")
+    if chunk_bytes < MIN_CHUNK_BYTES and chunk_bytes < nbytes:
+        raise _fail(
+            f"{where} tensor {name!r}",
+            f"chunk size {chunk_bytes} declares {dtypes.chunk_count(nbytes, chunk_bytes)} "
+            f"chunks; hotswap cuts chunks of at least {MIN_CHUNK_BYTES} bytes "
+            "(one chunk for a smaller tensor)",
+        )
     if type(norm) is not float or type(max_abs) is not float:
         raise _fail(f"{where} tensor {name!r}", "stats are not floats")
     return TensorEntry(name, dtype, tuple(shape), nbytes, digest, chunk_bytes, norm, max_abs)

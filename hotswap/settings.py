@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hotswap.errors import ConfigError
+from hotswap.manifest import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 
 MiB = 1024 * 1024
 
@@ -49,7 +50,10 @@ class HotswapSettings(BaseSettings):
         default="hotswap", description="Prefix of every key, to share one Redis."
     )
     chunk_bytes: int = Field(
-        default=1 * MiB, ge=4096, le=512 * MiB, description="Largest blob chunk a publish writes."
+        default=1 * MiB,
+        ge=MIN_CHUNK_BYTES,  # agents refuse manifests that declare smaller chunks
+        le=MAX_CHUNK_BYTES,
+        description="Largest blob chunk a publish writes.",
     )
     poll_interval: float = Field(
         default=5.0,

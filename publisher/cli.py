@@ -262,7 +262,8 @@ def cmd_gc(ctx: Context) -> int:
 
     with ctx.publisher() as pub:
         r = pub.gc(keep=ctx.args.keep, dry_run=ctx.args.dry_run)
-    ctx.emit(render.gc_data(pub.model, r), lambda: ctx.out.print(render.gc_line(pub.model, r)))
+    line = render.gc_line(pub.model, r, ctx.settings().namespace)
+    ctx.emit(render.gc_data(pub.model, r), lambda: ctx.out.print(line))
     return OK
 
 

@@ -10,6 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hotswap import keys
+
+# Malformed index members a gc report names (it counts them all).
+EXAMPLES = 5
+# Characters of a malformed member shown: a member may be up to 512 MB.
+EXAMPLE_CHARS = 100
+
 
 @dataclass(frozen=True)
 class RetentionPlan:
@@ -44,6 +51,38 @@ def plan_retention(
             reasons.setdefault(v, []).append("an agent runs it")
     kept = sorted(reasons)
     return RetentionPlan(keep=kept, delete=[v for v in stored if v not in reasons], reasons=reasons)
+
+
+@dataclass(frozen=True)
+class IndexSplit:
+    """The blob index split into ids gc may act on and members it must skip."""
+
+    valid: dict[str, float]
+    malformed: dict[str, str]  # member -> why it is not an id a publish writes
+
+    def examples(self) -> dict[str, str]:
+        """The first few malformed members (shortened) and why, for reports."""
+        first = sorted(self.malformed)[:EXAMPLES]
+        return {m[:EXAMPLE_CHARS]: self.malformed[m] for m in first}
+
+
+def split_index(index: Mapping[str, float], max_tensor_bytes: int) -> IndexSplit:
+    """Check every blob index member before gc builds a key name from any.
+
+    Anyone with write access to Redis may add members: one that is not
+    ``digest:chunk_bytes:chunks`` within the limits (``keys.blob_id_problem``)
+    is skipped, never deleted, and reported, so gc runs on and the operator
+    sees what to remove.
+    """
+    valid: dict[str, float] = {}
+    malformed: dict[str, str] = {}
+    for blob, score in index.items():
+        problem = keys.blob_id_problem(blob, max_tensor_bytes)
+        if problem is None:
+            valid[blob] = score
+        else:
+            malformed[blob] = problem
+    return IndexSplit(valid, malformed)
 
 
 def collectable(

@@ -53,7 +53,12 @@ class PublishReport:
 
 @dataclass(frozen=True)
 class GcReport:
-    """What ``gc`` kept and deleted."""
+    """What ``gc`` kept and deleted, and what it skipped.
+
+    ``malformed_index`` counts blob index members that are not ids a publish
+    writes (skipped, left in the index); ``malformed_examples`` names a few,
+    each with why.
+    """
 
     kept: list[int]
     deleted_versions: list[int]
@@ -61,6 +66,8 @@ class GcReport:
     chunks_deleted: int
     blobs_kept_young: int
     dry_run: bool = False
+    malformed_index: int = 0
+    malformed_examples: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from hotswap import codec
+import blake3
+
 from hotswap import status as st
 from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound
 from hotswap.store import Store
@@ -43,9 +44,9 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
     referenced: set[str] = set()
     for v in retention.keep:
         referenced.update(plan.unique_blobs(store.manifest(v).tensors))
-    index = store.blobs.blob_index()
-    unreferenced = sum(1 for blob in index if blob not in referenced)
-    candidates = gcplan.collectable(index, referenced, time.time(), grace)
+    index = gcplan.split_index(store.blobs.blob_index(), store.limits.max_tensor_bytes)
+    unreferenced = sum(1 for blob in index.valid if blob not in referenced)
+    candidates = gcplan.collectable(index.valid, referenced, time.time(), grace)
     if not dry_run:
         # Manifests first: a rollback to a deleted version then fails cleanly
         # instead of finding a manifest whose blobs are going.
@@ -61,6 +62,8 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
         chunks_deleted=chunks,
         blobs_kept_young=max(0, unreferenced - len(candidates)),
         dry_run=dry_run,
+        malformed_index=len(index.malformed),
+        malformed_examples=index.examples(),
     )
     if not dry_run:
         store.append_log(
@@ -98,12 +101,14 @@ def verify(
     failed: dict[str, str] = {}
     done = 0
     for blob, entry in blobs.items():
-        buf = memoryview(bytearray(entry.nbytes))
-        hashing = codec.ChunkDigest(buf, entry.chunk_bytes)
+        # Streamed: memory stays at one batch whatever the manifest declares,
+        # and a missing chunk ends the read (a forged head may declare 64 GiB).
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         problem = None
         try:
-            store.blobs.read_into(entry, buf, version, hashing.landed)
-            if hashing.hexdigest() != entry.digest:
+            for piece in store.blobs.stream(entry, version):
+                hasher.update(piece)
+            if hasher.hexdigest() != entry.digest:
                 problem = "digest mismatch: the stored bytes were altered"
         except IntegrityError as e:
             # The store names model, version and tensor; keep just what went wrong.

@@ -11,7 +11,7 @@ import redis
 import torch
 from polling import until
 
-from hotswap import keys
+from hotswap import blobs, keys
 from hotswap import status as st
 from hotswap.errors import ConfigError, NotFound
 from hotswap.settings import HotswapSettings
@@ -202,3 +202,70 @@ def test_gc_refuses_keep_below_one(pub: Publisher, store: Store) -> None:
     with pytest.raises(ConfigError, match=r"^--keep must be at least 1, got 0$"):
         pub.gc(keep=0)
     assert store.versions() == [1, 2]
+
+
+# -- hostile blob index entries (issue 13, defect 4) ---------------------------------
+
+FFF = "f" * 64
+# Index members a publish never writes: each names why it is refused.
+MALFORMED = {
+    "garbage": "not digest:chunk_bytes:chunks",
+    "x:y:z": "not digest:chunk_bytes:chunks",
+    f"{'F' * 64}:65536:1": "digest is not 64 lowercase hex characters",
+    f"{FFF}:65536:0": "declares 0 chunks",
+    f"{FFF}:65536:1:7": "not digest:chunk_bytes:chunks",
+    f"{FFF}:1:68719476736": "chunk size 1 is outside 4096-536870912",
+    f"{FFF}:65536:1048577": "1048577 chunks of 65536 bytes exceed the 68719476736-byte "
+    "tensor limit",
+}
+
+
+def test_gc_skips_and_reports_malformed_blob_index_entries(
+    pub: Publisher, store: Store, client: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A member `garbage` made gc fail with `internal error: ValueError`; one declaring
+    64 Gi one-byte chunks made it build 64 Gi key names (3 GB in 5 s)."""
+    from publisher import cli
+
+    publish_versions(pub, 3)
+    index = keys.blob_index_key("hotswap", "m")
+    client.zadd(index, dict.fromkeys(MALFORMED, 1.0))
+    age_all_blobs(client)
+    report = pub.gc(keep=1)
+    # The rest of gc ran as usual: v1 and v2 and their own blobs are gone.
+    assert report.deleted_versions == [1, 2] and report.blobs_deleted == 2
+    assert pub.verify(3).ok
+    assert report.malformed_index == len(MALFORMED)
+    first = sorted(MALFORMED)[:5]
+    assert report.malformed_examples == {m: MALFORMED[m] for m in first}
+    # Skipped, not deleted: gc leaves what it does not understand to the operator.
+    assert set(MALFORMED) <= {m.decode() for m in client.zrange(index, 0, -1)}
+    for blob, why in MALFORMED.items():
+        assert keys.blob_id_problem(blob, 64 * 1024**3) == why
+    code = cli.main(["--redis-url", pub.settings.redis_url, "gc", "m", "--keep", "1"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert " ".join(out.out.split()) == (
+        "model m: kept v3; deleted no versions and 0 blobs (0 unreferenced blobs younger "
+        f"than the grace period kept); skipped {len(MALFORMED)} malformed blob index entries "
+        f"(e.g. '{first[0]}': {MALFORMED[first[0]]}), left in place: look at them with "
+        "ZRANGE hotswap:{m}:blobs 0 -1 and remove them with ZREM"
+    )
+
+
+def test_gc_deletes_a_blob_of_many_chunks_in_bounded_batches(
+    pub: Publisher, store: Store, client: redis.Redis
+) -> None:
+    """An index entry within the limits but naming far more chunks than exist costs
+    batches of UNLINKs, never one list of every key name."""
+    publish_versions(pub, 1)
+    many = f"{FFF}:4096:{blobs.DELETE_BATCH * 3 + 5}"
+    client.zadd(keys.blob_index_key("hotswap", "m"), {many: 1.0})
+    client.set(keys.blob_key("hotswap", "m", FFF, 4096, blobs.DELETE_BATCH * 2 + 1), b"x")
+    client.config_resetstat()
+    report = pub.gc(keep=1)
+    assert report.blobs_deleted == 1 and report.chunks_deleted == 1 and report.malformed_index == 0
+    calls = client.info("commandstats")["cmdstat_unlink"]["calls"]
+    assert calls == 4  # ceil((3 * DELETE_BATCH + 5) / DELETE_BATCH) UNLINKs, one per batch
+    left = client.zrange(keys.blob_index_key("hotswap", "m"), 0, -1)
+    assert many.encode() not in left

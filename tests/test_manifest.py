@@ -22,6 +22,7 @@ from hotswap.manifest import (
     FORMAT,
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_LEN,
+    MIN_CHUNK_BYTES,
     EntryCache,
     Limits,
     Manifest,
@@ -33,6 +34,7 @@ from hotswap.manifest import (
     new_lineage,
 )
 
+MiB = 1024 * 1024
 KEY_A = b"key-A"
 KEY_B = b"key-B"
 LINEAGE = "0123456789abcdef0123456789abcdef"
@@ -163,7 +165,11 @@ def entries(draw: st.DrawFn) -> TensorEntry:
         shape,
         codec.itemsize(dtype) * math.prod(shape),
         draw(st.text("0123456789abcdef", min_size=64, max_size=64)),
-        draw(st.integers(1, MAX_CHUNK_BYTES)),
+        draw(
+            st.integers(
+                min(MIN_CHUNK_BYTES, codec.itemsize(dtype) * math.prod(shape)) or 1, MAX_CHUNK_BYTES
+            )
+        ),
         norm,
         abs(norm),
     )
@@ -398,6 +404,27 @@ def test_absurd_tensor_size_is_refused() -> None:
     assert entry_error(GOOD, Limits(max_tensor_bytes=23)) == (
         "manifest tensor 'w': declares 24 bytes, limit 23"
     )
+
+
+def test_tiny_declared_chunks_are_refused_before_any_chunk_is_counted() -> None:
+    # Issue 13, defect 3: chunk_bytes=1 for a 1 MiB tensor declared 1,048,576
+    # chunks, each one GET, before the digest could refuse anything.
+    mib = ["w", "U8", [MiB], MiB, "ab" * 32, 1, 1.0, 1.0]
+    assert entry_error(mib) == (
+        "manifest tensor 'w': chunk size 1 declares 1048576 chunks; hotswap cuts chunks of "
+        f"at least {MIN_CHUNK_BYTES} bytes (one chunk for a smaller tensor)"
+    )
+    small = ["w", "U8", [MIN_CHUNK_BYTES - 1], MIN_CHUNK_BYTES - 1, "ab" * 32, 64, 1.0, 1.0]
+    assert entry_error(small) == (
+        "manifest tensor 'w': chunk size 64 declares 64 chunks; hotswap cuts chunks of "
+        f"at least {MIN_CHUNK_BYTES} bytes (one chunk for a smaller tensor)"
+    )
+    # What is accepted costs at most one chunk per MIN_CHUNK_BYTES, plus one.
+    for nbytes, chunk in ((MiB, MIN_CHUNK_BYTES), (5, 5), (0, 1), (MiB + 1, MIN_CHUNK_BYTES)):
+        body = body_of(fixed_manifest())
+        body["tensors"] = [["w", "U8", [nbytes], nbytes, "ab" * 32, chunk, 1.0, 1.0]]
+        (entry,) = decode(envelope(body)).tensors
+        assert entry.chunks <= nbytes // MIN_CHUNK_BYTES + 1
 
 
 def test_shape_product_mismatch_is_refused() -> None:
