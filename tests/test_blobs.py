@@ -269,6 +269,47 @@ def test_missing_chunk_is_an_integrity_error(client: redis.Redis, path: str) -> 
     )
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_stream_yields_the_bytes_in_batches_of_one_reused_buffer(
+    client: redis.Redis, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = make(client, path)
+    monkeypatch.setattr(blobs_module, "PIPELINE_BYTES", 2 * 1024)
+    data = random_bytes(40000, seed=3)
+    entry = bytes_entry("w", data, 1024)
+    blobs.upload(entry, memoryview(data))
+    pieces = []
+    buffers = set()
+    for piece in blobs.stream(entry, 7):
+        pieces.append(bytes(piece))
+        buffers.add(id(piece.obj))
+    assert [len(p) for p in pieces] == [2048] * 19 + [1088]
+    assert b"".join(pieces) == data and len(buffers) == 1
+    empty = TensorEntry("e", "U8", (0,), 0, codec.digest(b""), 1024, 0.0, 0.0)
+    assert list(blobs.stream(empty)) == []
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_stream_stops_at_the_batch_of_the_first_missing_chunk(
+    client: redis.Redis, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = make(client, path)
+    monkeypatch.setattr(blobs_module, "PIPELINE_BYTES", 2 * 1024)
+    data = random_bytes(40000, seed=4)
+    entry = bytes_entry("w", data, 1024)
+    blobs.upload(entry, memoryview(data))
+    client.delete(keys.blob_key("hotswap", "m", entry.digest, 1024, 5))
+    got = []
+    with pytest.raises(IntegrityError) as e:
+        for piece in blobs.stream(entry, 7):
+            got.append(bytes(piece))
+    assert str(e.value) == (
+        "model 'm' v7 tensor 'w': chunk 5 of 40 is missing from Redis (collected or lost); "
+        "publish again"
+    )
+    assert b"".join(got) == data[:4096]  # the two batches before it
+
+
 def test_failures_on_either_path_are_store_unavailable() -> None:
     with EmbeddedRedis() as srv:
         client = redis.Redis.from_url(srv.url, socket_timeout=1, socket_connect_timeout=0.5)
