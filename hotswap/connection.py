@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from hotswap.errors import ConfigError, HotswapError, StoreFull, StoreUnavailable
+from hotswap.redact import redact, scrub
 from hotswap.settings import HotswapSettings
 
 T = TypeVar("T")
@@ -152,7 +153,8 @@ def connect(settings: HotswapSettings) -> RedisClient:
         # Retries belong to our tenacity policy alone, not also redis-py's.
         return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kwargs)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"invalid HOTSWAP_REDIS_URL {redact(url)!r}: {e}") from e
+        # The parser's complaint may quote a piece of the password (as a port).
+        raise ConfigError(f"invalid HOTSWAP_REDIS_URL {redact(url)!r}: {scrub(str(e), url)}") from e
 
 
 def _cluster(url: str, kwargs: dict[str, Any]) -> RedisClient:
@@ -167,15 +169,6 @@ def _cluster(url: str, kwargs: dict[str, Any]) -> RedisClient:
                 f"HOTSWAP_CLUSTER is set but {where} is not a Redis Cluster node; unset it"
             ) from e
         raise StoreUnavailable(
-            f"Redis Cluster at {where} unreachable ({e}); check HOTSWAP_REDIS_URL and the nodes"
+            f"Redis Cluster at {where} unreachable ({scrub(str(e), url)}); "
+            "check HOTSWAP_REDIS_URL and the nodes"
         ) from e
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at or ":" not in creds:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from hotswap.errors import HotswapError, IntegrityError, NotFound
+from hotswap.redact import scrub
 from publisher.exitcodes import INTERRUPTED, OK, UNREACHABLE, USAGE, USER_ERROR, for_error
 
 # The rest is imported inside the commands: parsing (--help, usage errors)
@@ -170,6 +172,19 @@ class Context:
             yield Store.from_settings(client, model, settings)
         finally:
             client.close()
+
+    def error(self, text: str) -> None:
+        """Write ``text`` to stderr with every secret of the Redis URLs in play masked.
+
+        An error or traceback may quote a URL, or a piece of one (redis-py's
+        parser complaining about a port); whichever URL this run was given,
+        on the command line, in the environment or in ``.env``, its password
+        never reaches the terminal or a log that collects stderr.
+        """
+        urls = [self.args.redis_url, os.environ.get("HOTSWAP_REDIS_URL")]
+        if self._settings is not None:
+            urls.append(self._settings.redis_url)
+        sys.stderr.write(scrub(text, *urls))
 
     def emit(self, data: Any, human: Callable[[], None]) -> None:
         if self.json:
@@ -323,13 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     wide = None if sys.stdout.isatty() else WIDE
     out = Console(highlight=False, width=wide)
     err = Console(stderr=True, highlight=False)
+    ctx = Context(args, out, err)
     try:
-        return COMMANDS[args.command](Context(args, out, err))
+        return COMMANDS[args.command](ctx)
     except HotswapError as e:
         code = for_error(e)
         if args.debug:
-            traceback.print_exc()
-        print(f"hotswap: error: {e}", file=sys.stderr)
+            ctx.error(traceback.format_exc())
+        ctx.error(f"hotswap: error: {e}\n")
         return code
     except KeyboardInterrupt:
         print("hotswap: interrupted", file=sys.stderr)
@@ -337,13 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         # A bug, not a user error: still one line unless --debug asks for more.
         if args.debug:
-            traceback.print_exc()
-            print(f"hotswap: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            ctx.error(traceback.format_exc())
+            ctx.error(f"hotswap: internal error: {type(e).__name__}: {e}\n")
         else:
-            print(
+            ctx.error(
                 f"hotswap: internal error: {type(e).__name__}: {e} (run with --debug for "
-                "the traceback)",
-                file=sys.stderr,
+                "the traceback)\n"
             )
         return USER_ERROR
 

@@ -32,6 +32,7 @@ from rich.markup import escape
 from hotswap.connection import connect
 from hotswap.embedded import EmbeddedRedis
 from hotswap.errors import HotswapError
+from hotswap.redact import redact, scrub
 from hotswap.settings import HotswapSettings
 from hotswap.status import AgentStatus
 from hotswap.store import Store
@@ -329,8 +330,8 @@ def _open_redis(
         # Registered before the server, so it runs after the server has stopped.
         stack.callback(Store(client, MODEL, namespace=cfg.namespace).delete_all)
         say(
-            f"[bold]hotswap demo[/bold] on {escape(settings.redis_url)} under the namespace "
-            f"{cfg.namespace}; its keys are deleted at the end."
+            f"[bold]hotswap demo[/bold] on {escape(redact(settings.redis_url))} under the "
+            f"namespace {cfg.namespace}; its keys are deleted at the end."
         )
         return cfg
     redis = EmbeddedRedis()
@@ -372,7 +373,9 @@ def run_demo(settings: HotswapSettings | None, console: Console | None = None) -
             out.file.flush()
         return INTERRUPTED
     except HotswapError as e:
-        say(f"[red]demo failed:[/red] {escape(str(e))}")
+        # The message may quote the server's log or a piece of the URL.
+        url = None if settings is None else settings.redis_url
+        say(f"[red]demo failed:[/red] {escape(scrub(str(e), url))}")
         return for_error(e)
     say(
         f"[green]Demo finished in {time.monotonic() - started:.1f}s[/green]; "
