@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="GLOB", help="publish only these tensors")
     p.add_argument("-m", "--message", default="")
     p.add_argument("--force", action="store_true", help="new version even if nothing changed")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave these tensors out of the new version (needed to drop tensors head has)",
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read checkpoint files that are symlinks out of their folder",
+    )
 
     p = command("status", "head, and what every agent runs")
     p.add_argument("model")
@@ -204,7 +216,15 @@ def cmd_publish(ctx: Context) -> int:
 
     a = ctx.args
     with ctx.publisher() as pub, ctx.bars() as bars:
-        pub.publish(a.path, message=a.message, only=a.only, force=a.force, progress=bars)
+        pub.publish(
+            a.path,
+            message=a.message,
+            only=a.only,
+            force=a.force,
+            progress=bars,
+            exclude=a.exclude,
+            follow_symlinks=a.follow_symlinks,
+        )
         r = pub.last_report
     ctx.emit(
         render.report_data(pub.model, r), lambda: ctx.out.print(render.report_line(pub.model, r))

@@ -22,7 +22,7 @@ from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
-from publisher import commit, plan, restore, upkeep, upload
+from publisher import commit, complete, plan, restore, upkeep, upload
 from publisher.fingerprint import Fingerprints
 from publisher.plan import Head
 from publisher.reports import GcReport, Progress, PublishReport, VerifyReport
@@ -96,6 +96,9 @@ class Publisher:
         only: Sequence[str] | None = None,
         force: bool = False,
         progress: Progress | None = None,
+        *,
+        exclude: Sequence[str] = (),
+        follow_symlinks: bool = False,
     ) -> int:
         """Publish ``source`` as a new version and return its number.
 
@@ -112,14 +115,21 @@ class Publisher:
                 inherited from head (which must exist and be trusted).
             force: create a version even when nothing changed since head.
             progress: called as ``progress(phase, bytes_done, bytes_total)``.
+            exclude: globs; matching tensors are left out of the new version on
+                purpose, whether the source holds them or head does. A full
+                publish that lacks a tensor of head is refused unless an
+                ``exclude`` glob names it (agents that ran head would keep it).
+            follow_symlinks: read files of a checkpoint folder that are
+                symlinks to files outside it.
 
         Returns:
             The new version's number, or head's when nothing changed (and not
             ``force``); ``last_report`` says which.
 
         Raises:
-            SourceError: the source cannot be read, is over a size limit, or
-                changed while it was being published.
+            SourceError: the source cannot be read, is over a size limit,
+                changed while it was being published, or (a full publish) lacks
+                tensors of head that ``exclude`` does not name.
             ConfigError: ``message`` too long, or ``only`` without a version
                 to inherit from.
             VersionConflict: another publisher committed first (nothing written).
@@ -130,12 +140,15 @@ class Publisher:
 
             v = pub.publish("model.safetensors", message="nightly")
             v = pub.publish(model.state_dict(), only=["head.*"], message="new head")
+            v = pub.publish("ckpt/", exclude=["lm_head.weight"])  # tied, not saved
         """
         started = time.monotonic()
         if len(message) > mf.MAX_MESSAGE_LEN:
             raise ConfigError(f"message is {len(message)} characters, limit {mf.MAX_MESSAGE_LEN}")
-        with open_source(source) as src:
-            names = plan.select(src.names, only, src.where)
+        with open_source(source, follow_symlinks=follow_symlinks) as src:
+            names = complete.kept(plan.select(src.names, only, src.where), exclude)
+            if not names:
+                raise SourceError(f"{src.where}: --exclude leaves no tensor to publish")
             head = self._head()
             if only is not None and head.number is None:
                 raise ConfigError(
@@ -145,11 +158,17 @@ class Publisher:
             if only is not None and head.manifest is None:
                 raise head.refusal("--only inherits the other tensors from it") from head.distrust
             trusted = head.manifest
+            if only is None:
+                # Before anything is read or written: a refusal changes nothing.
+                complete.check(trusted, names, exclude, src.where)
             hashed = upload.hash_entries(
                 src, names, trusted, self.settings, progress=progress, memo=self._fingerprints
             )
             fresh, pending = hashed.entries, hashed.pending
-            entries = plan.merge(trusted.tensors, fresh) if trusted and only is not None else fresh
+            if trusted and only is not None:
+                entries = complete.kept_entries(plan.merge(trusted.tensors, fresh), exclude)
+            else:
+                entries = fresh
             if len(entries) > self.settings.max_tensors:
                 raise SourceError(
                     f"{src.where}: {len(entries)} tensors, over the limit of "

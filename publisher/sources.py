@@ -3,10 +3,15 @@
 A source is an in-memory state dict, a ``.safetensors`` file, a sharded
 checkpoint folder (``*.index.json`` naming the shard of every tensor), a
 ``.pt``/``.pth``/``.bin`` state dict, or a folder holding exactly one of
-these. Files are opened lazily: safetensors through ``safe_open`` (one tensor
-read at a time), pickled checkpoints through ``torch.load(weights_only=True,
-mmap=True)`` so nothing but tensors and plain containers can be unpickled and
-the storages stay on disk until read.
+these. Only regular files are opened (a FIFO would block the publish until
+some writer came), and a file found inside a folder (by listing it or
+through its index) must not be a symlink out of that folder unless the
+caller asks to follow such links: whoever can write the folder could
+otherwise publish any file the publisher can read. Files are opened
+lazily: safetensors through ``safe_open`` (one tensor read at a time),
+pickled checkpoints through ``torch.load(weights_only=True, mmap=True)`` so
+nothing but tensors and plain containers can be unpickled and the storages
+stay on disk until read.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -122,8 +128,18 @@ def check_tensor(value: object, name: str, where: str) -> torch.Tensor:
     return value
 
 
-def open_source(source: Source) -> TensorSource:
-    """A TensorSource for a state dict, a checkpoint file or a checkpoint folder."""
+def open_source(source: Source, *, follow_symlinks: bool = False) -> TensorSource:
+    """A TensorSource for a state dict, a checkpoint file or a checkpoint folder.
+
+    Args:
+        source: a state dict, or the path of a checkpoint file or folder.
+        follow_symlinks: read files of a folder that are symlinks to a file
+            outside it (as a Hugging Face cache snapshot is made of).
+
+    Raises:
+        SourceError: not readable, not a regular file, a symlink out of its
+            folder (unless ``follow_symlinks``), or not a checkpoint.
+    """
     if isinstance(source, Mapping):
         return from_state_dict(source, "state dict")
     if not isinstance(source, (str, os.PathLike)):
@@ -135,8 +151,29 @@ def open_source(source: Source) -> TensorSource:
     if not path.exists():
         raise SourceError(f"{path}: no such file or directory")
     if path.is_dir():
-        return _from_folder(path)
-    return _from_file(path)
+        return _from_folder(path, follow_symlinks)
+    _check_regular(path, str(path))
+    return _from_file(path, follow_symlinks)
+
+
+def _check_regular(path: Path, what: str) -> None:
+    """SourceError unless ``path`` is a regular file (checked before anything opens it)."""
+    if not path.is_file():
+        raise SourceError(
+            f"{what}: not a regular file (a FIFO, device or socket); publish a checkpoint file"
+        )
+
+
+def _check_inside(path: Path, folder: Path, what: str, follow_symlinks: bool) -> None:
+    """SourceError if ``path`` is a symlink that leads out of ``folder`` (unless allowed)."""
+    if follow_symlinks or not path.is_symlink():
+        return
+    target, home = path.resolve(), folder.resolve()
+    if not target.is_relative_to(home):
+        raise SourceError(
+            f"{what} is a symlink to {target}, outside {folder}; "
+            "pass follow_symlinks=True (--follow-symlinks) to publish it anyway"
+        )
 
 
 def from_state_dict(state: Mapping[Any, Any], where: str) -> TensorSource:
@@ -150,10 +187,10 @@ def from_state_dict(state: Mapping[Any, Any], where: str) -> TensorSource:
     return TensorSource(where, sorted(tensors), tensors.__getitem__, stable=True)
 
 
-def _from_file(path: Path) -> TensorSource:
+def _from_file(path: Path, follow_symlinks: bool) -> TensorSource:
     suffix = path.suffix.lower()
     if path.name.endswith(INDEX_SUFFIX):
-        return _from_index(path)
+        return _from_index(path, follow_symlinks)
     if suffix in SAFETENSORS:
         return _from_safetensors({path: None})
     if suffix in PICKLED:
@@ -164,10 +201,12 @@ def _from_file(path: Path) -> TensorSource:
     )
 
 
-def _from_folder(folder: Path) -> TensorSource:
+def _from_folder(folder: Path, follow_symlinks: bool) -> TensorSource:
     indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
     if len(indexes) == 1:
-        return _from_index(indexes[0])
+        _check_regular(indexes[0], str(indexes[0]))
+        _check_inside(indexes[0], folder, str(indexes[0]), follow_symlinks)
+        return _from_index(indexes[0], follow_symlinks)
     if len(indexes) > 1:
         names = ", ".join(p.name for p in indexes)
         raise SourceError(f"{folder}: holds several checkpoint indexes ({names}); name one")
@@ -185,10 +224,11 @@ def _from_folder(folder: Path) -> TensorSource:
             f"{folder}: holds {len(files)} checkpoint files ({names}) and no index; "
             "name the file to publish"
         )
-    return _from_file(files[0])
+    _check_inside(files[0], folder, str(files[0]), follow_symlinks)
+    return _from_file(files[0], follow_symlinks)
 
 
-def _from_index(index: Path) -> TensorSource:
+def _from_index(index: Path, follow_symlinks: bool) -> TensorSource:
     """A sharded checkpoint: ``weight_map`` maps every tensor to its shard file."""
     try:
         if index.stat().st_size > MAX_INDEX_BYTES:
@@ -206,8 +246,12 @@ def _from_index(index: Path) -> TensorSource:
             raise SourceError(f"{index}: shard {shard!r} of tensor {name!r} is not a file name")
         shards.setdefault(index.parent / shard, []).append(check_name(name, str(index)))
     for shard in shards:
+        what = f"{index}: shard {shard.name}"
+        if not shard.exists():
+            raise SourceError(f"{what} is missing")
         if not shard.is_file():
-            raise SourceError(f"{index}: shard {shard.name} is missing")
+            raise SourceError(f"{what} is not a regular file (a FIFO, device or socket)")
+        _check_inside(shard, index.parent, what, follow_symlinks)
     suffixes = {s.suffix.lower() for s in shards}
     if suffixes <= set(SAFETENSORS):
         return _from_safetensors(dict(shards), where=str(index))
@@ -254,14 +298,11 @@ def _from_safetensors(
 def load_pickled(path: Path) -> dict[str, torch.Tensor]:
     """A flat state dict from a ``.pt``/``.bin``, refusing anything but tensors."""
     try:
-        try:
-            # mmap leaves the storages on disk until a tensor is read.
-            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            # Legacy (pre-zip) checkpoints cannot be memory-mapped.
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (on stderr) about what it then refuses, such as a raw
+            # pickle's protocol; the SourceError below says it in one line.
+            warnings.filterwarnings("ignore", module=r"torch(\.|$)")
+            data = _torch_load(path)
     except Exception as e:
         raise SourceError(
             f"{path}: not a loadable tensor checkpoint (torch.load with weights_only=True "
@@ -282,6 +323,17 @@ def load_pickled(path: Path) -> dict[str, torch.Tensor]:
     if not data:
         raise SourceError(f"{path}: holds no tensors")
     return data
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        # mmap leaves the storages on disk until a tensor is read.
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise
+        # Legacy (pre-zip) checkpoints cannot be memory-mapped.
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _from_pickled(path: Path) -> TensorSource:

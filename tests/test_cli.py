@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import pty
 import subprocess
 import sys
@@ -346,6 +347,55 @@ def test_code_executing_pt_is_refused_without_running(
     assert err.count("\n") == 1
     assert not marker.exists()
     assert snapshot(client) == published
+
+
+def test_raw_pickled_bin_is_one_line_on_stderr(
+    env: dict[str, str], client: redis.Redis, published: dict[bytes, bytes | None], tmp_path: Path
+) -> None:
+    # torch.load warned about the pickle protocol on stderr before the error.
+    path = tmp_path / "raw.bin"
+    path.write_bytes(pickle.dumps({"layer.0.weight": torch.ones(2)}))
+    done = hotswap(env, "publish", "m", str(path))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(
+        f"hotswap: error: {path}: not a loadable tensor checkpoint (torch.load with "
+        "weights_only=True refused it: "
+    )
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert snapshot(client) == published
+
+
+def test_publish_lacking_tensors_needs_exclude_and_links_out_need_follow(
+    run: Any, client: redis.Redis, published: dict[bytes, bytes | None], tmp_path: Path
+) -> None:
+    sd = weights(1)
+    del sd["layer.2.bias"]
+    folder, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    save_file(sd, str(elsewhere / "model.safetensors"))
+    (folder / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+    code, out, err = run("publish", "m", str(folder))
+    assert (code, out) == (1, "")
+    assert err == (
+        f"hotswap: error: {folder / 'model.safetensors'} is a symlink to "
+        f"{elsewhere / 'model.safetensors'}, outside {folder}; pass follow_symlinks=True "
+        "(--follow-symlinks) to publish it anyway\n"
+    )
+    code, out, err = run("publish", "m", str(folder), "--follow-symlinks")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"hotswap: error: {folder / 'model.safetensors'}: a full publish lacks 1 tensor of "
+        "head v1 ('layer.2.bias'); add them, or name them with exclude=[GLOB] (--exclude GLOB) "
+        "to drop them from the new version, or publish a subset with only=[GLOB] (--only GLOB)\n"
+    )
+    assert snapshot(client) == published
+    code, out, err = run(
+        "publish", "m", str(folder), "--follow-symlinks", "--exclude", "layer.2.*", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["version"] == 2
+    assert "layer.2.bias" not in {t.name for t in Store(client, "m").manifest(2).tensors}
 
 
 def test_bad_names_versions_and_usage(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -279,3 +280,72 @@ def test_state_dict_errors() -> None:
         ),
     ):
         open_source(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.reliability
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    # Opening a FIFO for reading blocks until a writer comes: publish hung.
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    message = f"{fifo}: not a regular file (a FIFO, device or socket); publish a checkpoint file"
+    with pytest.raises(SourceError, match=exact(message)):
+        open_source(fifo)
+    # Found in a folder: as an index, or as a shard an index names.
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    index = folder / "model.safetensors.index.json"
+    os.mkfifo(index)
+    with pytest.raises(SourceError, match=exact(message.replace(str(fifo), str(index)))):
+        open_source(folder)
+    index.unlink()
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors"}}))
+    os.mkfifo(folder / "s1.safetensors")
+    with pytest.raises(
+        SourceError,
+        match=exact(
+            f"{index}: shard s1.safetensors is not a regular file (a FIFO, device or socket)"
+        ),
+    ):
+        open_source(folder)
+
+
+def sharded_with_a_shard_elsewhere(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A sharded checkpoint whose second shard is a symlink to a file outside its folder."""
+    state = sd()
+    names = sorted(state)
+    folder, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    save_file({n: state[n] for n in names[:2]}, str(folder / "s1.safetensors"))
+    save_file({n: state[n] for n in names[2:]}, str(elsewhere / "secret.safetensors"))
+    (folder / "s2.safetensors").symlink_to(elsewhere / "secret.safetensors")
+    weight_map = {n: "s1.safetensors" if i < 2 else "s2.safetensors" for i, n in enumerate(names)}
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    return folder, index, state
+
+
+@pytest.mark.reliability
+def test_a_shard_linked_out_of_its_folder_is_refused_unless_asked(tmp_path: Path) -> None:
+    folder, index, state = sharded_with_a_shard_elsewhere(tmp_path)
+    target = tmp_path / "elsewhere" / "secret.safetensors"
+    message = (
+        f"{index}: shard s2.safetensors is a symlink to {target}, outside {folder}; "
+        "pass follow_symlinks=True (--follow-symlinks) to publish it anyway"
+    )
+    for source in (folder, index):
+        with pytest.raises(SourceError, match=exact(message)):
+            open_source(source)
+        with open_source(source, follow_symlinks=True) as src:
+            assert same({n: src.load(n).clone() for n in src.names}, state)
+    # A link that stays inside the folder is no escape: followed as before.
+    (folder / "s2.safetensors").unlink()
+    (target).rename(folder / "real.safetensors")
+    (folder / "s2.safetensors").symlink_to("real.safetensors")
+    assert same(read_all(index), state)
+    # The one checkpoint of a folder, found by listing it, is held to the same rule.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "model.safetensors").symlink_to(folder / "s1.safetensors")
+    with pytest.raises(SourceError, match=r"model\.safetensors is a symlink to .*, outside "):
+        open_source(lone)

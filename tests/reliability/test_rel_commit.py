@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from hotswap import keys
 from hotswap.embedded import EmbeddedRedis
-from hotswap.errors import StoreFull, StoreUnavailable
+from hotswap.errors import SourceError, StoreFull, StoreUnavailable
 from hotswap.settings import HotswapSettings
 from publisher import cli
 from publisher.publisher import Publisher
@@ -91,3 +91,40 @@ def test_redis_out_of_memory_is_store_full_exit_1_and_head_stays(
     assert err.count("\n") == 1
     assert admin.get(keys.head_key("hotswap", MODEL)) == b"1"
     admin.close()
+
+
+def snapshot(client: redis.Redis) -> dict[bytes, bytes | None]:
+    """Every key's serialized value: equal snapshots mean nothing was written."""
+    return {k: client.dump(k) for k in sorted(client.scan_iter(count=1000))}
+
+
+def test_a_full_publish_that_omits_tensors_is_refused_unless_excluded(
+    settings: HotswapSettings, client: redis.Redis
+) -> None:
+    first = make_state(1)
+    with Publisher(MODEL, settings=settings, connection=client) as pub:
+        assert pub.publish(first) == 1
+        lacking = {k: v for k, v in nudged(first, 0.1).items() if not k.startswith("layer03")}
+        lacking.pop("layer05.weight")
+        before = snapshot(client)
+        with pytest.raises(SourceError) as e:
+            pub.publish(lacking)
+        assert str(e.value) == (
+            "state dict: a full publish lacks 2 tensors of head v1 "
+            "('layer03.weight', 'layer05.weight'); add them, or name them with "
+            "exclude=[GLOB] (--exclude GLOB) to drop them from the new version, "
+            "or publish a subset with only=[GLOB] (--only GLOB)"
+        )
+        assert snapshot(client) == before  # no blob, no index entry, head still v1
+        with pytest.raises(SourceError, match=r"lacks 1 tensor of head v1 \('layer05.weight'\)"):
+            pub.publish(lacking, exclude=["layer03.*"])
+        assert snapshot(client) == before
+        assert pub.publish(lacking, exclude=["layer03.*", "layer05.weight"]) == 2
+        names = [t.name for t in pub.store.manifest(2).tensors]
+        assert names == ["layer00.weight", "layer01.weight", "layer02.weight", "layer04.weight"]
+        # Excluded means left out of the version even where the source holds it.
+        assert pub.publish(nudged(first, 0.2), exclude=["layer0[0-3].*"]) == 3
+        assert [t.name for t in pub.store.manifest(3).tensors] == [
+            "layer04.weight",
+            "layer05.weight",
+        ]
