@@ -1,0 +1,209 @@
+"""The payload encodings of delta frames: a patch of the few elements that changed, or
+the XOR of the whole chunk. Pure: imports no Redis; bytes in, bytes out.
+
+Both encode the XOR of a chunk with its base, so both are symmetric: the
+payload that takes the base to the result takes the result back to the base.
+Which one a frame uses is chosen per chunk by how many elements changed
+(measured in bench/delta_codec.py; docs/performance.md, "Delta encoding"):
+
+* ``SPARSE_ZSTD`` (few changed, as after an RL step in bfloat16): a head
+  ``<BI`` (element width in bytes, count of changed elements), then one zstd
+  frame, its size declared, of ``count`` uint32 gaps between the changed
+  elements' indices (the first counted from 0) and their ``count`` XOR values.
+  Decoding copies the base and patches only those elements.
+* ``XOR_ZSTD`` (most changed, as after a float32 fine-tune step): one zstd
+  frame, its size declared, of the whole chunk's XOR.
+
+Every decoder writes at most the chunk's length: a payload whose zstd frame
+declares any other size than the one its head implies is refused before it
+is decompressed, and decompression stops at the first byte past it.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import threading
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from hotswap.errors import ConfigError, FormatError
+
+Bytes = npt.NDArray[np.uint8]
+
+
+class Encoding(enum.IntEnum):
+    """How a frame's payload turns the base chunk into the result chunk (the frame's id)."""
+
+    XOR_ZSTD = 1
+    SPARSE_ZSTD = 2
+
+    @property
+    def wire_name(self) -> str:
+        """The name a manifest uses for this encoding."""
+        return _WIRE_NAMES[self]
+
+
+_WIRE_NAMES = {Encoding.XOR_ZSTD: "xor-zstd", Encoding.SPARSE_ZSTD: "sparse-zstd"}
+# zstd's fastest regular level: higher levels cost encode time and save
+# almost nothing on XOR deltas (docs/performance.md, "Delta encoding").
+ZSTD_LEVEL = 1
+# A chunk whose changed elements are at most this fraction of its elements is
+# patched (SPARSE_ZSTD), any other XORed whole (XOR_ZSTD): below it the patch
+# is smaller and faster both ways, and its index and values (4 bytes plus
+# the element a change) always fit within the chunk's own size.
+SPARSE_MAX_FRACTION = 0.125
+_SPARSE_HEAD = struct.Struct("<BI")
+_WIDTHS: dict[int, type[np.unsignedinteger]] = {
+    1: np.uint8,
+    2: np.uint16,
+    4: np.uint32,
+    8: np.uint64,
+}
+
+
+def encoding_from_name(name: str) -> Encoding:
+    """The encoding a manifest names; FormatError for one this hotswap does not know.
+
+    Example::
+
+        encodings.encoding_from_name("xor-zstd")  # Encoding.XOR_ZSTD
+    """
+    for encoding, wire in _WIRE_NAMES.items():
+        if wire == name:
+            return encoding
+    raise FormatError(
+        f"unknown delta encoding {name!r:.40} (this hotswap knows "
+        f"{', '.join(sorted(_WIRE_NAMES.values()))}); upgrade hotswap"
+    )
+
+
+def known(encoding_id: int) -> bool:
+    """Whether a frame's encoding id is one this hotswap decodes."""
+    return encoding_id in {int(e) for e in _WIRE_NAMES}
+
+
+def element_width(itemsize: int, length: int) -> int:
+    """The widest of 8, 4, 2, 1 bytes dividing both the element and the chunk.
+
+    A patch indexes whole elements (or, for 16-byte complex numbers and
+    chunks cut mid-element, the widest word that tiles both).
+    """
+    return next(w for w in (8, 4, 2, 1) if itemsize % w == 0 and length % w == 0)
+
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe, and building one per frame costs
+    # more than a small frame's work: one per thread, reused.
+    found = getattr(_local, "compressor", None)
+    if found is None:
+        found = _local.compressor = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, write_content_size=True, write_checksum=False
+        )
+    return found
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    found = getattr(_local, "decompressor", None)
+    if found is None:
+        found = _local.decompressor = zstandard.ZstdDecompressor()
+    return found
+
+
+def encode(
+    new: Bytes, base: Bytes, itemsize: int, encoding: Encoding | None = None
+) -> tuple[Encoding, bytes]:
+    """The payload taking ``base`` to ``new`` (same length), and its encoding.
+
+    Args:
+        new, base: one chunk of the result and of the base, as uint8 arrays.
+        itemsize: the tensor's element size in bytes (a patch indexes elements).
+        encoding: force one; None chooses by ``SPARSE_MAX_FRACTION``.
+
+    Raises:
+        ConfigError: ``SPARSE_ZSTD`` forced on a chunk where too much changed
+            for a patch to fit within its size.
+    """
+    xor = np.bitwise_xor(new, base)
+    width = element_width(itemsize, len(xor))
+    words = xor.view(_WIDTHS[width])
+    changed = words != 0
+    count = int(np.count_nonzero(changed))
+    if encoding is None:
+        sparse = count <= SPARSE_MAX_FRACTION * words.size
+        encoding = Encoding.SPARSE_ZSTD if sparse else Encoding.XOR_ZSTD
+    if encoding is Encoding.XOR_ZSTD:
+        return encoding, _compressor().compress(xor.data)
+    if count * (4 + width) > len(xor):
+        raise ConfigError(
+            f"delta frame: {count} changed elements of {width} bytes do not fit a sparse "
+            f"patch of a {len(xor)}-byte chunk"
+        )
+    # nonzero over a boolean mask: much faster than over the integers.
+    at = np.flatnonzero(changed)
+    gaps = np.diff(at, prepend=0).astype(np.uint32)
+    body = gaps.tobytes() + words[at].tobytes()
+    return encoding, _SPARSE_HEAD.pack(width, count) + _compressor().compress(body)
+
+
+def decode(encoding: Encoding, payload: memoryview, base: Bytes, out: Bytes, where: str) -> None:
+    """Write into ``out`` the chunk ``payload`` makes of ``base`` (both ``len(out)``).
+
+    ``out`` may be ``base``'s own memory. Raises FormatError for a payload
+    that does not decode to exactly what its encoding implies.
+    """
+    if encoding is Encoding.XOR_ZSTD:
+        np.bitwise_xor(_expand(payload, len(out), where), base, out=out)
+    else:
+        _patch(payload, base, out, where)
+
+
+def _patch(payload: memoryview, base: Bytes, out: Bytes, where: str) -> None:
+    """Copy ``base`` into ``out`` and XOR the payload's values in at its indices."""
+    if len(payload) < _SPARSE_HEAD.size:
+        raise FormatError(f"{where}: sparse payload of {len(payload)} bytes has no head")
+    width, count = _SPARSE_HEAD.unpack_from(payload)
+    if width not in _WIDTHS or len(out) % width:
+        raise FormatError(f"{where}: element width {width} does not tile {len(out)} bytes")
+    size = count * (4 + width)
+    if size > len(out):
+        raise FormatError(
+            f"{where}: {count} changed elements of {width} bytes do not fit {len(out)} bytes"
+        )
+    raw = _expand(payload[_SPARSE_HEAD.size :], size, where)
+    gaps = raw[: 4 * count].view(np.uint32)
+    at = np.cumsum(gaps, dtype=np.uint64)
+    # Indices must rise strictly and stay inside the chunk: numpy would raise
+    # on one past the end, and a repeated index would be patched only once.
+    if count and (int(at[-1]) >= len(out) // width or not gaps[1:].all()):
+        raise FormatError(f"{where}: sparse indices do not rise within the chunk")
+    np.copyto(out, base)
+    out.view(_WIDTHS[width])[at] ^= raw[4 * count :].view(_WIDTHS[width])
+
+
+def _expand(payload: memoryview, length: int, where: str) -> Bytes:
+    """A zstd frame decompressed to exactly ``length`` bytes, never more."""
+    try:
+        declared = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{where}: payload is not a zstd frame ({e})") from e
+    # zstd sizes its output buffer from the frame's own header: believing a
+    # header larger than the chunk would let a few bytes allocate gigabytes.
+    if declared != length:
+        said = "no size" if declared < 0 else f"{declared} bytes"
+        raise FormatError(f"{where}: payload declares {said}, expected {length} bytes")
+    try:
+        # One pass into a buffer of exactly ``length``: zstd stops with an
+        # error at the first byte past it, and checks the frame is complete.
+        raw = _decompressor().decompress(payload, max_output_size=length, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{where}: payload does not decode to {length} bytes ({e})") from e
+    if len(raw) != length:
+        raise FormatError(f"{where}: payload decodes to {len(raw)} bytes, not {length}")
+    array: Bytes = np.frombuffer(raw, dtype=np.uint8)
+    return array
