@@ -259,6 +259,24 @@ def _hotswap() -> Candidate:
     return Candidate("hotswap.delta frames (with BLAKE3)", encode, decode)
 
 
+def _hotswap_steady() -> Candidate:
+    """``hotswap.delta``'s frames when the publisher kept the base's chunk digests from
+    its last delta (``delta.result_digests``): one hash per chunk to encode. The digests
+    are taken in the first round, which best-of timing leaves out."""
+    kept: dict[tuple[int, int], bytes] = {}
+
+    def encode(new: Bytes, base: Bytes, itemsize: int) -> bytes:
+        key = (base.ctypes.data, base.size)
+        if key not in kept:
+            kept[key] = delta.chunk_digest(base.data)
+        return delta.encode_frame(new.data, base.data, itemsize=itemsize, base_digest=kept[key])
+
+    def decode(payload: bytes, base: Bytes, out: Bytes, itemsize: int) -> None:
+        delta.decode_frame(payload, base.data, out.data)
+
+    return Candidate("hotswap.delta frames, base digests kept", encode, decode)
+
+
 def candidates() -> list[Candidate]:
     found = [
         _zstd(1, xor=True),
@@ -270,6 +288,7 @@ def candidates() -> list[Candidate]:
         _zstd(1, xor=False),
         _hotswap_payload(),
         _hotswap(),
+        _hotswap_steady(),
     ]
     return [c for c in found if c is not None]
 
@@ -497,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in steps:
         label = f"{case.name} ({case.changed:.2%} of elements differ)"
         for r in measure(case, cands, chunk, args.repeat):
-            if r.candidate.startswith("hotswap.delta") and case.name.startswith("bf16 RL"):
+            if r.candidate == _hotswap().name and case.name.startswith("bf16 RL"):
                 chosen.append(r.stored_pct)
             print(
                 f"| {label} | {r.candidate} | {r.stored_pct:.2f} | "

@@ -55,7 +55,6 @@ FORMAT = 1
 
 HEADER = struct.Struct("<3sBBBI32s32s")
 HEADER_BYTES = HEADER.size
-DIGEST_BYTES = 32
 
 # A delta is stored only when its frames take at most this fraction of the
 # full tensor: past it, the encode and decode time and the dependence on a
@@ -256,6 +255,7 @@ def encode(
     itemsize: int = 1,
     encoding: Encoding | None = None,
     max_fraction: float = MAX_DELTA_FRACTION,
+    base_digests: Sequence[bytes] | None = None,
 ) -> list[bytes] | None:
     """The frames of a tensor's delta from ``base`` to ``new``, or None when not worth it.
 
@@ -273,13 +273,16 @@ def encode(
         itemsize: the tensor's element size in bytes (its dtype's).
         encoding: force one payload encoding; None chooses per chunk.
         max_fraction: the largest delta worth storing, as a fraction of the full bytes.
+        base_digests: each base chunk's ``chunk_digest``, where the caller
+            kept them (``result_digests`` of the delta that made the base):
+            saves hashing the base again; trusted as given.
 
     Returns:
         One frame per chunk, or None.
 
     Raises:
-        ConfigError: ``new`` and ``base`` differ in length, or ``chunk_bytes``
-            is out of range.
+        ConfigError: ``new`` and ``base`` differ in length, ``chunk_bytes``
+            is out of range, or ``base_digests`` has another count than the chunks.
 
     Example::
 
@@ -293,14 +296,23 @@ def encode(
         raise ConfigError(f"delta: new bytes are {len(new)}, base {len(base)}")
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ConfigError(f"delta: chunk size {chunk_bytes} is outside 1-{MAX_CHUNK_BYTES}")
+    spans = _spans(len(new), chunk_bytes)
+    if base_digests is not None and len(base_digests) != len(spans):
+        raise ConfigError(f"delta: {len(base_digests)} base digests for {len(spans)} chunks")
     if not new or not _mostly_same(new, base):
         return None
     limit = max_fraction * len(new)
     frames: list[bytes] = []
     stored = 0
-    for start, end in _spans(len(new), chunk_bytes):
+    for i, (start, end) in enumerate(spans):
         frames.append(
-            encode_frame(new[start:end], base[start:end], itemsize=itemsize, encoding=encoding)
+            encode_frame(
+                new[start:end],
+                base[start:end],
+                itemsize=itemsize,
+                encoding=encoding,
+                base_digest=base_digests[i] if base_digests is not None else None,
+            )
         )
         stored += len(frames[-1])
         if stored > limit:
@@ -347,3 +359,8 @@ def decode(
 def encodings_used(frames: Sequence[Buffer]) -> set[Encoding]:
     """The payload encodings a delta's frames use (what a manifest lists for agents)."""
     return {read_header(frame).encoding for frame in frames}
+
+
+def result_digests(frames: Sequence[Buffer]) -> list[bytes]:
+    """Each frame's result chunk digest: the next delta's ``base_digests``."""
+    return [read_header(frame).result_digest for frame in frames]

@@ -157,6 +157,21 @@ def test_encode_refuses_unrelated_weights_and_deltas_over_the_limit() -> None:
     assert delta.encode(memoryview(b""), memoryview(b""), 4096) is None
 
 
+def test_a_chain_of_encodes_reuses_the_digests_of_the_last_result() -> None:
+    v1 = random_bytes(10 * KiB, 15)
+    v2 = change_elements(v1, 2, 0.01, 16)
+    v3 = change_elements(v2, 2, 0.01, 17)
+    first = delta.encode(memoryview(v2), memoryview(v1), 4 * KiB, itemsize=2)
+    assert first is not None
+    known = delta.result_digests(first)
+    assert known == [b3(v2[s:e]) for s, e in codec.chunk_spans(len(v2), 4 * KiB)]
+    second = delta.encode(memoryview(v3), memoryview(v2), 4 * KiB, itemsize=2, base_digests=known)
+    assert second == delta.encode(memoryview(v3), memoryview(v2), 4 * KiB, itemsize=2)
+    with pytest.raises(ConfigError) as e:
+        delta.encode(memoryview(v3), memoryview(v2), 4 * KiB, base_digests=known[:2])
+    assert str(e.value) == "delta: 2 base digests for 3 chunks"
+
+
 def test_encode_refuses_bad_arguments() -> None:
     with pytest.raises(ConfigError) as e:
         delta.encode(memoryview(b"ab"), memoryview(b"abc"), 4)
