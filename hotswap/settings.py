@@ -114,6 +114,12 @@ class HotswapSettings(BaseSettings):
     max_tensors: int = Field(
         default=100_000, ge=1, description="Most tensors a manifest may declare."
     )
+    head_expiry_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Publishers with a signing key sign head to expire this many seconds "
+        "after it is issued (re-sign with `hotswap resign` before); 0: no expiry.",
+    )
 
     @field_validator("signing_keys", mode="before")
     @classmethod

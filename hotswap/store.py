@@ -40,8 +40,10 @@ redis.call('SET', KEYS[1], string.format('%d', v))
 return v
 """
 
-# KEYS: head, manifest:V, log. ARGV: parent ('' = none), V, manifest bytes,
-# channel, notice, log maxlen, then log field/value pairs.
+# KEYS: head, manifest:V, log, signed head record. ARGV: parent ('' = none), V,
+# manifest bytes, channel, notice, log maxlen, record ('' = none: an unsigned
+# commit deletes a record that would name an older head), then log
+# field/value pairs. Manifest, head and record change together or not at all.
 _COMMIT = """
 local head = redis.call('GET', KEYS[1]) or ''
 if head ~= ARGV[1] then return {'conflict', head} end
@@ -49,9 +51,21 @@ if head ~= '' and tonumber(ARGV[2]) <= tonumber(head) then return {'stale', head
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'exists', head} end
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+if ARGV[7] == '' then redis.call('DEL', KEYS[4]) else redis.call('SET', KEYS[4], ARGV[7]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8))
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return {'ok', head}
+"""
+
+
+# KEYS: head, signed head record. ARGV: expected head, expected record ('' =
+# none), new record. A re-sign must not overwrite the record of a commit that
+# landed since it read head: that would name the old head again.
+_RESIGN = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[2], ARGV[3])
+return 1
 """
 
 
@@ -94,6 +108,7 @@ class Store:
         self._retrying = retrying or operation_retry()
         self._commit_script = client.register_script(_COMMIT)
         self._reserve_script = client.register_script(_RESERVE)
+        self._resign_script = client.register_script(_RESIGN)
         self.blobs = BlobStore(client, self.model, namespace=self.ns, retrying=self._retrying)
 
     @classmethod
@@ -148,6 +163,25 @@ class Store:
 
         raw, record = self.call("reading head", read)
         return self._head(raw), None if record is None else bytes(record)
+
+    def head_for_commit(self, guess: int | None) -> tuple[int | None, bytes | None, bytes | None]:
+        """Head, manifest ``guess``'s bytes if head is ``guess``, and the signed head
+        record's bytes (None where absent), in one round trip: what a publish builds on."""
+        head_key, record_key = self._key(keys.head_key), self._key(keys.head_record_key)
+        manifest_key = None if guess is None else self._key(keys.manifest_key, guess)
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(head_key)
+            pipe.get(record_key)
+            if manifest_key is not None:
+                pipe.get(manifest_key)
+            return list(pipe.execute())
+
+        raw, record, *data = self.call("reading head", read)
+        head = self._head(raw)
+        manifest = bytes(data[0]) if data and head == guess and data[0] is not None else None
+        return head, manifest, None if record is None else bytes(record)
 
     def head_and_manifest_bytes(self, guess: int | None) -> tuple[int | None, bytes | None]:
         """Head, and manifest ``guess``'s bytes if head is ``guess``, in one round trip.
@@ -227,8 +261,12 @@ class Store:
         manifest_bytes: bytes,
         log_fields: dict[str, str | int | float],
         notice: bytes,
+        record: bytes | None = None,
     ) -> None:
         """Make ``manifest`` the head if head is still its parent (atomic, one script).
+
+        ``record`` (a signed ``hotswap.headrecord``) is written with head;
+        None deletes the one there, which would name an older head.
 
         Raises VersionConflict (and writes nothing) if head moved.
         """
@@ -243,12 +281,14 @@ class Store:
             self._key(keys.events_channel),
             notice,
             LOG_MAXLEN,
+            record or b"",
             *flat,
         ]
         script_keys = [
             self._key(keys.head_key),
             self._key(keys.manifest_key, version),
             self._key(keys.log_key),
+            self._key(keys.head_record_key),
         ]
         status, head = self.call(
             f"committing v{version}", lambda: self._commit_script(keys=script_keys, args=args)
@@ -276,6 +316,16 @@ class Store:
             f"model {self.model!r}: head is {now}, not {read} as this publish read it; "
             "another publisher committed first, publish again on top of it"
         )
+
+    def replace_head_record(self, head: int, old: bytes | None, new: bytes) -> bool:
+        """Write head record ``new`` if head is still ``head`` and the record still
+        ``old`` (None: absent), atomically; False (nothing written) if either moved."""
+        script_keys = [self._key(keys.head_key), self._key(keys.head_record_key)]
+        args = [str(head), old or b"", new]
+        done = self.call(
+            f"re-signing head v{head}", lambda: self._resign_script(keys=script_keys, args=args)
+        )
+        return bool(done)
 
     def _stored_equals(self, version: int, data: bytes) -> bool:
         try:

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=_version, help="default: the version before head")
     p.add_argument("-m", "--message", default="")
 
+    p = command("resign", "re-issue head's signed record (new issue time and expiry)")
+    p.add_argument("model")
+
     p = command("gc", "delete old versions and unreferenced blobs")
     p.add_argument("model")
     p.add_argument("--keep", type=int, help="newest versions to keep (HOTSWAP_KEEP_VERSIONS)")
@@ -292,6 +295,26 @@ def cmd_rollback(ctx: Context) -> int:
     return OK
 
 
+def cmd_resign(ctx: Context) -> int:
+    import time
+
+    with ctx.publisher() as pub:
+        r = pub.resign()
+    data = {
+        "model": r.model,
+        "version": r.version,
+        "lineage": r.lineage,
+        "manifest": r.manifest,
+        "issued": r.issued,
+        "expires": r.expires,
+    }
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.issued))
+    until = "no expiry" if r.expires is None else f"expires in {r.expires - r.issued:.0f} s"
+    line = f"model {r.model}: re-signed head v{r.version}, issued {when}, {until}"
+    ctx.emit(data, lambda: ctx.out.print(line))
+    return OK
+
+
 def cmd_gc(ctx: Context) -> int:
     from publisher import render
 
@@ -342,6 +365,7 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "show": cmd_show,
     "diff": cmd_diff,
     "rollback": cmd_rollback,
+    "resign": cmd_resign,
     "gc": cmd_gc,
     "verify": cmd_verify,
     "demo": cmd_demo,

@@ -1,7 +1,14 @@
-"""What a commit writes and reports, pure: the manifest, its log entry, the report.
+"""What a commit writes and reports, pure: the manifest, its signed head, the log entry.
 
 ``Publisher._commit`` reserves the number, calls these steps and writes
 their result in one ``Store.commit``; nothing here touches Redis.
+
+Creation times never go backwards along a model: an agent with signing keys
+refuses a signed head issued before the newest it accepted, and a head record
+is issued at its manifest's creation. So a new manifest is created at
+``not_before`` at the earliest (just after its parent and the record in
+Redis) even when this host's clock stepped back or runs behind another
+publisher's.
 """
 
 from __future__ import annotations
@@ -9,9 +16,34 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from hotswap import codec, headrecord
+from hotswap.errors import IntegrityError
+from hotswap.headrecord import HeadRecord
 from hotswap.manifest import Manifest, TensorEntry
 from publisher.plan import Head, cause
 from publisher.reports import PublishReport, author
+
+# The step that keeps creation and issue times strictly increasing: well above
+# a float's resolution at today's epoch seconds, well below anything a person sees.
+TICK = 1e-3
+# The clock new manifests and head records are stamped with (tests step it back).
+now = time.time
+
+
+def not_before(head: Head, record: bytes | None, keys: Sequence[bytes]) -> float:
+    """The earliest creation time for a manifest on top of ``head``: just after the
+    parent's creation and the issue of the head record Redis holds (if it verifies
+    with ``keys``: a forged one could otherwise push every later time out of reach)."""
+    floor = 0.0
+    if head.manifest is not None:
+        floor = head.manifest.created + TICK
+    if record is not None and keys:
+        try:
+            issued = headrecord.decode(record, keys=list(keys), expect_model=head.model).issued
+        except IntegrityError:
+            issued = 0.0
+        floor = max(floor, issued + TICK)
+    return floor
 
 
 def new_manifest(
@@ -23,8 +55,10 @@ def new_manifest(
     rollback_to: int | None,
     message: str,
     lineage: str,
+    earliest: float = 0.0,
 ) -> Manifest:
-    """The manifest of ``version``, on top of ``head``, written by this process now."""
+    """The manifest of ``version``, on top of ``head``, written by this process now
+    (or at ``earliest``, from ``not_before``, if the clock is behind it)."""
     return Manifest(
         model=head.model,
         version=version,
@@ -33,9 +67,23 @@ def new_manifest(
         tensors=tuple(entries),
         kind=kind,
         rollback_to=rollback_to,
-        created=time.time(),
+        created=max(now(), earliest),
         author=author(),
         message=message,
+    )
+
+
+def head_record(m: Manifest, data: bytes, expiry: float, issued: float | None = None) -> HeadRecord:
+    """The signed head naming manifest ``m`` (wire bytes ``data``), issued at its
+    creation (or ``issued``: a re-sign) and expiring ``expiry`` seconds later (0: never)."""
+    at = m.created if issued is None else issued
+    return HeadRecord(
+        model=m.model,
+        version=m.version,
+        lineage=m.lineage,
+        manifest=codec.digest(data),
+        issued=at,
+        expires=at + expiry if expiry > 0 else None,
     )
 
 

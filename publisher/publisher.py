@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
-from hotswap import keys
+from hotswap import headrecord, keys
 from hotswap import manifest as mf
 from hotswap import notice as nt
 from hotswap.connection import RedisClient, connect
@@ -17,7 +17,9 @@ from hotswap.errors import (
     IntegrityError,
     NotFound,
     SourceError,
+    VersionConflict,
 )
+from hotswap.headrecord import HeadRecord
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
@@ -149,7 +151,7 @@ class Publisher:
             names = complete.kept(plan.select(src.names, only, src.where), exclude)
             if not names:
                 raise SourceError(f"{src.where}: --exclude leaves no tensor to publish")
-            head = self._head()
+            head, record = self._head()
             if only is not None and head.number is None:
                 raise ConfigError(
                     f"model {self.model!r} has no version yet: --only needs a parent to inherit "
@@ -194,6 +196,7 @@ class Publisher:
             return trusted.version
         return self._commit(
             head=head,
+            record=record,
             entries=entries,
             kind="publish",
             rollback_to=None,
@@ -203,25 +206,27 @@ class Publisher:
             started=started,
         )
 
-    def _head(self) -> Head:
-        """The head's number and, if it verifies (with the signing keys), its manifest."""
+    def _head(self) -> tuple[Head, bytes | None]:
+        """The head's number and, if it verifies (with the signing keys), its manifest;
+        and the signed head record's bytes (None where absent)."""
         guess = self._last.version if self._last is not None else None
-        number, data = self.store.head_and_manifest_bytes(guess)
+        number, data, record = self.store.head_for_commit(guess)
         signing = bool(self._keys)
         if number is None:
-            return Head(self.model, None, signing=signing)
+            return Head(self.model, None, signing=signing), record
         try:
             manifest = self.store.manifest(number, self._keys, data)
-            return Head(self.model, number, manifest, None, signing)
+            return Head(self.model, number, manifest, None, signing), record
         except (IntegrityError, NotFound) as e:
             # Unsigned (signing just turned on), forged, garbled or missing: a full
             # publish may still go on top of it, taking nothing from it but its number.
-            return Head(self.model, number, None, e, signing)
+            return Head(self.model, number, None, e, signing), record
 
     def _commit(
         self,
         *,
         head: Head,
+        record: bytes | None,
         entries: Sequence[TensorEntry],
         kind: str,
         rollback_to: int | None,
@@ -242,15 +247,24 @@ class Publisher:
             rollback_to=rollback_to,
             message=message,
             lineage=lineage,
+            earliest=commit.not_before(head, record, self._keys),
         )
         data = mf.encode(m, self._signing_key)
         notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage, nt.carried(data)))
-        self.store.commit(m, data, commit.log_fields(m, head, changed, sent), notice)
+        signed = self._sign_head(m, data)
+        self.store.commit(m, data, commit.log_fields(m, head, changed, sent), notice, signed)
         if head.distrust is not None:
             log.warning(*commit.untrusted_warning(m, head))
         seconds = time.monotonic() - started
         self._last = commit.committed(m, head, changed, sent, seconds)
         return version
+
+    def _sign_head(self, m: Manifest, data: bytes) -> bytes | None:
+        """The signed head record naming ``m`` (None without a signing key)."""
+        if self._signing_key is None:
+            return None
+        expiry = self.settings.head_expiry_seconds
+        return headrecord.encode(commit.head_record(m, data, expiry), self._signing_key)
 
     def _lineage(self, head: Head) -> str:
         """The lineage of a new version whose parent's manifest is not trusted (or absent).
@@ -307,13 +321,14 @@ class Publisher:
             v = pub.rollback(to=3, message="v4 diverged")
         """
         started = time.monotonic()
-        parent = self._head()
+        parent, record = self._head()
         target_version = restore.target_version(self.store, self._keys, parent, to)
         target = restore.target_manifest(self.store, target_version, self._keys)
         head = parent.manifest
         changed = plan.diff(head.tensors if head else (), target.tensors).count
         return self._commit(
             head=parent,
+            record=record,
             entries=target.tensors,
             kind="rollback",
             rollback_to=target_version,
@@ -324,6 +339,63 @@ class Publisher:
             # An untrusted head's lineage is not taken: the target's is verified.
             lineage=target.lineage if head is None else None,
         )
+
+    # -- the signed head ---------------------------------------------------------------
+
+    def resign(self) -> HeadRecord:
+        """Issue the signed head record again for the current head: same version, new
+        issue time and (with ``head_expiry_seconds``) a new expiry.
+
+        Agents that require an expiry (``head_require_expiry``) refuse a head
+        whose record has expired: run this on a schedule, well within the
+        expiry (every ``head_expiry_seconds / 3``, say), from a host that holds
+        the signing key. It writes nothing if a publish, rollback or another
+        re-sign committed since it read head.
+
+        Returns:
+            The record written.
+
+        Raises:
+            ConfigError: this publisher has no signing key.
+            NotFound: nothing published yet, or head's manifest is missing.
+            IntegrityError: head's manifest does not verify with the signing
+                keys (``SignatureError``: unsigned, or signed by an unknown key).
+            VersionConflict: head or its record changed meanwhile (nothing written).
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            record = pub.resign()
+            print(record.version, record.expires)
+        """
+        key = self._signing_key
+        if key is None:
+            raise ConfigError(
+                f"model {self.model!r}: re-signing head needs a signing key; "
+                "set HOTSWAP_SIGNING_KEYS"
+            )
+        number, _, record = self.store.head_for_commit(None)
+        if number is None:
+            raise NotFound(f"model {self.model!r} has no versions: no head to re-sign")
+        try:
+            data = self.store.manifest_bytes(number)
+            m = self.store.manifest(number, self._keys, data)
+        except (IntegrityError, NotFound) as e:
+            raise type(e)(
+                f"model {self.model!r}: will not re-sign head v{number}: {plan.cause(e)}; "
+                "publish or roll back to put a version signed with this key on top"
+            ) from e
+        head = Head(self.model, number, m, signing=True)
+        issued = max(commit.now(), commit.not_before(head, record, self._keys))
+        expiry = self.settings.head_expiry_seconds
+        signed = headrecord.encode(commit.head_record(m, data, expiry, issued), key)
+        if not self.store.replace_head_record(number, record, signed):
+            raise VersionConflict(
+                f"model {self.model!r}: head or its signed record changed while re-signing "
+                f"v{number} (a publish, rollback or re-sign committed first); nothing "
+                "written: run `hotswap resign` again"
+            )
+        return headrecord.decode(signed, keys=[key], expect_model=self.model)
 
     # -- gc and verify ---------------------------------------------------------------
 
