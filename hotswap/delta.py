@@ -189,7 +189,8 @@ def decode_frame(
         frame: one frame, as ``encode_frame`` made it.
         base_chunk: the byte range of the base the frame starts from (with
             ``backwards``, of the frame's result).
-        out: exactly the chunk's length; may be ``base_chunk``'s own memory.
+        out: a flat byte view (format ``B``) of exactly the chunk's length;
+            may be ``base_chunk``'s own memory.
         backwards: decode the delta from result to base (XOR is symmetric),
             verifying against the frame's base digest.
         where: names the model, version, tensor and chunk in messages.

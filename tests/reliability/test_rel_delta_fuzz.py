@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import itertools
 import struct
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -55,16 +54,12 @@ def report_counts() -> Iterator[None]:
 def refused(kind: str, fn: Callable[[], Any], allowed: type[HotswapError]) -> Any:
     """Run one case: its value, or None after checking the error is ``allowed`` and one line."""
     CASES[kind] += 1
-    started = time.perf_counter()
     try:
         return fn()
     except HotswapError as e:
         assert isinstance(e, allowed), f"{kind}: {type(e).__name__} is not {allowed.__name__}: {e}"
         assert str(e) and "\n" not in str(e), f"{kind}: message is not one line: {e!s:.300}"
         return None
-    finally:
-        took = time.perf_counter() - started
-        assert took < 5.0, f"{kind}: one case took {took:.1f} s"
 
 
 # -- frames ----------------------------------------------------------------------------
