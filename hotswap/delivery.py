@@ -3,13 +3,15 @@
 Shaped like redis-py's ``PubSubWorkerThread``: ``run`` is the thread's body,
 ``stop`` ends it, and one injected ``exception_handler`` hears every failure.
 What a wake-up means (which manifest, what to apply) is the handler's business
-(``hotswap.pipeline``); this module only decides *when* to ask. Head is read
-right after every (re)connect and every ``poll_interval``, because pub/sub
-drops what is said while a client is away.
+(``hotswap.pipeline``); this module only decides *when* to ask, and
+``hotswap.pacing`` bounds how often whatever arrives on the channel. Head is
+read right after every (re)connect and every ``poll_interval``, because
+pub/sub drops what is said while a client is away.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import threading
@@ -20,7 +22,9 @@ from typing import Protocol
 
 import tenacity
 
+from hotswap import pacing
 from hotswap.connection import reconnect_backoff
+from hotswap.pacing import Due, Pacing
 from hotswap.store import Store
 from hotswap.subscription import Subscription
 
@@ -53,20 +57,26 @@ class Request:
         reason: why the loop asks.
         version: the version a notice announced; None to read head.
         carried: the manifest bytes that notice carried for ``version``.
+        recheck: False when a full look at head was spent too recently
+            (``pacing.LOOK_GAP``): a named version that Redis does not hold
+            then falls back to head only if head moved.
     """
 
     reason: Reason
     version: int | None = None
     carried: bytes | None = None
+    recheck: bool = True
 
     @property
     def force(self) -> bool:
         """Whether to consider head even if it did not move since the last look."""
-        return self.reason is not Reason.POLL
+        return self.reason is not Reason.POLL and self.recheck
 
 
 CONNECTED = Request(Reason.CONNECTED)
 POLL = Request(Reason.POLL)
+# A full look at head, which notices that name nothing to read ask for.
+LOOK = Request(Reason.NOTICE)
 
 
 class Handler(Protocol):
@@ -144,21 +154,31 @@ class Delivery:
     def _session(self) -> None:
         """One connection's life: head at once, then notices as they come and polls when due."""
         self.store.ping()
-        subscription = self.store.subscribe()
+        listening: Subscription | None = self.store.subscribe()
         healthy = False
         try:
             self.handler.handle(CONNECTED)
             # Only a session that got as far as checking head counts as
             # recovered: one that fails again at once is the same outage.
             healthy = True
-            next_poll = self._clock() + self.poll_interval
+            pace = Pacing(self._clock(), self.poll_interval)
             while not self._stop.is_set():
-                raw = subscription.get(min(TICK, max(0.0, next_poll - self._clock())))
-                request = self._newest(raw, subscription) if raw is not None else None
-                if request is None and self._clock() < next_poll:
-                    continue
-                self.handler.handle(request or POLL)
-                next_poll = self._clock() + self.poll_interval
+                if listening is None and pace.listen_again(self._clock()):
+                    listening = self.store.subscribe()
+                batch = self._take(listening, pace.wait(self._clock(), TICK))
+                request = self._hear(batch, pace)
+                if listening is not None and not pace.listening:
+                    listening.close()  # a flood: Redis drops what waits for us
+                    listening = None
+                if request is None:
+                    due = pace.due(self._clock())
+                    request = None if due is None else LOOK if due is Due.LOOK else POLL
+                if request is not None:
+                    self.handler.handle(request)
+                    at_head = request.version is None
+                    pace.handled(self._clock(), forced=request.force, at_head=at_head)
+                if batch:
+                    self._stop.wait(pacing.NOTICE_GAP)
         except Stopped:
             raise
         except Exception as e:
@@ -166,19 +186,45 @@ class Delivery:
                 raise _Dropped from e
             raise
         finally:
-            subscription.close()
+            if listening is not None:
+                listening.close()
 
-    def _newest(self, raw: bytes, subscription: Subscription) -> Request | None:
-        """The newest request among ``raw`` and the notices already queued behind it.
+    def _take(self, listening: Subscription | None, wait: float) -> list[bytes]:
+        """The notices of one wake-up: the first within ``wait`` seconds, then those
+        already queued behind it, up to ``pacing.NOTICE_BATCH``."""
+        if listening is None:
+            self._stop.wait(wait)
+            return []
+        first = listening.get(wait)
+        if first is None:
+            return []
+        batch, size = [first], len(first)
+        while not pacing.flood(len(batch), size) and (more := listening.get(0.0)) is not None:
+            batch.append(more)
+            size += len(more)
+        return batch
 
-        Notices that arrived together (a burst of publishes, or a publish and a
-        rollback) are read without waiting, so the loop goes straight to the
-        last one instead of applying each in turn; a garbled one means head.
-        """
-        request = self.handler.wanted(raw)
-        while (more := subscription.get(0.0)) is not None:
-            later = self.handler.wanted(more)
-            # A look at head already covers any version named after it.
-            if later is not None and (request is None or request.version is not None):
-                request = later
-        return request
+    def _hear(self, batch: list[bytes], pace: Pacing) -> Request | None:
+        """The request to handle at once for one batch: the last notice naming a
+        version (notices arrive in commit order, so a burst goes straight to the
+        newest); any other that asks for something is one look at head, owed to
+        ``pace``."""
+        if not batch:
+            return None
+        named: Request | None = None
+        look = False
+        for raw in batch:
+            request = self.handler.wanted(raw)
+            if request is None:
+                continue
+            if request.version is None:
+                look = True
+                continue
+            if named is not None and (named.version or 0) > request.version:
+                look = True  # out of commit order: a forged notice, or a rollback; head decides
+            named = request
+        now = self._clock()
+        pace.hear(now, look=look, flood=pacing.flood(len(batch), sum(map(len, batch))))
+        if named is None:
+            return None
+        return dataclasses.replace(named, recheck=pace.may_force(now))

@@ -18,6 +18,7 @@ from hotswap import codec, notice
 from hotswap.delivery import Reason, Request
 from hotswap.errors import FormatError, IntegrityError, NotFound
 from hotswap.manifest import Manifest
+from hotswap.refusals import EDGE, Refusals
 from hotswap.runstate import Running
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
@@ -88,6 +89,9 @@ class Lookout:
         self._checked_head: int | None = None
         # Whether to start from the manifest a notice carries (until one lies).
         self.use_carried = True
+        # The agent's thread only: manifests refused for their bytes, not read
+        # again while Redis holds the same ones.
+        self._refusals = Refusals()
 
     @property
     def head(self) -> int | None:
@@ -154,6 +158,8 @@ class Lookout:
     def look(self, request: Request) -> Look:
         """Read the manifest of the version the request names, or else head's."""
         if request.version is not None:
+            if self._still_refused(request.version):
+                return Quiet.NOTHING_NEW
             try:
                 candidate = self._read(request.version)
             except NotFound:
@@ -170,11 +176,33 @@ class Lookout:
     def _read(self, version: int, head: bool = False) -> Candidate:
         """Read, decode and (with keys) verify a manifest; its digest is of the wire bytes."""
         data = self.store.manifest_bytes(version)
-        manifest = self.store.manifest(version, self.settings.key_bytes(), data)
+        try:
+            manifest = self.store.manifest(version, self.settings.key_bytes(), data)
+        except IntegrityError:
+            self._refusals.remember(version, data)
+            raise
+        self._refusals.forget(version)
         return Candidate(manifest, codec.digest(data), head=head)
 
+    def _still_refused(self, version: int) -> bool:
+        """Whether ``version``'s manifest was refused and Redis still holds those
+        bytes: one glance at its length and ends instead of reading it again."""
+        if version not in self._refusals:
+            return False
+        _head, glance = self.store.head_and_glance(version, EDGE)
+        return self._refusals.unchanged(version, glance)
+
     def _look_at_head(self, force: bool) -> Look:
-        head = self.store.head()
+        refused = self._checked_head if force and self._checked_head in self._refusals else None
+        if refused is None:
+            head = self.store.head()
+        else:
+            # A full look at a head refused before: a glance tells whether it
+            # changed, so a flood of notices does not read it again each time.
+            head, glance = self.store.head_and_glance(refused, EDGE)
+            if head == refused and self._refusals.unchanged(refused, glance):
+                self._saw_head(head)
+                return Quiet.NOTHING_NEW
         self._saw_head(head)
         if head is None:
             if self._checked_head is not None or force:

@@ -164,6 +164,25 @@ class Store:
         raw, record = self.call("reading head", read)
         return self._head(raw), None if record is None else bytes(record)
 
+    def head_and_glance(
+        self, version: int, edge: int
+    ) -> tuple[int | None, tuple[int, bytes, bytes]]:
+        """Head, and manifest ``version``'s length and first and last ``edge`` bytes
+        (``(0, b"", b"")`` if absent), in one round trip: enough to tell that a
+        manifest refused before is unchanged without reading it again."""
+        head_key, manifest_key = self._key(keys.head_key), self._key(keys.manifest_key, version)
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(head_key)
+            pipe.strlen(manifest_key)
+            pipe.getrange(manifest_key, 0, edge - 1)
+            pipe.getrange(manifest_key, -edge, -1)
+            return list(pipe.execute())
+
+        raw, length, first, last = self.call("reading head", read)
+        return self._head(raw), (int(length), bytes(first), bytes(last))
+
     def head_for_commit(self, guess: int | None) -> tuple[int | None, bytes | None, bytes | None]:
         """Head, manifest ``guess``'s bytes if head is ``guess``, and the signed head
         record's bytes (None where absent), in one round trip: what a publish builds on."""

@@ -151,6 +151,12 @@ class WatchedStore(Store):
         self.watch.saw("head")
         return super().head()
 
+    def head_and_glance(
+        self, version: int, edge: int
+    ) -> tuple[int | None, tuple[int, bytes, bytes]]:
+        self.watch.saw("head")
+        return super().head_and_glance(version, edge)
+
     def manifest_bytes(self, version: int) -> bytes:
         self.watch.saw("manifest", version)
         return super().manifest_bytes(version)

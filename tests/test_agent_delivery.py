@@ -8,8 +8,11 @@ counts attempts where retries matter.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +37,7 @@ from hotswap import keys, notice
 from hotswap.connection import operation_retry
 from hotswap.embedded import EmbeddedRedis
 from hotswap.manifest import TensorEntry
+from hotswap.pacing import LOOK_GAP
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
 from publisher.publisher import Publisher
@@ -450,10 +454,100 @@ def test_stop_is_bounded_with_the_default_retry_budget(
             own_redis.freeze()
             heads = seen.count("head")
             # The next poll's read of head is under way: it blocks on the frozen server.
-            assert seen.wait(lambda: seen.count("head") > heads)
+            assert seen.wait(lambda: seen.count("head") > heads), seen.calls
         # A second of grace for the thread, then its sockets are closed.
         agent.stop(timeout=2.0)
         assert agent.state == "stopped"
         assert agent._thread is not None and not agent._thread.is_alive()
     finally:
         own_redis.thaw()
+
+
+# -- a notice flood (issue 13, defect 5) ----------------------------------------------
+
+
+@pytest.fixture
+def flood(server: EmbeddedRedis) -> Iterator[subprocess.Popen[str]]:
+    """Garbage notices on the model's channel from another process, as fast as one client
+    sends them, until 3 million were sent or the test ends; started once it is flowing."""
+    script = Path(__file__).parent / "flooder.py"
+    channel = keys.events_channel("hotswap", MODEL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), server.url, channel, "3000000"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "FLOODING"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_notice_flood_delays_no_update_and_costs_a_bounded_number_of_reads(
+    settings: HotswapSettings, store: Store, flood: subprocess.Popen[str]
+) -> None:
+    model = Ten()
+    clock = HandClock()
+    slow = settings.model_copy(update={"poll_interval": 30.0})
+    agent, seen = watched_agent(model, slow, clock=clock)
+    with agent:
+        assert until(agent, lambda: agent.state == "idle")
+        new = bump(model.state_dict())
+        v = commit_raw(store, new)
+        # Heard at once, or else read from head when the agent's clock says so.
+        if not agent.wait_for(v, 0.5):
+            heads = seen.count("head")
+            clock.now += LOOK_GAP
+            assert seen.wait(lambda: seen.count("head") > heads), "head unread under the flood"
+            assert agent.wait_for(v, 10)
+        flooding = flood.poll() is None
+    assert flooding, "applied only once the flood was over"
+    assert equal_state(model, new)
+    # Connected, one full look for the garbage, one poll: the agent's clock moved once.
+    assert seen.count("head") <= 4 and seen.count("manifest") <= 2, seen.calls
+
+
+# -- a refused head is read once (issue 13, defect 6) -----------------------------------
+
+
+def test_a_refused_head_is_not_read_again_until_it_changes(
+    settings: HotswapSettings, client: redis.Redis, store: Store
+) -> None:
+    model = Ten()
+    before = snapshot(model)
+    slow = settings.model_copy(update={"poll_interval": 30.0})
+    # A forged head of a few MiB (the one of the report had 60): garbage, not msgpack.
+    forged = b"\xc1" + bytes(4 * 1024 * 1024)
+    client.set(keys.manifest_key("hotswap", MODEL, 1), forged)
+    client.set(keys.head_key("hotswap", MODEL), 1)
+    agent, seen = watched_agent(model, slow)
+    channel = keys.events_channel("hotswap", MODEL)
+    with agent:
+        assert until(agent, lambda: agent.last_rejection is not None)
+        assert seen.count("manifest") == 1
+        # Garbled notices and notices naming the refused version: each round
+        # makes the agent look at head again, none reads the manifest again.
+        lie = notice.encode(notice.Notice(MODEL, 1, "publish", "x" * 32))
+        for _ in range(6):
+            heads = seen.count("head")
+            client.publish(channel, b"\xc1")
+            client.publish(channel, lie)
+            assert seen.wait(lambda: seen.count("head") > heads), seen.calls
+        assert seen.count("manifest") == 1, seen.calls
+        # Written again (same version, other bytes): read again, and refused again.
+        client.set(keys.manifest_key("hotswap", MODEL, 1), forged + b"\x00")
+        client.publish(channel, b"\xc1")
+        assert seen.wait(lambda: seen.count("manifest") == 2)
+        assert until(agent, lambda: agent.state == "idle")
+        assert snapshot(model) == before and agent.applied_version is None
+        # Head moves on (to a version the forged one is not the parent of): applied.
+        client.delete(keys.head_key("hotswap", MODEL))
+        client.set(keys.seq_key("hotswap", MODEL), 1)
+        new = bump(model.state_dict())
+        v = commit_raw(store, new)
+        assert agent.wait_for(v, 10)
+        assert equal_state(model, new)
