@@ -33,7 +33,7 @@ import msgpack
 
 from hotswap import dtypes
 from hotswap.errors import FormatError
-from hotswap.manifest import key_id, verify_signature
+from hotswap.signing import key_id, verify_signature
 
 FORMAT = 1
 # A record is a few hundred bytes; anything much larger is not one.

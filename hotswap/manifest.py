@@ -8,66 +8,39 @@ bytes, so verifying never depends on re-encoding.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import hmac
-import math
-import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
 
-from hotswap import dtypes
-from hotswap.errors import ConfigError, FormatError, SignatureError, SourceError
+from hotswap.entries import (
+    DEFAULT_LIMITS,
+    ENTRY_ARRAYS,
+    MAX_CHUNK_BYTES,
+    MAX_FIELDS,
+    MAX_MESSAGE_LEN,
+    MAX_NAME_LEN,
+    MAX_NDIM,
+    MIN_CHUNK_BYTES,
+    DeltaRef,
+    EntryCache,
+    Limits,
+    TensorEntry,
+    entry_wire,
+    not_msgpack,
+    unpack,
+)
+from hotswap.errors import ConfigError, FormatError, SourceError
+from hotswap.signing import key_id, sign, verify_signature
 
 FORMAT = 1
+# Written only by a manifest with a delta entry: a reader of format 1 then
+# refuses it with "upgrade" instead of misreading it (rolling upgrades).
+FORMAT_DELTA = 2
+FORMATS = (FORMAT, FORMAT_DELTA)
 KINDS = ("publish", "rollback")
-MAX_NDIM = 64
-MAX_NAME_LEN = 1024
-MAX_MESSAGE_LEN = 64 * 1024
-MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis refuses larger values
-# The least a publish cuts (``HotswapSettings.chunk_bytes`` has this floor): a
-# declared chunk size below it (unless the tensor is smaller, then one chunk)
-# is refused, so a manifest costs at most nbytes / MIN_CHUNK_BYTES + 1 reads
-# per tensor, whatever it declares.
-MIN_CHUNK_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds checked before anything a manifest declares is believed."""
-
-    max_manifest_bytes: int = 64 * 1024 * 1024
-    max_tensors: int = 100_000
-    max_tensor_bytes: int = 64 * 1024**3
-
-
-DEFAULT_LIMITS = Limits()
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a version: where its bytes are and what they must hash to."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    digest: str
-    chunk_bytes: int
-    norm: float
-    max_abs: float
-
-    @functools.cached_property
-    def chunks(self) -> int:
-        # Cached: blob checks ask every entry of a manifest on each publish.
-        return dtypes.chunk_count(self.nbytes, self.chunk_bytes)
-
-    def same_content(self, other: TensorEntry) -> bool:
-        return (self.digest, self.dtype, self.shape) == (other.digest, other.dtype, other.shape)
 
 
 @dataclass(frozen=True)
@@ -99,14 +72,33 @@ class Manifest:
         return sum(t.nbytes for t in self.tensors)
 
 
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FORMAT",
+    "FORMAT_DELTA",
+    "KINDS",
+    "MAX_CHUNK_BYTES",
+    "MAX_MESSAGE_LEN",
+    "MAX_NAME_LEN",
+    "MAX_NDIM",
+    "MIN_CHUNK_BYTES",
+    "DeltaRef",
+    "EntryCache",
+    "Limits",
+    "Manifest",
+    "TensorEntry",
+    "decode",
+    "derive",
+    "encode",
+    "key_id",
+    "new_lineage",
+    "verify_signature",
+]
+
+
 def new_lineage() -> str:
     """A random id for a fresh history (first publish into an empty keyspace)."""
     return secrets.token_hex(16)
-
-
-def key_id(key: bytes) -> str:
-    """A short public id of a signing key, so a verifier can say which key it lacks."""
-    return hashlib.sha256(b"hotswap-key-id:" + key).hexdigest()[:16]
 
 
 def _body(m: Manifest) -> dict[str, Any]:
@@ -120,10 +112,7 @@ def _body(m: Manifest) -> dict[str, Any]:
         "created": float(m.created),
         "author": m.author,
         "message": m.message,
-        "tensors": [
-            [t.name, t.dtype, list(t.shape), t.nbytes, t.digest, t.chunk_bytes, t.norm, t.max_abs]
-            for t in m.tensors
-        ],
+        "tensors": [entry_wire(t) for t in m.tensors],
     }
 
 
@@ -151,23 +140,16 @@ def encode(m: Manifest, signing_key: bytes | None = None) -> bytes:
     """Canonical wire bytes of a manifest, signed when a key is given."""
     _check_encodable(m)
     body = msgpack.packb(_body(m), use_bin_type=True)
-    envelope: dict[str, Any] = {"format": FORMAT, "body": body, "kid": None, "sig": None}
+    form = FORMAT_DELTA if any(t.delta is not None for t in m.tensors) else FORMAT
+    envelope: dict[str, Any] = {"format": form, "body": body, "kid": None, "sig": None}
     if signing_key:
-        envelope["kid"] = key_id(signing_key)
-        envelope["sig"] = hmac.new(signing_key, body, hashlib.sha256).digest()
+        envelope["kid"], envelope["sig"] = sign(body, signing_key)
     return bytes(msgpack.packb(envelope, use_bin_type=True))
 
 
-# msgpack builds an array by first allocating all the slots its header
-# declares (up to ~80 KB a level, and 1024 levels nest), so a few KB of nested
-# headers would cost tens of MB: every array unpacked here has a small length
-# limit. The one long array, the tensor list, is read header first and then
-# entry by entry. Maps are not preallocated; their limits only refuse junk.
+# Every array unpacked has a small length limit (see ``entries``); the one long
+# array, the tensor list, is read header first and then entry by entry.
 _ENVELOPE_ARRAYS = 16  # the envelope holds no arrays: any is refused as "not an envelope"
-_ENTRY_ARRAYS = 2 * MAX_NDIM  # an entry's 8 fields and its shape; a longer shape is a bad shape
-_MAX_FIELDS = 32
-_HEX_DIGEST = re.compile(f"[0-9a-f]{{{dtypes.DIGEST_HEX_LEN}}}")
-_ITEMSIZE = {name: dtype.itemsize for name, dtype in dtypes.DTYPES.items()}
 
 
 def _check_size(data: bytes, limits: Limits, what: str) -> None:
@@ -177,29 +159,9 @@ def _check_size(data: bytes, limits: Limits, what: str) -> None:
         )
 
 
-def _not_msgpack(what: str, e: Exception) -> FormatError:
-    return FormatError(f"{what} is not valid msgpack: {type(e).__name__}: {e}")
-
-
-def _unpack(data: bytes, limits: Limits, what: str, max_array_len: int) -> Any:
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=limits.max_manifest_bytes,
-            max_str_len=max(MAX_MESSAGE_LEN, MAX_NAME_LEN),
-            max_array_len=max_array_len,
-            max_map_len=_MAX_FIELDS,
-            max_ext_len=0,
-        )
-    except Exception as e:
-        raise _not_msgpack(what, e) from e
-
-
 def _unpack_envelope(data: bytes, limits: Limits, what: str) -> Any:
     _check_size(data, limits, what)
-    return _unpack(data, limits, what, _ENVELOPE_ARRAYS)
+    return unpack(data, limits, what, _ENVELOPE_ARRAYS)
 
 
 def _is_map(first: int) -> bool:
@@ -219,8 +181,8 @@ def _unpack_body(data: bytes, limits: Limits, what: str) -> Any:
         max_buffer_size=max(len(data), 1),
         max_bin_len=limits.max_manifest_bytes,
         max_str_len=max(MAX_MESSAGE_LEN, MAX_NAME_LEN),
-        max_array_len=_ENTRY_ARRAYS,
-        max_map_len=_MAX_FIELDS,
+        max_array_len=ENTRY_ARRAYS,
+        max_map_len=MAX_FIELDS,
         max_ext_len=0,
     )
     try:
@@ -229,8 +191,8 @@ def _unpack_body(data: bytes, limits: Limits, what: str) -> Any:
             body: Any = u.unpack()  # not a map: decode's field check refuses it
         else:
             fields = u.read_map_header()
-            if fields > _MAX_FIELDS:
-                raise ValueError(f"{fields} exceeds max_map_len({_MAX_FIELDS})")
+            if fields > MAX_FIELDS:
+                raise ValueError(f"{fields} exceeds max_map_len({MAX_FIELDS})")
             body = {}
             for _ in range(fields):
                 key = u.unpack()
@@ -257,39 +219,8 @@ def _unpack_body(data: bytes, limits: Limits, what: str) -> Any:
     except FormatError:
         raise
     except Exception as e:
-        raise _not_msgpack(what, e) from e
+        raise not_msgpack(what, e) from e
     return body
-
-
-class EntryCache:
-    """The entries of the last manifest decoded, by their wire bytes.
-
-    Consecutive versions share most entries byte for byte (a delta changes a
-    few tensors), and an entry's bytes decide it completely, so ``decode``
-    parses and checks only the entries it has not just seen: a delta's
-    manifest decodes in a fraction of the time, and that decode sits between
-    a notice and the first fetch (docs/performance.md). Holds one manifest's
-    entries at most.
-    """
-
-    def __init__(self) -> None:
-        self._limits: Limits | None = None
-        self._entries: dict[bytes, TensorEntry] = {}
-
-    def entries(self, raws: list[bytes], limits: Limits, where: str) -> tuple[TensorEntry, ...]:
-        known = self._entries if limits == self._limits else {}
-        seen: dict[bytes, TensorEntry] = {}
-        for raw in raws:
-            entry = known.get(raw)
-            if entry is None:
-                entry = _entry(_unpack(raw, limits, where, _ENTRY_ARRAYS), where, limits)
-            seen[raw] = entry
-        self._limits, self._entries = limits, seen
-        return tuple(seen.values()) if len(seen) == len(raws) else tuple(seen[r] for r in raws)
-
-
-def _fail(where: str, problem: str) -> FormatError:
-    return FormatError(f"{where}: {problem}")
 
 
 def _need(cond: bool, what: str, problem: str) -> None:
@@ -299,54 +230,6 @@ def _need(cond: bool, what: str, problem: str) -> None:
 
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _dims(shape: list[Any]) -> bool:
-    # A plain loop: cheaper than all() over a generator for 1-4 dims, and this
-    # runs for every entry of every manifest decoded.
-    # msgpack gives exact ints, so ``type(d) is int`` also refuses bools.
-    for d in shape:  # noqa: SIM110
-        if type(d) is not int or d < 0:
-            return False
-    return True
-
-
-def _entry(raw: Any, where: str, limits: Limits) -> TensorEntry:
-    # Called once per tensor on every manifest read: the checks are cheap and
-    # messages are formatted only when one fails (docs/performance.md).
-    if type(raw) is not list or len(raw) != 8:
-        raise _fail(where, "tensor entry is not an 8-field array")
-    name, dtype, shape, nbytes, digest, chunk_bytes, norm, max_abs = raw
-    if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN:
-        raise _fail(where, "bad tensor name")
-    itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
-    if itemsize is None:
-        raise _fail(f"{where} tensor {name!r}", f"unknown dtype {dtype!r}")
-    if type(shape) is not list or len(shape) > MAX_NDIM or not _dims(shape):
-        raise _fail(f"{where} tensor {name!r}", f"bad shape {shape!r}")
-    if type(nbytes) is not int or not 0 <= nbytes <= limits.max_tensor_bytes:
-        raise _fail(
-            f"{where} tensor {name!r}",
-            f"declares {nbytes!r} bytes, limit {limits.max_tensor_bytes}",
-        )
-    if math.prod(shape) * itemsize != nbytes:
-        raise _fail(
-            f"{where} tensor {name!r}", f"{nbytes} bytes do not match {dtype} shape {shape}"
-        )
-    if type(digest) is not str or _HEX_DIGEST.fullmatch(digest) is None:
-        raise _fail(f"{where} tensor {name!r}", "bad digest")
-    if type(chunk_bytes) is not int or not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise _fail(f"{where} tensor {name!r}", f"bad chunk size {chunk_bytes!r}")
-    if chunk_bytes < MIN_CHUNK_BYTES and chunk_bytes < nbytes:
-        raise _fail(
-            f"{where} tensor {name!r}",
-            f"chunk size {chunk_bytes} declares {dtypes.chunk_count(nbytes, chunk_bytes)} "
-            f"chunks; hotswap cuts chunks of at least {MIN_CHUNK_BYTES} bytes "
-            "(one chunk for a smaller tensor)",
-        )
-    if type(norm) is not float or type(max_abs) is not float:
-        raise _fail(f"{where} tensor {name!r}", "stats are not floats")
-    return TensorEntry(name, dtype, tuple(shape), nbytes, digest, chunk_bytes, norm, max_abs)
 
 
 def _optional_int(v: Any) -> bool:
@@ -378,9 +261,10 @@ def decode(
         "not a manifest envelope",
     )
     _need(
-        env["format"] == FORMAT,
+        env["format"] in FORMATS,
         where,
-        f"format {env['format']!r} is not supported (this hotswap reads {FORMAT}); upgrade",
+        f"format {env['format']!r} is not supported (this hotswap reads "
+        f"{', '.join(map(str, FORMATS))}); upgrade",
     )
     body_bytes, kid, sig = env["body"], env["kid"], env["sig"]
     _need(isinstance(body_bytes, bytes), where, "body is not bytes")
@@ -424,6 +308,11 @@ def decode(
         f"declares more than {limits.max_tensors} tensors",
     )
     entries = (cache or EntryCache()).entries(raw_tensors, limits, where)
+    _need(
+        env["format"] == FORMAT_DELTA or all(e.delta is None for e in entries),
+        where,
+        f"a delta entry in a format {FORMAT} manifest",
+    )
     names = [e.name for e in entries]
     _need(len(set(names)) == len(names), where, "duplicate tensor names")
     m = Manifest(
@@ -444,27 +333,6 @@ def decode(
     if expect_version is not None and m.version != expect_version:
         raise FormatError(f"{where}: says it is version {m.version}")
     return m
-
-
-def verify_signature(
-    body: bytes, kid: str | None, sig: bytes | None, keys: Iterable[bytes], where: str
-) -> None:
-    """Raise SignatureError unless ``sig`` is a valid HMAC of ``body`` by one of ``keys``."""
-    if sig is None:
-        raise SignatureError(
-            f"{where} is unsigned, but signing keys are configured; "
-            "publish with HOTSWAP_SIGNING_KEYS set"
-        )
-    by_id = {key_id(k): k for k in keys}
-    key = by_id.get(kid or "")
-    if key is None:
-        raise SignatureError(
-            f"{where} is signed with unknown key id {kid!r}; add that key to HOTSWAP_SIGNING_KEYS"
-        )
-    if not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), sig):
-        raise SignatureError(
-            f"{where} has a bad signature (key id {kid}): it was altered after signing"
-        )
 
 
 def derive(base: Manifest, **changes: Any) -> Manifest:

@@ -8,6 +8,7 @@ import hmac
 import math
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from hotswap import codec
 from hotswap.errors import ConfigError, FormatError, SignatureError, SourceError
 from hotswap.manifest import (
     FORMAT,
+    FORMAT_DELTA,
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_LEN,
     MIN_CHUNK_BYTES,
+    DeltaRef,
     EntryCache,
     Limits,
     Manifest,
@@ -276,11 +279,11 @@ def test_wrong_envelope_is_a_format_error(env: Any) -> None:
     assert format_error(pack(env)) == "manifest: not a manifest envelope"
 
 
-@pytest.mark.parametrize("number", [0, 2, 999, "1", None])
+@pytest.mark.parametrize("number", [0, 3, 999, "1", None])
 def test_unknown_format_number_is_refused(number: object) -> None:
     data = envelope(body_of(fixed_manifest()), format=number)
     assert format_error(data) == (
-        f"manifest: format {number!r} is not supported (this hotswap reads 1); upgrade"
+        f"manifest: format {number!r} is not supported (this hotswap reads 1, 2); upgrade"
     )
 
 
@@ -299,9 +302,9 @@ def test_bad_envelope_fields(over: dict[str, Any], problem: str) -> None:
 
 
 def test_where_names_model_and_version() -> None:
-    data = envelope(body_of(fixed_manifest()), format=2)
+    data = envelope(body_of(fixed_manifest()), format=3)
     message = format_error(data, expect_model="m", expect_version=3)
-    assert message.startswith("manifest of m v3: format 2 is not supported")
+    assert message.startswith("manifest of m v3: format 3 is not supported")
 
 
 @pytest.mark.parametrize(
@@ -706,3 +709,50 @@ def test_entry_cache_keeps_nothing_from_a_refused_manifest() -> None:
     with pytest.raises(FormatError, match=r"^manifest tensor 'c': 5 bytes do not match F32"):
         decode(envelope(body), cache=cache)
     assert decode(encode(fixed_manifest()), cache=cache).tensors[0] is good.tensors[0]
+
+
+# -- delta entries (issue 14) ---------------------------------------------------------
+
+
+def delta_manifest(**delta: Any) -> Manifest:
+    ref = DeltaRef(
+        encodings=("sparse-zstd",),
+        base="ef" * 32,
+        blob="12" * 32,
+        stored_bytes=100,
+        frames_digest="34" * 32,
+    )
+    ref = replace(ref, **delta)
+    entry = TensorEntry("b", "F32", (2,), 8, "ab" * 32, 65536, 1.5, 1.0, ref)
+    return replace(fixed_manifest(), tensors=(entry, fixed_manifest().by_name()["a"]))
+
+
+def test_a_delta_entry_round_trips_in_format_2_and_full_manifests_stay_format_1() -> None:
+    m = delta_manifest(keyframe=True)
+    data = encode(m)
+    assert unpack(data)["format"] == FORMAT_DELTA
+    back = decode(data)
+    assert back == m and back.by_name()["b"].delta == m.by_name()["b"].delta
+    assert unpack(encode(fixed_manifest()))["format"] == FORMAT  # old agents still read it
+
+
+def test_a_delta_entry_in_a_format_1_manifest_is_refused() -> None:
+    body = unpack(unpack(encode(delta_manifest()))["body"])
+    assert format_error(envelope(body)) == "manifest: a delta entry in a format 1 manifest"
+
+
+@pytest.mark.parametrize(
+    ("delta", "problem"),
+    [
+        ({"base": "ab" * 32}, "delta from a content to itself"),
+        ({"base": "xyz"}, "bad delta base"),
+        ({"stored_bytes": 0}, "delta declares 0 stored bytes"),
+        ({"encodings": ()}, "bad delta encodings []"),
+    ],
+)
+def test_bad_delta_fields_are_refused(delta: dict[str, Any], problem: str) -> None:
+    body = unpack(unpack(encode(delta_manifest()))["body"])
+    ref = DeltaRef(**{**delta_manifest().by_name()["b"].delta.__dict__, **delta})  # type: ignore[union-attr]
+    body["tensors"][1][8] = ref.wire()  # "b" (entries are sorted by name)
+    data = envelope(body, format=FORMAT_DELTA)
+    assert format_error(data) == f"manifest tensor 'b': {problem}"
