@@ -86,6 +86,11 @@ class DeltaRef:
     stored_bytes: int  # the frames' lengths added up
     frames_digest: str  # BLAKE3 over the frames' result-chunk digests, in order
     keyframe: bool = False  # the full blob is stored too
+    # Links since the last full blob along the chain this delta extends, and
+    # their stored bytes: bound a chain (keyframe policy) without reading
+    # older manifests. 1 and ``stored_bytes`` for a delta from a full blob.
+    depth: int = 1
+    chain_bytes: int = 0
 
     def wire(self) -> list[Any]:
         return [
@@ -95,6 +100,8 @@ class DeltaRef:
             self.stored_bytes,
             self.frames_digest,
             self.keyframe,
+            self.depth,
+            self.chain_bytes,
         ]
 
 
@@ -122,6 +129,9 @@ def entry_wire(t: TensorEntry) -> list[Any]:
 ENTRY_ARRAYS = 2 * MAX_NDIM  # an entry's fields and its shape; a longer shape is a bad shape
 MAX_FIELDS = 32
 MAX_ENCODINGS = 8  # a delta names the few frame encodings it uses
+# A chain longer than this is refused whatever a manifest says (the
+# publisher's keyframe policy, ``hotswap.chain.MAX_CHAIN``, stays below it).
+MAX_DEPTH = 64
 _HEX_DIGEST = re.compile(f"[0-9a-f]{{{dtypes.DIGEST_HEX_LEN}}}")
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in dtypes.DTYPES.items()}
 
@@ -236,9 +246,9 @@ def parse_entry(raw: Any, where: str, limits: Limits) -> TensorEntry:
 
 
 def _delta(raw: Any, where: str, result: str, limits: Limits) -> DeltaRef:
-    if type(raw) is not list or len(raw) != 6:
-        raise _fail(where, "delta is not a 6-field array")
-    encodings, base, blob, stored, frames_digest, keyframe = raw
+    if type(raw) is not list or len(raw) != 8:
+        raise _fail(where, "delta is not an 8-field array")
+    encodings, base, blob, stored, frames_digest, keyframe, depth, chain_bytes = raw
     if (
         type(encodings) is not list
         or not 0 < len(encodings) <= MAX_ENCODINGS
@@ -250,8 +260,15 @@ def _delta(raw: Any, where: str, result: str, limits: Limits) -> DeltaRef:
             raise _fail(where, f"bad delta {what}")
     if base == result:
         raise _fail(where, "delta from a content to itself")
-    if type(stored) is not int or not 0 < stored <= limits.max_tensor_bytes:
+    stored_cap = limits.max_tensor_bytes
+    if type(stored) is not int or not 0 < stored <= stored_cap:
         raise _fail(where, f"delta declares {stored!r} stored bytes")
     if type(keyframe) is not bool:
         raise _fail(where, "bad keyframe flag")
-    return DeltaRef(tuple(encodings), base, blob, stored, frames_digest, keyframe)
+    if type(depth) is not int or not 0 < depth <= MAX_DEPTH:
+        raise _fail(where, f"delta chain depth {depth!r} is not 1-{MAX_DEPTH}")
+    if type(chain_bytes) is not int or not stored <= chain_bytes <= MAX_DEPTH * stored_cap:
+        raise _fail(where, f"delta chain declares {chain_bytes!r} stored bytes")
+    return DeltaRef(
+        tuple(encodings), base, blob, stored, frames_digest, keyframe, depth, chain_bytes
+    )

@@ -721,6 +721,7 @@ def delta_manifest(**delta: Any) -> Manifest:
         blob="12" * 32,
         stored_bytes=100,
         frames_digest="34" * 32,
+        chain_bytes=100,
     )
     ref = replace(ref, **delta)
     entry = TensorEntry("b", "F32", (2,), 8, "ab" * 32, 65536, 1.5, 1.0, ref)
@@ -748,6 +749,8 @@ def test_a_delta_entry_in_a_format_1_manifest_is_refused() -> None:
         ({"base": "xyz"}, "bad delta base"),
         ({"stored_bytes": 0}, "delta declares 0 stored bytes"),
         ({"encodings": ()}, "bad delta encodings []"),
+        ({"depth": 0}, "delta chain depth 0 is not 1-64"),
+        ({"chain_bytes": 99}, "delta chain declares 99 stored bytes"),
     ],
 )
 def test_bad_delta_fields_are_refused(delta: dict[str, Any], problem: str) -> None:
