@@ -1,4 +1,5 @@
-"""``python -m bench --quick`` at a tiny size: the benchmark behind every figure still runs.
+"""``python -m bench --quick`` at a tiny size, and ``python -m bench.flood --quick``: the
+benchmarks behind every figure still run.
 
 Timings are not checked here (they belong to the benchmark's own report);
 this only proves that every case ran end to end and the report was printed.
@@ -11,6 +12,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +58,27 @@ def test_quick_bench_runs_every_case_and_prints_its_tables(tmp_path: Path) -> No
     for run in raw["runs"]:
         # Every approach moved the bytes it was asked to: nothing was skipped.
         assert run["bytes_moved"] >= run["bytes_changed"] > 0, run
+
+
+@pytest.mark.timeout(300)  # four Python processes start torch on a shared machine
+def test_quick_flood_bench_runs_both_flooded_cases_and_prints_its_table(tmp_path: Path) -> None:
+    results = tmp_path / "flood.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.flood", "--quick", "--json", str(results)],
+        check=False,  # the exit status is asserted below, with the bench's stderr
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "| case | flood notices/s | passes/s |" in done.stdout
+    assert "under the flood, the loop with an agent keeps" in done.stdout
+    assert "publish→applied under the flood" in done.stdout
+    cases = json.loads(results.read_text())
+    assert [(c["flooded"], c["agent"]) for c in cases] == [(True, False), (True, True)]
+    # Both loops served, the flood flowed, and the agent applied the version.
+    assert all(c["passes"] and c["notices"] > 0 for c in cases)
+    assert cases[1]["applied"] is not None and cases[0]["applied"] is None
