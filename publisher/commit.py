@@ -21,7 +21,7 @@ from hotswap.errors import IntegrityError
 from hotswap.headrecord import HeadRecord
 from hotswap.manifest import Manifest, TensorEntry
 from publisher.plan import Head, cause
-from publisher.reports import PublishReport, author
+from publisher.reports import PublishReport, author, describe
 
 # The step that keeps creation and issue times strictly increasing: well above
 # a float's resolution at today's epoch seconds, well below anything a person sees.
@@ -87,8 +87,11 @@ def head_record(m: Manifest, data: bytes, expiry: float, issued: float | None = 
     )
 
 
-def log_fields(m: Manifest, head: Head, changed: int, sent: int) -> dict[str, str | int | float]:
-    """The log entry of a commit (``hotswap log``), with why the parent was not trusted."""
+def log_fields(
+    m: Manifest, head: Head, changed: int, sent: int, *, skipped: dict[int, str] | None = None
+) -> dict[str, str | int | float]:
+    """The log entry of a commit (``hotswap log``), with why the parent was not trusted
+    and what a rollback's default target passed over."""
     fields: dict[str, str | int | float] = {
         "version": m.version,
         "kind": m.kind,
@@ -103,6 +106,8 @@ def log_fields(m: Manifest, head: Head, changed: int, sent: int) -> dict[str, st
     }
     if head.distrust is not None:
         fields["untrusted_parent"] = cause(head.distrust)
+    if skipped:
+        fields["skipped"] = describe(skipped)
     return fields
 
 
@@ -122,7 +127,15 @@ def untrusted_warning(m: Manifest, head: Head) -> tuple[object, ...]:
     )
 
 
-def committed(m: Manifest, head: Head, changed: int, sent: int, seconds: float) -> PublishReport:
+def committed(
+    m: Manifest,
+    head: Head,
+    changed: int,
+    sent: int,
+    seconds: float,
+    *,
+    skipped: dict[int, str] | None = None,
+) -> PublishReport:
     """The report of a publish or rollback that created ``m``."""
     return PublishReport(
         version=m.version,
@@ -137,6 +150,7 @@ def committed(m: Manifest, head: Head, changed: int, sent: int, seconds: float) 
         kind=m.kind,
         rollback_to=m.rollback_to,
         untrusted_parent=None if head.distrust is None else cause(head.distrust),
+        skipped=dict(skipped or {}),
     )
 
 

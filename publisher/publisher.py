@@ -27,7 +27,7 @@ from hotswap.store import Store
 from publisher import commit, complete, plan, restore, upkeep, upload
 from publisher.fingerprint import Fingerprints
 from publisher.plan import Head
-from publisher.reports import GcReport, Progress, PublishReport, VerifyReport
+from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, describe
 from publisher.sources import Source, open_source
 
 __all__ = ["GcReport", "Progress", "PublishReport", "Publisher", "VerifyReport"]
@@ -235,6 +235,7 @@ class Publisher:
         sent: int,
         started: float,
         lineage: str | None = None,
+        skipped: dict[int, str] | None = None,
     ) -> int:
         version = self.store.reserve_version()
         if lineage is None:
@@ -252,11 +253,12 @@ class Publisher:
         data = mf.encode(m, self._signing_key)
         notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage, nt.carried(data)))
         signed = self._sign_head(m, data)
-        self.store.commit(m, data, commit.log_fields(m, head, changed, sent), notice, signed)
+        fields = commit.log_fields(m, head, changed, sent, skipped=skipped)
+        self.store.commit(m, data, fields, notice, signed)
         if head.distrust is not None:
             log.warning(*commit.untrusted_warning(m, head))
         seconds = time.monotonic() - started
-        self._last = commit.committed(m, head, changed, sent, seconds)
+        self._last = commit.committed(m, head, changed, sent, seconds, skipped=skipped)
         return version
 
     def _sign_head(self, m: Manifest, data: bytes) -> bytes | None:
@@ -284,13 +286,15 @@ class Publisher:
     # -- rollback -----------------------------------------------------------------
 
     def rollback_target(self, head: Manifest) -> int:
-        """The version before ``head``: its parent, or for a rollback head the
-        newest stored version older than it.
+        """The version ``rollback()`` restores by default from ``head``: the newest
+        stored earlier version that verifies, was not retracted by a rollback (one
+        to T from P retracts every version in (T, P]) and holds other tensors.
 
         Raises:
-            NotFound: no stored version is older than ``head``.
+            NotFound: no such version (the error lists those passed over).
         """
-        return restore.previous(self.store, head)
+        parent = Head(self.model, head.version, head, signing=bool(self._keys))
+        return restore.default_target(self.store, self._keys, parent, head.version).version
 
     def rollback(self, to: int | None = None, message: str = "") -> int:
         """Make version ``to`` (default: the one before head) current as a new version.
@@ -300,9 +304,12 @@ class Publisher:
         (the default target is then the newest earlier one that does).
 
         Args:
-            to: the version to restore; default the one before head
-                (``rollback_target``).
-            message: a note for the log (default ``"rollback to vN"``).
+            to: the version to restore; default the newest earlier version
+                that verifies, was not retracted by a rollback and differs from
+                head (``rollback_target``); ``last_report.skipped`` says which
+                newer ones it passed over, and why.
+            message: a note for the log (default ``"rollback to vN"``, plus
+                what the default target skipped).
 
         Returns:
             The number of the new version.
@@ -322,8 +329,13 @@ class Publisher:
         """
         started = time.monotonic()
         parent, record = self._head()
-        target_version = restore.target_version(self.store, self._keys, parent, to)
+        chosen = restore.target_version(self.store, self._keys, parent, to)
+        target_version, skipped = chosen.version, chosen.skipped
         target = restore.target_manifest(self.store, target_version, self._keys)
+        default = f"rollback to v{target_version}"
+        if skipped:
+            default += f" (skipped {describe(skipped)})"
+            log.info("model %r: %s", self.model, default)
         head = parent.manifest
         changed = plan.diff(head.tensors if head else (), target.tensors).count
         return self._commit(
@@ -332,12 +344,13 @@ class Publisher:
             entries=target.tensors,
             kind="rollback",
             rollback_to=target_version,
-            message=message or f"rollback to v{target_version}",
+            message=message or default,
             changed=changed,
             sent=0,
             started=started,
             # An untrusted head's lineage is not taken: the target's is verified.
             lineage=target.lineage if head is None else None,
+            skipped=skipped,
         )
 
     # -- the signed head ---------------------------------------------------------------

@@ -28,6 +28,8 @@ class PublishReport:
         kind: "publish" or "rollback".
         rollback_to: the version a rollback restored.
         untrusted_parent: why the parent's manifest was not trusted, if so.
+        skipped: versions a rollback's default target passed over, newest
+            first, each with why ("retracted by v4", "holds what v4 holds").
 
     Example::
 
@@ -49,6 +51,7 @@ class PublishReport:
     kind: str = "publish"
     rollback_to: int | None = None
     untrusted_parent: str | None = None
+    skipped: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ class GcReport:
 
     ``malformed_index`` counts blob index members that are not ids a publish
     writes (skipped, left in the index); ``malformed_examples`` names a few,
-    each with why.
+    each with why. ``pins_unknown`` says why every version was kept: some live
+    agent's record could not be read, so it may run any of them.
     """
 
     kept: list[int]
@@ -68,6 +72,7 @@ class GcReport:
     dry_run: bool = False
     malformed_index: int = 0
     malformed_examples: dict[str, str] = field(default_factory=dict)
+    pins_unknown: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,21 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.bad
+
+
+def describe(skipped: dict[int, str]) -> str:
+    """Versions passed over, grouped by why, for messages and the log.
+
+    Example:
+        >>> describe({3: "retracted by v4", 2: "retracted by v4", 1: "holds what v4 holds"})
+        'v3, v2: retracted by v4; v1: holds what v4 holds'
+    """
+    by_reason: dict[str, list[int]] = {}
+    for version, why in skipped.items():
+        by_reason.setdefault(why, []).append(version)
+    return "; ".join(
+        ", ".join(f"v{v}" for v in versions) + f": {why}" for why, versions in by_reason.items()
+    )
 
 
 def author() -> str:

@@ -3,48 +3,98 @@
 ``Publisher.rollback`` calls ``target_version`` then ``target_manifest`` and
 commits the target's entries as a new version; the errors say what went and
 what to do.
+
+The default target is the newest earlier version that is still stored,
+verifies, was not retracted and differs from head. A rollback manifest
+(parent P, ``rollback_to`` T) retracts every version in (T, P]: those were
+rolled back for a reason, so a second ``rollback`` goes past them instead of
+back to the bad version the first one left. A version holding head's very
+tensors would change nothing and is passed over too. What was passed over,
+and why, is reported (``Target.skipped``, ``describe``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from hotswap.errors import ConfigError, IntegrityError, NotFound, SignatureError
 from hotswap.manifest import Manifest
 from hotswap.store import Store
+from publisher import plan
 from publisher.plan import Head, cause
+from publisher.reports import describe
 
 
-def previous(store: Store, head: Manifest) -> int:
-    """The version before ``head``: its parent, or for a rollback head the newest older one."""
-    if head.kind == "publish" and head.parent is not None:
-        return head.parent
-    older = [v for v in store.versions() if v < head.version]
-    if not older:
-        raise NotFound(
-            f"model {store.model!r}: v{head.version} has no earlier stored version to roll back to"
-        )
-    return older[-1]
+@dataclass(frozen=True)
+class Target:
+    """The version a rollback restores, and the newer ones a default target passed over."""
+
+    version: int
+    skipped: dict[int, str] = field(default_factory=dict)  # version -> why, newest first
 
 
-def target_version(store: Store, keys: Sequence[bytes], parent: Head, to: int | None) -> int:
-    """The version to restore: ``to``, else the one before head (or before an untrusted head)."""
+def _retract(m: Manifest, retracted: dict[int, int]) -> None:
+    """Record the versions rollback ``m`` retracted (those in (rollback_to, parent])."""
+    if m.kind != "rollback" or m.rollback_to is None or m.parent is None:
+        return
+    for version in range(m.rollback_to + 1, m.parent + 1):
+        retracted.setdefault(version, m.version)
+
+
+def target_version(store: Store, keys: Sequence[bytes], parent: Head, to: int | None) -> Target:
+    """The version to restore: ``to``, else the default (see the module docstring)."""
     if parent.number is None:
         raise NotFound(f"model {store.model!r} has no versions: nothing to roll back")
     head = parent.manifest
-    if to is not None:
-        version = int(to)
-    elif head is not None:
-        version = previous(store, head)
-    else:
-        version = _newest_trusted_before(store, keys, parent, parent.number)
+    if to is None:
+        return default_target(store, keys, parent, parent.number)
+    version = int(to)
     if version < 1 or version > parent.number:
         raise NotFound(f"model {store.model!r} has no version {version} (head is v{parent.number})")
     if version == parent.number and head is not None:
         raise ConfigError(
             f"model {store.model!r}: v{version} is already the head; nothing to roll back"
         )
-    return version
+    return Target(version)
+
+
+def default_target(store: Store, keys: Sequence[bytes], parent: Head, number: int) -> Target:
+    """The newest stored version older than head ``number`` that verifies, was not
+    retracted by a rollback, and holds other tensors than head (whose manifest is
+    ``parent.manifest``; an untrusted head: any version that verifies)."""
+    head = parent.manifest
+    retracted: dict[int, int] = {}
+    if head is not None:
+        _retract(head, retracted)
+    skipped: dict[int, str] = {}
+    for version in sorted((v for v in store.versions() if v < number), reverse=True):
+        try:
+            m = store.manifest(version, keys)
+        except NotFound:
+            continue  # collected since it was listed
+        except IntegrityError as e:
+            skipped[version] = f"does not verify ({cause(e)})"
+            continue
+        if version in retracted:
+            skipped[version] = f"retracted by v{retracted[version]}"
+        elif head is not None and plan.diff(head.tensors, m.tensors).count == 0:
+            skipped[version] = f"holds what v{number} holds"
+        else:
+            return Target(version, skipped)
+        _retract(m, retracted)
+    if head is None:
+        raise parent.refusal("no earlier stored version verifies to roll back to") from (
+            parent.distrust
+        )
+    if not skipped:
+        raise NotFound(
+            f"model {store.model!r}: v{number} has no earlier stored version to roll back to"
+        )
+    raise NotFound(
+        f"model {store.model!r}: no earlier version to roll back to from v{number} "
+        f"(skipped {describe(skipped)}); pass --to VERSION (to=...) to pick one"
+    )
 
 
 def target_manifest(store: Store, version: int, keys: Sequence[bytes]) -> Manifest:
@@ -72,14 +122,3 @@ def target_manifest(store: Store, version: int, keys: Sequence[bytes]) -> Manife
             "publish those weights again instead"
         )
     return target
-
-
-def _newest_trusted_before(store: Store, keys: Sequence[bytes], head: Head, number: int) -> int:
-    """The newest stored version older than untrusted head ``number`` that verifies."""
-    for version in sorted((v for v in store.versions() if v < number), reverse=True):
-        try:
-            store.manifest(version, keys)
-        except (IntegrityError, NotFound):
-            continue
-        return version
-    raise head.refusal("no earlier stored version verifies to roll back to") from head.distrust

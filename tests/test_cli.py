@@ -187,6 +187,28 @@ def test_only_inherits_and_rollback_uploads_nothing(
     assert blob_count(client) == blobs and client.dbsize() == count + 1  # the manifest only
 
 
+def test_a_second_rollback_says_what_it_skipped(run: Any, pub: Publisher) -> None:
+    pub.publish(weights(0))  # v1, good
+    pub.publish(weights(1))  # v2, bad
+    pub.rollback()  # v3 = v1
+    pub.publish(weights(3))  # v4, good
+    pub.publish(weights(4))  # v5, bad
+    code, out, _ = run("rollback", "m", "--json")  # v6 = v4
+    assert code == 0 and json.loads(out)["skipped"] == {}
+    code, out, err = run("rollback", "m")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith("model m: rolled back to v3 as v7 ")
+    assert lines[1:] == ["model m: skipped v5: retracted by v6; v4: holds what v6 holds"]
+    code, out, err = run("rollback", "m")
+    assert (code, out) == (1, "")
+    assert err == (
+        "hotswap: error: model 'm': no earlier version to roll back to from v7 (skipped "
+        "v6, v5, v4: retracted by v7; v3, v1: holds what v7 holds; v2: retracted by v3); "
+        "pass --to VERSION (to=...) to pick one\n"
+    )
+
+
 def test_gc_then_rollback_to_collected_version(
     env: dict[str, str], client: redis.Redis, store: Store, pub: Publisher
 ) -> None:

@@ -156,10 +156,36 @@ def test_rollback_restores_entries_and_uploads_nothing(
     assert m.tensors == store.manifest(1).tensors
     assert pub.last_report.bytes_uploaded == 0 and pub.last_report.kind == "rollback"
     assert blob_keys(client) == blobs
-    # Rolling back a rollback goes to the version stored before it.
-    assert pub.rollback() == 4
-    assert store.manifest(4).rollback_to == 2
-    assert store.manifest(4).tensors == store.manifest(2).tensors
+
+
+def test_a_second_rollback_skips_what_the_first_retracted(
+    pub: Publisher, store: Store, client: redis.Redis
+) -> None:
+    pub.publish(weights(0))  # good
+    pub.publish(weights(1))  # bad
+    assert pub.rollback() == 3 and pub.last_report.skipped == {}
+    # v2 was retracted by v3, and v1 is what v3 holds: nothing earlier to go to.
+    before = redis_dump(client)
+    with pytest.raises(NotFound) as e:
+        pub.rollback()
+    assert str(e.value) == (
+        "model 'm': no earlier version to roll back to from v3 (skipped v2: retracted by v3; "
+        "v1: holds what v3 holds); pass --to VERSION (to=...) to pick one"
+    )
+    assert redis_dump(client) == before
+    pub.publish(weights(2))  # v4, good
+    pub.publish(weights(3))  # v5, bad
+    assert pub.rollback() == 6 and store.manifest(6).rollback_to == 4
+    # Never back to v5, which v6 retracted, nor to v4, which v6 already runs.
+    assert pub.rollback() == 7
+    r = pub.last_report
+    assert (r.rollback_to, r.skipped) == (3, {5: "retracted by v6", 4: "holds what v6 holds"})
+    assert store.manifest(7).tensors == store.manifest(1).tensors
+    note = "v5: retracted by v6; v4: holds what v6 holds"
+    assert store.manifest(7).message == f"rollback to v3 (skipped {note})"
+    assert store.log(1)[0]["skipped"] == note
+    # A named target is taken as given.
+    assert pub.rollback(to=5) == 8 and pub.last_report.skipped == {}
 
 
 def test_rollback_errors(pub: Publisher, store: Store) -> None:
