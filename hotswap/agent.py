@@ -132,7 +132,8 @@ class Agent:
         if staging_keep_bytes is None:
             staging_keep_bytes = s.staging_keep_bytes
         self._memory = HostMemory(staging_keep_bytes)
-        self.agent_id = agent_id()
+        # A fixed id (HOTSWAP_AGENT_ID) names the keys a per-agent ACL user may write.
+        self.agent_id = s.agent_id or agent_id()
         # Status writes are tried once: the reporter's thread tries again later,
         # and stop()'s last write must not wait out a retry budget.
         once = build(client, self.model_name, s, operation_retry(1))

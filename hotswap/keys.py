@@ -62,11 +62,28 @@ def log_key(ns: str, model: str) -> str:
 
 
 def agents_key(ns: str, model: str) -> str:
+    """The hash of status records agents before per-agent keys wrote (read, never written)."""
     return _meta(ns, model, "agents")
 
 
 def heartbeat_key(ns: str, model: str, agent_id: str) -> str:
+    """One agent's heartbeat: it lives as long as the agent refreshes it."""
     return _meta(ns, model, f"agent:{check_name(agent_id, 'agent id')}")
+
+
+def agent_status_key(ns: str, model: str, agent_id: str) -> str:
+    """One agent's status record: a key of its own, so an ACL user can be fenced to it."""
+    return _meta(ns, model, f"status:{check_name(agent_id, 'agent id')}")
+
+
+def agent_status_pattern(ns: str, model: str) -> str:
+    """SCAN pattern of every agent's status record of one model."""
+    return _meta(ns, model, "status:*")
+
+
+def agent_of_status_key(key: str) -> str:
+    """The agent id a status key names, as written (checked by the caller: Redis may hold any)."""
+    return key.split("}:status:", 1)[1]
 
 
 def events_channel(ns: str, model: str) -> str:

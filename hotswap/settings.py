@@ -66,6 +66,11 @@ class HotswapSettings(BaseSettings):
         gt=0,
         description="Seconds an agent's heartbeat lives; expired agents are gone.",
     )
+    agent_id: str | None = Field(
+        default=None,
+        description="This agent's id in its status keys, fixed for a per-agent ACL user "
+        "(default: host-pid-random, new at each start).",
+    )
     keep_versions: int = Field(
         default=10, ge=1, description="Versions gc keeps besides those agents run."
     )
@@ -134,6 +139,13 @@ class HotswapSettings(BaseSettings):
         from hotswap.keys import check_name
 
         return check_name(value, "namespace")
+
+    @field_validator("agent_id")
+    @classmethod
+    def _check_agent_id(cls, value: str | None) -> str | None:
+        from hotswap.keys import check_name
+
+        return None if value is None else check_name(value, "agent id")
 
     def key_bytes(self) -> list[bytes]:
         """The signing keys as bytes, the publisher's first."""

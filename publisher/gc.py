@@ -27,8 +27,26 @@ class RetentionPlan:
     reasons: dict[int, list[str]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Pins:
+    """What live agents run, as far as their records tell.
+
+    ``unknown`` says why some live agent's version cannot be known (a record
+    that does not decode, a key of the wrong type): gc then keeps every
+    version, since that agent may run any of them.
+    """
+
+    versions: list[int]
+    unknown: list[str] = field(default_factory=list)
+
+
 def plan_retention(
-    versions: Iterable[int], head: int | None, keep: int, running: Iterable[int]
+    versions: Iterable[int],
+    head: int | None,
+    keep: int,
+    running: Iterable[int],
+    *,
+    running_unknown: bool = False,
 ) -> RetentionPlan:
     """Keep the newest ``keep`` stored versions, the head, and every version an agent runs.
 
@@ -37,11 +55,15 @@ def plan_retention(
         head: the current head (kept even if it were somehow older than the newest N).
         keep: how many of the newest versions to keep (at least 1).
         running: versions live agents report running.
+        running_unknown: some live agent's version cannot be read: keep every version.
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     stored = sorted(set(versions))
     reasons: dict[int, list[str]] = {}
+    if running_unknown:
+        for v in stored:
+            reasons.setdefault(v, []).append("an agent whose record is unreadable may run it")
     for v in stored[-keep:]:
         reasons.setdefault(v, []).append(f"newest {keep}")
     if head is not None and head in stored:

@@ -155,15 +155,22 @@ def gc_line(model: str, r: GcReport, namespace: str = "hotswap") -> str | Text:
         f"model {model}: kept {kept}; {verb} {gone} and {r.blobs_deleted} blobs "
         f"({r.blobs_kept_young} unreferenced blobs younger than the grace period kept)"
     )
-    if not r.malformed_index:
-        return line
-    # The members came from Redis: drawn as plain text.
-    member, why = next(iter(r.malformed_examples.items()))
-    return plain(
-        f"{line}; skipped {r.malformed_index} malformed blob index entries "
-        f"(e.g. {member!r}: {why}), left in place: look at them with "
-        f"ZRANGE {keys.blob_index_key(namespace, model)} 0 -1 and remove them with ZREM"
-    )
+    if r.pins_unknown:
+        more = f" and {len(r.pins_unknown) - 1} more" if len(r.pins_unknown) > 1 else ""
+        line += (
+            f"; kept every version: the agent records cannot all be read "
+            f"({r.pins_unknown[0]}{more}), so an agent may run any of them; "
+            "see `hotswap status`"
+        )
+    if r.malformed_index:
+        member, why = next(iter(r.malformed_examples.items()))
+        line += (
+            f"; skipped {r.malformed_index} malformed blob index entries "
+            f"(e.g. {member!r}: {why}), left in place: look at them with "
+            f"ZRANGE {keys.blob_index_key(namespace, model)} 0 -1 and remove them with ZREM"
+        )
+    # Agent ids, problems and index members came from Redis: drawn as plain text.
+    return plain(line) if r.pins_unknown or r.malformed_index else line
 
 
 def verify_data(model: str, r: VerifyReport) -> dict[str, Any]:
@@ -213,6 +220,9 @@ def print_status(console: Console, data: dict[str, Any]) -> None:
     console.print(status_table(data))
     if not data["agents"]:
         console.print("no agent has reported for this model")
+    for problem in data.get("problems", []):
+        # Read from Redis, where any agent's user may have written: plain text.
+        console.print(plain(f"agent records: {problem}", "yellow"))
 
 
 # -- log / show / diff ------------------------------------------------------------

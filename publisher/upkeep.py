@@ -19,19 +19,36 @@ from publisher import plan
 from publisher.reports import GcReport, Progress, VerifyReport, author
 
 
+def agent_pins(store: Store) -> gcplan.Pins:
+    """Versions live agents (heartbeat not expired) report running, and what hides others.
+
+    A live agent whose record cannot be read (garbled, of the wrong type, too
+    large), or records that cannot be read at all, leave its version unknown:
+    gc then keeps every version rather than delete one that agent may run.
+    """
+    report = store.agent_report()
+    versions: set[int] = set()
+    unknown = list(report.problems)
+    for r in report.records:
+        if not r.alive:
+            continue  # a dead agent runs nothing
+        problem = r.problem
+        if r.data is not None:
+            try:
+                record = st.decode(r.data)
+            except FormatError as e:
+                problem = str(e)
+            else:
+                if record.version is not None:
+                    versions.add(record.version)
+                continue
+        unknown.append(f"agent {r.agent_id!r} is alive but its record is unreadable: {problem}")
+    return gcplan.Pins(sorted(versions), unknown)
+
+
 def running_versions(store: Store) -> list[int]:
     """Versions that live agents (heartbeat not expired) report running."""
-    out = set()
-    for _agent, raw, alive in store.agent_records():
-        if not alive:
-            continue
-        try:
-            record = st.decode(raw)
-        except FormatError:
-            continue  # a garbled record cannot pin anything; status shows it
-        if record.version is not None:
-            out.add(record.version)
-    return sorted(out)
+    return agent_pins(store).versions
 
 
 def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> GcReport:
@@ -40,7 +57,10 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
     within ``grace`` seconds."""
     if keep < 1:
         raise ConfigError(f"--keep must be at least 1, got {keep}")
-    retention = gcplan.plan_retention(store.versions(), store.head(), keep, running_versions(store))
+    pins = agent_pins(store)
+    retention = gcplan.plan_retention(
+        store.versions(), store.head(), keep, pins.versions, running_unknown=bool(pins.unknown)
+    )
     referenced: set[str] = set()
     for v in retention.keep:
         referenced.update(plan.unique_blobs(store.manifest(v).tensors))
@@ -64,6 +84,7 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
         dry_run=dry_run,
         malformed_index=len(index.malformed),
         malformed_examples=index.examples(),
+        pins_unknown=pins.unknown,
     )
     if not dry_run:
         store.append_log(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import blake3
@@ -17,7 +18,7 @@ import blake3
 from hotswap import status as st
 from hotswap.errors import HotswapError, NotFound
 from hotswap.status import AgentStatus
-from hotswap.store import Store
+from hotswap.store import AgentRecord, AgentRecords, Store
 
 
 def rejection_reason(s: AgentStatus) -> str | None:
@@ -98,9 +99,21 @@ def decode_record(agent_id: str, raw: bytes) -> AgentStatus:
         return AgentStatus(agent_id, "?", 0, state="unreadable", last_error=str(e))
 
 
-def agent_statuses(store: Store) -> list[tuple[AgentStatus, bool]]:
-    """Every agent's record, by agent id, and whether its heartbeat is alive."""
-    return [(decode_record(agent_id, raw), alive) for agent_id, raw, alive in store.agent_records()]
+def record_status(r: AgentRecord) -> AgentStatus:
+    """An agent's record as shown; one that could not be read says why, as "unreadable"."""
+    if r.data is None:
+        return AgentStatus(r.agent_id, "?", 0, state="unreadable", last_error=r.problem)
+    s = decode_record(r.agent_id, r.data)
+    # The key names the agent: under a per-agent ACL user only that agent wrote it.
+    return s if s.agent_id == r.agent_id else replace(s, agent_id=r.agent_id)
+
+
+def agent_statuses(
+    store: Store, report: AgentRecords | None = None
+) -> list[tuple[AgentStatus, bool]]:
+    """Every agent's record (from ``report``, else read), by agent id, and whether it is alive."""
+    read = store.agent_report() if report is None else report
+    return [(record_status(r), r.alive) for r in read.records]
 
 
 def status_view(store: Store, now: float | None = None) -> dict[str, Any]:
@@ -111,8 +124,9 @@ def status_view(store: Store, now: float | None = None) -> dict[str, Any]:
         now: the time heartbeat ages are counted to (default: the clock).
 
     Returns:
-        ``{"model", "head", "lineage", "agents": [row, ...]}``, as
-        ``hotswap status --json`` prints it.
+        ``{"model", "head", "lineage", "agents": [row, ...], "problems"}``, as
+        ``hotswap status --json`` prints it (``problems`` lists agent records
+        that could not be read at all, such as a key of the wrong type).
 
     Raises:
         StoreUnavailable: Redis could not be reached.
@@ -121,10 +135,17 @@ def status_view(store: Store, now: float | None = None) -> dict[str, Any]:
     head = store.head()
     lineage = store.manifest(head).lineage if head is not None else None
     now = time.time() if now is None else now
-    records = agent_statuses(store)
+    report = store.agent_report()
+    records = agent_statuses(store, report)
     stored = stored_digests(store, {s.version for s, _ in records if s.manifest_digest})
     agents = [agent_row(s, alive, head, lineage, now, stored=stored) for s, alive in records]
-    return {"model": store.model, "head": head, "lineage": lineage, "agents": agents}
+    return {
+        "model": store.model,
+        "head": head,
+        "lineage": lineage,
+        "agents": agents,
+        "problems": report.problems,
+    }
 
 
 def stored_digests(store: Store, versions: Iterable[int | None]) -> dict[int, str | None]:

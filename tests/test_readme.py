@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import re
 import runpy
 import shlex
@@ -300,9 +301,12 @@ def check_acl(block: Block) -> None:
     assert block.body.strip().splitlines() == reliability_acl_lines()
     words = [line.split() for line in reliability_acl_lines()]
     assert [w[:4] for w in words] == [
-        ["ACL", "SETUSER", "hotswap-agent", "reset"],
+        ["ACL", "SETUSER", "hotswap-admin", "reset"],
+        ["ACL", "SETUSER", "hotswap-agent-web-1", "reset"],
         ["ACL", "SETUSER", "hotswap-publisher", "reset"],
+        ["ACL", "SETUSER", "default", "reset"],  # last: it logs the one running them out
     ]
+    assert words[-1] == ["ACL", "SETUSER", "default", "reset"]
     # Loaded and used for real by test_acl_users_publish_and_apply_with_least_privilege.
 
 
@@ -460,36 +464,57 @@ def test_links_point_at_files_and_headings() -> None:
             assert (ROOT / target).exists(), f"README links to missing {target}"
 
 
+def acl_password(rule: str) -> str:
+    """The password a documented ``ACL SETUSER`` line sets, as these tests set it."""
+    return re.sub(r">CHANGE-ME-(\w+)-password", r">secret-\1", rule)
+
+
 def test_acl_users_publish_and_apply_with_least_privilege() -> None:
     (block,) = [b for b in blocks() if b.lang == "acl"]
     from hotswap import Agent
     from publisher import Publisher
 
     with EmbeddedRedis() as private:
-        admin = redis.Redis.from_url(private.url)
+        where = f"127.0.0.1:{private.port}/0"
+        # Applied verbatim and in order, by the default user of a fresh server.
+        default = redis.Redis.from_url(private.url)
         for rule in block.body.strip().splitlines():
-            words = re.sub(r">CHANGE-ME-(\w+)-password", r">secret-\1", rule).split()
-            assert admin.execute_command(*words) in (b"OK", "OK", True)
+            assert default.execute_command(*acl_password(rule).split()) in (b"OK", "OK", True)
+        default.close()
+        # Issue 13, defect 8: the default user was left `on nopass ~* &* +@all`.
+        stranger = redis.Redis.from_url(private.url)
+        with pytest.raises((redis.AuthenticationError, redis.exceptions.NoPermissionError)):
+            stranger.ping()
+        with pytest.raises(redis.AuthenticationError):
+            stranger.set("hotswap:{acl}:head", "1")
+        stranger.close()
+        admin = redis.Redis.from_url(f"redis://hotswap-admin:secret-admin@{where}")
+        default_rule = next(r for r in admin.execute_command("ACL", "LIST") if b"default" in r)
+        assert b" off " in default_rule and b"nopass" not in default_rule
         admin.execute_command("ACL", "LOG", "RESET")
 
-        def as_user(role: str) -> HotswapSettings:
+        def as_user(role: str, user: str | None = None) -> HotswapSettings:
             return HotswapSettings(
-                redis_url=f"redis://hotswap-{role}:secret-{role}@127.0.0.1:{private.port}/0",
+                redis_url=f"redis://{user or f'hotswap-{role}'}:secret-{role}@{where}",
                 poll_interval=0.5,
                 retry_attempts=1,
                 gc_grace_seconds=0,
+                agent_id="web-1" if role == "agent" else None,
                 _env_file=None,  # type: ignore[call-arg]
             )
 
+        as_agent = as_user("agent", "hotswap-agent-web-1")
         model = torch.nn.Linear(4, 4)
         weights = {k: v * 1.5 for k, v in model.state_dict().items()}
-        with Agent(model, "acl", settings=as_user("agent")) as agent:
+        with Agent(model, "acl", settings=as_agent) as agent:
             with Publisher("acl", settings=as_user("publisher")) as pub:
                 v1 = pub.publish(weights)
                 assert agent.wait_for(v1)
                 v2 = pub.publish({k: v * 1.1 for k, v in weights.items()})
                 assert agent.wait_for(v2)
                 assert agent.wait_for(pub.rollback())
+                assert agent.reporter.flush(logging.getLogger("test"))
+                assert pub.running_versions() == [3]  # its record, read by the publisher
                 assert pub.gc(keep=1).deleted_versions == [1, 2]
                 assert pub.verify().ok
         assert torch.equal(model.weight, weights["weight"])
@@ -497,7 +522,7 @@ def test_acl_users_publish_and_apply_with_least_privilege() -> None:
             assert cli.main(["--redis-url", as_user("publisher").redis_url, *argv]) == 0
         assert admin.execute_command("ACL", "LOG") == [], "the workflow needed a denied command"
 
-        agent_client = redis.Redis.from_url(as_user("agent").redis_url)
+        agent_client = redis.Redis.from_url(as_agent.redis_url)
         for command in (
             ("SET", "hotswap:{acl}:head", "1"),
             ("SET", "hotswap:acl:blob:x:1:0", "x"),
@@ -505,6 +530,9 @@ def test_acl_users_publish_and_apply_with_least_privilege() -> None:
             ("GET", "elsewhere"),
             ("SUBSCRIBE", "elsewhere"),
             ("FLUSHALL",),
+            ("SET", "hotswap:{acl}:agents", "x"),  # issue 13, defect 7
+            ("SET", "hotswap:{acl}:status:web-2", "x"),  # another agent's record
+            ("SET", "hotswap:{acl}:agent:web-2", "x"),  # and its heartbeat
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 agent_client.execute_command(*command)
@@ -513,6 +541,7 @@ def test_acl_users_publish_and_apply_with_least_privilege() -> None:
             ("GET", "elsewhere"),
             ("HSET", "hotswap:{acl}:agents", "forged", "x"),  # agents' records are theirs
             ("SET", "hotswap:{acl}:agent:forged", "x"),
+            ("SET", "hotswap:{acl}:status:forged", "x"),
             ("PUBLISH", "elsewhere", "x"),
             ("FLUSHALL",),
             ("CONFIG", "GET", "*"),
@@ -528,8 +557,11 @@ def test_acl_block_as_an_acl_file_makes_the_same_users(tmp_path: Path) -> None:
     # README: "put it in an ACL file with `ACL SETUSER` replaced by `user`".
     (block,) = [b for b in blocks() if b.lang == "acl"]
     rules = block.body.strip().splitlines()
+    as_file = "".join(rule.replace("ACL SETUSER ", "user ", 1) + "\n" for rule in rules)
     acl_file = tmp_path / "users.acl"
-    acl_file.write_text("".join(rule.replace("ACL SETUSER ", "user ", 1) + "\n" for rule in rules))
+    # The server must answer an unauthenticated PING to count as started, so it
+    # starts on the file less its `default` line, which ACL LOAD then adds.
+    acl_file.write_text("".join(line + "\n" for line in as_file.splitlines()[:-1]))
     with (
         EmbeddedRedis() as by_command,
         EmbeddedRedis(extra_args=["--aclfile", str(acl_file)]) as by_file,
@@ -537,15 +569,22 @@ def test_acl_block_as_an_acl_file_makes_the_same_users(tmp_path: Path) -> None:
         ours = redis.Redis.from_url(by_command.url)
         for rule in rules:
             ours.execute_command(*rule.split())
-        theirs = redis.Redis.from_url(by_file.url)
-        # Word order within a rule (the commands) follows a hash table: compare word sets.
-        listed = [
-            sorted(sorted(rule.split()) for rule in c.execute_command("ACL", "LIST"))
-            for c in (ours, theirs)
-        ]
-        assert listed[0] == listed[1] and len(listed[0]) == 3  # default and the two users
         ours.close()
+        acl_file.write_text(as_file)
+        theirs = redis.Redis.from_url(by_file.url)
+        assert theirs.execute_command("ACL", "LOAD") in (b"OK", "OK", True)
         theirs.close()
+        # Word order within a rule (the commands) follows a hash table: compare word sets.
+        listed = []
+        for server in (by_command, by_file):
+            admin = redis.Redis.from_url(
+                f"redis://hotswap-admin:CHANGE-ME-admin-password@127.0.0.1:{server.port}/0"
+            )
+            listed.append(
+                sorted(sorted(rule.split()) for rule in admin.execute_command("ACL", "LIST"))
+            )
+            admin.close()
+        assert listed[0] == listed[1] and len(listed[0]) == 4  # default and the three users
 
 
 def mask_example() -> Block:

@@ -58,7 +58,7 @@ def settle(clock: HandClock, store: CountingStore, attempts: int = 40) -> bool:
 
 
 def stored_state(client: redis.Redis, agent_id: str) -> str:
-    raw = client.hget(keys.agents_key("hotswap", "m"), agent_id)
+    raw = client.get(keys.agent_status_key("hotswap", "m", agent_id))
     assert raw is not None
     return status.decode(raw).state
 
@@ -107,7 +107,7 @@ def test_an_applied_version_is_written_at_once(client: redis.Redis) -> None:
         # applied version itself can have made the thread write.
         assert store.landed.wait(10)
         assert store.written == ["starting", "idle"]
-        raw = client.hget(keys.agents_key("hotswap", "m"), "a-3")
+        raw = client.get(keys.agent_status_key("hotswap", "m", "a-3"))
         assert raw is not None and status.decode(raw).version == 7
     finally:
         reporter.close(1.0)
