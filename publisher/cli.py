@@ -111,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("rollback", "make an earlier version current (as a new version)")
     p.add_argument("model")
-    p.add_argument("--to", type=_version, help="default: the version before head")
+    p.add_argument(
+        "--to",
+        type=_version,
+        help="default: the newest earlier version not retracted by a rollback and unlike head",
+    )
     p.add_argument("-m", "--message", default="")
 
     p = command("resign", "re-issue head's signed record (new issue time and expiry)")
@@ -285,13 +289,21 @@ def cmd_diff(ctx: Context) -> int:
 
 def cmd_rollback(ctx: Context) -> int:
     from publisher import render
+    from publisher.reports import describe
 
     with ctx.publisher() as pub:
         pub.rollback(to=ctx.args.to, message=ctx.args.message)
         r = pub.last_report
-    ctx.emit(
-        render.report_data(pub.model, r), lambda: ctx.out.print(render.report_line(pub.model, r))
-    )
+
+    def human() -> None:
+        ctx.out.print(render.report_line(pub.model, r))
+        if r.skipped:
+            # Read from manifests in Redis: printed as plain text, never markup.
+            ctx.out.print(
+                f"model {pub.model}: skipped {describe(r.skipped)}", markup=False, highlight=False
+            )
+
+    ctx.emit(render.report_data(pub.model, r), human)
     return OK
 
 
