@@ -455,17 +455,37 @@ class BlobStore:
             deleted += self.call("deleting blobs", delete)
         return deleted
 
+    def _stored_rounds(self, blob: str) -> list[range]:
+        """The rounds of ``DELETE_BATCH`` chunks of ``blob`` that may hold a stored chunk.
+
+        Anyone who can write the index can add an id naming millions of
+        chunks that do not exist. A blob of more than one round is probed
+        first, the first and last chunk of every round in one round trip, and
+        only rounds with either are deleted: a publish writes a blob's chunks
+        in order, so what a crash leaves of a round reaches one of its ends
+        (on a cluster, whose nodes are written side by side, a crash can leave
+        a round's middle only).
+        """
+        count = keys.parse_blob_id(blob)[2]
+        rounds = [range(s, min(s + DELETE_BATCH, count)) for s in range(0, count, DELETE_BATCH)]
+        if len(rounds) <= 1:
+            return rounds
+        ends = [
+            [*keys.blob_keys_of_id(self.ns, self.model, blob, range(r.start, r.start + 1)),
+             *keys.blob_keys_of_id(self.ns, self.model, blob, range(r.stop - 1, r.stop))]
+            for r in rounds
+        ]  # fmt: skip
+        found = self.call("checking blobs", lambda: self._per_group("EXISTS", ends))
+        return [r for r, n in zip(rounds, found, strict=True) if n]
+
     def _deletion_rounds(self, blobs: Sequence[str]) -> Iterator[tuple[list[list[str]], list[str]]]:
         """Rounds of (chunk keys per blob, blobs whose last chunks these are)."""
         groups: list[list[str]] = []
         finished: list[str] = []
         size = 0
         for blob in blobs:
-            count = keys.parse_blob_id(blob)[2]
-            for start in range(0, count, DELETE_BATCH):
-                group = keys.blob_keys_of_id(
-                    self.ns, self.model, blob, range(start, start + DELETE_BATCH)
-                )
+            for chunks in self._stored_rounds(blob):
+                group = keys.blob_keys_of_id(self.ns, self.model, blob, chunks)
                 groups.append(group)
                 size += len(group)
                 if size >= DELETE_BATCH:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
+from hotswap.entries import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from hotswap.errors import ConfigError
-from hotswap.manifest import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")

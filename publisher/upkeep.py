@@ -13,6 +13,7 @@ import blake3
 
 from hotswap import status as st
 from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound
+from hotswap.manifest import TensorEntry
 from hotswap.store import Store
 from publisher import gc as gcplan
 from publisher import plan
@@ -101,6 +102,16 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
     return report
 
 
+def _stored_digest(store: Store, entry: TensorEntry, version: int) -> str:
+    """BLAKE3 of a tensor's stored chunks, streamed: memory stays at one batch whatever
+    the manifest declares, and a missing chunk ends the read (a forged head may
+    declare 64 GiB). The batch buffer is freed on return, before the next tensor's."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for piece in store.blobs.stream(entry, version):
+        hasher.update(piece)
+    return str(hasher.hexdigest())
+
+
 def verify(
     store: Store,
     version: int | None,
@@ -122,14 +133,9 @@ def verify(
     failed: dict[str, str] = {}
     done = 0
     for blob, entry in blobs.items():
-        # Streamed: memory stays at one batch whatever the manifest declares,
-        # and a missing chunk ends the read (a forged head may declare 64 GiB).
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         problem = None
         try:
-            for piece in store.blobs.stream(entry, version):
-                hasher.update(piece)
-            if hasher.hexdigest() != entry.digest:
+            if _stored_digest(store, entry, version) != entry.digest:
                 problem = "digest mismatch: the stored bytes were altered"
         except IntegrityError as e:
             # The store names model, version and tensor; keep just what went wrong.

@@ -256,16 +256,40 @@ def test_gc_skips_and_reports_malformed_blob_index_entries(
 def test_gc_deletes_a_blob_of_many_chunks_in_bounded_batches(
     pub: Publisher, store: Store, client: redis.Redis
 ) -> None:
-    """An index entry within the limits but naming far more chunks than exist costs
-    batches of UNLINKs, never one list of every key name."""
+    """An id of several deletion rounds: rounds are probed at both ends in one round
+    trip and only those holding chunks are deleted, one UNLINK each."""
     publish_versions(pub, 1)
-    many = f"{FFF}:4096:{blobs.DELETE_BATCH * 3 + 5}"
+    batch = blobs.DELETE_BATCH
+    many = f"{FFF}:4096:{batch * 3 + 5}"
     client.zadd(keys.blob_index_key("hotswap", "m"), {many: 1.0})
-    client.set(keys.blob_key("hotswap", "m", FFF, 4096, blobs.DELETE_BATCH * 2 + 1), b"x")
+    stored = [0, 1, batch * 2, batch * 3 + 4]  # rounds 0, 2 and 3 hold chunks
+    for i in stored:
+        client.set(keys.blob_key("hotswap", "m", FFF, 4096, i), b"x")
     client.config_resetstat()
     report = pub.gc(keep=1)
-    assert report.blobs_deleted == 1 and report.chunks_deleted == 1 and report.malformed_index == 0
-    calls = client.info("commandstats")["cmdstat_unlink"]["calls"]
-    assert calls == 4  # ceil((3 * DELETE_BATCH + 5) / DELETE_BATCH) UNLINKs, one per batch
-    left = client.zrange(keys.blob_index_key("hotswap", "m"), 0, -1)
-    assert many.encode() not in left
+    assert report.blobs_deleted == 1 and report.chunks_deleted == len(stored)
+    assert report.malformed_index == 0
+    stats = client.info("commandstats")
+    assert stats["cmdstat_unlink"]["calls"] == 3  # one per round that held chunks
+    assert stats["cmdstat_exists"]["calls"] == 4  # each round's two ends, pipelined
+    assert many.encode() not in client.zrange(keys.blob_index_key("hotswap", "m"), 0, -1)
+    assert not client.keys(f"hotswap:m:blob:{FFF}:*")
+
+
+def test_gc_of_an_id_naming_millions_of_absent_chunks_costs_one_probe(
+    pub: Publisher, store: Store, client: redis.Redis
+) -> None:
+    """The largest id the limits allow (64 GiB in 4 KiB chunks: 16,777,216 chunks) and
+    nothing stored: before, one key list of every chunk; a round of UNLINKs each would
+    still take 2,048 round trips. Now one pipeline of EXISTS, no UNLINK."""
+    publish_versions(pub, 1)
+    count = 64 * 1024**3 // 4096
+    huge = f"{FFF}:4096:{count}"
+    client.zadd(keys.blob_index_key("hotswap", "m"), {huge: 1.0})
+    client.config_resetstat()
+    report = pub.gc(keep=1)
+    assert report.blobs_deleted == 1 and report.chunks_deleted == 0
+    stats = client.info("commandstats")
+    assert "cmdstat_unlink" not in stats
+    assert stats["cmdstat_exists"]["calls"] == count // blobs.DELETE_BATCH
+    assert huge.encode() not in client.zrange(keys.blob_index_key("hotswap", "m"), 0, -1)
