@@ -221,8 +221,7 @@ def test_cli_resign(
     assert cli.main(["resign", "m"]) == 1
     err = capsys.readouterr().err
     assert err == (
-        "hotswap: error: model 'm': re-signing head needs a signing key; "
-        "set HOTSWAP_SIGNING_KEYS\n"
+        "hotswap: error: model 'm': re-signing head needs a signing key; set HOTSWAP_SIGNING_KEYS\n"
     )
     monkeypatch.setenv("HOTSWAP_SIGNING_KEYS", KEY.decode())
     monkeypatch.setenv("HOTSWAP_HEAD_EXPIRY_SECONDS", "3600")
