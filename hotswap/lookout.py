@@ -5,6 +5,11 @@ answers are named results: a ``Candidate`` to consider, a ``Refused`` version
 whose manifest failed its checks, or a ``Quiet`` look. A manifest a notice
 carried is only a head start: ``confirm`` compares it with the one Redis
 holds before the agent acts on it.
+
+With signing keys, head is the signed head record's (``hotswap.freshness``),
+never the plain ``head`` key nor a notice's version: the agent considers only
+the manifest a fresh, valid record names, and a refused record is not read
+again until its bytes change.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from hotswap import codec, notice
 from hotswap.delivery import Reason, Request
 from hotswap.errors import FormatError, IntegrityError, NotFound
+from hotswap.freshness import SignedHeads
+from hotswap.headrecord import HeadRecord
 from hotswap.manifest import Manifest
 from hotswap.refusals import EDGE, Refusals
 from hotswap.runstate import Running
@@ -44,10 +52,23 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Refused:
-    """The manifest of ``version`` failed its checks (garbled, unsigned, over a limit)."""
+    """The manifest of ``version`` failed its checks (garbled, unsigned, over a limit),
+    or, with signing keys, the signed head naming it did (``subject`` says which)."""
 
     version: int
     error: IntegrityError
+    subject: str = "<manifest>"
+
+
+SIGNED_HEAD = "<signed head>"
+
+
+@dataclass(frozen=True)
+class _Overtaken:
+    """A signed head record, and a signed manifest of its lineage created after it."""
+
+    record: HeadRecord
+    following: Manifest
 
 
 class Quiet(enum.Enum):
@@ -80,6 +101,14 @@ class Lookout:
 
     def __init__(self, store: Store, settings: HotswapSettings) -> None:
         self.store, self.settings = store, settings
+        keys = settings.key_bytes()
+        # With signing keys the signed head record decides, never the plain key.
+        self.signed = SignedHeads(store.model, keys, settings.head_require_expiry) if keys else None
+        # The agent's thread only: the signed head last looked at (its bytes, or
+        # the plain head when there was none), and the last one refused, which
+        # is not read again, even on a notice, until it changes.
+        self._checked_signed: bytes | None = None
+        self._refused_signed: bytes | None = None
         self._lock = threading.Lock()
         # Guarded by _lock: the head last seen in Redis (or named by a notice
         # whose manifest was read).
@@ -131,13 +160,24 @@ class Lookout:
             return None  # garbled, forged or unsigned: what Redis holds decides
         if running.lineage is not None and m.lineage != running.lineage:
             return None  # a new lineage is rare enough to read from Redis
+        if self.signed is not None and (
+            self._signed_names(m, request.carried) is not Confirmation.CONFIRMED
+        ):
+            # Not a byte fetched on a notice no signed head backs (a replayed
+            # notice would otherwise cost a fetch each time it is sent).
+            return None
         self._saw_head(request.version)
         self._checked_head = request.version
         return Candidate(m, codec.digest(request.carried), request.carried)
 
     def confirm(self, m: Manifest, carried: bytes) -> Confirmation:
         """Whether Redis holds ``carried`` as ``m``'s manifest: nothing is applied or
-        refused on a notice's word. A notice that lied turns carried manifests off."""
+        refused on a notice's word. A notice that lied turns carried manifests off.
+        With signing keys, a fresh signed head must name those very bytes too."""
+        if self.signed is not None:
+            named = self._signed_names(m, carried)
+            if named is not Confirmation.CONFIRMED:
+                return named
         try:
             held: bytes | None = self.store.manifest_bytes(m.version)
         except NotFound:
@@ -155,8 +195,25 @@ class Lookout:
         )
         return Confirmation.CONTRADICTED
 
-    def look(self, request: Request) -> Look:
-        """Read the manifest of the version the request names, or else head's."""
+    def _lied(self, m: Manifest) -> Confirmation:
+        self.use_carried = False
+        log.warning(
+            "model %r: the notice for v%d carried a manifest that is not the one "
+            "the signed head names (a forged or replayed notice?); reading manifests "
+            "from Redis from now on",
+            self.store.model,
+            m.version,
+        )
+        return Confirmation.CONTRADICTED
+
+    def look(self, request: Request, running: Running | None = None) -> Look:
+        """Read the manifest of the version the request names, or else head's.
+
+        With signing keys, the signed head's (a notice's version is a hint);
+        ``running`` spares reading the manifest the record names when it runs.
+        """
+        if self.signed is not None:
+            return self._look_at_signed_head(self.signed, request.force, running or Running())
         if request.version is not None:
             if self._still_refused(request.version):
                 return Quiet.NOTHING_NEW
@@ -219,3 +276,126 @@ class Lookout:
             return Quiet.NOTHING_NEW
         except IntegrityError as e:
             return Refused(head, e)
+
+    # -- with signing keys: the signed head record ---------------------------------
+
+    def _look_at_signed_head(self, signed: SignedHeads, force: bool, running: Running) -> Look:
+        """The manifest a fresh, valid signed head names, or why it is refused.
+
+        A plain head that no valid signed head names is refused too, once the
+        signed head's manifest runs (and for its manifest's own failure, if it
+        has one). Looks a second time only when a commit landed between reads.
+        """
+        for _ in range(2):
+            head, data = self.store.head_and_record()
+            if data is None and head is None:
+                self._saw_head(None)
+                if self._checked_signed is not None or force:
+                    self._checked_signed = None
+                    return Quiet.HEAD_GONE
+                return Quiet.NOTHING_NEW
+            seen = _seen(head, data)
+            if seen == self._refused_signed or (seen == self._checked_signed and not force):
+                return Quiet.NOTHING_NEW
+            self._checked_signed = seen
+            look = self._follow(signed, head, data, running)
+            if isinstance(look, _Overtaken):
+                # A signed newer manifest of the record's lineage: a commit landed
+                # between the two reads (the record has changed: look again), or
+                # the record is a replay (it has not).
+                if self.store.head_and_record()[1] != data:
+                    continue
+                error = signed.replayed(look.record, look.following)
+                look = Refused(look.record.version, error, SIGNED_HEAD)
+            if isinstance(look, Refused):
+                self._refused_signed = seen
+            return look
+        self._checked_signed = None  # head keeps moving: the next notice or poll looks again
+        return Quiet.NOTHING_NEW
+
+    def _follow(
+        self, signed: SignedHeads, head: int | None, data: bytes | None, running: Running
+    ) -> Look | _Overtaken:
+        """Check the record and read the manifest it names; ``_Overtaken`` when a
+        newer signed manifest of its lineage exists (a race or a replay)."""
+        try:
+            record = signed.decode(data, head)
+        except IntegrityError as e:
+            self._saw_head(head)
+            if head is None:
+                return Quiet.HEAD_GONE  # nothing to follow, nothing to refuse
+            return (
+                self._unbacked(signed, head, e) if data is None else Refused(head, e, SIGNED_HEAD)
+            )
+        self._saw_head(record.version)
+        try:
+            signed.check_fresh(record, time.time())
+        except IntegrityError as e:
+            return Refused(record.version, e, SIGNED_HEAD)
+        if record.manifest == running.digest:
+            signed.accept(record)  # re-signed, or seen again: nothing to fetch
+            if head is not None and head != record.version:
+                return self._unbacked(signed, head, signed.unbacked(head, record))
+            return Quiet.NOTHING_NEW
+        try:
+            data = self.store.manifest_bytes(record.version)
+            manifest = self.store.manifest(record.version, signed.keys, data)
+        except NotFound:
+            self._checked_signed = None  # deleted by someone: look again next poll
+            return Quiet.NOTHING_NEW
+        except IntegrityError as e:
+            return Refused(record.version, e)
+        digest = codec.digest(data)
+        try:
+            signed.check_manifest(record, digest)
+        except IntegrityError as e:
+            return Refused(record.version, e, SIGNED_HEAD)
+        following = self._following(signed, record)
+        if following is not None:
+            return _Overtaken(record, following)
+        signed.accept(record)
+        return Candidate(manifest, digest, head=True)
+
+    def _unbacked(self, signed: SignedHeads, head: int, error: IntegrityError) -> Refused:
+        """Refuse a plain head no valid signed head names: for its manifest's own
+        failure where it has one (unsigned, unknown key, altered), else ``error``."""
+        try:
+            self.store.manifest(head, signed.keys)
+        except NotFound:
+            pass
+        except IntegrityError as e:
+            return Refused(head, e)
+        return Refused(head, error, SIGNED_HEAD)
+
+    def _following(self, signed: SignedHeads, record: HeadRecord) -> Manifest | None:
+        """The signed manifest after the record's, if it shows the record replayed."""
+        try:
+            following = self.store.manifest(record.version + 1, signed.keys)
+        except (NotFound, IntegrityError):
+            return None  # absent, or not signed by us: says nothing about the record
+        return following if signed.newer(record, following) else None
+
+    def _signed_names(self, m: Manifest, carried: bytes) -> Confirmation:
+        """Whether a fresh signed head names ``carried`` as ``m``; anything else is
+        left to ``look``, which reads the record again and refuses it if it must."""
+        assert self.signed is not None
+        head, data = self.store.head_and_record()
+        try:
+            record = self.signed.decode(data, head)
+            self.signed.check_fresh(record, time.time())
+        except IntegrityError:
+            return Confirmation.NOT_HELD
+        if (record.version, record.lineage) != (m.version, m.lineage):
+            return Confirmation.NOT_HELD  # head moved on, or never named it
+        if record.manifest != codec.digest(carried):
+            return self._lied(m)
+        if self._following(self.signed, record) is not None:
+            return Confirmation.NOT_HELD
+        self.signed.accept(record)
+        self._checked_signed = _seen(head, data)
+        return Confirmation.CONFIRMED
+
+
+def _seen(head: int | None, data: bytes | None) -> bytes:
+    """What identifies a look at the signed head: the record's bytes and the plain head."""
+    return (data or b"") + f"|head {head}".encode()

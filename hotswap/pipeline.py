@@ -206,7 +206,7 @@ class Pipeline:
             if self._consider(candidate) is not Outcome.UNCONFIRMED:
                 return
             self.state.rest()  # nothing changed; what Redis holds decides
-        look = self.lookout.look(request)
+        look = self.lookout.look(request, self.state.running())
         if isinstance(look, Candidate):
             self._consider(look)
         elif isinstance(look, Refused):
@@ -366,10 +366,11 @@ class Pipeline:
         self.state.record_rejection(version, Rejection(lineage, error, digest))
 
     def _refuse(self, refused: Refused) -> None:
-        """Reject a version whose manifest failed its checks, once per distinct failure."""
+        """Reject a version whose manifest (or signed head) failed its checks, once per
+        distinct failure."""
         before = self.state.rejection(refused.version)
         if before is None or str(before.error.__cause__) != str(refused.error):
-            reasons = {"<manifest>": [str(refused.error)]}
+            reasons = {refused.subject: [str(refused.error)]}
             self._reject(refused.version, None, reasons, refused.error)
 
     def _head_gone(self) -> None:

@@ -236,6 +236,9 @@ class RunState:
                 self._rejections = {
                     v: r for v, r in self._rejections.items() if r.lineage in (m.lineage, None)
                 }
+            # What runs under this number now is not what was refused under it
+            # (a replayed record, or other content before a restore).
+            self._rejections.pop(m.version, None)
             self._applied, self._lineage = m.version, m.lineage
             self._manifest_digest = digest
 

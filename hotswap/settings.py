@@ -125,6 +125,11 @@ class HotswapSettings(BaseSettings):
         description="Publishers with a signing key sign head to expire this many seconds "
         "after it is issued (re-sign with `hotswap resign` before); 0: no expiry.",
     )
+    head_require_expiry: bool = Field(
+        default=False,
+        description="Agents with signing keys refuse a signed head without an unexpired "
+        "expiry (freeze protection; publishers must re-sign before it expires).",
+    )
 
     @field_validator("signing_keys", mode="before")
     @classmethod

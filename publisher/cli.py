@@ -243,7 +243,7 @@ def cmd_status(ctx: Context) -> int:
     from publisher import render, views
 
     with ctx.store() as store:
-        data = views.status_view(store)
+        data = views.status_view(store, signing_keys=ctx.settings().key_bytes())
     ctx.emit(data, lambda: render.print_status(ctx.out, data))
     return OK
 

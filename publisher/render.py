@@ -216,13 +216,37 @@ def status_table(data: dict[str, Any]) -> Table:
 
 
 def print_status(console: Console, data: dict[str, Any]) -> None:
-    """``hotswap status`` for people: the table, and a line when no agent has reported."""
+    """``hotswap status`` for people: the table, a line when no agent has reported,
+    and with signing keys the signed head and the versions those keys cannot verify."""
     console.print(status_table(data))
     if not data["agents"]:
         console.print("no agent has reported for this model")
+    for line in signing_lines(data.get("signing")):
+        console.print(line)
     for problem in data.get("problems", []):
         # Read from Redis, where any agent's user may have written: plain text.
         console.print(plain(f"agent records: {problem}", "yellow"))
+
+
+def signing_lines(signing: dict[str, Any] | None) -> list[Text]:
+    """What agents with this environment's signing keys make of the head and versions."""
+    if signing is None:
+        return []
+    head = signing["head"]
+    lines = [
+        plain(f"signed head: refused by agents: {head['error']}", "red")
+        if "error" in head
+        else plain(f"signed head: v{head['version']} (key id {head['key_id']})")
+    ]
+    for row in signing["unverifiable"]:
+        lines.append(
+            plain(
+                f"v{row['version']}: not verifiable with these signing keys, agents refuse it: "
+                f"{row['reason']}",
+                "yellow",
+            )
+        )
+    return lines
 
 
 # -- log / show / diff ------------------------------------------------------------

@@ -2,21 +2,22 @@
 
 The CLI prints these rows (``render.status_table``) or dumps them as
 ``--json``; the demo watches its server's agent through them. Everything
-here is pure but ``status_view`` and ``stored_digests``, which read the
+here is pure but ``status_view`` and the functions it calls, which read the
 store. Imports no torch: ``hotswap status`` must stay quick to start.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import blake3
 
 from hotswap import status as st
-from hotswap.errors import HotswapError, NotFound
+from hotswap.errors import HotswapError, IntegrityError, NotFound
+from hotswap.freshness import SignedHeads
 from hotswap.status import AgentStatus
 from hotswap.store import AgentRecord, AgentRecords, Store
 
@@ -116,17 +117,28 @@ def agent_statuses(
     return [(record_status(r), r.alive) for r in read.records]
 
 
-def status_view(store: Store, now: float | None = None) -> dict[str, Any]:
+def status_view(
+    store: Store, now: float | None = None, signing_keys: Sequence[bytes] = ()
+) -> dict[str, Any]:
     """The model's head and lineage, and a row per agent that reported (JSON-able).
 
     Args:
         store: the model's store.
         now: the time heartbeat ages are counted to (default: the clock).
+        signing_keys: the keys agents hold; with any, ``signing`` says what the
+            signed head names and which stored versions these keys cannot
+            verify (agents refuse them: a key removed strands what only it signed).
 
     Returns:
-        ``{"model", "head", "lineage", "agents": [row, ...], "problems"}``, as
-        ``hotswap status --json`` prints it (``problems`` lists agent records
-        that could not be read at all, such as a key of the wrong type).
+        ``{"model", "head", "lineage", "agents": [row, ...], "signing",
+        "problems"}``, as ``hotswap status --json`` prints it (``signing`` is
+        None without keys; ``problems`` lists agent records that could not be
+        read at all, such as a key of the wrong type).
+
+    Example:
+        >>> view = status_view(store, signing_keys=settings.key_bytes())  # doctest: +SKIP
+        >>> [row["version"] for row in view["signing"]["unverifiable"]]  # doctest: +SKIP
+        [1, 3]
 
     Raises:
         StoreUnavailable: Redis could not be reached.
@@ -139,12 +151,51 @@ def status_view(store: Store, now: float | None = None) -> dict[str, Any]:
     records = agent_statuses(store, report)
     stored = stored_digests(store, {s.version for s, _ in records if s.manifest_digest})
     agents = [agent_row(s, alive, head, lineage, now, stored=stored) for s, alive in records]
+    signing = signing_view(store, signing_keys) if signing_keys else None
     return {
         "model": store.model,
         "head": head,
         "lineage": lineage,
         "agents": agents,
+        "signing": signing,
         "problems": report.problems,
+    }
+
+
+def signing_view(store: Store, signing_keys: Sequence[bytes]) -> dict[str, Any]:
+    """What agents holding ``signing_keys`` make of the stored versions and the signed head.
+
+    Returns:
+        ``{"head": {...} or {"error": ...}, "unverifiable": [{"version", "reason"}]}``:
+        the signed head record (version, lineage, issue and expiry times, key
+        id) or why agents refuse it, and every stored version whose manifest
+        these keys do not verify (signed only by a removed key, unsigned, altered).
+    """
+    unverifiable = []
+    for v in store.versions():
+        try:
+            store.manifest(v, signing_keys)
+        except NotFound:
+            continue  # collected meanwhile
+        except IntegrityError as e:
+            unverifiable.append({"version": v, "reason": str(e)})
+    return {"head": signed_head(store, signing_keys), "unverifiable": unverifiable}
+
+
+def signed_head(store: Store, signing_keys: Sequence[bytes]) -> dict[str, Any]:
+    """The signed head record as agents with ``signing_keys`` read it, or why they refuse it."""
+    head, data = store.head_and_record()
+    try:
+        r = SignedHeads(store.model, signing_keys).decode(data, head)
+    except IntegrityError as e:
+        return {"error": str(e)}
+    return {
+        "version": r.version,
+        "lineage": r.lineage,
+        "manifest_digest": r.manifest,
+        "issued": r.issued,
+        "expires": r.expires,
+        "key_id": r.key_id,
     }
 
 

@@ -20,7 +20,7 @@ from typing import Any, cast
 import tenacity
 import torch
 
-from hotswap import codec, keys, notice
+from hotswap import codec, headrecord, keys, notice
 from hotswap import manifest as mf
 from hotswap.agent import Agent
 from hotswap.blobs import BlobStore
@@ -151,6 +151,10 @@ class WatchedStore(Store):
         self.watch.saw("head")
         return super().head()
 
+    def head_and_record(self) -> tuple[int | None, bytes | None]:
+        self.watch.saw("head")
+        return super().head_and_record()
+
     def head_and_glance(
         self, version: int, edge: int
     ) -> tuple[int | None, tuple[int, bytes, bytes]]:
@@ -276,16 +280,56 @@ def commit_raw(
     ``tamper`` edits the entries before the manifest is built; ``notify=False``
     moves head without a notice, as if the notice were lost. The notice
     carries no manifest, as a publisher's does when the manifest is large.
+    With ``signing_key``, the signed head record names the new version too.
     """
     version = store.reserve_version()
     m, data = manifest_raw(store, state, version, tamper=tamper, signing_key=signing_key)
+    record = None if signing_key is None else head_record(m, data, signing_key)
     if notify:
         n = notice.encode(notice.Notice(store.model, version, "publish", m.lineage))
-        store.commit(m, data, {"version": version}, n)
+        store.commit(m, data, {"version": version}, n, record)
     else:
+        if record is not None:
+            store.client.set(keys.head_record_key(store.ns, store.model), record)
         store.client.set(keys.manifest_key(store.ns, store.model, version), data)
         store.client.set(keys.head_key(store.ns, store.model), version)
     return version
+
+
+def sign_head(
+    store: Store,
+    m: Manifest,
+    data: bytes,
+    signing_key: bytes,
+    *,
+    issued: float | None = None,
+    expires: float | None = None,
+) -> bytes:
+    """Write the signed head record naming ``m`` (wire bytes ``data``), as a publisher
+    with a signing key does (``hotswap resign`` with ``issued``); returns its bytes."""
+    raw = head_record(m, data, signing_key, issued=issued, expires=expires)
+    store.client.set(keys.head_record_key(store.ns, store.model), raw)
+    return raw
+
+
+def head_record(
+    m: Manifest,
+    data: bytes,
+    signing_key: bytes,
+    *,
+    issued: float | None = None,
+    expires: float | None = None,
+) -> bytes:
+    """The signed head record naming ``m`` (wire bytes ``data``), issued at its creation."""
+    record = headrecord.HeadRecord(
+        m.model,
+        m.version,
+        m.lineage,
+        codec.digest(data),
+        issued=m.created if issued is None else issued,
+        expires=expires,
+    )
+    return headrecord.encode(record, signing_key)
 
 
 def announce(store: Store, version: int, lineage: str, carried: bytes | None = None) -> None:

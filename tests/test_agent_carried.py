@@ -188,8 +188,9 @@ def test_signed_agent_reads_redis_when_the_carried_manifest_is_unsigned(
         seen.calls.clear()
         announce(store, v2, unsigned.lineage, data)
         assert agent.wait_for(v2, 10)
-        # The carried bytes did not verify: nothing was fetched before Redis's manifest.
-        assert seen.calls[0] == ("manifest", v2)
+        # The carried bytes did not verify: nothing was fetched before the signed
+        # head (read with head) and the manifest it names.
+        assert seen.calls[:2] == [("head", None), ("manifest", v2)]
         assert equal_state(model, real)
         assert torch.equal(model.state_dict()[next(iter(real))], next(iter(real.values())))
 

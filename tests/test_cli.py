@@ -17,6 +17,7 @@ import blake3
 import pytest
 import redis
 import torch
+from pydantic import SecretStr
 from safetensors.torch import save_file
 
 from hotswap import keys
@@ -576,6 +577,40 @@ def test_status_shows_an_agent_running_other_content_than_its_version_as_diverge
     lines = {line.split("│")[1].strip(): line for line in out.splitlines() if "│ srv-" in line}
     assert "diverged" in lines["srv-other"]
     assert "diverged" not in lines["srv-same"] and "diverged" not in lines["srv-older"]
+
+
+def test_status_with_signing_keys_names_the_versions_they_strand(
+    run: Any,
+    settings: HotswapSettings,
+    client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13, key revocation: with the agents' keys in its environment, ``status``
+    says whether agents accept the signed head and which stored versions they refuse."""
+    old, new = "revoked-key-0123456789abcdef", "current-key-fedcba9876543210"
+    first = settings.model_copy(update={"signing_keys": [SecretStr(old)]})
+    with Publisher("m", settings=first, connection=client) as p:
+        p.publish(weights(0))
+    both = settings.model_copy(update={"signing_keys": [SecretStr(new), SecretStr(old)]})
+    with Publisher("m", settings=both, connection=client) as p:
+        p.publish(weights(1))
+    monkeypatch.setenv("HOTSWAP_SIGNING_KEYS", new)  # old was dropped everywhere
+    code, out, _ = run("status", "m", "--json")
+    assert code == 0
+    signing = json.loads(out)["signing"]
+    assert signing["head"]["version"] == 2 and signing["head"]["expires"] is None
+    (row,) = signing["unverifiable"]
+    assert row["version"] == 1 and "is signed with unknown key id" in row["reason"]
+    code, out, _ = run("status", "m")
+    assert code == 0
+    assert "signed head: v2 (key id " in out
+    assert "v1: not verifiable with these signing keys, agents refuse it: manifest of m v1" in out
+    monkeypatch.setenv("HOTSWAP_SIGNING_KEYS", old)  # agents that know only the old key
+    code, out, _ = run("status", "m")
+    assert code == 0 and "signed head: refused by agents: signed head of model 'm' is " in out
+    monkeypatch.delenv("HOTSWAP_SIGNING_KEYS")
+    code, out, _ = run("status", "m", "--json")
+    assert json.loads(out)["signing"] is None
 
 
 def test_log_show_diff_human_and_json(run: Any, pub: Publisher) -> None:
