@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from acl_support import PUBLISHER, apply_documented, user_url
+from pydantic import SecretStr
 from rel_support import MODEL, make_state, nudged, settings_for
 from safetensors.torch import save_file
 
@@ -128,3 +130,24 @@ def test_a_full_publish_that_omits_tensors_is_refused_unless_excluded(
             "layer04.weight",
             "layer05.weight",
         ]
+
+
+def test_signed_commits_and_resign_run_under_the_documented_publisher_user() -> None:
+    # The commit script now writes (or deletes) the signed head record and the
+    # reservation is a script: the documented publisher user must allow both.
+    with EmbeddedRedis() as server:
+        admin = apply_documented(server)
+        url = user_url(server, PUBLISHER)
+        signed = settings_for(url, signing_keys=[SecretStr("k" * 32)], head_expiry_seconds=60)
+        with Publisher(MODEL, settings=signed) as pub:
+            first = make_state(1)
+            pub.publish(first)
+            pub.publish(nudged(first, 0.01))
+            assert pub.rollback() == 3
+            assert pub.resign().version == 3
+        admin.delete(keys.seq_key("hotswap", MODEL))
+        with Publisher(MODEL, settings=settings_for(url)) as pub:
+            assert pub.publish(nudged(first, 0.02)) == 4  # unsigned: deletes the record
+        assert admin.get(keys.head_record_key("hotswap", MODEL)) is None
+        assert admin.execute_command("ACL", "LOG") == []
+        admin.close()
