@@ -1,92 +1,35 @@
 """Which manifest the agent considers next: the one a notice carried, the one it named, or head's.
 
 ``Lookout`` decides and reads; it never stages, applies or refuses. Its
-answers are named results: a ``Candidate`` to consider, a ``Refused`` version
-whose manifest failed its checks, or a ``Quiet`` look. A manifest a notice
-carried is only a head start: ``confirm`` compares it with the one Redis
-holds before the agent acts on it.
+answers are named results (``hotswap.looks``): a ``Candidate`` to consider, a
+``Refused`` version whose manifest failed its checks, or a ``Quiet`` look. A
+manifest a notice carried is only a head start: ``confirm`` compares it with
+the one Redis holds before the agent acts on it.
 
-With signing keys, head is the signed head record's (``hotswap.freshness``),
-never the plain ``head`` key nor a notice's version: the agent considers only
-the manifest a fresh, valid record names, and a refused record is not read
-again until its bytes change.
+With signing keys, head is the signed head record's (``hotswap.signedlook``
+reads it, ``hotswap.freshness`` judges it), never the plain ``head`` key nor a
+notice's version: the agent considers only the manifest a fresh, valid record
+names, and a refused record is not read again until its bytes change.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
-import time
-from dataclasses import dataclass
 
 from hotswap import codec, notice
 from hotswap.delivery import Reason, Request
 from hotswap.errors import FormatError, IntegrityError, NotFound
 from hotswap.freshness import SignedHeads
-from hotswap.headrecord import HeadRecord
+from hotswap.looks import Candidate, Confirmation, Look, Quiet, Refused
 from hotswap.manifest import Manifest
 from hotswap.refusals import EDGE, Refusals
 from hotswap.runstate import Running
 from hotswap.settings import HotswapSettings
+from hotswap.signedlook import SignedLook
 from hotswap.store import Store
 
 log = logging.getLogger("hotswap.agent")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A manifest to consider, and the BLAKE3 ``digest`` of its wire bytes.
-
-    ``carried`` holds those bytes when a notice carried them (to ``confirm``
-    against Redis before it is applied or refused). ``head`` says it is head's
-    manifest: the agent converges on head's content whatever its number, while
-    a manifest a notice named is only worth it when newer than what runs.
-    """
-
-    manifest: Manifest
-    digest: str
-    carried: bytes | None = None
-    head: bool = False
-
-
-@dataclass(frozen=True)
-class Refused:
-    """The manifest of ``version`` failed its checks (garbled, unsigned, over a limit),
-    or, with signing keys, the signed head naming it did (``subject`` says which)."""
-
-    version: int
-    error: IntegrityError
-    subject: str = "<manifest>"
-
-
-SIGNED_HEAD = "<signed head>"
-
-
-@dataclass(frozen=True)
-class _Overtaken:
-    """A signed head record, and a signed manifest of its lineage created after it."""
-
-    record: HeadRecord
-    following: Manifest
-
-
-class Quiet(enum.Enum):
-    """A look that found nothing to stage."""
-
-    NOTHING_NEW = "head has not moved, or its manifest was collected meanwhile"
-    HEAD_GONE = "Redis holds no head for the model"
-
-
-Look = Candidate | Refused | Quiet
-
-
-class Confirmation(enum.Enum):
-    """What Redis holds for a version whose manifest a notice carried."""
-
-    CONFIRMED = "the same bytes"
-    NOT_HELD = "no manifest: never committed, or collected already"
-    CONTRADICTED = "another manifest: the notice lied"
 
 
 class Lookout:
@@ -103,12 +46,8 @@ class Lookout:
         self.store, self.settings = store, settings
         keys = settings.key_bytes()
         # With signing keys the signed head record decides, never the plain key.
-        self.signed = SignedHeads(store.model, keys, settings.head_require_expiry) if keys else None
-        # The agent's thread only: the signed head last looked at (its bytes, or
-        # the plain head when there was none), and the last one refused, which
-        # is not read again, even on a notice, until it changes.
-        self._checked_signed: bytes | None = None
-        self._refused_signed: bytes | None = None
+        heads = SignedHeads(store.model, keys, settings.head_require_expiry)
+        self.signed = SignedLook(store, heads, self._saw_head) if keys else None
         self._lock = threading.Lock()
         # Guarded by _lock: the head last seen in Redis (or named by a notice
         # whose manifest was read).
@@ -195,7 +134,13 @@ class Lookout:
         )
         return Confirmation.CONTRADICTED
 
-    def _lied(self, m: Manifest) -> Confirmation:
+    def _signed_names(self, m: Manifest, carried: bytes) -> Confirmation:
+        """Whether a fresh signed head names ``carried`` as ``m``; one naming other bytes
+        for that version turns carried manifests off, as a lie about Redis does."""
+        assert self.signed is not None
+        named = self.signed.names(m, carried)
+        if named is not Confirmation.CONTRADICTED:
+            return named
         self.use_carried = False
         log.warning(
             "model %r: the notice for v%d carried a manifest that is not the one "
@@ -213,7 +158,7 @@ class Lookout:
         ``running`` spares reading the manifest the record names when it runs.
         """
         if self.signed is not None:
-            return self._look_at_signed_head(self.signed, request.force, running or Running())
+            return self.signed.look(request.force, running or Running())
         if request.version is not None:
             if self._still_refused(request.version):
                 return Quiet.NOTHING_NEW
@@ -276,126 +221,3 @@ class Lookout:
             return Quiet.NOTHING_NEW
         except IntegrityError as e:
             return Refused(head, e)
-
-    # -- with signing keys: the signed head record ---------------------------------
-
-    def _look_at_signed_head(self, signed: SignedHeads, force: bool, running: Running) -> Look:
-        """The manifest a fresh, valid signed head names, or why it is refused.
-
-        A plain head that no valid signed head names is refused too, once the
-        signed head's manifest runs (and for its manifest's own failure, if it
-        has one). Looks a second time only when a commit landed between reads.
-        """
-        for _ in range(2):
-            head, data = self.store.head_and_record()
-            if data is None and head is None:
-                self._saw_head(None)
-                if self._checked_signed is not None or force:
-                    self._checked_signed = None
-                    return Quiet.HEAD_GONE
-                return Quiet.NOTHING_NEW
-            seen = _seen(head, data)
-            if seen == self._refused_signed or (seen == self._checked_signed and not force):
-                return Quiet.NOTHING_NEW
-            self._checked_signed = seen
-            look = self._follow(signed, head, data, running)
-            if isinstance(look, _Overtaken):
-                # A signed newer manifest of the record's lineage: a commit landed
-                # between the two reads (the record has changed: look again), or
-                # the record is a replay (it has not).
-                if self.store.head_and_record()[1] != data:
-                    continue
-                error = signed.replayed(look.record, look.following)
-                look = Refused(look.record.version, error, SIGNED_HEAD)
-            if isinstance(look, Refused):
-                self._refused_signed = seen
-            return look
-        self._checked_signed = None  # head keeps moving: the next notice or poll looks again
-        return Quiet.NOTHING_NEW
-
-    def _follow(
-        self, signed: SignedHeads, head: int | None, data: bytes | None, running: Running
-    ) -> Look | _Overtaken:
-        """Check the record and read the manifest it names; ``_Overtaken`` when a
-        newer signed manifest of its lineage exists (a race or a replay)."""
-        try:
-            record = signed.decode(data, head)
-        except IntegrityError as e:
-            self._saw_head(head)
-            if head is None:
-                return Quiet.HEAD_GONE  # nothing to follow, nothing to refuse
-            return (
-                self._unbacked(signed, head, e) if data is None else Refused(head, e, SIGNED_HEAD)
-            )
-        self._saw_head(record.version)
-        try:
-            signed.check_fresh(record, time.time())
-        except IntegrityError as e:
-            return Refused(record.version, e, SIGNED_HEAD)
-        if record.manifest == running.digest:
-            signed.accept(record)  # re-signed, or seen again: nothing to fetch
-            if head is not None and head != record.version:
-                return self._unbacked(signed, head, signed.unbacked(head, record))
-            return Quiet.NOTHING_NEW
-        try:
-            data = self.store.manifest_bytes(record.version)
-            manifest = self.store.manifest(record.version, signed.keys, data)
-        except NotFound:
-            self._checked_signed = None  # deleted by someone: look again next poll
-            return Quiet.NOTHING_NEW
-        except IntegrityError as e:
-            return Refused(record.version, e)
-        digest = codec.digest(data)
-        try:
-            signed.check_manifest(record, digest)
-        except IntegrityError as e:
-            return Refused(record.version, e, SIGNED_HEAD)
-        following = self._following(signed, record)
-        if following is not None:
-            return _Overtaken(record, following)
-        signed.accept(record)
-        return Candidate(manifest, digest, head=True)
-
-    def _unbacked(self, signed: SignedHeads, head: int, error: IntegrityError) -> Refused:
-        """Refuse a plain head no valid signed head names: for its manifest's own
-        failure where it has one (unsigned, unknown key, altered), else ``error``."""
-        try:
-            self.store.manifest(head, signed.keys)
-        except NotFound:
-            pass
-        except IntegrityError as e:
-            return Refused(head, e)
-        return Refused(head, error, SIGNED_HEAD)
-
-    def _following(self, signed: SignedHeads, record: HeadRecord) -> Manifest | None:
-        """The signed manifest after the record's, if it shows the record replayed."""
-        try:
-            following = self.store.manifest(record.version + 1, signed.keys)
-        except (NotFound, IntegrityError):
-            return None  # absent, or not signed by us: says nothing about the record
-        return following if signed.newer(record, following) else None
-
-    def _signed_names(self, m: Manifest, carried: bytes) -> Confirmation:
-        """Whether a fresh signed head names ``carried`` as ``m``; anything else is
-        left to ``look``, which reads the record again and refuses it if it must."""
-        assert self.signed is not None
-        head, data = self.store.head_and_record()
-        try:
-            record = self.signed.decode(data, head)
-            self.signed.check_fresh(record, time.time())
-        except IntegrityError:
-            return Confirmation.NOT_HELD
-        if (record.version, record.lineage) != (m.version, m.lineage):
-            return Confirmation.NOT_HELD  # head moved on, or never named it
-        if record.manifest != codec.digest(carried):
-            return self._lied(m)
-        if self._following(self.signed, record) is not None:
-            return Confirmation.NOT_HELD
-        self.signed.accept(record)
-        self._checked_signed = _seen(head, data)
-        return Confirmation.CONFIRMED
-
-
-def _seen(head: int | None, data: bytes | None) -> bytes:
-    """What identifies a look at the signed head: the record's bytes and the plain head."""
-    return (data or b"") + f"|head {head}".encode()

@@ -28,7 +28,8 @@ from hotswap.delivery import Reason, Request, Stopped
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
 from hotswap.hostmem import HostMemory
-from hotswap.lookout import Candidate, Confirmation, Lookout, Quiet, Refused
+from hotswap.lookout import Lookout
+from hotswap.looks import Candidate, Confirmation, Quiet, Refused
 from hotswap.manifest import Manifest
 from hotswap.reporter import ApplyReport, Reporter
 from hotswap.runstate import Ready, Rejection, RunState
