@@ -126,6 +126,41 @@ def test_agent_converges_on_content_after_redis_is_restored_from_an_older_snapsh
                 assert late.manifest_digest == new_v3
 
 
+def test_signed_agent_after_a_restore_from_an_older_snapshot_waits_for_a_re_signed_head() -> None:
+    """With signing keys, Redis restored on purpose from a snapshot at v2 while agents
+    run v3: running agents refuse the restored head (issued before v3's) until an
+    operator re-signs it (`hotswap resign`), then follow its content; a publish
+    on top is applied as usual."""
+    with EmbeddedRedis() as server:
+        cfg = settings_for(server, signing_keys=KEY)
+        store = admin_store(server)
+        base = make_state(1)
+        live = live_copy(make_state(0))
+        with Publisher(MODEL, settings=cfg) as pub, Agent(live, MODEL, settings=cfg) as agent:
+            pub.publish(base)
+            assert pub.publish(nudged(base, 0.01)) == 2
+            store.client.save()
+            assert pub.publish(nudged(base, 0.02)) == 3
+            assert agent.wait_for(3, 10)
+            running = agent.manifest_digest
+            server.restart()  # head v2 and its signed record, issued before v3's
+            # (wait_for(2) would return at once: v3 runs, newer than v2.)
+            assert until(agent, lambda: agent.last_rejection is not None)
+            assert agent.last_rejection is not None
+            (reason,) = agent.last_rejection.reasons[SIGNED]
+            assert reason.startswith(f"model {MODEL!r}: signed head v2 (lineage ")
+            assert "a replayed or rolled-back head; if Redis was restored on purpose" in reason
+            assert agent.manifest_digest == running and digests(live) == digests(nudged(base, 0.02))
+            assert pub.resign().version == 2  # the operator's answer
+            announce(store, 2, store.manifest(2).lineage)
+            assert until(agent, lambda: digests(live) == digests(nudged(base, 0.01)))
+            assert agent.manifest_digest == codec.digest(store.manifest_bytes(2))
+            fresh_content = nudged(base, 0.03)
+            assert pub.publish(fresh_content) == 3  # v3 again, other bytes
+            assert until(agent, lambda: digests(live) == digests(fresh_content))
+            assert_runs_exactly(store, live, 3)
+
+
 # -- rollback (TUF): a signed but older head --------------------------------------------
 
 
