@@ -181,7 +181,8 @@ class Agent:
 
     @property
     def head_version(self) -> int | None:
-        """The head this agent last saw in Redis (None before the first look, or if none)."""
+        """The head this agent last saw in Redis (None before the first look, or if none);
+        with signing keys, the version the signed head record names."""
         return self._pipeline.lookout.head
 
     @property
