@@ -365,3 +365,38 @@ def encodings_used(frames: Sequence[Buffer]) -> set[Encoding]:
 def result_digests(frames: Sequence[Buffer]) -> list[bytes]:
     """Each frame's result chunk digest: the next delta's ``base_digests``."""
     return [read_header(frame).result_digest for frame in frames]
+
+
+# -- how a delta blob is named, checked and bounded ------------------------------
+
+
+def blob_name(base: str, result: str, chunk_bytes: int) -> str:
+    """The name of the delta blob from content ``base`` to ``result`` (``DeltaRef.blob``).
+
+    Digest-shaped, so the blob lives under the usual blob keys and index; the
+    same delta is never stored twice, and an entry whose ``DeltaRef`` names
+    ``blob_name(entry.digest, ref.base, ...)`` reads that blob backwards.
+    """
+    seed = b"hotswap-delta:" + base.encode() + b":" + result.encode() + b":"
+    return blake3.blake3(seed + str(chunk_bytes).encode()).hexdigest()
+
+
+def frames_digest(chunk_digests: Sequence[bytes]) -> str:
+    """``DeltaRef.frames_digest``: BLAKE3 over the entry's content chunk digests, in order.
+
+    The frames carry those digests (as results, or as bases for a blob the
+    entry reads backwards) in unsigned blob bytes; this digest in the signed
+    manifest lets a reader trust each frame's check.
+    """
+    return blake3.blake3(b"".join(chunk_digests)).hexdigest()
+
+
+def max_frame_bytes(length: int) -> int:
+    """The most bytes a well-formed frame of a ``length``-byte chunk can take.
+
+    A header, a sparse head, and a zstd frame of at most the chunk's length,
+    which zstd never compresses to more than its compress bound: what a reader
+    allows a stored frame before refusing it as oversized.
+    """
+    small = (128 * 1024 - length) >> 11 if length < 128 * 1024 else 0
+    return HEADER_BYTES + 5 + length + (length >> 8) + small
