@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
-from hotswap import headrecord, keys
+from hotswap import codec, headrecord, keys
 from hotswap import manifest as mf
 from hotswap import notice as nt
 from hotswap.connection import RedisClient, connect
@@ -398,6 +398,7 @@ class Publisher:
                 f"model {self.model!r}: will not re-sign head v{number}: {plan.cause(e)}; "
                 "publish or roll back to put a version signed with this key on top"
             ) from e
+        self._check_head_is_signed_head(number, data, record)
         head = Head(self.model, number, m, signing=True)
         issued = max(commit.now(), commit.not_before(head, record, self._keys))
         expiry = self.settings.head_expiry_seconds
@@ -409,6 +410,29 @@ class Publisher:
                 "written: run `hotswap resign` again"
             )
         return headrecord.decode(signed, keys=[key], expect_model=self.model)
+
+    def _check_head_is_signed_head(self, number: int, data: bytes, record: bytes | None) -> None:
+        """Refuse to re-sign a plain head that the current signed record does not name.
+
+        Anyone who can write Redis can move the plain ``head`` key (to a
+        retracted version, say); a scheduled re-sign that signed whatever it
+        says would turn that into a head every agent accepts. Only a record
+        that no longer verifies (absent, or by a removed key) lets the plain
+        head decide, which is how signing is turned on.
+        """
+        if record is None:
+            return
+        try:
+            current = headrecord.decode(record, keys=self._keys, expect_model=self.model)
+        except IntegrityError:
+            return
+        if current.version != number or current.manifest != codec.digest(data):
+            named = f"v{current.version}" + ("" if current.version != number else " (other bytes)")
+            raise VersionConflict(
+                f"model {self.model!r}: head says v{number} but the signed head names {named}: "
+                "someone without the signing key moved head; nothing re-signed. Put head "
+                "back with `hotswap rollback` or a publish, which sign a new head"
+            )
 
     # -- gc and verify ---------------------------------------------------------------
 

@@ -236,3 +236,24 @@ def test_cli_resign(
     assert cli.main(["resign", "m", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["version"] == 1 and data["expires"] == data["issued"] + 3600
+
+
+def test_resign_never_signs_a_head_moved_by_someone_without_the_key(
+    signed: Publisher, client: redis.Redis, store: Store
+) -> None:
+    """v1, v2, a rollback to v1 (v3); an intruder sets the plain head back to the
+    retracted v2. A scheduled re-sign must not bless it: agents follow the record."""
+    signed.publish(weights(1))
+    signed.publish(weights(2))
+    signed.rollback(to=1)
+    client.set(HEAD, b"2")
+    before = {k: client.dump(k) for k in client.keys("*")}
+    with pytest.raises(VersionConflict) as e:
+        signed.resign()
+    assert str(e.value) == (
+        "model 'm': head says v2 but the signed head names v3: someone without the signing "
+        "key moved head; nothing re-signed. Put head back with `hotswap rollback` or a "
+        "publish, which sign a new head"
+    )
+    assert {k: client.dump(k) for k in client.keys("*")} == before
+    assert record_of(client).version == 3
