@@ -10,13 +10,18 @@ publisher and the agent do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis
 import tenacity
 
 from hotswap import keys
+from hotswap.agentrecords import (
+    AGENT_RECORD_LINGER,
+    MAX_AGENT_RECORDS,
+    AgentRecord,
+    AgentRecordIO,
+    AgentRecords,
+)
 from hotswap.blobs import BlobStore
 from hotswap.connection import RedisClient, guarded, operation_retry, retry_from_settings
 from hotswap.errors import FormatError, NotFound, VersionConflict
@@ -25,17 +30,21 @@ from hotswap.settings import HotswapSettings
 from hotswap.status import MAX_STATUS_BYTES
 from hotswap.subscription import Subscription
 
-__all__ = ["DEFAULT_LIMITS", "LOG_MAXLEN", "MAX_STATUS_BYTES", "Store", "Subscription"]
+__all__ = [
+    "AGENT_RECORD_LINGER",
+    "DEFAULT_LIMITS",
+    "LOG_MAXLEN",
+    "MAX_AGENT_RECORDS",
+    "MAX_STATUS_BYTES",
+    "AgentRecord",
+    "AgentRecords",
+    "Store",
+    "Subscription",
+]
 
 T = TypeVar("T")
 DEFAULT_LIMITS = Limits()
 LOG_MAXLEN = 10_000
-# How long an agent's record outlives its heartbeat: `hotswap status` shows a
-# dead agent as expired for a day, then it is gone (agent ids are new at each
-# start unless fixed, so records must not pile up).
-AGENT_RECORD_LINGER = 24 * 3600
-# Most agent records `status` and gc read: a hostile user could write millions.
-MAX_AGENT_RECORDS = 10_000
 
 # KEYS: seq, head. The next number is max(seq, head) + 1: a seq that was
 # evicted, deleted or restored older than head costs no failed publish.
@@ -118,6 +127,7 @@ class Store:
         self._reserve_script = client.register_script(_RESERVE)
         self._resign_script = client.register_script(_RESIGN)
         self.blobs = BlobStore(client, self.model, namespace=self.ns, retrying=self._retrying)
+        self.records = AgentRecordIO(client, self.model, self.ns, self.call)
 
     @classmethod
     def from_settings(
@@ -388,124 +398,19 @@ class Store:
             out.append(row)
         return out
 
-    # -- agents ---------------------------------------------------------------
+    # -- agents (``AgentRecordIO``) ------------------------------------------------
 
     def write_agent_status(self, agent_id: str, record: bytes, ttl: float) -> None:
-        """Write one agent's status record and heartbeat (its two keys, nothing shared).
-
-        Each agent has keys of its own (``keys.agent_status_key``,
-        ``keys.heartbeat_key``), so a Redis user can be fenced to one agent's
-        keys (README, Security). The heartbeat lives ``ttl`` seconds; the
-        record ``AGENT_RECORD_LINGER`` longer, so a dead agent shows as gone.
-        """
-        status = self._key(keys.agent_status_key, agent_id)
-        beat = self._key(keys.heartbeat_key, agent_id)
-        ttl_ms = max(1, int(ttl * 1000))
-
-        def write() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(status, record, px=ttl_ms + AGENT_RECORD_LINGER * 1000)
-            pipe.set(beat, b"1", px=ttl_ms)
-            pipe.execute()
-
-        self.call("writing agent status", write)
+        self.records.write(agent_id, record, ttl)
 
     def remove_agent(self, agent_id: str) -> None:
-        """Delete an agent's record and heartbeat, and its field of the older agents' hash."""
-        status = self._key(keys.agent_status_key, agent_id)
-        beat = self._key(keys.heartbeat_key, agent_id)
-        agents = self._key(keys.agents_key)
-
-        def remove() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.delete(status, beat)
-            pipe.hdel(agents, agent_id)
-            _replies(pipe.execute(raise_on_error=False))  # a hash of the wrong type: no field
-
-        self.call("removing agent status", remove)
+        self.records.remove(agent_id)
 
     def agent_records(self) -> list[tuple[str, bytes, bool]]:
-        """(agent id, status bytes, heartbeat alive) for every agent that reported.
-
-        The bytes are empty where the record could not be read
-        (``agent_report`` says why).
-        """
-        return [(r.agent_id, r.data or b"", r.alive) for r in self.agent_report().records]
+        return self.records.all()
 
     def agent_report(self) -> AgentRecords:
-        """Every agent's status record as stored, and what could not be read.
-
-        Agents' Redis users are not trusted here: a key of the wrong type, a
-        record over ``MAX_STATUS_BYTES`` (its size is asked first), a field
-        name that is no agent id, more records than ``MAX_AGENT_RECORDS``: each
-        is reported, and the rest still read. Records are read from each
-        agent's key and from the hash older agents wrote; an agent in both is
-        read from its key.
-
-        Raises:
-            StoreUnavailable: Redis could not be reached.
-            ConfigError: this Redis user may not read the records.
-        """
-        return self.call("reading agent status", self._read_agents)
-
-    def _read_agents(self) -> AgentRecords:
-        problems: list[str] = []
-        found: list[bytes] = []  # as stored: a key need not be UTF-8
-        for key in self.client.scan_iter(match=self._key(keys.agent_status_pattern), count=1000):
-            if len(found) == MAX_AGENT_RECORDS:
-                problems.append(f"more than {MAX_AGENT_RECORDS} agent records: the rest unread")
-                break
-            found.append(key if isinstance(key, bytes) else key.encode())
-        agents = self._key(keys.agents_key)
-        pipe = self.client.pipeline(transaction=False)
-        for key in found:
-            pipe.strlen(key)
-        pipe.hkeys(agents)
-        *sizes, fields = _replies(pipe.execute(raise_on_error=False))
-        if _wrong_type(fields):
-            problems.append(
-                f"{agents} is not a hash (WRONGTYPE): the records older agents wrote there "
-                "cannot be read; an admin may DEL it (agents of this version do not write it)"
-            )
-            fields = []
-        own = {
-            keys.agent_of_status_key(k.decode(errors="backslashreplace")): (k, n)
-            for k, n in zip(found, sizes, strict=True)
-        }
-        if len(fields) > MAX_AGENT_RECORDS:
-            problems.append(
-                f"{agents} holds more than {MAX_AGENT_RECORDS} records: the rest unread"
-            )
-        legacy = {
-            name: f
-            for f in sorted(fields)[:MAX_AGENT_RECORDS]
-            if (name := f.decode(errors="backslashreplace")) not in own
-        }
-        readable = [k for k, n in own.values() if type(n) is int and 0 < n <= MAX_STATUS_BYTES]
-        named = [i for i in (*own, *legacy) if keys.is_name(i)]
-        pipe = self.client.pipeline(transaction=False)
-        for key in readable:
-            pipe.get(key)
-        for agent_id in named:
-            pipe.exists(self._key(keys.heartbeat_key, agent_id))
-        for field in legacy.values():
-            pipe.hstrlen(agents, field)
-        replies = _replies(pipe.execute(raise_on_error=False))
-        values = dict(zip(readable, replies[: len(readable)], strict=True))
-        alive = dict(zip(named, replies[len(readable) : len(readable) + len(named)], strict=True))
-        hsizes = replies[len(readable) + len(named) :]
-        small = [f for f, n in zip(legacy.values(), hsizes, strict=True) if n <= MAX_STATUS_BYTES]
-        hvalues = dict(zip(small, self.client.hmget(agents, small), strict=True)) if small else {}
-        records = [
-            _record(agent_id, values.get(key), size, bool(alive.get(agent_id)), "status key")
-            for agent_id, (key, size) in own.items()
-        ]
-        records += [
-            _record(agent_id, hvalues.get(field), size, bool(alive.get(agent_id)), "hash field")
-            for (agent_id, field), size in zip(legacy.items(), hsizes, strict=True)
-        ]
-        kept = [r for r in records if r is not None]
-        return AgentRecords(sorted(kept, key=lambda r: r.agent_id), problems)
+        return self.records.report()
 
     # -- notices ----------------------------------------------------------------
 
@@ -525,51 +430,3 @@ class Store:
             return n
 
         return self.call("deleting the model's keys", delete)
-
-
-# -- agent records: what was read, pure -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class AgentRecord:
-    """One agent's status record as stored (bytes, not decoded) and its heartbeat.
-
-    ``data`` is None where the record could not be read; ``problem`` says why.
-    """
-
-    agent_id: str
-    data: bytes | None
-    alive: bool
-    problem: str | None = None
-
-
-@dataclass(frozen=True)
-class AgentRecords:
-    """Every agent's record (by id), and what could not be read at all."""
-
-    records: list[AgentRecord]
-    problems: list[str]
-
-
-def _wrong_type(reply: object) -> bool:
-    return isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE")
-
-
-def _replies(replies: list[Any]) -> list[Any]:
-    """Pipeline replies, raising any error but WRONGTYPE (a record's key of another type)."""
-    for reply in replies:
-        if isinstance(reply, Exception) and not _wrong_type(reply):
-            raise reply
-    return replies
-
-
-def _record(agent_id: str, value: Any, size: Any, alive: bool, where: str) -> AgentRecord | None:
-    """The record read for ``agent_id`` (size asked first), None if it expired meanwhile."""
-    if _wrong_type(size) or _wrong_type(value):
-        return AgentRecord(agent_id, None, alive, f"its {where} is not a string (WRONGTYPE)")
-    if type(size) is int and size > MAX_STATUS_BYTES:
-        problem = f"its record is {size} bytes, over the {MAX_STATUS_BYTES}-byte limit"
-        return AgentRecord(agent_id, None, alive, problem)
-    if value is None:
-        return None
-    return AgentRecord(agent_id, bytes(value), alive)

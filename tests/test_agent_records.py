@@ -14,7 +14,7 @@ from polling import until
 
 from hotswap import keys
 from hotswap import status as st
-from hotswap import store as store_module
+from hotswap import agentrecords as store_module
 from hotswap.settings import HotswapSettings
 from hotswap.store import AgentRecord, Store
 from publisher import views
