@@ -192,3 +192,17 @@ def test_a_trickle_of_garbage_is_read_but_costs_one_look_per_gap(
     clock.now += LOOK_GAP
     assert handler.wait(lambda: handler.count(Reason.NOTICE) == 2)  # the one owed since
     assert not any(r.version for r in handler.requests) and handler.count(Reason.POLL) == 0
+
+
+def test_named_versions_are_read_at_once_but_fall_back_to_a_full_look_once_per_gap(
+    client: redis.Redis, loop: Loop
+) -> None:
+    handler, clock = loop
+    for version in (7, 8, 9):  # each its own wake-up, none held by Redis (lies, say)
+        _publish(client, [notice.encode(notice.Notice("m", version, "publish", "l" * 32))])
+        assert handler.wait(lambda: handler.count(Reason.NOTICE, named=True) == version - 6)
+    named = [r for r in handler.requests if r.version is not None]
+    assert [(r.version, r.recheck) for r in named] == [(7, True), (8, False), (9, False)]
+    clock.now += LOOK_GAP
+    _publish(client, [notice.encode(notice.Notice("m", 10, "publish", "l" * 32))])
+    assert handler.wait(lambda: any(r.version == 10 and r.recheck for r in handler.requests))
