@@ -69,9 +69,34 @@ def check_chunk(where: str, entry: TensorEntry, i: int, got: int | None) -> None
         )
 
 
+def stored_blobs(entry: TensorEntry) -> tuple[str, ...]:
+    """The names of the blobs holding an entry's bytes: its full blob, its delta blob, or
+    both (a keyframe). All are cut in the entry's chunks (``keys.blob_id``)."""
+    ref = entry.delta
+    if ref is None:
+        return (entry.digest,)
+    return (entry.digest, ref.blob) if ref.keyframe else (ref.blob,)
+
+
+def blob_ids(entry: TensorEntry) -> list[str]:
+    """The blob index ids of ``stored_blobs`` (none for an empty tensor)."""
+    if not entry.chunks:
+        return []
+    return [keys.blob_id(name, entry.chunk_bytes, entry.chunks) for name in stored_blobs(entry)]
+
+
+def _stored_as(entry: TensorEntry) -> tuple[tuple[str, ...], int, int]:
+    return stored_blobs(entry), entry.chunk_bytes, entry.nbytes
+
+
+def _count(entry: TensorEntry) -> int:
+    """How many chunk keys the entry's stored blobs have."""
+    return entry.chunks * len(stored_blobs(entry))
+
+
 def _unique_blobs(entries: Iterable[TensorEntry]) -> list[TensorEntry]:
-    """One entry per stored blob (tied tensors share one), empty tensors left out."""
-    unique = {(e.digest, e.chunk_bytes, e.nbytes): e for e in entries if e.chunks}
+    """One entry per way of storing a content (tied tensors share one), empty tensors left out."""
+    unique = {_stored_as(e): e for e in entries if e.chunks}
     return list(unique.values())
 
 
@@ -116,7 +141,12 @@ class BlobStore:
         return fn(self.ns, self.model, *args)
 
     def _chunk_keys(self, entry: TensorEntry) -> list[str]:
-        return keys.chunk_keys(self.ns, self.model, entry.digest, entry.chunk_bytes, entry.chunks)
+        """Every chunk key of the entry's stored blobs (full, delta, or both)."""
+        return [
+            k
+            for name in stored_blobs(entry)
+            for k in keys.chunk_keys(self.ns, self.model, name, entry.chunk_bytes, entry.chunks)
+        ]
 
     @functools.cached_property
     def _cluster(self) -> bool:
@@ -157,7 +187,7 @@ class BlobStore:
     @staticmethod
     def _index_members(entries: Iterable[TensorEntry], now: float | None) -> dict[str, float]:
         stamp = now or time.time()
-        return {keys.blob_id(e.digest, e.chunk_bytes, e.chunks): stamp for e in entries if e.chunks}
+        return {blob: stamp for e in entries for blob in blob_ids(e)}
 
     def touch_blobs(self, entries: Iterable[TensorEntry], now: float | None = None) -> None:
         """Mark blobs as referenced now, so gc's grace period protects them."""
@@ -165,6 +195,21 @@ class BlobStore:
         if members:
             key = self._key(keys.blob_index_key)
             self.call("indexing blobs", lambda: self.client.zadd(key, members))
+
+    def unindex_absent(self, entries: Sequence[TensorEntry]) -> None:
+        """Take the full blobs of ``entries`` that have no chunk at all out of the index.
+
+        A publish touches a changed tensor's full blob before it knows the
+        tensor will go as a delta; this drops that touch again, so that the
+        index names only blobs that exist (a blob with any chunk stays, for gc).
+        """
+        ids = {keys.blob_id(e.digest, e.chunk_bytes, e.chunks) for e in entries if e.chunks}
+        groups = [keys.blob_keys_of_id(self.ns, self.model, b) for b in sorted(ids)]
+        counts = self.call("checking blobs", lambda: self._per_group("EXISTS", groups))
+        gone = [b for b, n in zip(sorted(ids), counts, strict=True) if not n]
+        if gone:
+            key = self._key(keys.blob_index_key)
+            self.call("indexing blobs", lambda: self.client.zrem(key, *gone))
 
     def missing(
         self,
@@ -174,6 +219,9 @@ class BlobStore:
         touch: bool = False,
     ) -> list[TensorEntry]:
         """The entries (of both lists) with at least one chunk absent from Redis.
+
+        An entry's chunks are those of every blob it is stored in
+        (``stored_blobs``): its full blob, its delta blob, or both.
 
         Args:
             entries: checked blob by blob.
@@ -204,14 +252,13 @@ class BlobStore:
             return self._per_group("EXISTS", groups, stamps)
 
         counts = self.call("checking blobs", check)
-        absent = {e for e, n in zip(todo, counts[: len(todo)], strict=True) if n != e.chunks}
+        gone = {
+            _stored_as(e) for e, n in zip(todo, counts[: len(todo)], strict=True) if n != _count(e)
+        }
         if likely and counts[-1] != sum(len(ks) for ks in likely_keys):
             each = self.call("checking blobs", lambda: self._per_group("EXISTS", likely_keys))
-            absent |= {e for e, n in zip(likely, each, strict=True) if n != e.chunks}
-        gone = {(e.digest, e.chunk_bytes, e.nbytes) for e in absent}
-        return [
-            e for e in (*entries, *expect_present) if (e.digest, e.chunk_bytes, e.nbytes) in gone
-        ]
+            gone |= {_stored_as(e) for e, n in zip(likely, each, strict=True) if n != _count(e)}
+        return [e for e in (*entries, *expect_present) if _stored_as(e) in gone]
 
     # -- chunks in and out ------------------------------------------------------
 
@@ -221,7 +268,7 @@ class BlobStore:
         data: memoryview,
         progress: Callable[[int], None] | None = None,
     ) -> int:
-        """Write a tensor's chunks (idempotent: the keys are its content).
+        """Write a tensor's full blob (idempotent: the keys are its content).
 
         Args:
             entry: the tensor's manifest entry (digest, size, chunk size).
@@ -239,14 +286,57 @@ class BlobStore:
             raise IntegrityError(
                 f"tensor {entry.name!r}: {len(data)} bytes to upload, manifest says {entry.nbytes}"
             )
-        names = self._chunk_keys(entry)
+        names = keys.chunk_keys(self.ns, self.model, entry.digest, entry.chunk_bytes, entry.chunks)
+        values = [data[slice(*_span(entry, i))] for i in range(entry.chunks)]
+        return self._send(entry, names, values, progress)
+
+    def upload_frames(
+        self,
+        entry: TensorEntry,
+        frames: Sequence[bytes],
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write a delta's frames as the chunks of its delta blob (``entry.delta.blob``).
+
+        Frame ``i`` is chunk ``i`` (``hotswap.delta``); frames vary in length,
+        batched as the chunks of a full blob are.
+
+        Args:
+            entry: the tensor's manifest entry, with its ``DeltaRef``.
+            frames: one per chunk of the entry, adding up to ``stored_bytes``.
+            progress: called with the bytes of each batch once it is stored.
+
+        Returns:
+            The bytes sent.
+
+        Raises:
+            IntegrityError: no ``DeltaRef``, or frames that do not match it.
+            StoreUnavailable: Redis could not be reached.
+        """
+        ref = entry.delta
+        stored = sum(len(f) for f in frames)
+        if ref is None or len(frames) != entry.chunks or stored != ref.stored_bytes:
+            raise IntegrityError(
+                f"tensor {entry.name!r}: {len(frames)} delta frames of {stored} bytes do not "
+                f"match its entry ({entry.chunks} chunks, delta {ref and ref.stored_bytes} bytes)"
+            )
+        names = keys.chunk_keys(self.ns, self.model, ref.blob, entry.chunk_bytes, entry.chunks)
+        return self._send(entry, names, [memoryview(f) for f in frames], progress)
+
+    def _send(
+        self,
+        entry: TensorEntry,
+        names: list[str],
+        values: list[memoryview],
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """SET ``names`` to ``values`` (one per chunk of ``entry``), a batch per round trip."""
         sent = 0
         for batch in _batches(entry):
-            spans = [_span(entry, i) for i in batch]
-            values = [data[start:end] for start, end in spans]
-            write = functools.partial(self._write, [names[i] for i in batch], values)
+            chunk = [values[i] for i in batch]
+            write = functools.partial(self._write, [names[i] for i in batch], chunk)
             self.call(f"uploading tensor {entry.name!r}", write)
-            done = sum(end - start for start, end in spans)
+            done = sum(len(v) for v in chunk)
             sent += done
             if progress:
                 progress(done)

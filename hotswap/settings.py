@@ -130,6 +130,16 @@ class HotswapSettings(BaseSettings):
         description="Agents with signing keys refuse a signed head without an unexpired "
         "expiry (freeze protection; publishers must re-sign before it expires).",
     )
+    deltas: bool = Field(
+        default=True,
+        description="Publishers store a tensor as a delta from its parent when that is clearly "
+        "smaller; off: full blobs only (agents that predate deltas refuse delta versions).",
+    )
+    delta_base: bool = Field(
+        default=True,
+        description="A Publisher keeps the bytes it last published in host memory (one copy "
+        "of the model) to encode the next delta; off: reads the parent from Redis.",
+    )
 
     @field_validator("signing_keys", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from types import TracebackType
 
 from hotswap import codec, headrecord, keys
@@ -25,6 +26,7 @@ from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
 from publisher import commit, complete, plan, restore, upkeep, upload
+from publisher.base import Base, Tally, encoder_for
 from publisher.fingerprint import Fingerprints
 from publisher.plan import Head
 from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, describe
@@ -77,6 +79,8 @@ class Publisher:
         self._last: PublishReport | None = None
         # Digests of contents this publisher read, by fingerprint (publisher.fingerprint).
         self._fingerprints = Fingerprints()
+        # The bytes it last published, to encode the next deltas (publisher.base).
+        self._base = Base()
 
     @property
     def last_report(self) -> PublishReport:
@@ -176,8 +180,11 @@ class Publisher:
                     f"{src.where}: {len(entries)} tensors, over the limit of "
                     f"{self.settings.max_tensors} (HOTSWAP_MAX_TENSORS)"
                 )
+            if not self.settings.deltas:  # agents may predate deltas: full blobs only
+                entries = [replace(e, delta=None) if e.name in names else e for e in entries]
             stored = trusted.tensors if trusted else ()
-            sent, stats = upload.upload_missing(
+            encoder = encoder_for(self.store, self.settings, trusted, entries, self._base)
+            uploaded = upload.upload_missing(
                 self.store,
                 src,
                 entries,
@@ -185,13 +192,17 @@ class Publisher:
                 hashed=hashed,
                 memo=self._fingerprints,
                 progress=progress,
+                encoder=encoder,
             )
-            entries = upload.with_stats(src, entries, pending, stats)
+            sent = uploaded.sent
+            entries = upload.stored_as(entries, uploaded.refs)
+            entries = upload.with_stats(src, entries, pending, uploaded.stats)
         self._fingerprints.retain({e.digest for e in entries})
         # An untrusted head is compared with nothing: every tensor counts as new.
         changes = plan.diff(trusted.tensors if trusted else (), entries)
         if trusted is not None and changes.count == 0 and not force:
             seconds = time.monotonic() - started
+            self._base.retain({e.digest for e in entries})
             self._last = commit.unchanged(trusted, len(entries), sent, seconds)
             return trusted.version
         return self._commit(
@@ -204,6 +215,7 @@ class Publisher:
             changed=changes.count,
             sent=sent,
             started=started,
+            tally=encoder.tally if encoder is not None else None,
         )
 
     def _head(self) -> tuple[Head, bytes | None]:
@@ -236,6 +248,7 @@ class Publisher:
         started: float,
         lineage: str | None = None,
         skipped: dict[int, str] | None = None,
+        tally: Tally | None = None,
     ) -> int:
         version = self.store.reserve_version()
         if lineage is None:
@@ -254,11 +267,16 @@ class Publisher:
         notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage, nt.carried(data)))
         signed = self._sign_head(m, data)
         fields = commit.log_fields(m, head, changed, sent, skipped=skipped)
+        fields.update(tally.log_fields() if tally is not None else {})
         self.store.commit(m, data, fields, notice, signed)
         if head.distrust is not None:
             log.warning(*commit.untrusted_warning(m, head))
         seconds = time.monotonic() - started
-        self._last = commit.committed(m, head, changed, sent, seconds, skipped=skipped)
+        report = commit.committed(m, head, changed, sent, seconds, skipped=skipped)
+        if tally is not None:
+            self._base.retain({e.digest for e in entries})
+            report = replace(report, **tally.report(self._base.nbytes))
+        self._last = report
         return version
 
     def _sign_head(self, m: Manifest, data: bytes) -> bytes | None:

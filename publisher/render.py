@@ -133,7 +133,7 @@ def report_line(model: str, r: PublishReport) -> str | Text:
         f"model {model}: published v{r.version}: {r.tensors_changed} of {r.tensors_total} "
         f"tensors changed, {size(r.bytes_uploaded)} uploaded, {size(r.bytes_skipped)} "
         f"already in Redis ({r.seconds:.2f}s)"
-    )
+    ) + deltas_clause(r)
     if r.untrusted_parent:
         # The cause can quote a key id read from Redis: drawn as plain text.
         return plain(
@@ -141,6 +141,20 @@ def report_line(model: str, r: PublishReport) -> str | Text:
             "so every tensor was checked and counted as changed"
         )
     return line
+
+
+def deltas_clause(r: PublishReport) -> str:
+    """What a publish stored as deltas and where their bases came from ("" if nothing)."""
+    if not r.tensors_delta and not r.bases:
+        return ""
+    keyframes = f", {r.keyframes} with a keyframe" if r.keyframes else ""
+    bases = ", ".join(f"{where} {n}" for where, n in r.bases.items())
+    read = f", {size(r.bytes_base_read)} read back" if r.bytes_base_read else ""
+    gone = " (missing: full blobs)" if r.bases.get("missing") else ""
+    return (
+        f"; {r.tensors_delta} as deltas ({size(r.bytes_delta)}{keyframes}), "
+        f"bases from {bases or 'none needed'}{read}{gone}"
+    )
 
 
 def gc_data(model: str, r: GcReport) -> dict[str, Any]:
@@ -155,6 +169,18 @@ def gc_line(model: str, r: GcReport, namespace: str = "hotswap") -> str | Text:
         f"model {model}: kept {kept}; {verb} {gone} and {r.blobs_deleted} blobs "
         f"({r.blobs_kept_young} unreferenced blobs younger than the grace period kept)"
     )
+    if r.chain_versions:
+        line += (
+            f"; kept the manifests of {', '.join(f'v{v}' for v in r.chain_versions)} for "
+            "kept versions' chains of deltas (only their blobs on those chains)"
+        )
+    if r.broken_chains:
+        where, why = next(iter(r.broken_chains.items()))
+        more = f" and {len(r.broken_chains) - 1} more" if len(r.broken_chains) > 1 else ""
+        line += (
+            f"; {where}{more} cannot be reconstructed from stored blobs ({why}): "
+            "their own blobs kept; publish a full version"
+        )
     if r.pins_unknown:
         more = f" and {len(r.pins_unknown) - 1} more" if len(r.pins_unknown) > 1 else ""
         line += (
@@ -170,7 +196,7 @@ def gc_line(model: str, r: GcReport, namespace: str = "hotswap") -> str | Text:
             f"ZRANGE {keys.blob_index_key(namespace, model)} 0 -1 and remove them with ZREM"
         )
     # Agent ids, problems and index members came from Redis: drawn as plain text.
-    return plain(line) if r.pins_unknown or r.malformed_index else line
+    return plain(line) if r.pins_unknown or r.malformed_index or r.broken_chains else line
 
 
 def verify_data(model: str, r: VerifyReport) -> dict[str, Any]:
@@ -263,7 +289,7 @@ def _number(text: str | None) -> float | None:
 
 def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
     table = Table(title=plain(f"model {model}: history (newest first)"))
-    for col in ("version", "kind", "time", "author", "changed", "uploaded", "message"):
+    for col in ("version", "kind", "time", "author", "changed", "added to Redis", "message"):
         table.add_column(col, justify="right" if col in ("version", "changed") else "left")
     for row in rows:
         created = _number(row.get("created"))
@@ -275,6 +301,9 @@ def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
         uploaded = _number(row.get("bytes_uploaded"))
         total = _number(row.get("bytes_total"))
         moved = "-" if uploaded is None else f"{size(int(uploaded))} of {size(int(total or 0))}"
+        deltas = _number(row.get("tensors_delta"))
+        if deltas and uploaded is not None:
+            moved += f" ({int(deltas)} as deltas)"
         table.add_row(
             plain(f"v{row['version']}" if row.get("version") else "-"),
             plain(kind),
@@ -287,8 +316,34 @@ def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
     return table
 
 
+def stored_as(e: TensorEntry) -> str:
+    """How an entry's bytes are stored: "full", "delta <encodings>", or "keyframe" (both)."""
+    if e.delta is None:
+        return "full"
+    kind = "keyframe: full + delta" if e.delta.keyframe else "delta"
+    return f"{kind} {','.join(e.delta.encodings)}"
+
+
+def stored_bytes(e: TensorEntry) -> int:
+    """The bytes an entry's blobs take in Redis (full blob, delta frames, or both)."""
+    if e.delta is None:
+        return e.nbytes
+    return e.delta.stored_bytes + (e.nbytes if e.delta.keyframe else 0)
+
+
+def _stored(m: Manifest) -> dict[tuple[object, ...], int]:
+    """Stored bytes by the way a content is stored: tied tensors count once."""
+    return {(e.digest, e.chunk_bytes, e.delta): stored_bytes(e) for e in m.tensors}
+
+
 def entry_data(e: TensorEntry) -> dict[str, Any]:
-    return {**asdict(e), "shape": list(e.shape), "chunks": e.chunks}
+    return {
+        **asdict(e),
+        "shape": list(e.shape),
+        "chunks": e.chunks,
+        "stored_as": stored_as(e),
+        "stored_bytes": stored_bytes(e),
+    }
 
 
 def manifest_data(m: Manifest) -> dict[str, Any]:
@@ -317,16 +372,21 @@ def manifest_table(m: Manifest) -> Table:
             f"model {m.model} v{m.version} ({kind}, parent {parent}, {when(m.created)}, "
             f"{m.author}, {signed}): {m.message}"
         ),
-        caption=f"{len(m.tensors)} tensors, {size(m.nbytes)}",
+        caption=f"{len(m.tensors)} tensors, {size(m.nbytes)} "
+        f"({size(sum(_stored(m).values()))} stored)",
     )
-    for col in ("tensor", "dtype", "shape", "bytes", "norm", "max |x|", "digest"):
-        table.add_column(col, justify="right" if col in ("bytes", "norm", "max |x|") else "left")
+    cols = ("tensor", "dtype", "shape", "bytes", "stored as", "stored", "norm", "max |x|", "digest")
+    for col in cols:
+        right = col in ("bytes", "stored", "norm", "max |x|")
+        table.add_column(col, justify="right" if right else "left")
     for e in m.tensors:
         table.add_row(
             plain(e.name),
             e.dtype,
             "x".join(map(str, e.shape)) or "scalar",
             size(e.nbytes),
+            plain(stored_as(e)),
+            size(stored_bytes(e)),
             f"{e.norm:.6g}",
             f"{e.max_abs:.6g}",
             e.digest[:12],

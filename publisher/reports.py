@@ -30,6 +30,14 @@ class PublishReport:
         untrusted_parent: why the parent's manifest was not trusted, if so.
         skipped: versions a rollback's default target passed over, newest
             first, each with why ("retracted by v4", "holds what v4 holds").
+        tensors_delta: new contents stored as deltas from the parent's bytes
+            (issue 14); their frames took ``bytes_delta`` of ``bytes_uploaded``.
+        keyframes: of those, the ones whose full blob was stored too (a chain
+            of deltas got long).
+        bases: where the bytes of changed tensors' parents came from, in
+            tensors: "memory" (this publisher's base), "redis" (read back,
+            ``bytes_base_read`` bytes), "missing" (none: a full blob went).
+        base_held: host memory the publisher's base holds after this publish.
 
     Example::
 
@@ -52,6 +60,12 @@ class PublishReport:
     rollback_to: int | None = None
     untrusted_parent: str | None = None
     skipped: dict[int, str] = field(default_factory=dict)
+    tensors_delta: int = 0
+    keyframes: int = 0
+    bytes_delta: int = 0
+    bases: dict[str, int] = field(default_factory=dict)
+    bytes_base_read: int = 0
+    base_held: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,11 @@ class GcReport:
     writes (skipped, left in the index); ``malformed_examples`` names a few,
     each with why. ``pins_unknown`` says why every version was kept: some live
     agent's record could not be read, so it may run any of them.
+    ``chain_versions`` are older versions whose manifests were kept (not
+    counted in ``kept``; their blobs no kept version needs deleted) because
+    kept versions' chains of deltas go through their entries;
+    ``broken_chains`` names each kept tensor that no stored blobs reach
+    (``"v5 tensor 'w'"``: why), its own blobs kept.
     """
 
     kept: list[int]
@@ -73,6 +92,8 @@ class GcReport:
     malformed_index: int = 0
     malformed_examples: dict[str, str] = field(default_factory=dict)
     pins_unknown: list[str] = field(default_factory=list)
+    chain_versions: list[int] = field(default_factory=list)
+    broken_chains: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ what they need from the store and carries them out.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import blake3
 
 from hotswap import status as st
 from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound
-from hotswap.manifest import TensorEntry
+from hotswap.manifest import Manifest, TensorEntry
 from hotswap.store import Store
 from publisher import gc as gcplan
 from publisher import plan
@@ -62,23 +62,26 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
     retention = gcplan.plan_retention(
         store.versions(), store.head(), keep, pins.versions, running_unknown=bool(pins.unknown)
     )
-    referenced: set[str] = set()
-    for v in retention.keep:
-        referenced.update(plan.unique_blobs(store.manifest(v).tensors))
+    kept = {v: store.manifest(v) for v in retention.keep}
     index = gcplan.split_index(store.blobs.blob_index(), store.limits.max_tensor_bytes)
+    # Every blob a kept version needs to be reconstructed: its own, and its deltas'
+    # chains back to a full blob (publisher.gc.needed_blobs).
+    needs = gcplan.needed_blobs(kept, _older(store, retention.delete), index.valid)
+    referenced = needs.blobs
+    deleted = [v for v in retention.delete if v not in needs.chain_versions]
     unreferenced = sum(1 for blob in index.valid if blob not in referenced)
     candidates = gcplan.collectable(index.valid, referenced, time.time(), grace)
     if not dry_run:
         # Manifests first: a rollback to a deleted version then fails cleanly
         # instead of finding a manifest whose blobs are going.
-        store.delete_manifests(retention.delete)
+        store.delete_manifests(deleted)
         # Re-read the scores last: a publish may have touched a candidate since.
         fresh = gcplan.rescore(candidates, store.blobs.blob_scores(candidates))
         candidates = gcplan.collectable(fresh, referenced, time.time(), grace)
     chunks = 0 if dry_run else store.blobs.delete_blobs(candidates)
     report = GcReport(
         kept=retention.keep,
-        deleted_versions=retention.delete,
+        deleted_versions=deleted,
         blobs_deleted=len(candidates),
         chunks_deleted=chunks,
         blobs_kept_young=max(0, unreferenced - len(candidates)),
@@ -86,6 +89,8 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
         malformed_index=len(index.malformed),
         malformed_examples=index.examples(),
         pins_unknown=pins.unknown,
+        chain_versions=needs.chain_versions,
+        broken_chains=needs.broken,
     )
     if not dry_run:
         store.append_log(
@@ -93,13 +98,29 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
                 "kind": "gc",
                 "author": author(),
                 "created": time.time(),
-                "message": f"kept {len(report.kept)} versions, deleted "
-                f"{len(report.deleted_versions)} versions and {report.blobs_deleted} blobs",
+                "message": f"kept {len(report.kept)} versions"
+                + (
+                    f" (and {len(needs.chain_versions)} for delta chains)"
+                    if needs.chain_versions
+                    else ""
+                )
+                + f", deleted {len(report.deleted_versions)} versions and "
+                f"{report.blobs_deleted} blobs",
                 "versions_deleted": ",".join(map(str, report.deleted_versions)),
                 "blobs_deleted": report.blobs_deleted,
             }
         )
     return report
+
+
+def _older(store: Store, versions: Sequence[int]) -> Iterator[Manifest]:
+    """The manifests of ``versions``, newest first, read one by one as gc asks; those
+    that cannot be read lend no chain."""
+    for v in sorted(versions, reverse=True):
+        try:
+            yield store.manifest(v)
+        except (IntegrityError, NotFound):
+            continue
 
 
 def _stored_digest(store: Store, entry: TensorEntry, version: int) -> str:

@@ -20,12 +20,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from hotswap import codec
+from hotswap import codec, keys
 from hotswap.errors import IntegrityError, NotFound, SourceError
-from hotswap.manifest import Manifest, TensorEntry
+from hotswap.manifest import DeltaRef, Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
 from publisher import plan
+from publisher.base import Encoder
 from publisher.fingerprint import Fingerprint, Fingerprints, fingerprint
 from publisher.reports import Progress
 from publisher.sources import TensorSource
@@ -132,6 +133,19 @@ ATTEMPTS = 3
 """Rounds of check-then-upload before a publish gives up on blobs a gc keeps deleting."""
 
 
+Refs = dict[tuple[str, int], DeltaRef | None]
+"""How each content sent was stored, by (digest, chunk size): its delta, or None (full)."""
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """What ``upload_missing`` did: bytes sent, statistics of new contents, how each was stored."""
+
+    sent: int
+    stats: dict[Content, codec.Stats]
+    refs: Refs
+
+
 def upload_missing(
     store: Store,
     src: TensorSource,
@@ -141,25 +155,45 @@ def upload_missing(
     hashed: Hashed,
     memo: Fingerprints,
     progress: Progress | None,
-) -> tuple[int, dict[Content, codec.Stats]]:
-    """Upload every blob of ``entries`` Redis lacks: (bytes sent, statistics of new contents).
+    encoder: Encoder | None = None,
+) -> Uploaded:
+    """Upload every blob of ``entries`` Redis lacks, as a delta where ``encoder`` finds one.
 
     ``stored`` are the entries whose blobs should be in Redis (the parent's).
     Why each round checks what it checks: docs/design.md, **Publish**.
+    ``stored_as`` applies the result's ``refs`` to the entries.
     """
     likely, unsure = _split_by_parent(entries, stored)
     names = _readable_names(src, entries)
     uploads = _Uploads(store, src, names, hashed=hashed, memo=memo, progress=progress)
+    uploads.encoder = encoder
     for _attempt in range(ATTEMPTS):
         # The parent's blobs are checked once (gc keeps head's, and the parent
         # stays head until the commit); the others are touched, so that a
-        # concurrent gc spares them, and checked again after each round.
-        todo = plan.unique_blobs(store.blobs.missing(unsure, expect_present=likely, touch=True))
+        # concurrent gc spares them, and checked again after each round, as
+        # the previous rounds stored them (full, delta, or both).
+        current = stored_as(unsure, uploads.refs)
+        todo = plan.unique_blobs(store.blobs.missing(current, expect_present=likely, touch=True))
         likely = []
         if not todo:
-            return uploads.sent, uploads.statistics()
+            # Contents that went as deltas alone were touched as full blobs first.
+            refs = [uploads.refs.get((e.digest, e.chunk_bytes)) for e in unsure]
+            alone = [e for e, r in zip(unsure, refs, strict=True) if r and not r.keyframe]
+            if alone:
+                store.blobs.unindex_absent(alone)
+            return Uploaded(uploads.sent, uploads.statistics(), uploads.refs)
         uploads.send(todo)
     raise _keeps_disappearing(store.model)
+
+
+def stored_as(entries: Sequence[TensorEntry], refs: Refs) -> list[TensorEntry]:
+    """``entries`` with the contents this publish sent stored as it sent them."""
+    return [
+        replace(e, delta=refs[(e.digest, e.chunk_bytes)])
+        if (e.digest, e.chunk_bytes) in refs
+        else e
+        for e in entries
+    ]
 
 
 class _Uploads:
@@ -190,12 +224,16 @@ class _Uploads:
         self.progress = progress
         self.sent = 0
         self.stats: dict[Content, Future[codec.Stats]] = {}
+        self.encoder: Encoder | None = None
+        self.refs: Refs = {}
 
     def send(self, todo: dict[str, TensorEntry]) -> None:
         """Upload ``todo``, fingerprinting each blob's bytes again while the next one uploads."""
         total = sum(e.nbytes for e in todo.values())
         done = 0
         changed: list[str] = []
+        if self.encoder is not None:
+            self.encoder.expect(todo.values())
         with ThreadPoolExecutor(1, thread_name_prefix="hotswap-verify") as pool:
             checking: _Check | None = None
             for entry in todo.values():
@@ -206,16 +244,39 @@ class _Uploads:
                 self._measure(pool, entry.digest, tensor)
                 buf = codec.as_bytes(tensor)
                 del tensor
-                tick = _running_total(self.progress, done, total)
-                self.sent += self.store.blobs.upload(entry, buf, tick)
+                written = self._store(entry, buf, _running_total(self.progress, done, total))
                 done += entry.nbytes
                 changed += self._settle(checking)
                 before = self.prints[entry.digest]
-                checking = _Check(name, entry, before, pool.submit(fingerprint, buf))
+                checking = _Check(name, entry, before, pool.submit(fingerprint, buf), written)
                 del buf
             changed += self._settle(checking)
         if changed:
             raise _changed_while_published(self.src.where, changed)
+
+    def _store(self, entry: TensorEntry, buf: memoryview, tick: Callable[[int], None]) -> list[str]:
+        """Upload ``entry``'s bytes as a delta, a full blob or both; the blob ids written.
+
+        A content sent again (a blob vanished since the last round) goes full:
+        what a delta needs may be what vanished.
+        """
+        enc = self.encoder
+        encoded = enc.encode(entry, buf) if enc is not None and entry.delta is None else None
+        final = entry if encoded is None else replace(entry, delta=encoded.ref)
+        written: list[str] = []
+        if encoded is not None and encoded.frames:
+            self.sent += self.store.blobs.upload_frames(final, encoded.frames)
+            written.append(keys.blob_id(encoded.ref.blob, entry.chunk_bytes, entry.chunks))
+        if encoded is None or encoded.ref.keyframe:
+            self.sent += self.store.blobs.upload(final, buf, tick)
+            written.append(plan.blob_of(final))
+        else:
+            tick(entry.nbytes)
+        self.refs[(entry.digest, entry.chunk_bytes)] = None if encoded is None else encoded.ref
+        if enc is not None:
+            enc.learn(entry, buf, None if encoded is None else encoded.digests)
+            enc.done(entry)
+        return written
 
     def _measure(self, pool: ThreadPoolExecutor, digest: str, tensor: torch.Tensor) -> None:
         """Start a new content's statistics in the thread, while its bytes upload."""
@@ -232,8 +293,11 @@ class _Uploads:
         if check.after.result() == check.before:
             self.memo.learn(check.before, check.entry.digest)
             return []
-        # Its chunks hold bytes that do not hash to the name they are stored under.
-        self.store.blobs.delete_blobs([plan.blob_of(check.entry)])
+        # Its chunks hold bytes that do not hash to the name they are stored under,
+        # and the base may hold a torn copy of them.
+        self.store.blobs.delete_blobs(check.written)
+        if self.encoder is not None:
+            self.encoder.forget(check.entry.digest)
         return [check.name]
 
     def statistics(self) -> dict[Content, codec.Stats]:
@@ -250,6 +314,8 @@ class _Check:
     # Its fingerprint before its digest was taken, and after the upload.
     before: Fingerprint
     after: Future[Fingerprint]
+    # The blob ids its upload wrote (full, delta): deleted if the bytes moved.
+    written: list[str]
 
 
 def _split_by_parent(

@@ -121,6 +121,8 @@ def shard(folder: Path, state: dict[str, torch.Tensor]) -> None:
 def test_publish_formats_and_only_changed_bytes_move(
     env: dict[str, str], client: redis.Redis, tmp_path: Path
 ) -> None:
+    # Full blobs only, so a changed tensor moves whole (deltas: test_publish_delta.py).
+    env = {**env, "HOTSWAP_DELTAS": "false"}
     sd = weights()
     save_file(sd, str(tmp_path / "v1.safetensors"))
     before_mem = used_memory(client)

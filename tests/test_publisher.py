@@ -94,7 +94,8 @@ def test_changed_tensor_uploads_only_its_bytes(
     sd = weights()
     pub.publish(sd)
     before = blob_keys(client)
-    sd["layer.1.weight"] = sd["layer.1.weight"] * 2
+    # New random values: a full blob (a small step is a delta: test_publish_delta.py).
+    sd["layer.1.weight"] = torch.randn(32, 32, generator=torch.Generator().manual_seed(9))
     assert pub.publish(sd) == 2
     r = pub.last_report
     assert r.tensors_changed == 1
@@ -646,7 +647,9 @@ def high_water():
         return int(re.search(r"VmHWM:\\s+(\\d+)", f.read()).group(1)) * 1024
 
 url, mib, each = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = HotswapSettings(redis_url=url, _env_file=None)
+# The streaming path: no delta base kept in memory (its one copy of the
+# model is measured by test_publish_delta.py).
+s = HotswapSettings(redis_url=url, delta_base=False, _env_file=None)
 with Publisher("mem", settings=s) as p:
     # Lazy imports, hashing threads and buffers before the baseline.
     p.publish({"warm": torch.ones(2 * 1024 * 1024)})

@@ -1,0 +1,258 @@
+"""The publisher's base: the parent's bytes a delta is encoded against.
+
+A ``Publisher`` keeps the bytes of what it last published in host memory
+(``Base``, by content digest, with each chunk's BLAKE3 where a delta gave
+them): one copy of the published tensors, the one exception to its
+streaming memory budget (README, ``HOTSWAP_DELTA_BASE``), so that a training
+loop's next publish reads nothing back from Redis and hashes each chunk
+once. A new publisher, a CLI publish, or one with ``delta_base`` off reads
+the parent's bytes from Redis instead: a full blob as stored; a content
+stored only as a delta is not rebuilt here, and its tensor goes as a full
+blob (the report says so).
+
+``Encoder`` is one publish's use of the base: for each new content, its
+parent, the parent's bytes (memory, Redis, or missing), and the frames.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotswap import codec, delta, dtypes
+from hotswap.entries import DeltaRef, TensorEntry
+from hotswap.errors import IntegrityError, NotFound
+from hotswap.manifest import Manifest
+from hotswap.settings import HotswapSettings
+from hotswap.store import Store
+from publisher import deltas
+
+# Where a delta candidate's base came from: this publisher's memory, Redis,
+# or nowhere (the tensor went as a full blob).
+SOURCES = ("memory", "redis", "missing")
+
+
+@dataclass
+class Kept:
+    """One content's bytes, and each chunk's BLAKE3 at ``chunk_bytes`` where known."""
+
+    data: bytearray
+    chunk_bytes: int
+    digests: list[bytes] | None
+
+
+class Base:
+    """The bytes of the contents this publisher published last, by digest.
+
+    Looked up by digest, never by version: after a failed publish, or when
+    another publisher committed meanwhile, whatever it holds is still the
+    bytes of the content it names, and what is missing is read from Redis.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, Kept] = {}
+
+    def get(self, digest: str) -> Kept | None:
+        return self._kept.get(digest)
+
+    def keep(
+        self, digest: str, data: memoryview, chunk_bytes: int, digests: list[bytes] | None
+    ) -> None:
+        """Copy ``data`` (the content ``digest``) into the base."""
+        if digest not in self._kept:
+            self._kept[digest] = Kept(bytearray(data), chunk_bytes, digests)
+
+    def drop(self, digest: str) -> None:
+        self._kept.pop(digest, None)
+
+    def retain(self, digests: Collection[str]) -> None:
+        """Forget every content but ``digests`` (the version just published)."""
+        self._kept = {d: k for d, k in self._kept.items() if d in digests}
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the kept bytes take."""
+        return sum(len(k.data) for k in self._kept.values())
+
+
+@dataclass
+class Tally:
+    """What one publish's deltas did, for its report."""
+
+    tensors: int = 0  # new contents stored as deltas
+    keyframes: int = 0  # of which the full blob was stored too
+    stored_bytes: int = 0  # their frames' bytes
+    read_bytes: int = 0  # bytes of parents read back from Redis
+    bases: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+
+    def report(self, held: int) -> dict[str, Any]:
+        """The ``PublishReport`` fields of these deltas, and the base's ``held`` bytes."""
+        return {
+            "tensors_delta": self.tensors,
+            "keyframes": self.keyframes,
+            "bytes_delta": self.stored_bytes,
+            "bases": {k: n for k, n in self.bases.items() if n},
+            "bytes_base_read": self.read_bytes,
+            "base_held": held,
+        }
+
+    def log_fields(self) -> dict[str, str | int | float]:
+        """The log entry's fields for these deltas (``hotswap log``)."""
+        return {
+            "tensors_delta": self.tensors,
+            "keyframes": self.keyframes,
+            "bytes_delta": self.stored_bytes,
+            "bases": ", ".join(f"{k} {n}" for k, n in self.bases.items() if n),
+        }
+
+
+def encoder_for(
+    store: Store,
+    settings: HotswapSettings,
+    parent: Manifest | None,
+    entries: Sequence[TensorEntry],
+    kept: Base,
+) -> Encoder | None:
+    """One publish's ``Encoder`` on top of ``parent`` (None: the version has no trusted
+    parent), or None with ``deltas`` off (then nothing is kept in memory either)."""
+    if not settings.deltas:
+        kept.retain(())
+        return None
+    return Encoder(
+        store,
+        parent.by_name() if parent is not None else {},
+        kept if settings.delta_base else None,
+        parent.version if parent is not None else None,
+        {e.digest for e in entries},
+    )
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A content's delta: its ``DeltaRef``, and the frames to upload (none when reused)."""
+
+    ref: DeltaRef
+    frames: list[bytes]
+    # Each chunk's BLAKE3 of the new content: the next delta's base digests.
+    digests: list[bytes]
+
+
+class Encoder:
+    """One publish's deltas: each new content's parent, its bytes, and the frames.
+
+    Args:
+        store: the model's store, to read a parent Redis holds.
+        parents: the parent version's entries by name (empty: no parent).
+        base: the publisher's ``Base`` (None: ``delta_base`` off, read Redis).
+        version: the parent's number, named in messages.
+        wanted: the digests of the version being published: their bytes stay
+            in the base, the parents' others go once encoded against.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        parents: Mapping[str, TensorEntry],
+        base: Base | None,
+        version: int | None,
+        wanted: Collection[str],
+    ) -> None:
+        self.store = store
+        self.parents = parents
+        self.base = base
+        self.version = version
+        self.wanted = wanted
+        self.tally = Tally()
+        self._uses: Counter[str] = Counter()
+
+    def encode(self, entry: TensorEntry, data: memoryview) -> Encoded | None:
+        """The delta ``entry``'s bytes ``data`` are stored as, None for a full blob."""
+        parent = deltas.parent_of(entry, self.parents)
+        if parent is None:
+            return None
+        if parent.delta is not None and parent.delta.base == entry.digest:
+            digests = deltas.chunk_digests(data, entry.chunk_bytes)
+            back = deltas.backward(parent, entry, digests)
+            if back is not None:  # needs no base: nothing is encoded
+                self._count(back)
+                return Encoded(back, [], digests)
+        kept = self._kept(parent)
+        source, base = ("memory", kept.data) if kept else self._read(parent)
+        self.tally.bases[source] += 1
+        if base is None:
+            return None
+        frames = delta.encode(
+            data,
+            memoryview(base),
+            entry.chunk_bytes,
+            itemsize=dtypes.DTYPES[entry.dtype].itemsize,
+            base_digests=_digests(kept, entry),
+        )
+        if frames is None:
+            return None
+        ref = deltas.forward(parent, entry, frames)
+        self._count(ref)
+        self.tally.stored_bytes += ref.stored_bytes
+        return Encoded(ref, frames, delta.result_digests(frames))
+
+    def _count(self, ref: DeltaRef) -> None:
+        self.tally.tensors += 1
+        self.tally.keyframes += ref.keyframe
+
+    def _kept(self, parent: TensorEntry) -> Kept | None:
+        return self.base.get(parent.digest) if self.base is not None else None
+
+    def _read(self, parent: TensorEntry) -> tuple[str, bytearray | None]:
+        """The parent's bytes from Redis: ("redis", bytes), or ("missing", None).
+
+        Only a full blob is read (and checked against its digest); a parent
+        stored only as a delta, or whose blob is gone or altered, leaves the
+        tensor to a full blob: a publish never fails for want of a base.
+        """
+        if parent.delta is not None and not parent.delta.keyframe:
+            return "missing", None
+        out = bytearray(parent.nbytes)
+        try:
+            self.store.blobs.read_into(parent, memoryview(out), self.version)
+            where = f"model {self.store.model!r} v{self.version}"
+            codec.check_digest(parent.name, out, parent.digest, where)
+        except (IntegrityError, NotFound):
+            return "missing", None
+        self.tally.read_bytes += parent.nbytes
+        return "redis", out
+
+    def learn(self, entry: TensorEntry, data: memoryview, digests: list[bytes] | None) -> None:
+        """Keep ``entry``'s new bytes as the next publish's base (``delta_base`` on)."""
+        if self.base is not None:
+            self.base.keep(entry.digest, data, entry.chunk_bytes, digests)
+
+    def forget(self, digest: str) -> None:
+        """Drop a content whose bytes were not read unchanged (its copy may be torn)."""
+        if self.base is not None:
+            self.base.drop(digest)
+
+    def expect(self, todo: Iterable[TensorEntry]) -> None:
+        """Count the parents ``todo`` will ask for, so that ``done`` drops each after its
+        last use: the base stays at about one copy of the model while it is replaced."""
+        for e in todo:
+            parent = self.parents.get(e.name)
+            if parent is not None:
+                self._uses[parent.digest] += 1
+
+    def done(self, entry: TensorEntry) -> None:
+        """``entry`` is stored: drop its parent's bytes if nothing else needs them."""
+        parent = self.parents.get(entry.name)
+        if parent is None or self.base is None:
+            return
+        self._uses[parent.digest] -= 1
+        if self._uses[parent.digest] <= 0 and parent.digest not in self.wanted:
+            self.base.drop(parent.digest)
+
+
+def _digests(kept: Kept | None, entry: TensorEntry) -> list[bytes] | None:
+    """The kept base's chunk digests, where they were taken at ``entry``'s chunk size."""
+    if kept is None or kept.digests is None or kept.chunk_bytes != entry.chunk_bytes:
+        return None
+    return kept.digests
