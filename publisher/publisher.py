@@ -8,25 +8,22 @@ from collections.abc import Sequence
 from dataclasses import replace
 from types import TracebackType
 
-from hotswap import codec, headrecord, keys
+from hotswap import headrecord, keys
 from hotswap import manifest as mf
 from hotswap import notice as nt
 from hotswap.connection import RedisClient, connect
 from hotswap.errors import (
     ConfigError,
     HotswapError,
-    IntegrityError,
-    NotFound,
     SourceError,
-    VersionConflict,
 )
 from hotswap.headrecord import HeadRecord
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
-from publisher import commit, complete, plan, restore, upkeep, upload
-from publisher.base import Base, Tally, encoder_for
+from publisher import commit, complete, contents, heads, plan, resign, restore, upkeep
+from publisher.base import Base, Tally
 from publisher.fingerprint import Fingerprints
 from publisher.plan import Head
 from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, describe
@@ -167,36 +164,19 @@ class Publisher:
             if only is None:
                 # Before anything is read or written: a refusal changes nothing.
                 complete.check(trusted, names, exclude, src.where)
-            hashed = upload.hash_entries(
-                src, names, trusted, self.settings, progress=progress, memo=self._fingerprints
-            )
-            fresh, pending = hashed.entries, hashed.pending
-            if trusted and only is not None:
-                entries = complete.kept_entries(plan.merge(trusted.tensors, fresh), exclude)
-            else:
-                entries = fresh
-            if len(entries) > self.settings.max_tensors:
-                raise SourceError(
-                    f"{src.where}: {len(entries)} tensors, over the limit of "
-                    f"{self.settings.max_tensors} (HOTSWAP_MAX_TENSORS)"
-                )
-            if not self.settings.deltas:  # agents may predate deltas: full blobs only
-                entries = [replace(e, delta=None) if e.name in names else e for e in entries]
-            stored = trusted.tensors if trusted else ()
-            encoder = encoder_for(self.store, self.settings, trusted, entries, self._base)
-            uploaded = upload.upload_missing(
+            built = contents.build(
                 self.store,
                 src,
-                entries,
-                stored,
-                hashed=hashed,
-                memo=self._fingerprints,
+                names,
+                trusted,
+                self.settings,
+                only=only,
+                exclude=exclude,
                 progress=progress,
-                encoder=encoder,
+                memo=self._fingerprints,
+                base=self._base,
             )
-            sent = uploaded.sent
-            entries = upload.stored_as(entries, uploaded.refs)
-            entries = upload.with_stats(src, entries, pending, uploaded.stats)
+            entries, sent = built.entries, built.sent
         self._fingerprints.retain({e.digest for e in entries})
         # An untrusted head is compared with nothing: every tensor counts as new.
         changes = plan.diff(trusted.tensors if trusted else (), entries)
@@ -215,24 +195,12 @@ class Publisher:
             changed=changes.count,
             sent=sent,
             started=started,
-            tally=encoder.tally if encoder is not None else None,
+            tally=built.tally,
         )
 
     def _head(self) -> tuple[Head, bytes | None]:
-        """The head's number and, if it verifies (with the signing keys), its manifest;
-        and the signed head record's bytes (None where absent)."""
         guess = self._last.version if self._last is not None else None
-        number, data, record = self.store.head_for_commit(guess)
-        signing = bool(self._keys)
-        if number is None:
-            return Head(self.model, None, signing=signing), record
-        try:
-            manifest = self.store.manifest(number, self._keys, data)
-            return Head(self.model, number, manifest, None, signing), record
-        except (IntegrityError, NotFound) as e:
-            # Unsigned (signing just turned on), forged, garbled or missing: a full
-            # publish may still go on top of it, taking nothing from it but its number.
-            return Head(self.model, number, None, e, signing), record
+        return heads.read(self.store, self._keys, guess)
 
     def _commit(
         self,
@@ -252,7 +220,7 @@ class Publisher:
     ) -> int:
         version = self.store.reserve_version()
         if lineage is None:
-            lineage = head.manifest.lineage if head.manifest else self._lineage(head)
+            lineage = head.manifest.lineage if head.manifest else heads.lineage(self.store, head)
         m = commit.new_manifest(
             head,
             version,
@@ -285,21 +253,6 @@ class Publisher:
             return None
         expiry = self.settings.head_expiry_seconds
         return headrecord.encode(commit.head_record(m, data, expiry), self._signing_key)
-
-    def _lineage(self, head: Head) -> str:
-        """The lineage of a new version whose parent's manifest is not trusted (or absent).
-
-        An unsigned or forged manifest that still decodes lends its lineage: a
-        lineage only tells agents whether version numbers are comparable (a
-        wrong one makes them compare digests instead), and keeping it spares
-        them a false "Redis lost its data" when signing is first turned on.
-        """
-        if head.number is None:
-            return mf.new_lineage()
-        try:
-            return self.store.manifest(head.number).lineage
-        except (IntegrityError, NotFound):
-            return mf.new_lineage()
 
     # -- rollback -----------------------------------------------------------------
 
@@ -405,52 +358,7 @@ class Publisher:
                 f"model {self.model!r}: re-signing head needs a signing key; "
                 "set HOTSWAP_SIGNING_KEYS"
             )
-        number, _, record = self.store.head_for_commit(None)
-        if number is None:
-            raise NotFound(f"model {self.model!r} has no versions: no head to re-sign")
-        try:
-            data = self.store.manifest_bytes(number)
-            m = self.store.manifest(number, self._keys, data)
-        except (IntegrityError, NotFound) as e:
-            raise type(e)(
-                f"model {self.model!r}: will not re-sign head v{number}: {plan.cause(e)}; "
-                "publish or roll back to put a version signed with this key on top"
-            ) from e
-        self._check_head_is_signed_head(number, data, record)
-        head = Head(self.model, number, m, signing=True)
-        issued = max(commit.now(), commit.not_before(head, record, self._keys))
-        expiry = self.settings.head_expiry_seconds
-        signed = headrecord.encode(commit.head_record(m, data, expiry, issued), key)
-        if not self.store.replace_head_record(number, record, signed):
-            raise VersionConflict(
-                f"model {self.model!r}: head or its signed record changed while re-signing "
-                f"v{number} (a publish, rollback or re-sign committed first); nothing "
-                "written: run `hotswap resign` again"
-            )
-        return headrecord.decode(signed, keys=[key], expect_model=self.model)
-
-    def _check_head_is_signed_head(self, number: int, data: bytes, record: bytes | None) -> None:
-        """Refuse to re-sign a plain head that the current signed record does not name.
-
-        Anyone who can write Redis can move the plain ``head`` key (to a
-        retracted version, say); a scheduled re-sign that signed whatever it
-        says would turn that into a head every agent accepts. Only a record
-        that no longer verifies (absent, or by a removed key) lets the plain
-        head decide, which is how signing is turned on.
-        """
-        if record is None:
-            return
-        try:
-            current = headrecord.decode(record, keys=self._keys, expect_model=self.model)
-        except IntegrityError:
-            return
-        if current.version != number or current.manifest != codec.digest(data):
-            named = f"v{current.version}" + ("" if current.version != number else " (other bytes)")
-            raise VersionConflict(
-                f"model {self.model!r}: head says v{number} but the signed head names {named}: "
-                "someone without the signing key moved head; nothing re-signed. Put head "
-                "back with `hotswap rollback` or a publish, which sign a new head"
-            )
+        return resign.resign(self.store, key, self._keys, self.settings.head_expiry_seconds)
 
     # -- gc and verify ---------------------------------------------------------------
 
