@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import mmap
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -421,6 +423,93 @@ class BlobStore:
             out = buf[: stop - base]
             self._read_chunks(entry, batch, out, where, None)
             yield out
+
+    def frames(self, entry: TensorEntry, version: int | None = None) -> Iterator[memoryview]:
+        """The frames of ``entry``'s delta blob (``entry.delta``), in order, one at a time.
+
+        A frame's length varies: each is refused past ``delta.max_frame_bytes``
+        of its chunk, and their total must be the ``stored_bytes`` the manifest
+        declares. Memory stays at one batch of frames (the buffer is reserved,
+        not touched: pages fill only as short frames land). A view is valid
+        until the next frame is asked for.
+
+        Args:
+            entry: a manifest entry with a delta; its chunks are the frames' chunks.
+            version: the version whose manifest names it, for error messages.
+
+        Raises:
+            IntegrityError: a frame is missing or oversized, or the frames do
+                not add up to ``stored_bytes`` (names model, version, tensor, frame).
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            for i, frame in enumerate(store.blobs.frames(entry, version=7)):
+                delta.decode_frame(frame, base[...], out[...])
+        """
+        from hotswap import delta  # numpy and zstd: only readers of deltas pay for them
+
+        ref = entry.delta
+        if ref is None:
+            raise IntegrityError(f"tensor {entry.name!r} has no delta blob to read")
+        where = f"model {self.model!r}" + (f" v{version}" if version is not None else "")
+        where += f" tensor {entry.name!r}: delta frame"
+        per_batch = max(1, PIPELINE_BYTES // delta.max_frame_bytes(entry.chunk_bytes))
+        buf: memoryview | None = None
+        total = 0
+        for start in range(0, entry.chunks, per_batch):
+            batch = range(start, min(start + per_batch, entry.chunks))
+            caps = [delta.max_frame_bytes(_span(entry, i)[1] - _span(entry, i)[0]) for i in batch]
+            if buf is None:
+                # Anonymous memory: its pages are touched only where frames land.
+                buf = memoryview(mmap.mmap(-1, sum(caps)))
+            names = keys.chunk_keys(
+                self.ns, self.model, ref.blob, entry.chunk_bytes, batch.stop, first=batch.start
+            )
+            fetch = functools.partial(self._get_capped, names, caps, buf)
+            got = self.call(f"reading the delta of tensor {entry.name!r}", fetch)
+            for i, cap, (frame, length) in zip(batch, caps, got, strict=True):
+                if frame is None:
+                    problem = "is missing from Redis (collected or lost)"
+                    if length is not None:
+                        problem = f"is {length} bytes, over the {cap} a frame of its chunk can take"
+                    raise IntegrityError(f"{where} {i} of {entry.chunks} {problem}; publish again")
+                total += len(frame)
+                if total > ref.stored_bytes:
+                    break
+                yield frame
+        if total != ref.stored_bytes:
+            raise IntegrityError(
+                f"{where}s add up to {total if total <= ref.stored_bytes else 'more than'} "
+                f"bytes, the manifest says {ref.stored_bytes}; publish again"
+            )
+
+    def _get_capped(
+        self, names: list[str], caps: list[int], buf: memoryview
+    ) -> list[tuple[memoryview | None, int | None]]:
+        """Each key's value (None: absent or over its cap) and its length (None: absent).
+
+        Values land in consecutive slots of ``buf`` on the zero-copy path (a
+        longer one is cut there and refused here), as redis-py's bytes elsewhere.
+        """
+        fast = self._blob_io
+        if fast is not None:
+            ends = list(itertools.accumulate(caps))
+            slots = [buf[e - c : e] for e, c in zip(ends, caps, strict=True)]
+            with contextlib.suppress(*transport.REDIRECTED):
+                lengths = fast.get_into(names, slots)
+                return [
+                    (slot[:n] if n is not None and n <= len(slot) else None, n)
+                    for slot, n in zip(slots, lengths, strict=True)
+                ]
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.get(name)
+        values: list[bytes | None] = pipe.execute()
+        return [
+            (None, None) if v is None else (memoryview(v) if len(v) <= cap else None, len(v))
+            for v, cap in zip(values, caps, strict=True)
+        ]
 
     def _read_chunks(
         self,

@@ -267,6 +267,7 @@ class Pipeline:
             between=self._between_tensors,
             memory=self._memory,
             old_norms=basis.norms,
+            history=self.store,  # older manifests, for tensors stored as deltas
         )
         self.reporter.update(
             fetch_seconds=staged.seconds,

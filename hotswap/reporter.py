@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hotswap import metrics, status
+from hotswap import candidates, metrics, status
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.status import AgentStatus
 from hotswap.store import Store
@@ -76,7 +76,12 @@ class Reporter:
         self._lock = threading.Lock()
         # Guarded by _lock: the record, whether it changed since the last write,
         # and the schedule (next heartbeat, pause after a failed write).
-        self._status = AgentStatus(agent_id=agent_id, host=socket.gethostname(), pid=os.getpid())
+        self._status = AgentStatus(
+            agent_id=agent_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            encodings=candidates.understood(),
+        )
         self._dirty = True
         # An applied version is written at once: it is what ``hotswap status`` is for.
         self._outcome = False

@@ -1,8 +1,10 @@
 """From a manifest to new bytes in the live tensors: plan, stage, apply.
 
-``LiveModel`` names the tensors a process serves and which of them share
-storage. ``plan`` picks the tensors whose digest differs from what runs.
-``fetch`` reads them into staging buffers and checks every digest: for host
+``LiveModel`` (``hotswap.live``) names the tensors a process serves and which
+of them share storage. ``plan`` picks the tensors whose digest differs from
+what runs. ``fetch`` reads them into staging buffers and checks every digest
+(a tensor stored as a delta is reconstructed there, ``hotswap.reconstruct``,
+against the live bytes when they are the delta's base): for host
 staging of CPU models, slices of one arena per version (fresh memory faulted
 in with one call, or the previous version's arena, already faulted in, that
 ``hostmem.HostMemory`` kept up to a byte budget); pinned host memory per tensor for
@@ -18,14 +20,37 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 
 from hotswap import codec, validate
-from hotswap.errors import ConfigError, IntegrityError, SourceError
+from hotswap.candidates import History, Manifests, unknown_encoding
+from hotswap.errors import IntegrityError
+from hotswap.frames import Blobs
 from hotswap.hostmem import HostMemory
+from hotswap.live import LiveModel
 from hotswap.manifest import Manifest, TensorEntry
+from hotswap.reconstruct import Rebuild
+
+__all__ = [
+    "ALIGN",
+    "ChunkReader",
+    "LiveModel",
+    "Plan",
+    "Staged",
+    "Staging",
+    "apply",
+    "check_metadata",
+    "covered_names",
+    "fetch",
+    "pairs",
+    "plan",
+    "prepare",
+    "staging_device",
+    "timed",
+    "typed",
+]
 
 Staging = Literal["auto", "pinned", "device"]
 # Staged tensors start at this alignment inside an arena (any dtype, and
@@ -33,77 +58,8 @@ Staging = Literal["auto", "pinned", "device"]
 ALIGN = 64
 
 
-class ChunkReader(Protocol):
-    """The part of ``BlobStore`` that fetching needs."""
-
-    def read_into(
-        self,
-        entry: TensorEntry,
-        out: memoryview,
-        version: int | None = None,
-        on_chunk: Callable[[int, int], None] | None = None,
-    ) -> None:
-        """Fill ``out`` with the tensor's chunks, calling ``on_chunk(i, length)`` as each lands."""
-
-
-class LiveModel:
-    """The tensors of a serving model by state-dict name, and which share storage."""
-
-    def __init__(self, model: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
-        if isinstance(model, torch.nn.Module):
-            tensors = dict(model.state_dict(keep_vars=True))
-        else:
-            tensors = dict(model)
-        for name, t in tensors.items():
-            if not isinstance(t, torch.Tensor):
-                raise ConfigError(f"live tensor {name!r} is a {type(t).__name__}, not a tensor")
-            try:
-                codec.dtype_name(t.dtype)
-            except SourceError as e:
-                raise ConfigError(f"live tensor {name!r} cannot be updated: {e}") from e
-        self.tensors: dict[str, torch.Tensor] = tensors
-        # (dtype, shape) of every live tensor: a manifest entry that matches
-        # needs no further metadata check.
-        self.meta: dict[str, tuple[str, tuple[int, ...]]] = {
-            name: (codec.dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()
-        }
-        # Names that alias the same view of the same storage (tied weights)
-        # map to one canonical name, the first in state-dict order.
-        self.canonical: dict[str, str] = {}
-        seen: dict[tuple[Any, ...], str] = {}
-        for name, t in tensors.items():
-            key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
-            if t.numel() and key in seen:
-                self.canonical[name] = seen[key]
-            else:
-                seen.setdefault(key, name)
-                self.canonical[name] = name
-
-        self._devices = frozenset(t.device for t in tensors.values())
-        self._ties = self._groups()
-        self.tied: frozenset[str] = frozenset(n for g in self._ties for n in g)
-
-    def _groups(self) -> list[list[str]]:
-        groups: dict[str, list[str]] = {}
-        for name, canon in self.canonical.items():
-            groups.setdefault(canon, []).append(name)
-        return [g for g in groups.values() if len(g) > 1]
-
-    def ties(self) -> list[list[str]]:
-        """Groups of two or more names that share one storage."""
-        return [list(g) for g in self._ties]
-
-    def devices(self) -> set[torch.device]:
-        return set(self._devices)
-
-    def digests(self) -> dict[str, str]:
-        """BLAKE3 of every live tensor's bytes (tied names hashed once)."""
-        out: dict[str, str] = {}
-        for name, canon in self.canonical.items():
-            if canon not in out:
-                out[canon] = codec.digest(codec.as_bytes(self.tensors[canon]))
-            out[name] = out[canon]
-        return out
+# The part of ``BlobStore`` that fetching needs: full blobs, and delta frames.
+ChunkReader = Blobs
 
 
 @dataclass
@@ -210,6 +166,8 @@ def fetch(
     where: str,
     between: Callable[[], None] | None = None,
     memory: HostMemory | None = None,
+    digests: Mapping[str, str] | None = None,
+    history: Manifests | None = None,
 ) -> Staged:
     """Read every planned tensor into its staging buffer and check its digest.
 
@@ -222,6 +180,11 @@ def fetch(
     version and tensor) and the others are still fetched, so a rejection names
     every bad tensor. ``between`` runs after each tensor (heartbeat, stop).
     Call ``Staged.release()`` once the staged tensors are no longer needed.
+
+    A tensor stored as a delta is reconstructed (``reconstruct.Rebuild``): from
+    the live bytes whose digest ``digests`` gives, or full blobs, through the
+    deltas that the manifest and, when needed, its older versions (read from
+    ``history``) name; the live tensor is only read.
     """
     start, started = time.perf_counter(), time.monotonic()
     memory = memory or HostMemory()
@@ -241,6 +204,7 @@ def fetch(
         p, out, failures, 0, 0.0, started=started, arena_used=total, arena=arena, memory=memory
     )
     bounce: torch.Tensor | None = None
+    older = History(history, p.manifest)
     try:
         for entry in p.fetch:
             canon = live.canonical[entry.name]
@@ -260,9 +224,17 @@ def fetch(
             view = memoryview(array).cast("B")
             hashing = codec.ChunkDigest(view, entry.chunk_bytes)
             try:
-                reader.read_into(entry, view, version, hashing.landed)
-                staged.bytes_fetched += entry.nbytes
-                codec.check_hexdigest(entry.name, hashing.hexdigest(), entry.digest, where)
+                if entry.delta is not None:
+                    running = (digests or {}).get(entry.name)
+                    rebuild = Rebuild(reader, p.manifest, entry, history=older, where=where)
+                    try:
+                        rebuild.into(view, None if running is None else (running, _bytes(target)))
+                    finally:
+                        staged.bytes_fetched += rebuild.fetched
+                else:
+                    reader.read_into(entry, view, version, hashing.landed)
+                    staged.bytes_fetched += entry.nbytes
+                    codec.check_hexdigest(entry.name, hashing.hexdigest(), entry.digest, where)
             except IntegrityError as e:
                 failures[entry.name] = [str(e)]
                 continue
@@ -276,6 +248,11 @@ def fetch(
         raise
     staged.seconds = time.perf_counter() - start
     return staged
+
+
+def _bytes(t: torch.Tensor) -> Callable[[], memoryview]:
+    """A live tensor's bytes on the host, read when called (a copy only off the CPU)."""
+    return lambda: codec.as_bytes(t)
 
 
 class _Copier:
@@ -376,6 +353,7 @@ def prepare(
     between: Callable[[], None] | None = None,
     memory: HostMemory | None = None,
     old_norms: Mapping[str, float] | None = None,
+    history: Manifests | None = None,
 ) -> tuple[Staged, dict[str, list[str]]]:
     """Check, fetch and validate one version against what runs: (staged, reasons).
 
@@ -383,10 +361,27 @@ def prepare(
     that the reasons name every bad tensor. Empty reasons: safe to apply.
     ``old_norms`` gives the norm of a live tensor where it is known (the norm
     of the manifest entry whose bytes it runs), which saves a pass over it.
+    A version whose changed tensors use a delta encoding this hotswap does not
+    know is refused before anything is fetched. ``history`` serves older
+    manifests to tensors stored as deltas (see ``fetch``).
     """
     reasons, ignored = check_metadata(m, live, policy)
     p = plan(m, live, digests, ignored | set(reasons))
-    staged = fetch(reader, p, live, mode=mode, where=where, between=between, memory=memory)
+    unknown = {n: [no] for n, e in p.changed.items() if (no := unknown_encoding(e, where))}
+    if unknown:
+        reasons.update(unknown)
+        p = Plan(m, [], {}, p.ignored)
+    staged = fetch(
+        reader,
+        p,
+        live,
+        mode=mode,
+        where=where,
+        between=between,
+        memory=memory,
+        digests=digests,
+        history=history,
+    )
     try:
         for name, why in staged.failures.items():
             reasons.setdefault(name, []).extend(why)

@@ -48,6 +48,10 @@ class AgentStatus:
     applied_count: int = 0
     rejected_count: int = 0
     updated: float = 0.0
+    # The delta encodings the agent decodes, by wire name (None from agents
+    # older than deltas, which read full blobs only): a fleet is upgraded
+    # before a publisher writes deltas (``hotswap status`` shows them).
+    encodings: list[str] | None = None
 
 
 _FIELDS = set(AgentStatus.__dataclass_fields__)
@@ -73,11 +77,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "applied_count": _INT,
     "rejected_count": _INT,
     "updated": _NUM,
+    "encodings": (list, type(None)),
 }
 
 
 def _check(name: str, value: Any) -> Any:
     ok = isinstance(value, _TYPES[name]) and not isinstance(value, bool)
+    if ok and name == "encodings" and value is not None:
+        ok = len(value) <= MAX_LIST and all(isinstance(e, str) and len(e) <= 64 for e in value)
     if ok and name == "rejection":
         ok = all(
             isinstance(k, str) and isinstance(v, list) and all(isinstance(r, str) for r in v)

@@ -209,7 +209,8 @@ def verify_data(model: str, r: VerifyReport) -> dict[str, Any]:
 def status_table(data: dict[str, Any]) -> Table:
     head = data["head"]
     table = Table(title=plain(f"model {data['model']}: head " + (f"v{head}" if head else "none")))
-    for col in ("agent", "host", "pid", "version", "state", "lag", "last rejection", "heartbeat"):
+    cols = ("agent", "host", "pid", "version", "state", "lag", "last rejection", "heartbeat")
+    for col in (*cols, "reads"):
         table.add_column(col, justify="right" if col in ("pid", "version", "lag") else "left")
     for a in data["agents"]:
         lag = a["lag"]
@@ -237,8 +238,15 @@ def status_table(data: dict[str, Any]) -> Table:
             lag_text,
             "-" if not reason else plain(f"v{a['rejected_version']}: {reason}"),
             beat,
+            reads(a.get("encodings")),
         )
     return table
+
+
+def reads(encodings: list[str] | None) -> Text:
+    """What an agent can apply: full blobs, and the delta encodings it reports decoding
+    (an agent older than deltas reports none)."""
+    return plain(f"full, {', '.join(encodings)}" if encodings else "full only")
 
 
 def print_status(console: Console, data: dict[str, Any]) -> None:
