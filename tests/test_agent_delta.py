@@ -16,12 +16,14 @@ import torch
 from agent_support import MODEL, announce, snapshot, status_of, until
 from delta_support import FrameWatch, Versions, flip, nudged
 
-from hotswap import codec, keys
+from hotswap import codec, keys, staging
 from hotswap import manifest as mf
 from hotswap.agent import Agent, ApplyReport
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
+from hotswap.validate import Policy
 from publisher import render, views
+from publisher.publisher import Publisher
 
 
 class Net(torch.nn.Module):
@@ -277,3 +279,64 @@ def test_status_shows_what_each_agent_reads(harness: Harness, store: Store) -> N
     assert table.columns[-1].header == "reads"
     assert next(iter(table.columns[-1].cells)).plain == "full, sparse-zstd, xor-zstd"
     assert render.reads(None).plain == "full only"  # an agent older than deltas
+
+
+def test_versions_the_publisher_stores_as_deltas_are_applied_from_them(
+    harness: Harness, settings: HotswapSettings, store: Store
+) -> None:
+    small = settings.model_copy(update={"chunk_bytes": 4096})
+    model = Net()
+    with Publisher(MODEL, settings=small) as pub:
+        v1 = pub.publish(state_of(model))
+        agent, watch = harness.start(model)
+        assert agent.wait_for(v1, 10)
+        state = step(state_of(model), 2)
+        v2 = pub.publish(state)
+        assert agent.wait_for(v2, 10) and runs(model, state)
+        entries = store.manifest(v2).tensors
+        assert all(e.delta is not None for e in entries)
+        assert harness.reports[-1].bytes_fetched == sum(
+            e.delta.stored_bytes for e in entries if e.delta
+        )
+        assert watch.count("read") == 0  # v1 was the live model already: nothing read
+        states = {v2: state}
+        for k in range(3, 7):
+            state = step(state, k)
+            states[v := pub.publish(state)] = state
+        assert agent.wait_for(v, 10) and runs(model, state)
+        late_model = Net(seed=9)
+        late, _ = harness.start(late_model)
+        assert late.wait_for(v, 10) and runs(late_model, state)
+        back = pub.rollback(to=v2)
+        assert agent.wait_for(back, 10) and runs(model, states[v2])
+        assert harness.reports[-1].bytes_fetched < sum(e.nbytes for e in entries) // 5
+        assert pub.verify(back).ok and pub.verify(v).ok
+
+
+@pytest.mark.parametrize("mode", ["auto", "pinned", "device"])
+@pytest.mark.parametrize("arena", [True, False])
+def test_prepare_stages_a_delta_in_every_staging_mode(
+    store: Store, mode: staging.Staging, arena: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not arena:  # per-tensor host buffers, as CUDA models take
+        monkeypatch.setattr(staging, "_in_arena", lambda device, mode: False)
+    model = Net()
+    vs = Versions(store)
+    vs.commit(state_of(model), default="full")
+    v2 = vs.commit(step(vs.states[1], 2))
+    live = staging.LiveModel(model)
+    before = snapshot(model)
+    staged, reasons = staging.prepare(
+        store.blobs,
+        vs.manifests[v2],
+        live,
+        live.digests(),
+        Policy(),
+        mode=mode,
+        where=f"model 'm' v{v2}",
+        history=store,
+    )
+    assert reasons == {} and snapshot(model) == before  # the live tensors were only read
+    assert staged.bytes_fetched == deltas(vs, v2)
+    assert all(torch.equal(staged.tensors[k], t) for k, t in vs.states[v2].items())
+    staged.release()
