@@ -42,6 +42,7 @@ class Sample:
     base_held: int = 0
     tensors_delta: int = 0
     keyframes: int = 0
+    gc: float = 0.0  # seconds of the gc after the publish (not in end_to_end)
     step: int = 0  # samples of one step share it (paired comparisons)
     # The agent's ApplyReport: fetch (with decoding and hashing), validation, the
     # writer-lock pause; and the publisher's delta bytes and where its bases came from.
@@ -88,14 +89,14 @@ class RedisMeter:
         blob_keys = self._keys(blobs)
         all_keys = blob_keys + self._keys(meta)
         stored = usage = 0
-        for i in range(0, len(blob_keys), BATCH):
-            pipe = self.client.pipeline(transaction=False)
-            for k in blob_keys[i : i + BATCH]:
-                pipe.strlen(k)
-            stored += sum(int(n) for n in pipe.execute())
         for i in range(0, len(all_keys), BATCH):
+            batch = all_keys[i : i + BATCH]
             pipe = self.client.pipeline(transaction=False)
-            for k in all_keys[i : i + BATCH]:
+            for k in batch:
                 pipe.memory_usage(k, samples=0)
-            usage += sum(int(n or 0) for n in pipe.execute())
+            for k in batch[: max(0, len(blob_keys) - i)]:
+                pipe.strlen(k)
+            got = [int(n or 0) for n in pipe.execute()]
+            usage += sum(got[: len(batch)])
+            stored += sum(got[len(batch) :])
         return {"stored": stored / size, "usage": usage / size, "keys": len(all_keys)}

@@ -115,15 +115,18 @@ class RlModel:
         lr = self.lr_for(fraction)
         with torch.no_grad():
             for name, master in self.master.items():
-                d = self.direction[name]
-                shift = int(torch.randint(0, d.numel(), (1,), generator=self.gen))
-                master.view(-1).sub_(d.roll(shift), alpha=lr)
+                d, m = self.direction[name], master.view(-1)
+                # The direction rolled by a random offset, without a copy of it.
+                at = int(torch.randint(0, d.numel(), (1,), generator=self.gen))
+                m[: d.numel() - at].sub_(d[at:], alpha=lr)
+                m[d.numel() - at :].sub_(d[:at], alpha=lr)
                 self.served[name].copy_(master)
 
 
-def finetune_weights(total_bytes: int, seed: int) -> dict[str, torch.Tensor]:
+def weights(total_bytes: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """``init``'s weights in ``dtype``, ``total_bytes`` in all."""
     gen = torch.Generator().manual_seed(seed)
-    return init(layout(total_bytes, 4), gen)
+    return {k: v.to(dtype) for k, v in init(layout(total_bytes, dtype.itemsize), gen).items()}
 
 
 def finetune_step(sd: dict[str, torch.Tensor], gen: torch.Generator) -> None:

@@ -66,6 +66,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 "fetch": summary([s["fetch"] for s in runs]),
                 "validate": summary([s["validate"] for s in runs]),
                 "pause": summary([s["pause"] for s in runs]),
+                "gc": summary([s["gc"] for s in runs]),
                 "bases": _bases(runs),
             }
     _held(out, raw)
@@ -90,11 +91,13 @@ def _worst(runs: list[dict[str, Any]], full: list[dict[str, Any]]) -> float:
 
 
 def _held(out: dict[str, Any], raw: dict[str, Any]) -> None:
-    held = raw["held"]
     out["held"] = {
         f"{approach}_{k}": {
-            "avg": _mean([h[f"{approach}_{k}"] for h in held]),
-            "max": max((h[f"{approach}_{k}"] for h in held), default=float("nan")),
+            "avg": _mean([h[f"{approach}_{k}"] for h in raw["held"] if f"{approach}_{k}" in h]),
+            "max": max(
+                (h[f"{approach}_{k}"] for h in raw["held"] if f"{approach}_{k}" in h),
+                default=float("nan"),
+            ),
         }
         for approach in ("delta", "full")
         for k in ("stored", "usage")
@@ -132,10 +135,11 @@ def _targets(out: dict[str, Any], raw: dict[str, Any]) -> None:
     if rnd:
         t.append(_verdict("random weights: in+out / full's", rnd["io_pct"] / 100, 1.01, "x"))
         t.append(_verdict("random weights: delta / full, end to end", 1 / rnd["full_x"], 1.01, "x"))
-    h = out["held"]["delta_usage"]
     if raw["held"]:
-        t.append(_verdict("Redis held (MEMORY USAGE), average x model", h["avg"], 1.5, "x"))
-        t.append(_verdict("Redis held (MEMORY USAGE), max x model", h["max"], 2.2, "x"))
+        for k, how in (("stored", "STRLEN of blob chunks"), ("usage", "MEMORY USAGE")):
+            h = out["held"][f"delta_{k}"]
+            t.append(_verdict(f"Redis held ({how}), average x model", h["avg"], 1.5, "x"))
+            t.append(_verdict(f"Redis held ({how}), max x model", h["max"], 2.2, "x"))
     late = raw.get("late") or {}
     if "delta" in late:
         ok = late["delta"]["exact"] and late["depth"] >= late["max_chain"]
@@ -195,6 +199,7 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
             ms(e["fetch"]),
             ms(e["validate"]),
             ms(e["pause"]),
+            ms(e["gc"]),
             e["bases"],
         ]
         for key, e in s["cases"].items()
@@ -202,8 +207,8 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
     ]
     parts.append(
         "Where the time goes (median, min-max): the publish; from its return to the "
-        "agent's applied callback; the agent's `ApplyReport` steps; the publisher's bases "
-        "(tensors, all steps).\n\n"
+        "agent's applied callback; the agent's `ApplyReport` steps; the publisher's gc after "
+        "the publish (not in end to end); the publisher's bases (tensors, all steps).\n\n"
         + table(
             [
                 "case",
@@ -213,6 +218,7 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
                 "agent fetch+decode+hash ms",
                 "validate ms",
                 "pause ms",
+                "gc after it ms",
                 "bases",
             ],
             rows,

@@ -117,7 +117,9 @@ class DeltaBench:
         ev = self.w.applied(tag, version)
         moved = self.meter.net_since(net)
         rep, got = pub.last_report, ev["report"]
+        started = time.monotonic()
         pub.gc(keep=self.cfg.keep)
+        collected = time.monotonic() - started
         return Sample(
             case=case,
             approach=approach,
@@ -135,6 +137,7 @@ class DeltaBench:
             base_held=int(getattr(rep, "base_held", 0)),
             tensors_delta=int(getattr(rep, "tensors_delta", 0)),
             keyframes=int(getattr(rep, "keyframes", 0)),
+            gc=collected,
             fetch=float(got["fetch_seconds"]),
             validate=float(got["validate_seconds"]),
             pause=float(got["apply_seconds"]),
@@ -210,9 +213,11 @@ class DeltaBench:
                 before = {k: v.clone() for k, v in model.served.items()}
                 model.step(0.015)
                 changed = delta_model.changed_fraction(before, model.served)
-                self.step(pair, RL, changed, compare=i % cfg.compare_every == 0, turn=i)
+                compare = i % cfg.compare_every == 0
+                self.step(pair, RL, changed, compare=compare, turn=i)
                 held: dict[str, float] = {"version": i + 2}  # v1 was the first, full publish
-                for approach in ("delta", "full"):
+                # The full model changes at compare steps only: measured then.
+                for approach in ("delta", "full") if compare else ("delta",):
                     for k, v in self.meter.held(f"rl-{approach}", pair.size).items():
                         held[f"{approach}_{k}"] = v
                 self.held.append(held)
@@ -288,9 +293,9 @@ class DeltaBench:
         size, seed = int(self.cfg.size_mb * MiB), self.cfg.seed
         self.rl()
         gen = torch.Generator().manual_seed(seed + 1)
-        ft = delta_model.finetune_weights(size, seed)
+        ft = delta_model.weights(size, torch.float32, seed)
         self.simple("ft", "fp32 fine-tune", ft, lambda: delta_model.finetune_step(ft, gen))
-        rnd = {k: v.to(torch.bfloat16) for k, v in delta_model.finetune_weights(size, seed).items()}
+        rnd = delta_model.weights(size, torch.bfloat16, seed)
         self.simple("rand", "random new weights", rnd, lambda: delta_model.random_step(rnd, gen))
 
 

@@ -82,3 +82,43 @@ def test_quick_flood_bench_runs_both_flooded_cases_and_prints_its_table(tmp_path
     # Both loops served, the flood flowed, and the agent applied the version.
     assert all(c["passes"] and c["notices"] > 0 for c in cases)
     assert cases[1]["applied"] is not None and cases[0]["applied"] is None
+
+
+@pytest.mark.timeout(300)  # torch in two processes, every case, on a shared machine
+def test_quick_delta_bench_runs_every_case_and_prints_its_tables(tmp_path: Path) -> None:
+    results = tmp_path / "deltas.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.deltas", "--quick", "--json", str(results)],
+        check=False,  # the exit status is asserted below, with the bench's stderr
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    for header in (
+        "| case | approach | steps | % changed |",  # bytes and end to end, every approach
+        "| case | approach | publish ms | publish return→applied ms |",  # where the time goes
+        "| case | approach | publisher peak extra | publisher base |",  # memory
+        "| model | chain depth | ms | MiB fetched |",  # the late agents
+        "| target | measured | limit |",
+    ):
+        assert header in out, header
+    assert "Redis held by one model after each gc" in out
+    assert f"results: {results}" in out
+
+    raw = json.loads(results.read_text())["raw"]
+    seen = {(s["case"], s["approach"]) for s in raw["samples"]}
+    for case in ("rl-1.5%", "rl-1%", "rl-3%", "rl-8%", "fp32 fine-tune", "random new weights"):
+        assert {(case, a) for a in ("delta", "full", "naive", "ceiling")} <= seen, case
+    for s in raw["samples"]:
+        # Every publish reached its agent (or the worker's shadow) and moved bytes.
+        assert s["fetched"] > 0 and s["net_out"] > 0, s
+    rl = [s for s in raw["samples"] if s["case"] == "rl-1.5%" and s["approach"] == "delta"]
+    assert all(s["tensors_delta"] > 0 for s in rl)  # the RL steps went as deltas
+    assert len(raw["held"]) == raw["config"]["versions"]
+    # Both late agents reached head with the publisher's bytes.
+    assert raw["late"]["delta"]["exact"] and raw["late"]["full"]["exact"]
