@@ -6,9 +6,9 @@ them): one copy of the published tensors, the one exception to its
 streaming memory budget (README, ``HOTSWAP_DELTA_BASE``), so that a training
 loop's next publish reads nothing back from Redis and hashes each chunk
 once. A new publisher, a CLI publish, or one with ``delta_base`` off reads
-the parent's bytes from Redis instead: a full blob as stored; a content
-stored only as a delta is not rebuilt here, and its tensor goes as a full
-blob (the report says so).
+the parent's bytes from Redis instead, rebuilt from its full blob or a chain
+of deltas (``hotswap.reconstruct``); where no stored blobs reach them, the
+tensor goes as a full blob (the report says so).
 
 ``Encoder`` is one publish's use of the base: for each new content, its
 parent, the parent's bytes (memory, Redis, or missing), and the frames.
@@ -17,14 +17,16 @@ parent, the parent's bytes (memory, Redis, or missing), and the frames.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotswap import codec, delta, dtypes
+from hotswap import delta, dtypes
+from hotswap.candidates import History
 from hotswap.entries import DeltaRef, TensorEntry
-from hotswap.errors import IntegrityError, NotFound
+from hotswap.errors import IntegrityError
 from hotswap.manifest import Manifest
+from hotswap.reconstruct import Rebuild
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
 from publisher import deltas
@@ -121,11 +123,7 @@ def encoder_for(
         kept.retain(())
         return None
     return Encoder(
-        store,
-        parent.by_name() if parent is not None else {},
-        kept if settings.delta_base else None,
-        parent.version if parent is not None else None,
-        {e.digest for e in entries},
+        store, parent, kept if settings.delta_base else None, {e.digest for e in entries}
     )
 
 
@@ -144,9 +142,8 @@ class Encoder:
 
     Args:
         store: the model's store, to read a parent Redis holds.
-        parents: the parent version's entries by name (empty: no parent).
+        parent: the parent version's manifest (None: no trusted parent).
         base: the publisher's ``Base`` (None: ``delta_base`` off, read Redis).
-        version: the parent's number, named in messages.
         wanted: the digests of the version being published: their bytes stay
             in the base, the parents' others go once encoded against.
     """
@@ -154,16 +151,16 @@ class Encoder:
     def __init__(
         self,
         store: Store,
-        parents: Mapping[str, TensorEntry],
+        parent: Manifest | None,
         base: Base | None,
-        version: int | None,
         wanted: Collection[str],
     ) -> None:
         self.store = store
-        self.parents = parents
+        self.parent = parent
+        self.parents = parent.by_name() if parent is not None else {}
         self.base = base
-        self.version = version
         self.wanted = wanted
+        self._history: History | None = None
         self.tally = Tally()
         self._uses: Counter[str] = Counter()
 
@@ -207,20 +204,24 @@ class Encoder:
     def _read(self, parent: TensorEntry) -> tuple[str, bytearray | None]:
         """The parent's bytes from Redis: ("redis", bytes), or ("missing", None).
 
-        Only a full blob is read (and checked against its digest); a parent
-        stored only as a delta, or whose blob is gone or altered, leaves the
+        Rebuilt from whatever stored blobs reach them (``hotswap.reconstruct``:
+        a full blob, or a chain of deltas from one), each link checked and the
+        result hashed to the parent's digest. Blobs gone or altered leave the
         tensor to a full blob: a publish never fails for want of a base.
         """
-        if parent.delta is not None and not parent.delta.keyframe:
+        if self.parent is None:
             return "missing", None
+        if self._history is None:  # one walk of older manifests per publish
+            self._history = History(self.store, self.parent)
+        where = f"model {self.store.model!r} v{self.parent.version}"
+        rebuild = Rebuild(self.store.blobs, self.parent, parent, history=self._history, where=where)
         out = bytearray(parent.nbytes)
         try:
-            self.store.blobs.read_into(parent, memoryview(out), self.version)
-            where = f"model {self.store.model!r} v{self.version}"
-            codec.check_digest(parent.name, out, parent.digest, where)
-        except (IntegrityError, NotFound):
+            rebuild.into(memoryview(out))
+        except IntegrityError:
             return "missing", None
-        self.tally.read_bytes += parent.nbytes
+        finally:
+            self.tally.read_bytes += rebuild.fetched
         return "redis", out
 
     def learn(self, entry: TensorEntry, data: memoryview, digests: list[bytes] | None) -> None:

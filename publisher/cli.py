@@ -267,23 +267,23 @@ def _version_or_head(store: Store, version: int | None) -> int:
 
 
 def cmd_show(ctx: Context) -> int:
-    from publisher import render
+    from publisher import showing
 
     with ctx.store() as store:
         version = _version_or_head(store, ctx.args.version)
         m = store.manifest(version, ctx.settings().key_bytes())
-    ctx.emit(render.manifest_data(m), lambda: ctx.out.print(render.manifest_table(m)))
+    ctx.emit(showing.manifest_data(m), lambda: ctx.out.print(showing.manifest_table(m)))
     return OK
 
 
 def cmd_diff(ctx: Context) -> int:
-    from publisher import render
+    from publisher import showing
 
     with ctx.store() as store:
         keys = ctx.settings().key_bytes()
         a, b = store.manifest(ctx.args.a, keys), store.manifest(ctx.args.b, keys)
-    data = render.diff_data(a, b)
-    ctx.emit(data, lambda: ctx.out.print(render.diff_table(data)))
+    data = showing.diff_data(a, b)
+    ctx.emit(data, lambda: ctx.out.print(showing.diff_table(data)))
     return OK
 
 

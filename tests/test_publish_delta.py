@@ -241,7 +241,7 @@ def test_a_keyframe_is_stored_when_the_chain_gets_long(
     assert pub.last_report.bytes_uploaded < 0.1 * pub.last_report.bytes_total
 
 
-def test_a_new_publisher_reads_a_full_parent_from_redis(
+def test_a_new_publisher_reads_the_parent_from_redis(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
     v1 = bf16_weights()
@@ -253,13 +253,26 @@ def test_a_new_publisher_reads_a_full_parent_from_redis(
         r = pub.last_report
     assert r.bases == {"redis": 3} and r.bytes_base_read == r.bytes_total
     assert r.tensors_delta == 3 and r.bytes_uploaded < 0.1 * r.bytes_total
-    # A parent stored only as a delta is not rebuilt here: full blobs, and the
-    # report says the bases were missing.
+    # A parent stored only as a delta is rebuilt from v1's full blobs and v2's
+    # deltas, each checked.
+    v3 = step(v2, 0.015, 2)
     with Publisher("m", settings=settings, connection=client) as pub:
-        pub.publish(step(v2, 0.015, 2))
+        pub.publish(v3)
+        r = pub.last_report
+    stored2 = sum(e.delta.stored_bytes for e in store.manifest(2).tensors if e.delta)
+    assert r.bases == {"redis": 3} and r.tensors_delta == 3
+    assert r.bytes_base_read == r.bytes_total + stored2
+    for name, e in store.manifest(3).by_name().items():
+        assert e.delta is not None and e.delta.depth == 2
+        assert e.delta.base == store.manifest(2).by_name()[name].digest
+    # Redis lost v1's full blobs: no stored blob reaches v3's parent: full blobs,
+    # and the report says the bases were missing.
+    store.blobs.delete_blobs([b for e in store.manifest(1).tensors for b in blobs.blob_ids(e)])
+    with Publisher("m", settings=settings, connection=client) as pub:
+        pub.publish(step(v3, 0.015, 3))
         r = pub.last_report
     assert r.bases == {"missing": 3} and r.tensors_delta == 0
-    assert all(e.delta is None for e in store.manifest(3).tensors)
+    assert all(e.delta is None for e in store.manifest(4).tensors)
 
 
 def test_delta_base_off_keeps_nothing_and_reads_the_parent(
@@ -438,3 +451,31 @@ def test_cli_show_marks_a_keyframe(
     by_name = {r["name"]: r for r in rows}
     assert by_name["embed.weight"]["stored_bytes"] == e.nbytes + e.delta.stored_bytes
     assert not math.isnan(by_name["embed.weight"]["norm"])
+
+
+def test_tied_tensors_share_one_delta_and_only_inherits_entries(
+    pub: Publisher, store: Store, client: redis.Redis
+) -> None:
+    sd = bf16_weights()
+    sd["lm_head.weight"] = sd["embed.weight"]  # tied: one blob
+    pub.publish(sd)
+    v2 = step(bf16_weights(), 0.015, 1)
+    v2["lm_head.weight"] = v2["embed.weight"]
+    before = blob_keys(client)
+    pub.publish(v2)
+    m2 = store.manifest(2).by_name()
+    embed, head = m2["embed.weight"], m2["lm_head.weight"]
+    assert embed.delta is not None and (embed.digest, embed.delta) == (head.digest, head.delta)
+    assert pub.last_report.tensors_delta == 3  # one per content
+    new = blob_keys(client) - before
+    assert len(new) == sum(e.chunks for n, e in m2.items() if n != "lm_head.weight")
+    # --only: the named tensors as deltas, the rest inherited as they are stored.
+    v3 = step(v2, 0.015, 2)
+    pub.publish({"layer.bias": v3["layer.bias"]}, only=["layer.bias"])
+    m3 = store.manifest(3).by_name()
+    assert pub.last_report.tensors_delta == 1
+    assert m3["layer.bias"].delta is not None
+    assert m3["layer.bias"].delta.base == m2["layer.bias"].digest
+    assert {n: e for n, e in m3.items() if n != "layer.bias"} == {
+        n: e for n, e in m2.items() if n != "layer.bias"
+    }
