@@ -218,12 +218,37 @@ def test_gc_keeps_exactly_what_kept_versions_need_and_they_reconstruct(
             assert reconstruct(client, store, e) == bytes(
                 sds[v][e.name].contiguous().view(torch.uint8).numpy()
             )
+    # verify reads a version's older manifests only: v4 is reached from newer ones
+    # (a rollback to it is: its manifest's parents are the newer versions).
+    assert all(pub.verify(v).ok for v in (5, 6, 7))
+    assert pub.rollback(to=4) == 8 and pub.verify(8).ok
 
+    # Keep v6..v8: v8 is v4's content again, reached from v5's keyframe backwards,
+    # which only v5 names: its manifest stays (a chain version), v4's goes.
+    r = pub.gc(keep=3)
+    assert (r.kept, r.deleted_versions, r.chain_versions) == ([6, 7, 8], [4], [5])
+    wanted = own[4] | own[5] | own[6] | own[7]
+    assert index(client) == wanted and chunk_keys(client) == keys_of(wanted)
+    assert store.versions() == [5, 6, 7, 8]
+    assert all(pub.verify(v).ok for v in (6, 7, 8))
+    assert "kept the manifests of v5 for kept versions' chains of deltas" in str(
+        render.gc_line("m", r)
+    )
+    log = store.log(1)[0]
+    assert log["kind"] == "gc" and "(and 1 for delta chains)" in log["message"]
+
+
+def test_a_chain_version_keeps_only_its_blobs_on_the_chain(
+    run: tuple[Publisher, dict[int, dict[str, torch.Tensor]]], store: Store, client: redis.Redis
+) -> None:
+    pub, sds = run
+    m = {v: store.manifest(v) for v in range(1, 8)}
     # Keep v6, v7: their chains start at v5's keyframe, which only v5 names: its
-    # manifest stays, with its full blobs; its own deltas and v4 go.
+    # manifest stays with its full blobs; its own deltas (to v4) and v1..v4 go.
     r = pub.gc(keep=2)
-    assert (r.kept, r.deleted_versions, r.chain_versions) == ([6, 7], [4], [5])
+    assert (r.kept, r.deleted_versions, r.chain_versions) == ([6, 7], [1, 2, 3, 4], [5])
     full5 = {keys.blob_id(e.digest, e.chunk_bytes, e.chunks) for e in m[5].tensors}
+    own = {v: {b for e in m[v].tensors for b in blob_ids(e)} for v in (6, 7)}
     wanted = full5 | own[6] | own[7]
     assert index(client) == wanted and chunk_keys(client) == keys_of(wanted)
     assert store.versions() == [5, 6, 7]
@@ -232,11 +257,7 @@ def test_gc_keeps_exactly_what_kept_versions_need_and_they_reconstruct(
             assert reconstruct(client, store, e) == bytes(
                 sds[v][e.name].contiguous().view(torch.uint8).numpy()
             )
-    assert "kept the manifests of v5 for kept versions' chains of deltas" in str(
-        render.gc_line("m", r)
-    )
-    log = store.log(1)[0]
-    assert log["kind"] == "gc" and "(and 1 for delta chains)" in log["message"]
+        assert pub.verify(v).ok, pub.verify(v).bad
 
 
 def test_gc_reports_a_kept_version_no_stored_blob_reconstructs(
