@@ -288,6 +288,13 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
             )
         )
     rows = [
+        [case, ", ".join(f"{k} {v}" for k, v in n.items())] for case, n in raw["storage"].items()
+    ]
+    parts.append(
+        "How head's tensors are stored at the end of each case (entries per encoding):\n\n"
+        + table(["case", "entries"], rows)
+    )
+    rows = [
         [
             t["target"],
             f"{t['value']:.2f} {t['unit']}",

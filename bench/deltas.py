@@ -35,7 +35,7 @@ from bench import baselines, delta_model, delta_report
 from bench.delta_measure import RedisMeter, Sample, chain_depth
 from bench.delta_worker import DeltaWorkerProc
 from bench.memory import PeakRss
-from hotswap import HotswapSettings, chain, codec
+from hotswap import HotswapSettings, chain, codec, delta, encodings
 from hotswap.embedded import EmbeddedRedis
 
 MiB = 1024 * 1024
@@ -100,6 +100,7 @@ class DeltaBench:
         self.samples: list[Sample] = []
         self.held: list[dict[str, float]] = []
         self.late: dict[str, Any] = {}
+        self.storage: dict[str, dict[str, int]] = {}
         self._seq = self._step = 0
         w.call("connect", url=url, window=cfg.window)
 
@@ -182,6 +183,17 @@ class DeltaBench:
             agent_peak=int(ev["peak_extra"]),
         )
 
+    def tally(self, pair: Pair, case: str) -> None:
+        """How head's tensors are stored: entries per delta encoding, full, keyframe."""
+        m = pair.pubs["delta"].store.head_manifest()
+        count: dict[str, int] = {}
+        for e in m.tensors if m is not None else ():
+            kind = "full" if e.delta is None else "+".join(e.delta.encodings)
+            if e.delta is not None and e.delta.keyframe:
+                kind += " (keyframe)"
+            count[kind] = count.get(kind, 0) + 1
+        self.storage[case] = count
+
     def step(self, pair: Pair, case: str, changed: float, compare: bool, turn: int) -> None:
         """Publish the current tensors with deltas and, if ``compare``, every other way
         (the order rotating with ``turn``, so that drift on a shared machine hits all)."""
@@ -224,6 +236,7 @@ class DeltaBench:
                 depth = chain_depth(pair.pubs["delta"].store.head_manifest())
                 if not self.late and (depth >= chain.MAX_CHAIN or i == cfg.versions - 1):
                     self.late_agent(pair, depth)
+            self.tally(pair, RL)
             for fraction in FRACTIONS:
                 case = f"rl-{fraction:.0%}"
                 for i in range(cfg.runs):
@@ -231,6 +244,7 @@ class DeltaBench:
                     model.step(fraction)
                     changed = delta_model.changed_fraction(before, model.served)
                     self.step(pair, case, changed, compare=True, turn=i)
+                self.tally(pair, case)
             self.w.call("digests", tag="rl-delta")  # the steady agent still answers
             self.check_exact(pair, "rl-delta")
         finally:
@@ -285,6 +299,7 @@ class DeltaBench:
                 before = {k: v.clone() for k, v in sd.items()}
                 step()
                 self.step(pair, case, delta_model.changed_fraction(before, sd), True, i)
+            self.tally(pair, case)
             self.check_exact(pair, f"{name}-delta")
         finally:
             pair.close()
@@ -297,6 +312,21 @@ class DeltaBench:
         self.simple("ft", "fp32 fine-tune", ft, lambda: delta_model.finetune_step(ft, gen))
         rnd = delta_model.weights(size, torch.bfloat16, seed)
         self.simple("rand", "random new weights", rnd, lambda: delta_model.random_step(rnd, gen))
+
+
+def chosen_settings() -> dict[str, Any]:
+    """The delta settings and constants this run used (the defaults)."""
+    defaults = HotswapSettings(_env_file=None)  # type: ignore[call-arg]
+    return {
+        "chunk_bytes": defaults.chunk_bytes,
+        "deltas": defaults.deltas,
+        "delta_base": defaults.delta_base,
+        "max_chain": chain.MAX_CHAIN,
+        "keyframe_fraction": chain.KEYFRAME_FRACTION,
+        "sparse_max_fraction": encodings.SPARSE_MAX_FRACTION,
+        "zstd_level": encodings.ZSTD_LEVEL,
+        "max_delta_fraction": delta.MAX_DELTA_FRACTION,
+    }
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -329,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     raw = {
         "machine": info,
         "config": asdict(cfg),
+        "settings": chosen_settings(),
         "redis_version": version,
         "samples": [asdict(s) for s in bench.samples],
         "held": bench.held,
         "late": bench.late,
+        "storage": bench.storage,
         "seconds": time.time() - started,
         "load_before": load,
         "load_after": os.getloadavg(),
