@@ -16,7 +16,7 @@ import torch
 from blob_support import CHUNK, big_tensor, entry_for, snapshot
 
 from hotswap import blobs as blobs_module
-from hotswap import codec, keys, transport
+from hotswap import blobwrite, codec, keys, transport
 from hotswap.blobs import BlobStore, check_chunk
 from hotswap.connection import operation_retry
 from hotswap.embedded import EmbeddedRedis
@@ -93,7 +93,7 @@ def test_many_pipeline_batches(
     client: redis.Redis, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blobs = make(client, path)
-    monkeypatch.setattr(blobs_module, "PIPELINE_BYTES", 2 * 1024)
+    _small_batches(monkeypatch)
     entry, buf = entry_for("w", big_tensor(), chunk=1024)
     seen: list[int] = []
     assert blobs.upload(entry, buf, seen.append) == 40000
@@ -274,7 +274,7 @@ def test_stream_yields_the_bytes_in_batches_of_one_reused_buffer(
     client: redis.Redis, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blobs = make(client, path)
-    monkeypatch.setattr(blobs_module, "PIPELINE_BYTES", 2 * 1024)
+    _small_batches(monkeypatch)
     data = random_bytes(40000, seed=3)
     entry = bytes_entry("w", data, 1024)
     blobs.upload(entry, memoryview(data))
@@ -294,7 +294,7 @@ def test_stream_stops_at_the_batch_of_the_first_missing_chunk(
     client: redis.Redis, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blobs = make(client, path)
-    monkeypatch.setattr(blobs_module, "PIPELINE_BYTES", 2 * 1024)
+    _small_batches(monkeypatch)
     data = random_bytes(40000, seed=4)
     entry = bytes_entry("w", data, 1024)
     blobs.upload(entry, memoryview(data))
@@ -400,3 +400,9 @@ def test_touch_defaults_to_now(blobs: BlobStore) -> None:
     blobs.touch_blobs([entry])
     (score,) = blobs.blob_index().values()
     assert before <= score <= time.time()
+
+
+def _small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of 2 KiB: writes and reads cut them in ``blobwrite``, frames in ``blobs``."""
+    monkeypatch.setattr(blobwrite, "PIPELINE_BYTES", 2 * 1024)
+    monkeypatch.setattr(blobs_module, "PIPELINE_BYTES", 2 * 1024)
