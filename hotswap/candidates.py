@@ -13,7 +13,7 @@ Imports no Redis: older manifests come through the ``Manifests`` passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -137,17 +137,25 @@ class History:
     """Older manifests of one version's lineage along ``parent``, each read at most once
     (shared by the tensors of that version)."""
 
-    def __init__(self, manifests: Manifests | None, m: Manifest) -> None:
+    def __init__(
+        self, manifests: Manifests | None, m: Manifest, newer: Sequence[Manifest] = ()
+    ) -> None:
         self._manifests = manifests
         self._m = m
-        self._read: list[dict[str, TensorEntry]] = []
-        self._versions: list[int] = []
+        # Manifests newer than ``m`` the caller already read (``verify`` of an
+        # old kept version: gc may keep it reachable only backwards from a
+        # newer keyframe); offered before the older ones.
+        same = [n for n in newer if n.lineage == m.lineage and n.version > m.version]
+        self._read: list[dict[str, TensorEntry]] = [n.by_name() for n in same]
+        self._versions: list[int] = [n.version for n in same]
+        self._extra = len(same)
         self._last = m
         self._ended = manifests is None
 
     def walk(self, name: str, limit: int) -> Iterator[tuple[TensorEntry, int]]:
-        """Tensor ``name``'s entries in up to ``limit`` older versions, newest first."""
-        for i in range(limit):
+        """Tensor ``name``'s entries in newer versions given, then up to ``limit`` older
+        versions, newest first."""
+        for i in range(limit + self._extra):
             if i == len(self._read) and not self._step():
                 return
             entry = self._read[i].get(name)

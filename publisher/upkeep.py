@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import blake3
 
+from hotswap import chain
 from hotswap import status as st
 from hotswap.candidates import History, full_stored
 from hotswap.errors import ConfigError, FormatError, IntegrityError, NotFound
@@ -153,7 +154,7 @@ def verify(
         if version is None:
             raise NotFound(f"model {store.model!r} has no versions to verify")
     m = store.manifest(version, signing_keys)
-    history = History(store, m)
+    history = History(store, m, _newer(store, m, signing_keys))
     # One check per way a content is stored: tied tensors share it.
     stored = {(e.digest, e.chunk_bytes, e.nbytes, e.delta): e for e in m.tensors if e.chunks}
     total = sum(e.nbytes for e in stored.values())
@@ -175,6 +176,22 @@ def verify(
         bad=dict(sorted(failed.items())),
         seconds=time.monotonic() - started,
     )
+
+
+def _newer(store: Store, m: Manifest, signing_keys: Sequence[bytes]) -> list[Manifest]:
+    """Manifests from head back to just after ``m`` along ``parent`` (at most
+    ``chain.MAX_CHAIN``): gc may keep an old version reachable only backwards
+    from a newer keyframe, which verify must be able to follow too."""
+    out: list[Manifest] = []
+    version = store.head()
+    while version is not None and version > m.version and len(out) < chain.MAX_CHAIN:
+        try:
+            newer = store.manifest(version, signing_keys)
+        except (NotFound, IntegrityError):
+            break  # fewer routes, never a wrong one
+        out.append(newer)
+        version = newer.parent
+    return out
 
 
 def _problem(store: Store, m: Manifest, entry: TensorEntry, history: History) -> str | None:
