@@ -12,9 +12,9 @@ import pytest
 import redis
 from polling import until
 
+from hotswap import agentrecords as store_module
 from hotswap import keys
 from hotswap import status as st
-from hotswap import agentrecords as store_module
 from hotswap.settings import HotswapSettings
 from hotswap.store import AgentRecord, Store
 from publisher import views
