@@ -253,7 +253,8 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
             f"(MEMORY USAGE of every key of the model), "
             f"{h['delta_stored']['avg']:.2f} / {h['delta_stored']['max']:.2f} (STRLEN of "
             f"its blob chunks); full blobs {h['full_usage']['avg']:.2f} / "
-            f"{h['full_usage']['max']:.2f} (MEMORY USAGE; that model is published every "
+            f"{h['full_usage']['max']:.2f} (MEMORY USAGE), {h['full_stored']['avg']:.2f} / "
+            f"{h['full_stored']['max']:.2f} (STRLEN; that model is published every "
             f"{cfg['compare_every']} steps only)."
         )
     late = raw.get("late") or {}
