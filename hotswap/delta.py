@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 import numpy.typing as npt
+import zstandard
 
 from hotswap import encodings
 from hotswap.encodings import Encoding
@@ -235,17 +236,33 @@ def _spans(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_bytes, nbytes)) for s in range(0, nbytes, chunk_bytes)]
 
 
-def _mostly_same(new: memoryview, base: memoryview) -> bool:
-    """Whether a sample of ``new`` XOR ``base`` is zero often enough to try a delta."""
+def _mostly_same(new: memoryview, base: memoryview, max_fraction: float = 1.0) -> bool:
+    """Whether a sample of ``new`` XOR ``base`` is zero often enough, and compresses
+    well enough, to try a delta.
+
+    The second test spares a whole encode that would end over ``max_fraction``
+    (a fine-tune step changes every element a little: its XOR is half zeros
+    yet compresses to about half the tensor), so such a tensor costs a
+    glance, not an encode, before its full blob.
+    """
     n = len(new)
     size = min(PROBE_SLICE_BYTES, n)
     starts = sorted({(n - size) * i // max(1, PROBE_SLICES - 1) for i in range(PROBE_SLICES)})
     zeros = total = 0
+    sample: list[Bytes] = []
     for s in starts:
         xor = np.bitwise_xor(_array(new[s : s + size]), _array(base[s : s + size]))
         zeros += size - int(np.count_nonzero(xor))
         total += size
-    return zeros >= MIN_ZERO_FRACTION * total
+        sample.append(xor)
+    if zeros < MIN_ZERO_FRACTION * total:
+        return False
+    if max_fraction >= 1.0:
+        return True
+    packed = zstandard.ZstdCompressor(level=encodings.ZSTD_LEVEL).compress(
+        np.concatenate(sample).tobytes()
+    )
+    return len(packed) <= max_fraction * total
 
 
 def encode(
@@ -300,7 +317,7 @@ def encode(
     spans = _spans(len(new), chunk_bytes)
     if base_digests is not None and len(base_digests) != len(spans):
         raise ConfigError(f"delta: {len(base_digests)} base digests for {len(spans)} chunks")
-    if not new or not _mostly_same(new, base):
+    if not new or not _mostly_same(new, base, max_fraction):
         return None
     limit = max_fraction * len(new)
     frames: list[bytes] = []

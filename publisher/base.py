@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotswap import delta, dtypes
+from hotswap import chain, delta, dtypes
 from hotswap.candidates import History
 from hotswap.entries import DeltaRef, TensorEntry
 from hotswap.errors import IntegrityError
@@ -185,6 +185,9 @@ class Encoder:
             memoryview(base),
             entry.chunk_bytes,
             itemsize=dtypes.DTYPES[entry.dtype].itemsize,
+            # A delta over the keyframe fraction would be stored with a full
+            # blob at once: more bytes and time than the full blob alone.
+            max_fraction=min(delta.MAX_DELTA_FRACTION, chain.KEYFRAME_FRACTION),
             base_digests=_digests(kept, entry),
         )
         if frames is None:

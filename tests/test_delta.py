@@ -511,3 +511,26 @@ def test_the_delta_bench_runs_and_the_default_keyframe_policy_meets_the_targets(
     assert float(pct) < 5
     assert float(avg) <= 1.5 and float(top) <= 2.2 and float(moved) <= 5.0
     assert all(int(r[4]) <= chain.MAX_CHAIN for r in rows)
+
+
+def test_a_dense_fine_tune_step_over_the_limit_costs_a_glance_not_an_encode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every fp32 element changed by ~1e-4: its XOR compresses to about half the
+    tensor, over the keyframe fraction the publisher passes; no frame is encoded."""
+    g = torch.Generator().manual_seed(3)
+    old = torch.randn(1 << 20, generator=g)
+    new = old * (1 + 1e-4 * torch.randn(old.shape, generator=g))
+    encoded: list[int] = []
+    real = delta.encode_frame
+
+    def counted(*args: object, **kwargs: object) -> bytes:
+        encoded.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(delta, "encode_frame", counted)
+    new_b, old_b = codec.as_bytes(new), codec.as_bytes(old)
+    assert delta.encode(new_b, old_b, 1 << 20, itemsize=4, max_fraction=0.5) is None
+    assert encoded == []
+    frames = delta.encode(new_b, old_b, 1 << 20, itemsize=4)  # the default limit: worth it
+    assert frames is not None and len(encoded) == 4
