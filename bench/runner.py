@@ -186,6 +186,9 @@ class Bench:
             "gc_grace_seconds": 0,
             "keep_versions": 1,
             "socket_timeout": 60,
+            # This bench measures the full transfer path (whole tensors);
+            # delta versions have their own, ``python -m bench.deltas``.
+            "deltas": False,
         }
         if self.cfg.chunk_mb is not None:
             s["chunk_bytes"] = int(self.cfg.chunk_mb * MiB)
