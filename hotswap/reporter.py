@@ -126,6 +126,7 @@ class Reporter:
             manifest_digest=report.manifest_digest,
             last_error=None,
             apply_seconds=report.apply_seconds,
+            last_fetched=report.bytes_fetched,
             applied_count=count,
         )
         metrics.applied(

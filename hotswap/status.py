@@ -45,6 +45,9 @@ class AgentStatus:
     validate_seconds: float = 0.0
     apply_seconds: float = 0.0
     bytes_fetched: int = 0
+    # Bytes fetched for the version applied last (a delta's frames, not its
+    # tensors' size); None from agents older than this field.
+    last_fetched: int | None = None
     applied_count: int = 0
     rejected_count: int = 0
     updated: float = 0.0
@@ -74,6 +77,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "validate_seconds": _NUM,
     "apply_seconds": _NUM,
     "bytes_fetched": _INT,
+    "last_fetched": _INT + _OPTIONAL,
     "applied_count": _INT,
     "rejected_count": _INT,
     "updated": _NUM,

@@ -208,8 +208,9 @@ def status_table(data: dict[str, Any]) -> Table:
     head = data["head"]
     table = Table(title=plain(f"model {data['model']}: head " + (f"v{head}" if head else "none")))
     cols = ("agent", "host", "pid", "version", "state", "lag", "last rejection", "heartbeat")
-    for col in (*cols, "reads"):
-        table.add_column(col, justify="right" if col in ("pid", "version", "lag") else "left")
+    for col in (*cols, "fetched last", "reads"):
+        right = col in ("pid", "version", "lag", "fetched last")
+        table.add_column(col, justify="right" if right else "left")
     for a in data["agents"]:
         lag = a["lag"]
         lag_text = (
@@ -236,9 +237,14 @@ def status_table(data: dict[str, Any]) -> Table:
             lag_text,
             "-" if not reason else plain(f"v{a['rejected_version']}: {reason}"),
             beat,
+            "-" if a.get("last_fetched") is None else _mb(a["last_fetched"]),
             reads(a.get("encodings")),
         )
     return table
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB"
 
 
 def reads(encodings: list[str] | None) -> Text:

@@ -85,6 +85,8 @@ def agent_row(
         "applied_count": s.applied_count,
         "rejected_count": s.rejected_count,
         "bytes_fetched": s.bytes_fetched,
+        # Bytes fetched for the version applied last (None: an older agent).
+        "last_fetched": s.last_fetched,
         # Delta encodings the agent decodes (None: an agent older than deltas).
         "encodings": s.encodings,
     }

@@ -105,7 +105,10 @@ def test_an_agent_at_the_parent_fetches_only_the_delta(harness: Harness, store: 
     assert harness.reports[-1].bytes_fetched == deltas(vs, v2) < 10 * 1024 // 10
     s = status_of(store, agent, lambda s: s.version == v2)
     assert s.bytes_fetched == deltas(vs, v2)
+    assert s.last_fetched == deltas(vs, v2)  # what the version applied last cost
     assert s.encodings == ["sparse-zstd", "xor-zstd"]
+    (row,) = views.status_view(store)["agents"]
+    assert row["last_fetched"] == deltas(vs, v2)
 
 
 def test_a_late_agent_reaches_head_through_a_keyframe_and_a_chain(
@@ -276,7 +279,8 @@ def test_status_shows_what_each_agent_reads(harness: Harness, store: Store) -> N
     (row,) = view["agents"]
     assert row["encodings"] == ["sparse-zstd", "xor-zstd"]
     table = render.status_table(view)
-    assert table.columns[-1].header == "reads"
+    assert [c.header for c in table.columns[-2:]] == ["fetched last", "reads"]
+    assert next(iter(table.columns[-2].cells)) == "0.00 MB"  # it ran v1's bytes already
     assert next(iter(table.columns[-1].cells)).plain == "full, sparse-zstd, xor-zstd"
     assert render.reads(None).plain == "full only"  # an agent older than deltas
 
