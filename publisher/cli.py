@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OK", "UNREACHABLE", "USAGE", "USER_ERROR", "build_parser", "main"]
 
-WIDE = 160
+WIDE = 200
 
 
 def _shared(defaults: bool) -> argparse.ArgumentParser:
