@@ -300,7 +300,7 @@ def load_pickled(path: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             # torch warns (on stderr) about what it then refuses, such as a raw
-            # pickle's protocol; the SourceError below says it in one line.
+            # archive's protocol; the SourceError below says it in one line.
             warnings.filterwarnings("ignore", module=r"torch(\.|$)")
             data = _torch_load(path)
     except Exception as e:
