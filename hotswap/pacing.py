@@ -4,7 +4,9 @@ Anyone who may PUBLISH can flood a model's channel, and a notice proves
 nothing until Redis is read. So what notices may cost is bounded here, not by
 their rate: the loop reads at most ``NOTICE_BATCH`` notices (or
 ``NOTICE_BATCH_BYTES``) a wake-up and pauses ``NOTICE_GAP`` after each
-wake-up that heard any, so a trickle is read in batches; a wake-up that finds
+wake-up that heard more than one notice naming a version to read (one
+publish's notice goes straight through), so a trickle is read in batches; a
+wake-up that finds
 a full batch waiting is a flood, and the loop stops listening for a while
 (``SHED_FIRST``, doubled for each flood in a row up to ``SHED_MAX``),
 reading head every ``LOOK_GAP`` meanwhile. Notices that name nothing to read
@@ -22,8 +24,8 @@ import enum
 # that is a flood, since a publisher sends one notice per commit.
 NOTICE_BATCH = 64
 NOTICE_BATCH_BYTES = 1024 * 1024
-# Pause after a wake-up that heard notices: a steady trickle is read in
-# batches, so a flood's cost to the agent does not grow with its rate.
+# Pause after a wake-up that heard more than one publish's notice: a steady
+# trickle is read in batches, so a flood's cost does not grow with its rate.
 NOTICE_GAP = 0.05
 # Least seconds between two full looks at head that notices ask for without
 # naming what to read; also how often head is read while not listening.
