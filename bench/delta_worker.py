@@ -10,12 +10,8 @@ Events of an agent are ``agent_applied:TAG``.
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,7 +21,7 @@ import redis
 import torch
 
 from bench import baselines
-from bench.procs import WorkerProc
+from bench.procs import WorkerProc, serve
 from bench.worker import Worker
 from hotswap import HotswapSettings, codec
 
@@ -101,18 +97,8 @@ class DeltaWorker(Worker):
 class DeltaWorkerProc(WorkerProc):
     """``python -m bench.delta_worker`` over JSON lines, as ``WorkerProc`` runs bench.worker."""
 
-    def __init__(self) -> None:  # the parent's, with another module
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.delta_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+    def __init__(self) -> None:
+        super().__init__("bench.delta_worker")
 
     def __enter__(self) -> DeltaWorkerProc:
         return self
@@ -139,17 +125,7 @@ def main() -> None:
         "arm": worker.arm,
         "mem_arm": worker.mem_arm,
     }
-    for line in sys.stdin:
-        request = json.loads(line)
-        cmd = request.pop("cmd")
-        if cmd == "quit":
-            break
-        try:
-            result = commands[cmd](**request)
-            worker.emit({"reply": cmd, "result": result})
-        except Exception as e:
-            worker.emit({"reply": cmd, "error": f"{type(e).__name__}: {e}"})
-    worker.stop_all()
+    serve(commands, worker.emit, worker.stop_all)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,31 @@ class WorkerError(RuntimeError):
     pass
 
 
+def serve(
+    commands: dict[str, Callable[..., Any]],
+    emit: Callable[[dict[str, Any]], None],
+    finish: Callable[[], Any],
+) -> None:
+    """A worker process's loop: run each JSON-lines command from stdin and emit its
+    reply (or its error) until ``quit`` or the end of input, then ``finish()``."""
+    for line in sys.stdin:
+        request = json.loads(line)
+        cmd = request.pop("cmd")
+        if cmd == "quit":
+            break
+        try:
+            emit({"reply": cmd, "result": commands[cmd](**request)})
+        except Exception as e:
+            emit({"reply": cmd, "error": f"{type(e).__name__}: {e}"})
+    finish()
+
+
 class WorkerProc:
     """Starts ``python -m bench.worker``; ``call`` runs a command, ``event`` waits for one."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str = "bench.worker") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker"],
+            [sys.executable, "-m", module],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

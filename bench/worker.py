@@ -22,6 +22,7 @@ import torch
 
 from bench import baselines, model
 from bench.memory import PeakRss
+from bench.procs import serve
 from hotswap import HotswapSettings
 
 EVICT_BYTES = 128 * 1024 * 1024
@@ -155,17 +156,7 @@ def main() -> None:
         "mem_arm": worker.mem_arm,
         "bare_copy": worker.bare_copy,
     }
-    for line in sys.stdin:
-        request = json.loads(line)
-        cmd = request.pop("cmd")
-        if cmd == "quit":
-            break
-        try:
-            result = commands[cmd](**request)
-            worker.emit({"reply": cmd, "result": result})
-        except Exception as e:
-            worker.emit({"reply": cmd, "error": f"{type(e).__name__}: {e}"})
-    worker.agent_stop()
+    serve(commands, worker.emit, worker.agent_stop)
 
 
 if __name__ == "__main__":
