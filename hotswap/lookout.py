@@ -52,6 +52,9 @@ class Lookout:
         # Guarded by _lock: the head last seen in Redis (or named by a notice
         # whose manifest was read).
         self._head: int | None = None
+        # Guarded by _lock: whether head was read at all (``head`` None then
+        # means that no version is published).
+        self._looked = False
         # The agent's thread only: the head whose manifest was last looked at,
         # so that a poll of an unchanged head reads nothing more.
         self._checked_head: int | None = None
@@ -67,9 +70,15 @@ class Lookout:
         with self._lock:
             return self._head
 
+    @property
+    def looked(self) -> bool:
+        """Whether head was read from Redis (or named by a notice) at least once."""
+        with self._lock:
+            return self._looked
+
     def _saw_head(self, head: int | None) -> None:
         with self._lock:
-            self._head = head
+            self._head, self._looked = head, True
 
     def wanted(self, raw: bytes, running: Running) -> Request | None:
         """The request a raw notice makes: None if it is another model's or carries
