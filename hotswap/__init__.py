@@ -2,7 +2,8 @@
 
 Serving: ``Agent`` keeps a live model's weights at the newest version,
 checked by a ``Policy`` (per-name ``Override``); ``on_applied`` callbacks get
-an ``ApplyReport``. ``HotswapSettings`` holds the configuration. Reading Redis
+an ``ApplyReport``; ``readiness(agent)`` answers health and readiness
+probes. ``HotswapSettings`` holds the configuration. Reading Redis
 directly (status pages, health probes): ``connect``, ``Store`` and
 ``operation_retry``, none of which imports torch. Every error derives from
 ``HotswapError``. Publishing is ``publisher.Publisher``.
@@ -30,6 +31,7 @@ from hotswap.errors import (
 if TYPE_CHECKING:
     from hotswap.agent import Agent
     from hotswap.connection import connect, operation_retry
+    from hotswap.probes import Readiness, readiness
     from hotswap.reporter import ApplyReport
     from hotswap.settings import HotswapSettings
     from hotswap.store import Store
@@ -45,9 +47,11 @@ _LAZY = {
     "HotswapSettings": "hotswap.settings",
     "Override": "hotswap.validate",
     "Policy": "hotswap.validate",
+    "Readiness": "hotswap.probes",
     "Store": "hotswap.store",
     "connect": "hotswap.connection",
     "operation_retry": "hotswap.connection",
+    "readiness": "hotswap.probes",
 }
 
 
@@ -75,6 +79,7 @@ __all__ = [
     "NotFound",
     "Override",
     "Policy",
+    "Readiness",
     "SignatureError",
     "SourceError",
     "Store",
@@ -84,5 +89,6 @@ __all__ = [
     "VersionConflict",
     "connect",
     "operation_retry",
+    "readiness",
 ]
 __version__ = "0.1.0"

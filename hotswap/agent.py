@@ -25,7 +25,7 @@ from typing import Any
 import tenacity
 import torch
 
-from hotswap import keys, validate
+from hotswap import keys, metrics, validate
 from hotswap.connection import RedisClient, connect, operation_retry, retry_from_settings
 from hotswap.delivery import Delivery
 from hotswap.errors import ConfigError, ValidationError
@@ -164,6 +164,8 @@ class Agent:
             clock=clock,
         )
         self._thread: threading.Thread | None = None
+        # Prometheus reads head, applied version and state from here at each scrape.
+        metrics.track(self)
 
     # -- public API -------------------------------------------------------------
 
@@ -184,6 +186,12 @@ class Agent:
         """The head this agent last saw in Redis (None before the first look, or if none);
         with signing keys, the version the signed head record names."""
         return self._pipeline.lookout.head
+
+    @property
+    def head_seen(self) -> bool:
+        """Whether the agent has read head from Redis at least once (``head_version``
+        None then means that no version is published)."""
+        return self._pipeline.lookout.looked
 
     @property
     def pending_version(self) -> int | None:

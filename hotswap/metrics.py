@@ -1,28 +1,120 @@
 """Prometheus metrics of the agents in this process, when prometheus-client is installed.
 
-The metrics are created once per process, on first use, in the default
-registry (Prometheus refuses a second registration of a name, and several
-agents share a process); each agent labels its samples with its model. Without
-prometheus-client every call here does nothing.
+Every metric is documented in docs/metrics.md. Two kinds:
+
+- **Events** (rejections, bytes fetched, apply durations) are counted when
+  they happen, labelled by model: several agents of one model in a process
+  add up.
+- **Where each agent stands** (head, applied version, lag, state) is read
+  from the agents themselves at each scrape, labelled by model and agent id,
+  so the four gauges always agree with each other and with
+  ``Agent.head_version``/``applied_version``/``state``, and cost nothing
+  between scrapes. An agent is reported from its construction until it is
+  garbage-collected (its state says ``stopped`` once stopped).
+
+Everything is created once per process, on first use, in the default registry
+(Prometheus refuses a second registration of a name, and several agents share
+a process). Without prometheus-client every call here does nothing.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from hotswap.status import STATES
 
 _lock = threading.Lock()
 # {"metrics": _Metrics | None} once looked up; empty before.
 _made: dict[str, _Metrics | None] = {}
 
 
+class Tracked(Protocol):
+    """What the gauges read from an agent (``hotswap.Agent`` has it all)."""
+
+    model_name: str
+    agent_id: str
+
+    @property
+    def head_version(self) -> int | None: ...
+
+    @property
+    def applied_version(self) -> int | None: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+class _Standing:
+    """A collector: the gauges of every tracked agent, read when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Weak: tracking an agent must not keep it, its model or its sockets alive.
+        self._agents: weakref.WeakSet[Tracked] = weakref.WeakSet()
+
+    def track(self, agent: Tracked) -> None:
+        with self._lock:
+            self._agents.add(agent)
+
+    def describe(self) -> list[Any]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            agents = list(self._agents)
+        families = self._families()
+        head, applied, lag, state = families
+        for agent in agents:
+            labels = [agent.model_name, agent.agent_id]
+            # One read of each property, so lag is head minus the applied shown.
+            h, v, now = agent.head_version, agent.applied_version, agent.state
+            if h is not None:
+                head.add_metric(labels, h)
+                lag.add_metric(labels, h - (v or 0))
+            if v is not None:
+                applied.add_metric(labels, v)
+            names = STATES if now in STATES else (*STATES, now)
+            for name in names:
+                state.add_metric([*labels, name], 1.0 if name == now else 0.0)
+        yield from families
+
+    @staticmethod
+    def _families() -> tuple[Any, Any, Any, Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        per_agent = ["model", "agent"]
+        return (
+            GaugeMetricFamily(
+                "hotswap_head_version",
+                "Head version the agent last read in Redis.",
+                labels=per_agent,
+            ),
+            GaugeMetricFamily(
+                "hotswap_applied_version", "Version the agent's model runs.", labels=per_agent
+            ),
+            GaugeMetricFamily(
+                "hotswap_lag_versions",
+                "Versions between head and what the model runs (head when none runs yet).",
+                labels=per_agent,
+            ),
+            GaugeMetricFamily(
+                "hotswap_agent_state",
+                "1 for the agent's current state, 0 for the others.",
+                labels=[*per_agent, "state"],
+            ),
+        )
+
+
 @dataclass(frozen=True)
 class _Metrics:
-    applied_version: Any
     rejections: Any
     apply_seconds: Any
     bytes_fetched: Any
+    standing: _Standing
 
 
 def _get() -> _Metrics | None:
@@ -34,10 +126,9 @@ def _get() -> _Metrics | None:
             import prometheus_client as prom
         except ImportError:
             return None
+        standing = _Standing()
+        prom.REGISTRY.register(standing)
         _made["metrics"] = _Metrics(
-            applied_version=prom.Gauge(
-                "hotswap_applied_version", "Version the agent's model runs.", ["model"]
-            ),
             rejections=prom.Counter("hotswap_rejections", "Versions the agent refused.", ["model"]),
             apply_seconds=prom.Histogram(
                 "hotswap_apply_seconds",
@@ -48,19 +139,28 @@ def _get() -> _Metrics | None:
             bytes_fetched=prom.Counter(
                 "hotswap_fetched_bytes", "Tensor bytes fetched from Redis.", ["model"]
             ),
+            standing=standing,
         )
         return _made["metrics"]
 
 
-def applied(model: str, version: int, apply_seconds: float, nbytes: int) -> None:
+def track(agent: Tracked) -> None:
+    """Report ``agent``'s head, applied version, lag and state at every scrape."""
     m = _get()
     if m is not None:
-        m.applied_version.labels(model=model).set(version)
+        m.standing.track(agent)
+
+
+def applied(model: str, version: int, apply_seconds: float, nbytes: int) -> None:
+    """Count an applied version (its number is read from the agent at scrape time)."""
+    m = _get()
+    if m is not None:
         m.apply_seconds.labels(model=model).observe(apply_seconds)
         m.bytes_fetched.labels(model=model).inc(nbytes)
 
 
 def rejected(model: str, nbytes: int) -> None:
+    """Count a refused version and the bytes fetched for it."""
     m = _get()
     if m is not None:
         m.rejections.labels(model=model).inc()

@@ -531,7 +531,9 @@ def test_metrics_are_recorded_per_model(make: Make, pub: Publisher) -> None:
     new = bump(model.state_dict())
     v = pub.publish(new)
     assert agent.wait_for(v, 10)
-    assert sample("hotswap_applied_version") == v
+    # Gauges are per agent (tests/test_metrics.py has the rest).
+    applied = {"model": MODEL, "agent": agent.agent_id}
+    assert prometheus_client.REGISTRY.get_sample_value("hotswap_applied_version", applied) == v
     assert sample("hotswap_fetched_bytes_total") - fetched == sum(t.nbytes for t in new.values())
     bad = bump(new)
     _nan(bad)

@@ -1,0 +1,159 @@
+"""hotswap/metrics.py: the gauges follow an apply and a rejection; docs/metrics.md lists all."""
+
+from __future__ import annotations
+
+import gc
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import pytest
+import redis
+import torch
+from agent_support import MODEL, Ten, bump, until
+
+from hotswap.agent import Agent
+from hotswap.errors import ValidationError
+from hotswap.settings import HotswapSettings
+from hotswap.status import STATES
+from publisher.publisher import Publisher
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "metrics.md"
+
+Make = Callable[..., Agent]
+
+
+@pytest.fixture
+def pub(settings: HotswapSettings, client: redis.Redis) -> Iterator[Publisher]:
+    p = Publisher(MODEL, settings=settings, connection=client)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def make(settings: HotswapSettings) -> Iterator[Make]:
+    agents: list[Agent] = []
+
+    def build(model: Any, start: bool = True) -> Agent:
+        agent = Agent(model, MODEL, settings=settings)
+        agents.append(agent)
+        return agent.start() if start else agent
+
+    yield build
+    for agent in agents:
+        agent.stop()
+
+
+def gauge(name: str, agent: Agent, **extra: str) -> float | None:
+    labels = {"model": MODEL, "agent": agent.agent_id, **extra}
+    return prometheus_client.REGISTRY.get_sample_value(name, labels)
+
+
+def standing(agent: Agent) -> tuple[float | None, float | None, float | None, str]:
+    """(head, applied, lag, the one state whose gauge is 1) as Prometheus scrapes them."""
+    states = [s for s in STATES if gauge("hotswap_agent_state", agent, state=s) == 1.0]
+    assert len(states) == 1, states
+    return (
+        gauge("hotswap_head_version", agent),
+        gauge("hotswap_applied_version", agent),
+        gauge("hotswap_lag_versions", agent),
+        states[0],
+    )
+
+
+def counter(name: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value(name, {"model": MODEL}) or 0.0
+
+
+def test_gauges_follow_an_apply_and_a_rejection(make: Make, pub: Publisher) -> None:
+    model = Ten()
+    agent = make(model, start=False)
+    # Before its first look: a state, no head, no version.
+    assert standing(agent) == (None, None, None, "starting")
+
+    rejections = counter("hotswap_rejections_total")
+    applies = counter("hotswap_apply_seconds_count")
+    agent.start()
+    v1 = pub.publish(bump(model.state_dict()))
+    assert agent.wait_for(v1, 10)
+    assert until(agent, lambda: standing(agent) == (v1, v1, 0, "idle"))
+    assert counter("hotswap_apply_seconds_count") - applies == 1
+
+    bad = bump(model.state_dict())
+    bad["layers.2.weight"][3, 3] = float("nan")
+    v2 = pub.publish(bad)
+    with pytest.raises(ValidationError):
+        agent.wait_for(v2, 10)
+    # Refused: head moved on, the model did not; one version behind.
+    assert until(agent, lambda: standing(agent) == (v2, v1, 1, "idle"))
+    assert counter("hotswap_rejections_total") - rejections == 1
+    assert agent.applied_version == v1 and agent.head_version == v2
+
+    agent.stop()
+    assert standing(agent) == (v2, v1, 1, "stopped")
+
+
+def test_two_agents_of_one_model_are_told_apart_and_a_dropped_one_goes(
+    make: Make, pub: Publisher
+) -> None:
+    first = make(Ten())
+    second = make(Ten(), start=False)
+    v = pub.publish(bump(Ten().state_dict()))
+    assert first.wait_for(v, 10)
+    assert standing(first)[:3] == (v, v, 0)
+    assert standing(second) == (None, None, None, "starting")
+    # One sample per agent: a scrape that Prometheus accepts (no duplicate series).
+    text = prometheus_client.generate_latest().decode()
+    rows = [line for line in text.splitlines() if line.startswith("hotswap_agent_state{")]
+    assert len(rows) == len(set(rows))
+
+    # Tracked weakly: an agent no longer referenced leaves the scrape.
+    lone = Agent(Ten(), MODEL, settings=first.settings)
+    lone_id = lone.agent_id
+    state = {"model": MODEL, "agent": lone_id, "state": "stopped"}
+    lone.stop()
+    assert prometheus_client.REGISTRY.get_sample_value("hotswap_agent_state", state) == 1.0
+    del lone
+    gc.collect()
+    assert prometheus_client.REGISTRY.get_sample_value("hotswap_agent_state", state) is None
+
+
+def documented() -> dict[str, tuple[str, set[str]]]:
+    """docs/metrics.md's table: name -> (type, labels)."""
+    rows = re.findall(
+        r"^\| `(hotswap_\w+)` \| (\w+) \| ([^|]*) \| [^|]{20,} \|$", DOC.read_text(), flags=re.M
+    )
+    return {name: (kind, set(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
+
+
+def test_docs_list_every_metric_with_its_type_and_labels(make: Make, pub: Publisher) -> None:
+    model = Ten()
+    agent = make(model)
+    v = pub.publish(bump(model.state_dict()))
+    assert agent.wait_for(v, 10)
+    bad = bump(model.state_dict())
+    bad["head.weight"][0, 0] = float("inf")
+    with pytest.raises(ValidationError):
+        agent.wait_for(pub.publish(bad), 10)
+
+    exposed: dict[str, tuple[str, set[str]]] = {}
+    for family in prometheus_client.REGISTRY.collect():
+        if not family.name.startswith("hotswap_"):
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = {k for s in family.samples for k in s.labels if k != "le"}
+        exposed[name] = (family.type, labels)
+    assert documented() == exposed
+
+
+def test_metrics_can_be_read_without_an_agent_thread(settings: HotswapSettings) -> None:
+    # A model with nothing published and an agent never started: still one state.
+    agent = Agent(torch.nn.Linear(2, 2), MODEL, settings=settings)
+    try:
+        assert gauge("hotswap_agent_state", agent, state="starting") == 1.0
+        assert gauge("hotswap_head_version", agent) is None
+    finally:
+        agent.stop()
