@@ -220,9 +220,10 @@ class BlobStore(BlobWriter):
 
         A frame's length varies: each is refused past ``delta.max_frame_bytes``
         of its chunk, and their total must be the ``stored_bytes`` the manifest
-        declares. Memory stays at one batch of frames (the buffer is reserved,
-        not touched: pages fill only as short frames land). A view is valid
-        until the next frame is asked for.
+        declares. Each batch of frames lands in a buffer of its own (reserved,
+        not touched: pages fill only as short frames land), so a view stays
+        valid while it is held (a frame may be decoded in another thread while
+        the next batch is read); memory is the batches whose frames are held.
 
         Args:
             entry: a manifest entry with a delta; its chunks are the frames' chunks.
@@ -246,7 +247,6 @@ class BlobStore(BlobWriter):
         where = f"model {self.model!r}" + (f" v{version}" if version is not None else "")
         where += f" tensor {entry.name!r}: delta frame"
         per_batch = max(1, PIPELINE_BYTES // delta.max_frame_bytes(entry.chunk_bytes))
-        buf: memoryview | None = None
         total = 0
         for start in range(0, entry.chunks, per_batch):
             batch = range(start, min(start + per_batch, entry.chunks))
@@ -254,9 +254,8 @@ class BlobStore(BlobWriter):
                 delta.max_frame_bytes(chunk_span(entry, i)[1] - chunk_span(entry, i)[0])
                 for i in batch
             ]
-            if buf is None:
-                # Anonymous memory: its pages are touched only where frames land.
-                buf = memoryview(mmap.mmap(-1, sum(caps)))
+            # Anonymous memory: its pages are touched only where frames land.
+            buf = memoryview(mmap.mmap(-1, sum(caps)))
             names = keys.chunk_keys(
                 self.ns, self.model, ref.blob, entry.chunk_bytes, batch.stop, first=batch.start
             )

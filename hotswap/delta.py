@@ -36,6 +36,8 @@ bytes do not hash to the frame's digest; ConfigError for a bad argument.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,9 +45,8 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 import numpy.typing as npt
-import zstandard
 
-from hotswap import encodings
+from hotswap import encodings, workers
 from hotswap.encodings import Encoding
 from hotswap.errors import ConfigError, FormatError, IntegrityError
 from hotswap.manifest import MAX_CHUNK_BYTES
@@ -178,6 +179,7 @@ def decode_frame(
     *,
     backwards: bool = False,
     where: str = "delta frame",
+    verify: bool = True,
 ) -> None:
     """Write the chunk a frame produces from ``base_chunk`` into ``out``, and verify it.
 
@@ -195,6 +197,11 @@ def decode_frame(
         backwards: decode the delta from result to base (XOR is symmetric),
             verifying against the frame's base digest.
         where: names the model, version, tensor and chunk in messages.
+        verify: hash the decoded chunk against the frame's digest. Only a
+            caller that checks the whole result's digest itself right after
+            (``hotswap.reconstruct``: the last link of a route, whose result
+            is the tensor the manifest names) passes False, not to hash the
+            same bytes twice.
 
     Raises:
         FormatError: the frame is malformed, of an unknown format or
@@ -210,6 +217,8 @@ def decode_frame(
         )
     payload = memoryview(frame)[HEADER_BYTES:]
     encodings.decode(header.encoding, payload, _array(base_chunk), _array(out), where)
+    if not verify:
+        return
     expected = header.base_digest if backwards else header.result_digest
     if chunk_digest(out) != expected:
         raise IntegrityError(
@@ -236,33 +245,35 @@ def _spans(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_bytes, nbytes)) for s in range(0, nbytes, chunk_bytes)]
 
 
-def _mostly_same(new: memoryview, base: memoryview, max_fraction: float = 1.0) -> bool:
-    """Whether a sample of ``new`` XOR ``base`` is zero often enough, and compresses
-    well enough, to try a delta.
+def _mostly_same(
+    new: memoryview, base: memoryview, itemsize: int, max_fraction: float = 1.0
+) -> bool:
+    """Whether a sample of ``new`` XOR ``base`` is zero often enough, and encodes
+    small enough, to try a delta.
 
     The second test spares a whole encode that would end over ``max_fraction``
-    (a fine-tune step changes every element a little: its XOR is half zeros
-    yet compresses to about half the tensor), so such a tensor costs a
-    glance, not an encode, before its full blob.
+    (random new weights share half their XOR's bytes by chance, yet encode to
+    most of the tensor), so such a tensor costs a glance, not an encode,
+    before its full blob. The sample is encoded as a chunk would be
+    (``encodings.encode``), so it sees what the frames would store.
     """
     n = len(new)
     size = min(PROBE_SLICE_BYTES, n)
-    starts = sorted({(n - size) * i // max(1, PROBE_SLICES - 1) for i in range(PROBE_SLICES)})
-    zeros = total = 0
-    sample: list[Bytes] = []
-    for s in starts:
-        xor = np.bitwise_xor(_array(new[s : s + size]), _array(base[s : s + size]))
-        zeros += size - int(np.count_nonzero(xor))
-        total += size
-        sample.append(xor)
-    if zeros < MIN_ZERO_FRACTION * total:
+    # Slices start on a multiple of the widest element, as chunks do.
+    step = 8 if size % 8 == 0 else 1
+    starts = sorted(
+        {(n - size) * i // max(1, PROBE_SLICES - 1) // step * step for i in range(PROBE_SLICES)}
+    )
+    picked = [slice(s, s + size) for s in starts]
+    new_sample = np.concatenate([_array(new[p]) for p in picked])
+    base_sample = np.concatenate([_array(base[p]) for p in picked])
+    zeros = new_sample.size - int(np.count_nonzero(new_sample != base_sample))
+    if zeros < MIN_ZERO_FRACTION * new_sample.size:
         return False
     if max_fraction >= 1.0:
         return True
-    packed = zstandard.ZstdCompressor(level=encodings.ZSTD_LEVEL).compress(
-        np.concatenate(sample).tobytes()
-    )
-    return len(packed) <= max_fraction * total
+    _, payload = encodings.encode(new_sample, base_sample, itemsize)
+    return len(payload) <= max_fraction * new_sample.size
 
 
 def encode(
@@ -317,24 +328,30 @@ def encode(
     spans = _spans(len(new), chunk_bytes)
     if base_digests is not None and len(base_digests) != len(spans):
         raise ConfigError(f"delta: {len(base_digests)} base digests for {len(spans)} chunks")
-    if not new or not _mostly_same(new, base, max_fraction):
+    if not new or not _mostly_same(new, base, itemsize, max_fraction):
         return None
     limit = max_fraction * len(new)
+    jobs = (
+        functools.partial(
+            encode_frame,
+            new[start:end],
+            base[start:end],
+            itemsize=itemsize,
+            encoding=encoding,
+            base_digest=base_digests[i] if base_digests is not None else None,
+        )
+        for i, (start, end) in enumerate(spans)
+    )
     frames: list[bytes] = []
     stored = 0
-    for i, (start, end) in enumerate(spans):
-        frames.append(
-            encode_frame(
-                new[start:end],
-                base[start:end],
-                itemsize=itemsize,
-                encoding=encoding,
-                base_digest=base_digests[i] if base_digests is not None else None,
-            )
-        )
-        stored += len(frames[-1])
-        if stored > limit:
-            return None
+    # Chunks encode on every core (hotswap.workers), in order; a delta that
+    # passes the limit stops there, its later chunks never started.
+    with contextlib.closing(workers.ordered(jobs, parallel=len(spans) > 1)) as results:
+        for frame in results:
+            frames.append(frame)
+            stored += len(frame)
+            if stored > limit:
+                return None
     return frames
 
 

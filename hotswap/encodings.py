@@ -11,8 +11,15 @@ Which one a frame uses is chosen per chunk by how many elements changed
   frame, its size declared, of ``count`` uint32 gaps between the changed
   elements' indices (the first counted from 0) and their ``count`` XOR values.
   Decoding copies the base and patches only those elements.
-* ``XOR_ZSTD`` (most changed, as after a float32 fine-tune step): one zstd
-  frame, its size declared, of the whole chunk's XOR.
+* ``SHUFFLE_ZSTD`` (most changed, elements wider than a byte, as after a
+  float32 fine-tune step): a head ``<B`` (element width in bytes), then one
+  zstd frame, its size declared, of the whole chunk's XOR with its bytes
+  transposed by element (every element's first byte, then every second
+  byte, ...): a small step changes the low bytes of every element and
+  leaves the high ones (sign, exponent) alone, so the high planes are runs
+  of zeros that zstd all but drops.
+* ``XOR_ZSTD`` (most changed, one-byte elements; still decoded for any): one
+  zstd frame, its size declared, of the whole chunk's XOR.
 
 Every decoder writes at most the chunk's length: a payload whose zstd frame
 declares any other size than the one its head implies is refused before it
@@ -39,6 +46,7 @@ class Encoding(enum.IntEnum):
 
     XOR_ZSTD = 1
     SPARSE_ZSTD = 2
+    SHUFFLE_ZSTD = 3
 
     @property
     def wire_name(self) -> str:
@@ -46,7 +54,11 @@ class Encoding(enum.IntEnum):
         return _WIRE_NAMES[self]
 
 
-_WIRE_NAMES = {Encoding.XOR_ZSTD: "xor-zstd", Encoding.SPARSE_ZSTD: "sparse-zstd"}
+_WIRE_NAMES = {
+    Encoding.XOR_ZSTD: "xor-zstd",
+    Encoding.SPARSE_ZSTD: "sparse-zstd",
+    Encoding.SHUFFLE_ZSTD: "shuffle-zstd",
+}
 # zstd's fastest regular level: higher levels cost encode time and save
 # almost nothing on XOR deltas (docs/performance.md, "Delta encoding").
 ZSTD_LEVEL = 1
@@ -56,6 +68,7 @@ ZSTD_LEVEL = 1
 # the element a change) always fit within the chunk's own size.
 SPARSE_MAX_FRACTION = 0.125
 _SPARSE_HEAD = struct.Struct("<BI")
+_SHUFFLE_HEAD = struct.Struct("<B")
 _WIDTHS: dict[int, type[np.unsignedinteger]] = {
     1: np.uint8,
     2: np.uint16,
@@ -123,7 +136,8 @@ def encode(
     Args:
         new, base: one chunk of the result and of the base, as uint8 arrays.
         itemsize: the tensor's element size in bytes (a patch indexes elements).
-        encoding: force one; None chooses by ``SPARSE_MAX_FRACTION``.
+        encoding: force one; None chooses by ``SPARSE_MAX_FRACTION`` (a patch),
+            else ``SHUFFLE_ZSTD`` for elements wider than a byte, else ``XOR_ZSTD``.
 
     Raises:
         ConfigError: ``SPARSE_ZSTD`` forced on a chunk where too much changed
@@ -135,10 +149,15 @@ def encode(
     changed = words != 0
     count = int(np.count_nonzero(changed))
     if encoding is None:
-        sparse = count <= SPARSE_MAX_FRACTION * words.size
-        encoding = Encoding.SPARSE_ZSTD if sparse else Encoding.XOR_ZSTD
+        if count <= SPARSE_MAX_FRACTION * words.size:
+            encoding = Encoding.SPARSE_ZSTD
+        else:
+            encoding = Encoding.SHUFFLE_ZSTD if width > 1 else Encoding.XOR_ZSTD
     if encoding is Encoding.XOR_ZSTD:
         return encoding, _compressor().compress(xor.data)
+    if encoding is Encoding.SHUFFLE_ZSTD:
+        planes = np.ascontiguousarray(xor.reshape(-1, width).T)
+        return encoding, _SHUFFLE_HEAD.pack(width) + _compressor().compress(planes.data)
     if count * (4 + width) > len(xor):
         raise ConfigError(
             f"delta frame: {count} changed elements of {width} bytes do not fit a sparse "
@@ -159,8 +178,29 @@ def decode(encoding: Encoding, payload: memoryview, base: Bytes, out: Bytes, whe
     """
     if encoding is Encoding.XOR_ZSTD:
         np.bitwise_xor(_expand(payload, len(out), where), base, out=out)
+    elif encoding is Encoding.SHUFFLE_ZSTD:
+        _unshuffle(payload, base, out, where)
     else:
         _patch(payload, base, out, where)
+
+
+def _width(width: int, length: int, where: str) -> None:
+    if width not in _WIDTHS or length % width:
+        raise FormatError(f"{where}: element width {width} does not tile {length} bytes")
+
+
+def _unshuffle(payload: memoryview, base: Bytes, out: Bytes, where: str) -> None:
+    """XOR the payload's byte planes, put back in element order, into ``base``."""
+    if len(payload) < _SHUFFLE_HEAD.size:
+        raise FormatError(f"{where}: shuffled payload of {len(payload)} bytes has no head")
+    (width,) = _SHUFFLE_HEAD.unpack_from(payload)
+    _width(width, len(out), where)
+    planes = _expand(payload[_SHUFFLE_HEAD.size :], len(out), where).reshape(width, -1)
+    # Plane by plane: each strided write touches one byte of every element,
+    # in place too (``out`` may be ``base``), never a whole transposed copy.
+    into, bases = out.reshape(-1, width), base.reshape(-1, width)
+    for k in range(width):
+        np.bitwise_xor(planes[k], bases[:, k], out=into[:, k])
 
 
 def _patch(payload: memoryview, base: Bytes, out: Bytes, where: str) -> None:
@@ -168,8 +208,7 @@ def _patch(payload: memoryview, base: Bytes, out: Bytes, where: str) -> None:
     if len(payload) < _SPARSE_HEAD.size:
         raise FormatError(f"{where}: sparse payload of {len(payload)} bytes has no head")
     width, count = _SPARSE_HEAD.unpack_from(payload)
-    if width not in _WIDTHS or len(out) % width:
-        raise FormatError(f"{where}: element width {width} does not tile {len(out)} bytes")
+    _width(width, len(out), where)
     size = count * (4 + width)
     if size > len(out):
         raise FormatError(

@@ -21,12 +21,14 @@ Redis I/O only through the ``Blobs`` and ``Manifests`` passed in
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import blake3
 import numpy as np
 
-from hotswap import chain, codec, delta
+from hotswap import chain, codec, delta, workers
 from hotswap.candidates import (
     Candidates,
     History,
@@ -230,8 +232,20 @@ class Rebuild:
     # -- running a route -----------------------------------------------------------
 
     def _run_into(
-        self, route: chain.Route, out: memoryview, live: Callable[[], memoryview]
+        self,
+        route: chain.Route,
+        out: memoryview,
+        live: Callable[[], memoryview],
+        *,
+        verify_last: bool = False,
     ) -> None:
+        """Run ``route`` into ``out``; the tensor's digest is checked at the end.
+
+        That final check covers the last link's chunks, which are therefore not
+        hashed against their frames as well (one hash of the result, not two)
+        unless ``verify_last``: the run made again, only after a final check
+        failed, to find which blob (or the live bytes) is to blame.
+        """
         checked = route.full is not None
         if route.full is not None:
             self._read_full(route.full, out)
@@ -252,8 +266,15 @@ class Rebuild:
             done=lambda i, _: hashing.landed(i),
             start=start,
             checked=checked,
+            parallel=True,
+            verify_last=verify_last,
         )
-        self._final(route, hashing.hexdigest())
+        try:
+            self._final(route, hashing.hexdigest())
+        except Broken:
+            if verify_last or not route.links:
+                raise
+            self._run_into(route, out, live, verify_last=True)
 
     def _run_hashed(self, route: chain.Route) -> None:
         if route.full is None:
@@ -315,6 +336,8 @@ class Rebuild:
         done: Callable[[int, memoryview], None],
         start: str,
         checked: bool,
+        parallel: bool = False,
+        verify_last: bool = True,
     ) -> None:
         """Every link of ``route`` over each chunk in turn: chunk ``i`` of the start
         (``bases``) becomes chunk ``i`` of the result in ``dest``; ``done`` sees it.
@@ -322,33 +345,55 @@ class Rebuild:
         The first link decodes from the start into ``dest`` (the same memory when
         the start is already there); a failure there blames the start when its
         chunk is not what the frame begins from and it was not ``checked`` already.
+        Frames are read here, in order; with ``parallel`` (``dest`` gives every
+        chunk its own memory) chunks decode in the frame pool (``hotswap.workers``)
+        while later frames are read and earlier chunks are seen by ``done``.
+        ``verify_last`` False leaves the last link's chunks unhashed: the caller
+        checks the whole result.
         """
         readers = [
             LinkReader(self.blobs, link, self.candidates.deltas[link.delta.blob])
             for link in route.links
         ]
-        try:
+        last = len(readers) - (0 if verify_last else 1)
+
+        def run(i: int, base: memoryview, chunk: memoryview, frames: list[memoryview]) -> None:
+            for k, (reader, frame) in enumerate(zip(readers, frames, strict=True)):
+                where = f"{self.where} chunk {i} (delta of v{reader.source.version})"
+                try:
+                    delta.decode_frame(
+                        frame,
+                        base,
+                        chunk,
+                        backwards=reader.backwards,
+                        where=where,
+                        verify=k < last,
+                    )
+                except IntegrityError as err:
+                    blame = reader.blob
+                    if k == 0 and not checked and not starts(frame, base, reader.backwards):
+                        blame = start
+                    raise Broken(err, blame) from err
+                base = chunk
+
+        def jobs() -> Iterator[Callable[[], memoryview]]:
             for i, (s, e) in enumerate(self._spans()):
                 try:
                     base = next(bases)
                 except IntegrityError as err:
                     raise Broken(err, start) from err
-                chunk = dest(s, e)
-                for k, reader in enumerate(readers):
+                frames = []
+                for reader in readers:
                     where = f"{self.where} chunk {i} (delta of v{reader.source.version})"
-                    frame = reader.next(i, where)
-                    try:
-                        delta.decode_frame(
-                            frame, base, chunk, backwards=reader.backwards, where=where
-                        )
-                    except IntegrityError as err:
-                        blame = reader.blob
-                        if k == 0 and not checked and not starts(frame, base, reader.backwards):
-                            blame = start
-                        raise Broken(err, blame) from err
-                    reader.decoded(frame)
-                    base = chunk
-                done(i, chunk)
+                    frames.append(reader.next(i, where))
+                    reader.decoded(frames[-1])
+                chunk = dest(s, e)
+                yield functools.partial(_ran, run, i, base, chunk, frames)
+
+        try:
+            with contextlib.closing(workers.ordered(jobs(), parallel=parallel)) as chunks:
+                for i, chunk in enumerate(chunks):
+                    done(i, chunk)
             for reader in readers:
                 reader.finish(self.where)
         finally:
@@ -367,3 +412,15 @@ class Rebuild:
                 *suspects,
                 *([""] if route.full is None else []),
             )
+
+
+def _ran(
+    run: Callable[[int, memoryview, memoryview, list[memoryview]], None],
+    i: int,
+    base: memoryview,
+    chunk: memoryview,
+    frames: list[memoryview],
+) -> memoryview:
+    """``run`` one chunk's links, then hand on the chunk they wrote."""
+    run(i, base, chunk, frames)
+    return chunk

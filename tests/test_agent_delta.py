@@ -106,7 +106,7 @@ def test_an_agent_at_the_parent_fetches_only_the_delta(harness: Harness, store: 
     s = status_of(store, agent, lambda s: s.version == v2)
     assert s.bytes_fetched == deltas(vs, v2)
     assert s.last_fetched == deltas(vs, v2)  # what the version applied last cost
-    assert s.encodings == ["sparse-zstd", "xor-zstd"]
+    assert s.encodings == ["shuffle-zstd", "sparse-zstd", "xor-zstd"]
     (row,) = views.status_view(store)["agents"]
     assert row["last_fetched"] == deltas(vs, v2)
 
@@ -200,7 +200,8 @@ def test_a_corrupted_delta_frame_rejects_the_version_and_changes_nothing(
     assert why.startswith(
         f"model 'm' v{v2} tensor 'w': cannot be reconstructed from stored blobs: "
     )
-    assert "chunk 0 (delta of v2)" in why
+    # The flipped byte is a chunk digest the frame carries: not the signed one.
+    assert "delta blob of v2 does not carry the chunk digests its manifest signs" in why
     assert "b" not in harness.rejected[v2]
     # It keeps serving, and takes the next good version (full: v2 is a broken link).
     v3 = vs.commit(step(vs.states[1], 3), default="full")
@@ -277,11 +278,11 @@ def test_status_shows_what_each_agent_reads(harness: Harness, store: Store) -> N
     status_of(store, agent, lambda s: s.version == v1)
     view = views.status_view(store)
     (row,) = view["agents"]
-    assert row["encodings"] == ["sparse-zstd", "xor-zstd"]
+    assert row["encodings"] == ["shuffle-zstd", "sparse-zstd", "xor-zstd"]
     table = render.status_table(view)
     assert [c.header for c in table.columns[-2:]] == ["fetched last", "reads"]
     assert next(iter(table.columns[-2].cells)) == "0.00 MB"  # it ran v1's bytes already
-    assert next(iter(table.columns[-1].cells)).plain == "full, sparse-zstd, xor-zstd"
+    assert next(iter(table.columns[-1].cells)).plain == "full, shuffle-zstd, sparse-zstd, xor-zstd"
     assert render.reads(None).plain == "full only"  # an agent older than deltas
 
 

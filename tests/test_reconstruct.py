@@ -208,7 +208,56 @@ def test_a_corrupted_frame_is_dropped_and_with_no_other_route_the_tensor_is_refu
         "model 'm' v2 tensor 'w': cannot be reconstructed from stored blobs: no full blob or "
         "live bytes start a chain of deltas to"
     )
-    assert "chunk 1 (delta of v2)" in message and message.endswith("; publish a full version")
+    # The last link's chunks are checked by the tensor's digest, not hashed
+    # one by one: the digests its frames carry must still be the signed ones.
+    assert "delta blob of v2 does not carry the chunk digests its manifest signs" in message
+    assert message.endswith("; publish a full version")
+    assert set(rb.broken) == {vs.entry(2, NAME).delta.blob}  # type: ignore[union-attr]
+
+
+def test_a_frame_forged_to_decode_to_other_bytes_is_blamed_on_its_delta(store: Store) -> None:
+    """A frame whose payload decodes to other bytes under the right digests fails the
+    tensor's digest; the route is run again, each chunk checked, to find the blob."""
+    vs = chain(store, 1)
+    base, new = expected(vs, 1), expected(vs, 2)
+    # The first chunk the step changed, and the elements it changed there.
+    at, changed = next(
+        (k, found)
+        for k in range(3)
+        if (
+            found := [
+                i
+                for i in range(k * CHUNK, min((k + 1) * CHUNK, len(new)), 4)
+                if new[i : i + 4] != base[i : i + 4]
+            ]
+        )
+    )
+    key = vs.frame_key(2, NAME, at)
+    real = store.client.get(key)
+    header = delta.read_header(real)
+    span = slice(at * CHUNK, (at + 1) * CHUNK)
+
+    def forge(i: int) -> bytes:
+        other = bytearray(new[span])
+        other[i - span.start] ^= 0x40  # in an element that changed anyway: as many changes
+        return delta.encode_frame(
+            other,
+            base[span],
+            itemsize=4,
+            encoding=header.encoding,
+            base_digest=header.base_digest,
+            result_digest=header.result_digest,
+        )
+
+    # As long as the real frame, so that the frames still add up to the manifest's bytes.
+    tries = (forge(i + b) for i in changed for b in range(4))
+    forged = next(f for f in tries if len(f) == len(real))
+    store.client.set(key, forged)
+    rb = rebuild(store, vs, 2)
+    with pytest.raises(IntegrityError) as e:
+        into(rb, live_at(vs, 1))
+    message = str(e.value)
+    assert f"chunk {at} (delta of v2)" in message and message.endswith("; publish a full version")
     assert set(rb.broken) == {vs.entry(2, NAME).delta.blob}  # type: ignore[union-attr]
 
 
