@@ -118,6 +118,34 @@ def namespace_pattern(ns: str, model: str) -> list[str]:
     ]
 
 
+# The keys whose presence makes a model exist (head, version counter, log).
+_MARKERS = ("head", "seq", "log")
+
+
+def model_marker_keys(ns: str, model: str) -> list[str]:
+    """The keys a model exists by: head, the version counter, the log."""
+    return [_meta(ns, model, suffix) for suffix in _MARKERS]
+
+
+def model_marker_patterns(ns: str) -> list[str]:
+    """SCAN patterns of every model's marker keys in namespace ``ns``."""
+    return [f"{check_name(ns, 'namespace')}:{{*}}:{suffix}" for suffix in _MARKERS]
+
+
+def model_of_marker_key(ns: str, key: str) -> str | None:
+    """The model a marker key (``model_marker_keys``) names, None if ``key`` is none.
+
+    Example:
+        >>> model_of_marker_key("hotswap", "hotswap:{minilm}:head")
+        'minilm'
+    """
+    prefix = f"{ns}:{{"
+    if not key.startswith(prefix) or "}:" not in key:
+        return None
+    model, suffix = key[len(prefix) :].split("}:", 1)
+    return model if suffix in _MARKERS and is_name(model) else None
+
+
 def blob_index_key(ns: str, model: str) -> str:
     """Sorted set: blob id -> last time a publish referenced it (gc's grace clock)."""
     return _meta(ns, model, "blobs")

@@ -152,11 +152,14 @@ class Reporter:
         """Record, write, count and log a rejected version."""
         with self._lock:
             count = self._status.rejected_count + 1
+            recent = status.remember_rejection(self._status.rejected_versions, version)
         self.update(
             state="pending" if pending else "idle",
             last_error=str(error),
             rejected_version=version,
+            rejected_versions=recent,
             rejection=error.reasons,
+            rejected_tensors=len(error.reasons),
             rejected_count=count,
         )
         self.beat(log)

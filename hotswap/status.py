@@ -21,6 +21,9 @@ MAX_STATUS_BYTES = 256 * 1024
 # Maps are filled as read; their limit only refuses junk early.
 MAX_LIST = 64
 MAX_MAP = 1024
+# Versions an agent remembers having rejected (``rejected_versions``): enough
+# for ``hotswap rollback`` to pass over a run of bad versions.
+RECENT_REJECTIONS = 16
 STATES = ("starting", "idle", "fetching", "applying", "pending", "disconnected", "stopped")
 
 
@@ -41,6 +44,13 @@ class AgentStatus:
     last_error: str | None = None
     rejected_version: int | None = None
     rejection: dict[str, list[str]] = field(default_factory=dict)
+    # Tensors the last rejection named in all (``rejection`` keeps at most 50);
+    # None from agents older than this field.
+    rejected_tensors: int | None = None
+    # The versions this agent rejected lately, oldest first (at most
+    # ``RECENT_REJECTIONS``; None from agents older than this field, which
+    # report the last only): ``hotswap rollback`` passes over all of them.
+    rejected_versions: list[int] | None = None
     fetch_seconds: float = 0.0
     validate_seconds: float = 0.0
     apply_seconds: float = 0.0
@@ -73,6 +83,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "last_error": _STR + _OPTIONAL,
     "rejected_version": _INT + _OPTIONAL,
     "rejection": (dict,),
+    "rejected_tensors": _INT + _OPTIONAL,
+    "rejected_versions": (list, type(None)),
     "fetch_seconds": _NUM,
     "validate_seconds": _NUM,
     "apply_seconds": _NUM,
@@ -89,6 +101,8 @@ def _check(name: str, value: Any) -> Any:
     ok = isinstance(value, _TYPES[name]) and not isinstance(value, bool)
     if ok and name == "encodings" and value is not None:
         ok = len(value) <= MAX_LIST and all(isinstance(e, str) and len(e) <= 64 for e in value)
+    if ok and name == "rejected_versions" and value is not None:
+        ok = len(value) <= MAX_LIST and all(type(v) is int for v in value)
     if ok and name == "rejection":
         ok = all(
             isinstance(k, str) and isinstance(v, list) and all(isinstance(r, str) for r in v)
@@ -97,6 +111,25 @@ def _check(name: str, value: Any) -> Any:
     if not ok:
         raise FormatError(f"agent status field {name!r} has a bad value {value!r:.80}")
     return float(value) if _TYPES[name] is _NUM else value
+
+
+def remember_rejection(recent: list[int] | None, version: int) -> list[int]:
+    """``recent`` rejected versions with ``version`` added last, at most ``RECENT_REJECTIONS``.
+
+    Example:
+        >>> remember_rejection([3, 4], 4), remember_rejection(None, 7)
+        ([3, 4], [7])
+    """
+    kept = [v for v in (recent or []) if v != version]
+    return [*kept, version][-RECENT_REJECTIONS:]
+
+
+def rejected(s: AgentStatus) -> list[int]:
+    """Every version ``s`` says it rejected (its recent ones, or the last from older agents)."""
+    versions = set(s.rejected_versions or [])
+    if s.rejected_version is not None:
+        versions.add(s.rejected_version)
+    return sorted(versions)
 
 
 def encode(status: AgentStatus) -> bytes:

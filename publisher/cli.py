@@ -2,7 +2,7 @@
 
 Exit codes (``publisher.exitcodes``): 0 success, 1 user error (bad file,
 unknown model or version, conflict, failed verification), 2 usage, 3 Redis
-unreachable, 130 interrupted. Errors are one line on stderr
+unreachable, 4 the fleet is not healthy (``status``), 130 interrupted. Errors are one line on stderr
 (``hotswap: error: ...``); ``--debug`` adds the traceback.
 """
 
@@ -20,20 +20,30 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from hotswap.errors import HotswapError, IntegrityError, NotFound
+from hotswap.errors import HotswapError
 from hotswap.redact import scrub
-from publisher.exitcodes import INTERRUPTED, OK, UNREACHABLE, USAGE, USER_ERROR, for_error
+from publisher import commands
+from publisher.exitcodes import (
+    INTERRUPTED,
+    OK,
+    UNHEALTHY,
+    UNREACHABLE,
+    USAGE,
+    USER_ERROR,
+    for_error,
+)
 
 # The rest is imported inside the commands: parsing (--help, usage errors)
 # needs none of it, and torch is slow to import (docs/performance.md). Only
-# publish, rollback, gc, verify and demo import torch (through Publisher);
-# status, log, show and diff read through a bare Store.
+# publish, rollback, gc, verify, export and demo import torch (through
+# Publisher or the reconstruction); the other commands read through a bare Store.
 if TYPE_CHECKING:
+    from hotswap.connection import RedisClient
     from hotswap.settings import HotswapSettings
     from hotswap.store import Store
     from publisher.publisher import Publisher
 
-__all__ = ["OK", "UNREACHABLE", "USAGE", "USER_ERROR", "build_parser", "main"]
+__all__ = ["OK", "UNHEALTHY", "UNREACHABLE", "USAGE", "USER_ERROR", "build_parser", "main"]
 
 WIDE = 200
 
@@ -93,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="read checkpoint files that are symlinks out of their folder",
     )
 
-    p = command("status", "head, and what every agent runs")
+    p = command(
+        "status", "head, and what every agent runs (exit 4: an agent rejected head or is diverged)"
+    )
     p.add_argument("model")
 
     p = command("log", "history: publishes, rollbacks and gc runs")
@@ -114,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--to",
         type=_version,
-        help="default: the newest earlier version not retracted by a rollback and unlike head",
+        help="default: the newest earlier version that agents applied and none rejected, "
+        "not retracted by a rollback and unlike head",
     )
     p.add_argument("-m", "--message", default="")
 
@@ -125,10 +138,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--keep", type=int, help="newest versions to keep (HOTSWAP_KEEP_VERSIONS)")
     p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    p.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="delete unreferenced blobs older than this (HOTSWAP_GC_GRACE_SECONDS); 0 only "
+        "when no publish is running",
+    )
 
     p = command("verify", "re-read and re-hash every blob of a version (default: head)")
     p.add_argument("model")
     p.add_argument("version", nargs="?", type=_version)
+
+    p = command("export", "write a version's weights (default: head) to a .safetensors file")
+    p.add_argument("model")
+    p.add_argument("version", nargs="?", type=_version)
+    p.add_argument("out", metavar="OUT.safetensors")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="export a version the signing keys do not verify (to publish it again, signed)",
+    )
+
+    command("models", "every model in the namespace, with its versions and sizes")
+
+    p = command("delete", "delete a model: every version, blob and log entry (asks first)")
+    p.add_argument("model")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask")
 
     command("demo", "the whole loop on an embedded Redis, no set-up needed")
     return parser
@@ -171,26 +208,49 @@ class Context:
             self._settings = load_settings(self.args)
         return self._settings
 
-    def publisher(self) -> Publisher:
+    def override(self, **values: Any) -> None:
+        """Settings from a command's own options (``gc --grace``) on top of the rest."""
+        self._settings = self.settings().model_copy(update=values)
+
+    def publisher(self, require: bool = False) -> Publisher:
+        """The model's Publisher; with ``require``, NotFound unless the model exists."""
+        from hotswap import catalog
         from publisher.publisher import Publisher
 
-        return Publisher(self.args.model, settings=self.settings())
+        pub = Publisher(self.args.model, settings=self.settings())
+        if require:
+            try:
+                catalog.require(pub.store)
+            except BaseException:
+                pub.close()
+                raise
+        return pub
+
+    @contextmanager
+    def client(self) -> Iterator[tuple[RedisClient, HotswapSettings]]:
+        """A Redis client from the settings (closed after), with the settings."""
+        from hotswap.connection import connect
+
+        settings = self.settings()
+        client = connect(settings)
+        try:
+            yield client, settings
+        finally:
+            client.close()
 
     @contextmanager
     def store(self) -> Iterator[Store]:
-        """The model's store, built as ``Publisher`` builds it but without torch."""
-        from hotswap import keys
-        from hotswap.connection import connect
+        """The model's store, built as ``Publisher`` builds it but without torch;
+        NotFound (naming the closest models) if the model is not in Redis."""
+        from hotswap import catalog, keys
         from hotswap.store import Store
 
         # Same order as Publisher: a bad name is reported before a bad setting.
         model = keys.check_name(self.args.model)
-        settings = self.settings()
-        client = connect(settings)
-        try:
-            yield Store.from_settings(client, model, settings)
-        finally:
-            client.close()
+        with self.client() as (client, settings):
+            store = Store.from_settings(client, model, settings)
+            catalog.require(store)
+            yield store
 
     def error(self, text: str) -> None:
         """Write ``text`` to stderr with every secret of the Redis URLs in play masked.
@@ -239,127 +299,6 @@ def cmd_publish(ctx: Context) -> int:
     return OK
 
 
-def cmd_status(ctx: Context) -> int:
-    from publisher import render, views
-
-    with ctx.store() as store:
-        data = views.status_view(store, signing_keys=ctx.settings().key_bytes())
-    ctx.emit(data, lambda: render.print_status(ctx.out, data))
-    return OK
-
-
-def cmd_log(ctx: Context) -> int:
-    from publisher import render
-
-    with ctx.store() as store:
-        rows = store.log(ctx.args.count)
-    ctx.emit(rows, lambda: ctx.out.print(render.log_table(store.model, rows)))
-    return OK
-
-
-def _version_or_head(store: Store, version: int | None) -> int:
-    if version is not None:
-        return version
-    head = store.head()
-    if head is None:
-        raise NotFound(f"model {store.model!r} has no versions (nothing published yet)")
-    return head
-
-
-def cmd_show(ctx: Context) -> int:
-    from publisher import showing
-
-    with ctx.store() as store:
-        version = _version_or_head(store, ctx.args.version)
-        m = store.manifest(version, ctx.settings().key_bytes())
-    ctx.emit(showing.manifest_data(m), lambda: ctx.out.print(showing.manifest_table(m)))
-    return OK
-
-
-def cmd_diff(ctx: Context) -> int:
-    from publisher import showing
-
-    with ctx.store() as store:
-        keys = ctx.settings().key_bytes()
-        a, b = store.manifest(ctx.args.a, keys), store.manifest(ctx.args.b, keys)
-    data = showing.diff_data(a, b)
-    ctx.emit(data, lambda: ctx.out.print(showing.diff_table(data)))
-    return OK
-
-
-def cmd_rollback(ctx: Context) -> int:
-    from publisher import render
-    from publisher.reports import describe
-
-    with ctx.publisher() as pub:
-        pub.rollback(to=ctx.args.to, message=ctx.args.message)
-        r = pub.last_report
-
-    def human() -> None:
-        ctx.out.print(render.report_line(pub.model, r))
-        if r.skipped:
-            # Read from manifests in Redis: printed as plain text, never markup.
-            ctx.out.print(
-                f"model {pub.model}: skipped {describe(r.skipped)}", markup=False, highlight=False
-            )
-
-    ctx.emit(render.report_data(pub.model, r), human)
-    return OK
-
-
-def cmd_resign(ctx: Context) -> int:
-    import time
-
-    with ctx.publisher() as pub:
-        r = pub.resign()
-    data = {
-        "model": r.model,
-        "version": r.version,
-        "lineage": r.lineage,
-        "manifest": r.manifest,
-        "issued": r.issued,
-        "expires": r.expires,
-    }
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.issued))
-    until = "no expiry" if r.expires is None else f"expires in {r.expires - r.issued:.0f} s"
-    line = f"model {r.model}: re-signed head v{r.version}, issued {when}, {until}"
-    ctx.emit(data, lambda: ctx.out.print(line))
-    return OK
-
-
-def cmd_gc(ctx: Context) -> int:
-    from publisher import render
-
-    with ctx.publisher() as pub:
-        r = pub.gc(keep=ctx.args.keep, dry_run=ctx.args.dry_run)
-    line = render.gc_line(pub.model, r, ctx.settings().namespace)
-    ctx.emit(render.gc_data(pub.model, r), lambda: ctx.out.print(line))
-    return OK
-
-
-def cmd_verify(ctx: Context) -> int:
-    from publisher import render
-
-    with ctx.publisher() as pub, ctx.bars() as bars:
-        r = pub.verify(ctx.args.version, progress=bars)
-    data = render.verify_data(pub.model, r)
-    if ctx.json:
-        ctx.emit(data, lambda: None)
-    elif r.ok:
-        ctx.out.print(
-            f"model {pub.model} v{r.version}: all {r.tensors_checked} tensors verified "
-            f"({render.size(r.bytes_checked)} re-hashed in {r.seconds:.2f}s)"
-        )
-    if r.ok:
-        return OK
-    name, why = next(iter(r.bad.items()))
-    more = f" and {len(r.bad) - 1} more" if len(r.bad) > 1 else ""
-    raise IntegrityError(
-        f"model {pub.model!r} v{r.version}: {len(r.bad)} of {r.tensors_checked} tensors failed "
-        f"verification: {name!r}{more} ({why}); publish those weights again"
-    )
-
-
 def cmd_demo(ctx: Context) -> int:
     from publisher.demo import run_demo
 
@@ -372,14 +311,17 @@ def cmd_demo(ctx: Context) -> int:
 
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "publish": cmd_publish,
-    "status": cmd_status,
-    "log": cmd_log,
-    "show": cmd_show,
-    "diff": cmd_diff,
-    "rollback": cmd_rollback,
-    "resign": cmd_resign,
-    "gc": cmd_gc,
-    "verify": cmd_verify,
+    "status": commands.status,
+    "log": commands.log,
+    "show": commands.show,
+    "diff": commands.diff,
+    "rollback": commands.rollback,
+    "resign": commands.resign,
+    "gc": commands.gc,
+    "verify": commands.verify,
+    "export": commands.export,
+    "models": commands.models,
+    "delete": commands.delete,
     "demo": cmd_demo,
 }
 

@@ -98,7 +98,8 @@ def log_fields(
         "author": m.author,
         "created": m.created,
         "message": m.message,
-        "tensors_changed": changed,
+        "tensors_changed": changed - removed(m, head),
+        "tensors_removed": removed(m, head),
         "bytes_uploaded": sent,
         "bytes_total": m.nbytes,
         "parent": "" if m.parent is None else m.parent,
@@ -137,12 +138,15 @@ def committed(
     skipped: dict[int, str] | None = None,
 ) -> PublishReport:
     """The report of a publish or rollback that created ``m``."""
+    gone = removed(m, head)
     return PublishReport(
         version=m.version,
         parent=m.parent,
         created=True,
         tensors_total=len(m.tensors),
-        tensors_changed=changed,
+        # ``changed`` counts names added, removed and changed; "N of TOTAL" must not.
+        tensors_changed=changed - gone,
+        tensors_removed=gone,
         bytes_total=m.nbytes,
         bytes_uploaded=sent,
         bytes_skipped=m.nbytes - sent,
@@ -152,6 +156,13 @@ def committed(
         untrusted_parent=None if head.distrust is None else cause(head.distrust),
         skipped=dict(skipped or {}),
     )
+
+
+def removed(m: Manifest, head: Head) -> int:
+    """Tensors head's (trusted) manifest has and ``m`` lacks."""
+    if head.manifest is None:
+        return 0
+    return len({e.name for e in head.manifest.tensors} - {e.name for e in m.tensors})
 
 
 def unchanged(head: Manifest, tensors: int, sent: int, seconds: float) -> PublishReport:

@@ -10,10 +10,9 @@ any status record (docs/reliability.md).
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
@@ -33,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hotswap import keys
-from publisher.reports import GcReport, PublishReport, VerifyReport
+from publisher.reports import GcReport, PublishReport, VerifyReport, describe
 
 PHASES = {"hash": "hashing", "upload": "uploading", "verify": "verifying"}
 
@@ -118,8 +117,8 @@ def report_line(model: str, r: PublishReport) -> str | Text:
     if r.kind == "rollback":
         back = (
             f"model {model}: rolled back to v{r.rollback_to} as v{r.version} "
-            f"({r.tensors_changed} of {r.tensors_total} tensors differ from v{r.parent}; "
-            f"{size(r.bytes_uploaded)} uploaded)"
+            f"({r.tensors_changed} of {r.tensors_total} tensors differ from v{r.parent}"
+            f"{removed_clause(r)}; {size(r.bytes_uploaded)} uploaded)"
         )
         if r.untrusted_parent:
             return plain(
@@ -129,8 +128,8 @@ def report_line(model: str, r: PublishReport) -> str | Text:
         return back
     line = (
         f"model {model}: published v{r.version}: {r.tensors_changed} of {r.tensors_total} "
-        f"tensors changed, {size(r.bytes_uploaded)} uploaded, {size(r.bytes_skipped)} "
-        f"already in Redis ({r.seconds:.2f}s)"
+        f"tensors changed{removed_clause(r)}, {size(r.bytes_uploaded)} uploaded, "
+        f"{size(r.bytes_skipped)} already in Redis ({r.seconds:.2f}s)"
     ) + deltas_clause(r)
     if r.untrusted_parent:
         # The cause can quote a key id read from Redis: drawn as plain text.
@@ -139,6 +138,26 @@ def report_line(model: str, r: PublishReport) -> str | Text:
             "so every tensor was checked and counted as changed"
         )
     return line
+
+
+def removed_clause(r: PublishReport) -> str:
+    """ ", N removed" when the version lacks tensors its parent had ("" otherwise)."""
+    return f", {r.tensors_removed} removed" if r.tensors_removed else ""
+
+
+def rollback_why(model: str, r: PublishReport) -> Text | None:
+    """Why a rollback's default target is the version it is: the newer ones it passed over.
+
+    Example:
+        >>> r = PublishReport(9, 8, True, 3, 3, 0, 0, 0, 0.1, "rollback", 5,
+        ...     skipped={8: "rejected by agent a", 7: "rejected by agent a"})
+        >>> str(rollback_why("m", r))
+        'model m: chose v5, passing over v8, v7: rejected by agent a'
+    """
+    if not r.skipped:
+        return None
+    # Reasons name agents and key ids read from Redis: plain text, never markup.
+    return plain(f"model {model}: chose v{r.rollback_to}, passing over {describe(r.skipped)}")
 
 
 def deltas_clause(r: PublishReport) -> str:
@@ -163,9 +182,11 @@ def gc_line(model: str, r: GcReport, namespace: str = "hotswap") -> str | Text:
     verb = "would delete" if r.dry_run else "deleted"
     kept = ", ".join(f"v{v}" for v in r.kept) or "nothing"
     gone = ", ".join(f"v{v}" for v in r.deleted_versions) or "no versions"
+    freed: int | None = getattr(r, "bytes_freed", None)  # present once gc counts bytes
     line = (
-        f"model {model}: kept {kept}; {verb} {gone} and {r.blobs_deleted} blobs "
-        f"({r.blobs_kept_young} unreferenced blobs younger than the grace period kept)"
+        f"model {model}: kept {kept}; {verb} {gone} and {r.blobs_deleted} blobs"
+        + ("" if freed is None else f" ({size(freed)})")
+        + young_clause(r)
     )
     if r.chain_versions:
         line += (
@@ -195,6 +216,36 @@ def gc_line(model: str, r: GcReport, namespace: str = "hotswap") -> str | Text:
         )
     # Agent ids, problems and index members came from Redis: drawn as plain text.
     return plain(line) if r.pins_unknown or r.malformed_index or r.broken_chains else line
+
+
+def young_clause(r: GcReport, now: float | None = None) -> str:
+    """What gc kept for the grace period, and when it becomes collectable.
+
+    The grace period (``HOTSWAP_GC_GRACE_SECONDS``) keeps the blobs a publish
+    still in flight uploaded before its version names them.
+    """
+    if not r.blobs_kept_young:
+        return ""
+    now = time.time() if now is None else now
+    grace = f"the {_span(r.grace_seconds)} grace period (HOTSWAP_GC_GRACE_SECONDS)"
+    first, last = r.young_from, r.young_until
+    when_ = ""
+    if first is not None and last is not None:
+        a, b = _span(max(0.0, first - now)), _span(max(0.0, last - now))
+        when_ = f"; collectable in {b}" if a == b else f"; the first collectable in {a}, all in {b}"
+    return (
+        f"; kept {r.blobs_kept_young} unreferenced blobs a publish touched within "
+        f"{grace}{when_} (run gc again then, or `--grace 0` when no publish is running)"
+    )
+
+
+def _span(seconds: float) -> str:
+    """A duration as people say it: "45 s", "12 min", "1.5 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def verify_data(model: str, r: VerifyReport) -> dict[str, Any]:
@@ -264,6 +315,8 @@ def print_status(console: Console, data: dict[str, Any]) -> None:
     for problem in data.get("problems", []):
         # Read from Redis, where any agent's user may have written: plain text.
         console.print(plain(f"agent records: {problem}", "yellow"))
+    for why in data.get("unhealthy", []):
+        console.print(plain(f"not healthy: {why}", "red"))
 
 
 def signing_lines(signing: dict[str, Any] | None) -> list[Text]:
@@ -285,44 +338,3 @@ def signing_lines(signing: dict[str, Any] | None) -> list[Text]:
             )
         )
     return lines
-
-
-# -- log ----------------------------------------------------------------------------
-
-
-def _number(text: str | None) -> float | None:
-    # A log field that is not a number is shown as missing, not a crash.
-    try:
-        value = float(text or "nan")
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
-    table = Table(title=plain(f"model {model}: history (newest first)"))
-    for col in ("version", "kind", "time", "author", "changed", "added to Redis", "message"):
-        table.add_column(col, justify="right" if col in ("version", "changed") else "left")
-    for row in rows:
-        created = _number(row.get("created"))
-        kind = row.get("kind", "?")
-        if kind == "rollback" and row.get("rollback_to"):
-            kind = f"rollback to v{row['rollback_to']}"
-        if row.get("untrusted_parent"):
-            kind += f" (parent untrusted: {row['untrusted_parent']})"
-        uploaded = _number(row.get("bytes_uploaded"))
-        total = _number(row.get("bytes_total"))
-        moved = "-" if uploaded is None else f"{size(int(uploaded))} of {size(int(total or 0))}"
-        deltas = _number(row.get("tensors_delta"))
-        if deltas and uploaded is not None:
-            moved += f" ({int(deltas)} as deltas)"
-        table.add_row(
-            plain(f"v{row['version']}" if row.get("version") else "-"),
-            plain(kind),
-            when(created or 0),
-            plain(row.get("author", "")),
-            plain(row.get("tensors_changed", "-")),
-            moved,
-            plain(row.get("message", "")),
-        )
-    return table

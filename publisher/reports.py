@@ -20,7 +20,9 @@ class PublishReport:
         parent: the version it was built on (None for a model's first).
         created: False when nothing changed since head and no version was made.
         tensors_total: tensors in the version.
-        tensors_changed: tensors whose content differs from the parent's.
+        tensors_changed: tensors of the version whose content differs from the
+            parent's (added ones included).
+        tensors_removed: tensors the parent had and the version lacks.
         bytes_total: bytes of all its tensors.
         bytes_uploaded: bytes this publish sent to Redis (0 for a rollback).
         bytes_skipped: bytes already in Redis, not sent again.
@@ -66,6 +68,7 @@ class PublishReport:
     bases: dict[str, int] = field(default_factory=dict)
     bytes_base_read: int = 0
     base_held: int = 0
+    tensors_removed: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,10 @@ class GcReport:
     counted in ``kept``; their blobs no kept version needs deleted) because
     kept versions' chains of deltas go through their entries;
     ``broken_chains`` names each kept tensor that no stored blobs reach
-    (``"v5 tensor 'w'"``: why), its own blobs kept.
+    (``"v5 tensor 'w'"``: why), its own blobs kept. The ``blobs_kept_young``
+    unreferenced blobs a publish touched within ``grace_seconds`` become
+    collectable from ``young_from`` until ``young_until`` (Unix times; None
+    when there are none).
     """
 
     kept: list[int]
@@ -94,6 +100,9 @@ class GcReport:
     pins_unknown: list[str] = field(default_factory=list)
     chain_versions: list[int] = field(default_factory=list)
     broken_chains: dict[str, str] = field(default_factory=dict)
+    grace_seconds: float = 0.0
+    young_from: float | None = None
+    young_until: float | None = None
 
 
 @dataclass(frozen=True)

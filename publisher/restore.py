@@ -5,7 +5,14 @@ commits the target's entries as a new version; the errors say what went and
 what to do.
 
 The default target is the newest earlier version that is still stored,
-verifies, was not retracted and differs from head. A rollback manifest
+verifies, was not retracted, differs from head, was rejected by no agent and
+is what agents applied. Agents' status records tell the last two
+(``publisher.fleet``): a version any agent rejected is passed over, and where
+live agents run versions older than head, a version none of them runs is
+passed over too ("not applied by any agent"), so a rollback after a run of
+rejected versions lands on what the fleet last ran. Where no live agent runs
+an older version (all run head, or none reports yet) the newest version that
+passes the other tests is taken. A rollback manifest
 (parent P, ``rollback_to`` T) retracts every version in (T, P]: those were
 rolled back for a reason, so a second ``rollback`` goes past them instead of
 back to the bad version the first one left. A version holding head's very
@@ -21,7 +28,7 @@ from dataclasses import dataclass, field
 from hotswap.errors import ConfigError, IntegrityError, NotFound, SignatureError
 from hotswap.manifest import Manifest
 from hotswap.store import Store
-from publisher import plan
+from publisher import fleet, plan
 from publisher.plan import Head, cause
 from publisher.reports import describe
 
@@ -61,12 +68,17 @@ def target_version(store: Store, keys: Sequence[bytes], parent: Head, to: int | 
 
 def default_target(store: Store, keys: Sequence[bytes], parent: Head, number: int) -> Target:
     """The newest stored version older than head ``number`` that verifies, was not
-    retracted by a rollback, and holds other tensors than head (whose manifest is
-    ``parent.manifest``; an untrusted head: any version that verifies)."""
+    retracted by a rollback, holds other tensors than head (whose manifest is
+    ``parent.manifest``; an untrusted head: any version that verifies), was
+    rejected by no agent and, where agents run earlier versions, one of those."""
     head = parent.manifest
     retracted: dict[int, int] = {}
     if head is not None:
         _retract(head, retracted)
+    agents = fleet.read(store, None if head is None else head.lineage)
+    # Applied: some live agent runs it. Where none runs an earlier version (all
+    # run head, or nothing yet) that says nothing of the others: not asked.
+    ask_applied = any(v < number for v in agents.running)
     skipped: dict[int, str] = {}
     for version in sorted((v for v in store.versions() if v < number), reverse=True):
         try:
@@ -80,6 +92,10 @@ def default_target(store: Store, keys: Sequence[bytes], parent: Head, number: in
             skipped[version] = f"retracted by v{retracted[version]}"
         elif head is not None and plan.diff(head.tensors, m.tensors).count == 0:
             skipped[version] = f"holds what v{number} holds"
+        elif version in agents.rejected:
+            skipped[version] = f"rejected by {fleet.agents(agents.rejected[version])}"
+        elif ask_applied and version not in agents.running:
+            skipped[version] = "not applied by any agent"
         else:
             return Target(version, skipped)
         _retract(m, retracted)

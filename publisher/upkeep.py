@@ -81,6 +81,8 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
         fresh = gcplan.rescore(candidates, store.blobs.blob_scores(candidates))
         candidates = gcplan.collectable(fresh, referenced, time.time(), grace)
     chunks = 0 if dry_run else store.blobs.delete_blobs(candidates)
+    gone = set(candidates)
+    young = [s for b, s in index.valid.items() if b not in referenced and b not in gone]
     report = GcReport(
         kept=retention.keep,
         deleted_versions=deleted,
@@ -93,6 +95,9 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
         pins_unknown=pins.unknown,
         chain_versions=needs.chain_versions,
         broken_chains=needs.broken,
+        grace_seconds=grace,
+        young_from=min(young) + grace if young else None,
+        young_until=max(young) + grace if young else None,
     )
     if not dry_run:
         store.append_log(
@@ -154,7 +159,7 @@ def verify(
         if version is None:
             raise NotFound(f"model {store.model!r} has no versions to verify")
     m = store.manifest(version, signing_keys)
-    history = History(store, m, _newer(store, m, signing_keys))
+    history = History(store, m, newer_manifests(store, m, signing_keys))
     # One check per way a content is stored: tied tensors share it.
     stored = {(e.digest, e.chunk_bytes, e.nbytes, e.delta): e for e in m.tensors if e.chunks}
     total = sum(e.nbytes for e in stored.values())
@@ -178,7 +183,7 @@ def verify(
     )
 
 
-def _newer(store: Store, m: Manifest, signing_keys: Sequence[bytes]) -> list[Manifest]:
+def newer_manifests(store: Store, m: Manifest, signing_keys: Sequence[bytes]) -> list[Manifest]:
     """Manifests from head back to just after ``m`` along ``parent`` (at most
     ``chain.MAX_CHAIN``): gc may keep an old version reachable only backwards
     from a newer keyframe, which verify must be able to follow too."""

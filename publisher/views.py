@@ -27,7 +27,9 @@ def rejection_reason(s: AgentStatus) -> str | None:
     if not s.rejection:
         return s.last_error if s.rejected_version is not None else None
     name, why = next(iter(sorted(s.rejection.items())))
-    more = f" (+{len(s.rejection) - 1} more tensors)" if len(s.rejection) > 1 else ""
+    # The record keeps some of the tensors only; newer agents say how many there were.
+    total = max(len(s.rejection), s.rejected_tensors or 0)
+    more = f" (+{total - 1} more tensors)" if total > 1 else ""
     return f"{name}: {', '.join(why)}{more}"
 
 
@@ -82,6 +84,8 @@ def agent_row(
         "rejected_version": s.rejected_version,
         "last_rejection": rejection_reason(s),
         "rejection": s.rejection,
+        "rejected_tensors": s.rejected_tensors,
+        "rejected_versions": st.rejected(s),
         "applied_count": s.applied_count,
         "rejected_count": s.rejected_count,
         "bytes_fetched": s.bytes_fetched,
@@ -134,10 +138,11 @@ def status_view(
             verify (agents refuse them: a key removed strands what only it signed).
 
     Returns:
-        ``{"model", "head", "lineage", "agents": [row, ...], "signing",
-        "problems"}``, as ``hotswap status --json`` prints it (``signing`` is
-        None without keys; ``problems`` lists agent records that could not be
-        read at all, such as a key of the wrong type).
+        ``{"model", "head", "lineage", "healthy", "unhealthy", "agents": [row,
+        ...], "signing", "problems"}``, as ``hotswap status --json`` prints it
+        (``unhealthy``: see ``unhealthy_agents``; ``signing`` is None without
+        keys; ``problems`` lists agent records that could not be read at all,
+        such as a key of the wrong type).
 
     Example:
         >>> view = status_view(store, signing_keys=settings.key_bytes())  # doctest: +SKIP
@@ -156,14 +161,41 @@ def status_view(
     stored = stored_digests(store, {s.version for s, _ in records if s.manifest_digest})
     agents = [agent_row(s, alive, head, lineage, now, stored=stored) for s, alive in records]
     signing = signing_view(store, signing_keys) if signing_keys else None
+    unhealthy = unhealthy_agents(agents, head)
     return {
         "model": store.model,
         "head": head,
         "lineage": lineage,
+        "healthy": not unhealthy,
+        "unhealthy": unhealthy,
         "agents": agents,
         "signing": signing,
         "problems": report.problems,
     }
+
+
+def unhealthy_agents(rows: Iterable[Mapping[str, Any]], head: int | None) -> list[str]:
+    """Why the fleet is not healthy: each live agent that rejected head or is diverged.
+
+    ``hotswap status`` exits ``exitcodes.UNHEALTHY`` when this is not empty.
+    An agent of another lineage, a dead one, or one still on its way to head
+    is not counted: that is lag, which the table shows.
+
+    Example:
+        >>> unhealthy_agents([{"agent_id": "a", "alive": True, "same_lineage": True,
+        ...     "diverged": False, "version": 1, "rejected_version": 2}], head=2)
+        ['agent a rejected head v2 (runs v1)']
+    """
+    found = []
+    for a in rows:
+        if not a["alive"] or not a["same_lineage"]:
+            continue
+        runs = "nothing yet" if a["version"] is None else f"v{a['version']}"
+        if a["diverged"]:
+            found.append(f"agent {a['agent_id']} is diverged (its v{a['version']} is not Redis's)")
+        elif head is not None and a["rejected_version"] == head and a["version"] != head:
+            found.append(f"agent {a['agent_id']} rejected head v{head} (runs {runs})")
+    return found
 
 
 def signing_view(store: Store, signing_keys: Sequence[bytes]) -> dict[str, Any]:

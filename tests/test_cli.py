@@ -202,7 +202,9 @@ def test_a_second_rollback_says_what_it_skipped(run: Any, pub: Publisher) -> Non
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].startswith("model m: rolled back to v3 as v7 ")
-    assert lines[1:] == ["model m: skipped v5: retracted by v6; v4: holds what v6 holds"]
+    assert lines[1:] == [
+        "model m: chose v3, passing over v5: retracted by v6; v4: holds what v6 holds"
+    ]
     code, out, err = run("rollback", "m")
     assert (code, out) == (1, "")
     assert err == (
@@ -302,7 +304,7 @@ def test_real_process_exit_codes(env: dict[str, str], run: Any, tmp_path: Path) 
     p = hotswap({**env, "HOTSWAP_REDIS_URL": url}, "status", "m")
     assert p.returncode == 3 and p.stdout == ""
     assert p.stderr.startswith(
-        "hotswap: error: Redis unreachable while reading head for model 'm' ("
+        "hotswap: error: Redis unreachable while looking the model up for model 'm' ("
     )
     assert p.stderr.endswith("; check HOTSWAP_REDIS_URL and the server\n")
     assert "Traceback" not in p.stderr
@@ -444,7 +446,8 @@ def test_bad_names_versions_and_usage(
         "hotswap: error: model 'm' has no version 5 (head is v1)\n"
     )
     assert run("show", "other")[2] == (
-        "hotswap: error: model 'other' has no versions (nothing published yet)\n"
+        "hotswap: error: model 'other' is not in Redis (namespace 'hotswap'); "
+        "`hotswap models` lists the models there\n"
     )
     code, _, err = run("show", "m", "x")
     assert code == 2 and "argument version: version must be a number, got 'x'" in err
@@ -531,9 +534,10 @@ def test_status_shows_agents_lag_rejections_and_expired(
     else:
         raise AssertionError("srv-c's heartbeat never expired")
     code, out, _ = run("status", "m", "--json")
-    assert code == 0
+    assert code == 4  # srv-a, alive, rejected head
     data = json.loads(out)
     assert data["head"] == 2
+    assert data["unhealthy"] == ["agent srv-a rejected head v2 (runs v1)"]
     rows = {a["agent_id"]: a for a in data["agents"]}
     assert rows["srv-a"]["lag"] == 1 and rows["srv-a"]["alive"] is True
     assert rows["srv-a"]["last_rejection"] == "layer.0.weight: norm ratio 50.0 above 10.0"
@@ -541,7 +545,7 @@ def test_status_shows_agents_lag_rejections_and_expired(
     assert rows["srv-b"]["lag"] == 0 and rows["srv-b"]["pid"] == 202
     assert rows["srv-c"]["alive"] is False
     code, out, _ = run("status", "m")
-    assert code == 0
+    assert code == 4 and "not healthy: agent srv-a rejected head v2 (runs v1)" in out
     lines = {line.split("│")[1].strip(): line for line in out.splitlines() if "│ srv-" in line}
     assert "host-a" in lines["srv-a"] and "v2: layer.0.weight: norm ratio 50.0" in lines["srv-a"]
     assert "expired" in lines["srv-c"] and "expired" not in lines["srv-b"]
@@ -568,14 +572,14 @@ def test_status_shows_an_agent_running_other_content_than_its_version_as_diverge
     for agent_id, record in records.items():
         store.write_agent_status(agent_id, st.encode(record), ttl=60)
     code, out, _ = run("status", "m", "--json")
-    assert code == 0
+    assert code == 4  # srv-other, alive, is diverged
     rows = {a["agent_id"]: a for a in json.loads(out)["agents"]}
     assert (rows["srv-same"]["lag"], rows["srv-same"]["diverged"]) == (0, False)
     assert (rows["srv-other"]["lag"], rows["srv-other"]["diverged"]) == (None, True)
     assert rows["srv-other"]["manifest_digest"] == "0" * 64
     assert (rows["srv-older"]["lag"], rows["srv-older"]["diverged"]) == (0, False)
     code, out, _ = run("status", "m")
-    assert code == 0
+    assert code == 4
     lines = {line.split("│")[1].strip(): line for line in out.splitlines() if "│ srv-" in line}
     assert "diverged" in lines["srv-other"]
     assert "diverged" not in lines["srv-same"] and "diverged" not in lines["srv-older"]
@@ -620,16 +624,18 @@ def test_log_show_diff_human_and_json(run: Any, pub: Publisher) -> None:
     sd = weights(0)
     sd["layer.0.bias"] = sd["layer.0.bias"] * 3
     sd["extra"] = torch.zeros(3)
-    pub.publish(sd, message="second")
+    pub.publish(sd, message="second", force=True)  # a new tensor: the model changed
     pub.rollback()
     code, out, _ = run("log", "m", "--json")
     rows = json.loads(out)
     assert [(r["version"], r["kind"]) for r in rows] == [
-        ("3", "rollback"),
-        ("2", "publish"),
-        ("1", "publish"),
+        (3, "rollback"),
+        (2, "publish"),
+        (1, "publish"),
     ]
-    assert rows[0]["rollback_to"] == "1" and rows[2]["message"] == "first"
+    assert rows[0]["rollback_to"] == 1 and rows[2]["message"] == "first"
+    assert rows[2]["parent"] is None and rows[1]["parent"] == 1
+    assert isinstance(rows[0]["created"], float) and rows[1]["bytes_total"] == 6 * 4 * N + 12
     code, out, _ = run("log", "m")
     assert code == 0 and "rollback to v1" in out and "second" in out
     code, out, _ = run("show", "m", "2")
@@ -645,9 +651,10 @@ def test_options_after_the_command_and_namespace(
     run: Any, env: dict[str, str], pub: Publisher
 ) -> None:
     pub.publish(weights())
-    assert run("status", "m", "--json", "--namespace", "other")[0] == 0
+    assert run("status", "m", "--json", "--namespace", "other")[0] == 1
     code, out, _ = run("--namespace", "other", "show", "m")
     assert code == 1
+    assert run("status", "m", "--json")[0] == 0
     code, out, _ = run("show", "m", "--redis-url", env["HOTSWAP_REDIS_URL"], "--json")
     assert code == 0 and json.loads(out)["version"] == 1
 

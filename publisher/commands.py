@@ -1,0 +1,201 @@
+"""The ``hotswap`` commands other than ``publish`` and ``demo``: each parses nothing,
+calls the library and prints (``--json``: the data, typed; else tables and lines).
+
+Every command that reads a model first checks that it exists
+(``hotswap.catalog.require``): a misspelled name is an error (exit 1) naming
+the closest models, never an empty answer.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hotswap.errors import ConfigError, IntegrityError, NotFound
+from publisher.exitcodes import OK, UNHEALTHY
+
+if TYPE_CHECKING:
+    from hotswap.store import Store
+    from publisher.cli import Context
+
+
+def _version_or_head(store: Store, version: int | None) -> int:
+    if version is not None:
+        return version
+    head = store.head()
+    if head is None:
+        raise NotFound(f"model {store.model!r} has no versions (nothing published yet)")
+    return head
+
+
+def status(ctx: Context) -> int:
+    from publisher import render, views
+
+    with ctx.store() as store:
+        data = views.status_view(store, signing_keys=ctx.settings().key_bytes())
+    ctx.emit(data, lambda: render.print_status(ctx.out, data))
+    return OK if data["healthy"] else UNHEALTHY
+
+
+def log(ctx: Context) -> int:
+    from publisher import history
+
+    with ctx.store() as store:
+        rows = store.log(ctx.args.count)
+    ctx.emit(history.log_data(rows), lambda: ctx.out.print(history.log_table(store.model, rows)))
+    return OK
+
+
+def show(ctx: Context) -> int:
+    from publisher import showing
+
+    with ctx.store() as store:
+        version = _version_or_head(store, ctx.args.version)
+        m = store.manifest(version, ctx.settings().key_bytes())
+    ctx.emit(showing.manifest_data(m), lambda: ctx.out.print(showing.manifest_table(m)))
+    return OK
+
+
+def diff(ctx: Context) -> int:
+    from publisher import showing
+
+    with ctx.store() as store:
+        keys = ctx.settings().key_bytes()
+        a, b = store.manifest(ctx.args.a, keys), store.manifest(ctx.args.b, keys)
+    data = showing.diff_data(a, b)
+    ctx.emit(data, lambda: ctx.out.print(showing.diff_table(data)))
+    return OK
+
+
+def rollback(ctx: Context) -> int:
+    from publisher import render
+
+    with ctx.publisher(require=True) as pub:
+        pub.rollback(to=ctx.args.to, message=ctx.args.message)
+        r = pub.last_report
+
+    def human() -> None:
+        ctx.out.print(render.report_line(pub.model, r))
+        why = render.rollback_why(pub.model, r)
+        if why is not None:
+            ctx.out.print(why)
+
+    ctx.emit(render.report_data(pub.model, r), human)
+    return OK
+
+
+def resign(ctx: Context) -> int:
+    with ctx.publisher(require=True) as pub:
+        r = pub.resign()
+    data = {
+        "model": r.model,
+        "version": r.version,
+        "lineage": r.lineage,
+        "manifest": r.manifest,
+        "issued": r.issued,
+        "expires": r.expires,
+    }
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.issued))
+    until = "no expiry" if r.expires is None else f"expires in {r.expires - r.issued:.0f} s"
+    line = f"model {r.model}: re-signed head v{r.version}, issued {when}, {until}"
+    ctx.emit(data, lambda: ctx.out.print(line))
+    return OK
+
+
+def gc(ctx: Context) -> int:
+    from publisher import render
+
+    if ctx.args.grace is not None:
+        if ctx.args.grace < 0:
+            raise ConfigError(f"--grace must be 0 or more seconds, got {ctx.args.grace:g}")
+        ctx.override(gc_grace_seconds=ctx.args.grace)
+    with ctx.publisher(require=True) as pub:
+        r = pub.gc(keep=ctx.args.keep, dry_run=ctx.args.dry_run)
+    line = render.gc_line(pub.model, r, ctx.settings().namespace)
+    ctx.emit(render.gc_data(pub.model, r), lambda: ctx.out.print(line))
+    return OK
+
+
+def verify(ctx: Context) -> int:
+    from publisher import render
+
+    with ctx.publisher(require=True) as pub, ctx.bars() as bars:
+        r = pub.verify(ctx.args.version, progress=bars)
+    data = render.verify_data(pub.model, r)
+    if ctx.json:
+        ctx.emit(data, lambda: None)
+    elif r.ok:
+        ctx.out.print(
+            f"model {pub.model} v{r.version}: all {r.tensors_checked} tensors verified "
+            f"({render.size(r.bytes_checked)} re-hashed in {r.seconds:.2f}s)"
+        )
+    if r.ok:
+        return OK
+    name, why = next(iter(r.bad.items()))
+    more = f" and {len(r.bad) - 1} more" if len(r.bad) > 1 else ""
+    raise IntegrityError(
+        f"model {pub.model!r} v{r.version}: {len(r.bad)} of {r.tensors_checked} tensors failed "
+        f"verification: {name!r}{more} ({why}); publish those weights again"
+    )
+
+
+def export(ctx: Context) -> int:
+    from dataclasses import asdict
+
+    from publisher import export as ex
+    from publisher import render
+
+    a = ctx.args
+    with ctx.store() as store, ctx.bars() as bars:
+        version = _version_or_head(store, a.version)
+        r = ex.export(
+            store,
+            version,
+            Path(a.out),
+            keys=ctx.settings().key_bytes(),
+            allow_unsigned=a.allow_unsigned,
+            overwrite=a.force,
+            progress=bars,
+        )
+    signed = "" if r.signed or not ctx.settings().key_bytes() else " (not signed: read anyway)"
+    line = (
+        f"model {store.model}: exported v{r.version}{signed} to {r.path}: {r.tensors} tensors, "
+        f"{render.size(r.bytes)} ({r.seconds:.2f}s)"
+    )
+    ctx.emit({"model": store.model, **asdict(r)}, lambda: ctx.out.print(line, markup=False))
+    return OK
+
+
+def models(ctx: Context) -> int:
+    from publisher import inventory
+
+    with ctx.client() as (client, settings):
+        rows = inventory.rows(client, settings)
+    ctx.emit(rows, lambda: ctx.out.print(inventory.table(settings.namespace, rows)))
+    return OK
+
+
+def delete(ctx: Context) -> int:
+    from hotswap import catalog
+    from publisher import inventory
+
+    with ctx.store() as store:
+        row = inventory.row(store)
+        if not ctx.args.yes and not _confirmed(ctx, inventory.describe(row)):
+            raise ConfigError(f"model {store.model!r}: nothing deleted (answer y, or pass --yes)")
+        deleted = catalog.delete_model(store)
+    data = {**row, "keys_deleted": deleted}
+    line = f"model {store.model}: deleted {deleted} keys ({inventory.describe(row)})"
+    ctx.emit(data, lambda: ctx.out.print(line, markup=False))
+    return OK
+
+
+def _confirmed(ctx: Context, what: str) -> bool:
+    """Ask on stderr, read the answer from stdin (a pipe may answer: ``yes | hotswap ...``)."""
+    ctx.err.print(f"delete {what}? every version and blob goes [y/N] ", end="", markup=False)
+    answer = sys.stdin.readline()
+    if not answer:
+        ctx.err.print()
+    return answer.strip().lower() in ("y", "yes")
