@@ -8,24 +8,26 @@ from collections.abc import Sequence
 from dataclasses import replace
 from types import TracebackType
 
+import torch
+
 from hotswap import headrecord, keys
 from hotswap import manifest as mf
 from hotswap import notice as nt
 from hotswap.connection import RedisClient, connect
-from hotswap.errors import (
-    ConfigError,
-    HotswapError,
-    SourceError,
-)
+from hotswap.errors import ConfigError, HotswapError
 from hotswap.headrecord import HeadRecord
 from hotswap.manifest import Manifest, TensorEntry
+from hotswap.names import Rename
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
+from hotswap.validate import Policy
 from publisher import commit, complete, contents, heads, plan, resign, restore, upkeep
 from publisher.base import Base, Tally
 from publisher.fingerprint import Fingerprints
+from publisher.mapping import Transform
 from publisher.plan import Head
+from publisher.precheck import before_upload
 from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, describe
 from publisher.sources import Source, open_source
 
@@ -102,6 +104,10 @@ class Publisher:
         *,
         exclude: Sequence[str] = (),
         follow_symlinks: bool = False,
+        rename: Rename | None = None,
+        strip_prefix: str | Sequence[str] = (),
+        dtype: str | torch.dtype | None = None,
+        check: Policy | None = None,
     ) -> int:
         """Publish ``source`` as a new version and return its number.
 
@@ -114,16 +120,25 @@ class Publisher:
             source: a state dict (name -> tensor) or the path of a ``.safetensors``
                 file, a folder of them, an ``*.index.json`` or a ``.pt``/``.bin``.
             message: a note for the manifest and ``hotswap log``.
-            only: globs; just the matching tensors are read, the rest are
-                inherited from head (which must exist and be trusted).
-            force: create a version even when nothing changed since head.
+            only: globs of published names; just the matching tensors are read,
+                the rest are inherited from head (which must exist and be trusted).
+            force: create a version even when nothing changed since head, and
+                skip the comparison with head (``publisher.precheck``).
             progress: called as ``progress(phase, bytes_done, bytes_total)``.
             exclude: globs; matching tensors are left out of the new version on
-                purpose, whether the source holds them or head does. A full
-                publish that lacks a tensor of head is refused unless an
-                ``exclude`` glob names it (agents that ran head would keep it).
+                purpose, whether the source holds them (by its name or the
+                published one) or head does. A full publish that lacks a tensor
+                of head is refused unless an ``exclude`` glob names it.
             follow_symlinks: read files of a checkpoint folder that are
                 symlinks to files outside it.
+            rename: ``{name: new name}`` or a callable (``None``: leave it
+                out), applied after ``strip_prefix`` (``hotswap.names.NameMap``).
+            strip_prefix: a prefix (or several, the first that matches) to remove
+                from the source's names: ``"module."``, ``"_orig_mod."``, ``"bert."``.
+            dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``: cast floating-point
+                tensors; the digest is over the cast bytes, as published.
+            check: a ``Policy`` whose ``check_finite`` and ``norm_ratio`` (against
+                head's norms) run on every tensor before anything is uploaded.
 
         Returns:
             The new version's number, or head's when nothing changed (and not
@@ -131,8 +146,11 @@ class Publisher:
 
         Raises:
             SourceError: the source cannot be read, is over a size limit,
-                changed while it was being published, or (a full publish) lacks
+                changed while it was being published, does not fit head's names,
+                shapes and dtypes (``publisher.precheck``; not checked with
+                ``force``, nor for a first version), or (a full publish) lacks
                 tensors of head that ``exclude`` does not name.
+            ValidationError: ``check`` refused values (nothing was uploaded).
             ConfigError: ``message`` too long, or ``only`` without a version
                 to inherit from.
             VersionConflict: another publisher committed first (nothing written).
@@ -144,26 +162,19 @@ class Publisher:
             v = pub.publish("model.safetensors", message="nightly")
             v = pub.publish(model.state_dict(), only=["head.*"], message="new head")
             v = pub.publish("ckpt/", exclude=["lm_head.weight"])  # tied, not saved
+            v = pub.publish("model.safetensors", strip_prefix="bert.", dtype="bf16")
         """
         started = time.monotonic()
         if len(message) > mf.MAX_MESSAGE_LEN:
             raise ConfigError(f"message is {len(message)} characters, limit {mf.MAX_MESSAGE_LEN}")
-        with open_source(source, follow_symlinks=follow_symlinks) as src:
+        transform = Transform.of(exclude, rename, strip_prefix, dtype)
+        with open_source(source, follow_symlinks=follow_symlinks) as raw:
+            src = transform.apply(raw)
             names = complete.kept(plan.select(src.names, only, src.where), exclude)
-            if not names:
-                raise SourceError(f"{src.where}: --exclude leaves no tensor to publish")
             head, record = self._head()
-            if only is not None and head.number is None:
-                raise ConfigError(
-                    f"model {self.model!r} has no version yet: --only needs a parent to inherit "
-                    "the other tensors from; publish the whole model first"
-                )
-            if only is not None and head.manifest is None:
-                raise head.refusal("--only inherits the other tensors from it") from head.distrust
+            # Before anything is hashed or written: a refusal changes nothing.
+            before_upload(src, names, head, only=only, exclude=exclude, force=force, check=check)
             trusted = head.manifest
-            if only is None:
-                # Before anything is read or written: a refusal changes nothing.
-                complete.check(trusted, names, exclude, src.where)
             built = contents.build(
                 self.store,
                 src,

@@ -38,6 +38,9 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 Source = Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
+Meta = tuple[str, tuple[int, ...]]
+"""A tensor's wire dtype name and shape."""
+
 
 class TensorSource:
     """Names, then tensors loaded on demand; ``close()`` releases open files.
@@ -56,6 +59,7 @@ class TensorSource:
         *,
         stack: ExitStack | None = None,
         size: Callable[[str], int] | None = None,
+        meta: Callable[[str], Meta] | None = None,
         stable: bool = False,
     ) -> None:
         self.where = where
@@ -63,6 +67,7 @@ class TensorSource:
         self.names = names
         self._load = load
         self._size = size
+        self._meta = meta
         self._stack = stack or ExitStack()
 
     def size(self, name: str) -> int:
@@ -73,6 +78,17 @@ class TensorSource:
             except Exception:  # noqa: S110 - a size is only for progress; load() reports errors
                 pass
         return int(self.load(name).nbytes)
+
+    def meta(self, name: str) -> Meta:
+        """``(dtype name, shape)`` of tensor ``name``, without reading its bytes where
+        the format allows (a safetensors header)."""
+        if self._meta is not None:
+            try:
+                return self._meta(name)
+            except Exception:  # noqa: S110 - load() below names what is wrong
+                pass
+        t = self.load(name)
+        return codec.dtype_name(t.dtype), tuple(int(d) for d in t.shape)
 
     def load(self, name: str) -> torch.Tensor:
         """The tensor ``name``, checked to be publishable."""
@@ -286,12 +302,21 @@ def _from_safetensors(
         stack.close()
         raise SourceError(f"{label}: holds no tensors")
 
-    def size(name: str) -> int:
+    def meta(name: str) -> Meta:
         piece = owner[name].get_slice(name)
-        return int(math.prod(piece.get_shape())) * codec.itemsize(str(piece.get_dtype()))
+        return str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape())
+
+    def size(name: str) -> int:
+        dtype, shape = meta(name)
+        return int(math.prod(shape)) * codec.itemsize(dtype)
 
     return TensorSource(
-        label, sorted(owner), lambda name: owner[name].get_tensor(name), stack=stack, size=size
+        label,
+        sorted(owner),
+        lambda name: owner[name].get_tensor(name),
+        stack=stack,
+        size=size,
+        meta=meta,
     )
 
 

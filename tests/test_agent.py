@@ -166,7 +166,7 @@ def test_bad_version_is_rejected_whole_and_reported(
     v1 = pub.publish(cloned(model))
     bad = bump(model.state_dict())
     tensor = spoil(bad)
-    v2 = pub.publish(bad)
+    v2 = pub.publish(bad, force=True)  # force: past the publisher's own check of head
     before = snapshot(model)
     refused: list[tuple[int, dict[str, list[str]]]] = []
     agent = make(model, on_rejected=lambda v, r: refused.append((v, r)))
@@ -187,7 +187,7 @@ def test_bad_version_is_rejected_whole_and_reported(
     # Not fetched again on every poll, and the next good version still applies.
     fixed = bump(model.state_dict(), 0.02)
     # v2's extra tensor (the unknown-name case) is left out on purpose.
-    v3 = pub.publish(fixed, exclude=["extra.*"])
+    v3 = pub.publish(fixed, exclude=["extra.*"], force=True)  # v2 (forced) is head
     assert agent.wait_for(v3, 10)
     assert equal_state(model, fixed) and status_of(store, agent).rejected_count == 1
 

@@ -674,7 +674,7 @@ with Publisher("mem", settings=s) as p:
     base = resident()
     events = []
     p.publish(sd, progress=lambda phase, done, total: events.append((phase, done, total)),
-              exclude=["warm"])
+              exclude=["warm"], force=True)  # other names than head's
     if sampler is None:
         top = high_water()
     else:
