@@ -89,13 +89,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help=".safetensors, .pt/.pth/.bin, *.index.json or a folder")
     p.add_argument("--only", action="append", metavar="GLOB", help="publish only these tensors")
     p.add_argument("-m", "--message", default="")
-    p.add_argument("--force", action="store_true", help="new version even if nothing changed")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="new version even if nothing changed, or if names, shapes or dtypes differ from head",
+    )
     p.add_argument(
         "--exclude",
         action="append",
         default=[],
         metavar="GLOB",
-        help="leave these tensors out of the new version (needed to drop tensors head has)",
+        help="leave these tensors out of the new version (needed to drop tensors head has); "
+        "matches the checkpoint's names and the published ones",
+    )
+    p.add_argument(
+        "--strip-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="remove this prefix from the checkpoint's names (module., _orig_mod., bert.); "
+        "repeatable: the first that matches is removed",
+    )
+    p.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="publish tensor OLD (after --strip-prefix) as NEW",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="cast floating-point tensors to this dtype before publishing",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="refuse NaN/inf and norms 0.1-10x head's before uploading (Policy defaults)",
     )
     p.add_argument(
         "--follow-symlinks",
@@ -279,7 +309,9 @@ class Context:
 
 
 def cmd_publish(ctx: Context) -> int:
+    from hotswap.validate import Policy
     from publisher import render
+    from publisher.mapping import rename_pairs
 
     a = ctx.args
     with ctx.publisher() as pub, ctx.bars() as bars:
@@ -291,6 +323,10 @@ def cmd_publish(ctx: Context) -> int:
             progress=bars,
             exclude=a.exclude,
             follow_symlinks=a.follow_symlinks,
+            strip_prefix=a.strip_prefix,
+            rename=rename_pairs(a.rename) or None,
+            dtype=a.dtype,
+            check=Policy() if a.check else None,
         )
         r = pub.last_report
     ctx.emit(
