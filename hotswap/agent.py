@@ -31,12 +31,15 @@ from hotswap.delivery import Delivery
 from hotswap.errors import ConfigError, ValidationError
 from hotswap.gate import Gate
 from hotswap.hostmem import HostMemory
+from hotswap.intake import Intake
+from hotswap.names import NameMap
 from hotswap.pipeline import Mode, OnApplied, OnRejected, Pipeline
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.staging import LiveModel, Staging
 from hotswap.store import Store
+from hotswap.transform import Transform
 from hotswap.validate import Policy
 
 log = logging.getLogger("hotswap.agent")
@@ -78,6 +81,10 @@ class Agent:
             a ``Store`` subclass's builder to watch or fail Redis calls.
         clock: a monotonic clock in seconds for the poll timer and the
             heartbeat schedule (default ``time.monotonic``).
+        names: a ``NameMap`` from the published names to the model's
+            (``strip_prefix="bert."``, ``exclude=["*.position_ids"]``, ``rename``).
+        transform: a ``Transform`` for published tensors the model holds
+            fused or sliced (vLLM's ``load_weights`` pattern).
 
     Raises:
         ConfigError: a bad argument, a bad ``HOTSWAP_*`` variable (when
@@ -106,6 +113,8 @@ class Agent:
         on_rejected: OnRejected | None = None,
         store_factory: StoreFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        names: NameMap | None = None,
+        transform: Transform | None = None,
     ) -> None:
         self.model_name = keys.check_name(model_name)
         if mode not in ("auto", "manual"):
@@ -152,6 +161,7 @@ class Agent:
             stop=self._stop,
             on_applied=on_applied,
             on_rejected=on_rejected,
+            intake=Intake(names, transform),
         )
         # The loop hands each notice or poll to the pipeline; every failure goes
         # to one handler, which reports the outage and logs it once.

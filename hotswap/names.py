@@ -161,29 +161,34 @@ class Coverage:
         """Matched live names over all live names (1.0 for a model with none)."""
         return len(self.matched) / self.live if self.live else 1.0
 
-    def describe(self, strip_option: str = "--strip-prefix {}") -> str:
-        """One line: how many live tensors matched, which did not, and a hint.
+    def describe(self, strip_option: str = "--strip-prefix {}", need: float | None = None) -> str:
+        """One line: how many live tensors matched, a hint, and which did not match.
 
         ``strip_option`` is how the caller spells the fix (a CLI flag, or
-        ``strip_prefix={!r}`` for an API), formatted with the prefix.
+        ``strip_prefix={!r}`` for an API), formatted with the prefix; ``need``,
+        when given, the share that must match (said after the count).
 
         Example:
             >>> cov = coverage(["bert.a.weight", "bert.b.weight"], ["a.weight", "b.weight"])
             >>> cov.describe()
-            "0 of 2 live tensors matched; not matched: 'a.weight', 'b.weight'; the manifest's \
-names not in the model: 'bert.a.weight', 'bert.b.weight'; the manifest's names start with \
-`bert.`: try `--strip-prefix bert.`"
+            "0 of 2 live tensors matched; the manifest's names start with `bert.`: try \
+`--strip-prefix bert.`; not matched: 'a.weight', 'b.weight'; the manifest's names not in the \
+model: 'bert.a.weight', 'bert.b.weight'"
         """
         parts = [f"{len(self.matched)} of {self.live} live tensors matched"]
+        if need:
+            parts[0] += f" (at least {need:.0%} must)"
+        # The fix comes before the lists: a reader (or a record that keeps
+        # only a message's start) sees it first.
+        hint = self.hint(strip_option)
+        if hint is not None:
+            parts.append(hint)
         if self.missing:
             parts.append(f"not matched: {_some(self.missing)}")
         if self.unknown:
             parts.append(f"the manifest's names not in the model: {_some(self.unknown)}")
         if self.excluded:
             parts.append(f"{len(self.excluded)} left out by the name map")
-        hint = self.hint(strip_option)
-        if hint is not None:
-            parts.append(hint)
         return "; ".join(parts)
 
     def hint(self, strip_option: str = "--strip-prefix {}") -> str | None:

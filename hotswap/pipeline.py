@@ -28,13 +28,14 @@ from hotswap.delivery import Reason, Request, Stopped
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
 from hotswap.hostmem import HostMemory
+from hotswap.intake import Intake
 from hotswap.lookout import Lookout
 from hotswap.looks import Candidate, Confirmation, Quiet, Refused
 from hotswap.manifest import Manifest
 from hotswap.reporter import ApplyReport, Reporter
 from hotswap.runstate import Ready, Rejection, RunState
 from hotswap.settings import HotswapSettings
-from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, prepare
+from hotswap.staging import LiveModel, Staged, Staging, apply, pairs
 from hotswap.store import Store
 
 log = logging.getLogger("hotswap.agent")
@@ -104,6 +105,7 @@ class Pipeline:
         gate: readers-writer lock of the live tensors.
         stop: set once the agent stops: work in progress is abandoned.
         on_applied, on_rejected: the agent's callbacks.
+        intake: the agent's name map and transform (default: none).
     """
 
     def __init__(
@@ -121,8 +123,10 @@ class Pipeline:
         stop: threading.Event,
         on_applied: OnApplied | None = None,
         on_rejected: OnRejected | None = None,
+        intake: Intake | None = None,
     ) -> None:
         self.model_name = store.model
+        self.intake = intake or Intake()
         self.store, self.live, self.policy = store, live, policy
         self.mode, self.staging = mode, staging
         self.reporter = reporter
@@ -256,7 +260,7 @@ class Pipeline:
         basis = self.state.basis()
         # The reporter's thread writes this while the fetch runs.
         self.reporter.update(state="fetching")
-        staged, reasons = prepare(
+        m_live, staged, reasons = self.intake.prepare(
             self.store.blobs,
             m,
             self.live,
@@ -276,7 +280,7 @@ class Pipeline:
         )
         if candidate.carried is not None and not self._confirmed(m, candidate.carried, staged):
             return Outcome.UNCONFIRMED  # nothing is applied or refused on a notice's word
-        self.state.learn(m, basis.digests)
+        self.state.learn(m_live, basis.digests)
         if reasons:
             staged.release()
             self._reject(

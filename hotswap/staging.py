@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from hotswap.hostmem import HostMemory
 from hotswap.live import LiveModel
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.reconstruct import Rebuild
+from hotswap.valuecheck import check_staged
 
 __all__ = [
     "ALIGN",
@@ -312,19 +313,19 @@ def timed() -> Iterator[list[float]]:
         box[0] = time.perf_counter() - start
 
 
-def covered_names(m: Manifest) -> set[str]:
+def covered_names(m: Manifest, also: Iterable[str] = ()) -> set[str]:
     """The live names whose bytes a version gives this agent.
 
-    Today a manifest's names are live names. The hook for an agent that maps
-    names, transforms or slices what it is sent (none does yet): missing
-    tensors are counted after that mapping, so an agent that deliberately
-    holds a subset or a slice of a version is not missing anything.
+    ``m``'s names are live names (``intake`` mapped them); ``also`` names the
+    live tensors a transform writes. Missing tensors are counted after that
+    mapping, so an agent that deliberately holds a subset or a slice of a
+    version is not missing anything.
     """
-    return {e.name for e in m.tensors}
+    return {e.name for e in m.tensors} | set(also)
 
 
 def check_metadata(
-    m: Manifest, live: LiveModel, policy: validate.Policy
+    m: Manifest, live: LiveModel, policy: validate.Policy, covered: Iterable[str] = ()
 ) -> tuple[dict[str, list[str]], set[str]]:
     """``validate.check_entries`` over the entries that need it, and
     ``validate.check_missing``: (reasons, ignored).
@@ -337,7 +338,7 @@ def check_metadata(
     # A shape decoded as anything but a tuple only takes the full check.
     suspect = [e for e in m.tensors if e.name in tied or meta.get(e.name) != (e.dtype, e.shape)]
     reasons, ignored = validate.check_entries(suspect, live.tensors, live.ties(), policy)
-    missing = validate.check_missing(covered_names(m), live.tensors, live.ties(), policy)
+    missing = validate.check_missing(covered_names(m, covered), live.tensors, live.ties(), policy)
     return {**reasons, **missing}, ignored
 
 
@@ -354,6 +355,7 @@ def prepare(
     memory: HostMemory | None = None,
     old_norms: Mapping[str, float] | None = None,
     history: Manifests | None = None,
+    covered: Iterable[str] = (),
 ) -> tuple[Staged, dict[str, list[str]]]:
     """Check, fetch and validate one version against what runs: (staged, reasons).
 
@@ -363,9 +365,11 @@ def prepare(
     of the manifest entry whose bytes it runs), which saves a pass over it.
     A version whose changed tensors use a delta encoding this hotswap does not
     know is refused before anything is fetched. ``history`` serves older
-    manifests to tensors stored as deltas (see ``fetch``).
+    manifests to tensors stored as deltas (see ``fetch``). ``covered``: live
+    names a transform writes (not missing). A tensor whose dtype the policy
+    allows to cast is converted after its digest check (``valuecheck``).
     """
-    reasons, ignored = check_metadata(m, live, policy)
+    reasons, ignored = check_metadata(m, live, policy, covered)
     p = plan(m, live, digests, ignored | set(reasons))
     unknown = {n: [no] for n, e in p.changed.items() if (no := unknown_encoding(e, where))}
     if unknown:
@@ -386,24 +390,8 @@ def prepare(
         for name, why in staged.failures.items():
             reasons.setdefault(name, []).extend(why)
         start = time.perf_counter()
-        known = old_norms or {}
-        for name, entry in p.changed.items():
-            canon = live.canonical[name]
-            if canon not in staged.tensors:
-                continue
-            rules = policy.rules_for(name)
-            found = validate.check_values(
-                name,
-                entry,
-                staged.tensors[canon],
-                live.tensors[canon],
-                rules,
-                old_norm=known.get(name),
-            )
-            if found:
-                reasons.setdefault(name, []).extend(found)
-            elif rules.check_norm:
-                staged.norms[name] = entry.norm
+        for name, why in check_staged(staged, live, policy, old_norms or {}).items():
+            reasons.setdefault(name, []).extend(why)
         staged.validate_seconds = time.perf_counter() - start
     except BaseException:
         staged.release()

@@ -16,8 +16,9 @@ off for the matching names).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -38,11 +39,26 @@ MISSING = (
     "missing: the version has no tensor of this name and the model would keep its own "
     "(publish it, or set Policy(missing_tensors='keep'))"
 )
+# The subject of a rejection for too few live names matched (not a tensor).
+COVERAGE = "<coverage>"
+# Dtypes an agent may cast between when the policy allows the pair: the
+# floating-point ones whose conversion needs no scale.
+CASTABLE = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 def _check_ratio(value: tuple[float, float] | None) -> tuple[float, float] | None:
     if value is not None and not (0 <= value[0] <= value[1]):
         raise ValueError(f"norm_ratio bounds {value} must satisfy 0 <= low <= high")
+    return value
+
+
+def _check_casts(value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    for pair in value:
+        bad = [d for d in pair if d not in CASTABLE]
+        if bad:
+            raise ValueError(
+                f"cast {pair} names {bad[0]!r}: casts are between {', '.join(sorted(CASTABLE))}"
+            )
     return value
 
 
@@ -96,6 +112,15 @@ class Policy(BaseModel):
             biases, LoRA B matrices) has no ratio and passes this check.
         max_relative_change: bound of ``||new - old|| / ||old||`` (``None``: off).
         unknown_tensors: what to do with a name the live model lacks.
+        min_coverage: the least share of the live model's tensor names a
+            version must reach (after the agent's name map; a tied twin counts)
+            to be applied. A version that reaches none is refused whatever
+            this says: it would change nothing and report a new version.
+        cast: ``(published dtype, live dtype)`` pairs an agent may convert,
+            e.g. ``[("F32", "BF16")]`` for a bf16 server of fp32 checkpoints
+            (floating-point dtypes only). The digest is checked over the bytes
+            as published; a cast that overflows is refused, and the other
+            checks run on the cast values. Unlisted pairs are refused.
         missing_tensors: what to do with a live tensor the version leaves out:
             ``"reject"`` the version, or ``"keep"`` the live values (agents that
             ran different versions then hold different bytes for it). A live
@@ -131,10 +156,15 @@ class Policy(BaseModel):
     max_relative_change: float | None = Field(default=None, gt=0)
     unknown_tensors: Literal["reject", "ignore"] = "reject"
     missing_tensors: Literal["reject", "keep"] = "reject"
+    # Half: a checkpoint of another architecture that shares a few generic
+    # names (``*.bias``) must not pass for the model's own.
+    min_coverage: float = Field(default=0.5, ge=0, le=1)
+    cast: list[tuple[str, str]] = Field(default_factory=list)
     validators: list[Validator] = Field(default_factory=list)
     overrides: dict[str, Override] = Field(default_factory=dict)
 
     _ratio = field_validator("norm_ratio")(_check_ratio)
+    _casts = field_validator("cast")(_check_casts)
 
     def rules_for(self, name: str) -> Rules:
         """The rules that apply to one tensor name, overrides resolved."""
@@ -190,13 +220,16 @@ def _shape(shape: Iterable[int]) -> list[int]:
     return [int(d) for d in shape]
 
 
-def check_entry(entry: TensorEntry, live: torch.Tensor | None) -> list[str]:
-    """Metadata reasons to refuse one manifest entry (the live tensor is None if unknown)."""
+def check_entry(
+    entry: TensorEntry, live: torch.Tensor | None, casts: Collection[tuple[str, str]] = ()
+) -> list[str]:
+    """Metadata reasons to refuse one manifest entry (the live tensor is None if unknown);
+    ``casts``: the (published, live) dtype pairs the policy allows."""
     if live is None:
         return [UNKNOWN]
     reasons = []
     live_dtype = codec.dtype_name(live.dtype)
-    if entry.dtype != live_dtype:
+    if entry.dtype != live_dtype and (entry.dtype, live_dtype) not in casts:
         reasons.append(f"dtype {entry.dtype} differs from the live tensor's {live_dtype}")
     if _shape(entry.shape) != _shape(live.shape):
         reasons.append(
@@ -222,13 +255,14 @@ def check_entries(
     reasons: dict[str, list[str]] = {}
     ignored: set[str] = set()
     by_name: dict[str, TensorEntry] = {}
+    casts = set(policy.cast)
     for entry in entries:
         by_name[entry.name] = entry
         tensor = live.get(entry.name)
         if tensor is None and policy.unknown_tensors == "ignore":
             ignored.add(entry.name)
             continue
-        found = check_entry(entry, tensor)
+        found = check_entry(entry, tensor, casts)
         if found:
             reasons[entry.name] = found
     for group in ties:
@@ -293,7 +327,7 @@ def _g(x: float) -> str:
 
 def check_values(
     name: str,
-    entry: TensorEntry,
+    entry: TensorEntry | None,
     new: torch.Tensor,
     old: torch.Tensor,
     rules: Rules,
@@ -304,7 +338,11 @@ def check_values(
 
     ``old_norm``: the live tensor's norm as the manifest it was applied from
     states it (checked when it was applied); ``None`` computes it from ``old``.
+    ``entry`` None: no manifest states ``new``'s norm (a tensor a transform
+    wrote), so the norm is not compared.
     """
+    if entry is None:
+        rules = dataclasses.replace(rules, check_norm=False)
     reasons: list[str] = []
     new_norm = codec.norm(new)
     floating = _floating(new)
@@ -314,12 +352,14 @@ def check_values(
             reasons.append("its L2 norm overflows float64")
         elif rules.check_finite:
             reasons.append(f"{bad} of {new.numel()} values are not finite (NaN or inf)")
-        elif rules.check_norm and not _same_non_finite(new_norm, entry.norm):
+        elif rules.check_norm and entry is not None and not _same_non_finite(new_norm, entry.norm):
             reasons.append(f"norm {_g(new_norm)} differs from the manifest's {_g(entry.norm)}")
         # A ratio or difference of non-finite values says nothing more.
         return reasons + _run_validators(name, new, old, rules)
-    if rules.check_norm and not math.isclose(
-        new_norm, entry.norm, rel_tol=rules.norm_tolerance, abs_tol=1e-30
+    if (
+        rules.check_norm
+        and entry is not None
+        and not math.isclose(new_norm, entry.norm, rel_tol=rules.norm_tolerance, abs_tol=1e-30)
     ):
         reasons.append(
             f"norm {_g(new_norm)} differs from the manifest's {_g(entry.norm)} "
@@ -370,7 +410,16 @@ def _run_validators(name: str, new: torch.Tensor, old: torch.Tensor, rules: Rule
 
 
 def rejection(model: str, version: int, reasons: Mapping[str, list[str]]) -> ValidationError:
-    """One ValidationError listing every failing tensor (the message stays one line)."""
+    """One ValidationError listing every failing tensor (the message stays one line).
+
+    A version refused for its coverage (``COVERAGE``) says only that: the
+    tensors it left unmatched were not looked at one by one.
+    """
+    if COVERAGE in reasons:
+        return ValidationError(
+            f"model {model!r} v{version} rejected: {'; '.join(reasons[COVERAGE])}",
+            {COVERAGE: list(reasons[COVERAGE])},
+        )
     parts = [f"{name!r}: {'; '.join(why)}" for name, why in sorted(reasons.items())]
     shown = " | ".join(parts[:5]) + (f" | and {len(parts) - 5} more" if len(parts) > 5 else "")
     return ValidationError(

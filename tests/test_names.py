@@ -89,6 +89,12 @@ def test_a_single_exclude_string_is_one_glob() -> None:
     assert NameMap(exclude="*.b").exclude == ("*.b",)
 
 
+def test_the_share_that_must_match_is_said_after_the_count() -> None:
+    cov = coverage(LIVE[:1], LIVE)
+    assert cov.describe(need=0.5).startswith("1 of 4 live tensors matched (at least 50% must); ")
+    assert cov.describe(need=0).startswith("1 of 4 live tensors matched; ")
+
+
 def test_full_coverage() -> None:
     cov = coverage(LIVE, LIVE)
     assert cov.share == 1.0
@@ -102,10 +108,11 @@ def test_the_issue_scenario_names_the_prefix_to_strip() -> None:
     assert cov.matched == ()
     assert cov.share == 0.0
     assert cov.describe() == (
-        "0 of 4 live tensors matched; not matched: 'embeddings.word.weight', "
+        "0 of 4 live tensors matched; the manifest's names start with `bert.`: try "
+        "`--strip-prefix bert.`; not matched: 'embeddings.word.weight', "
         "'encoder.0.bias', 'encoder.0.weight' (+1 more); the manifest's names not in the "
         "model: 'bert.embeddings.word.weight', 'bert.encoder.0.bias', 'bert.encoder.0.weight' "
-        "(+1 more); the manifest's names start with `bert.`: try `--strip-prefix bert.`"
+        "(+1 more)"
     )
     assert cov.hint("strip_prefix={!r}") == (
         "the manifest's names start with `bert.`: try `strip_prefix='bert.'`"

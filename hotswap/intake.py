@@ -1,0 +1,328 @@
+"""How an agent reads a published version onto its model: name map, coverage, transform.
+
+Imports no Redis (the store and blob reader are passed in). ``Intake.prepare``
+wraps ``staging.prepare``:
+
+1. the manifest's names go through the agent's ``NameMap`` (``hotswap.names``):
+   the entries it leaves out are dropped, the others renamed to live names,
+   older manifests too (tensors stored as deltas walk them by name);
+2. the names a ``Transform`` claims are set apart;
+3. coverage: the live names reached (matched by name, a tied twin, or
+   claimed by the transform) must be at least ``Policy.min_coverage`` of the
+   live model's, and never none: otherwise the version is refused before a
+   byte is fetched, with what matched, what did not and a hint;
+4. ``staging.prepare`` checks, fetches, casts and validates the others;
+5. the claimed tensors are fetched and checked, and the transform writes
+   copies of the live tensors it claims (``hotswap.transform``), which join
+   the staged version: applied with it, all at once, or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from hotswap import codec, transform, validate
+from hotswap.candidates import Manifests, unknown_encoding
+from hotswap.errors import ConfigError, NotFound
+from hotswap.frames import Blobs
+from hotswap.hostmem import HostMemory
+from hotswap.live import LiveModel
+from hotswap.manifest import Manifest, TensorEntry
+from hotswap.names import Coverage, NameMap, coverage
+from hotswap.staging import Plan, Staged, Staging, fetch, prepare
+from hotswap.transform import TRANSFORM, Transform
+
+# The subject of a rejection for a name map that cannot apply (not a tensor).
+NAMES = "<names>"
+# How a coverage hint spells the fix to an agent's user.
+STRIP_OPTION = "Agent(names=NameMap(strip_prefix={!r}))"
+
+
+class MappedManifests:
+    """Older manifests, read through the agent's name map (``candidates.Manifests``)."""
+
+    def __init__(self, manifests: Manifests, intake: Intake) -> None:
+        self._manifests, self._intake = manifests, intake
+
+    def manifest(self, version: int) -> Manifest:
+        m = self._manifests.manifest(version)
+        try:
+            return self._intake.translate(m)
+        except ConfigError as e:
+            # Fewer routes to a delta's base, never a wrong one.
+            raise NotFound(f"v{version} cannot be read through the name map: {e}") from e
+
+
+class Intake:
+    """An agent's name map and transform, applied to each version it stages.
+
+    Args:
+        names: maps published names to live ones (default: unchanged).
+        transform: takes the published tensors that are not the live model's
+            (fused or sliced parameters); see ``hotswap.transform.Transform``.
+
+    Example:
+        >>> intake = Intake(NameMap(strip_prefix="bert."))
+        >>> intake.plain
+        False
+    """
+
+    def __init__(self, names: NameMap | None = None, xform: Transform | None = None) -> None:
+        self.names = names if names is not None else NameMap()
+        self.transform = xform
+
+    @property
+    def plain(self) -> bool:
+        """True when names go through unchanged and no transform runs."""
+        return self.names.identity and self.transform is None
+
+    def translate(self, m: Manifest) -> Manifest:
+        """``m`` with live names: entries the map leaves out dropped (ConfigError on a clash)."""
+        if self.names.identity:
+            return m
+        mapped = self.names.apply(e.name for e in m.tensors)
+        tensors = tuple(
+            dataclasses.replace(e, name=mapped[e.name]) for e in m.tensors if e.name in mapped
+        )
+        return dataclasses.replace(m, tensors=tensors)
+
+    def claimed(self, m: Manifest) -> dict[str, tuple[str, ...]]:
+        """``{name: live names}`` for the entries of (translated) ``m`` the transform takes."""
+        if self.transform is None:
+            return {}
+        out = {}
+        for e in m.tensors:
+            targets = self.transform.targets(e.name)
+            if targets:
+                out[e.name] = targets
+        return out
+
+    def coverage(
+        self, m: Manifest, live: LiveModel, claimed: Mapping[str, tuple[str, ...]]
+    ) -> Coverage:
+        """The live names ``m`` (as published) reaches, tied twins and claimed names counted."""
+        published = [e.name for e in m.tensors]
+        if claimed:
+            back = self.names.apply(published)
+            published = [n for n in published if back.get(n) not in claimed]
+        cov = coverage(published, live.tensors, self.names)
+        reached = set(cov.matched) | {n for ts in claimed.values() for n in ts}
+        for group in live.ties():
+            if reached & set(group):
+                reached |= set(group)
+        reached &= set(live.tensors)
+        return dataclasses.replace(
+            cov,
+            matched=tuple(sorted(reached)),
+            missing=tuple(n for n in cov.missing if n not in reached),
+        )
+
+    def history(self, manifests: Manifests | None) -> Manifests | None:
+        if manifests is None or self.names.identity:
+            return manifests
+        return MappedManifests(manifests, self)
+
+    def prepare(
+        self,
+        reader: Blobs,
+        m: Manifest,
+        live: LiveModel,
+        digests: Mapping[str, str],
+        policy: validate.Policy,
+        *,
+        mode: Staging,
+        where: str,
+        between: Callable[[], None] | None = None,
+        memory: HostMemory | None = None,
+        old_norms: Mapping[str, float] | None = None,
+        history: Manifests | None = None,
+    ) -> tuple[Manifest, Staged, dict[str, list[str]]]:
+        """``staging.prepare`` through the name map, coverage check and transform.
+
+        Returns ``(mapped, staged, reasons)``: ``m`` with live names, the
+        staged version (transform results included) and the reasons to refuse
+        it (empty: safe to apply).
+        """
+        try:
+            mapped = self.translate(m)
+        except ConfigError as e:
+            return m, _nothing(m), {NAMES: [str(e)]}
+        claimed = self.claimed(mapped)
+        refused = self._refuse_early(m, live, claimed, policy)
+        if refused:
+            return mapped, _nothing(mapped), refused
+        regular = dataclasses.replace(
+            mapped, tensors=tuple(e for e in mapped.tensors if e.name not in claimed)
+        )
+        writes = {n for ts in claimed.values() for n in ts}
+        staged, reasons = prepare(
+            reader,
+            regular,
+            live,
+            digests,
+            policy,
+            mode=mode,
+            where=where,
+            between=between,
+            memory=memory,
+            old_norms=old_norms,
+            history=self.history(history),
+            covered=writes,
+        )
+        staged.plan.manifest = mapped
+        if claimed:
+            try:
+                self._transformed(
+                    reader,
+                    mapped,
+                    claimed=claimed,
+                    staged=staged,
+                    reasons=reasons,
+                    live=live,
+                    digests=digests,
+                    policy=policy,
+                    mode=mode,
+                    where=where,
+                    between=between,
+                    old_norms=old_norms or {},
+                    history=self.history(history),
+                )
+            except BaseException:
+                staged.release()
+                raise
+        return mapped, staged, reasons
+
+    def _refuse_early(
+        self,
+        m: Manifest,
+        live: LiveModel,
+        claimed: Mapping[str, tuple[str, ...]],
+        policy: validate.Policy,
+    ) -> dict[str, list[str]]:
+        """Reasons found before any fetch: claims of names the model lacks, too little coverage."""
+        unknown = sorted({n for ts in claimed.values() for n in ts if n not in live.tensors})
+        if unknown:
+            return {TRANSFORM: [f"claims live tensors the model lacks: {_some(unknown)}"]}
+        cov = self.coverage(m, live, claimed)
+        if cov.live and (not cov.matched or cov.share < policy.min_coverage):
+            return {COVERAGE: [cov.describe(STRIP_OPTION, need=policy.min_coverage)]}
+        return {}
+
+    def _transformed(
+        self,
+        reader: Blobs,
+        mapped: Manifest,
+        *,
+        claimed: Mapping[str, tuple[str, ...]],
+        staged: Staged,
+        reasons: dict[str, list[str]],
+        live: LiveModel,
+        digests: Mapping[str, str],
+        policy: validate.Policy,
+        mode: Staging,
+        where: str,
+        between: Callable[[], None] | None,
+        old_norms: Mapping[str, float],
+        history: Manifests | None,
+    ) -> None:
+        """Fetch the claimed tensors that changed, run the transform, join its copies to
+        ``staged`` (reasons added to ``reasons``)."""
+        assert self.transform is not None
+        entries = [e for e in mapped.tensors if e.name in claimed]
+        changed = {e.name: e for e in entries if digests.get(e.name) != e.digest}
+        if not changed:
+            return
+        for name, e in changed.items():
+            no = unknown_encoding(e, where)
+            if no:
+                reasons.setdefault(name, []).append(no)
+        if any(n in reasons for n in changed):
+            return
+        places = _placeholders(changed.values(), claimed, live)
+        p = Plan(mapped, list(changed.values()), dict(changed))
+        got = fetch(
+            reader,
+            p,
+            places,
+            mode=mode,
+            where=where,
+            between=between,
+            memory=HostMemory(),
+            history=history,
+        )
+        try:
+            staged.bytes_fetched += got.bytes_fetched
+            staged.seconds += got.seconds
+            for name, why in got.failures.items():
+                reasons.setdefault(name, []).extend(why)
+            for name, e in changed.items():
+                if name in got.tensors:
+                    found = _check_published(name, e, got.tensors[name], policy)
+                    if found:
+                        reasons.setdefault(name, []).extend(found)
+            if any(n in reasons for n in changed):
+                return
+            allowed = {n for ts in claimed.values() for n in ts}
+            copies, wrong = transform.run(
+                self.transform,
+                got.tensors,
+                live,
+                allowed=allowed,
+                policy=policy,
+                old_norms=old_norms,
+            )
+        finally:
+            got.release()
+        for name, why in wrong.items():
+            reasons.setdefault(name, []).extend(why)
+        both = sorted(set(copies) & set(staged.tensors))
+        if both:
+            reasons.setdefault(TRANSFORM, []).append(
+                f"writes live tensors the version also gives by name: {_some(both)}"
+            )
+        staged.tensors.update(copies)
+        staged.plan.changed.update(changed)
+
+
+COVERAGE = validate.COVERAGE
+
+
+def _nothing(m: Manifest) -> Staged:
+    """A staged version that holds nothing (refused before any fetch)."""
+    return Staged(Plan(m, [], {}), {}, {}, 0, 0.0)
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def _placeholders(
+    entries: Iterable[TensorEntry], claimed: Mapping[str, tuple[str, ...]], live: LiveModel
+) -> LiveModel:
+    """Empty tensors named as the claimed entries, on the device of the live tensor each
+    writes: where ``staging.fetch`` stages them."""
+    return LiveModel(
+        {
+            e.name: torch.empty(
+                0,
+                dtype=codec.dtype_from_name(e.dtype),
+                device=live.tensors[claimed[e.name][0]].device,
+            )
+            for e in entries
+        }
+    )
+
+
+def _check_published(
+    name: str, entry: TensorEntry, t: torch.Tensor, policy: validate.Policy
+) -> list[str]:
+    """The checks a published tensor's own values take (finite, norm as stated); the
+    others run on the live tensors the transform wrote."""
+    rules = dataclasses.replace(
+        policy.rules_for(name), norm_ratio=None, max_relative_change=None, validators=()
+    )
+    return validate.check_values(name, entry, t, t, rules)
