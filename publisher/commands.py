@@ -114,7 +114,8 @@ def gc(ctx: Context) -> int:
     with ctx.publisher(require=True) as pub:
         r = pub.gc(keep=ctx.args.keep, dry_run=ctx.args.dry_run)
     line = render.gc_line(pub.model, r, ctx.settings().namespace)
-    ctx.emit(render.gc_data(pub.model, r), lambda: ctx.out.print(line))
+    # One line, however long: scripts grep it.
+    ctx.emit(render.gc_data(pub.model, r), lambda: ctx.out.print(line, soft_wrap=True))
     return OK
 
 
