@@ -4,7 +4,9 @@
 
 POST /predict {"tokens": [1, 2, 3]} -> top tokens, the version that answered, a fingerprint
 GET  /version                       -> the version this process runs, what its apply cost
-GET  /healthz                       -> agent state and lag behind head (503 once stopped)
+GET  /healthz                       -> liveness: agent state and lag behind head (503 once stopped)
+GET  /readyz                        -> readiness: 200 once the model runs head (or refused head
+                                       and runs an earlier version), else 503 with the reason
 
 Each forward pass runs inside ``agent.reading()``, so an update is applied
 between requests, never during one. SIGTERM or SIGINT stops accepting

@@ -8,7 +8,9 @@ runs without a checkout of the repository.
 
 POST /predict {"tokens": [1, 2, 3]} -> top tokens, the version that answered, a fingerprint
 GET  /version                       -> the version this process runs, what its apply cost
-GET  /healthz                       -> agent state and lag behind head (503 once stopped)
+GET  /healthz                       -> liveness: agent state and lag behind head (503 once stopped)
+GET  /readyz                        -> readiness: 200 once the model runs head (or refused head
+                                       and runs an earlier version), else 503 with the reason
 
 Each forward pass runs inside ``agent.reading()``, so an update is applied
 between requests, never during one. SIGTERM or SIGINT stops accepting
@@ -40,6 +42,7 @@ from hotswap import (
     Store,
     connect,
     operation_retry,
+    readiness,
 )
 from publisher.demo_model import TinyTransformer, build
 
@@ -168,6 +171,9 @@ class Handler(BaseHTTPRequestHandler):
                 body["last_rejection"] = str(rejection)
             # Serving old weights while Redis is away is healthy; a dead agent is not.
             self._send(503 if state == "stopped" else 200, body)
+        elif self.path == "/readyz":
+            check = readiness(agent)
+            self._send(200 if check.ready else 503, check.as_dict())
         else:
             self._send(404, {"error": f"no route GET {self.path}"})
 

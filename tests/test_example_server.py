@@ -143,6 +143,44 @@ def test_version_and_healthz_follow_publishes_and_rejections(
     assert call(base, "/version")[1]["version"] == v1
 
 
+def test_readyz_waits_for_head_and_a_refused_head_keeps_it_ready(
+    served: tuple[str, Any], settings: HotswapSettings
+) -> None:
+    base, server = served
+    # Nothing published: once the agent has read head, its own weights are what to serve.
+    assert poll(lambda: call(base, "/readyz")[0] == 200)
+    assert call(base, "/readyz")[1]["reason"] == (
+        "no version is published: serving the model's own weights"
+    )
+    weights = build(seed=1).state_dict()
+    with Publisher(MODEL, settings=settings) as pub:
+        v1 = pub.publish(weights)
+        assert server.agent.wait_for(v1, 15)
+        status, ready = call(base, "/readyz")
+        assert (status, ready["ready"], ready["reason"]) == (200, True, f"runs head v{v1}")
+        broken = dict(weights)
+        broken["norm.weight"] = torch.full_like(weights["norm.weight"], float("nan"))
+        v2 = pub.publish(broken)
+        with pytest.raises(ValidationError):
+            server.agent.wait_for(v2, 15)
+    status, ready = call(base, "/readyz")
+    assert status == 200 and ready["reason"] == f"refused head v{v2}: serving v{v1}"
+    assert (ready["version"], ready["head"], ready["lag"]) == (v1, v2, 1)
+    # A stopped agent: neither alive nor ready.
+    server.agent.stop()
+    assert call(base, "/readyz") == (
+        503,
+        {
+            **ready,
+            "ready": False,
+            "alive": False,
+            "reason": "the agent has stopped",
+            "state": "stopped",
+        },
+    )
+    assert call(base, "/healthz")[0] == 503
+
+
 def test_predict_answers_with_version_and_fingerprint(served: tuple[str, Any]) -> None:
     base, _ = served
     status, first = predict(base, [5, 17, 42])
