@@ -3,7 +3,8 @@
 Serving: ``Agent`` keeps a live model's weights at the newest version,
 checked by a ``Policy`` (per-name ``Override``); ``on_applied`` callbacks get
 an ``ApplyReport``; ``readiness(agent)`` answers health and readiness
-probes. ``HotswapSettings`` holds the configuration. Reading Redis
+probes; ``NameMap`` and ``Transform`` fit checkpoints whose names or layout
+are not the model's. ``HotswapSettings`` holds the configuration. Reading Redis
 directly (status pages, health probes): ``connect``, ``Store`` and
 ``operation_retry``, none of which imports torch. Every error derives from
 ``HotswapError``. Publishing is ``publisher.Publisher``.
@@ -31,10 +32,12 @@ from hotswap.errors import (
 if TYPE_CHECKING:
     from hotswap.agent import Agent
     from hotswap.connection import connect, operation_retry
+    from hotswap.names import NameMap
     from hotswap.probes import Readiness, readiness
     from hotswap.reporter import ApplyReport
     from hotswap.settings import HotswapSettings
     from hotswap.store import Store
+    from hotswap.transform import Transform
     from hotswap.validate import Override, Policy
 
 # Imported on first use (PEP 562): the agent and the validator pull in torch,
@@ -45,10 +48,12 @@ _LAZY = {
     "Agent": "hotswap.agent",
     "ApplyReport": "hotswap.reporter",
     "HotswapSettings": "hotswap.settings",
+    "NameMap": "hotswap.names",
     "Override": "hotswap.validate",
     "Policy": "hotswap.validate",
     "Readiness": "hotswap.probes",
     "Store": "hotswap.store",
+    "Transform": "hotswap.transform",
     "connect": "hotswap.connection",
     "operation_retry": "hotswap.connection",
     "readiness": "hotswap.probes",
@@ -76,6 +81,7 @@ __all__ = [
     "HotswapError",
     "HotswapSettings",
     "IntegrityError",
+    "NameMap",
     "NotFound",
     "Override",
     "Policy",
@@ -85,6 +91,7 @@ __all__ = [
     "Store",
     "StoreFull",
     "StoreUnavailable",
+    "Transform",
     "ValidationError",
     "VersionConflict",
     "connect",
