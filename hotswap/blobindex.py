@@ -139,7 +139,13 @@ class BlobIndex:
         return list(self.call("reading the blob index", lambda: self.client.zmscore(key, blobs)))
 
     def delete_blobs(self, blobs: Sequence[str]) -> int:
-        """Delete blobs (all their chunks) and their index entries; returns chunks deleted.
+        """Delete blobs (all their chunks) and their index entries; returns chunks deleted
+        (``delete_blobs_measured`` says what they held too)."""
+        return self.delete_blobs_measured(blobs)[0]
+
+    def delete_blobs_measured(self, blobs: Sequence[str]) -> tuple[int, int]:
+        """Delete blobs (all their chunks) and their index entries; returns the chunks
+        deleted and the bytes they held (STRLEN, in the same round trips).
 
         Round by round, each of at most ``DELETE_BATCH`` chunk keys: however
         many chunks an id names, gc holds one round's key names at a time. A
@@ -152,17 +158,56 @@ class BlobIndex:
             StoreUnavailable: Redis could not be reached.
         """
         index = self._key(keys.blob_index_key)
-        deleted = 0
+        deleted = freed = 0
         for groups, finished in self._deletion_rounds(blobs):
 
-            def delete(groups: list[list[str]] = groups, finished: list[str] = finished) -> int:
-                n = sum(self._per_group("UNLINK", groups)) if groups else 0
+            def delete(
+                groups: list[list[str]] = groups, finished: list[str] = finished
+            ) -> tuple[int, int]:
+                n = self._unlink(groups) if groups else (0, 0)
                 if finished:
                     self.client.zrem(index, *finished)
                 return n
 
-            deleted += self.call("deleting blobs", delete)
-        return deleted
+            chunks, held = self.call("deleting blobs", delete)
+            deleted, freed = deleted + chunks, freed + held
+        return deleted, freed
+
+    def _unlink(self, groups: Sequence[Sequence[str]]) -> tuple[int, int]:
+        """UNLINK every key of ``groups`` (as ``_per_group``), after STRLEN of each in the
+        same pipeline: (keys deleted, bytes they held)."""
+        pipe = self.client.pipeline(transaction=False)
+        flat = [k for group in groups for k in group]
+        for name in flat:
+            pipe.strlen(name)
+        for group in groups:
+            for args in [group] if not self._cluster else [[key] for key in group]:
+                pipe.execute_command("UNLINK", *args)
+        replies = pipe.execute()
+        return sum(int(n) for n in replies[len(flat) :]), sum(int(n) for n in replies[: len(flat)])
+
+    def blob_bytes(self, blobs: Sequence[str]) -> int:
+        """The bytes the chunks of ``blobs`` hold in Redis (what deleting them frees).
+
+        STRLEN of every chunk key, pipelined a round of ``DELETE_BATCH`` keys at a
+        time (a missing chunk counts 0).
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        total = 0
+        for groups, _ in self._deletion_rounds(blobs):
+            names = [k for group in groups for k in group]
+
+            def measure(names: list[str] = names) -> int:
+                pipe = self.client.pipeline(transaction=False)
+                for name in names:
+                    pipe.strlen(name)
+                return sum(int(n) for n in pipe.execute())
+
+            if names:
+                total += self.call("measuring blobs", measure)
+        return total
 
     def _stored_rounds(self, blob: str) -> list[range]:
         """The rounds of ``DELETE_BATCH`` chunks of ``blob`` that may hold a stored chunk.

@@ -105,6 +105,37 @@ class BlobWriter(BlobIndex):
             IntegrityError: no ``DeltaRef``, or frames that do not match it.
             StoreUnavailable: Redis could not be reached.
         """
+        names = self._frame_keys(entry, frames)
+        return self._send(entry, names, [memoryview(f) for f in frames], progress)
+
+    def upload_many_frames(self, deltas: Sequence[tuple[TensorEntry, Sequence[bytes]]]) -> int:
+        """Write the frames of several deltas (``upload_frames`` each), pipelined together:
+        a round trip carries up to ``PIPELINE_BYTES`` of them, whichever tensors they are of.
+
+        Returns:
+            The bytes sent.
+
+        Raises:
+            IntegrityError: frames that do not match their entry's ``DeltaRef``.
+            StoreUnavailable: Redis could not be reached.
+        """
+        names: list[str] = []
+        values: list[memoryview] = []
+        for entry, frames in deltas:
+            names += self._frame_keys(entry, frames)
+            values += [memoryview(f) for f in frames]
+        sent = start = size = 0
+        for i, value in enumerate(values):
+            size += len(value)
+            if size >= PIPELINE_BYTES or i == len(values) - 1:
+                batch = slice(start, i + 1)
+                write = functools.partial(self._write, names[batch], values[batch])
+                self.call(f"uploading the deltas of {len(deltas)} tensors", write)
+                sent, start, size = sent + size, i + 1, 0
+        return sent
+
+    def _frame_keys(self, entry: TensorEntry, frames: Sequence[bytes]) -> list[str]:
+        """The chunk keys of ``entry``'s delta blob, once ``frames`` are checked against it."""
         ref = entry.delta
         stored = sum(len(f) for f in frames)
         if ref is None or len(frames) != entry.chunks or stored != ref.stored_bytes:
@@ -112,8 +143,7 @@ class BlobWriter(BlobIndex):
                 f"tensor {entry.name!r}: {len(frames)} delta frames of {stored} bytes do not "
                 f"match its entry ({entry.chunks} chunks, delta {ref and ref.stored_bytes} bytes)"
             )
-        names = keys.chunk_keys(self.ns, self.model, ref.blob, entry.chunk_bytes, entry.chunks)
-        return self._send(entry, names, [memoryview(f) for f in frames], progress)
+        return keys.chunk_keys(self.ns, self.model, ref.blob, entry.chunk_bytes, entry.chunks)
 
     def _send(
         self,

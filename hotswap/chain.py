@@ -157,6 +157,56 @@ def plan_route(
         # Route(target="c", full=None, links=(Link(Delta("p", "c", 2)),))
     """
     edges = _edges(list(deltas), where)
+    starts = _starts(fulls, live, where)
+    best = _cheapest(starts, edges, target, max_chain)
+    if best is None:
+        raise _no_route(target, starts, edges, max_chain, where)
+    return best
+
+
+def plan_routes(
+    targets: Iterable[str],
+    *,
+    fulls: Iterable[Full] = (),
+    deltas: Iterable[Delta] = (),
+    max_chain: int = MAX_CHAIN,
+    where: str = "tensor",
+) -> dict[str, Route | FormatError]:
+    """``plan_route`` from stored blobs alone to each of ``targets``, planned once.
+
+    One search gives the cheapest route to every content the blobs reach,
+    so gc plans each tensor's contents together, not one search each.
+
+    Returns:
+        Each target's route, or the FormatError ``plan_route`` would raise for it.
+
+    Raises:
+        FormatError: a malformed delta or full blob (a size below 0, a delta
+            from a content to itself): no target's route can be trusted.
+
+    Example::
+
+        routes = chain.plan_routes(["b", "c"], fulls=[chain.Full("a", 100)],
+                                   deltas=[chain.Delta("a", "b", 2), chain.Delta("b", "c", 3)])
+        # {"b": Route("b", Full("a", 100), (...,)), "c": Route(...)}
+    """
+    edges = _edges(list(deltas), where)
+    starts = _starts(fulls, None, where)
+    layer = _layers(starts, edges, max_chain)
+    out: dict[str, Route | FormatError] = {}
+    for target in targets:
+        if target in layer:
+            _, full, links = layer[target]
+            out[target] = Route(target, full, links)
+        else:
+            out[target] = _no_route(target, starts, edges, max_chain, where)
+    return out
+
+
+def _starts(
+    fulls: Iterable[Full], live: str | None, where: str
+) -> dict[str, tuple[Cost, Full | None]]:
+    """Where a route may start: each content's cheapest full blob, and the live bytes (free)."""
     starts: dict[str, tuple[Cost, Full | None]] = {}
     for f in fulls:
         if f.stored_bytes < 0:
@@ -165,10 +215,7 @@ def plan_route(
             starts[f.digest] = ((f.stored_bytes, 0), f)
     if live is not None:
         starts[live] = ((0, 0), None)
-    best = _cheapest(starts, edges, target, max_chain)
-    if best is None:
-        raise _no_route(target, starts, edges, max_chain, where)
-    return best
+    return starts
 
 
 def _edges(deltas: list[Delta], where: str) -> dict[str, list[Link]]:
@@ -191,15 +238,29 @@ def _cheapest(
     target: str,
     max_chain: int,
 ) -> Route | None:
-    """The cheapest route of at most ``max_chain`` links, None if there is none.
+    """The cheapest route of at most ``max_chain`` links, None if there is none."""
+    layer = _layers(starts, edges, max_chain)
+    if target not in layer:
+        return None
+    _, full, links = layer[target]
+    return Route(target, full, links)
+
+
+Layer = dict[str, tuple[Cost, Full | None, tuple[Link, ...]]]
+
+
+def _layers(
+    starts: dict[str, tuple[Cost, Full | None]],
+    edges: dict[str, list[Link]],
+    max_chain: int,
+) -> Layer:
+    """The cheapest way of at most ``max_chain`` links to every content reachable.
 
     Bellman-Ford by layers: layer k holds the cheapest way to each content in
     at most k links. Keeping only the cheapest way overall would lose a
     dearer one with fewer links that still fits the bound.
     """
-    layer: dict[str, tuple[Cost, Full | None, tuple[Link, ...]]] = {
-        d: (cost, full, ()) for d, (cost, full) in starts.items()
-    }
+    layer: Layer = {d: (cost, full, ()) for d, (cost, full) in starts.items()}
     for _ in range(max_chain):
         nxt = dict(layer)
         for content, ((nbytes, hops), full, links) in layer.items():
@@ -211,10 +272,7 @@ def _cheapest(
         if all(nxt[d][0] == layer[d][0] for d in layer) and len(nxt) == len(layer):
             break
         layer = nxt
-    if target not in layer:
-        return None
-    _, full, links = layer[target]
-    return Route(target, full, links)
+    return layer
 
 
 def _no_route(

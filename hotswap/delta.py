@@ -285,6 +285,7 @@ def encode(
     encoding: Encoding | None = None,
     max_fraction: float = MAX_DELTA_FRACTION,
     base_digests: Sequence[bytes] | None = None,
+    probe: bool = True,
 ) -> list[bytes] | None:
     """The frames of a tensor's delta from ``base`` to ``new``, or None when not worth it.
 
@@ -305,6 +306,9 @@ def encode(
         base_digests: each base chunk's ``chunk_digest``, where the caller
             kept them (``result_digests`` of the delta that made the base):
             saves hashing the base again; trusted as given.
+        probe: glance at a sample first; False where the caller expects a
+            small delta (the last one of this tensor was), so the glance
+            would only add its cost.
 
     Returns:
         One frame per chunk, or None.
@@ -328,7 +332,7 @@ def encode(
     spans = _spans(len(new), chunk_bytes)
     if base_digests is not None and len(base_digests) != len(spans):
         raise ConfigError(f"delta: {len(base_digests)} base digests for {len(spans)} chunks")
-    if not new or not _mostly_same(new, base, itemsize, max_fraction):
+    if not new or (probe and not _mostly_same(new, base, itemsize, max_fraction)):
         return None
     limit = max_fraction * len(new)
     jobs = (

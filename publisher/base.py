@@ -21,6 +21,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from hotswap import chain, delta, dtypes
 from hotswap.candidates import History
 from hotswap.entries import DeltaRef, TensorEntry
@@ -34,6 +36,11 @@ from publisher import deltas
 # Where a delta candidate's base came from: this publisher's memory, Redis,
 # or nowhere (the tensor went as a full blob).
 SOURCES = ("memory", "redis", "missing")
+# A tensor whose delta was refused (not worth storing) n times in a row goes
+# full without a glance for its next min(2**n - 1, this) publishes: new
+# weights every step cost no probes, and a loop that starts stepping again
+# gets deltas back within a few publishes.
+MAX_SKIPS = 7
 
 
 @dataclass
@@ -55,6 +62,8 @@ class Base:
 
     def __init__(self) -> None:
         self._kept: dict[str, Kept] = {}
+        # By tensor name: (refusals in a row, publishes still to go full unprobed).
+        self._refused: dict[str, tuple[int, int]] = {}
 
     def get(self, digest: str) -> Kept | None:
         return self._kept.get(digest)
@@ -62,9 +71,31 @@ class Base:
     def keep(
         self, digest: str, data: memoryview, chunk_bytes: int, digests: list[bytes] | None
     ) -> None:
-        """Copy ``data`` (the content ``digest``) into the base."""
+        """Copy ``data`` (the content ``digest``) into the base.
+
+        numpy copies without holding the GIL: called from a helper thread,
+        the copy overlaps the publish's uploads.
+        """
         if digest not in self._kept:
-            self._kept[digest] = Kept(bytearray(data), chunk_bytes, digests)
+            copy = bytearray(len(data))
+            np.copyto(np.frombuffer(copy, dtype=np.uint8), np.frombuffer(data, dtype=np.uint8))
+            self._kept[digest] = Kept(copy, chunk_bytes, digests)
+
+    def skips(self, name: str) -> bool:
+        """Whether ``name`` goes full unprobed this publish (its deltas were refused lately)."""
+        streak, left = self._refused.get(name, (0, 0))
+        if left <= 0:
+            return False
+        self._refused[name] = (streak, left - 1)
+        return True
+
+    def refused(self, name: str, refused: bool) -> None:
+        """Note whether ``name``'s delta was just refused (or stored)."""
+        if not refused:
+            self._refused.pop(name, None)
+            return
+        streak = self._refused.get(name, (0, 0))[0] + 1
+        self._refused[name] = (streak, min(2**streak - 1, MAX_SKIPS))
 
     def drop(self, digest: str) -> None:
         self._kept.pop(digest, None)
@@ -175,6 +206,8 @@ class Encoder:
             if back is not None:  # needs no base: nothing is encoded
                 self._count(back)
                 return Encoded(back, [], digests)
+        if self.base is not None and self.base.skips(entry.name):
+            return None
         kept = self._kept(parent)
         source, base = ("memory", kept.data) if kept else self._read(parent)
         self.tally.bases[source] += 1
@@ -189,7 +222,12 @@ class Encoder:
             # blob at once: more bytes and time than the full blob alone.
             max_fraction=min(delta.MAX_DELTA_FRACTION, chain.KEYFRAME_FRACTION),
             base_digests=_digests(kept, entry),
+            # The parent went as a delta: this step is likely alike, and an
+            # encode that turns out too large stops at the limit anyway.
+            probe=parent.delta is None,
         )
+        if self.base is not None:
+            self.base.refused(entry.name, frames is None)
         if frames is None:
             return None
         ref = deltas.forward(parent, entry, frames)

@@ -203,13 +203,22 @@ class _Graph:
     def has_full(self, digest: str) -> bool:
         return bool(self.fulls.get(self.group(digest)))
 
-    def route(self, digest: str, where: str) -> chain.Route:
-        """The cheapest route from a full blob; FormatError when none."""
-        g = self.group(digest)
-        fulls = self.fulls.get(g, {}).values()
-        return chain.plan_route(
-            digest, fulls=fulls, deltas=self.deltas.get(g, {}).values(), where=where
-        )
+    def routes(self, digests: Collection[str]) -> dict[str, chain.Route | FormatError]:
+        """The cheapest route from a full blob to each of ``digests`` (a FormatError where
+        none): one search per group of contents, not one per content."""
+        by_group: dict[str, list[str]] = {}
+        for digest in digests:
+            by_group.setdefault(self.group(digest), []).append(digest)
+        out: dict[str, chain.Route | FormatError] = {}
+        for g, members in by_group.items():
+            fulls = self.fulls.get(g, {}).values()
+            try:
+                out.update(
+                    chain.plan_routes(members, fulls=fulls, deltas=self.deltas.get(g, {}).values())
+                )
+            except FormatError as e:
+                out.update(dict.fromkeys(members, e))
+        return out
 
 
 def _route_blobs(route: chain.Route) -> set[str]:
@@ -261,14 +270,15 @@ def _routes(
     the route's blobs to ``need``, and to ``chains`` the newest version outside ``kept``
     naming each blob no kept version names. Returns the rest: digest -> (why, where)."""
     left: dict[str, tuple[str, str]] = {}
+    routable = [d for d in todo if graph.has_full(d)]
+    routes = graph.routes(routable)
     for digest, where in todo.items():
         if not graph.has_full(digest):
             left[digest] = ("no full blob starts a chain of deltas to it", where)
             continue
-        try:
-            route = graph.route(digest, where)
-        except FormatError as e:
-            left[digest] = (str(e).split(": ", 1)[-1].split("; ")[0], where)
+        route = routes[digest]
+        if isinstance(route, FormatError):
+            left[digest] = (str(route).split(": ", 1)[-1].split("; ")[0], where)
             continue
         for blob in _route_blobs(route):
             need.add(blob)

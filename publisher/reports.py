@@ -86,7 +86,8 @@ class GcReport:
     (``"v5 tensor 'w'"``: why), its own blobs kept. The ``blobs_kept_young``
     unreferenced blobs a publish touched within ``grace_seconds`` become
     collectable from ``young_from`` until ``young_until`` (Unix times; None
-    when there are none).
+    when there are none). ``bytes_freed`` is what the deleted blobs' chunks
+    held in Redis (with ``dry_run``: what deleting them would free).
     """
 
     kept: list[int]
@@ -103,6 +104,7 @@ class GcReport:
     grace_seconds: float = 0.0
     young_from: float | None = None
     young_until: float | None = None
+    bytes_freed: int = 0
 
 
 @dataclass(frozen=True)

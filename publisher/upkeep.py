@@ -80,7 +80,10 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
         # Re-read the scores last: a publish may have touched a candidate since.
         fresh = gcplan.rescore(candidates, store.blobs.blob_scores(candidates))
         candidates = gcplan.collectable(fresh, referenced, time.time(), grace)
-    chunks = 0 if dry_run else store.blobs.delete_blobs(candidates)
+    if dry_run:
+        chunks, freed = 0, store.blobs.blob_bytes(candidates)
+    else:
+        chunks, freed = store.blobs.delete_blobs_measured(candidates)
     gone = set(candidates)
     young = [s for b, s in index.valid.items() if b not in referenced and b not in gone]
     report = GcReport(
@@ -98,6 +101,7 @@ def collect(store: Store, *, keep: int, grace: float, dry_run: bool = False) -> 
         grace_seconds=grace,
         young_from=min(young) + grace if young else None,
         young_until=max(young) + grace if young else None,
+        bytes_freed=freed,
     )
     if not dry_run:
         store.append_log(

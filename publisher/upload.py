@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from hotswap import codec, keys
+from hotswap.blobwrite import PIPELINE_BYTES
 from hotswap.errors import IntegrityError, NotFound, SourceError
 from hotswap.manifest import DeltaRef, Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
@@ -226,6 +227,11 @@ class _Uploads:
         self.stats: dict[Content, Future[codec.Stats]] = {}
         self.encoder: Encoder | None = None
         self.refs: Refs = {}
+        # Deltas whose frames wait for the next round trip, and their bytes.
+        self._batch: list[tuple[TensorEntry, list[bytes]]] = []
+        self._batched = 0
+        # Base copies being made in the verify thread.
+        self._learning: list[Future[None]] = []
 
     def send(self, todo: dict[str, TensorEntry]) -> None:
         """Upload ``todo``, fingerprinting each blob's bytes again while the next one uploads."""
@@ -244,19 +250,34 @@ class _Uploads:
                 self._measure(pool, entry.digest, tensor)
                 buf = codec.as_bytes(tensor)
                 del tensor
-                written = self._store(entry, buf, _running_total(self.progress, done, total))
+                written = self._store(entry, buf, _running_total(self.progress, done, total), pool)
                 done += entry.nbytes
                 changed += self._settle(checking)
                 before = self.prints[entry.digest]
                 checking = _Check(name, entry, before, pool.submit(fingerprint, buf), written)
                 del buf
+            self._flush()
             changed += self._settle(checking)
+        for learning in self._learning:
+            learning.result()  # a copy that failed fails the publish
+        self._learning.clear()
         if changed:
             raise _changed_while_published(self.src.where, changed)
 
-    def _store(self, entry: TensorEntry, buf: memoryview, tick: Callable[[int], None]) -> list[str]:
+    def _store(
+        self,
+        entry: TensorEntry,
+        buf: memoryview,
+        tick: Callable[[int], None],
+        pool: ThreadPoolExecutor,
+    ) -> list[str]:
         """Upload ``entry``'s bytes as a delta, a full blob or both; the blob ids written.
 
+        A delta's frames (bytes of their own, not views of the source) join a
+        batch that goes in one round trip with other tensors' frames
+        (``_flush``); a full blob goes at once. The base copy for the next
+        publish is made in ``pool``'s thread, before the bytes' second
+        fingerprint there, so that fingerprint vouches for the copy too.
         A content sent again (a blob vanished since the last round) goes full:
         what a delta needs may be what vanished.
         """
@@ -265,7 +286,7 @@ class _Uploads:
         final = entry if encoded is None else replace(entry, delta=encoded.ref)
         written: list[str] = []
         if encoded is not None and encoded.frames:
-            self.sent += self.store.blobs.upload_frames(final, encoded.frames)
+            self._queue(final, encoded.frames)
             written.append(keys.blob_id(encoded.ref.blob, entry.chunk_bytes, entry.chunks))
         if encoded is None or encoded.ref.keyframe:
             self.sent += self.store.blobs.upload(final, buf, tick)
@@ -274,9 +295,23 @@ class _Uploads:
             tick(entry.nbytes)
         self.refs[(entry.digest, entry.chunk_bytes)] = None if encoded is None else encoded.ref
         if enc is not None:
-            enc.learn(entry, buf, None if encoded is None else encoded.digests)
+            learn = (entry, buf, None if encoded is None else encoded.digests)
+            self._learning.append(pool.submit(enc.learn, *learn))
             enc.done(entry)
         return written
+
+    def _queue(self, entry: TensorEntry, frames: list[bytes]) -> None:
+        """Add a delta's frames to the batch, sending it once it holds a round trip's bytes."""
+        self._batch.append((entry, frames))
+        self._batched += sum(len(f) for f in frames)
+        if self._batched >= PIPELINE_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the batched frames of every delta queued so far, pipelined."""
+        if self._batch:
+            self.sent += self.store.blobs.upload_many_frames(self._batch)
+            self._batch, self._batched = [], 0
 
     def _measure(self, pool: ThreadPoolExecutor, digest: str, tensor: torch.Tensor) -> None:
         """Start a new content's statistics in the thread, while its bytes upload."""
@@ -294,7 +329,9 @@ class _Uploads:
             self.memo.learn(check.before, check.entry.digest)
             return []
         # Its chunks hold bytes that do not hash to the name they are stored under,
-        # and the base may hold a torn copy of them.
+        # and the base may hold a torn copy of them. Queued frames go first, so
+        # that none lands after the delete.
+        self._flush()
         self.store.blobs.delete_blobs(check.written)
         if self.encoder is not None:
             self.encoder.forget(check.entry.digest)

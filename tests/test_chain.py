@@ -142,3 +142,28 @@ def test_keyframe_due_at_either_bound() -> None:
     assert not chain.keyframe_due(1, limit, FULL)
     assert chain.keyframe_due(1, limit + 1, FULL)
     assert chain.keyframe_due(3, 0, FULL, max_chain=2)
+
+
+def test_routes_planned_together_are_each_the_route_planned_alone() -> None:
+    """gc plans a tensor's contents in one search: the same routes, the same refusals."""
+    deltas = [*run(chain.MAX_CHAIN + 3), Delta("x", "y", 5), Delta("v4", "w", 3, False)]
+    fulls = [Full("v1", FULL), Full("v5", FULL // 2)]
+    targets = [f"v{i}" for i in range(1, chain.MAX_CHAIN + 4)] + ["w", "y", "nowhere"]
+    together = chain.plan_routes(targets, fulls=fulls, deltas=deltas, max_chain=8, where="w")
+    assert set(together) == set(targets)
+    for target in targets:
+        try:
+            alone: Route | FormatError = chain.plan_route(
+                target, fulls=fulls, deltas=deltas, max_chain=8, where="w"
+            )
+        except FormatError as e:
+            alone = e
+        got = together[target]
+        if isinstance(alone, FormatError):
+            assert isinstance(got, FormatError) and str(got) == str(alone)
+        else:
+            assert got == alone
+    assert isinstance(together["v20"], FormatError) and "needs more than 8" in str(together["v20"])
+    assert contents(together["w"]) == ["v5", "v4", "w"]  # type: ignore[arg-type]
+    with pytest.raises(FormatError, match="w: delta to b has -5 bytes"):
+        chain.plan_routes(["b"], fulls=fulls, deltas=[Delta("a", "b", -5)], where="w")

@@ -142,6 +142,7 @@ def test_grace_period_protects_young_blobs(
     report = pub.gc(keep=1)  # default grace: one hour
     assert report.deleted_versions == [1, 2]
     assert report.blobs_deleted == 0 and report.blobs_kept_young == 2
+    assert report.bytes_freed == 0
     assert chunk_keys(client) == chunks
 
 
@@ -151,7 +152,10 @@ def test_dry_run_deletes_nothing(pub: Publisher, store: Store, client: redis.Red
     before = {k: client.dump(k) for k in client.keys("*")}
     report = pub.gc(keep=1, dry_run=True)
     assert report.dry_run and report.deleted_versions == [1, 2] and report.blobs_deleted == 2
+    assert report.bytes_freed == 2 * 32 * 32 * 4  # v1's and v2's "w": what deleting would free
     assert {k: client.dump(k) for k in client.keys("*")} == before
+    done = pub.gc(keep=1)  # then deleting frees what the dry run said
+    assert done.blobs_deleted == 2 and done.bytes_freed == report.bytes_freed
 
 
 def test_publish_touch_rescues_a_blob_from_gc(

@@ -479,3 +479,59 @@ def test_tied_tensors_share_one_delta_and_only_inherits_entries(
     assert {n: e for n, e in m3.items() if n != "layer.bias"} == {
         n: e for n, e in m2.items() if n != "layer.bias"
     }
+
+
+def test_a_publishs_delta_frames_go_in_one_round_trip(
+    pub: Publisher, store: Store, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames of every delta of a publish are pipelined together, not a round trip a tensor."""
+    from hotswap.blobwrite import BlobWriter
+
+    v1 = bf16_weights()
+    pub.publish(v1)
+    writes: list[list[str]] = []
+    real = BlobWriter._write
+
+    def counted(self: BlobWriter, names: list[str], values: list[memoryview]) -> None:
+        writes.append(names)
+        real(self, names, values)
+
+    monkeypatch.setattr(BlobWriter, "_write", counted)
+    v2 = step(v1, 0.015, seed=1)
+    pub.publish(v2)
+    m2 = store.manifest(2).tensors
+    assert pub.last_report.tensors_delta == 3
+    assert len(writes) == 1 and len(writes[0]) == sum(e.chunks for e in m2)
+    for e in m2:  # and they decode
+        out = bytearray(e.nbytes)
+        delta.decode(
+            frames_of(client, e), memoryview(raw(v1[e.name])), memoryview(out), e.chunk_bytes
+        )
+        assert bytes(out) == raw(v2[e.name])
+
+
+def test_a_tensor_whose_deltas_are_refused_is_probed_less_and_less(
+    pub: Publisher, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New weights every step: after n refusals in a row a tensor goes full unprobed
+    for its next 2**n - 1 publishes; a step that pays gets its delta back."""
+    probes: list[int] = []
+    real = delta._mostly_same
+
+    def counted(*args: Any, **kwargs: Any) -> bool:
+        probes[-1] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(delta, "_mostly_same", counted)
+    for seed in range(7):
+        probes.append(0)
+        pub.publish(bf16_weights(seed))
+        assert pub.last_report.tensors_delta == 0
+    assert probes == [0, 3, 0, 3, 0, 0, 0]  # v1 has no parent
+    sd = step(bf16_weights(6), 0.015, seed=1)
+    probes.append(0)
+    pub.publish(sd)  # probed again, and a small step: deltas
+    assert probes[-1] == 3 and pub.last_report.tensors_delta == 3
+    probes.append(0)
+    pub.publish(step(sd, 0.015, seed=2))  # after a delta: encoded without a glance
+    assert probes[-1] == 0 and pub.last_report.tensors_delta == 3
