@@ -115,8 +115,8 @@ def _hint(cov: nm.Coverage) -> str:
     """What would make the names fit, as both API and CLI spell it."""
     if cov.strip_hint is not None:
         prefix = cov.strip_hint[0]
-        shared = nm.common_prefix(cov.unknown) == prefix
-        said = "the names start with" if shared else "some names match once you remove"
+        every = all(n.startswith(prefix) for n in cov.unknown)
+        said = "the names start with" if every else "some names match once you remove"
         return f"{said} `{prefix}`: try strip_prefix={prefix!r} (--strip-prefix {prefix})"
     if cov.add_hint is not None:
         prefix = nm.common_prefix(cov.missing)
@@ -132,31 +132,38 @@ def _hint(cov: nm.Coverage) -> str:
 
 
 def fits(head: Manifest, src: TensorSource, names: Iterable[str]) -> None:
-    """SourceError listing every tensor head lacks or holds with another shape or dtype."""
+    """SourceError listing every tensor head lacks or holds with another shape or dtype.
+
+    Tensors with one reason are listed together (a checkpoint in another
+    dtype differs in every float tensor, for one reason).
+    """
     theirs = head.by_name()
-    reasons: dict[str, str] = {}
+    v = f"head v{head.version}"
+    by_reason: dict[str, list[str]] = {}
+    count = 0
     for name in names:
         entry = theirs.get(name)
         if entry is None:
-            reasons[name] = f"not in head v{head.version}"
-            continue
-        dtype, shape = src.meta(name)
-        why = []
-        if list(shape) != list(entry.shape):
-            why.append(f"shape {list(shape)}, head v{head.version} has {list(entry.shape)}")
-        if dtype != entry.dtype:
-            why.append(f"dtype {dtype}, head v{head.version} has {entry.dtype}{_cast(entry)}")
+            why = [f"not in {v} (leave them out with exclude=[GLOB], --exclude GLOB)"]
+        else:
+            dtype, shape = src.meta(name)
+            why = []
+            if list(shape) != list(entry.shape):
+                why.append(f"shape {list(shape)} where {v} has {list(entry.shape)}")
+            if dtype != entry.dtype:
+                why.append(f"dtype {dtype} where {v} has {entry.dtype}{_cast(entry)}")
         if why:
-            reasons[name] = "; ".join(why)
-    if not reasons:
+            by_reason.setdefault("; ".join(why), []).append(name)
+            count += 1
+    if not by_reason:
         return
-    listed = [f"{name!r}: {why}" for name, why in sorted(reasons.items())]
+    listed = [f"{why}: {_some(sorted(found))}" for why, found in by_reason.items()]
     shown = " | ".join(listed[:SHOWN])
-    more = f" | and {len(listed) - SHOWN} more" if len(listed) > SHOWN else ""
+    more = f" | and {len(listed) - SHOWN} more reasons" if len(listed) > SHOWN else ""
     raise SourceError(
-        f"{src.where}: {len(listed)} tensor(s) do not fit head v{head.version}, and agents "
-        f"would refuse them: {shown}{more}; nothing was uploaded; pass force=True (--force) "
-        "if the model itself changed"
+        f"{src.where}: {count} tensor(s) do not fit {v}, and agents would refuse them: "
+        f"{shown}{more}; nothing was uploaded; pass force=True (--force) if the model "
+        "itself changed"
     )
 
 
