@@ -8,7 +8,9 @@ the agent through the lifespan.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -246,3 +248,17 @@ def test_bad_input_is_a_422_and_changes_nothing(start_app: Start) -> None:
             assert reply.status_code == 422, reply.text
             assert "X-Model-Version" not in reply.headers
         assert predict(http) == before
+
+
+def test_readme_commands_for_the_examples_take_the_options_they_show() -> None:
+    text = (ROOT / "README.md").read_text()
+    commands = re.findall(r"`python (examples/\w+\.py)([^`]*)`", text)
+    assert {path for path, _ in commands} >= {"examples/fastapi_app.py"}
+    for path, args in commands:
+        if path.endswith("ray_serve_app.py") and importlib.util.find_spec("ray") is None:
+            continue  # its --help imports Ray (tests/test_ray_serve_example.py says more)
+        shown = subprocess.run(
+            [sys.executable, path, "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+        for option in re.findall(r"--[a-z-]+", args):
+            assert option in shown, f"README: `python {path}{args}`: no option {option}"
