@@ -1,7 +1,7 @@
 """Checks before upload: a publish compared with head, and its values, before a byte is sent.
 
-Pure: these functions read the source and head's manifest and raise; no
-Redis. In the order ``before_upload`` runs them:
+Imports no Redis: these functions read the source and head's manifest, and
+raise. In the order ``before_upload`` runs them:
 
 1. **Coverage** (a trusted head, not ``force``): the share of head's names
    that the publish's names (after the name map) match, or for ``only`` the
@@ -97,10 +97,10 @@ def covers(
     not drop; an ``only`` publish by the share of its own names head has.
     """
     wanted = [t.name for t in head.tensors if not complete.is_excluded(t.name, exclude)]
-    cov = nm.coverage(names, wanted)
-    hit, total = len(cov.matched), (len(names) if only else len(wanted))
+    hit, total = len(set(names) & set(wanted)), (len(names) if only else len(wanted))
     if not total or hit / total >= MIN_SHARE:
         return
+    cov = nm.coverage(names, wanted)  # only now: its hints cost a pass over every name
     what = "of its tensors are in" if only else "tensors matched"
     parts = [f"{where}: {hit} of {total} {what} head v{head.version}'s names"]
     if cov.missing and not only:
