@@ -151,7 +151,7 @@ class Intake:
         except ConfigError as e:
             return m, _nothing(m), {NAMES: [str(e)]}
         claimed = self.claimed(mapped)
-        refused = self._refuse_early(m, live, claimed, policy)
+        refused = self._refuse_early(m, mapped, live, claimed, policy)
         if refused:
             return mapped, _nothing(mapped), refused
         regular = dataclasses.replace(
@@ -198,6 +198,7 @@ class Intake:
     def _refuse_early(
         self,
         m: Manifest,
+        mapped: Manifest,
         live: LiveModel,
         claimed: Mapping[str, tuple[str, ...]],
         policy: validate.Policy,
@@ -206,6 +207,9 @@ class Intake:
         unknown = sorted({n for ts in claimed.values() for n in ts if n not in live.tensors})
         if unknown:
             return {TRANSFORM: [f"claims live tensors the model lacks: {_some(unknown)}"]}
+        if _enough(mapped, live, claimed, policy.min_coverage):
+            return {}
+        # Refused: now the full account, from the names as published.
         cov = self.coverage(m, live, claimed)
         if cov.live and (not cov.matched or cov.share < policy.min_coverage):
             return {COVERAGE: [cov.describe(STRIP_OPTION, need=policy.min_coverage)]}
@@ -288,6 +292,23 @@ class Intake:
 
 
 COVERAGE = validate.COVERAGE
+
+
+def _enough(
+    mapped: Manifest, live: LiveModel, claimed: Mapping[str, tuple[str, ...]], need: float
+) -> bool:
+    """Whether ``mapped`` (live names) reaches enough live names: a set count, as this
+    runs between a notice and the first fetch; ``Intake.coverage`` explains a refusal."""
+    if not live.tensors:
+        return True
+    names = {e.name for e in mapped.tensors}
+    reached = {n for n in live.tensors if n in names}
+    reached.update(n for ts in claimed.values() for n in ts)
+    if live.tied:
+        for group in live.ties():
+            if reached.intersection(group):
+                reached.update(group)
+    return bool(reached) and len(reached) / len(live.tensors) >= need
 
 
 def _nothing(m: Manifest) -> Staged:

@@ -318,3 +318,40 @@ def test_validation_uses_the_codec_norm() -> None:
     t = torch.randn(1 << 20).bfloat16()
     assert check_values("w", entry("w", t), t, t, Policy().rules_for("w")) == []
     assert not hasattr(validate, "norm")
+
+
+def test_an_allowed_cast_pair_passes_the_metadata_check_and_others_do_not() -> None:
+    live = torch.zeros(4, 4, dtype=torch.bfloat16)
+    published = entry("a", torch.zeros(4, 4))
+    assert check_entry(published, live) == ["dtype F32 differs from the live tensor's BF16"]
+    assert check_entry(published, live, {("F32", "BF16")}) == []
+    # A pair allows one direction only, and never a shape change.
+    assert check_entry(published, live, {("BF16", "F32")}) == [
+        "dtype F32 differs from the live tensor's BF16"
+    ]
+    wide = entry("a", torch.zeros(4, 8))
+    assert check_entry(wide, live, {("F32", "BF16")}) == [
+        "shape [4, 8] differs from the live tensor's [4, 4]"
+    ]
+    policy = Policy(cast=[("F32", "BF16")])
+    assert check_entries([published], {"a": live}, [], policy) == ({}, set())
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_min_coverage_is_a_share(bad: float) -> None:
+    with pytest.raises(pydantic.ValidationError, match="min_coverage"):
+        Policy(min_coverage=bad)
+
+
+def test_a_coverage_refusal_says_only_that() -> None:
+    reasons = {validate.COVERAGE: ["0 of 3 live tensors matched"], "x": ["unknown"]}
+    error = validate.rejection("m", 4, reasons)
+    assert str(error) == "model 'm' v4 rejected: 0 of 3 live tensors matched"
+    assert error.reasons == {validate.COVERAGE: ["0 of 3 live tensors matched"]}
+
+
+def test_values_with_no_manifest_entry_skip_the_norm_comparison() -> None:
+    new, old = torch.ones(4), torch.ones(4) * 0.9
+    rules = Policy().rules_for("w")
+    assert check_values("w", None, new, old, rules) == []
+    assert check_values("w", None, new * 100, old, rules)[0].startswith("norm ratio new/old ")
