@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("a", type=_version)
     p.add_argument("b", type=_version)
+    p.add_argument(
+        "--values",
+        action="store_true",
+        help="read both versions' bytes for ||new-old|| and max |new-old| of changed tensors",
+    )
 
     p = command("rollback", "make an earlier version current (as a new version)")
     p.add_argument("model")

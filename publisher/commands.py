@@ -64,7 +64,13 @@ def diff(ctx: Context) -> int:
     with ctx.store() as store:
         keys = ctx.settings().key_bytes()
         a, b = store.manifest(ctx.args.a, keys), store.manifest(ctx.args.b, keys)
-    data = showing.diff_data(a, b)
+        far = None
+        if ctx.args.values:
+            from publisher import plan, valuediff
+
+            changed = plan.diff(a.tensors, b.tensors).changed
+            far = valuediff.distances(store, a, b, changed, keys)
+    data = showing.diff_data(a, b, far)
     ctx.emit(data, lambda: ctx.out.print(showing.diff_table(data)))
     return OK
 

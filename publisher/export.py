@@ -141,15 +141,16 @@ def _write_tensors(
     where = f"model {store.model!r} v{m.version}"
     done = 0
     for e in m.tensors:
-        f.write(_tensor_bytes(store, m, e, history, where))
+        f.write(tensor_bytes(store, m, e, history, where))
         done += e.nbytes
         if progress:
             progress("export", done, m.nbytes)
 
 
-def _tensor_bytes(
+def tensor_bytes(
     store: Store, m: Manifest, e: TensorEntry, history: History, where: str
 ) -> bytearray:
+    """Tensor ``e`` of version ``m``, its bytes checked against its digest (read-only)."""
     buf = bytearray(e.nbytes)
     if e.nbytes:
         try:

@@ -6,14 +6,18 @@ draws it, and every string read from Redis is drawn through ``plain``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from hotswap.manifest import Manifest, TensorEntry
 from publisher import plan
 from publisher.render import plain, size, when
+
+if TYPE_CHECKING:  # valuediff imports torch; show and diff without --values must not
+    from publisher.valuediff import Distance
 
 
 def stored_as(e: TensorEntry) -> str:
@@ -94,19 +98,28 @@ def manifest_table(m: Manifest) -> Table:
     return table
 
 
-def diff_data(a: Manifest, b: Manifest) -> dict[str, Any]:
+def diff_data(
+    a: Manifest, b: Manifest, distances: Mapping[str, Distance] | None = None
+) -> dict[str, Any]:
+    """Two versions compared by name: added, removed, changed (norms from the
+    manifests; ``distances``, from ``valuediff``, adds ``distance`` = ‖new-old‖
+    and ``max_abs_change``), and how many are unchanged."""
     d = plan.diff(a.tensors, b.tensors)
     old, new = a.by_name(), b.by_name()
     changed = []
     for name in d.changed:
         x, y = old[name], new[name]
+        far = (distances or {}).get(name)
         changed.append(
             {
                 "name": name,
                 "old_norm": x.norm,
                 "new_norm": y.norm,
-                "norm_delta": y.norm - x.norm,
+                # |new| - |old|: how the norm moved, not how far the values did.
+                "norm_change": y.norm - x.norm,
                 "norm_ratio": y.norm / x.norm if x.norm else None,
+                "distance": None if far is None else far.norm,
+                "max_abs_change": None if far is None else far.max_abs,
                 "old_shape": list(x.shape),
                 "new_shape": list(y.shape),
                 "old_dtype": x.dtype,
@@ -125,16 +138,21 @@ def diff_data(a: Manifest, b: Manifest) -> dict[str, Any]:
 
 
 def diff_table(data: dict[str, Any]) -> Table:
+    values = any(c["distance"] is not None for c in data["changed"])
     table = Table(
         title=plain(f"model {data['model']}: v{data['a']} -> v{data['b']}"),
-        caption=f"{data['unchanged']} tensors unchanged",
+        caption=f"{data['unchanged']} tensors unchanged"
+        + ("" if values else "; --values adds ‖new-old‖ (reads both versions' bytes)"),
     )
-    for col in ("tensor", "change", "norm before", "norm after", "delta", "ratio"):
+    cols = ["tensor", "change", "norm before", "norm after", "norm change", "ratio"]
+    cols += ["‖new-old‖", "max |new-old|"] if values else []
+    for col in cols:
         table.add_column(col, justify="left" if col in ("tensor", "change") else "right")
+    blank = [""] * (len(cols) - 2)
     for name in data["added"]:
-        table.add_row(plain(name), "[green]added[/green]", "", "", "", "")
+        table.add_row(plain(name), "[green]added[/green]", *blank)
     for name in data["removed"]:
-        table.add_row(plain(name), "[red]removed[/red]", "", "", "", "")
+        table.add_row(plain(name), "[red]removed[/red]", *blank)
     for c in data["changed"]:
         kind = "changed"
         if c["old_shape"] != c["new_shape"] or c["old_dtype"] != c["new_dtype"]:
@@ -142,12 +160,18 @@ def diff_table(data: dict[str, Any]) -> Table:
                 f"changed ({c['old_dtype']} {c['old_shape']} -> {c['new_dtype']} {c['new_shape']})"
             )
         ratio = "-" if c["norm_ratio"] is None else f"{c['norm_ratio']:.4g}"
+        far = [_num(c["distance"]), _num(c["max_abs_change"])] if values else []
         table.add_row(
             plain(c["name"]),
             plain(kind),
             f"{c['old_norm']:.6g}",
             f"{c['new_norm']:.6g}",
-            f"{c['norm_delta']:+.4g}",
+            f"{c['norm_change']:+.4g}",
             ratio,
+            *far,
         )
     return table
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

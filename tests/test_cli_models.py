@@ -228,3 +228,32 @@ def test_counts_say_what_was_removed(
     code, out, _ = run("log", "m", "--json")
     rows = json.loads(out)
     assert [(r["tensors_changed"], r["tensors_removed"]) for r in rows] == [(2, 0), (1, 1), (6, 0)]
+
+
+def test_diff_names_its_norm_column_honestly_and_values_gives_the_distance(
+    run: Any, settings: HotswapSettings, client: redis.Redis
+) -> None:
+    first = weights(0)
+    second = {k: v.clone() for k, v in first.items()}
+    second["layer.0.bias"] += 0.5  # every element: ||d|| = 0.5 * sqrt(N) = 128
+    second["layer.1.bias"][:4] *= -1  # the norm stays, the values move
+    with Publisher("m", settings=settings, connection=client) as p:
+        p.publish(first)
+        p.publish(second)
+    before = snapshot(client)
+    code, out, _ = run("diff", "m", "1", "2", "--json")
+    rows = {c["name"]: c for c in json.loads(out)["changed"]}
+    assert code == 0 and rows["layer.1.bias"]["norm_change"] == pytest.approx(0, abs=1e-3)
+    assert rows["layer.1.bias"]["distance"] is None and "norm_delta" not in rows["layer.1.bias"]
+    code, out, _ = run("diff", "m", "1", "2", "--values", "--json")
+    rows = {c["name"]: c for c in json.loads(out)["changed"]}
+    assert rows["layer.0.bias"]["distance"] == pytest.approx(128, rel=1e-4)
+    assert rows["layer.0.bias"]["max_abs_change"] == pytest.approx(0.5, rel=1e-4)
+    flipped = first["layer.1.bias"][:4].double()
+    assert rows["layer.1.bias"]["distance"] == pytest.approx(float(2 * flipped.norm()), rel=1e-6)
+    code, out, _ = run("diff", "m", "1", "2", "--values")
+    header = next(line for line in out.splitlines() if "norm change" in line)
+    assert code == 0 and "‖new-old‖" in header
+    code, out, _ = run("diff", "m", "1", "2")
+    assert "--values adds ‖new-old‖" in out and "‖new-old‖ │" not in out
+    assert snapshot(client) == before
