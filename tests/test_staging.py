@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import pytest
@@ -379,6 +379,12 @@ def test_a_fetch_that_fails_hands_its_arena_back(store: Store) -> None:
                 raise StoreUnavailable("Redis unreachable while reading tensor")
             store.blobs.read_into(entry, out, version, on_chunk)
 
+        def stream(self, entry: mf.TensorEntry, version: int | None = None) -> Iterator[memoryview]:
+            return store.blobs.stream(entry, version)
+
+        def frames(self, entry: mf.TensorEntry, version: int | None = None) -> Iterator[memoryview]:
+            return store.blobs.frames(entry, version)
+
     with pytest.raises(StoreUnavailable, match="Redis unreachable while reading tensor"):
         fetch(
             Dying(),
@@ -488,3 +494,28 @@ def test_per_tensor_host_buffers_of_cuda_models_run_on_cpu_too(
     assert sorted(made) == sorted((t.nbytes, False) for t in state.values())
     apply(pairs(staged, live))
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("mode", ["auto", "pinned", "device"])
+@pytest.mark.parametrize("arena", [True, False])
+def test_an_allowed_cast_is_staged_converted_in_every_staging_mode(
+    store: Store, mode: Staging, arena: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not arena:  # per-tensor host buffers, as CUDA models take
+        monkeypatch.setattr(staging, "_in_arena", lambda device, mode: False)
+    model = Tied().to(torch.bfloat16)
+    live = LiveModel(model)
+    state = {k: v.detach().float() * 1.5 for k, v in model.state_dict().items()}
+    m = store.manifest(commit_raw(store, state))
+    policy = Policy(cast=[("F32", "BF16")])
+    staged, reasons = prepare(store.blobs, m, live, live.digests(), policy, mode=mode, where="w")
+    assert reasons == {}
+    # The digest was checked over the fp32 bytes; the tied pair is staged (and cast) once.
+    assert staged.bytes_fetched == state["emb.weight"].nbytes
+    assert list(staged.tensors) == ["emb.weight"]
+    assert staged.tensors["emb.weight"].dtype == torch.bfloat16
+    assert staged.norms == {}  # the manifest's norm is the fp32 values', not the cast's
+    apply(pairs(staged, live))
+    staged.release()
+    assert torch.equal(model.emb.weight, state["emb.weight"].bfloat16())
+    assert model.out.weight is model.emb.weight
