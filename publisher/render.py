@@ -182,11 +182,9 @@ def gc_line(model: str, r: GcReport, namespace: str = "hotswap") -> str | Text:
     verb = "would delete" if r.dry_run else "deleted"
     kept = ", ".join(f"v{v}" for v in r.kept) or "nothing"
     gone = ", ".join(f"v{v}" for v in r.deleted_versions) or "no versions"
-    freed: int | None = getattr(r, "bytes_freed", None)  # present once gc counts bytes
     line = (
-        f"model {model}: kept {kept}; {verb} {gone} and {r.blobs_deleted} blobs"
-        + ("" if freed is None else f" ({size(freed)})")
-        + young_clause(r)
+        f"model {model}: kept {kept}; {verb} {gone} and {r.blobs_deleted} blobs "
+        f"({size(r.bytes_freed)})" + young_clause(r)
     )
     if r.chain_versions:
         line += (

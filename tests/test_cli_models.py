@@ -14,7 +14,7 @@ import torch
 from pydantic import SecretStr
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_cli import snapshot, weights
+from test_cli import N, snapshot, weights
 
 from hotswap import keys
 from hotswap.settings import HotswapSettings
@@ -204,8 +204,9 @@ def test_gc_says_what_the_grace_period_kept_and_grace_0_collects_it(
     code, out, _ = run("gc", "m", "--keep", "1", "--grace", "0", "--dry-run", "--json")
     data = json.loads(out)
     assert code == 0 and data["blobs_deleted"] == 12 and data["young_until"] is None
+    assert data["bytes_freed"] == 12 * 4 * N and data["dry_run"] is True
     code, out, _ = run("gc", "m", "--keep", "1", "--grace", "0")
-    assert code == 0 and "deleted no versions and 12 blobs" in out
+    assert code == 0 and "deleted no versions and 12 blobs (3.1 MB)" in out
     assert run("verify", "m")[0] == 0
 
 

@@ -250,8 +250,8 @@ def test_gc_skips_and_reports_malformed_blob_index_entries(
     out = capsys.readouterr()
     assert code == 0, out.err
     assert " ".join(out.out.split()) == (
-        "model m: kept v3; deleted no versions and 0 blobs (0 unreferenced blobs younger "
-        f"than the grace period kept); skipped {len(MALFORMED)} malformed blob index entries "
+        "model m: kept v3; deleted no versions and 0 blobs (0 bytes); "
+        f"skipped {len(MALFORMED)} malformed blob index entries "
         f"(e.g. '{first[0]}': {MALFORMED[first[0]]}), left in place: look at them with "
         "ZRANGE hotswap:{m}:blobs 0 -1 and remove them with ZREM"
     )
