@@ -71,6 +71,10 @@ class Intake:
     """
 
     def __init__(self, names: NameMap | None = None, xform: Transform | None = None) -> None:
+        if names is not None and not isinstance(names, NameMap):
+            raise ConfigError(f"names must be a NameMap, not {type(names).__name__}")
+        if xform is not None and not isinstance(xform, Transform):
+            raise ConfigError(f"transform must be a Transform, not {type(xform).__name__}")
         self.names = names if names is not None else NameMap()
         self.transform = xform
 
@@ -148,9 +152,12 @@ class Intake:
         """
         try:
             mapped = self.translate(m)
-        except ConfigError as e:
-            return m, _nothing(m), {NAMES: [str(e)]}
-        claimed = self.claimed(mapped)
+        except Exception as e:  # the user's rename callable, too
+            return m, _nothing(m), {NAMES: [_failed("the name map", e)]}
+        try:
+            claimed = self.claimed(mapped)
+        except Exception as e:
+            return mapped, _nothing(mapped), {TRANSFORM: [_failed("claims()", e)]}
         refused = self._refuse_early(m, mapped, live, claimed, policy)
         if refused:
             return mapped, _nothing(mapped), refused
@@ -309,6 +316,10 @@ def _enough(
             if reached.intersection(group):
                 reached.update(group)
     return bool(reached) and len(reached) / len(live.tensors) >= need
+
+
+def _failed(what: str, e: Exception) -> str:
+    return str(e) if isinstance(e, ConfigError) else f"{what} raised {type(e).__name__}: {e}"
 
 
 def _nothing(m: Manifest) -> Staged:

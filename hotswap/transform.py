@@ -134,7 +134,9 @@ def run(
         with torch.no_grad():
             transform.load(published, shadow)
     except Exception as e:
-        return {}, {TRANSFORM: [f"the transform raised {type(e).__name__}: {e}"]}
+        # A KeyError's str() is its key's repr: say the message as written.
+        said = e.args[0] if isinstance(e, KeyError) and e.args else e
+        return {}, {TRANSFORM: [f"the transform raised {type(e).__name__}: {said}"]}
     reasons: dict[str, list[str]] = {}
     for canon, new in shadow.copies.items():
         found = validate.check_values(

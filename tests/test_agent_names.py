@@ -25,7 +25,7 @@ from agent_support import (
 from delta_support import nudged
 
 from hotswap.agent import Agent
-from hotswap.errors import ValidationError
+from hotswap.errors import ConfigError, ValidationError
 from hotswap.names import NameMap
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
@@ -162,6 +162,30 @@ def test_a_map_that_sends_two_names_to_one_refuses_the_version(
             ]
         }
         assert snapshot(model) == before
+
+
+def test_a_rename_callable_that_raises_refuses_the_version(
+    settings: HotswapSettings, store: Store
+) -> None:
+    model = Ten()
+    v = commit_raw(store, bump(model.state_dict()))
+
+    def rename(name: str) -> str:
+        raise LookupError(name)
+
+    before = snapshot(model)
+    with Agent(model, MODEL, settings=settings, names=NameMap(rename=rename)) as agent:
+        with pytest.raises(ValidationError) as e:
+            agent.wait_for(v, 10)
+        assert e.value.reasons == {"<names>": ["the name map raised LookupError: head.weight"]}
+        assert snapshot(model) == before
+
+
+def test_names_and_transform_must_be_of_their_types(settings: HotswapSettings) -> None:
+    with pytest.raises(ConfigError, match="names must be a NameMap, not dict"):
+        Agent(Ten(), MODEL, settings=settings, names={"a": "b"})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="transform must be a Transform, not function"):
+        Agent(Ten(), MODEL, settings=settings, transform=lambda p, live: None)  # type: ignore[arg-type]
 
 
 def test_delta_versions_of_prefixed_names_apply_through_the_map(

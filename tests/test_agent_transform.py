@@ -133,8 +133,8 @@ def test_a_transform_that_reaches_an_unclaimed_tensor_is_refused(
             a.wait_for(v, 10)
         assert e.value.reasons == {
             "<transform>": [
-                "the transform raised KeyError: \"'0.o_proj.weight' is not a live tensor the "
-                'transform claimed (claims() must name every live tensor load() writes)"'
+                "the transform raised KeyError: '0.o_proj.weight' is not a live tensor the "
+                "transform claimed (claims() must name every live tensor load() writes)"
             ]
         }
         assert snapshot(served) == before
@@ -155,6 +155,23 @@ def test_claims_of_a_tensor_the_model_lacks_are_refused_before_any_fetch(
             "<transform>": ["claims live tensors the model lacks: '0.qkv.weight'"]
         }
         assert agent.reporter.status.bytes_fetched == 0
+
+
+def test_claims_that_raise_refuse_the_version(settings: HotswapSettings, store: Store) -> None:
+    served = fq.stack(fq.FusedBlock)
+
+    def claims(name: str) -> str | None:
+        raise ValueError(f"no rule for {name}")
+
+    v = commit_raw(store, checkpoint_state())
+    before = snapshot(served)
+    with Agent(served, MODEL, settings=settings, transform=Transform(claims, fq.load_weights)) as a:
+        with pytest.raises(ValidationError) as e:
+            a.wait_for(v, 10)
+        assert e.value.reasons == {
+            "<transform>": ["claims() raised ValueError: no rule for 0.down_proj.weight"]
+        }
+        assert snapshot(served) == before
 
 
 def test_without_the_transform_the_fused_model_refuses_the_checkpoint(
