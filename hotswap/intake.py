@@ -219,7 +219,7 @@ class Intake:
         # Refused: now the full account, from the names as published.
         cov = self.coverage(m, live, claimed)
         if cov.live and (not cov.matched or cov.share < policy.min_coverage):
-            return {COVERAGE: [cov.describe(STRIP_OPTION, need=policy.min_coverage)]}
+            return {validate.COVERAGE: [cov.describe(STRIP_OPTION, need=policy.min_coverage)]}
         return {}
 
     def _transformed(
@@ -296,9 +296,6 @@ class Intake:
             )
         staged.tensors.update(copies)
         staged.plan.changed.update(changed)
-
-
-COVERAGE = validate.COVERAGE
 
 
 def _enough(
