@@ -270,7 +270,9 @@ class Publisher:
     def rollback_target(self, head: Manifest) -> int:
         """The version ``rollback()`` restores by default from ``head``: the newest
         stored earlier version that verifies, was not retracted by a rollback (one
-        to T from P retracts every version in (T, P]) and holds other tensors.
+        to T from P retracts every version in (T, P]), holds other tensors, was
+        rejected by no agent and, where live agents run older versions than head,
+        is one of those (``publisher.restore``).
 
         Raises:
             NotFound: no such version (the error lists those passed over).
@@ -287,8 +289,9 @@ class Publisher:
 
         Args:
             to: the version to restore; default the newest earlier version
-                that verifies, was not retracted by a rollback and differs from
-                head (``rollback_target``); ``last_report.skipped`` says which
+                that verifies, was not retracted by a rollback, differs from
+                head and that agents applied and none rejected
+                (``rollback_target``); ``last_report.skipped`` says which
                 newer ones it passed over, and why.
             message: a note for the log (default ``"rollback to vN"``, plus
                 what the default target skipped).
