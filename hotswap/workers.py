@@ -11,6 +11,7 @@ early (a delta past its size limit).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import deque
@@ -27,6 +28,7 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
+@functools.cache
 def threads() -> int:
     """How many threads the pool runs: the host's cores, at most ``MAX_WORKERS``."""
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
