@@ -76,7 +76,9 @@ class HotswapSettings(BaseSettings):
         default="hotswap", description="Prefix of every key, to share one Redis."
     )
     chunk_bytes: int = Field(
-        default=1 * MiB,
+        # Just under 1 MiB, a multiple of 64 (of every element size): a value of exactly
+        # 1 MiB fills Redis's allocator class and spills into the next (docs/performance.md).
+        default=1 * MiB - 64,
         ge=MIN_CHUNK_BYTES,  # agents refuse manifests that declare smaller chunks
         le=MAX_CHUNK_BYTES,
         description="Largest blob chunk a publish writes.",

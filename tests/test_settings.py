@@ -26,7 +26,7 @@ def test_defaults() -> None:
     s = HotswapSettings()
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.namespace == "hotswap"
-    assert s.chunk_bytes == 1024 * 1024
+    assert s.chunk_bytes == 1024 * 1024 - 64
     assert s.cluster is False
     assert s.signing_keys == [] and s.key_bytes() == []
     assert s.keep_versions == 10
