@@ -9,6 +9,8 @@ from types import ModuleType
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hotswap import intake, transform, valuecheck
 from hotswap.errors import ConfigError, NotFound
@@ -123,3 +125,29 @@ def test_run_returns_the_copies_and_their_reasons() -> None:
     assert torch.equal(model.norm.weight, torch.ones(2))
     assert t.targets("x") == ("norm.weight",)
     assert Transform(lambda n: ["a", "b"], load).targets("x") == ("a", "b")
+
+
+segment = st.text(alphabet="abxy", min_size=1, max_size=3)
+dotted = st.lists(segment, min_size=1, max_size=3).map(".".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sets(dotted, max_size=12),
+    st.sets(dotted, min_size=1, max_size=12),
+    st.sampled_from(["", "a.", "b."]),
+    st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+)
+def test_the_quick_count_agrees_with_the_full_account(
+    published: set[str], live_names: set[str], prefix: str, need: float
+) -> None:
+    names = NameMap(strip_prefix=prefix) if prefix else NameMap()
+    intake = Intake(names)
+    m = manifest(*published)
+    try:
+        mapped = intake.translate(m)
+    except ConfigError:
+        return  # two names onto one: refused before coverage is counted
+    live = LiveModel({n: torch.zeros(1) for n in live_names})
+    cov = intake.coverage(m, live, {})
+    assert _enough(mapped, live, {}, need) == (bool(cov.matched) and cov.share >= need)
