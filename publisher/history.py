@@ -90,8 +90,14 @@ def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
             plain(kind),
             when(created or 0),
             plain(row.get("author", "")),
-            plain(row.get("tensors_changed", "-")),
+            plain(row.get("tensors_changed", "-") + _removed(row)),
             moved,
             plain(row.get("message", "")),
         )
     return table
+
+
+def _removed(row: dict[str, str]) -> str:
+    """ ", N removed" for a version that dropped tensors of its parent ("" otherwise)."""
+    removed = row.get("tensors_removed", "")
+    return f", {removed} removed" if removed not in ("", "0") else ""

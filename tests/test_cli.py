@@ -740,6 +740,8 @@ def test_read_commands_import_no_torch(env: dict[str, str], pub: Publisher) -> N
         (["show", "m", "1"], 0),
         (["diff", "m", "1", "2"], 0),
         (["show", "m", "9"], 1),  # NotFound: the error path is torch-free too
+        (["status", "nosuch"], 1),  # an unknown model, with the closest names
+        (["models"], 0),
     ]
     calls += [([*argv, "--json"], code) for argv, code in calls]
     probe = "\n".join(

@@ -229,6 +229,8 @@ def test_counts_say_what_was_removed(
     code, out, _ = run("log", "m", "--json")
     rows = json.loads(out)
     assert [(r["tensors_changed"], r["tensors_removed"]) for r in rows] == [(2, 0), (1, 1), (6, 0)]
+    code, out, _ = run("log", "m")
+    assert "1, 1 removed" in next(line for line in out.splitlines() if " v2 │" in line)
 
 
 def test_diff_names_its_norm_column_honestly_and_values_gives_the_distance(
