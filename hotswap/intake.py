@@ -146,9 +146,12 @@ class Intake:
     ) -> tuple[Manifest, Staged, dict[str, list[str]]]:
         """``staging.prepare`` through the name map, coverage check and transform.
 
-        Returns ``(mapped, staged, reasons)``: ``m`` with live names, the
-        staged version (transform results included) and the reasons to refuse
-        it (empty: safe to apply).
+        Returns ``(described, staged, reasons)``: ``m``'s entries that
+        describe live bytes as they would run (live names; cast and
+        transformed ones left out, since their stated norms are not those of
+        the bytes that run: for ``RunState.learn``), the staged version
+        (transform results included) and the reasons to refuse it (empty:
+        safe to apply).
         """
         try:
             mapped = self.translate(m)
@@ -158,12 +161,12 @@ class Intake:
             claimed = self.claimed(mapped)
         except Exception as e:
             return mapped, _nothing(mapped), {TRANSFORM: [_failed("claims()", e)]}
-        refused = self._refuse_early(m, mapped, live, claimed, policy)
-        if refused:
-            return mapped, _nothing(mapped), refused
         regular = dataclasses.replace(
             mapped, tensors=tuple(e for e in mapped.tensors if e.name not in claimed)
         )
+        refused = self._refuse_early(m, mapped, live, claimed, policy)
+        if refused:
+            return _described(regular, live), _nothing(mapped), refused
         writes = {n for ts in claimed.values() for n in ts}
         staged, reasons = prepare(
             reader,
@@ -180,6 +183,7 @@ class Intake:
             covered=writes,
         )
         staged.plan.manifest = mapped
+        described = _described(regular, live)
         if claimed:
             try:
                 self._transformed(
@@ -200,7 +204,7 @@ class Intake:
             except BaseException:
                 staged.release()
                 raise
-        return mapped, staged, reasons
+        return described, staged, reasons
 
     def _refuse_early(
         self,
@@ -313,6 +317,12 @@ def _enough(
             if reached.intersection(group):
                 reached.update(group)
     return bool(reached) and len(reached) / len(live.tensors) >= need
+
+
+def _described(m: Manifest, live: LiveModel) -> Manifest:
+    """``m`` without the entries of another dtype than their live tensor's (cast)."""
+    same = tuple(e for e in m.tensors if live.meta.get(e.name, (e.dtype,))[0] == e.dtype)
+    return m if len(same) == len(m.tensors) else dataclasses.replace(m, tensors=same)
 
 
 def _failed(what: str, e: Exception) -> str:

@@ -260,7 +260,7 @@ class Pipeline:
         basis = self.state.basis()
         # The reporter's thread writes this while the fetch runs.
         self.reporter.update(state="fetching")
-        m_live, staged, reasons = self.intake.prepare(
+        described, staged, reasons = self.intake.prepare(
             self.store.blobs,
             m,
             self.live,
@@ -280,7 +280,7 @@ class Pipeline:
         )
         if candidate.carried is not None and not self._confirmed(m, candidate.carried, staged):
             return Outcome.UNCONFIRMED  # nothing is applied or refused on a notice's word
-        self.state.learn(m_live, basis.digests)
+        self.state.learn(described, basis.digests)
         if reasons:
             staged.release()
             self._reject(

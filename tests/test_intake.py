@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from hotswap import intake, transform, valuecheck
 from hotswap.errors import ConfigError, NotFound
-from hotswap.intake import Intake, MappedManifests, _enough
+from hotswap.intake import Intake, MappedManifests, _described, _enough
 from hotswap.live import LiveModel
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.names import NameMap
@@ -151,3 +151,11 @@ def test_the_quick_count_agrees_with_the_full_account(
     live = LiveModel({n: torch.zeros(1) for n in live_names})
     cov = intake.coverage(m, live, {})
     assert _enough(mapped, live, {}, need) == (bool(cov.matched) and cov.share >= need)
+
+
+def test_entries_cast_on_their_way_in_describe_no_running_bytes() -> None:
+    live = LiveModel({"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(2)})
+    m = manifest("a", "b")  # both F32: "a" would run cast to BF16
+    assert [e.name for e in _described(m, live).tensors] == ["b"]
+    same = manifest("b")
+    assert _described(same, live) is same
