@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 
 from hotswap import codec
 from hotswap.errors import ConfigError, SourceError
+from publisher import mapping
 from publisher.mapping import Transform, cast_dtype, rename_pairs
 from publisher.sources import from_state_dict, open_source
 
@@ -109,3 +111,8 @@ def test_cast_dtypes_and_rename_pairs() -> None:
         with pytest.raises(ConfigError) as e:
             rename_pairs(pairs)
         assert str(e.value) == message
+
+
+def test_docstring_examples_run() -> None:
+    failed, attempted = doctest.testmod(mapping, raise_on_error=False, verbose=False)
+    assert attempted > 0 and failed == 0
