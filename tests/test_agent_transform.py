@@ -187,3 +187,24 @@ def test_without_the_transform_the_fused_model_refuses_the_checkpoint(
         assert e.value.reasons["0.q_proj.weight"] == [validate.UNKNOWN]
         assert e.value.reasons["0.qkv_proj.weight"] == [validate.MISSING]
         assert len(e.value.reasons) == 22
+
+
+def test_a_tensor_parallel_slice_is_a_transform_that_keeps_the_name(
+    settings: HotswapSettings, store: Store
+) -> None:
+    # Rank 1 of 2 holds rows 4..8 of each weight (a column-parallel linear, as
+    # vLLM shards it): the shape check moves from the name path to the transform.
+    rank, world = 1, 2
+    g = torch.Generator().manual_seed(0)
+    full = {"fc.weight": torch.randn(8, 4, generator=g), "fc.bias": torch.randn(8, generator=g)}
+    shard = {k: torch.ones_like(t.chunk(world)[rank]) for k, t in full.items()}
+
+    def load(published: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]) -> None:
+        for name, t in published.items():
+            live[name].copy_(t.chunk(world)[rank])
+
+    sliced = Transform(lambda name: name, load)
+    v = commit_raw(store, full)
+    with Agent(shard, MODEL, settings=settings, transform=sliced) as agent:
+        assert agent.wait_for(v, 10)
+    assert all(torch.equal(shard[k], full[k][4:]) for k in full)
