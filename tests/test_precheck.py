@@ -287,3 +287,24 @@ def test_cli_refuses_with_the_message_and_maps_with_options(
     assert (code, err) == (1, "hotswap: error: --rename 'pooler.w': expected OLD=NEW\n")
     code, _, err = run("publish", "m", str(path), "--dtype", "int8")
     assert code == 2 and "invalid choice: 'int8'" in err
+
+
+def test_cli_check_refuses_nan_with_exit_1_and_writes_nothing(
+    run: Any, pub: Publisher, client: redis.Redis, tmp_path: Path
+) -> None:
+    pub.publish(weights())
+    sd = weights(1)
+    sd["layer.1.w"][2, 2] = float("inf")
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    before = snapshot(client)
+    code, out, err = run("publish", "m", str(path), "--check")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"hotswap: error: model 'm': {path} refused before upload, 1 tensor(s) failed the "
+        "check: 'layer.1.w': 1 of 64 values are not finite (NaN or inf); nothing was uploaded\n"
+    )
+    assert snapshot(client) == before
+    # Without --check the publisher leaves values to agents' policies.
+    code, out, err = run("publish", "m", str(path), "--json")
+    assert code == 0 and json.loads(out)["version"] == 2
