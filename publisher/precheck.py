@@ -188,12 +188,13 @@ def values(
         tensor = src.load(name)
         old = theirs.get(name)
         old_norm = old.norm if old is not None and math.isfinite(old.norm) else None
+        rules = policy.rules_for(name)
         rules = replace(
-            policy.rules_for(name),
+            rules,
             check_norm=False,
             max_relative_change=None,
             validators=(),
-            norm_ratio=policy.rules_for(name).norm_ratio if old_norm is not None else None,
+            norm_ratio=rules.norm_ratio if old_norm is not None else None,
         )
         # ``entry`` is read only by the norm-consistency check, off here.
         entry = old or _placeholder(name)
