@@ -2,8 +2,9 @@
 
 ``Pipeline.handle`` takes one request of the delivery loop to its end:
 ``Lookout`` names the manifest to consider (the one a notice carried, the one
-it named, or head's); ``staging.prepare`` fetches and validates the tensors
-that differ from what runs; a manifest a notice carried is confirmed against
+it named, or head's); ``intake`` maps its names onto the model's (refusing
+one that reaches too few of them) and ``staging.prepare`` fetches and
+validates the tensors that differ from what runs; a manifest a notice carried is confirmed against
 the one Redis holds; then the version is applied (auto mode), refused (it
 failed validation) or left pending for ``apply_pending()`` (manual mode).
 
