@@ -193,9 +193,15 @@ def unhealthy_agents(rows: Iterable[Mapping[str, Any]], head: int | None) -> lis
         runs = "nothing yet" if a["version"] is None else f"v{a['version']}"
         if a["diverged"]:
             found.append(f"agent {a['agent_id']} is diverged (its v{a['version']} is not Redis's)")
-        elif head is not None and a["rejected_version"] == head and a["version"] != head:
+        elif head is not None and head in _rejected(a) and a["version"] != head:
             found.append(f"agent {a['agent_id']} rejected head v{head} (runs {runs})")
     return found
+
+
+def _rejected(row: Mapping[str, Any]) -> list[int]:
+    """The versions a row says its agent rejected (rows built by hand may lack the list)."""
+    listed = list(row.get("rejected_versions") or [])
+    return [*listed, row["rejected_version"]] if row.get("rejected_version") else listed
 
 
 def signing_view(store: Store, signing_keys: Sequence[bytes]) -> dict[str, Any]:
