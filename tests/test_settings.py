@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -259,3 +260,34 @@ def test_the_cli_prints_the_warning_on_stderr(tmp_path: Path) -> None:
         "HOTSWAP_REDIS_ULR (in the environment) is not a hotswap setting: "
         "did you mean HOTSWAP_REDIS_URL?\n"
     )
+
+
+def test_the_cli_run_from_a_subfolder_reads_the_projects_dotenv(
+    tmp_path: Path, settings: HotswapSettings
+) -> None:
+    """The issue's path: `.env` in the project, `hotswap` run from a folder below it."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from publisher.publisher import Publisher
+
+    with Publisher("m", settings=settings) as pub:
+        pub.publish({"w": torch.ones(4)})
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    (project / ".env").write_text(f"HOTSWAP_REDIS_URL={settings.redis_url}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
+    p = subprocess.run(
+        [sys.executable, "-m", "publisher", "log", "m", "--json"],
+        env=env,
+        cwd=project / "scripts",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (p.returncode, p.stderr) == (0, "")
+    assert [row["version"] for row in json.loads(p.stdout)] == [1]
