@@ -74,12 +74,7 @@ class BlobWriter(BlobIndex):
             IntegrityError: ``data`` is not ``entry.nbytes`` long.
             StoreUnavailable: Redis could not be reached.
         """
-        if len(data) != entry.nbytes:
-            raise IntegrityError(
-                f"tensor {entry.name!r}: {len(data)} bytes to upload, manifest says {entry.nbytes}"
-            )
-        names = keys.chunk_keys(self.ns, self.model, entry.digest, entry.chunk_bytes, entry.chunks)
-        values = [data[slice(*chunk_span(entry, i))] for i in range(entry.chunks)]
+        names, values = self.blob_writes(entry, data)
         return self._send(entry, names, values, progress)
 
     def upload_frames(
@@ -105,37 +100,32 @@ class BlobWriter(BlobIndex):
             IntegrityError: no ``DeltaRef``, or frames that do not match it.
             StoreUnavailable: Redis could not be reached.
         """
-        names = self._frame_keys(entry, frames)
-        return self._send(entry, names, [memoryview(f) for f in frames], progress)
+        names, values = self.frame_writes(entry, frames)
+        return self._send(entry, names, values, progress)
 
-    def upload_many_frames(self, deltas: Sequence[tuple[TensorEntry, Sequence[bytes]]]) -> int:
-        """Write the frames of several deltas (``upload_frames`` each), pipelined together:
-        a round trip carries up to ``PIPELINE_BYTES`` of them, whichever tensors they are of.
-
-        Returns:
-            The bytes sent.
+    def blob_writes(
+        self, entry: TensorEntry, data: memoryview
+    ) -> tuple[list[str], list[memoryview]]:
+        """The chunk keys and values of ``entry``'s full blob of ``data`` (for ``write_many``).
 
         Raises:
-            IntegrityError: frames that do not match their entry's ``DeltaRef``.
-            StoreUnavailable: Redis could not be reached.
+            IntegrityError: ``data`` is not ``entry.nbytes`` long.
         """
-        names: list[str] = []
-        values: list[memoryview] = []
-        for entry, frames in deltas:
-            names += self._frame_keys(entry, frames)
-            values += [memoryview(f) for f in frames]
-        sent = start = size = 0
-        for i, value in enumerate(values):
-            size += len(value)
-            if size >= PIPELINE_BYTES or i == len(values) - 1:
-                batch = slice(start, i + 1)
-                write = functools.partial(self._write, names[batch], values[batch])
-                self.call(f"uploading the deltas of {len(deltas)} tensors", write)
-                sent, start, size = sent + size, i + 1, 0
-        return sent
+        if len(data) != entry.nbytes:
+            raise IntegrityError(
+                f"tensor {entry.name!r}: {len(data)} bytes to upload, manifest says {entry.nbytes}"
+            )
+        names = keys.chunk_keys(self.ns, self.model, entry.digest, entry.chunk_bytes, entry.chunks)
+        return names, [data[slice(*chunk_span(entry, i))] for i in range(entry.chunks)]
 
-    def _frame_keys(self, entry: TensorEntry, frames: Sequence[bytes]) -> list[str]:
-        """The chunk keys of ``entry``'s delta blob, once ``frames`` are checked against it."""
+    def frame_writes(
+        self, entry: TensorEntry, frames: Sequence[bytes]
+    ) -> tuple[list[str], list[memoryview]]:
+        """The chunk keys and values of ``entry``'s delta blob of ``frames`` (for ``write_many``).
+
+        Raises:
+            IntegrityError: no ``DeltaRef``, or frames that do not match it.
+        """
         ref = entry.delta
         stored = sum(len(f) for f in frames)
         if ref is None or len(frames) != entry.chunks or stored != ref.stored_bytes:
@@ -143,7 +133,29 @@ class BlobWriter(BlobIndex):
                 f"tensor {entry.name!r}: {len(frames)} delta frames of {stored} bytes do not "
                 f"match its entry ({entry.chunks} chunks, delta {ref and ref.stored_bytes} bytes)"
             )
-        return keys.chunk_keys(self.ns, self.model, ref.blob, entry.chunk_bytes, entry.chunks)
+        names = keys.chunk_keys(self.ns, self.model, ref.blob, entry.chunk_bytes, entry.chunks)
+        return names, [memoryview(f) for f in frames]
+
+    def write_many(self, names: Sequence[str], values: Sequence[memoryview], what: str) -> int:
+        """SET each of ``names`` to its value, whatever blobs they are of, pipelined: a round
+        trip carries up to ``PIPELINE_BYTES`` (one publish's small blobs and delta frames
+        go together, not a round trip a tensor).
+
+        Returns:
+            The bytes sent.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        sent = start = size = 0
+        for i, value in enumerate(values):
+            size += len(value)
+            if size >= PIPELINE_BYTES or i == len(values) - 1:
+                batch = slice(start, i + 1)
+                write = functools.partial(self._write, list(names[batch]), list(values[batch]))
+                self.call(f"uploading {what}", write)
+                sent, start, size = sent + size, i + 1, 0
+        return sent
 
     def _send(
         self,

@@ -130,6 +130,11 @@ def hash_entries(
     return Hashed(out, pending, prints)
 
 
+# Full blobs up to this size join the publish's batch of chunks (a copy of
+# their bytes) instead of a round trip each: a model's many small tensors
+# (norms, biases) cost one round trip together.
+SMALL_BLOB_BYTES = 64 * 1024
+
 ATTEMPTS = 3
 """Rounds of check-then-upload before a publish gives up on blobs a gc keeps deleting."""
 
@@ -227,8 +232,9 @@ class _Uploads:
         self.stats: dict[Content, Future[codec.Stats]] = {}
         self.encoder: Encoder | None = None
         self.refs: Refs = {}
-        # Deltas whose frames wait for the next round trip, and their bytes.
-        self._batch: list[tuple[TensorEntry, list[bytes]]] = []
+        # Chunks (delta frames, small full blobs) waiting for the next round trip.
+        self._names: list[str] = []
+        self._values: list[memoryview] = []
         self._batched = 0
         # Base copies being made in the verify thread.
         self._learning: list[Future[None]] = []
@@ -285,13 +291,19 @@ class _Uploads:
         encoded = enc.encode(entry, buf) if enc is not None and entry.delta is None else None
         final = entry if encoded is None else replace(entry, delta=encoded.ref)
         written: list[str] = []
+        blobs = self.store.blobs
         if encoded is not None and encoded.frames:
-            self._queue(final, encoded.frames)
+            self._queue(*blobs.frame_writes(final, encoded.frames))
             written.append(keys.blob_id(encoded.ref.blob, entry.chunk_bytes, entry.chunks))
-        if encoded is None or encoded.ref.keyframe:
-            self.sent += self.store.blobs.upload(final, buf, tick)
+        full = encoded is None or encoded.ref.keyframe
+        if full and entry.nbytes <= SMALL_BLOB_BYTES:
+            # A copy: the batch may go after these bytes' second fingerprint.
+            self._queue(*blobs.blob_writes(final, memoryview(bytes(buf))))
+        elif full:
+            self.sent += blobs.upload(final, buf, tick)
+        if full:
             written.append(plan.blob_of(final))
-        else:
+        if not full or entry.nbytes <= SMALL_BLOB_BYTES:
             tick(entry.nbytes)
         self.refs[(entry.digest, entry.chunk_bytes)] = None if encoded is None else encoded.ref
         if enc is not None:
@@ -300,18 +312,20 @@ class _Uploads:
             enc.done(entry)
         return written
 
-    def _queue(self, entry: TensorEntry, frames: list[bytes]) -> None:
-        """Add a delta's frames to the batch, sending it once it holds a round trip's bytes."""
-        self._batch.append((entry, frames))
-        self._batched += sum(len(f) for f in frames)
+    def _queue(self, names: list[str], values: list[memoryview]) -> None:
+        """Add chunks to the batch, sending it once it holds a round trip's bytes."""
+        self._names += names
+        self._values += values
+        self._batched += sum(len(v) for v in values)
         if self._batched >= PIPELINE_BYTES:
             self._flush()
 
     def _flush(self) -> None:
-        """Send the batched frames of every delta queued so far, pipelined."""
-        if self._batch:
-            self.sent += self.store.blobs.upload_many_frames(self._batch)
-            self._batch, self._batched = [], 0
+        """Send the chunks batched so far (delta frames, small blobs), pipelined."""
+        if self._names:
+            what = f"{len(self._names)} chunks of small blobs and deltas"
+            self.sent += self.store.blobs.write_many(self._names, self._values, what)
+            self._names, self._values, self._batched = [], [], 0
 
     def _measure(self, pool: ThreadPoolExecutor, digest: str, tensor: torch.Tensor) -> None:
         """Start a new content's statistics in the thread, while its bytes upload."""

@@ -481,13 +481,14 @@ def test_tied_tensors_share_one_delta_and_only_inherits_entries(
     }
 
 
-def test_a_publishs_delta_frames_go_in_one_round_trip(
+def test_a_publishs_delta_frames_and_small_blobs_go_in_one_round_trip(
     pub: Publisher, store: Store, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Frames of every delta of a publish are pipelined together, not a round trip a tensor."""
+    """Frames of every delta of a publish, and its small full blobs, are pipelined
+    together, not a round trip a tensor."""
     from hotswap.blobwrite import BlobWriter
 
-    v1 = bf16_weights()
+    v1 = {**bf16_weights(), "norm": torch.randn(64, generator=torch.Generator().manual_seed(5))}
     pub.publish(v1)
     writes: list[list[str]] = []
     real = BlobWriter._write
@@ -497,17 +498,19 @@ def test_a_publishs_delta_frames_go_in_one_round_trip(
         real(self, names, values)
 
     monkeypatch.setattr(BlobWriter, "_write", counted)
-    v2 = step(v1, 0.015, seed=1)
+    v2 = {**step(bf16_weights(), 0.015, seed=1), "norm": torch.randn(64)}  # new: full
     pub.publish(v2)
-    m2 = store.manifest(2).tensors
-    assert pub.last_report.tensors_delta == 3
-    assert len(writes) == 1 and len(writes[0]) == sum(e.chunks for e in m2)
-    for e in m2:  # and they decode
-        out = bytearray(e.nbytes)
-        delta.decode(
-            frames_of(client, e), memoryview(raw(v1[e.name])), memoryview(out), e.chunk_bytes
-        )
-        assert bytes(out) == raw(v2[e.name])
+    m2 = store.manifest(2).by_name()
+    assert pub.last_report.tensors_delta == 3 and m2["norm"].delta is None
+    assert len(writes) == 1 and len(writes[0]) == sum(e.chunks for e in m2.values())
+    assert full_stored(client, m2["norm"])
+    assert raw(v2["norm"]) == client.get(writes[0][-1])
+    for name, e in m2.items():  # and the deltas decode
+        if e.delta is not None:
+            out = bytearray(e.nbytes)
+            frames = frames_of(client, e)
+            delta.decode(frames, memoryview(raw(v1[name])), memoryview(out), e.chunk_bytes)
+            assert bytes(out) == raw(v2[name])
 
 
 def test_a_tensor_whose_deltas_are_refused_is_probed_less_and_less(
