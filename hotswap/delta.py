@@ -198,10 +198,10 @@ def decode_frame(
             verifying against the frame's base digest.
         where: names the model, version, tensor and chunk in messages.
         verify: hash the decoded chunk against the frame's digest. Only a
-            caller that checks the whole result's digest itself right after
-            (``hotswap.reconstruct``: the last link of a route, whose result
-            is the tensor the manifest names) passes False, not to hash the
-            same bytes twice.
+            caller that checks the whole result against a signed digest
+            itself (``hotswap.reconstruct``: the tensor a route ends at, which
+            the manifest names) passes False, and decodes again with True to
+            find the broken frame when that check fails.
 
     Raises:
         FormatError: the frame is malformed, of an unknown format or

@@ -237,14 +237,17 @@ class Rebuild:
         out: memoryview,
         live: Callable[[], memoryview],
         *,
-        verify_last: bool = False,
+        verify: bool = False,
     ) -> None:
         """Run ``route`` into ``out``; the tensor's digest is checked at the end.
 
-        That final check covers the last link's chunks, which are therefore not
-        hashed against their frames as well (one hash of the result, not two)
-        unless ``verify_last``: the run made again, only after a final check
-        failed, to find which blob (or the live bytes) is to blame.
+        That final check against the signed manifest is what lets bytes
+        through, so the links' chunks are not also hashed one by one (one
+        hash of the result, not one a link: a late agent's chain of deltas
+        decodes at the speed of the decode) unless ``verify``: the run made
+        again, only after the final check failed, chunk by chunk against
+        each frame's digest, to find which blob (or the live bytes) to blame.
+        Every link's frames are still checked against its signed frames digest.
         """
         checked = route.full is not None
         if route.full is not None:
@@ -267,14 +270,14 @@ class Rebuild:
             start=start,
             checked=checked,
             parallel=True,
-            verify_last=verify_last,
+            verify=verify,
         )
         try:
             self._final(route, hashing.hexdigest())
         except Broken:
-            if verify_last or not route.links:
+            if verify or not route.links:
                 raise
-            self._run_into(route, out, live, verify_last=True)
+            self._run_into(route, out, live, verify=True)
 
     def _run_hashed(self, route: chain.Route) -> None:
         if route.full is None:
@@ -337,7 +340,7 @@ class Rebuild:
         start: str,
         checked: bool,
         parallel: bool = False,
-        verify_last: bool = True,
+        verify: bool = True,
     ) -> None:
         """Every link of ``route`` over each chunk in turn: chunk ``i`` of the start
         (``bases``) becomes chunk ``i`` of the result in ``dest``; ``done`` sees it.
@@ -348,14 +351,13 @@ class Rebuild:
         Frames are read here, in order; with ``parallel`` (``dest`` gives every
         chunk its own memory) chunks decode in the frame pool (``hotswap.workers``)
         while later frames are read and earlier chunks are seen by ``done``.
-        ``verify_last`` False leaves the last link's chunks unhashed: the caller
-        checks the whole result.
+        ``verify`` False leaves the links' chunks unhashed: the caller checks the
+        whole result against the manifest.
         """
         readers = [
             LinkReader(self.blobs, link, self.candidates.deltas[link.delta.blob])
             for link in route.links
         ]
-        last = len(readers) - (0 if verify_last else 1)
 
         def run(i: int, base: memoryview, chunk: memoryview, frames: list[memoryview]) -> None:
             for k, (reader, frame) in enumerate(zip(readers, frames, strict=True)):
@@ -367,7 +369,7 @@ class Rebuild:
                         chunk,
                         backwards=reader.backwards,
                         where=where,
-                        verify=k < last,
+                        verify=verify,
                     )
                 except IntegrityError as err:
                     blame = reader.blob

@@ -215,11 +215,10 @@ def test_a_corrupted_frame_is_dropped_and_with_no_other_route_the_tensor_is_refu
     assert set(rb.broken) == {vs.entry(2, NAME).delta.blob}  # type: ignore[union-attr]
 
 
-def test_a_frame_forged_to_decode_to_other_bytes_is_blamed_on_its_delta(store: Store) -> None:
-    """A frame whose payload decodes to other bytes under the right digests fails the
-    tensor's digest; the route is run again, each chunk checked, to find the blob."""
-    vs = chain(store, 1)
-    base, new = expected(vs, 1), expected(vs, 2)
+def forge(store: Store, vs: Versions, version: int) -> int:
+    """Replace a frame of ``version``'s delta (from ``version - 1``) with one that decodes
+    to other bytes under the same digests and length; the chunk it is of."""
+    base, new = expected(vs, version - 1), expected(vs, version)
     # The first chunk the step changed, and the elements it changed there.
     at, changed = next(
         (k, found)
@@ -232,12 +231,12 @@ def test_a_frame_forged_to_decode_to_other_bytes_is_blamed_on_its_delta(store: S
             ]
         )
     )
-    key = vs.frame_key(2, NAME, at)
+    key = vs.frame_key(version, NAME, at)
     real = store.client.get(key)
     header = delta.read_header(real)
     span = slice(at * CHUNK, (at + 1) * CHUNK)
 
-    def forge(i: int) -> bytes:
+    def forged(i: int) -> bytes:
         other = bytearray(new[span])
         other[i - span.start] ^= 0x40  # in an element that changed anyway: as many changes
         return delta.encode_frame(
@@ -250,15 +249,38 @@ def test_a_frame_forged_to_decode_to_other_bytes_is_blamed_on_its_delta(store: S
         )
 
     # As long as the real frame, so that the frames still add up to the manifest's bytes.
-    tries = (forge(i + b) for i in changed for b in range(4))
-    forged = next(f for f in tries if len(f) == len(real))
-    store.client.set(key, forged)
+    tries = (forged(i + b) for i in changed for b in range(4))
+    store.client.set(key, next(f for f in tries if len(f) == len(real)))
+    return at
+
+
+def test_a_frame_forged_to_decode_to_other_bytes_is_blamed_on_its_delta(store: Store) -> None:
+    """A frame whose payload decodes to other bytes under the right digests fails the
+    tensor's digest; the route is run again, each chunk checked, to find the blob."""
+    vs = chain(store, 1)
+    at = forge(store, vs, 2)
     rb = rebuild(store, vs, 2)
     with pytest.raises(IntegrityError) as e:
         into(rb, live_at(vs, 1))
     message = str(e.value)
     assert f"chunk {at} (delta of v2)" in message and message.endswith("; publish a full version")
     assert set(rb.broken) == {vs.entry(2, NAME).delta.blob}  # type: ignore[union-attr]
+
+
+def test_a_forged_link_inside_a_late_readers_chain_is_found_and_routed_around(
+    store: Store,
+) -> None:
+    """Links inside a chain are not hashed chunk by chunk on the way (the result's
+    digest is): a forged one fails that, is found on a checked run and dropped; the
+    reader then goes from v3's keyframe instead."""
+    vs = chain(store, 4, how={3: "keyframe"})  # v1 full, v2 delta, v3 both, v4, v5 deltas
+    at = forge(store, vs, 3)
+    rb = rebuild(store, vs, 5)
+    route = rb.into(memoryview(out := bytearray(rb.entry.nbytes)), live_at(vs, 1))
+    assert bytes(out) == expected(vs, 5)
+    assert route.full is not None and route.full.digest == vs.entry(3, NAME).digest
+    forged = vs.entry(3, NAME).delta.blob  # type: ignore[union-attr]
+    assert set(rb.broken) == {forged} and f"chunk {at} (delta of v3)" in rb.broken[forged]
 
 
 def test_a_lost_delta_falls_back_to_the_keyframes_full_blob(store: Store) -> None:
