@@ -1,6 +1,6 @@
 """A checkpoint as it will be published: its names mapped and its floats cast.
 
-``Transform`` holds a ``hotswap.names.NameMap`` (exclude globs, prefixes to
+``SourceMapping`` holds a ``hotswap.names.NameMap`` (exclude globs, prefixes to
 strip, a rename) and an optional dtype; ``apply`` wraps a ``TensorSource``
 so that everything after it (the checks before upload, hashing, upload)
 sees only the published names and the cast bytes: the digest in the
@@ -58,11 +58,11 @@ def cast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 @dataclass(frozen=True)
-class Transform:
+class SourceMapping:
     """What a publish does to a checkpoint's names and dtypes before anything is read.
 
     Example:
-        >>> t = Transform.of(exclude=["cls.*"], strip_prefix="bert.", dtype="bf16")
+        >>> t = SourceMapping.of(exclude=["cls.*"], strip_prefix="bert.", dtype="bf16")
         >>> t.names.map("bert.pooler.dense.bias"), t.dtype
         ('pooler.dense.bias', torch.bfloat16)
     """
@@ -77,7 +77,7 @@ class Transform:
         rename: Rename | None = None,
         strip_prefix: str | Sequence[str] = (),
         dtype: str | torch.dtype | None = None,
-    ) -> Transform:
+    ) -> SourceMapping:
         """A transform from ``publish``'s keyword arguments (checked here).
 
         Raises:
@@ -102,7 +102,7 @@ class Transform:
         return codec.dtype_name(self.dtype)
 
 
-def apply(src: TensorSource, transform: Transform) -> TensorSource:
+def apply(src: TensorSource, transform: SourceMapping) -> TensorSource:
     """``src`` seen through ``transform``: published names, cast tensors.
 
     The result reads through ``src`` and does not own it: close ``src``.
@@ -141,7 +141,7 @@ def apply(src: TensorSource, transform: Transform) -> TensorSource:
 class _Cast:
     """Loads a tensor by its source name and casts it, checking each cast once."""
 
-    def __init__(self, src: TensorSource, transform: Transform) -> None:
+    def __init__(self, src: TensorSource, transform: SourceMapping) -> None:
         self._src = src
         self._to = transform.dtype
         self._checked: set[str] = set()

@@ -25,7 +25,7 @@ from hotswap.validate import Policy
 from publisher import commit, complete, contents, heads, plan, resign, restore, upkeep
 from publisher.base import Base, Tally
 from publisher.fingerprint import Fingerprints
-from publisher.mapping import Transform
+from publisher.mapping import SourceMapping
 from publisher.plan import Head
 from publisher.precheck import before_upload
 from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, describe
@@ -167,7 +167,7 @@ class Publisher:
         started = time.monotonic()
         if len(message) > mf.MAX_MESSAGE_LEN:
             raise ConfigError(f"message is {len(message)} characters, limit {mf.MAX_MESSAGE_LEN}")
-        transform = Transform.of(exclude, rename, strip_prefix, dtype)
+        transform = SourceMapping.of(exclude, rename, strip_prefix, dtype)
         with open_source(source, follow_symlinks=follow_symlinks) as raw:
             src = transform.apply(raw)
             names = complete.kept(plan.select(src.names, only, src.where), exclude)

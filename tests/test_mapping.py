@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from hotswap import codec
 from hotswap.errors import ConfigError, SourceError
 from publisher import mapping
-from publisher.mapping import Transform, cast_dtype, rename_pairs
+from publisher.mapping import SourceMapping, cast_dtype, rename_pairs
 from publisher.sources import from_state_dict, open_source
 
 
@@ -27,7 +27,7 @@ def checkpoint() -> dict[str, torch.Tensor]:
 
 
 def test_names_are_stripped_renamed_and_excluded_in_the_sources_order() -> None:
-    t = Transform.of(
+    t = SourceMapping.of(
         ["*.position_ids", "module.classifier.*"],
         {"pooler.dense.weight": "pool.weight"},
         ["module.", "bert."],
@@ -35,7 +35,9 @@ def test_names_are_stripped_renamed_and_excluded_in_the_sources_order() -> None:
     src = t.apply(from_state_dict(checkpoint(), "ckpt"))
     # One prefix is removed, the first that matches: `bert.` stays after `module.`.
     assert src.names == ["bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight"]
-    t = Transform.of(rename=lambda n: n.removeprefix("module.bert."), exclude=["*.position_ids"])
+    t = SourceMapping.of(
+        rename=lambda n: n.removeprefix("module.bert."), exclude=["*.position_ids"]
+    )
     src = t.apply(from_state_dict(checkpoint(), "ckpt"))
     assert src.names == [
         "embeddings.word_embeddings.weight",
@@ -50,13 +52,13 @@ def test_names_are_stripped_renamed_and_excluded_in_the_sources_order() -> None:
 
 def test_identity_transform_is_the_source_itself() -> None:
     raw = from_state_dict(checkpoint(), "ckpt")
-    assert Transform.of().apply(raw) is raw
+    assert SourceMapping.of().apply(raw) is raw
 
 
 def test_two_names_mapped_to_one_are_refused() -> None:
     sd = {"module.w": torch.zeros(2), "w": torch.ones(2)}
     with pytest.raises(SourceError) as e:
-        Transform.of(strip_prefix="module.").apply(from_state_dict(sd, "ckpt"))
+        SourceMapping.of(strip_prefix="module.").apply(from_state_dict(sd, "ckpt"))
     assert str(e.value) == (
         "ckpt: the name map maps both 'module.w' and 'w' to 'w': exclude one of them or "
         "rename it elsewhere"
@@ -67,7 +69,7 @@ def test_cast_applies_to_floats_only_and_meta_says_so(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file(checkpoint(), str(path))
     with open_source(path) as raw:
-        src = Transform.of(strip_prefix="module.", dtype="bf16").apply(raw)
+        src = SourceMapping.of(strip_prefix="module.", dtype="bf16").apply(raw)
         assert not src.stable  # a cast makes a new tensor per load
         ids = src.load("bert.embeddings.position_ids")
         w = src.load("bert.pooler.dense.weight")
@@ -81,7 +83,7 @@ def test_cast_applies_to_floats_only_and_meta_says_so(tmp_path: Path) -> None:
 
 def test_a_cast_that_overflows_is_refused() -> None:
     sd = {"w": torch.tensor([1.0, 7e4, -1e5, float("inf")])}
-    src = Transform.of(dtype="fp16").apply(from_state_dict(sd, "ckpt"))
+    src = SourceMapping.of(dtype="fp16").apply(from_state_dict(sd, "ckpt"))
     with pytest.raises(SourceError) as e:
         src.load("w")
     assert str(e.value) == (
@@ -89,7 +91,7 @@ def test_a_cast_that_overflows_is_refused() -> None:
         "range); cast to another dtype or publish it uncast"
     )
     # bf16 has float32's range: the infinity that was there stays, nothing overflows.
-    out = Transform.of(dtype="bf16").apply(from_state_dict(sd, "ckpt")).load("w")
+    out = SourceMapping.of(dtype="bf16").apply(from_state_dict(sd, "ckpt")).load("w")
     assert codec.dtype_name(out.dtype) == "BF16" and int(torch.isinf(out).sum()) == 1
 
 
