@@ -45,6 +45,10 @@ FRACTIONS = (0.01, 0.03, 0.08)
 RESULTS = Path(__file__).parent / "results"
 
 
+# Seconds a late agent's heartbeat lives (see ``late_agent``).
+LATE_HEARTBEAT_TTL = 1.0
+
+
 @dataclass
 class Config:
     size_mb: float = 64
@@ -266,7 +270,11 @@ class DeltaBench:
             self.w.call("build", tag=tag, shapes=shapes, dtype="bfloat16")
             net = self.meter.net()
             t0 = time.monotonic()
-            self.w.call("start", tag=tag, model_name=model_name, settings=self.settings)
+            # A heartbeat that outlives the agent by a second, not the default: once
+            # dropped it no longer pins the version it ran, which would keep that
+            # version's keyframe past the next one (Redis held is the 10 kept versions').
+            late = {**self.settings, "heartbeat_ttl": LATE_HEARTBEAT_TTL}
+            self.w.call("start", tag=tag, model_name=model_name, settings=late)
             ev = self.w.applied(tag, head)
             moved = self.meter.net_since(net)
             out[approach] = {

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from hotswap import chain, delta, dtypes
 from hotswap.candidates import History
@@ -45,11 +47,16 @@ MAX_SKIPS = 7
 
 @dataclass
 class Kept:
-    """One content's bytes, and each chunk's BLAKE3 at ``chunk_bytes`` where known."""
+    """One content's bytes, and each chunk's BLAKE3 at ``chunk_bytes`` where known.
 
-    data: bytearray
+    ``copying`` is the copy into ``data`` while it is made in another thread;
+    ``Base.get`` waits for it.
+    """
+
+    data: npt.NDArray[np.uint8]
     chunk_bytes: int
     digests: list[bytes] | None
+    copying: Future[None] | None = None
 
 
 class Base:
@@ -66,20 +73,36 @@ class Base:
         self._refused: dict[str, tuple[int, int]] = {}
 
     def get(self, digest: str) -> Kept | None:
-        return self._kept.get(digest)
+        kept = self._kept.get(digest)
+        if kept is not None and kept.copying is not None:
+            kept.copying.result()  # its bytes are whole only once copied
+        return kept
 
     def keep(
-        self, digest: str, data: memoryview, chunk_bytes: int, digests: list[bytes] | None
-    ) -> None:
-        """Copy ``data`` (the content ``digest``) into the base.
+        self,
+        digest: str,
+        data: memoryview,
+        chunk_bytes: int,
+        digests: list[bytes] | None,
+        copier: Executor | None = None,
+    ) -> Future[None] | None:
+        """Copy ``data`` (the content ``digest``) into the base; with ``copier``, in its
+        thread (numpy copies without holding the GIL), returning the copy's future.
 
-        numpy copies without holding the GIL: called from a helper thread,
-        the copy overlaps the publish's uploads.
+        The memory is taken here, in the calling thread, so that it comes from
+        the same allocator arena the replaced contents are freed to.
         """
-        if digest not in self._kept:
-            copy = bytearray(len(data))
-            np.copyto(np.frombuffer(copy, dtype=np.uint8), np.frombuffer(data, dtype=np.uint8))
+        if digest in self._kept:
+            return None
+        copy: npt.NDArray[np.uint8] = np.empty(len(data), dtype=np.uint8)
+        source = np.frombuffer(data, dtype=np.uint8)
+        if copier is None:
+            np.copyto(copy, source)
             self._kept[digest] = Kept(copy, chunk_bytes, digests)
+            return None
+        copying = copier.submit(np.copyto, copy, source)
+        self._kept[digest] = Kept(copy, chunk_bytes, digests, copying)
+        return copying
 
     def skips(self, name: str) -> bool:
         """Whether ``name`` goes full unprobed this publish (its deltas were refused lately)."""
@@ -209,13 +232,13 @@ class Encoder:
         if self.base is not None and self.base.skips(entry.name):
             return None
         kept = self._kept(parent)
-        source, base = ("memory", kept.data) if kept else self._read(parent)
+        source, base = ("memory", kept.data.data) if kept else self._read(parent)
         self.tally.bases[source] += 1
         if base is None:
             return None
         frames = delta.encode(
             data,
-            memoryview(base),
+            base,
             entry.chunk_bytes,
             itemsize=dtypes.DTYPES[entry.dtype].itemsize,
             # A delta over the keyframe fraction would be stored with a full
@@ -242,7 +265,7 @@ class Encoder:
     def _kept(self, parent: TensorEntry) -> Kept | None:
         return self.base.get(parent.digest) if self.base is not None else None
 
-    def _read(self, parent: TensorEntry) -> tuple[str, bytearray | None]:
+    def _read(self, parent: TensorEntry) -> tuple[str, memoryview | None]:
         """The parent's bytes from Redis: ("redis", bytes), or ("missing", None).
 
         Rebuilt from whatever stored blobs reach them (``hotswap.reconstruct``:
@@ -263,12 +286,20 @@ class Encoder:
             return "missing", None
         finally:
             self.tally.read_bytes += rebuild.fetched
-        return "redis", out
+        return "redis", memoryview(out)
 
-    def learn(self, entry: TensorEntry, data: memoryview, digests: list[bytes] | None) -> None:
-        """Keep ``entry``'s new bytes as the next publish's base (``delta_base`` on)."""
-        if self.base is not None:
-            self.base.keep(entry.digest, data, entry.chunk_bytes, digests)
+    def learn(
+        self,
+        entry: TensorEntry,
+        data: memoryview,
+        digests: list[bytes] | None,
+        copier: Executor | None = None,
+    ) -> Future[None] | None:
+        """Keep ``entry``'s new bytes as the next publish's base (``delta_base`` on), copied
+        in ``copier``'s thread where given (``Base.keep``)."""
+        if self.base is None:
+            return None
+        return self.base.keep(entry.digest, data, entry.chunk_bytes, digests, copier)
 
     def forget(self, digest: str) -> None:
         """Drop a content whose bytes were not read unchanged (its copy may be torn)."""

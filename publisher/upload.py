@@ -307,8 +307,9 @@ class _Uploads:
             tick(entry.nbytes)
         self.refs[(entry.digest, entry.chunk_bytes)] = None if encoded is None else encoded.ref
         if enc is not None:
-            learn = (entry, buf, None if encoded is None else encoded.digests)
-            self._learning.append(pool.submit(enc.learn, *learn))
+            learning = enc.learn(entry, buf, None if encoded is None else encoded.digests, pool)
+            if learning is not None:
+                self._learning.append(learning)
             enc.done(entry)
         return written
 
