@@ -62,6 +62,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 "agent_peak": max(s["agent_peak"] for s in runs),
                 "base_held": max(s["base_held"] for s in runs),
                 "worst_vs_full": _worst(runs, full),
+                "paired_vs_full": _paired(runs, full),
                 "apply": summary([s["end_to_end"] - s["publish"] for s in runs]),
                 "fetch": summary([s["fetch"] for s in runs]),
                 "validate": summary([s["validate"] for s in runs]),
@@ -81,6 +82,15 @@ def _bases(runs: list[dict[str, Any]]) -> str:
         for k, v in r["bases"].items():
             total[k] = total.get(k, 0) + v
     return ", ".join(f"{k} {v}" for k, v in sorted(total.items()))
+
+
+def _paired(runs: list[dict[str, Any]], full: list[dict[str, Any]]) -> float:
+    """The median over steps of end to end / the full transfer's of the same step (nan:
+    none paired): the two run side by side, so a load that drifts over the run moves
+    both, where a ratio of medians over different steps moves with it."""
+    by_step = {s["step"]: s["end_to_end"] for s in full}
+    ratios = [s["end_to_end"] / by_step[s["step"]] for s in runs if s["step"] in by_step]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def _worst(runs: list[dict[str, Any]], full: list[dict[str, Any]]) -> float:
@@ -131,10 +141,17 @@ def _targets(out: dict[str, Any], raw: dict[str, Any]) -> None:
     if ft:
         t.append(_verdict("fp32 fine-tune: in+out, reports, % of full", ft["io_pct"], 70, "%"))
         t.append(_verdict("fp32 fine-tune: delta / full, end to end", 1 / ft["full_x"], 1, "x"))
+        paired = ft["paired_vs_full"]
+        t.append(_verdict("fp32 fine-tune: delta / full, same steps, median", paired, 1, "x"))
     rnd = c.get(f"{RANDOM}/delta")
     if rnd:
         t.append(_verdict("random weights: in+out / full's", rnd["io_pct"] / 100, 1.01, "x"))
         t.append(_verdict("random weights: delta / full, end to end", 1 / rnd["full_x"], 1.01, "x"))
+        t.append(
+            _verdict(
+                "random weights: delta / full, same steps, median", rnd["paired_vs_full"], 1.01, "x"
+            )
+        )
     if raw["held"]:
         for k, how in (("stored", "STRLEN of blob chunks"), ("usage", "MEMORY USAGE")):
             h = out["held"][f"delta_{k}"]

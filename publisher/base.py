@@ -112,6 +112,10 @@ class Base:
         self._refused[name] = (streak, left - 1)
         return True
 
+    def skips_next(self, name: str) -> bool:
+        """Whether ``name``'s next publish goes full unprobed: its bytes now need no copy."""
+        return self._refused.get(name, (0, 0))[1] > 0
+
     def refused(self, name: str, refused: bool) -> None:
         """Note whether ``name``'s delta was just refused (or stored)."""
         if not refused:
@@ -296,8 +300,9 @@ class Encoder:
         copier: Executor | None = None,
     ) -> Future[None] | None:
         """Keep ``entry``'s new bytes as the next publish's base (``delta_base`` on), copied
-        in ``copier``'s thread where given (``Base.keep``)."""
-        if self.base is None:
+        in ``copier``'s thread where given (``Base.keep``); not where the next publish
+        goes full unprobed anyway (new weights every step cost no copy either)."""
+        if self.base is None or self.base.skips_next(entry.name):
             return None
         return self.base.keep(entry.digest, data, entry.chunk_bytes, digests, copier)
 

@@ -526,15 +526,21 @@ def test_a_tensor_whose_deltas_are_refused_is_probed_less_and_less(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(delta, "_mostly_same", counted)
+    held: list[int] = []
     for seed in range(7):
         probes.append(0)
         pub.publish(bf16_weights(seed))
         assert pub.last_report.tensors_delta == 0
+        held.append(pub.last_report.base_held)
     assert probes == [0, 3, 0, 3, 0, 0, 0]  # v1 has no parent
+    # A copy is kept only for a publish that probes next.
+    total = sum(t.nbytes for t in bf16_weights().values())
+    assert held == [total, 0, total, 0, 0, 0, total]
     sd = step(bf16_weights(6), 0.015, seed=1)
     probes.append(0)
-    pub.publish(sd)  # probed again, and a small step: deltas
+    pub.publish(sd)  # probed again, and a small step: deltas from the kept copy
     assert probes[-1] == 3 and pub.last_report.tensors_delta == 3
+    assert pub.last_report.bases == {"memory": 3}
     probes.append(0)
     pub.publish(step(sd, 0.015, seed=2))  # after a delta: encoded without a glance
     assert probes[-1] == 0 and pub.last_report.tensors_delta == 3
