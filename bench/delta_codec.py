@@ -26,6 +26,7 @@ installed (``pip install blosc2 lz4``).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import time
@@ -39,7 +40,7 @@ import torch
 import zstandard
 
 from bench.delta_chains import print_chains
-from hotswap import codec, delta, encodings
+from hotswap import codec, delta, encodings, workers
 
 MiB = 1024 * 1024
 Bytes = npt.NDArray[np.uint8]
@@ -246,7 +247,9 @@ def _hotswap_payload() -> Candidate:
         encoding = encodings.Encoding(payload[0])
         encodings.decode(encoding, memoryview(payload)[1:], base, out, "bench")
 
-    return Candidate("hotswap.encodings (sparse or XOR per chunk), payload only", encode, decode)
+    return Candidate(
+        "hotswap.encodings (sparse, shuffled XOR or XOR per chunk), payload only", encode, decode
+    )
 
 
 def _hotswap() -> Candidate:
@@ -355,6 +358,38 @@ def give_up_cost(case: Case, chunk: int, repeat: int) -> tuple[bool, float]:
     return frames is None, took / hashing
 
 
+def whole_tensor(case: Case, chunk: int, repeat: int) -> tuple[float, float]:
+    """A tensor's delta as the publisher and an agent at its base run it, on every core
+    (``hotswap.workers``): ``delta.encode`` with the base's chunk digests kept, and the
+    frames decoded in the pool unhashed, then one BLAKE3 of the result (the agent's
+    check against the manifest). GB/s both ways, best of ``repeat``."""
+    new, base = case.new.data, case.base.data
+    spans = codec.chunk_spans(case.base.size, chunk)
+    kept = [delta.chunk_digest(base[s:e]) for s, e in spans]
+    out: Bytes = np.empty_like(case.new)
+    view = out.data
+    enc = dec = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        frames = delta.encode(new, base, chunk, itemsize=case.itemsize, max_fraction=1.0,
+                              base_digests=kept)  # fmt: skip
+        enc = min(enc, time.perf_counter() - started)
+        assert frames is not None
+        jobs = (
+            functools.partial(delta.decode_frame, f, base[s:e], view[s:e], verify=False)
+            for (s, e), f in zip(spans, frames, strict=True)
+        )
+        started = time.perf_counter()
+        hashing = codec.ChunkDigest(view, chunk)
+        for i, _done in enumerate(workers.ordered(jobs)):
+            hashing.landed(i)
+        if hashing.hexdigest() != codec.digest(new):
+            raise AssertionError(f"whole-tensor decode did not round-trip {case.name}")
+        dec = min(dec, time.perf_counter() - started)
+    size = case.base.size
+    return size / enc / 1e9, size / dec / 1e9
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--mib", type=int, default=16, help="tensor size in MiB")
@@ -393,6 +428,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r.encode_gbs:.2f} | {r.decode_gbs:.2f} |",
                 flush=True,
             )
+    print(
+        f"\nWhole tensors on every core ({workers.threads()} threads, hotswap.workers): "
+        "`delta.encode` (base digests kept) / frames decoded unhashed + one BLAKE3 of the result"
+    )
+    print("| step | encode GB/s | decode GB/s |")
+    print("|---|---:|---:|")
+    for case in steps[:-2]:  # random new weights go as full blobs
+        e, d = whole_tensor(case, chunk, args.repeat)
+        print(f"| {case.name} | {e:.2f} | {d:.2f} |", flush=True)
     print(
         "\n`delta.encode` on each step: refused (a full blob instead) or not, and its time "
         "/ one BLAKE3 pass"
