@@ -1,14 +1,15 @@
 """Hostile delta frames and delta graphs: the frame decoder and the chain planner.
 
 What is proven: ``delta.decode_frame`` lets only FormatError or IntegrityError
-escape, with one-line messages, for mutated frames of both encodings, random
-payloads and well-formed zstd frames of hostile sparse indices behind a valid
-header, and random bytes; whatever it accepts is exactly the chunk the
-frame's digest names. ``chain.plan_route`` either refuses with a one-line
-FormatError or returns a route that starts at a full blob or the live bytes,
-follows connected links to the target within the bound, visits each content
-once, and fetches no more bytes than the cheapest route an exhaustive search
-finds. Cases are derandomized, as in test_rel_fuzz.py.
+escape, with one-line messages, for mutated frames of every encoding, random
+payloads, well-formed zstd frames of hostile sparse indices and shuffled
+planes of hostile widths and sizes behind a valid header, and random bytes;
+whatever it accepts is exactly the chunk the frame's digest names.
+``chain.plan_route`` either refuses with a one-line FormatError or returns a
+route that starts at a full blob or the live bytes, follows connected links
+to the target within the bound, visits each content once, and fetches no
+more bytes than the cheapest route an exhaustive search finds. Cases are
+derandomized, as in test_rel_fuzz.py.
 """
 
 from __future__ import annotations
@@ -131,6 +132,15 @@ def sparse_body(draw: st.DrawFn) -> bytes:
     return struct.pack("<BI", width, max(count, 0)) + zstandard.ZstdCompressor().compress(body)
 
 
+def shuffle_body(draw: st.DrawFn) -> bytes:
+    """A shuffle head and a well-formed zstd frame: widths that tile the chunk or not,
+    sizes honest or not."""
+    width = draw(st.sampled_from([1, 2, 4, 8, 2, 4, 0, 3, 16, 255]))
+    size = CHUNK + draw(st.sampled_from([0, 0, 0, 0, 1, -1, -CHUNK, CHUNK]))
+    planes = draw(st.binary(min_size=0, max_size=64)) * (max(size, 0) // 64 + 1)
+    return bytes([width]) + zstandard.ZstdCompressor().compress(planes[: max(size, 0)])
+
+
 @fuzz(400)
 @given(
     st.sampled_from(list(Encoding)),
@@ -139,6 +149,7 @@ def sparse_body(draw: st.DrawFn) -> bytes:
         mutated(zstandard.ZstdCompressor().compress(XOR)),
         st.binary(max_size=64).map(lambda b: b"\x28\xb5\x2f\xfd" + b),
         st.composite(sparse_body)(),
+        st.composite(shuffle_body)(),
     ),
 )
 def test_payloads_behind_a_valid_header(encoding: Encoding, payload: bytes) -> None:
