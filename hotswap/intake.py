@@ -32,6 +32,7 @@ from hotswap.hostmem import HostMemory
 from hotswap.live import LiveModel
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.names import Coverage, NameMap, coverage
+from hotswap.ranbefore import RanBefore
 from hotswap.staging import Plan, Staged, Staging, fetch, prepare
 from hotswap.transform import TRANSFORM, Transform
 
@@ -117,11 +118,13 @@ class Intake:
         for group in live.ties():
             if reached & set(group):
                 reached |= set(group)
-        reached &= set(live.tensors)
+        # Optional live tensors (non-persistent buffers) match a name but count
+        # for nothing: a version from ``state_dict()`` lacks them.
+        reached &= set(live.required)
         return dataclasses.replace(
             cov,
             matched=tuple(sorted(reached)),
-            missing=tuple(n for n in cov.missing if n not in reached),
+            missing=tuple(n for n in cov.missing if n not in reached and n in live.required),
         )
 
     def history(self, manifests: Manifests | None) -> Manifests | None:
@@ -143,6 +146,7 @@ class Intake:
         memory: HostMemory | None = None,
         old_norms: Mapping[str, float] | None = None,
         history: Manifests | None = None,
+        ran: RanBefore | None = None,
     ) -> tuple[Manifest, Staged, dict[str, list[str]]]:
         """``staging.prepare`` through the name map, coverage check and transform.
 
@@ -181,6 +185,7 @@ class Intake:
             old_norms=old_norms,
             history=self.history(history),
             covered=writes,
+            ran=ran,
         )
         staged.plan.manifest = mapped
         described = _described(regular, live)
@@ -307,16 +312,18 @@ def _enough(
 ) -> bool:
     """Whether ``mapped`` (live names) reaches enough live names: a set count, as this
     runs between a notice and the first fetch; ``Intake.coverage`` explains a refusal."""
-    if not live.tensors:
+    required = live.required
+    if not required:
         return True
     names = {e.name for e in mapped.tensors}
-    reached = {n for n in live.tensors if n in names}
+    reached = {n for n in required if n in names}
     reached.update(n for ts in claimed.values() for n in ts)
     if live.tied:
         for group in live.ties():
             if reached.intersection(group):
                 reached.update(group)
-    return bool(reached) and len(reached) / len(live.tensors) >= need
+    reached &= set(required)
+    return bool(reached) and len(reached) / len(required) >= need
 
 
 def _described(m: Manifest, live: LiveModel) -> Manifest:

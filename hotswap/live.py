@@ -3,6 +3,13 @@
 Imports no Redis. ``LiveModel`` is what an agent updates in place: the tensors
 it holds, their (dtype, shape) for the metadata checks, which names are tied,
 and each tensor's BLAKE3 digest (what runs, compared with a manifest's).
+
+A module's non-persistent buffers (``register_buffer(..., persistent=False)``,
+as ``transformers``' ``embeddings.position_ids``) are live tensors too, but
+optional ones: ``state_dict()`` leaves them out, so a version published from
+it lacks them and is not missing anything, while a checkpoint saved with them
+(older Hugging Face files) names them and has them checked and updated like
+any tensor.
 """
 
 from __future__ import annotations
@@ -20,8 +27,11 @@ class LiveModel:
     """The tensors of a serving model by state-dict name, and which share storage."""
 
     def __init__(self, model: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        optional: dict[str, torch.Tensor] = {}
         if isinstance(model, torch.nn.Module):
             tensors = dict(model.state_dict(keep_vars=True))
+            optional = {n: t for n, t in non_persistent_buffers(model) if n not in tensors}
+            tensors.update(optional)
         else:
             tensors = dict(model)
         for name, t in tensors.items():
@@ -32,6 +42,12 @@ class LiveModel:
             except SourceError as e:
                 raise ConfigError(f"live tensor {name!r} cannot be updated: {e}") from e
         self.tensors: dict[str, torch.Tensor] = tensors
+        # Names a version may give or leave out: never missing, never counted
+        # in coverage (``required`` is the rest, in state-dict order).
+        self.optional: frozenset[str] = frozenset(optional)
+        self.required: dict[str, torch.Tensor] = {
+            n: t for n, t in tensors.items() if n not in self.optional
+        }
         # (dtype, shape) of every live tensor: a manifest entry that matches
         # needs no further metadata check.
         self.meta: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -74,3 +90,24 @@ class LiveModel:
                 out[canon] = codec.digest(codec.as_bytes(self.tensors[canon]))
             out[name] = out[canon]
         return out
+
+
+def non_persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, buffer)`` for every non-persistent buffer of ``module`` and its children.
+
+    ``state_dict()`` leaves these out; ``named_buffers()`` does not say which
+    they are, so each module's own record of them is read.
+
+    Example:
+        >>> m = torch.nn.Module()
+        >>> m.register_buffer("ids", torch.arange(3), persistent=False)
+        >>> [n for n, _ in non_persistent_buffers(m)]
+        ['ids']
+    """
+    out = []
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for name in sorted(getattr(mod, "_non_persistent_buffers_set", ())):
+            buf = mod._buffers.get(name)
+            if isinstance(buf, torch.Tensor):
+                out.append((f"{prefix}.{name}" if prefix else name, buf))
+    return out

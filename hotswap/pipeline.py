@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import redis
 
-from hotswap import validate
+from hotswap import unpublished, validate
 from hotswap.delivery import Reason, Request, Stopped
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
@@ -136,6 +136,9 @@ class Pipeline:
         self.lookout = Lookout(store, settings)
         self._memory, self._gate, self._stop = memory, gate, stop
         self._said = LogOnce()
+        # Whether the agent warned that nothing is published under its name
+        # (once: a misspelled name must show, not fill the log every poll).
+        self._warned_unpublished = False
 
     # -- the delivery loop's handler (the agent's thread) -------------------------
 
@@ -219,6 +222,8 @@ class Pipeline:
             self._refuse(look)
         elif look is Quiet.HEAD_GONE:
             self._head_gone()
+        elif self.lookout.looked and self.lookout.head is None:
+            self._unpublished()
 
     def _consider(self, candidate: Candidate) -> Outcome:
         """Stage a manifest unless it runs, was refused or waits already; then act.
@@ -273,6 +278,7 @@ class Pipeline:
             memory=self._memory,
             old_norms=basis.norms,
             history=self.store,  # older manifests, for tensors stored as deltas
+            ran=basis.ran,
         )
         self.reporter.update(
             fetch_seconds=staged.seconds,
@@ -379,6 +385,13 @@ class Pipeline:
         if before is None or str(before.error.__cause__) != str(refused.error):
             reasons = {refused.subject: [str(refused.error)]}
             self._reject(refused.version, None, reasons, refused.error)
+
+    def _unpublished(self) -> None:
+        """Warn, once, that no head exists under this name, naming the closest models."""
+        if self._warned_unpublished or self.state.running().version is not None:
+            return
+        self._warned_unpublished = True
+        log.warning("%s", unpublished.warning(self.store))
 
     def _head_gone(self) -> None:
         applied = self.state.running().version

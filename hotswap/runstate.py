@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from hotswap.errors import ValidationError
 from hotswap.manifest import Manifest
 from hotswap.norms import RunningNorms
+from hotswap.ranbefore import RanBefore
 from hotswap.reporter import Reporter
 from hotswap.staging import Staged
 from hotswap.validate import Policy
@@ -63,11 +64,13 @@ class Ready:
 @dataclass(frozen=True)
 class Basis:
     """What a version is planned against: the digest of each live tensor, the norms
-    known for those bytes, and the generation (applies so far) they belong to."""
+    known for those bytes, the generation (applies so far) they belong to, and
+    the contents this agent ran before (a snapshot)."""
 
     digests: dict[str, str]
     norms: dict[str, float]
     generation: int
+    ran: RanBefore
 
 
 class RunState:
@@ -86,6 +89,8 @@ class RunState:
         # Guarded by _lock: everything below.
         self._digests: dict[str, str] = {}
         self._norms = RunningNorms(policy)
+        # Contents applied before, per name: the relative checks let them back.
+        self._ran = RanBefore()
         # Bumped by every apply: a version planned before one must be planned again.
         self._generation = 0
         self._applying = False
@@ -139,7 +144,7 @@ class RunState:
     def basis(self) -> Basis:
         with self._lock:
             digests = dict(self._digests)
-            return Basis(digests, self._norms.known(digests), self._generation)
+            return Basis(digests, self._norms.known(digests), self._generation, self._ran.copy())
 
     # -- waits --------------------------------------------------------------------
 
@@ -231,6 +236,11 @@ class RunState:
             for name, entry in staged.plan.changed.items():
                 self._digests[name] = entry.digest
             self._norms.applied(staged.plan.changed, staged.norms)
+            # Every tensor the version names runs now as it states, fetched or
+            # already equal: content a later version may return to.
+            self._ran.record(
+                (e.name, e.digest) for e in m.tensors if self._digests.get(e.name) == e.digest
+            )
             self._generation += 1
             if m.lineage != self._lineage:
                 self._rejections = {

@@ -31,6 +31,7 @@ from hotswap.frames import Blobs
 from hotswap.hostmem import HostMemory
 from hotswap.live import LiveModel
 from hotswap.manifest import Manifest, TensorEntry
+from hotswap.ranbefore import RanBefore
 from hotswap.reconstruct import Rebuild
 from hotswap.valuecheck import check_staged
 
@@ -338,7 +339,8 @@ def check_metadata(
     # A shape decoded as anything but a tuple only takes the full check.
     suspect = [e for e in m.tensors if e.name in tied or meta.get(e.name) != (e.dtype, e.shape)]
     reasons, ignored = validate.check_entries(suspect, live.tensors, live.ties(), policy)
-    missing = validate.check_missing(covered_names(m, covered), live.tensors, live.ties(), policy)
+    # Non-persistent buffers are optional: a version from ``state_dict()`` lacks them.
+    missing = validate.check_missing(covered_names(m, covered), live.required, live.ties(), policy)
     return {**reasons, **missing}, ignored
 
 
@@ -356,6 +358,7 @@ def prepare(
     old_norms: Mapping[str, float] | None = None,
     history: Manifests | None = None,
     covered: Iterable[str] = (),
+    ran: RanBefore | None = None,
 ) -> tuple[Staged, dict[str, list[str]]]:
     """Check, fetch and validate one version against what runs: (staged, reasons).
 
@@ -368,6 +371,7 @@ def prepare(
     manifests to tensors stored as deltas (see ``fetch``). ``covered``: live
     names a transform writes (not missing). A tensor whose dtype the policy
     allows to cast is converted after its digest check (``valuecheck``).
+    ``ran``: contents this agent ran before, spared the relative checks.
     """
     reasons, ignored = check_metadata(m, live, policy, covered)
     p = plan(m, live, digests, ignored | set(reasons))
@@ -390,7 +394,7 @@ def prepare(
         for name, why in staged.failures.items():
             reasons.setdefault(name, []).extend(why)
         start = time.perf_counter()
-        for name, why in check_staged(staged, live, policy, old_norms or {}).items():
+        for name, why in check_staged(staged, live, policy, old_norms or {}, ran).items():
             reasons.setdefault(name, []).extend(why)
         staged.validate_seconds = time.perf_counter() - start
     except BaseException:

@@ -8,7 +8,9 @@ then the published values are checked (finite, norm as the manifest states
 it), converted, the conversion is checked (a finite value must stay finite:
 fp32 beyond the range of fp16 overflows), and the remaining checks (norm
 ratio, relative change, validators) run on the converted values, which are
-what the model will hold.
+what the model will hold. For content this agent ran before under the same
+name (``ranbefore``), the relative checks are skipped: a rollback is a return,
+not a jump.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from hotswap import codec, validate
 from hotswap.manifest import TensorEntry
+from hotswap.ranbefore import RanBefore
 
 if TYPE_CHECKING:
     from hotswap.staging import LiveModel, Staged
@@ -73,8 +76,12 @@ def check_staged(
     live: LiveModel,
     policy: validate.Policy,
     old_norms: Mapping[str, float],
+    ran: RanBefore | None = None,
 ) -> dict[str, list[str]]:
     """Reasons per changed tensor of ``staged`` (converted in place where cast).
+
+    A tensor whose digest ``ran`` holds for its name (content this agent
+    validated and ran before) skips the norm ratio and relative change checks.
 
     A tensor that passes with its norm checked against the manifest is noted
     in ``staged.norms``; a cast one is not: the manifest states the norm of
@@ -87,6 +94,8 @@ def check_staged(
         if canon not in staged.tensors:
             continue
         rules = policy.rules_for(name)
+        if ran is not None and ran.seen(name, entry.digest):
+            rules = dataclasses.replace(rules, norm_ratio=None, max_relative_change=None)
         target = live.tensors[canon]
         new = published.setdefault(canon, staged.tensors[canon])
         cast = new.dtype != target.dtype
