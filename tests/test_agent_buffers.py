@@ -59,7 +59,9 @@ def test_a_toy_buffer_is_updated_in_place_when_named_and_kept_when_not(
     served, trained = Positions(seed=0), Positions(seed=1)
     where = served.ids.data_ptr()
     reports: list[ApplyReport] = []
-    with Agent(served, "toy", settings=settings, on_applied=lambda v, r: reports.append(r)) as agent:
+    with Agent(
+        served, "toy", settings=settings, on_applied=lambda v, r: reports.append(r)
+    ) as agent:
         with Publisher("toy", settings=settings) as pub:
             shifted = {**trained.state_dict(), "ids": trained.ids + 1}
             v1 = pub.publish(shifted, message="with the buffer, shifted")
