@@ -80,7 +80,8 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
     Args:
         retrying: the retry policy (``operation_retry``); copied, so one
             policy may serve many threads.
-        model: the model named in error messages.
+        model: the model named in error messages (``"*"``: none, ``what`` says
+            what was read, e.g. "listing models").
         what: what ``fn`` does, as in "while <what>".
         fn: the Redis operation.
 
@@ -99,6 +100,7 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
 
         head = guarded(operation_retry(), "m", "reading head", lambda: client.get(key))
     """
+    of = "" if model == "*" else f" for model {model!r}"
     try:
         return retrying.copy()(fn)
     except HotswapError:
@@ -106,21 +108,19 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
     except redis.AuthenticationError as e:
         raise ConfigError(f"Redis refused the credentials while {what}: {e}") from e
     except redis.exceptions.NoPermissionError as e:
-        raise ConfigError(
-            f"Redis user may not do this while {what} for model {model!r}: {e}"
-        ) from e
+        raise ConfigError(f"Redis user may not do this while {what}{of}: {e}") from e
     except TRANSIENT as e:
         raise StoreUnavailable(
-            f"Redis unreachable while {what} for model {model!r} "
+            f"Redis unreachable while {what}{of} "
             f"({type(e).__name__}: {e}); check HOTSWAP_REDIS_URL and the server"
         ) from e
     except redis.RedisError as e:
         if _out_of_memory(e):
             raise StoreFull(
-                f"Redis is out of memory (maxmemory reached) while {what} for model {model!r}: "
+                f"Redis is out of memory (maxmemory reached) while {what}{of}: "
                 "free memory (hotswap gc) or raise maxmemory"
             ) from e
-        raise StoreUnavailable(f"Redis error while {what} for model {model!r}: {e}") from e
+        raise StoreUnavailable(f"Redis error while {what}{of}: {e}") from e
 
 
 def connect(settings: HotswapSettings) -> RedisClient:

@@ -132,6 +132,21 @@ def rejected(s: AgentStatus) -> list[int]:
     return sorted(versions)
 
 
+def live(s: AgentStatus, heartbeat: bool) -> bool:
+    """Whether the agent is part of the fleet: its heartbeat lives and it was not stopped.
+
+    A stopped agent writes ``state="stopped"`` as its last record; its
+    heartbeat lives on until its ttl runs out, but it serves nothing new.
+
+    Example:
+        >>> live(AgentStatus("a", "h", 1, state="idle"), True)
+        True
+        >>> live(AgentStatus("a", "h", 1, state="stopped"), True)
+        False
+    """
+    return heartbeat and s.state != "stopped"
+
+
 def encode(status: AgentStatus) -> bytes:
     return bytes(msgpack.packb(asdict(status), use_bin_type=True))
 

@@ -41,6 +41,14 @@ MISSING = (
 )
 # The subject of a rejection for too few live names matched (not a tensor).
 COVERAGE = "<coverage>"
+# Rejections of a whole version rather than of tensors, by subject, as messages name them
+# (the subjects of ``looks.Refused``, ``intake.NAMES``, ``transform.TRANSFORM``).
+WHOLE = {
+    "<manifest>": "the manifest's signature or format",
+    "<signed head>": "the signed head record",
+    "<names>": "the agent's name map",
+    "<transform>": "the agent's transform",
+}
 # Dtypes an agent may cast between when the policy allows the pair: the
 # floating-point ones whose conversion needs no scale.
 CASTABLE = frozenset({"F64", "F32", "F16", "BF16"})
@@ -419,6 +427,13 @@ def rejection(model: str, version: int, reasons: Mapping[str, list[str]]) -> Val
         return ValidationError(
             f"model {model!r} v{version} rejected: {'; '.join(reasons[COVERAGE])}",
             {COVERAGE: list(reasons[COVERAGE])},
+        )
+    if len(reasons) == 1 and (subject := next(iter(reasons))) in WHOLE:
+        # Not a tensor: the manifest, the signed head, a name map or transform.
+        why = "; ".join(reasons[subject])
+        return ValidationError(
+            f"model {model!r} v{version} rejected: {WHOLE[subject]}: {why}",
+            {subject: list(reasons[subject])},
         )
     parts = [f"{name!r}: {'; '.join(why)}" for name, why in sorted(reasons.items())]
     shown = " | ".join(parts[:5]) + (f" | and {len(parts) - 5} more" if len(parts) > 5 else "")

@@ -72,6 +72,32 @@ def _version(text: str) -> int:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds must be a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"seconds must be 0 or more, got {text}")
+    return v
+
+
+# ``--wait`` alone: the seconds ``publisher.await_fleet.DEFAULT_TIMEOUT`` says
+# (not imported from there: it imports the store, and parsing must stay light).
+DEFAULT_WAIT = 60.0
+
+
+def _wait_option(p: Any, help_: str) -> None:
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const=DEFAULT_WAIT,
+        type=_seconds,
+        metavar="SECONDS",
+        help=help_,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hotswap",
@@ -127,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse NaN/inf and norms 0.1-10x head's before uploading (Policy defaults)",
     )
+    _wait_option(
+        p,
+        "wait until every live agent applied the new version, or any rejected it "
+        f"(exit 4), at most SECONDS (default {DEFAULT_WAIT:g})",
+    )
     p.add_argument(
         "--follow-symlinks",
         action="store_true",
@@ -165,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
         "not retracted by a rollback and unlike head",
     )
     p.add_argument("-m", "--message", default="")
+    w = p.add_mutually_exclusive_group()
+    _wait_option(
+        w,
+        "seconds to wait for every live agent to apply the rollback (default "
+        f"{DEFAULT_WAIT:g}); exit 4 if any rejected it or did not in time",
+    )
+    w.add_argument(
+        "--no-wait", action="store_true", help="return once committed; do not ask the agents"
+    )
 
     p = command("resign", "re-issue head's signed record (new issue time and expiry)")
     p.add_argument("model")
@@ -220,7 +260,7 @@ def load_settings(args: argparse.Namespace) -> HotswapSettings:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN or inf
+        return None  # JSON has no NaN or inf: null, as for any value not known
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -303,7 +343,8 @@ class Context:
     def emit(self, data: Any, human: Callable[[], None]) -> None:
         if self.json:
             # Straight to stdout: rich would wrap long lines at the console width.
-            self.out.file.write(json.dumps(_jsonable(data), indent=2) + "\n")
+            text = json.dumps(_jsonable(data), indent=2, allow_nan=False)
+            self.out.file.write(text + "\n")
         else:
             human()
 
@@ -334,10 +375,10 @@ def cmd_publish(ctx: Context) -> int:
             check=Policy() if a.check else None,
         )
         r = pub.last_report
-    ctx.emit(
-        render.report_data(pub.model, r), lambda: ctx.out.print(render.report_line(pub.model, r))
-    )
-    return OK
+        fleet = None if a.wait is None else commands.await_fleet(ctx, pub.store, r.version, a.wait)
+    data = {**render.report_data(pub.model, r), "fleet": None if fleet is None else fleet.data}
+    ctx.emit(data, lambda: commands.print_report(ctx, pub.model, r, fleet))
+    return OK if fleet is None else fleet.code
 
 
 def cmd_demo(ctx: Context) -> int:

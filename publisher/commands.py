@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hotswap.errors import ConfigError, IntegrityError, NotFound
 from publisher.exitcodes import OK, UNHEALTHY
@@ -19,6 +20,7 @@ from publisher.exitcodes import OK, UNHEALTHY
 if TYPE_CHECKING:
     from hotswap.store import Store
     from publisher.cli import Context
+    from publisher.reports import PublishReport
 
 
 def _version_or_head(store: Store, version: int | None) -> int:
@@ -75,21 +77,53 @@ def diff(ctx: Context) -> int:
     return OK
 
 
-def rollback(ctx: Context) -> int:
+@dataclass(frozen=True)
+class Waited:
+    """What ``--wait`` found (``publisher.await_fleet``): JSON, lines and the exit code."""
+
+    data: dict[str, Any]
+    lines: list[str]
+    code: int
+
+
+def await_fleet(ctx: Context, store: Store, version: int, timeout: float) -> Waited:
+    """Wait for the live agents to take ``version`` (at most ``timeout`` seconds)."""
+    from publisher import await_fleet as af
+
+    if ctx.out.is_terminal and not ctx.json:
+        ctx.err.print(f"waiting up to {timeout:g} s for the live agents to apply v{version}")
+    r = af.wait(store, version, timeout)
+    return Waited(af.data(r), af.lines(r), OK if r.ok else UNHEALTHY)
+
+
+def print_report(ctx: Context, model: str, r: PublishReport, fleet: Waited | None) -> None:
+    """A publish's or rollback's lines: what it made, why (rollback), what agents did."""
     from publisher import render
 
+    ctx.out.print(render.report_line(model, r))
+    why = render.rollback_why(model, r) if r.kind == "rollback" else None
+    if why is not None:
+        ctx.out.print(why)
+    for line in fleet.lines if fleet is not None else []:
+        # Reasons and agent ids come from agents' records: plain text.
+        ctx.out.print(render.plain(line))
+
+
+def rollback(ctx: Context) -> int:
+    from publisher import render
+    from publisher.await_fleet import DEFAULT_TIMEOUT
+
+    a = ctx.args
     with ctx.publisher(require=True) as pub:
-        pub.rollback(to=ctx.args.to, message=ctx.args.message)
+        pub.rollback(to=a.to, message=a.message)
         r = pub.last_report
-
-    def human() -> None:
-        ctx.out.print(render.report_line(pub.model, r))
-        why = render.rollback_why(pub.model, r)
-        if why is not None:
-            ctx.out.print(why)
-
-    ctx.emit(render.report_data(pub.model, r), human)
-    return OK
+        # A rollback is an emergency: it waits unless told not to, so that exit 0
+        # means the live agents run it.
+        timeout = DEFAULT_TIMEOUT if a.wait is None else a.wait
+        fleet = None if a.no_wait else await_fleet(ctx, pub.store, r.version, timeout)
+    data = {**render.report_data(pub.model, r), "fleet": None if fleet is None else fleet.data}
+    ctx.emit(data, lambda: print_report(ctx, pub.model, r, fleet))
+    return OK if fleet is None else fleet.code
 
 
 def resign(ctx: Context) -> int:

@@ -45,7 +45,8 @@ LOG_FLOATS = frozenset({"created"})
 
 def log_data(rows: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
     """The log as ``hotswap log --json`` prints it: numbers as numbers, "" as null,
-    ``versions_deleted`` a list; a field that is not what its name says stays text.
+    ``versions_deleted`` a list, ``bases`` a dict (as ``publish --json``); a field
+    that is not what its name says stays text.
 
     Example:
         >>> log_data([{"version": "8", "parent": "", "created": "1.5", "message": "8"}])
@@ -62,10 +63,30 @@ def _typed(name: str, text: str) -> Any:
             return int(text) if name in LOG_INTS else float(text)
         except ValueError:
             return text  # written by hand, or by another release: shown as found
+    if name == "bases":
+        return _bases(text)
     if name == "versions_deleted":
         parts = [p for p in text.split(",") if p]
         return [int(p) for p in parts] if all(p.isdigit() for p in parts) else text
     return text
+
+
+def _bases(text: str) -> dict[str, int] | str:
+    """The log's ``bases`` ("memory 18, redis 3") as ``publish --json`` gives them: a dict.
+
+    Example:
+        >>> _bases("memory 18, redis 3"), _bases("")
+        ({'memory': 18, 'redis': 3}, {})
+    """
+    found: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        where, _, count = part.rpartition(" ")
+        if not part:
+            continue
+        if not where or not count.isdigit():
+            return text  # not what a publisher writes: shown as found
+        found[where] = int(count)
+    return found
 
 
 def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:

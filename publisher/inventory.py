@@ -16,6 +16,7 @@ from hotswap.connection import RedisClient, retry_from_settings
 from hotswap.errors import IntegrityError, NotFound
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
+from publisher import views
 from publisher.render import plain, size
 
 
@@ -34,7 +35,8 @@ def row(store: Store) -> dict[str, Any]:
         except (IntegrityError, NotFound):
             pass  # shown as unknown: `hotswap show` says why
     used = catalog.footprint(store)
-    live = sum(1 for r in store.agent_report().records if r.alive)
+    # Stopped agents' heartbeats outlive them by their ttl: not live (``status.live``).
+    live = sum(1 for _, alive in views.agent_statuses(store) if alive)
     return {
         "model": store.model,
         "head": head,

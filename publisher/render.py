@@ -141,8 +141,14 @@ def report_line(model: str, r: PublishReport) -> str | Text:
 
 
 def removed_clause(r: PublishReport) -> str:
-    """ ", N removed" when the version lacks tensors its parent had ("" otherwise)."""
-    return f", {r.tensors_removed} removed" if r.tensors_removed else ""
+    """ ", N removed" when the version lacks tensors its parent had ("" otherwise),
+    with what agents make of that: they refuse it unless their policy keeps their own."""
+    if not r.tensors_removed:
+        return ""
+    return (
+        f", {r.tensors_removed} removed: agents refuse a version that lacks tensors they "
+        "serve unless their Policy(missing_tensors='keep')"
+    )
 
 
 def rollback_why(model: str, r: PublishReport) -> Text | None:
@@ -275,7 +281,13 @@ def status_table(data: dict[str, Any]) -> Table:
             else f"[yellow]{lag}[/yellow]"
         )
         age = "-" if a["heartbeat_age"] is None else f"{a['heartbeat_age']:.1f}s ago"
-        beat = age if a["alive"] else f"[red]expired[/red] ({age})"
+        beat = (
+            age
+            if a["alive"]
+            else f"stopped ({age})"
+            if a["state"] == "stopped"
+            else f"[red]expired[/red] ({age})"
+        )
         reason = a["last_rejection"]
         table.add_row(
             plain(a["agent_id"]),
@@ -298,7 +310,7 @@ def _mb(nbytes: int) -> str:
 
 def reads(encodings: list[str] | None) -> Text:
     """What an agent can apply: full blobs, and the delta encodings it reports decoding
-    (an agent older than deltas reports none)."""
+    (an agent older than deltas reports none); ``status --json`` lists it as ``reads``."""
     return plain(f"full, {', '.join(encodings)}" if encodings else "full only")
 
 

@@ -15,7 +15,8 @@ an older version (all run head, or none reports yet) the newest version that
 passes the other tests is taken. A rollback manifest
 (parent P, ``rollback_to`` T) retracts every version in (T, P]: those were
 rolled back for a reason, so a second ``rollback`` goes past them instead of
-back to the bad version the first one left. A version holding head's very
+back to the bad version the first one left; a rollback that agents rejected
+and no live agent runs retracts nothing (it never took). A version holding head's very
 tensors would change nothing and is passed over too. What was passed over,
 and why, is reported (``Target.skipped``, ``describe``).
 """
@@ -41,9 +42,15 @@ class Target:
     skipped: dict[int, str] = field(default_factory=dict)  # version -> why, newest first
 
 
-def _retract(m: Manifest, retracted: dict[int, int]) -> None:
-    """Record the versions rollback ``m`` retracted (those in (rollback_to, parent])."""
+def _retract(m: Manifest, retracted: dict[int, int], agents: fleet.Fleet) -> None:
+    """Record the versions rollback ``m`` retracted (those in (rollback_to, parent]).
+
+    A rollback that agents rejected and no live agent runs retracts nothing:
+    it never took, and what it meant to retract may be what the fleet runs.
+    """
     if m.kind != "rollback" or m.rollback_to is None or m.parent is None:
+        return
+    if m.version in agents.rejected and m.version not in agents.running:
         return
     for version in range(m.rollback_to + 1, m.parent + 1):
         retracted.setdefault(version, m.version)
@@ -63,7 +70,23 @@ def target_version(store: Store, keys: Sequence[bytes], parent: Head, to: int | 
         raise ConfigError(
             f"model {store.model!r}: v{version} is already the head; nothing to roll back"
         )
+    if head is not None and _same_weights(store, keys, head, version):
+        # A version equal to head would change nothing an agent serves.
+        raise ConfigError(
+            f"model {store.model!r}: head v{parent.number} already holds v{version}'s weights; "
+            "nothing to roll back"
+        )
     return Target(version)
+
+
+def _same_weights(store: Store, keys: Sequence[bytes], head: Manifest, version: int) -> bool:
+    """Whether ``version`` holds head's very tensors (unreadable: no; ``target_manifest``
+    then says why it cannot be restored)."""
+    try:
+        m = store.manifest(version, keys)
+    except (NotFound, IntegrityError):
+        return False
+    return plan.diff(head.tensors, m.tensors).count == 0
 
 
 def default_target(store: Store, keys: Sequence[bytes], parent: Head, number: int) -> Target:
@@ -73,9 +96,9 @@ def default_target(store: Store, keys: Sequence[bytes], parent: Head, number: in
     rejected by no agent and, where agents run earlier versions, one of those."""
     head = parent.manifest
     retracted: dict[int, int] = {}
-    if head is not None:
-        _retract(head, retracted)
     agents = fleet.read(store, None if head is None else head.lineage)
+    if head is not None:
+        _retract(head, retracted, agents)
     # Applied: some live agent runs it. Where none runs an earlier version (all
     # run head, or nothing yet) that says nothing of the others: not asked.
     ask_applied = any(v < number for v in agents.running)
@@ -98,7 +121,7 @@ def default_target(store: Store, keys: Sequence[bytes], parent: Head, number: in
             skipped[version] = "not applied by any agent"
         else:
             return Target(version, skipped)
-        _retract(m, retracted)
+        _retract(m, retracted, agents)
     if head is None:
         raise parent.refusal("no earlier stored version verifies to roll back to") from (
             parent.distrust

@@ -93,6 +93,8 @@ def agent_row(
         "last_fetched": s.last_fetched,
         # Delta encodings the agent decodes (None: an agent older than deltas).
         "encodings": s.encodings,
+        # What it can apply, as the table's "reads" column: full blobs, then those.
+        "reads": ["full", *(s.encodings or [])],
     }
 
 
@@ -120,9 +122,10 @@ def record_status(r: AgentRecord) -> AgentStatus:
 def agent_statuses(
     store: Store, report: AgentRecords | None = None
 ) -> list[tuple[AgentStatus, bool]]:
-    """Every agent's record (from ``report``, else read), by agent id, and whether it is alive."""
+    """Every agent's record (from ``report``, else read), by agent id, and whether it is
+    live (``status.live``: heartbeat alive and not stopped)."""
     read = store.agent_report() if report is None else report
-    return [(record_status(r), r.alive) for r in read.records]
+    return [(s, st.live(s, r.alive)) for r in read.records for s in (record_status(r),)]
 
 
 def status_view(

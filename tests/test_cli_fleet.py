@@ -98,11 +98,13 @@ def test_a_real_agent_rejects_two_versions_and_rollback_goes_past_both(
         assert (
             code == 4 and f"not healthy: agent {agent.agent_id} rejected head v4 (runs v2)" in out
         )
-        code, out, err = run("rollback", "m")
+        code, out, err = run("rollback", "m")  # waits for the live agent by default
         assert (code, err) == (0, "")
-        first, why = out.splitlines()
+        first, why, applied, done = out.splitlines()
         assert first.startswith("model m: rolled back to v2 as v5 (")
         assert why == f"model m: chose v2, passing over v3: rejected by agent {agent.agent_id}"
+        assert applied == f"agent {agent.agent_id}: applied v5"
+        assert done.startswith("model m: the live agent applied v5 (")
         assert agent.wait_for(5, 10) and equal_state(model, good)
         status_of(store, agent, lambda s: s.version == 5)
         code, out, _ = run("status", "m", "--json")
@@ -119,7 +121,7 @@ def test_a_version_no_live_agent_ran_is_passed_over_when_agents_run_an_older_one
     # only its last); v2 never reached anyone (agents went from v1 straight to v3).
     record(store, "srv-a", 1, rejected=[3, 4])
     record(store, "srv-b", 1, last_rejected=4)
-    code, out, _ = run("rollback", "m", "--json")
+    code, out, _ = run("rollback", "m", "--json", "--no-wait")
     assert code == 0
     data = json.loads(out)
     assert (data["rollback_to"], data["version"]) == (1, 5)
@@ -139,7 +141,7 @@ def test_a_mixed_fleet_goes_back_to_what_every_agent_accepted(
     for _ in range(100_000):  # its heartbeat lives 1 ms: ask until it has expired
         if not {a: alive for a, _, alive in store.agent_records()}["srv-dead"]:
             break
-    code, out, _ = run("rollback", "m")
+    code, out, _ = run("rollback", "m", "--no-wait")
     assert code == 0
     assert out.splitlines()[1] == (
         "model m: chose v1, passing over v3: rejected by agent srv-old; "
@@ -153,7 +155,7 @@ def test_with_every_agent_on_head_the_version_before_is_chosen(
     versions(pub, 3)
     record(store, "srv-a", 3)
     record(store, "srv-dead-long-ago", 1, ttl=0.001)  # what the dead ran says nothing
-    code, out, _ = run("rollback", "m", "--json")
+    code, out, _ = run("rollback", "m", "--json", "--no-wait")
     assert code == 0 and json.loads(out)["rollback_to"] == 2
     assert json.loads(out)["skipped"] == {}
 
@@ -174,7 +176,8 @@ def test_nothing_left_to_roll_back_to_is_an_error_that_lists_why(
     with pytest.raises(NotFound):
         pub.rollback()
     # --to is not second-guessed.
-    assert run("rollback", "m", "--to", "1")[0] == 0 and store.manifest(4).rollback_to == 1
+    assert run("rollback", "m", "--to", "1", "--no-wait")[0] == 0
+    assert store.manifest(4).rollback_to == 1
 
 
 def test_status_exit_4_only_for_live_agents_that_rejected_head_or_diverged(

@@ -223,7 +223,10 @@ def test_counts_say_what_was_removed(
         "publish", "m", str(tmp_path / "m.safetensors"), "--exclude", "layer.2.bias"
     )
     assert code == 0, err
-    assert out.startswith("model m: published v2: 1 of 5 tensors changed, 1 removed, ")
+    assert out.startswith(
+        "model m: published v2: 1 of 5 tensors changed, 1 removed: agents refuse a version "
+        "that lacks tensors they serve unless their Policy(missing_tensors='keep'), "
+    )
     code, out, _ = run("rollback", "m")
     assert out.startswith("model m: rolled back to v1 as v3 (2 of 6 tensors differ from v2; ")
     code, out, _ = run("log", "m", "--json")
