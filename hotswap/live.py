@@ -22,6 +22,9 @@ import torch
 from hotswap import codec
 from hotswap.errors import ConfigError, SourceError
 
+# The dtypes a version can carry.
+_TRAVELS = frozenset(codec.DTYPES.values())
+
 
 class LiveModel:
     """The tensors of a serving model by state-dict name, and which share storage."""
@@ -30,7 +33,13 @@ class LiveModel:
         optional: dict[str, torch.Tensor] = {}
         if isinstance(model, torch.nn.Module):
             tensors = dict(model.state_dict(keep_vars=True))
-            optional = {n: t for n, t in non_persistent_buffers(model) if n not in tensors}
+            # A buffer no version could carry (a dtype that cannot travel) is
+            # left out: an agent of a model that has one must still start.
+            optional = {
+                n: t
+                for n, t in non_persistent_buffers(model)
+                if n not in tensors and t.dtype in _TRAVELS
+            }
             tensors.update(optional)
         else:
             tensors = dict(model)

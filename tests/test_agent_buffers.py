@@ -8,6 +8,7 @@ keeps it out of ``state_dict()``. Built from a config: nothing is downloaded.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,12 @@ def test_a_live_model_knows_non_persistent_buffers_as_optional() -> None:
     assert [n for n, _ in non_persistent_buffers(torch.nn.Sequential(model))] == ["0.ids"]
     # A mapping has no buffers of any kind: everything is required.
     assert LiveModel(model.state_dict()).optional == frozenset()
+    # One no version could carry is left out: the agent still starts.
+    with warnings.catch_warnings():  # quantized dtypes are deprecated: still served
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
+    model.register_buffer("q", q, persistent=False)
+    assert LiveModel(model).optional == {"ids"}
 
 
 def test_a_toy_buffer_is_updated_in_place_when_named_and_kept_when_not(
