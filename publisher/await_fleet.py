@@ -76,9 +76,9 @@ def verdicts(
 ) -> list[Verdict]:
     """Each live agent's verdict on ``version`` (of ``lineage``) from its record.
 
-    An agent runs the version when its record names it or a later one of the
-    same lineage, with the manifest Redis stores (``views.diverged``). An
-    agent that runs it is not asked whether it rejected it once.
+    An agent applied the version when its record names it, or a later one of
+    the same lineage and the agent did not reject this one, with the manifest
+    Redis stores (``views.diverged``).
 
     Example:
         >>> a = AgentStatus("a", "h", 1, state="idle", version=7, rejected_versions=[8])
@@ -93,10 +93,11 @@ def verdicts(
             found.append(Verdict(s.agent_id, UNREADABLE, None, s.last_error))
             continue
         same = lineage is None or s.lineage is None or s.lineage == lineage
-        runs = s.version
-        if same and runs is not None and runs >= version and not views.diverged(s, stored):
+        runs, refused = s.version, version in st.rejected(s)
+        ran = same and runs is not None and not views.diverged(s, stored)
+        if ran and (runs == version or (runs is not None and runs > version and not refused)):
             found.append(Verdict(s.agent_id, APPLIED, runs))
-        elif version in st.rejected(s):
+        elif refused:
             found.append(Verdict(s.agent_id, REJECTED, runs, _rejection(s, version)))
         else:
             found.append(Verdict(s.agent_id, WAITING, runs, _doing(s, same, stored)))

@@ -430,7 +430,7 @@ def test_cli_publish_says_where_the_base_came_from_and_show_and_log_tell_the_byt
     code, out = run("log", "m", "--json")
     rows = {int(row["version"]): row for row in json.loads(out) if row.get("version")}
     assert rows[2]["tensors_delta"] == 3 and rows[2]["bytes_uploaded"] == stored  # typed
-    assert rows[2]["bases"] == "redis 3" and rows[1]["tensors_delta"] == 0
+    assert rows[2]["bases"] == {"redis": 3} and rows[1]["tensors_delta"] == 0
     code, out = run("log", "m")
     assert code == 0 and "(3 as deltas)" in out
 
