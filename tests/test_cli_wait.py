@@ -336,3 +336,21 @@ def test_models_with_redis_away_says_listing_models(
     assert (code, out) == (3, "")
     assert err.startswith("hotswap: error: Redis unreachable while listing models (")
     assert "'*'" not in err
+
+
+def test_bad_wait_options_are_usage_errors_that_change_nothing(
+    pub: Publisher, run: Any, client: redis.Redis, tmp_path: Path
+) -> None:
+    state = cloned(Ten())
+    pub.publish(state)
+    path = saved(tmp_path, "v2", bump(state))
+    before = without_records(client)
+    code, out, err = run("publish", "m", path, "--wait", "soon")
+    assert (code, out) == (2, "")
+    assert err.endswith(
+        "hotswap publish: error: argument --wait: seconds must be a number, got 'soon'\n"
+    )
+    code, out, err = run("rollback", "m", "--wait", "5", "--no-wait")
+    assert (code, out) == (2, "")
+    assert err.endswith("error: argument --no-wait: not allowed with argument --wait\n")
+    assert without_records(client) == before
