@@ -2,7 +2,9 @@
 
 Exit codes (``publisher.exitcodes``): 0 success, 1 user error (bad file,
 unknown model or version, conflict, failed verification), 2 usage, 3 Redis
-unreachable, 4 the fleet is not healthy (``status``), 130 interrupted. Errors are one line on stderr
+unreachable, 4 the fleet is not healthy (``status``; ``publish --wait`` and
+``rollback``: a live agent rejected the new version or did not apply it in
+time), 130 interrupted. Errors are one line on stderr
 (``hotswap: error: ...``); ``--debug`` adds the traceback.
 """
 

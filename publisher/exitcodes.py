@@ -15,7 +15,9 @@ UNREACHABLE = 3
 """Redis could not be reached (``StoreUnavailable``)."""
 UNHEALTHY = 4
 """The command worked, but the fleet is not healthy: ``hotswap status`` found a live
-agent that rejected head or is diverged (so a deploy script can stop on it)."""
+agent that rejected head or is diverged, or ``publish --wait`` / ``rollback`` committed
+a version that a live agent rejected or did not apply in time (so a deploy script can
+stop on it)."""
 INTERRUPTED = 130
 """Ctrl-C or SIGTERM: the shell's code for a process ended by SIGINT."""
 
