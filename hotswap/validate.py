@@ -119,6 +119,9 @@ class Policy(BaseModel):
             (``None``: no bound). A live tensor whose norm is 0 (zero-initialised
             biases, LoRA B matrices) has no ratio and passes this check.
         max_relative_change: bound of ``||new - old|| / ||old||`` (``None``: off).
+            Both relative checks spare a tensor that returns to content this
+            agent applied before under that name (``hotswap.ranbefore``: a
+            rollback); a restarted agent remembers none.
         unknown_tensors: what to do with a name the live model lacks.
         min_coverage: the least share of the live model's tensor names a
             version must reach (after the agent's name map; a tied twin counts)
