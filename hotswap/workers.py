@@ -28,6 +28,19 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_after_fork() -> None:
+    """A forked child has none of the parent's threads: it starts a pool of its own.
+
+    (The parent's executor object would still count its threads as running
+    and never start any, so the child's first frame job would wait forever.)
+    """
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 @functools.cache
 def threads() -> int:
     """How many threads the pool runs: the host's cores, at most ``MAX_WORKERS``."""

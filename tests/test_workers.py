@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import threading
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -59,3 +61,31 @@ def test_a_caller_that_stops_early_waits_for_running_jobs() -> None:
     results.close()  # returns only once the running job is done
     assert 1 in log
     opener.join(10)
+
+
+def test_a_forked_child_gets_a_pool_of_its_own() -> None:
+    """After a fork the parent's pool threads do not exist in the child; frame jobs there
+    still run (a serving framework may fork workers after an agent decoded deltas)."""
+    import os
+
+    # Every thread of the parent's pool started: each job waits for all the others.
+    n = workers.threads()
+    barrier = threading.Barrier(n)
+    assert list(workers.ordered([lambda: barrier.wait(10) >= 0] * n, window=n)) == [True] * n
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns of forking a process with threads: that is the case tested.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: run jobs in the pool, report, exit without cleanup
+        signal.alarm(10)  # a child whose jobs never run ends instead of lingering
+        try:
+            got = list(workers.ordered([lambda: 3, lambda: 4, lambda: 5]))
+            os.write(write, b"ok" if got == [3, 4, 5] else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as r:
+        said = r.read()  # the child exits, or its alarm ends it
+    os.waitpid(pid, 0)
+    assert said == b"ok"
