@@ -180,8 +180,11 @@ def decode_frame(
     backwards: bool = False,
     where: str = "delta frame",
     verify: bool = True,
-) -> None:
+) -> encodings.Patched | None:
     """Write the chunk a frame produces from ``base_chunk`` into ``out``, and verify it.
+
+    Returns where a sparse patch wrote (``encodings.Patched``: ``out`` equals
+    ``base_chunk`` everywhere else), None for the other encodings.
 
     Never writes or allocates more than ``len(out)`` bytes of output, whatever
     the payload claims: a compressed payload that would expand further is
@@ -216,9 +219,9 @@ def decode_frame(
             f"(base {len(base_chunk)})"
         )
     payload = memoryview(frame)[HEADER_BYTES:]
-    encodings.decode(header.encoding, payload, _array(base_chunk), _array(out), where)
+    patched = encodings.decode(header.encoding, payload, _array(base_chunk), _array(out), where)
     if not verify:
-        return
+        return patched
     expected = header.base_digest if backwards else header.result_digest
     if chunk_digest(out) != expected:
         raise IntegrityError(
@@ -226,6 +229,7 @@ def decode_frame(
             f"says {expected.hex()[:16]}... ({_cause(header, base_chunk, out, backwards)}); "
             "fetch the full blob"
         )
+    return patched
 
 
 def _cause(header: FrameHeader, base_chunk: Buffer, out: memoryview, backwards: bool) -> str:

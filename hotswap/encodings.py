@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import struct
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,13 @@ import zstandard
 from hotswap.errors import ConfigError, FormatError
 
 Bytes = npt.NDArray[np.uint8]
+
+
+class Patched(NamedTuple):
+    """Where a sparse patch wrote: word width in bytes, rising word indices in the chunk."""
+
+    width: int
+    at: npt.NDArray[np.uint64]
 
 
 class Encoding(enum.IntEnum):
@@ -170,18 +178,23 @@ def encode(
     return encoding, _SPARSE_HEAD.pack(width, count) + _compressor().compress(body)
 
 
-def decode(encoding: Encoding, payload: memoryview, base: Bytes, out: Bytes, where: str) -> None:
+def decode(
+    encoding: Encoding, payload: memoryview, base: Bytes, out: Bytes, where: str
+) -> Patched | None:
     """Write into ``out`` the chunk ``payload`` makes of ``base`` (both ``len(out)``).
 
     ``out`` may be ``base``'s own memory. Raises FormatError for a payload
-    that does not decode to exactly what its encoding implies.
+    that does not decode to exactly what its encoding implies. Returns, for a
+    sparse patch, the only words ``out`` may differ from ``base`` in
+    (``hotswap.patches``); None for the other encodings.
     """
     if encoding is Encoding.XOR_ZSTD:
         np.bitwise_xor(_expand(payload, len(out), where), base, out=out)
-    elif encoding is Encoding.SHUFFLE_ZSTD:
+        return None
+    if encoding is Encoding.SHUFFLE_ZSTD:
         _unshuffle(payload, base, out, where)
-    else:
-        _patch(payload, base, out, where)
+        return None
+    return _patch(payload, base, out, where)
 
 
 def _width(width: int, length: int, where: str) -> None:
@@ -229,7 +242,7 @@ def _unshuffle(payload: memoryview, base: Bytes, out: Bytes, where: str) -> None
         np.bitwise_xor(words, shifted, out=words)
 
 
-def _patch(payload: memoryview, base: Bytes, out: Bytes, where: str) -> None:
+def _patch(payload: memoryview, base: Bytes, out: Bytes, where: str) -> Patched:
     """Copy ``base`` into ``out`` and XOR the payload's values in at its indices."""
     if len(payload) < _SPARSE_HEAD.size:
         raise FormatError(f"{where}: sparse payload of {len(payload)} bytes has no head")
@@ -249,6 +262,7 @@ def _patch(payload: memoryview, base: Bytes, out: Bytes, where: str) -> None:
         raise FormatError(f"{where}: sparse indices do not rise within the chunk")
     np.copyto(out, base)
     out.view(_WIDTHS[width])[at] ^= raw[4 * count :].view(_WIDTHS[width])
+    return Patched(width, at)
 
 
 def _expand(payload: memoryview, length: int, where: str) -> Bytes:

@@ -36,7 +36,7 @@ from hotswap.manifest import Manifest
 from hotswap.reporter import ApplyReport, Reporter
 from hotswap.runstate import Ready, Rejection, RunState
 from hotswap.settings import HotswapSettings
-from hotswap.staging import LiveModel, Staged, Staging, apply, pairs
+from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, patched
 from hotswap.store import Store
 
 log = logging.getLogger("hotswap.agent")
@@ -337,7 +337,8 @@ class Pipeline:
         staged = ready.staged
         m = staged.plan.manifest
         self.reporter.update(state="applying")
-        copies = pairs(staged, self.live)
+        # A patched tensor writes only its changed elements where what runs is its base.
+        copies = pairs(staged, self.live, self.state.basis().digests)
         with self._gate.writing():
             locked = time.perf_counter()
             apply(copies)
@@ -352,6 +353,8 @@ class Pipeline:
             time.perf_counter() - locked,
             staged.started,
             ready.digest,
+            tensors_patched=patched(copies),
+            tensors_validated_by_patch=staged.checked_by_patch,
         )
         # The reporter's thread writes the record: neither this thread nor
         # apply_pending()'s caller waits for Redis.

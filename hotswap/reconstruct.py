@@ -28,13 +28,14 @@ from collections.abc import Callable, Iterator
 import blake3
 import numpy as np
 
-from hotswap import chain, codec, delta, workers
+from hotswap import chain, codec, delta, patches, workers
 from hotswap.candidates import (
     Candidates,
     History,
     full_stored,
     unknown_encoding,
 )
+from hotswap.encodings import Patched
 from hotswap.errors import FormatError, IntegrityError
 from hotswap.frames import Blobs, Broken, LinkReader, recut, starts
 from hotswap.manifest import Manifest, TensorEntry
@@ -60,6 +61,9 @@ class Rebuild:
 
     After a call, ``fetched`` is the bytes read from Redis and ``broken``
     says which blobs were found broken on the way (and dropped), and why.
+    After ``into``, ``patch`` names the only words in which the result differs
+    from the live bytes, where the route started there and every frame on it
+    was a sparse patch (``hotswap.patches``); None otherwise.
 
     Example::
 
@@ -84,6 +88,7 @@ class Rebuild:
         self.candidates = Candidates(entry)
         self.candidates.add(entry, m.version)
         self.fetched = 0
+        self.patch: patches.Where | None = None
         # Blob (digest of a full one, name of a delta; "" the live bytes) -> why dropped.
         self.broken: dict[str, str] = {}
         self._walked = history is None
@@ -250,6 +255,9 @@ class Rebuild:
         Every link's frames are still checked against its signed frames digest.
         """
         checked = route.full is not None
+        self.patch = None
+        # From the live bytes, each chunk's sparse patches say where it may differ.
+        wrote: dict[int, Patched | None] | None = {} if route.full is None and route.links else None
         if route.full is not None:
             self._read_full(route.full, out)
             if not route.links:
@@ -271,6 +279,7 @@ class Rebuild:
             checked=checked,
             parallel=True,
             verify=verify,
+            wrote=wrote,
         )
         try:
             self._final(route, hashing.hexdigest())
@@ -278,6 +287,9 @@ class Rebuild:
             if verify or not route.links:
                 raise
             self._run_into(route, out, live, verify=True)
+            return
+        if wrote is not None:
+            self.patch = patches.joined(wrote, list(self._spans()))
 
     def _run_hashed(self, route: chain.Route) -> None:
         if route.full is None:
@@ -341,6 +353,7 @@ class Rebuild:
         checked: bool,
         parallel: bool = False,
         verify: bool = True,
+        wrote: dict[int, Patched | None] | None = None,
     ) -> None:
         """Every link of ``route`` over each chunk in turn: chunk ``i`` of the start
         (``bases``) becomes chunk ``i`` of the result in ``dest``; ``done`` sees it.
@@ -352,7 +365,8 @@ class Rebuild:
         chunk its own memory) chunks decode in the frame pool (``hotswap.workers``)
         while later frames are read and earlier chunks are seen by ``done``.
         ``verify`` False leaves the links' chunks unhashed: the caller checks the
-        whole result against the manifest.
+        whole result against the manifest. ``wrote`` gets, per chunk, where its
+        links' sparse patches wrote (None for a chunk any other encoding wrote).
         """
         readers = [
             LinkReader(self.blobs, link, self.candidates.deltas[link.delta.blob])
@@ -360,10 +374,11 @@ class Rebuild:
         ]
 
         def run(i: int, base: memoryview, chunk: memoryview, frames: list[memoryview]) -> None:
+            got: list[Patched | None] = []
             for k, (reader, frame) in enumerate(zip(readers, frames, strict=True)):
                 where = f"{self.where} chunk {i} (delta of v{reader.source.version})"
                 try:
-                    delta.decode_frame(
+                    patched = delta.decode_frame(
                         frame,
                         base,
                         chunk,
@@ -376,7 +391,10 @@ class Rebuild:
                     if k == 0 and not checked and not starts(frame, base, reader.backwards):
                         blame = start
                     raise Broken(err, blame) from err
+                got.append(patched)
                 base = chunk
+            if wrote is not None:
+                wrote[i] = patches.union(got)  # distinct keys: safe across the pool's threads
 
         def jobs() -> Iterator[Callable[[], memoryview]]:
             for i, (s, e) in enumerate(self._spans()):

@@ -295,6 +295,11 @@ class ApplyReport:
     # since one version number can name two manifests (Redis restored from an
     # older snapshot).
     manifest_digest: str | None = None
+    # Tensors the writer lock patched (only their changed elements written, from
+    # a sparse delta of what ran) instead of copying whole; and those whose value
+    # checks read only the changed elements (``hotswap.patchcheck``).
+    tensors_patched: int = 0
+    tensors_validated_by_patch: int = 0
 
 
 def agent_id() -> str:

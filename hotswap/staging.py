@@ -10,8 +10,9 @@ in with one call, or the previous version's arena, already faulted in, that
 ``hostmem.HostMemory`` kept up to a byte budget); pinned host memory per tensor for
 CUDA models (torch's pinned allocator caches it); device memory with
 ``staging="device"``. ``apply`` copies staged tensors into the live ones in
-place. The same code runs on CPU and CUDA: only the device found at run time
-differs, so CPU tests exercise every path.
+place; a tensor a sparse delta took from the live bytes (``hotswap.patches``)
+has only its changed elements written. The same code runs on CPU and CUDA:
+only the device found at run time differs, so CPU tests exercise every path.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from hotswap import codec, validate
+from hotswap import codec, patches, validate
 from hotswap.candidates import History, Manifests, unknown_encoding
 from hotswap.errors import IntegrityError
 from hotswap.frames import Blobs
@@ -140,11 +141,16 @@ class Staged:
     norms: dict[str, float] = field(default_factory=dict)
     arena: torch.Tensor | None = None
     memory: HostMemory | None = None
+    # Canonical name -> where its staged tensor differs from the live one.
+    patches: dict[str, patches.Patch] = field(default_factory=dict)
+    # Tensors whose value checks read only their patch (``hotswap.patchcheck``).
+    checked_by_patch: int = 0
 
     def release(self) -> None:
         """Hand the host arena back for the next version; the staged tensors go with it."""
         arena, self.arena = self.arena, None
         self.tensors = {}
+        self.patches = {}
         if arena is not None and self.memory is not None:
             self.memory.give(arena, self.arena_used)
 
@@ -225,6 +231,7 @@ def fetch(
             array: Any = host.numpy()
             view = memoryview(array).cast("B")
             hashing = codec.ChunkDigest(view, entry.chunk_bytes)
+            patch: tuple[str, patches.Where] | None = None
             try:
                 if entry.delta is not None:
                     running = (digests or {}).get(entry.name)
@@ -233,6 +240,14 @@ def fetch(
                         rebuild.into(view, None if running is None else (running, _bytes(target)))
                     finally:
                         staged.bytes_fetched += rebuild.fetched
+                    if (
+                        running is not None
+                        and rebuild.patch is not None
+                        and host is buf
+                        and entry.name not in live.tied
+                        and patches.usable(rebuild.patch, target, entry.dtype, entry.nbytes)
+                    ):
+                        patch = (running, rebuild.patch)
                 else:
                     reader.read_into(entry, view, version, hashing.landed)
                     staged.bytes_fetched += entry.nbytes
@@ -243,6 +258,8 @@ def fetch(
             if host is not buf:
                 buf.copy_(host)
             out[canon] = typed(buf, entry)
+            if patch is not None:
+                staged.patches[canon] = patches.make(*patch, out[canon])
             if between is not None:
                 between()
     except BaseException:
@@ -280,17 +297,45 @@ class _Copier:
             self.stream.synchronize()
 
 
-def pairs(staged: Staged, live: LiveModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(live tensor, staged tensor) per storage, tied names once."""
-    return [(live.tensors[name], new) for name, new in staged.tensors.items()]
+Source = torch.Tensor | patches.Scatter
 
 
-def apply(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy every staged tensor into its live tensor in place; returns when all landed.
+def pairs(
+    staged: Staged, live: LiveModel, running: Mapping[str, str] | None = None
+) -> list[tuple[torch.Tensor, Source]]:
+    """(live tensor, staged tensor or its changed elements) per storage, tied names once.
+
+    A patched tensor (``Staged.patches``) gives a ``patches.Scatter`` when it
+    still describes the staged tensor and ``running`` (digest per live name,
+    what runs now) holds the bytes it started from; the whole tensor otherwise.
+    """
+    out: list[tuple[torch.Tensor, Source]] = []
+    for name, new in staged.tensors.items():
+        patch = staged.patches.get(name)
+        if (
+            patch is not None
+            and patch.staged is new
+            and running is not None
+            and running.get(name) == patch.base
+        ):
+            out.append((live.tensors[name], patches.Scatter.of(patch)))
+        else:
+            out.append((live.tensors[name], new))
+    return out
+
+
+def patched(copies: list[tuple[torch.Tensor, Source]]) -> int:
+    """How many of ``copies`` write only changed elements."""
+    return sum(isinstance(src, patches.Scatter) for _, src in copies)
+
+
+def apply(copies: list[tuple[torch.Tensor, Source]]) -> None:
+    """Copy every staged tensor into its live tensor in place (a ``Scatter``: only its
+    elements); returns when all landed.
 
     The caller holds the writer lock: readers must not run while this runs.
     """
-    by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    by_device: dict[torch.device, list[tuple[torch.Tensor, Source]]] = {}
     for dst, src in copies:
         by_device.setdefault(dst.device, []).append((dst, src))
     copiers = [(_Copier(device), items) for device, items in by_device.items()]
@@ -298,7 +343,10 @@ def apply(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for copier, items in copiers:
             with copier.context():
                 for dst, src in items:
-                    dst.copy_(src, non_blocking=True)
+                    if isinstance(src, patches.Scatter):
+                        src.into(dst)
+                    else:
+                        dst.copy_(src, non_blocking=True)
         for copier, _ in copiers:
             copier.finish()
 

@@ -10,7 +10,9 @@ fp32 beyond the range of fp16 overflows), and the remaining checks (norm
 ratio, relative change, validators) run on the converted values, which are
 what the model will hold. For content this agent ran before under the same
 name (``ranbefore``), the relative checks are skipped: a rollback is a return,
-not a jump.
+not a jump. A tensor staged from a sparse delta of what runs (``Staged.patches``)
+is checked from its changed elements where ``patchcheck.passes`` can vouch
+for it, fully otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hotswap import codec, validate
+from hotswap import codec, patchcheck, validate
 from hotswap.manifest import TensorEntry
 from hotswap.ranbefore import RanBefore
 
@@ -105,6 +107,17 @@ def check_staged(
             )
             if converted is not None:
                 staged.tensors[canon] = converted
+        elif (
+            (patch := staged.patches.get(canon)) is not None
+            and patch.staged is new
+            and (
+                patchcheck.passes(
+                    entry, new, target, patch.index, rules=rules, old_norm=old_norms.get(name)
+                )
+            )
+        ):
+            found = []
+            staged.checked_by_patch += 1
         else:
             found = validate.check_values(
                 name, entry, new, target, rules, old_norm=old_norms.get(name)

@@ -1,0 +1,132 @@
+"""A patched tensor's value checks from its changed elements only.
+
+``validate.check_values`` reads every element of a new tensor (its norm, its
+finiteness) and, for the relative change, of the live one too. For a tensor
+staged from a sparse delta of the live bytes (``hotswap.patches``) every
+element outside the patch is the live one, so:
+
+* new norm^2 = old norm^2 + sum over the patch of (new^2 - old^2), in float64,
+  from the live tensor's known norm (``hotswap.norms``: the norm a trusted
+  manifest states for the bytes that run, the one the full ratio check uses);
+* the new tensor is finite iff the live one is (a finite known norm says so)
+  and the patch's new values are;
+* ||new - old|| sums the patch's differences only (widened as
+  ``validate.relative_change`` widens them).
+
+``passes`` says True only where the full checks would find nothing: it never
+decides a refusal. Anything it cannot vouch for (no known or a non-finite
+old norm, user validators, a non-finite value, a value within ``MARGIN`` of a
+bound, a norm tolerance below ``MIN_TOLERANCE``, a norm that fell by more than
+``MAX_FALL``) returns False and the caller runs ``validate.check_values``, so a
+refusal carries the very same reasons the full path gives.
+
+Pure: no Redis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hotswap.manifest import TensorEntry
+from hotswap.patches import PATCHABLE
+from hotswap.validate import Rules
+
+# Relative room kept from every bound, for the difference between the norm
+# derived here and the one a full pass computes (both float64 sums, in
+# another order, the old one from the publisher's own pass).
+MARGIN = 1e-6
+# Below this ``norm_tolerance`` the full pass decides: a derived norm is not
+# the full pass's bit for bit.
+MIN_TOLERANCE = 1e-6
+# A new norm^2 under this fraction of the old one is decided by a full pass:
+# the subtraction would cancel most of the old norm's digits.
+MAX_FALL = 1e-2
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What the patch gives: the new norm, whether the patch's values are finite, and
+    ``||new - old|| / old_norm``."""
+
+    norm: float
+    finite: bool
+    relative_change: float
+
+
+def derive(
+    new: torch.Tensor, old: torch.Tensor, index: torch.Tensor, old_norm: float
+) -> Derived | None:
+    """The new tensor's statistics from the elements at ``index`` (int64, into the flat
+    tensors) and the live tensor's known norm; None where a full pass must compute them
+    (the norm fell by more than ``MAX_FALL``, or overflowed).
+
+    Example::
+
+        old = torch.ones(4)
+        new = old.clone(); new[1] = 2.0
+        derive(new, old, torch.tensor([1]), 2.0).norm  # sqrt(4 - 1 + 4) = sqrt(7)
+    """
+    n = new.detach().reshape(-1).index_select(0, index)
+    o = old.detach().reshape(-1).index_select(0, index)
+    finite = bool(torch.isfinite(n).all()) and bool(torch.isfinite(o).all())
+    if not finite:
+        return Derived(math.nan, False, math.nan)
+    n64, o64 = n.to(torch.float64), o.to(torch.float64)
+    before = old_norm * old_norm
+    squares = before + float(torch.dot(n64, n64) - torch.dot(o64, o64))
+    if not math.isfinite(squares) or squares < MAX_FALL * before:
+        return None
+    wide = torch.promote_types(old.dtype, torch.float32)
+    diff = (n.to(wide) - o.to(wide)).to(torch.float64)
+    change = math.sqrt(float(torch.dot(diff, diff))) / old_norm
+    return Derived(math.sqrt(squares), True, change)
+
+
+def passes(
+    entry: TensorEntry | None,
+    new: torch.Tensor,
+    old: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    rules: Rules,
+    old_norm: float | None,
+) -> bool:
+    """True where ``validate.check_values(name, entry, new, old, rules, old_norm=old_norm)``
+    would return no reason, decided from the patch; False: run the full checks.
+
+    Example::
+
+        passes(entry, new, live, patch.index, rules=rules, old_norm=2.0)
+
+    ``new`` must equal ``old`` outside ``index`` (what ``staging`` checked
+    against the signed digest), both dense CPU tensors of one dtype.
+    """
+    if (
+        entry is None
+        or rules.validators
+        or old_norm is None
+        or not math.isfinite(old_norm)
+        or old_norm <= 0
+        or new.dtype != old.dtype
+        or new.dtype not in PATCHABLE
+        or (rules.check_norm and rules.norm_tolerance < MIN_TOLERANCE)
+    ):
+        return False
+    got = derive(new, old, index, old_norm)
+    if got is None or not got.finite:
+        return False
+    if rules.check_norm and not (
+        math.isfinite(entry.norm)
+        and abs(got.norm - entry.norm) <= rules.norm_tolerance * entry.norm * (1 - MARGIN) / 2
+    ):
+        return False
+    if rules.norm_ratio is not None:
+        low, high = rules.norm_ratio
+        ratio = got.norm / old_norm
+        if not low * (1 + MARGIN) <= ratio <= high * (1 - MARGIN):
+            return False
+    limit = rules.max_relative_change
+    return limit is None or got.relative_change <= limit * (1 - MARGIN)
