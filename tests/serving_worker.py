@@ -21,7 +21,7 @@ import torch
 from agent_support import until
 
 from hotswap import codec
-from hotswap.agent import Agent
+from hotswap.agent import Agent, ApplyReport
 from hotswap.settings import HotswapSettings
 
 BASE = 100.0  # keeps every new/old norm ratio near 1 even when versions are skipped
@@ -53,6 +53,15 @@ def fill(state: dict[str, torch.Tensor], version: int) -> None:
             t.fill_(BASE + version)
 
 
+def fill_sparse(state: dict[str, torch.Tensor], version: int) -> None:
+    """Like ``fill`` for the sums ``decode`` reads, changing one element in WIDTH:
+    ``BASE`` everywhere, every WIDTH-th element ``BASE + WIDTH * version``."""
+    with torch.no_grad():
+        for t in state.values():
+            t.fill_(BASE)
+            t.view(-1)[::WIDTH] += WIDTH * version
+
+
 def decode(out: torch.Tensor) -> list[float]:
     """The version each tensor group was at: (weight, bias) per layer, then the buffer."""
     # With x = ones: a layer gives WIDTH * (WIDTH * v + v), the buffer WIDTH * v.
@@ -71,12 +80,18 @@ def main() -> int:
     model = Probe()
     before = {k: (t.data_ptr(), id(t)) for k, t in model.state_dict(keep_vars=True).items()}
     applied: list[int] = []
+    # (tensors patched, tensors validated by patch) per applied version.
+    patched: list[tuple[int, int]] = []
+
+    def on_applied(version: int, report: ApplyReport) -> None:
+        applied.append(version)
+        patched.append((report.tensors_patched, report.tensors_validated_by_patch))
     settings = HotswapSettings(
         redis_url=args.redis_url,
         poll_interval=0.5,
         _env_file=None,  # type: ignore[call-arg]
     )
-    agent = Agent(model, args.model, settings=settings, on_applied=lambda v, r: applied.append(v))
+    agent = Agent(model, args.model, settings=settings, on_applied=on_applied)
     stop = threading.Event()
     lock = threading.Condition()
     seen: dict[str, int] = {}
@@ -116,6 +131,7 @@ def main() -> int:
     result = {
         "reached_last": ok,
         "applied": applied,
+        "patched": patched,
         "passes": passes[0],
         "seen": seen,
         "mixed": mixed[:20],

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from delta_support import Versions
 from test_serving_process import MODEL, ROOT, WORKER, probe_state
 from waiting import poll
@@ -76,3 +77,71 @@ def test_a_serving_process_applies_deltas_fetching_only_them(
     # their deltas, each fetched once.
     assert getattr(status, "bytes_fetched", None) == full + every_delta
     assert every_delta < (LAST - 1) * full // 50  # under 2% of full transfers
+
+
+def sparse_state(version: int) -> dict[str, torch.Tensor]:
+    """The probe's state at ``version`` changing one element in 128 a step."""
+    state = probe_state(0)
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import serving_worker
+    finally:
+        sys.path.pop(0)
+    serving_worker.fill_sparse(state, version)
+    return state
+
+
+def test_a_serving_process_validates_and_applies_sparse_deltas_by_patch(
+    settings: HotswapSettings, store: Store
+) -> None:
+    served = Store(store.client, MODEL)
+    vs = Versions(served, chunk_bytes=16 * 1024)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(
+        [sys.executable, str(WORKER), settings.redis_url, MODEL, "--last", str(LAST)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        ready = worker.stdout.readline()
+        assert ready.startswith("READY"), worker.stderr.read() if worker.stderr else ready
+        agent_id = ready.split()[1]
+
+        def version() -> int:
+            for found, raw, _alive in served.agent_records():
+                if found == agent_id:
+                    return getattr(decode_status(raw), "version", 0) or 0
+            return 0
+
+        vs.commit(sparse_state(1), default="full")
+        assert poll(lambda: version() >= 1)
+        for k in range(2, LAST + 1):
+            v = vs.commit(sparse_state(k))
+            assert all(e.delta is not None for e in vs.manifests[v].tensors)
+            if k % 2 == 0:  # some applied one by one, the others back to back
+
+                def reached(v: int = v) -> bool:
+                    return version() >= v
+
+                assert poll(reached)
+        out, err = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["reached_last"] is True
+    assert result["mixed_count"] == 0, result["mixed"]
+    assert result["pointers_unchanged"] is True
+    assert result["digests"] == {n: e.digest for n, e in vs.manifests[LAST].by_name().items()}
+    tensors = len(vs.manifests[LAST].tensors)
+    # v1 copied whole; every later version (one link or a chain of two from what
+    # runs) checked and written from its changed elements only.
+    assert result["patched"][0] == [0, 0]
+    assert result["patched"][1:] == [[tensors, tensors]] * (len(result["applied"]) - 1)
+    assert len(result["applied"]) >= LAST // 2 + 1
