@@ -26,6 +26,7 @@ MAX_WORKERS = 4
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_owner = os.getpid()  # the process whose threads _pool runs
 
 
 def _forget_after_fork() -> None:
@@ -34,8 +35,8 @@ def _forget_after_fork() -> None:
     (The parent's executor object would still count its threads as running
     and never start any, so the child's first frame job would wait forever.)
     """
-    global _pool, _lock
-    _pool, _lock = None, threading.Lock()
+    global _pool, _lock, _owner
+    _pool, _lock, _owner = None, threading.Lock(), os.getpid()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -49,10 +50,12 @@ def threads() -> int:
 
 def pool() -> ThreadPoolExecutor:
     """The process's frame pool, started on first use."""
-    global _pool  # noqa: PLW0603 - one pool a process, made on first use
+    global _pool, _owner  # noqa: PLW0603 - one pool a process, made on first use
     with _lock:
-        if _pool is None:
+        # The pid check backs up the fork hook for a child forked by other means.
+        if _pool is None or _owner != os.getpid():
             _pool = ThreadPoolExecutor(threads(), thread_name_prefix="hotswap-frames")
+            _owner = os.getpid()
         return _pool
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
-import warnings
 from collections.abc import Callable
 
 import pytest
@@ -63,29 +65,38 @@ def test_a_caller_that_stops_early_waits_for_running_jobs() -> None:
     opener.join(10)
 
 
+FORKED = """
+import os, sys, threading
+from hotswap import workers
+
+# Every thread of the parent's pool started: each job waits for all the others.
+n = workers.threads()
+barrier = threading.Barrier(n)
+assert list(workers.ordered([lambda: barrier.wait(10) >= 0] * n, window=n)) == [True] * n
+pid = os.fork()
+if pid == 0:  # the child: run jobs in the pool, say what came back
+    got = list(workers.ordered([lambda: 3, lambda: 4, lambda: 5]))
+    os.write(1, b"child ok" if got == [3, 4, 5] else b"child bad")
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
 def test_a_forked_child_gets_a_pool_of_its_own() -> None:
     """After a fork the parent's pool threads do not exist in the child; frame jobs there
-    still run (a serving framework may fork workers after an agent decoded deltas)."""
-    import os
+    still run (a serving framework may fork workers after an agent decoded deltas).
 
-    # Every thread of the parent's pool started: each job waits for all the others.
-    n = workers.threads()
-    barrier = threading.Barrier(n)
-    assert list(workers.ordered([lambda: barrier.wait(10) >= 0] * n, window=n)) == [True] * n
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        # Python 3.12+ warns of forking a process with threads: that is the case tested.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the child: run jobs in the pool, report, exit without cleanup
-        signal.alarm(10)  # a child whose jobs never run ends instead of lingering
+    Run in an interpreter of its own, so that no test runner's threads or signal
+    handlers are in the fork, and killed whole if the child hangs.
+    """
+    with subprocess.Popen(
+        [sys.executable, "-c", FORKED], stdout=subprocess.PIPE, start_new_session=True
+    ) as proc:
         try:
-            got = list(workers.ordered([lambda: 3, lambda: 4, lambda: 5]))
-            os.write(write, b"ok" if got == [3, 4, 5] else b"bad")
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as r:
-        said = r.read()  # the child exits, or its alarm ends it
-    os.waitpid(pid, 0)
-    assert said == b"ok"
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the parent and its hung child
+            proc.communicate()
+            pytest.fail("a forked child's frame jobs never ran")
+    assert proc.returncode == 0
+    assert out == b"child ok"
