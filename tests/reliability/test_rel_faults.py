@@ -43,10 +43,15 @@ from hotswap.errors import StoreUnavailable, VersionConflict
 from hotswap.store import Store
 from publisher import plan
 from publisher.publisher import Publisher
+from publisher.upload import SMALL_BLOB_BYTES
 
 pytestmark = pytest.mark.reliability
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+# Tensors too big for the batch of small blobs (publisher.upload.SMALL_BLOB_BYTES),
+# which goes in one round trip: these tests stop an upload between tensors.
+WIDE = 160
+assert WIDE * WIDE * 4 > SMALL_BLOB_BYTES
 
 
 @pytest.fixture
@@ -71,7 +76,7 @@ def referenced_keys(store: Store) -> set[str]:
 
 def test_redis_killed_during_upload_then_the_publish_is_retried(durable: EmbeddedRedis) -> None:
     cfg = settings_for(durable)
-    first, second = make_state(1), make_state(2)
+    first, second = make_state(1, width=WIDE), make_state(2, width=WIDE)
     live = live_copy(first)
     store = admin_store(durable)
     sent_before_kill: list[int] = []
@@ -235,7 +240,7 @@ def test_redis_restarted_empty() -> None:
 def test_redis_frozen_longer_than_the_client_timeout(when: str) -> None:
     with EmbeddedRedis() as server:
         cfg = settings_for(server, socket_timeout=0.5, connect_timeout=0.5, retry_max_wait=0.1)
-        first, second = make_state(1), make_state(2)
+        first, second = make_state(1, width=WIDE), make_state(2, width=WIDE)
         live = live_copy(first)
         store = admin_store(server)
         started: list[float] = []
@@ -285,7 +290,7 @@ def test_publisher_process_killed_mid_upload_leaves_only_orphans_for_gc(
     durable: EmbeddedRedis,
 ) -> None:
     cfg = settings_for(durable)
-    first = make_state(1)
+    first = make_state(1, width=WIDE)
     live = live_copy(first)
     store = admin_store(durable)
     with Publisher(MODEL, settings=cfg) as pub, Agent(live, MODEL, settings=cfg) as agent:
@@ -293,8 +298,9 @@ def test_publisher_process_killed_mid_upload_leaves_only_orphans_for_gc(
         assert agent.wait_for(v1, 10)
         before = blob_keys(store)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+        script = str(HERE / "publish_child.py")
         child = subprocess.Popen(
-            [sys.executable, str(HERE / "publish_child.py"), durable.url, MODEL, "9", "6", "32"],
+            [sys.executable, script, durable.url, MODEL, "9", "6", f"{WIDE}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -327,7 +333,7 @@ def test_publisher_process_killed_mid_upload_leaves_only_orphans_for_gc(
         assert blob_keys(store) == before == referenced_keys(store)
         assert set(store.blobs.blob_index()) == set(plan.unique_blobs(store.manifest(v1).tensors))
         assert pub.verify(v1).ok
-        again = make_state(9, 6, 32)
+        again = make_state(9, 6, WIDE)
         v2 = pub.publish(again)
         assert agent.wait_for(v2, 10)
     assert_runs_exactly(store, live, v2)
