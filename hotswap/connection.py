@@ -18,7 +18,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from hotswap.errors import ConfigError, HotswapError, StoreFull, StoreUnavailable
-from hotswap.redact import redact, scrub
+from hotswap.redact import (
+    redact,  # noqa: F401 - re-exported for callers that mask a URL
+    scrub,
+)
+from hotswap.seeds import Seeds
+from hotswap.seeds import parse as parse_seeds
+from hotswap.seeds import shown as shown_url
 from hotswap.settings import HotswapSettings
 
 T = TypeVar("T")
@@ -33,6 +39,12 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
     ConnectionResetError,
+    # No cluster node answered (all away, or mid-failover): outside RedisError.
+    *(
+        (redis.exceptions.RedisClusterUnreachableError,)
+        if hasattr(redis.exceptions, "RedisClusterUnreachableError")
+        else ()
+    ),
 )
 PERMANENT: tuple[type[BaseException], ...] = (redis.AuthenticationError,)
 
@@ -124,11 +136,26 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
 
 
 def connect(settings: HotswapSettings) -> RedisClient:
-    """A client for ``settings.redis_url`` (standalone or cluster, TLS, unix, ACL)."""
+    """A client for ``settings.redis_url`` (standalone or cluster, TLS, unix, ACL).
+
+    On a cluster the URL may name several seed nodes, comma-separated
+    (``redis://a:7000,b:7001``, see ``hotswap.seeds``): the client learns
+    the slot map from whichever answers, so losing one seed loses nothing.
+
+    Example::
+
+        client = connect(HotswapSettings(redis_url="redis://a:7000,b:7001", cluster=True))
+    """
     url = settings.redis_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
-            f"HOTSWAP_REDIS_URL {redact(url)!r} must start with redis://, rediss:// or unix://"
+            f"HOTSWAP_REDIS_URL {shown_url(url)!r} must start with redis://, rediss:// or unix://"
+        )
+    seeds = parse_seeds(url)
+    if seeds.others and not settings.cluster:
+        raise ConfigError(
+            f"HOTSWAP_REDIS_URL {seeds.shown()!r} names {len(seeds.others) + 1} addresses, "
+            "which only a Redis Cluster takes: set HOTSWAP_CLUSTER=true, or name one server"
         )
     kwargs: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout,
@@ -149,21 +176,26 @@ def connect(settings: HotswapSettings) -> RedisClient:
         if settings.cluster:
             if url.startswith("unix://"):
                 raise ConfigError("Redis Cluster cannot be reached over a unix:// socket")
-            return _cluster(url, kwargs)
+            return _cluster(seeds, kwargs)
         # Retries belong to our tenacity policy alone, not also redis-py's.
         return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kwargs)
     except (ValueError, TypeError) as e:
         # The parser's complaint may quote a piece of the password (as a port).
-        raise ConfigError(f"invalid HOTSWAP_REDIS_URL {redact(url)!r}: {scrub(str(e), url)}") from e
+        raise ConfigError(
+            f"invalid HOTSWAP_REDIS_URL {shown_url(url)!r}: {scrub(str(e), url)}"
+        ) from e
 
 
-def _cluster(url: str, kwargs: dict[str, Any]) -> RedisClient:
+def _cluster(seeds: Seeds, kwargs: dict[str, Any]) -> RedisClient:
     # Unlike redis.Redis, the cluster client connects at once to learn the slot
     # map, and fails with an exception outside redis-py's RedisError tree.
+    # The first URL's own address joins ``startup_nodes`` (redis-py adds it).
+    url = seeds.first
+    nodes = [redis.cluster.ClusterNode(h, p) for h, p in seeds.others]  # type: ignore[no-untyped-call]
     try:
-        return redis.cluster.RedisCluster.from_url(url, **kwargs)
+        return redis.cluster.RedisCluster.from_url(url, startup_nodes=nodes, **kwargs)
     except redis.exceptions.RedisClusterException as e:
-        where = redact(url)
+        where = seeds.shown()
         if "Cluster mode is not enabled" in str(e):
             raise ConfigError(
                 f"HOTSWAP_CLUSTER is set but {where} is not a Redis Cluster node; unset it"

@@ -7,6 +7,11 @@ What a wake-up means (which manifest, what to apply) is the handler's business
 ``hotswap.pacing`` bounds how often whatever arrives on the channel. Head is
 read right after every (re)connect and every ``poll_interval``, because
 pub/sub drops what is said while a client is away.
+
+A subscription that fails while head can still be read (its node died in a
+cluster failover) does not end the session: the loop goes on polling and
+subscribes again, once per ``RELISTEN_GAP`` at most, each try once, to
+whichever node now serves the channel.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Protocol
 
 import tenacity
 
-from hotswap import pacing
-from hotswap.connection import reconnect_backoff
+from hotswap import keys, pacing
+from hotswap.connection import TRANSIENT, guarded, operation_retry, reconnect_backoff
+from hotswap.errors import StoreUnavailable
 from hotswap.pacing import Due, Pacing
 from hotswap.store import Store
 from hotswap.subscription import Subscription
@@ -31,6 +37,9 @@ from hotswap.subscription import Subscription
 log = logging.getLogger("hotswap.agent")
 # Longest the loop waits on the channel before it looks at its timers and stop flag.
 TICK = 0.2
+# Longest pause between two tries to subscribe again after a subscription
+# failed mid-session (a shorter poll interval shortens it).
+RELISTEN_GAP = 1.0
 
 
 class Stopped(Exception):
@@ -155,6 +164,8 @@ class Delivery:
         """One connection's life: head at once, then notices as they come and polls when due."""
         self.store.ping()
         listening: Subscription | None = self.store.subscribe()
+        # When to subscribe again after the subscription failed (None: it did not).
+        relisten_at: float | None = None
         healthy = False
         try:
             self.handler.handle(CONNECTED)
@@ -163,10 +174,25 @@ class Delivery:
             healthy = True
             pace = Pacing(self._clock(), self.poll_interval)
             while not self._stop.is_set():
-                if listening is None and pace.listen_again(self._clock()):
+                request: Request | None = None
+                if relisten_at is not None and self._clock() >= relisten_at:
+                    listening = self._listen_once()
+                    if listening is None:
+                        relisten_at = self._clock() + min(RELISTEN_GAP, self.poll_interval)
+                    else:
+                        relisten_at = None
+                        request = CONNECTED  # what was said meanwhile went unheard
+                elif listening is None and relisten_at is None and pace.listen_again(self._clock()):
                     listening = self.store.subscribe()
-                batch = self._take(listening, pace.wait(self._clock(), TICK))
-                request = self._hear(batch, pace)
+                batch: list[bytes] = []
+                if request is None:
+                    batch, lost = self._take(listening, pace.wait(self._clock(), TICK))
+                    if lost is not None and listening is not None:
+                        self._lost_channel(lost)
+                        listening.close()
+                        listening = None
+                        relisten_at = self._clock()
+                    request = self._hear(batch, pace)
                 if listening is not None and not pace.listening:
                     listening.close()  # a flood: Redis drops what waits for us
                     listening = None
@@ -189,20 +215,51 @@ class Delivery:
             if listening is not None:
                 listening.close()
 
-    def _take(self, listening: Subscription | None, wait: float) -> list[bytes]:
+    def _listen_once(self) -> Subscription | None:
+        """A new subscription, tried once; None (and logged) if Redis refused it."""
+        channel = keys.events_channel(self.store.ns, self.store.model)
+        model = self.store.model
+
+        def once(what: str, fn: Callable[[], object]) -> object:
+            return guarded(operation_retry(1), model, what, fn)
+
+        try:
+            return Subscription(self.store.client, channel, once)
+        except StoreUnavailable as e:
+            log.debug("model %r: subscribing again failed: %s", model, e)
+            return None
+
+    def _lost_channel(self, error: BaseException) -> None:
+        log.warning(
+            "model %r: the notice channel failed (%s: %s); reading head every %gs "
+            "and subscribing again",
+            self.store.model,
+            type(error).__name__,
+            error,
+            self.poll_interval,
+        )
+
+    def _take(
+        self, listening: Subscription | None, wait: float
+    ) -> tuple[list[bytes], BaseException | None]:
         """The notices of one wake-up: the first within ``wait`` seconds, then those
-        already queued behind it, up to ``pacing.NOTICE_BATCH``."""
+        already queued behind it, up to ``pacing.NOTICE_BATCH``; and the error that
+        ended the subscription, if one did (what came before it is kept)."""
         if listening is None:
             self._stop.wait(wait)
-            return []
-        first = listening.get(wait)
-        if first is None:
-            return []
-        batch, size = [first], len(first)
-        while not pacing.flood(len(batch), size) and (more := listening.get(0.0)) is not None:
-            batch.append(more)
-            size += len(more)
-        return batch
+            return [], None
+        batch: list[bytes] = []
+        try:
+            first = listening.get(wait)
+            if first is None:
+                return [], None
+            batch, size = [first], len(first)
+            while not pacing.flood(len(batch), size) and (more := listening.get(0.0)) is not None:
+                batch.append(more)
+                size += len(more)
+        except TRANSIENT as e:
+            return batch, e
+        return batch, None
 
     def _hear(self, batch: list[bytes], pace: Pacing) -> Request | None:
         """The request to handle at once for one batch: the last notice naming a

@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hotswap.errors import ConfigError
 from hotswap.manifest import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
-from hotswap.redact import redact
+from hotswap.seeds import shown as shown_url
 
 MiB = 1024 * 1024
 PREFIX = "HOTSWAP_"
@@ -317,7 +317,7 @@ def load(**overrides: Any) -> HotswapSettings:
             value = error.get("input")
             secret = field.startswith("signing_keys")  # never echo key material
             if field == "redis_url" and isinstance(value, str):
-                value = redact(value)  # its password never
+                value = shown_url(value)  # its passwords never
             shown = "" if secret or isinstance(value, dict) else f"={value!r:.60}"
             name = field.split(".")[0].upper()
             problems.append(f"HOTSWAP_{name}{shown}: {error['msg']}")

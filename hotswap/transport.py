@@ -71,6 +71,19 @@ def node_for_key(cluster: redis.cluster.RedisCluster, key: Key) -> tuple[str, An
     return node.name, node.redis_connection
 
 
+def refresh_topology(client: Any) -> None:
+    """Make a cluster client learn the slot map again now (nothing for one server).
+
+    A pub/sub connection that dies with its node asks redis-py for no refresh
+    (only commands do), so a failover would leave the channel's slot pointing
+    at the dead master. A refresh that reaches no node is left for the next
+    attempt: the caller is already failing and will try again.
+    """
+    if isinstance(client, redis.cluster.RedisCluster):
+        with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+            client.nodes_manager.initialize()
+
+
 # -- the transport ----------------------------------------------------------------
 
 MiB = 1024 * 1024

@@ -1,0 +1,316 @@
+"""A fleet rides through a Redis Cluster failover (issue 16), on 3 masters and 3 replicas.
+
+One topology for the module (``cluster``); each test leaves it whole again.
+The serving process is ``ha_worker.py``, a process of its own; the publisher
+and the CLI name several seed nodes. Every test ends with the check of
+docs/reliability.md: the live model bit-equal to exactly one published
+version, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.cluster
+import torch
+from cluster_support import Cluster
+from serving_worker import Probe, fill
+
+from hotswap import keys
+from hotswap.connection import connect
+from hotswap.errors import StoreUnavailable
+from hotswap.settings import HotswapSettings
+from hotswap.store import Store
+from publisher import Publisher
+
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(240)]
+
+MODEL = "ha"
+POLL = 0.5
+WORKER = Path(__file__).with_name("ha_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[Cluster]:
+    with Cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster(topology: Cluster) -> Cluster:
+    """The module's cluster, whole (the last test's failover healed) and empty."""
+    topology.restore()
+    topology.flush()
+    return topology
+
+
+def settings_for(url: str) -> HotswapSettings:
+    return HotswapSettings(
+        redis_url=url,
+        cluster=True,
+        chunk_bytes=64 * 1024,
+        poll_interval=POLL,
+        retry_attempts=4,
+        retry_max_wait=0.5,
+        socket_timeout=2.0,
+        connect_timeout=1.0,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+def state(version: int) -> dict[str, torch.Tensor]:
+    s = {k: t.clone() for k, t in Probe().state_dict().items()}
+    fill(s, version)
+    return s
+
+
+def content_of(store: Store, version: int) -> dict[str, str]:
+    return {t.name: t.digest for t in store.manifest(version).tensors}
+
+
+def publish(pub: Publisher, version: int) -> tuple[int, int]:
+    """Publish the probe's ``version`` content; (version committed, attempts it took).
+
+    A publish that meets the failover still in progress fails with
+    ``StoreUnavailable`` and is tried again, as an operator would.
+    """
+    for attempt in range(1, 6):
+        try:
+            return pub.publish(state(version), message=f"v{version}"), attempt
+        except StoreUnavailable:
+            if attempt == 5:
+                raise
+    raise AssertionError("unreachable")
+
+
+def hotswap_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")},
+        "HOTSWAP_REDIS_URL": url,
+        "HOTSWAP_CLUSTER": "true",
+        "HOTSWAP_RETRY_ATTEMPTS": "3",
+        "HOTSWAP_CONNECT_TIMEOUT": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "publisher", *args],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+
+
+class Worker:
+    """``ha_worker.py`` in its own process; its event lines land in ``events``."""
+
+    def __init__(self, url: str, heartbeat_ttl: float) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                url,
+                MODEL,
+                "--poll",
+                str(POLL),
+                "--heartbeat-ttl",
+                str(heartbeat_ttl),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[list[str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        ready = self.wait(lambda e: e[0] == "READY")
+        self.agent_id = ready[1]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait(self, match: Callable[[list[str]], bool], timeout: float = 60.0) -> list[str]:
+        """The first event (old or new) that ``match`` accepts; fails after ``timeout``."""
+        for event in self.seen:
+            if match(event):
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"worker never reported it; saw {self.seen[-10:]}") from None
+            event = line.split()
+            self.seen.append(event)
+            if match(event):
+                return event
+
+    def applied(self, version: int, timeout: float = 60.0) -> float:
+        """When (monotonic) the worker applied ``version``."""
+        return float(self.wait(lambda e: e[:2] == ["APPLIED", str(version)], timeout)[2])
+
+    def finish(self) -> dict[str, object]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0
+        self._reader.join(10)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get().split())
+        result: dict[str, object] = json.loads(" ".join(self.seen[-1]))
+        return result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+class HeartbeatWatch:
+    """Reads the agent's heartbeat key over and over from its own cluster client:
+    every read that reached Redis must find it (reads the failover refused do not count)."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.client = connect(settings_for(url))
+        self.key = key
+        self.missing: list[float] = []
+        self.reads = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                found = self.client.exists(self.key)
+            except (redis.RedisError, redis.exceptions.RedisClusterException):
+                self.stop.wait(0.05)
+                continue
+            self.reads += 1
+            if not found:
+                self.missing.append(time.monotonic())
+            self.stop.wait(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.client.close()
+
+
+def assert_runs_exactly_one(store: Store, digests: dict[str, str], version: int) -> None:
+    """docs/reliability.md's check: bit-equal to ``version``, and every version it
+    equals has that very content (never a mix of two)."""
+    matching = [v for v in store.versions() if content_of(store, v) == digests]
+    assert version in matching, f"live model matches {matching}, expected v{version}"
+
+
+def test_several_seed_nodes_survive_losing_the_first(cluster: Cluster) -> None:
+    """Issue 16, defect 2: with the first seed dead, new clients connect through the others."""
+    first = cluster.replica_of(cluster.masters[0])  # a replica: no failover to wait for
+    others = [n for n in cluster.nodes if n is not first]
+    seeds = cluster.urls([first, *others[:2]])
+    with Publisher(MODEL, settings=settings_for(seeds)) as pub:
+        assert pub.publish(state(1)) == 1
+    first.kill()
+    # One seed, dead: what every new client met before (the cluster is healthy).
+    with pytest.raises(StoreUnavailable) as e:
+        connect(settings_for(first.url))
+    assert str(e.value).startswith(f"Redis Cluster at {first.url} unreachable (")
+    # The same list as before, first seed dead: a new publisher and the CLI work.
+    with Publisher(MODEL, settings=settings_for(seeds)) as pub:
+        assert pub.publish(state(2)) == 2
+        assert pub.store.head() == 2
+    host_port = ",".join(f"127.0.0.1:{n.port}" for n in others[:2])
+    done = hotswap_cli(f"{first.url},{host_port}", "status", MODEL, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["head"] == 2
+    verified = hotswap_cli(seeds, "verify", MODEL)
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_agent_rides_through_kill_9_of_the_metadata_master(cluster: Cluster) -> None:
+    """Issue 16, defect 1: after the failover the agent applies the next versions in time,
+    its heartbeat never lapses, and status, rollback and verify work."""
+    seeds = cluster.urls()
+    pub = Publisher(MODEL, settings=settings_for(seeds))
+    worker: Worker | None = None
+    watch: HeartbeatWatch | None = None
+    try:
+        assert pub.publish(state(1)) == 1
+        worker = Worker(seeds, heartbeat_ttl=15.0)
+        worker.applied(1)
+        store = pub.store
+        watch = HeartbeatWatch(seeds, keys.heartbeat_key(store.ns, MODEL, worker.agent_id))
+        head = keys.head_key(store.ns, MODEL)
+        victim = cluster.owner_of(head)
+        heir = cluster.replica_of(victim)
+        reads_before = watch.reads
+
+        victim.kill()
+        killed = time.monotonic()
+        assert cluster.poll_until_healthy(), "the replica never took over"
+        finished = time.monotonic()
+        assert cluster.owner_of(head) is heir
+
+        v2, tries2 = publish(pub, 2)
+        v3, tries3 = publish(pub, 3)
+        assert (v2, v3) == (2, 3)
+        assert tries2 + tries3 <= 4  # the publisher's own client follows the failover
+        applied = worker.applied(3, timeout=60)
+        target = 2 * cluster.node_timeout_ms / 1000 + POLL
+        assert applied - finished <= target, (
+            f"v3 applied {applied - finished:.1f}s after the failover (target {target}s)"
+        )
+
+        # status: the agent alive, on v3, idle.
+        done = hotswap_cli(seeds, "status", MODEL, "--json")
+        assert done.returncode == 0, done.stderr
+        rows = {a["agent_id"]: a for a in json.loads(done.stdout)["agents"]}
+        row = rows[worker.agent_id]
+        assert row["alive"] is True and row["version"] == 3 and row["lag"] == 0, row
+        # rollback (to v2, as v4) reaches the agent; verify passes after the failover.
+        back = hotswap_cli(seeds, "rollback", MODEL, "--to", "2", "--no-wait")
+        assert back.returncode == 0, back.stderr
+        worker.applied(4)
+        verified = hotswap_cli(seeds, "verify", MODEL)
+        assert verified.returncode == 0, verified.stderr
+        assert watch.reads > reads_before
+        assert watch.missing == [], "the heartbeat lapsed"
+        result = worker.finish()
+        assert result["mixed_count"] == 0, result["mixed"]
+        digests = result["digests"]
+        assert isinstance(digests, dict)
+        assert_runs_exactly_one(store, digests, 4)
+        assert content_of(store, 4) == content_of(store, 2)
+        states = [e[1] for e in worker.seen if e[0] == "STATE"]
+        assert states[-1] == "idle", states
+        print(
+            f"failover {finished - killed:.2f}s, v3 applied {applied - finished:.2f}s after; "
+            f"publish attempts {tries2}+{tries3}; states {states}"
+        )
+    finally:
+        if watch is not None:
+            watch.close()
+        if worker is not None:
+            worker.kill()
+        pub.close()
