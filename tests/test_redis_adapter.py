@@ -116,3 +116,15 @@ def test_cluster_nodes_name_their_client() -> None:
     node = redis.cluster.ClusterNode("127.0.0.1", 1)
     need(node.name == "127.0.0.1:1", "ClusterNode.name as host:port")
     need(hasattr(node, "redis_connection"), "ClusterNode.redis_connection")
+
+
+def test_cluster_topology_can_be_refreshed() -> None:
+    """``refresh_topology``: a cluster client re-reads the slot map on demand."""
+    need(
+        callable(getattr(redis.cluster.NodesManager, "initialize", None)),
+        "NodesManager.initialize",
+    )
+    need(
+        "nodes_manager" in inspect.getsource(redis.cluster.RedisCluster.__init__),
+        "RedisCluster.nodes_manager",
+    )
