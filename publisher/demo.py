@@ -172,7 +172,14 @@ def _wait_rejected(store: Store, version: int, check: Callable[[], None]) -> Age
         if alive and alive[0].rejected_version == version:
             return alive[0]
         time.sleep(0.02)
-    raise HotswapError(f"the example server did not report v{version} rejected in time")
+    seen = [
+        f"v{r.version} {r.state}, last rejected v{r.rejected_version}"
+        for r, live in views.agent_statuses(store)
+    ]
+    raise HotswapError(
+        f"the example server did not report v{version} rejected in time "
+        f"(agents: {'; '.join(seen) or 'none'})"
+    )
 
 
 class _Interrupts:
