@@ -56,25 +56,21 @@ class Derived:
     relative_change: float
 
 
-def derive(
-    new: torch.Tensor, old: torch.Tensor, index: torch.Tensor, old_norm: float
-) -> Derived | None:
-    """The new tensor's statistics from the elements at ``index`` (int64, into the flat
-    tensors) and the live tensor's known norm; None where a full pass must compute them
-    (the norm fell by more than ``MAX_FALL``, or overflowed).
+def derive(new: torch.Tensor, old: torch.Tensor, old_norm: float) -> Derived | None:
+    """A patched tensor's statistics from its changed elements' values ``new`` and
+    ``old`` (1-D, the tensor's dtype) and the live tensor's known norm; None where a
+    full pass must compute them (the norm fell by more than ``MAX_FALL``, or overflowed).
 
-    Example::
-
-        old = torch.ones(4)
-        new = old.clone(); new[1] = 2.0
-        derive(new, old, torch.tensor([1]), 2.0).norm  # sqrt(4 - 1 + 4) = sqrt(7)
+    Example:
+        >>> got = derive(torch.tensor([2.0]), torch.tensor([1.0]), 2.0)  # 4 ones, one -> 2
+        >>> round(got.norm ** 2, 9), got.relative_change
+        (7.0, 0.5)
     """
-    n = new.detach().reshape(-1).index_select(0, index)
-    o = old.detach().reshape(-1).index_select(0, index)
-    finite = bool(torch.isfinite(n).all()) and bool(torch.isfinite(o).all())
-    if not finite:
-        return Derived(math.nan, False, math.nan)
+    n, o = new.detach(), old.detach()
     n64, o64 = n.to(torch.float64), o.to(torch.float64)
+    # float64 holds every value of the patchable dtypes: its finiteness is theirs.
+    if not (bool(torch.isfinite(n64).all()) and bool(torch.isfinite(o64).all())):
+        return Derived(math.nan, False, math.nan)
     before = old_norm * old_norm
     squares = before + float(torch.dot(n64, n64) - torch.dot(o64, o64))
     if not math.isfinite(squares) or squares < MAX_FALL * before:
@@ -89,20 +85,20 @@ def passes(
     entry: TensorEntry | None,
     new: torch.Tensor,
     old: torch.Tensor,
-    index: torch.Tensor,
     *,
     rules: Rules,
     old_norm: float | None,
 ) -> bool:
-    """True where ``validate.check_values(name, entry, new, old, rules, old_norm=old_norm)``
+    """True where ``validate.check_values`` of the whole new tensor against the live one
     would return no reason, decided from the patch; False: run the full checks.
+
+    ``new`` and ``old`` are the changed elements' values after and before
+    (``patches.Patch``); every other element is unchanged (the digest of the
+    result checked that against the signed manifest).
 
     Example::
 
-        passes(entry, new, live, patch.index, rules=rules, old_norm=2.0)
-
-    ``new`` must equal ``old`` outside ``index`` (what ``staging`` checked
-    against the signed digest), both dense CPU tensors of one dtype.
+        passes(entry, patch.new, patch.old, rules=policy.rules_for(name), old_norm=2.0)
     """
     if (
         entry is None
@@ -115,7 +111,7 @@ def passes(
         or (rules.check_norm and rules.norm_tolerance < MIN_TOLERANCE)
     ):
         return False
-    got = derive(new, old, index, old_norm)
+    got = derive(new, old, old_norm)
     if got is None or not got.finite:
         return False
     if rules.check_norm and not (

@@ -3,11 +3,14 @@
 A tensor reconstructed from the bytes an agent runs through sparse delta
 frames only (``encodings.SPARSE_ZSTD``: an RL step in bfloat16) differs from
 them in a few words, and the decode knows which: everywhere else it copied
-the live bytes. ``Rebuild`` (``hotswap.reconstruct``) joins those words into
-a ``Where`` once the result's digest matched the signed manifest; ``staging``
-keeps it as a ``Patch`` beside the staged tensor, so that validation
-(``hotswap.patchcheck``) reads only the changed elements and the writer lock
-covers a ``Scatter`` of them into the live tensor, not a copy of all of it.
+the live bytes. ``Rebuild`` (``hotswap.reconstruct``) reads those words
+before and after (a ``Piece`` a chunk, while the chunk is in cache: gathered
+later from the whole tensors, scattered words cost about what a pass over
+them does) and joins them into a ``Where`` once the result's digest matched
+the signed manifest; ``staging`` keeps it as a ``Patch`` beside the staged
+tensor, so that validation (``hotswap.patchcheck``) reads only the changed
+elements and the writer lock covers a ``Scatter`` of them into the live
+tensor, not a copy of all of it.
 
 The staged tensor is still built and hashed whole: the manifest signs
 BLAKE3 of the whole tensor. A scatter is exact only while the live tensor
@@ -35,12 +38,28 @@ from hotswap.encodings import Patched
 PATCHABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
+_SIGNED: dict[int, type[np.signedinteger]] = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One chunk's patched words: rising indices in the chunk, the words before and after."""
+
+    width: int
+    at: npt.NDArray[np.uint64]
+    old: npt.NDArray[np.signedinteger]
+    new: npt.NDArray[np.signedinteger]
+
+
 @dataclass(frozen=True)
 class Where:
-    """The words of a whole tensor a route's patches wrote: ``width`` bytes each, rising."""
+    """The words of a whole tensor a route's patches wrote (``width`` bytes each, rising
+    indices into the whole tensor), and what they held before and after."""
 
     width: int
     index: npt.NDArray[np.int64]
+    old: npt.NDArray[np.signedinteger]
+    new: npt.NDArray[np.signedinteger]
 
 
 def union(got: Sequence[Patched | None]) -> Patched | None:
@@ -63,32 +82,51 @@ def union(got: Sequence[Patched | None]) -> Patched | None:
     return Patched(first.width, at)
 
 
-def joined(wrote: Mapping[int, Patched | None], spans: Sequence[tuple[int, int]]) -> Where | None:
-    """Every chunk's patch as word indices into the whole tensor; None unless every chunk
+def piece(patched: Patched | None, base: memoryview, chunk: memoryview) -> Piece | None:
+    """The words ``patched`` names in ``base`` (before) and ``chunk`` (after its links)."""
+    if patched is None:
+        return None
+    words = _SIGNED[patched.width]
+    at = patched.at
+    before = np.frombuffer(base, dtype=words)[at]
+    after = np.frombuffer(chunk, dtype=words)[at]
+    return Piece(patched.width, at, before, after)
+
+
+def joined(wrote: Mapping[int, Piece | None], spans: Sequence[tuple[int, int]]) -> Where | None:
+    """Every chunk's piece joined, indices into the whole tensor; None unless every chunk
     was patched, all with one width that divides every chunk's start."""
     if len(wrote) != len(spans) or not spans:
         return None
-    parts: list[npt.NDArray[np.int64]] = []
+    at: list[npt.NDArray[np.int64]] = []
+    old: list[npt.NDArray[np.signedinteger]] = []
+    new: list[npt.NDArray[np.signedinteger]] = []
     width = 0
     for i, (start, _end) in enumerate(spans):
         p = wrote.get(i)
         if p is None or (width and p.width != width) or start % p.width:
             return None
         width = p.width
-        parts.append(p.at.astype(np.int64) + start // width)
-    return Where(width, np.concatenate(parts))
+        at.append(p.at.astype(np.int64) + start // width)
+        old.append(p.old)
+        new.append(p.new)
+    return Where(width, np.concatenate(at), np.concatenate(old), np.concatenate(new))
 
 
 @dataclass(frozen=True)
 class Patch:
-    """A staged tensor's patch: it equals the live bytes of digest ``base`` but at ``index``.
+    """A staged tensor's patch: it equals the live bytes of digest ``base`` but at
+    ``index`` (element indices into the flat tensor), where they go from ``old`` to
+    ``new`` (of the tensor's dtype).
 
     ``staged`` is the staged tensor it describes: a cast or transform that
     replaces the staged tensor leaves the patch unused.
     """
 
     base: str
-    index: torch.Tensor  # int64 element indices into the flat tensor
+    index: npt.NDArray[np.int64]
+    old: torch.Tensor
+    new: torch.Tensor
     staged: torch.Tensor
 
 
@@ -109,21 +147,30 @@ def usable(where: Where, live: torch.Tensor, dtype: str, nbytes: int) -> bool:
 
 def make(base: str, where: Where, staged: torch.Tensor) -> Patch:
     """The ``Patch`` of a staged tensor from where its route wrote."""
-    return Patch(base, torch.from_numpy(where.index), staged)
+
+    def typed(words: npt.NDArray[np.signedinteger]) -> torch.Tensor:
+        return torch.from_numpy(words).view(staged.dtype)
+
+    return Patch(base, where.index, typed(where.old), typed(where.new), staged)
 
 
 @dataclass(frozen=True)
 class Scatter:
-    """New values for a few elements of a live tensor: what the writer lock writes."""
+    """New words for a few elements of a live tensor: what the writer lock writes."""
 
-    index: torch.Tensor
-    values: torch.Tensor
+    index: npt.NDArray[np.int64]
+    values: npt.NDArray[np.signedinteger]
 
     @classmethod
     def of(cls, patch: Patch) -> Scatter:
-        """The changed elements' new values, gathered from the staged tensor (before the lock)."""
-        return cls(patch.index, patch.staged.reshape(-1).index_select(0, patch.index))
+        """The changed elements' new values as words."""
+        return cls(patch.index, patch.new.view(_TORCH_SIGNED[patch.new.itemsize]).numpy())
 
     def into(self, live: torch.Tensor) -> None:
-        """Write the values into ``live`` (dense, as ``usable`` requires) in place."""
-        live.view(-1).index_copy_(0, self.index, self.values)
+        """Write the values into ``live`` (dense CPU, as ``usable`` requires) in place."""
+        # numpy's indexed store: fewer steps an element than torch's index_copy_.
+        words = live.detach().view(-1).view(_TORCH_SIGNED[live.itemsize]).numpy()
+        words[self.index] = self.values
+
+
+_TORCH_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

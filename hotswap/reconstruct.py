@@ -257,7 +257,9 @@ class Rebuild:
         checked = route.full is not None
         self.patch = None
         # From the live bytes, each chunk's sparse patches say where it may differ.
-        wrote: dict[int, Patched | None] | None = {} if route.full is None and route.links else None
+        wrote: dict[int, patches.Piece | None] | None = (
+            {} if route.full is None and route.links else None
+        )
         if route.full is not None:
             self._read_full(route.full, out)
             if not route.links:
@@ -353,7 +355,7 @@ class Rebuild:
         checked: bool,
         parallel: bool = False,
         verify: bool = True,
-        wrote: dict[int, Patched | None] | None = None,
+        wrote: dict[int, patches.Piece | None] | None = None,
     ) -> None:
         """Every link of ``route`` over each chunk in turn: chunk ``i`` of the start
         (``bases``) becomes chunk ``i`` of the result in ``dest``; ``done`` sees it.
@@ -366,7 +368,8 @@ class Rebuild:
         while later frames are read and earlier chunks are seen by ``done``.
         ``verify`` False leaves the links' chunks unhashed: the caller checks the
         whole result against the manifest. ``wrote`` gets, per chunk, where its
-        links' sparse patches wrote (None for a chunk any other encoding wrote).
+        links' sparse patches wrote and the words there before and after, read
+        while the chunk is in cache (None for a chunk any other encoding wrote).
         """
         readers = [
             LinkReader(self.blobs, link, self.candidates.deltas[link.delta.blob])
@@ -375,6 +378,7 @@ class Rebuild:
 
         def run(i: int, base: memoryview, chunk: memoryview, frames: list[memoryview]) -> None:
             got: list[Patched | None] = []
+            first = base
             for k, (reader, frame) in enumerate(zip(readers, frames, strict=True)):
                 where = f"{self.where} chunk {i} (delta of v{reader.source.version})"
                 try:
@@ -394,7 +398,8 @@ class Rebuild:
                 got.append(patched)
                 base = chunk
             if wrote is not None:
-                wrote[i] = patches.union(got)  # distinct keys: safe across the pool's threads
+                # Distinct keys: safe across the pool's threads.
+                wrote[i] = patches.piece(patches.union(got), first, chunk)
 
         def jobs() -> Iterator[Callable[[], memoryview]]:
             for i, (s, e) in enumerate(self._spans()):

@@ -110,10 +110,8 @@ def check_staged(
         elif (
             (patch := staged.patches.get(canon)) is not None
             and patch.staged is new
-            and (
-                patchcheck.passes(
-                    entry, new, target, patch.index, rules=rules, old_norm=old_norms.get(name)
-                )
+            and patchcheck.passes(
+                entry, patch.new, patch.old, rules=rules, old_norm=old_norms.get(name)
             )
         ):
             found = []

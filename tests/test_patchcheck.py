@@ -50,7 +50,7 @@ def test_derived_statistics_equal_a_full_pass(
 ) -> None:
     new, old, index = case
     old_norm = codec.norm(old)
-    got = patchcheck.derive(new, old, index, old_norm)
+    got = patchcheck.derive(new[index], old[index], old_norm)
     full_finite = bool(torch.isfinite(new.double()).all())
     if got is None:  # the norm fell by 100x or more: only a full pass decides
         assert codec.norm(new) ** 2 < patchcheck.MAX_FALL * old_norm**2 * (1 + 1e-9)
@@ -84,7 +84,7 @@ def test_a_patch_passes_exactly_where_the_full_checks_pass(
     old_norm = codec.norm(old)
     entry = entry_of(new)
     full = validate.check_values("w", entry, new, old, rules, old_norm=old_norm)
-    fast = patchcheck.passes(entry, new, old, index, rules=rules, old_norm=old_norm)
+    fast = patchcheck.passes(entry, new[index], old[index], rules=rules, old_norm=old_norm)
     if fast:
         assert full == []  # never lets through what the full checks refuse
     elif full == [] and old_norm > 0 and math.isfinite(old_norm):
@@ -106,10 +106,10 @@ def test_a_validator_or_an_unknown_old_norm_takes_the_full_checks() -> None:
     index = torch.tensor([3])
     rules = validate.Policy().rules_for("w")
     entry = entry_of(new)
-    assert patchcheck.passes(entry, new, old, index, rules=rules, old_norm=8.0)
-    assert not patchcheck.passes(entry, new, old, index, rules=rules, old_norm=None)
-    assert not patchcheck.passes(entry, new, old, index, rules=rules, old_norm=math.nan)
+    assert patchcheck.passes(entry, new[index], old[index], rules=rules, old_norm=8.0)
+    assert not patchcheck.passes(entry, new[index], old[index], rules=rules, old_norm=None)
+    assert not patchcheck.passes(entry, new[index], old[index], rules=rules, old_norm=math.nan)
     with_validator = validate.Policy(validators=[lambda n, a, b: None]).rules_for("w")
-    assert not patchcheck.passes(entry, new, old, index, rules=with_validator, old_norm=8.0)
+    assert not patchcheck.passes(entry, new[index], old[index], rules=with_validator, old_norm=8.0)
     strict = validate.Policy(norm_tolerance=1e-9).rules_for("w")
-    assert not patchcheck.passes(entry, new, old, index, rules=strict, old_norm=8.0)
+    assert not patchcheck.passes(entry, new[index], old[index], rules=strict, old_norm=8.0)
