@@ -69,7 +69,10 @@ class HotswapSettings(BaseSettings):
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        description="Redis URL: redis://, rediss:// (TLS), unix://; user:password@ for ACL users.",
+        description=(
+            "Redis URL: redis://, rediss:// (TLS), unix://; user:password@ for ACL users; "
+            "on a cluster several comma-separated seeds (redis://a:7000,b:7001)."
+        ),
     )
     cluster: bool = Field(default=False, description="Connect with the Redis Cluster client.")
     namespace: str = Field(
