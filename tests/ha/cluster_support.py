@@ -34,6 +34,8 @@ class Cluster:
         args = ["--cluster-node-timeout", str(node_timeout_ms)]
         self.nodes = [EmbeddedRedis(cluster=True, extra_args=list(args)) for _ in range(6)]
         self.ids: dict[int, str] = {}
+        # Ports of nodes stopped by SIGSTOP: alive, but nothing may ask them anything.
+        self.frozen: set[int] = set()
 
     @property
     def masters(self) -> list[EmbeddedRedis]:
@@ -41,7 +43,21 @@ class Cluster:
         return [n for n in self.alive() if self.role(n) == "master" and self._has_slots(n)]
 
     def alive(self) -> list[EmbeddedRedis]:
-        return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+        """Running nodes that answer (frozen ones left out)."""
+        return [
+            n
+            for n in self.nodes
+            if n.process is not None and n.process.poll() is None and n.port not in self.frozen
+        ]
+
+    def freeze(self, node: EmbeddedRedis) -> None:
+        self.frozen.add(node.port)
+        node.freeze()
+
+    def failover_to(self, replica: EmbeddedRedis) -> None:
+        """A graceful ``CLUSTER FAILOVER``, asked of ``replica``."""
+        with _client(replica) as c:
+            c.execute_command("CLUSTER", "FAILOVER")
 
     def role(self, node: EmbeddedRedis) -> str:
         with _client(node) as c:
@@ -108,9 +124,17 @@ class Cluster:
             return False
         return True
 
-    def poll_until_healthy(self) -> bool:
-        """Whether the cluster became healthy again (a failover finished) in time."""
-        return poll(self.healthy, attempts=int(self.node_timeout_ms / 20) * 6)
+    def poll_until_served_by(self, key: str, node: EmbeddedRedis) -> bool:
+        """Whether, in time, the cluster became healthy with ``node`` serving ``key``
+        (a failover to it finished)."""
+
+        def served() -> bool:
+            try:
+                return self.healthy() and self.owner_of(key) is node
+            except AssertionError:
+                return False
+
+        return poll(served, attempts=int(self.node_timeout_ms / 20) * 6)
 
     def start(self) -> Cluster:
         try:
@@ -156,6 +180,7 @@ class Cluster:
         """Restart dead nodes (they rejoin as replicas) and wait until all is healthy."""
         for node in self.nodes:
             node.thaw()
+            self.frozen.discard(node.port)
             if node.process is None or node.process.poll() is not None:
                 node.start()
         assert poll(self._settled, attempts=2000), "cluster did not settle after restore"

@@ -43,6 +43,7 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--poll", type=float, default=0.5)
     parser.add_argument("--heartbeat-ttl", type=float, default=15.0)
+    parser.add_argument("--socket-timeout", type=float, default=10.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = Probe()
@@ -51,6 +52,7 @@ def main() -> int:
         cluster=True,
         poll_interval=args.poll,
         heartbeat_ttl=args.heartbeat_ttl,
+        socket_timeout=args.socket_timeout,
         _env_file=None,  # type: ignore[call-arg]
     )
     agent = Agent(
