@@ -26,7 +26,8 @@ import torch
 from cluster_support import Cluster
 from serving_worker import Probe, fill
 
-from hotswap import keys
+from hotswap import codec, keys
+from hotswap.agent import Agent
 from hotswap.connection import connect
 from hotswap.errors import StoreUnavailable
 from hotswap.settings import HotswapSettings
@@ -227,7 +228,8 @@ def assert_runs_exactly_one(store: Store, digests: dict[str, str], version: int)
 
 
 def test_several_seed_nodes_survive_losing_the_first(cluster: Cluster) -> None:
-    """Issue 16, defect 2: with the first seed dead, new clients connect through the others."""
+    """Issue 16, defect 2: with the first seed dead, new clients (publisher, CLI, an
+    agent starting) connect through the others."""
     first = cluster.replica_of(cluster.masters[0])  # a replica: no failover to wait for
     others = [n for n in cluster.nodes if n is not first]
     seeds = cluster.urls([first, *others[:2]])
@@ -248,6 +250,13 @@ def test_several_seed_nodes_survive_losing_the_first(cluster: Cluster) -> None:
     assert json.loads(done.stdout)["head"] == 2
     verified = hotswap_cli(seeds, "verify", MODEL)
     assert verified.returncode == 0, verified.stderr
+    # An agent starting now (a restarted serving process) connects and applies head.
+    served = Probe()
+    with Agent(served, MODEL, settings=settings_for(seeds)) as agent:
+        assert agent.wait_for(2, 30)
+        assert {k: codec.digest(codec.as_bytes(t)) for k, t in served.state_dict().items()} == (
+            content_of(Store(agent.store.client, MODEL), 2)
+        )
 
 
 @pytest.mark.parametrize(
