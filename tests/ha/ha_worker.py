@@ -32,9 +32,15 @@ from hotswap import codec
 from hotswap.agent import Agent
 from hotswap.settings import HotswapSettings
 
+_SAY = threading.Lock()
+
 
 def say(*words: object) -> None:
-    print(*words, flush=True)
+    """One whole line per event: threads print them, and must not interleave."""
+    line = " ".join(map(str, words)) + "\n"
+    with _SAY:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def main() -> int:
@@ -106,7 +112,7 @@ def main() -> int:
         "mixed_count": len(mixed),
         "digests": {k: codec.digest(codec.as_bytes(t)) for k, t in model.state_dict().items()},
     }
-    print(json.dumps(result), flush=True)
+    say(json.dumps(result))
     return 0
 
 
