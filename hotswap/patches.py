@@ -36,6 +36,10 @@ from hotswap.encodings import Patched
 # Dtypes whose elements a patch indexes one for one (word width = element
 # size) and whose checks patchcheck derives: plain IEEE-like floats.
 PATCHABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# A patch of more than this fraction of a tensor's elements is applied by a
+# whole copy: past it the scattered stores (a cache miss each, not a stream)
+# cost more than copying everything (docs/performance.md, "Sparse patches").
+SCATTER_MAX_FRACTION = 1 / 16
 
 
 _SIGNED: dict[int, type[np.signedinteger]] = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -160,6 +164,11 @@ class Scatter:
 
     index: npt.NDArray[np.int64]
     values: npt.NDArray[np.signedinteger]
+
+    @staticmethod
+    def worth(patch: Patch) -> bool:
+        """Whether scattering ``patch`` beats copying its tensor whole."""
+        return patch.index.size <= SCATTER_MAX_FRACTION * patch.staged.numel()
 
     @classmethod
     def of(cls, patch: Patch) -> Scatter:

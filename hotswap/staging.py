@@ -306,8 +306,9 @@ def pairs(
     """(live tensor, staged tensor or its changed elements) per storage, tied names once.
 
     A patched tensor (``Staged.patches``) gives a ``patches.Scatter`` when it
-    still describes the staged tensor and ``running`` (digest per live name,
-    what runs now) holds the bytes it started from; the whole tensor otherwise.
+    still describes the staged tensor, ``running`` (digest per live name,
+    what runs now) holds the bytes it started from and the patch is small
+    enough to be worth it (``Scatter.worth``); the whole tensor otherwise.
     """
     out: list[tuple[torch.Tensor, Source]] = []
     for name, new in staged.tensors.items():
@@ -317,6 +318,7 @@ def pairs(
             and patch.staged is new
             and running is not None
             and running.get(name) == patch.base
+            and patches.Scatter.worth(patch)
         ):
             out.append((live.tensors[name], patches.Scatter.of(patch)))
         else:

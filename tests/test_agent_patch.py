@@ -215,3 +215,22 @@ def test_tied_tensors_take_the_full_copy_and_stay_tied(pair_of: Any, store: Stor
     assert (report.tensors_patched, report.tensors_validated_by_patch) == (1, 1)  # "other"
     assert holds(model, vs.states[v2])
     assert model.head.weight is model.emb
+
+
+def test_a_patch_of_many_elements_is_checked_by_patch_and_copied_whole(
+    pair_of: Any, store: Store
+) -> None:
+    pair = pair_of(Net)
+    vs = Versions(store)
+    v1 = vs.commit(state_of(pair.models["fast"]), default="full")
+    pair.start()
+    pair.wait(v1)
+    nxt = dict(vs.states[v1])
+    w = nxt["w"]
+    nxt["w"] = nudged(w, seed=5, count=w.numel() * 8 // 100)  # 8%: past SCATTER_MAX_FRACTION
+    v2 = vs.commit(nxt)
+    assert [e.name for e in vs.manifests[v2].tensors if e.delta is not None] == ["w"]
+    pair.wait(v2)
+    report = pair.reports["fast"][-1]
+    assert (report.tensors_patched, report.tensors_validated_by_patch) == (0, 1)
+    assert holds(pair.models["fast"], vs.states[v2])
