@@ -102,6 +102,8 @@ def hotswap_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
         "HOTSWAP_CLUSTER": "true",
         "HOTSWAP_RETRY_ATTEMPTS": "3",
         "HOTSWAP_CONNECT_TIMEOUT": "1",
+        # Below the node timeout, as docs advise: a frozen seed costs this much.
+        "HOTSWAP_SOCKET_TIMEOUT": "2",
         "PYTHONPATH": str(ROOT),
     }
     return subprocess.run(
