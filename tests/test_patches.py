@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hotswap import patches
@@ -37,11 +38,12 @@ def _staged(new: torch.Tensor, old: torch.Tensor, base: str) -> Staged:
     return staged
 
 
-def test_the_writer_lock_scatters_a_patch_of_what_runs_bit_exact() -> None:
+@pytest.mark.parametrize(("size", "changed"), [(4096, 40), (1 << 21, 120_000)])
+def test_the_writer_lock_scatters_a_patch_of_what_runs_bit_exact(size: int, changed: int) -> None:
     g = torch.Generator().manual_seed(0)
-    old = torch.randn(4096, generator=g).to(torch.bfloat16)
+    old = torch.randn(size, generator=g).to(torch.bfloat16)
     new = old.clone()
-    new[torch.randint(0, 4096, (40,), generator=g)] += 1
+    new[torch.randint(0, size, (changed,), generator=g)] += 1
     live_tensor = torch.nn.Parameter(old.clone())
     live = LiveModel({"w": live_tensor})
     staged = _staged(new, old, "d1")
