@@ -133,10 +133,12 @@ class Reporter:
             self.store.model, report.version, report.apply_seconds, report.bytes_fetched
         )
         log.info(
-            "model %r: applied v%d (%d tensors, %d bytes fetched, writer lock %.1f ms)",
+            "model %r: applied v%d (%d tensors, %d by patch, %d bytes fetched, writer lock "
+            "%.1f ms)",
             self.store.model,
             report.version,
             report.tensors_changed,
+            report.tensors_patched,
             report.bytes_fetched,
             report.apply_seconds * 1000,
         )
