@@ -326,7 +326,15 @@ def test_agent_rides_through_a_failover_of_the_metadata_master(
         verified = hotswap_cli(seeds, "verify", MODEL)
         assert verified.returncode == 0, verified.stderr
         assert watch.reads > reads_before
-        assert watch.missing == [], "the heartbeat lapsed"
+        # The bound: the heartbeat never lapses for longer than the failover.
+        # A read may miss it only while the failover runs, or until the agent's next
+        # heartbeat write after it (a third of the TTL: reporter.py).
+        late = [round(t - finished, 2) for t in watch.missing if t > finished + 15.0 / 3]
+        since_kill = [round(t - killed, 2) for t in watch.missing]
+        assert late == [], (
+            f"the heartbeat lapsed after the failover (s after it: {late}; failover "
+            f"{finished - killed:.1f}s; missing reads at {since_kill}s after the fault)"
+        )
         result = worker.finish()
         assert result["mixed_count"] == 0, result["mixed"]
         digests = result["digests"]
