@@ -49,10 +49,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-deltas", action="store_true", help="skip the delta cases")
     p.add_argument("--tune", action="store_true", help="sweep chunk size and window instead")
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
+    p.add_argument("--fanout", type=int, metavar="N", help="N agents on one model (bench.fanout)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if any(a == "--fanout" or a.startswith("--fanout=") for a in given):
+        # N agent processes on one model: its own options (bench/fanout.py).
+        from bench import fanout
+
+        return fanout.main(given)
     args = parse(argv)
     cfg = runner.Config(
         size_mb=args.size_mb,

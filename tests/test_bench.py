@@ -122,3 +122,35 @@ def test_quick_delta_bench_runs_every_case_and_prints_its_tables(tmp_path: Path)
     assert len(raw["held"]) == raw["config"]["versions"]
     # Both late agents reached head with the publisher's bytes.
     assert raw["late"]["delta"]["exact"] and raw["late"]["full"]["exact"]
+
+
+@pytest.mark.timeout(300)  # two agents and a six-node cluster on a shared machine
+def test_quick_fanout_bench_prints_every_row_of_its_table(tmp_path: Path) -> None:
+    results = tmp_path / "fanout.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--fanout", "2", "--quick", "--json", str(results)],
+        check=False,  # the exit status is asserted below, with the bench's stderr
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert "| topology | update | approach | MiB changed |" in out
+    for topology in ("one node", "cluster 3 masters"):
+        for update in ("full", "one layer"):
+            for approach in ("ceiling", "hotswap"):
+                assert f"| {topology} | {update} | {approach} |" in out, (topology, update)
+    assert "Replica reads are not built yet" in out
+    assert "CPU-bound" in out
+    raw = json.loads(results.read_text())
+    assert raw["config"]["agents"] == 2
+    for s in raw["samples"]:
+        # Both bare clients got every changed byte; the agents got bytes too (fewer
+        # where the publisher stored a delta, the default).
+        floor = 2 * s["bytes_changed"] if s["approach"] == "ceiling" else 2
+        assert s["bytes_total"] >= floor > 0, s
+        assert 0 < s["first"] <= s["last"], s

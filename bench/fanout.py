@@ -1,0 +1,292 @@
+"""``python -m bench --fanout N``: N agent processes on one model, one publish.
+
+For each topology (one Redis node; a Redis Cluster of 3 masters, each with a
+replica, built by the cluster fixture of ``tests/ha``) and each update (every
+tensor; one layer), consecutive versions as users live them (default
+settings): the time from the start of a publish to the LAST of N agents
+applied, and the bytes all agents fetched per second of it, against the
+ceiling: the same chunks written raw and fetched by N bare GET clients.
+
+Replica reads are not built yet: on the cluster every chunk is read from its
+master, the replicas only follow. All processes share this machine's cores,
+so on a small machine the figure is CPU-bound, not network-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import baselines, model
+from bench.procs import WorkerProc
+from bench.stats import ms, summary, table
+from hotswap import HotswapSettings
+from hotswap.connection import connect
+from hotswap.embedded import EmbeddedRedis
+from hotswap.transport import ChunkIO
+
+MiB = 1024 * 1024
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+CHANNEL = "bench:fanout"
+TOPOLOGIES = ("one node", "cluster 3 masters")
+UPDATES = ("full", "one layer")
+NO_REPLICA_READS = (
+    "Replica reads are not built yet: on the cluster every chunk is read from its "
+    "master (the replicas only follow)."
+)
+
+
+@dataclass
+class Config:
+    agents: int = 4
+    size_mb: float = 128
+    runs: int = 3
+    dtype: str = "bfloat16"
+    seed: int = 0
+    topologies: list[str] = field(default_factory=lambda: list(TOPOLOGIES))
+
+    @property
+    def size(self) -> int:
+        return int(self.size_mb * MiB)
+
+
+@dataclass
+class Sample:
+    topology: str
+    update: str
+    approach: str  # "hotswap" or "ceiling"
+    publish: float  # seconds the publish (or the raw SETs) took
+    first: float  # publish start to the first agent done
+    last: float  # publish start to the last agent done
+    bytes_total: int  # fetched by all agents together
+    bytes_changed: int
+
+
+@contextlib.contextmanager
+def redis_topology(name: str) -> Iterator[tuple[str, bool]]:
+    """(HOTSWAP_REDIS_URL, cluster) of a fresh Redis of ``name``'s topology."""
+    if name == "one node":
+        with EmbeddedRedis() as srv:
+            yield srv.url, False
+        return
+    # The cluster the failover tests use, reused as is (it lives with them).
+    for where in (ROOT / "tests", ROOT / "tests" / "ha"):
+        if str(where) not in sys.path:
+            sys.path.insert(0, str(where))
+    from cluster_support import Cluster  # type: ignore[import-not-found]
+
+    with Cluster() as cluster:
+        yield cluster.urls(), True
+
+
+def layer_names(sd: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors of one transformer layer (the middle one)."""
+    return [n for n in sd if n.startswith(f"layers.{model.LAYERS // 2}.")]
+
+
+class Fanout:
+    def __init__(self, cfg: Config, log: Callable[[str], None]) -> None:
+        self.cfg, self.log = cfg, log
+        self.samples: list[Sample] = []
+        self._seq = 0
+
+    def run_topology(self, topology: str) -> None:
+        cfg = self.cfg
+        sd = model.build(cfg.size, getattr(torch, cfg.dtype), cfg.seed)
+        with redis_topology(topology) as (url, cluster):
+            # Defaults otherwise: what a user runs.
+            settings: dict[str, Any] = {"redis_url": url, "cluster": cluster, "namespace": "bench"}
+            config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
+            client = connect(config)
+            chunks = ChunkIO.of(client)
+            assert chunks is not None
+            workers = [WorkerProc("bench.fanout_worker") for _ in range(cfg.agents)]
+            from publisher import Publisher
+
+            pub = Publisher("fanout", settings=config)
+            try:
+                for w in workers:
+                    w.call("init", settings=settings, size=cfg.size, dtype=cfg.dtype, seed=cfg.seed)
+                first = pub.publish(sd, message="base")
+                for w in workers:
+                    w.call("agent_start", model_name="fanout", settings=settings)
+                self._all_applied(workers, first)
+                for update in UPDATES:
+                    names = list(sd) if update == "full" else layer_names(sd)
+                    for r in range(cfg.runs):
+                        model.perturb(sd, names)
+                        cases: list[Callable[[], Sample]] = [
+                            partial(self._ceiling, client, chunks, workers, sd, names),
+                            partial(self._hotswap, pub, workers, sd),
+                        ]
+                        # Alternating which goes first, so that drift hits both alike.
+                        pair = [case() for case in cases[r % 2 :] + cases[: r % 2]]
+                        for s in pair:
+                            s.topology, s.update = topology, update
+                            s.bytes_changed = model.nbytes(sd, names)
+                        self.samples += pair
+                        self.log(
+                            f"  {topology}, {update}, run {r + 1}/{cfg.runs}: "
+                            + ", ".join(f"{s.approach} {s.last * 1e3:.0f} ms" for s in pair)
+                        )
+            finally:
+                for w in workers:
+                    w.close()
+                pub.close()
+                client.close()
+
+    @staticmethod
+    def _all_applied(workers: list[WorkerProc], version: int) -> list[dict[str, Any]]:
+        out = []
+        for w in workers:
+            while (ev := w.event("applied"))["version"] < version:
+                pass
+            out.append(ev)
+        return out
+
+    def _hotswap(self, pub: Any, workers: list[WorkerProc], sd: dict[str, torch.Tensor]) -> Sample:
+        t0 = time.monotonic()
+        version = pub.publish(sd)
+        t1 = time.monotonic()
+        done = self._all_applied(workers, version)
+        ends = [ev["t_done"] - t0 for ev in done]
+        moved = sum(int(ev["bytes"]) for ev in done)
+        return Sample("", "", "hotswap", t1 - t0, min(ends), max(ends), moved, 0)
+
+    def _ceiling(
+        self,
+        client: Any,
+        chunks: ChunkIO,
+        workers: list[WorkerProc],
+        sd: dict[str, torch.Tensor],
+        names: list[str],
+    ) -> Sample:
+        """The same changed bytes, raw SETs then one PUBLISH; N bare clients GET them all."""
+        self._seq += 1
+        prefix = f"ceiling:{self._seq}"
+        chunk = HotswapSettings(_env_file=None).chunk_bytes  # type: ignore[call-arg]
+        for w in workers:
+            w.call("arm", names=names, chunk=chunk, prefix=prefix, channel=CHANNEL)
+        keys, views = baselines.chunked(sd, names, chunk, prefix)
+        t0 = time.monotonic()
+        chunks.set_chunks(keys, views)
+        client.publish(CHANNEL, prefix)
+        t1 = time.monotonic()
+        done = [w.event("fetched") for w in workers]
+        for key in keys:  # the next run writes fresh keys, as every publish does
+            client.unlink(key)
+        ends = [ev["t_done"] - t0 for ev in done]
+        moved = sum(int(ev["bytes"]) for ev in done)
+        return Sample("", "", "ceiling", t1 - t0, min(ends), max(ends), moved, 0)
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    started, load = time.time(), os.getloadavg()
+    bench = Fanout(cfg, log)
+    for topology in cfg.topologies:
+        log(f"{topology}: {cfg.agents} agents, {cfg.size_mb:g} MiB {cfg.dtype}")
+        bench.run_topology(topology)
+    return {
+        "config": asdict(cfg),
+        "samples": [asdict(s) for s in bench.samples],
+        "nproc": os.cpu_count(),
+        "load_before": load,
+        "load_after": os.getloadavg(),
+        "seconds": time.time() - started,
+    }
+
+
+def markdown(raw: dict[str, Any]) -> str:
+    """The table ``docs/scaling.md`` shows, with the caveats it needs."""
+    cfg = raw["config"]
+    samples = raw["samples"]
+    rows = []
+    for topology in cfg["topologies"]:
+        for update in UPDATES:
+            here = [s for s in samples if (s["topology"], s["update"]) == (topology, update)]
+            got = {a: [s for s in here if s["approach"] == a] for a in ("ceiling", "hotswap")}
+            ceil_last = summary([s["last"] for s in got["ceiling"]])["median"]
+            for approach, runs in got.items():
+                last = summary([s["last"] for s in runs])
+                moved = max(s["bytes_total"] for s in runs)
+                rate = moved / last["median"] / 1e9
+                rows.append(
+                    [
+                        topology,
+                        update,
+                        approach,
+                        f"{runs[0]['bytes_changed'] / MiB:.1f}",
+                        f"{moved / cfg['agents'] / MiB:.1f}",
+                        f"{summary([s['publish'] for s in runs])['median'] * 1e3:.0f}",
+                        f"{summary([s['first'] for s in runs])['median'] * 1e3:.0f}",
+                        ms(last),
+                        f"{rate:.2f}",
+                        f"{last['median'] / ceil_last:.2f}",
+                    ]
+                )
+    head = (
+        f"{cfg['agents']} agent processes, {cfg['size_mb']:g} MiB {cfg['dtype']} model, "
+        f"{cfg['runs']} consecutive versions per case (median, min-max), default settings; "
+        f"{raw['nproc']} cores, load average {raw['load_before'][0]:.2f} before, "
+        f"{raw['load_after'][0]:.2f} after; {raw['seconds']:.0f} s in all."
+    )
+    caveats = (
+        f"{NO_REPLICA_READS} Redis, the publisher and all {cfg['agents']} agents share "
+        f"{raw['nproc']} cores: the figure is CPU-bound, not a network figure."
+    )
+    header = [
+        "topology",
+        "update",
+        "approach",
+        "MiB changed",
+        "MiB fetched per agent",
+        "publish ms",
+        "publish→first done ms",
+        "publish→last done ms",
+        "aggregate GB/s",
+        "x ceiling",
+    ]
+    return "\n\n".join([head, table(header, rows), caveats])
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench --fanout N", description=__doc__)
+    p.add_argument("--fanout", type=int, required=True, metavar="N", help="agent processes")
+    p.add_argument("--size-mb", type=float, default=Config.size_mb, help="model size")
+    p.add_argument("--runs", type=int, default=Config.runs, help="versions per case")
+    p.add_argument("--dtype", default=Config.dtype, help="torch dtype of the model")
+    p.add_argument("--quick", action="store_true", help="2 agents, 4 MiB, 1 run")
+    p.add_argument("--json", type=Path, default=None, help="where to write the results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    cfg = Config(agents=args.fanout, size_mb=args.size_mb, runs=args.runs, dtype=args.dtype)
+    if args.quick:
+        cfg.agents, cfg.size_mb, cfg.runs = min(cfg.agents, 2), min(cfg.size_mb, 4), 1
+    print(f"machine: {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}", flush=True)
+    raw = run(cfg, log=lambda m: print(m, flush=True))
+    print()
+    print(markdown(raw))
+    path = args.json or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(raw, indent=1))
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""One of the fan-out benchmark's N serving processes (``python -m bench.fanout_worker``).
+
+Holds a live copy of the model with a real ``Agent`` applying into it, and a
+shadow copy that the bare-GET ceiling fetches into. Speaks the JSON lines of
+``bench.procs.serve``; times are ``time.monotonic()``, comparable across
+processes on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench import baselines, model
+from bench.procs import serve
+from hotswap import HotswapSettings
+from hotswap.connection import connect
+from hotswap.transport import ChunkIO
+
+
+class FanoutWorker:
+    def __init__(self) -> None:
+        self._out = threading.Lock()
+        self.live: dict[str, torch.Tensor] = {}
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.client: Any = None
+        self.chunks: ChunkIO | None = None
+        self.agent: Any = None
+
+    def emit(self, message: dict[str, Any]) -> None:
+        with self._out:
+            sys.stdout.write(json.dumps(message) + "\n")
+            sys.stdout.flush()
+
+    def init(self, settings: dict[str, Any], size: int, dtype: str, seed: int) -> int:
+        self.live = model.build(size, getattr(torch, dtype), seed)
+        self.shadow = {k: v.clone() for k, v in self.live.items()}
+        # The ceiling's client is the agent's kind (plain or cluster), so that
+        # both read every chunk from the node that owns it.
+        config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
+        self.client = connect(config)
+        self.chunks = ChunkIO.of(self.client)  # the default window, as the agent uses
+        if self.chunks is None:
+            raise TypeError(f"no fast chunk path for {self.client!r}")
+        return len(self.live)
+
+    def arm(self, names: list[str], chunk: int, prefix: str, channel: str) -> None:
+        """Wait (in a thread) for one message on ``channel``, then GET ``names``' chunks
+        into the shadow copy, as a bare client would."""
+        chunks = self.chunks
+        assert chunks is not None
+        pubsub = self.client.pubsub()
+        pubsub.subscribe(channel)
+        # Subscribed before the reply: a message published after it is heard.
+        while (confirm := pubsub.get_message(timeout=10)) is None or confirm["type"] != "subscribe":
+            pass
+
+        def run() -> None:
+            try:
+                while pubsub.get_message(timeout=60) is None:
+                    pass
+                keys, views = baselines.chunked(self.shadow, names, chunk, prefix)
+                got = sum(n or 0 for n in chunks.get_into(keys, views))
+                self.emit({"event": "fetched", "t_done": time.monotonic(), "bytes": got})
+            except Exception as e:
+                self.emit({"event": "error", "error": f"{type(e).__name__}: {e}"})
+            finally:
+                pubsub.close()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def agent_start(self, model_name: str, settings: dict[str, Any]) -> None:
+        from hotswap import Agent
+
+        config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
+
+        def applied(version: int, report: Any) -> None:
+            self.emit(
+                {
+                    "event": "applied",
+                    "version": version,
+                    "t_done": time.monotonic(),
+                    "bytes": report.bytes_fetched,
+                }
+            )
+
+        def rejected(version: int, reasons: dict[str, list[str]]) -> None:
+            self.emit({"event": "error", "error": f"v{version} rejected: {reasons}"})
+
+        self.agent = Agent(
+            self.live, model_name, settings=config, on_applied=applied, on_rejected=rejected
+        )
+        self.agent.start()
+
+    def agent_stop(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+
+    def finish(self) -> None:
+        self.agent_stop()
+        if self.client is not None:
+            self.client.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    worker = FanoutWorker()
+    commands: dict[str, Callable[..., Any]] = {
+        "init": worker.init,
+        "arm": worker.arm,
+        "agent_start": worker.agent_start,
+        "agent_stop": worker.agent_stop,
+    }
+    serve(commands, worker.emit, worker.finish)
+
+
+if __name__ == "__main__":
+    main()
