@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import redis
 import torch
 
 from bench import baselines, model
@@ -56,6 +57,7 @@ class Config:
     dtype: str = "bfloat16"
     seed: int = 0
     topologies: list[str] = field(default_factory=lambda: list(TOPOLOGIES))
+    redis_url: str | None = None  # a deployment to use instead of local servers
 
     @property
     def size(self) -> int:
@@ -72,11 +74,16 @@ class Sample:
     last: float  # publish start to the last agent done
     bytes_total: int  # fetched by all agents together
     bytes_changed: int
+    server_cpu: float = 0.0  # seconds of redis-server CPU (masters), the whole case
 
 
 @contextlib.contextmanager
-def redis_topology(name: str) -> Iterator[tuple[str, bool]]:
-    """(HOTSWAP_REDIS_URL, cluster) of a fresh Redis of ``name``'s topology."""
+def redis_topology(name: str, url: str | None = None) -> Iterator[tuple[str, bool]]:
+    """(HOTSWAP_REDIS_URL, cluster) of a fresh Redis of ``name``'s topology, or of
+    the deployment at ``url`` (real hardware: ``name`` says whether it is a cluster)."""
+    if url is not None:
+        yield url, name == "cluster"
+        return
     if name == "one node":
         with EmbeddedRedis() as srv:
             yield srv.url, False
@@ -89,6 +96,16 @@ def redis_topology(name: str) -> Iterator[tuple[str, bool]]:
 
     with Cluster() as cluster:
         yield cluster.urls(), True
+
+
+def server_cpu(client: Any) -> float:
+    """CPU seconds (user + sys) the Redis server has used; on a cluster, all masters."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        per_node = client.info("cpu", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+        infos = list(per_node.values())
+    else:
+        infos = [client.info("cpu")]
+    return sum(float(i["used_cpu_user"]) + float(i["used_cpu_sys"]) for i in infos)
 
 
 def layer_names(sd: dict[str, torch.Tensor]) -> list[str]:
@@ -105,7 +122,7 @@ class Fanout:
     def run_topology(self, topology: str) -> None:
         cfg = self.cfg
         sd = model.build(cfg.size, getattr(torch, cfg.dtype), cfg.seed)
-        with redis_topology(topology) as (url, cluster):
+        with redis_topology(topology, cfg.redis_url) as (url, cluster):
             # Defaults otherwise: what a user runs.
             settings: dict[str, Any] = {"redis_url": url, "cluster": cluster, "namespace": "bench"}
             config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
@@ -132,7 +149,12 @@ class Fanout:
                             partial(self._hotswap, pub, workers, sd),
                         ]
                         # Alternating which goes first, so that drift hits both alike.
-                        pair = [case() for case in cases[r % 2 :] + cases[: r % 2]]
+                        pair = []
+                        for case in cases[r % 2 :] + cases[: r % 2]:
+                            # Read outside the timed span; counts the writes too.
+                            cpu = server_cpu(client)
+                            pair.append(case())
+                            pair[-1].server_cpu = server_cpu(client) - cpu
                         for s in pair:
                             s.topology, s.update = topology, update
                             s.bytes_changed = model.nbytes(sd, names)
@@ -222,6 +244,7 @@ def markdown(raw: dict[str, Any]) -> str:
                 last = summary([s["last"] for s in runs])
                 moved = max(s["bytes_total"] for s in runs)
                 rate = moved / last["median"] / 1e9
+                cpu = summary([s["server_cpu"] / (s["bytes_total"] / MiB) for s in runs])
                 rows.append(
                     [
                         topology,
@@ -234,6 +257,7 @@ def markdown(raw: dict[str, Any]) -> str:
                         ms(last),
                         f"{rate:.2f}",
                         f"{last['median'] / ceil_last:.2f}",
+                        f"{cpu['median'] * 1e6:.0f}",
                     ]
                 )
     head = (
@@ -244,7 +268,9 @@ def markdown(raw: dict[str, Any]) -> str:
     )
     caveats = (
         f"{NO_REPLICA_READS} Redis, the publisher and all {cfg['agents']} agents share "
-        f"{raw['nproc']} cores: the figure is CPU-bound, not a network figure."
+        f"{raw['nproc']} cores: the figure is CPU-bound, not a network figure. "
+        "Server CPU: redis-server's user+sys seconds (all masters) over the case, "
+        "writes included, per MiB the agents fetched."
     )
     header = [
         "topology",
@@ -257,6 +283,7 @@ def markdown(raw: dict[str, Any]) -> str:
         "publish→last done ms",
         "aggregate GB/s",
         "x ceiling",
+        "server CPU µs per MiB served",
     ]
     return "\n\n".join([head, table(header, rows), caveats])
 
@@ -269,12 +296,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=Config.dtype, help="torch dtype of the model")
     p.add_argument("--quick", action="store_true", help="2 agents, 4 MiB, 1 run")
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
+    p.add_argument(
+        "--redis-url", default=None, help="measure this Redis instead of starting local ones"
+    )
+    p.add_argument("--cluster", action="store_true", help="--redis-url is a Redis Cluster")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     cfg = Config(agents=args.fanout, size_mb=args.size_mb, runs=args.runs, dtype=args.dtype)
+    if args.redis_url:
+        cfg.redis_url, cfg.topologies = args.redis_url, ["cluster" if args.cluster else "server"]
     if args.quick:
         cfg.agents, cfg.size_mb, cfg.runs = min(cfg.agents, 2), min(cfg.size_mb, 4), 1
     print(f"machine: {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}", flush=True)
