@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import redis
 import torch
 
 from hotswap import codec
-from hotswap.transport import DEFAULT_WINDOW, BlobTransport
+from hotswap.transport import DEFAULT_WINDOW, BlobTransport, ChunkIO
 
 __all__ = [
     "DEFAULT_WINDOW",
     "BlobTransport",
+    "ChunkIO",
     "ceiling_apply",
     "ceiling_publish",
     "chunk_keys",
+    "chunk_io",
     "chunked",
     "naive_apply",
     "naive_publish",
@@ -42,6 +45,14 @@ def raw_transport(client: redis.Redis, window: int = DEFAULT_WINDOW) -> BlobTran
     if transport is None:
         raise TypeError(f"the raw ceiling needs a plain redis.Redis client, not {client!r}")
     return transport
+
+
+def chunk_io(client: Any) -> ChunkIO:
+    """The same transport over a plain or a cluster client (each key to its node)."""
+    chunks = ChunkIO.of(client)
+    if chunks is None:
+        raise TypeError(f"the raw ceiling needs a redis.Redis or RedisCluster, not {client!r}")
+    return chunks
 
 
 def chunk_keys(prefix: str, name: str, nbytes: int, chunk: int) -> list[str]:

@@ -35,7 +35,6 @@ from bench.stats import ms, summary, table
 from hotswap import HotswapSettings
 from hotswap.connection import connect
 from hotswap.embedded import EmbeddedRedis
-from hotswap.transport import ChunkIO
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +126,7 @@ class Fanout:
             settings: dict[str, Any] = {"redis_url": url, "cluster": cluster, "namespace": "bench"}
             config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
             client = connect(config)
-            chunks = ChunkIO.of(client)
-            assert chunks is not None
+            chunks = baselines.chunk_io(client)
             workers = [WorkerProc("bench.fanout_worker") for _ in range(cfg.agents)]
             from publisher import Publisher
 
@@ -190,7 +188,7 @@ class Fanout:
     def _ceiling(
         self,
         client: Any,
-        chunks: ChunkIO,
+        chunks: baselines.ChunkIO,
         workers: list[WorkerProc],
         sd: dict[str, torch.Tensor],
         names: list[str],

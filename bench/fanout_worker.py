@@ -22,7 +22,6 @@ from bench import baselines, model
 from bench.procs import serve
 from hotswap import HotswapSettings
 from hotswap.connection import connect
-from hotswap.transport import ChunkIO
 
 
 class FanoutWorker:
@@ -31,7 +30,7 @@ class FanoutWorker:
         self.live: dict[str, torch.Tensor] = {}
         self.shadow: dict[str, torch.Tensor] = {}
         self.client: Any = None
-        self.chunks: ChunkIO | None = None
+        self.chunks: baselines.ChunkIO | None = None
         self.agent: Any = None
 
     def emit(self, message: dict[str, Any]) -> None:
@@ -46,9 +45,7 @@ class FanoutWorker:
         # both read every chunk from the node that owns it.
         config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
         self.client = connect(config)
-        self.chunks = ChunkIO.of(self.client)  # the default window, as the agent uses
-        if self.chunks is None:
-            raise TypeError(f"no fast chunk path for {self.client!r}")
+        self.chunks = baselines.chunk_io(self.client)  # the default window, as agents
         return len(self.live)
 
     def arm(self, names: list[str], chunk: int, prefix: str, channel: str) -> None:
