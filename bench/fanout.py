@@ -264,9 +264,15 @@ def markdown(raw: dict[str, Any]) -> str:
         f"{raw['nproc']} cores, load average {raw['load_before'][0]:.2f} before, "
         f"{raw['load_after'][0]:.2f} after; {raw['seconds']:.0f} s in all."
     )
+    where = (
+        f"The publisher and all {cfg['agents']} agents share this host's {raw['nproc']} cores "
+        "(Redis runs elsewhere). "
+        if cfg.get("redis_url")
+        else f"Redis, the publisher and all {cfg['agents']} agents share {raw['nproc']} cores: "
+        "the figure is CPU-bound, not a network figure. "
+    )
     caveats = (
-        f"{NO_REPLICA_READS} Redis, the publisher and all {cfg['agents']} agents share "
-        f"{raw['nproc']} cores: the figure is CPU-bound, not a network figure. "
+        f"{NO_REPLICA_READS} {where}"
         "Server CPU: redis-server's user+sys seconds (all masters) over the case, "
         "writes included, per MiB the agents fetched."
     )
@@ -295,7 +301,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 agents, 4 MiB, 1 run")
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
     p.add_argument(
-        "--redis-url", default=None, help="measure this Redis instead of starting local ones"
+        "--redis-url",
+        default=None,
+        help="measure this Redis instead of starting local ones (namespace bench, model "
+        "fanout: HOTSWAP_NAMESPACE=bench hotswap delete fanout cleans up)",
     )
     p.add_argument("--cluster", action="store_true", help="--redis-url is a Redis Cluster")
     return p.parse_args(argv)
