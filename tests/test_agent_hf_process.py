@@ -6,9 +6,6 @@ refuse for ever."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,16 +13,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from waiting import poll
+from worker_proc import worker
 
 from hotswap.live import non_persistent_buffers
 from hotswap.settings import HotswapSettings
-from hotswap.status import decode as decode_status
 from hotswap.store import Store
 from publisher.publisher import Publisher
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("hf_worker.py")
 MODEL = "minilm"
 
@@ -56,41 +52,14 @@ def test_a_served_bert_takes_its_own_file_a_fine_tune_and_the_rollback(
     with torch.no_grad():
         tuned.pooler.dense.weight.mul_(1.01)
         tuned.pooler.dense.bias.fill_(0.05)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(
-        [sys.executable, str(WORKER), settings.redis_url, MODEL, "--last", "3"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert worker.stdout is not None
-        ready = worker.stdout.readline()
-        assert ready.startswith("READY"), worker.stderr.read() if worker.stderr else ready
-        agent_id = ready.split()[1]
-        records = Store(store.client, MODEL)
-
-        def runs(version: int) -> bool:
-            for found, raw, _alive in records.agent_records():
-                if found == agent_id:
-                    return (decode_status(raw).version or 0) >= version
-            return False
-
+    with worker(WORKER, settings.redis_url, MODEL, 3, Store(store.client, MODEL)) as w:
         with Publisher(MODEL, settings=settings) as pub:
             v1 = pub.publish(hub_file(original, tmp_path / "v1.safetensors"), message="own")
-            assert poll(lambda: runs(v1)), "the worker did not apply its own file"
+            assert poll(lambda: w.runs(v1)), "the worker did not apply its own file"
             v2 = pub.publish(hub_file(tuned, tmp_path / "v2.safetensors"), message="tuned")
-            assert poll(lambda: runs(v2)), "the worker did not apply the fine-tune"
+            assert poll(lambda: w.runs(v2)), "the worker did not apply the fine-tune"
             v3 = pub.rollback(to=v1)
-        out, err = worker.communicate(timeout=60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    assert worker.returncode == 0, err
-    result = json.loads(out.strip().splitlines()[-1])
+        result = w.result()
     assert (v1, v2, v3) == (1, 2, 3)
     assert result["refused"] is None
     assert result["reached"] is True

@@ -8,18 +8,15 @@ them), and no forward pass may see two versions at once.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import torch
 from delta_support import Versions
-from test_serving_process import MODEL, ROOT, WORKER, probe_state
+from test_serving_process import MODEL, WORKER, probe_state
 from waiting import poll
+from worker_proc import worker
 
 from hotswap.settings import HotswapSettings
-from hotswap.status import decode as decode_status
 from hotswap.store import Store
 
 LAST = 8
@@ -30,45 +27,19 @@ def test_a_serving_process_applies_deltas_fetching_only_them(
 ) -> None:
     served = Store(store.client, MODEL)
     vs = Versions(served, chunk_bytes=16 * 1024)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(
-        [sys.executable, str(WORKER), settings.redis_url, MODEL, "--last", str(LAST)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert worker.stdout is not None
-        ready = worker.stdout.readline()
-        assert ready.startswith("READY"), worker.stderr.read() if worker.stderr else ready
-        agent_id = ready.split()[1]
-
-        def record() -> object:
-            for found, raw, _alive in served.agent_records():
-                if found == agent_id:
-                    return decode_status(raw)
-            return None
-
+    with worker(WORKER, settings.redis_url, MODEL, LAST, served) as w:
         vs.commit(probe_state(1), default="full")
         for k in range(2, LAST + 1):
             v = vs.commit(probe_state(k))
             assert all(e.delta is not None for e in vs.manifests[v].tensors)
             if k % 2 == 0:  # some applied one by one, the others back to back
-                assert poll(lambda v=v: (getattr(record(), "version", 0) or 0) >= v)
-        out, err = worker.communicate(timeout=60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    assert worker.returncode == 0, err
-    result = json.loads(out.strip().splitlines()[-1])
+                assert poll(lambda v=v: w.runs(v))
+        result = w.result()
     assert result["reached_last"] is True
     assert result["mixed_count"] == 0, result["mixed"]
     assert result["pointers_unchanged"] is True
     assert result["digests"] == {n: e.digest for n, e in vs.manifests[LAST].by_name().items()}
-    status = record()
+    status = w.record()
     full = sum(e.nbytes for e in vs.manifests[LAST].tensors)
     every_delta = sum(
         e.delta.stored_bytes for v in range(2, LAST + 1) for e in vs.manifests[v].tensors if e.delta
@@ -96,45 +67,19 @@ def test_a_serving_process_validates_and_applies_sparse_deltas_by_patch(
 ) -> None:
     served = Store(store.client, MODEL)
     vs = Versions(served, chunk_bytes=16 * 1024)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(
-        [sys.executable, str(WORKER), settings.redis_url, MODEL, "--last", str(LAST)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert worker.stdout is not None
-        ready = worker.stdout.readline()
-        assert ready.startswith("READY"), worker.stderr.read() if worker.stderr else ready
-        agent_id = ready.split()[1]
-
-        def version() -> int:
-            for found, raw, _alive in served.agent_records():
-                if found == agent_id:
-                    return getattr(decode_status(raw), "version", 0) or 0
-            return 0
-
+    with worker(WORKER, settings.redis_url, MODEL, LAST, served) as w:
         vs.commit(sparse_state(1), default="full")
-        assert poll(lambda: version() >= 1)
+        assert poll(lambda: w.version() >= 1)
         for k in range(2, LAST + 1):
             v = vs.commit(sparse_state(k))
             assert all(e.delta is not None for e in vs.manifests[v].tensors)
             if k % 2 == 0:  # some applied one by one, the others back to back
 
                 def reached(v: int = v) -> bool:
-                    return version() >= v
+                    return w.version() >= v
 
                 assert poll(reached)
-        out, err = worker.communicate(timeout=60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    assert worker.returncode == 0, err
-    result = json.loads(out.strip().splitlines()[-1])
+        result = w.result()
     assert result["reached_last"] is True
     assert result["mixed_count"] == 0, result["mixed"]
     assert result["pointers_unchanged"] is True

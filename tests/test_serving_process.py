@@ -7,23 +7,19 @@ half-copied tensor, cannot go unnoticed.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from waiting import poll
+from worker_proc import worker
 
 from hotswap.embedded import EmbeddedRedis
 from hotswap.settings import HotswapSettings
-from hotswap.status import decode as decode_status
 from hotswap.store import Store
 from publisher.publisher import Publisher
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("serving_worker.py")
 VERSIONS = 50
 MODEL = "served"
@@ -43,45 +39,17 @@ def probe_state(version: int) -> dict[str, torch.Tensor]:
 def test_fifty_versions_while_serving_never_mix(
     redis_server: EmbeddedRedis, settings: HotswapSettings, store: Store
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(
-        [sys.executable, str(WORKER), settings.redis_url, MODEL, "--last", str(VERSIONS)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert worker.stdout is not None
-        ready = worker.stdout.readline()
-        assert ready.startswith("READY"), worker.stderr.read() if worker.stderr else ready
-        agent_id = ready.split()[1]
-        records = Store(store.client, MODEL)
-
-        def runs(version: int) -> bool:
-            """Whether the worker's agent record says it runs ``version`` or newer."""
-            for found, raw, _alive in records.agent_records():
-                if found == agent_id:
-                    return (decode_status(raw).version or 0) >= version
-            return False
-
+    with worker(WORKER, settings.redis_url, MODEL, VERSIONS, Store(store.client, MODEL)) as w:
         pub = Publisher(MODEL, settings=settings)
         published = []
         for k in range(1, VERSIONS + 1):
             published.append(pub.publish(probe_state(k), message=f"v{k}"))
             if k % 3 == 0:
                 # Some versions are applied one by one, the others back to back.
-                assert poll(lambda k=k: runs(k)), f"the worker did not apply v{k}"
+                assert poll(lambda k=k: w.runs(k)), f"the worker did not apply v{k}"
         pub.close()
         assert published == list(range(1, VERSIONS + 1))
-        out, err = worker.communicate(timeout=60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    assert worker.returncode == 0, err
-    result = json.loads(out.strip().splitlines()[-1])
+        result = w.result()
     assert result["reached_last"] is True
     assert result["mixed_count"] == 0, result["mixed"]
     applied = result["applied"]
