@@ -454,7 +454,9 @@ def test_stop_is_bounded_with_the_default_retry_budget(
             own_redis.freeze()
             heads = seen.count("head")
             # The next poll's read of head is under way: it blocks on the frozen server.
-            assert seen.wait(lambda: seen.count("head") > heads), seen.calls
+            # If the freeze caught the thread inside another call (a status write), that
+            # call first spends the 10 s socket timeout: wait past it.
+            assert seen.wait(lambda: seen.count("head") > heads, timeout=30), seen.calls
         # A second of grace for the thread, then its sockets are closed.
         agent.stop(timeout=2.0)
         assert agent.state == "stopped"
