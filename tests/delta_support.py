@@ -17,7 +17,7 @@ from typing import Any
 
 import tenacity
 import torch
-from agent_support import Watch, WatchedBlobs, WatchedStore
+from agent_support import Watch, WatchedBlobs, WatchedStore, entry_for
 
 from hotswap import codec, delta, keys, notice
 from hotswap import manifest as mf
@@ -31,18 +31,8 @@ CHUNK = 4096
 
 
 def entry_of(name: str, t: torch.Tensor, chunk_bytes: int = CHUNK) -> TensorEntry:
-    buf = codec.as_bytes(t)
-    s = codec.stats(t)
-    return TensorEntry(
-        name,
-        codec.dtype_name(t.dtype),
-        tuple(t.shape),
-        len(buf),
-        codec.digest(buf),
-        chunk_bytes,
-        s.norm,
-        s.max_abs,
-    )
+    """``agent_support.entry_for`` with this module's small chunks."""
+    return entry_for(name, t, chunk_bytes)
 
 
 def chunk_digests(data: memoryview, chunk_bytes: int) -> list[bytes]:
