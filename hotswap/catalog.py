@@ -34,18 +34,23 @@ class Footprint:
     other_keys: int
 
 
-def model_names(client: RedisClient, ns: str, retrying: tenacity.Retrying) -> list[str]:
-    """Every model of namespace ``ns`` that has a head, a version counter or a log."""
-    return guarded(retrying, "*", "listing models", lambda: _scan_models(client, ns))
+def model_names(
+    client: RedisClient, ns: str, retrying: tenacity.Retrying, limit: int | None = None
+) -> list[str]:
+    """Every model of namespace ``ns`` that has a head, a version counter or a log;
+    with ``limit``, at most that many (a hint need not hold a keyspace of them)."""
+    return guarded(retrying, "*", "listing models", lambda: _scan_models(client, ns, limit))
 
 
-def _scan_models(client: RedisClient, ns: str) -> list[str]:
+def _scan_models(client: RedisClient, ns: str, limit: int | None = None) -> list[str]:
     found: set[str] = set()
     for pattern in keys.model_marker_patterns(ns):
         for key in client.scan_iter(match=pattern, count=BATCH):
             name = keys.model_of_marker_key(ns, _text(key))
             if name is not None:
                 found.add(name)
+                if limit is not None and len(found) >= limit:
+                    return sorted(found)
     return sorted(found)
 
 

@@ -22,6 +22,9 @@ from hotswap.store import Store
 
 # Published names shown at most (a namespace may hold many models).
 SHOWN = 5
+# Model names a warning reads at most: enough for a close match, bounded however
+# many marker keys the namespace holds.
+LISTED = 1000
 
 
 def message(model: str, published: Sequence[str] | None, ns: str) -> str:
@@ -54,8 +57,9 @@ def warning(store: Store) -> str:
     gets the message without the list."""
     try:
         # Tried once: a hint is not worth waiting out a retry budget.
+        # Bounded: model names come from keys anyone with write access may create.
         published: list[str] | None = catalog.model_names(
-            store.client, store.ns, operation_retry(1)
+            store.client, store.ns, operation_retry(1), limit=LISTED
         )
     except (HotswapError, redis.RedisError):
         published = None

@@ -15,9 +15,12 @@ import redis
 import torch
 from agent_support import Watch, until
 
+from hotswap import keys
 from hotswap.agent import Agent
+from hotswap.connection import operation_retry
 from hotswap.settings import HotswapSettings
-from hotswap.unpublished import message
+from hotswap.store import Store
+from hotswap.unpublished import LISTED, SHOWN, message, warning
 from publisher.publisher import Publisher
 
 SAID = (
@@ -113,3 +116,19 @@ def test_the_message_names_at_most_a_few_models_and_guesses_only_close_ones() ->
         "bert-base, bert-large); did you mean 'bert-base' or 'bert-large'? serving the "
         "model's own weights"
     )
+
+
+def test_a_flood_of_hostile_model_keys_costs_the_warning_a_bounded_list(
+    settings: HotswapSettings, client: redis.Redis
+) -> None:
+    """Anyone with write access can create model marker keys: the warning reads at most
+    ``LISTED`` names of them, and still says nothing is published under its own."""
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(LISTED + 500):
+            pipe.set(keys.head_key("hotswap", f"fake{i:05d}"), b"1")
+        pipe.execute()
+    store = Store.from_settings(client, "minlm", settings, operation_retry(1))
+    said = warning(store)
+    assert said.startswith("model 'minlm': nothing is published under this name (published")
+    more = int(said.split("(+")[1].split(" more)")[0])
+    assert more == LISTED - SHOWN  # LISTED names read, SHOWN of them shown
