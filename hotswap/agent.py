@@ -37,6 +37,7 @@ from hotswap.pipeline import Mode, OnApplied, OnRejected, Pipeline
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
+from hotswap.sharedblobs import share
 from hotswap.staging import LiveModel, Staging
 from hotswap.store import Store
 from hotswap.transform import Transform
@@ -137,6 +138,8 @@ class Agent:
             sleep=self._stop.wait,
         )
         self.store = build(client, self.model_name, s, retrying)
+        # HOTSWAP_HOST_CACHE_DIR: the agents of one host fetch each blob from Redis once.
+        self.store.blobs = share(self.store.blobs, s, self._stop)
         self.live = LiveModel(model)
         if staging_keep_bytes is None:
             staging_keep_bytes = s.staging_keep_bytes

@@ -170,6 +170,43 @@ class HotswapSettings(BaseSettings):
         description="A Publisher keeps the bytes it last published in host memory (one copy "
         "of the model) to encode the next delta; off: reads the parent from Redis.",
     )
+    read_from_replicas: bool = Field(
+        default=False,
+        description="Agents read blob chunks from replicas (a chunk a lagging replica lacks "
+        "is read from its primary); head and manifests always come from primaries.",
+    )
+    replica_urls: str = Field(
+        default="",
+        description="Comma-separated redis:// URLs of the replicas of a single primary, for "
+        "HOTSWAP_READ_FROM_REPLICAS (a cluster finds its replicas itself).",
+    )
+    wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Replicas (of each master) a publisher waits for with WAIT before it "
+        "commits a version and again before it reports it; 0: no WAIT.",
+    )
+    wait_timeout_ms: int = Field(
+        default=2000,
+        ge=1,
+        description="Milliseconds one WAIT may take; under HOTSWAP_SOCKET_TIMEOUT.",
+    )
+    host_cache_dir: str | None = Field(
+        default=None,
+        description="A folder (on tmpfs, e.g. /dev/shm/hotswap) where the agents of one host "
+        "share fetched blobs: Redis serves each changed blob once per host. Unset: off.",
+    )
+    host_cache_bytes: int = Field(
+        default=2 * 1024 * MiB,
+        ge=0,
+        description="Most bytes the host cache holds; the least recently used blobs go first.",
+    )
+    host_cache_wait: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds an agent waits for another agent filling a blob it needs "
+        "before it reads the blob from Redis itself.",
+    )
 
     env_file: str | None = Field(
         default=None,

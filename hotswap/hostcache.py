@@ -1,0 +1,302 @@
+"""A folder of blobs that the agents of one host share, so Redis serves hosts, not processes.
+
+Imports no Redis: what goes in and how it is checked are the caller's
+(``hotswap.sharedblobs``). One file per blob, named by its content; the first
+process that needs a blob takes an exclusive ``flock`` on ``NAME.lock``, reads
+the blob (from Redis), writes it to ``NAME.tmp.*`` and renames that into
+place, so a reader sees the whole file or none. The kernel drops a lock when
+its holder dies, so a filler killed mid-write blocks nobody: the next process
+takes the lock, deletes the dead filler's temporary file and fills the blob
+itself. Others wait on the lock (at most ``wait`` seconds, then they read
+Redis themselves) and read the file.
+
+Trust: the folder must belong to this process's user and be writable by no one
+else (0700; files 0600). Every reader checks what it reads (a full blob by
+its BLAKE3 digest) and treats a file that fails as absent, so whoever can
+write the folder can cost refetches from Redis, never put other bytes into a
+model. ``budget`` bytes at most: the least recently used files go first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from hotswap.errors import ConfigError
+
+log = logging.getLogger("hotswap.hostcache")
+
+# A blob's file name: letters, digits and dashes only (no path can be spelled).
+_NAME = re.compile(r"[A-Za-z0-9-]{1,200}")
+# The longest pause between two tries of a busy lock: short next to a fetch,
+# long enough that waiting costs no CPU worth counting.
+_MAX_POLL = 0.02
+
+Buffer = bytes | bytearray | memoryview
+
+
+class HostCache:
+    """A host-wide folder of blob files, each filled once by whichever process needs it first.
+
+    Args:
+        folder: where the files live; created (0700) if missing. Put it on
+            tmpfs (``/dev/shm/...``): the files are read as often as written.
+        budget: most bytes of blob files kept; 0 turns filling off.
+        wait: seconds ``filling`` waits for another process's fill.
+        stop: set, waits end at once (an agent that stops).
+
+    Raises:
+        ConfigError: the folder is not a folder of this user, or others may write it.
+
+    Example::
+
+        cache = HostCache("/dev/shm/hotswap", budget=2 << 30)
+        out = bytearray(n)
+        if not cache.load_into(name, memoryview(out)):
+            with cache.filling(name) as slot:
+                if not (slot.held and cache.load_into(name, memoryview(out))):
+                    out[:] = read_from_redis()
+                    slot.publish([out])
+        check(out)  # and cache.served(name), or cache.discard(name) and read again
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        budget: int,
+        wait: float = 30.0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.budget = budget
+        self.wait = wait
+        self.stop = stop or threading.Event()
+        # hits, fills, waits, timeouts, discarded, evicted, unwritable: what tests
+        # and logs read.
+        self.stats: Counter[str] = Counter()
+        self._make_folder()
+        self._sweep()
+
+    # -- reading ------------------------------------------------------------------
+
+    def usable(self, name: str) -> bool:
+        """Whether ``name`` can name a file here (letters, digits, dashes)."""
+        return _NAME.fullmatch(name) is not None
+
+    def load_into(self, name: str, out: memoryview) -> bool:
+        """Fill ``out`` from the file ``name`` if it is there and exactly ``len(out)`` long.
+
+        The bytes are not checked here: the caller calls ``served`` once they
+        pass its check, ``discard`` when they fail it.
+        """
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size != len(out):
+                    self.discard(name)
+                    return False
+                have = 0
+                while have < len(out):
+                    got = f.readinto(out[have:])
+                    if not got:
+                        return False
+                    have += got
+        except FileNotFoundError:
+            return False
+        return True
+
+    def load(self, name: str, most: int) -> bytes | None:
+        """The whole file ``name`` (None: absent, or over ``most`` bytes)."""
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size > most:
+                    self.discard(name)
+                    return None
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data
+
+    def served(self, name: str) -> None:
+        """Count a read of ``name`` that passed its check; eviction goes by last use."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._path(name))
+        self.stats["hits"] += 1
+
+    def discard(self, name: str) -> None:
+        """Delete the file ``name``: its bytes failed a reader's check."""
+        self.stats["discarded"] += 1
+        log.warning("host cache %s: %s failed its check; deleted, read again", self.folder, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(name))
+
+    # -- filling ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def filling(self, name: str) -> Iterator[Slot]:
+        """Hold ``name``'s fill lock (``slot.held``), or not once ``wait`` ran out.
+
+        With the lock, look again (another process may have filled the file
+        while this one waited), else read the blob and ``slot.publish`` it.
+        """
+        fd = os.open(self._path(name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            held = self._lock(fd)
+            if held:
+                # Whoever held the lock before is gone: a temporary file left is a dead fill's.
+                self._remove_temporaries(name)
+            else:
+                self.stats["timeouts"] += 1
+            yield Slot(self, name, held)
+        finally:
+            os.close(fd)  # also drops the lock
+
+    def _lock(self, fd: int) -> bool:
+        deadline, pause, waited = time.monotonic() + self.wait, 0.001, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if not waited:
+                    self.stats["waits"] += 1
+                    waited = True
+            left = deadline - time.monotonic()
+            if left <= 0 or self.stop.wait(min(pause, left)):
+                return False
+            pause = min(pause * 2, _MAX_POLL)
+
+    def _publish(self, name: str, pieces: Sequence[Buffer]) -> bool:
+        """Write ``pieces`` as the file ``name``, whole or not at all."""
+        size = sum(memoryview(p).nbytes for p in pieces)
+        if not self._make_room(size, name):
+            return False
+        tmp = self._path(f"{name}.tmp.{os.getpid()}-{threading.get_ident()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                for piece in pieces:
+                    view = memoryview(piece).cast("B")
+                    while view:
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(tmp, self._path(name))
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            self.stats["unwritable"] += 1
+            if e.errno != errno.ENOENT:  # ENOENT: a later holder took it for a dead fill's
+                log.warning(
+                    "host cache %s: cannot write %s (%s); reading Redis", self.folder, name, e
+                )
+            return False
+        self.stats["fills"] += 1
+        return True
+
+    # -- budget -------------------------------------------------------------------
+
+    def size(self) -> int:
+        """Bytes of blob files in the folder now."""
+        return sum(size for _, _, size in self._files())
+
+    def _make_room(self, size: int, name: str) -> bool:
+        """Delete the least recently used files until ``size`` more bytes fit the budget."""
+        if size > self.budget:
+            return False
+        files = sorted(self._files())  # oldest first
+        total = sum(s for _, _, s in files)
+        for _, old, s in files:
+            if total + size <= self.budget:
+                break
+            if old == name:
+                continue
+            for path in (old, old + ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(path))
+            total -= s
+            self.stats["evicted"] += 1
+        return total + size <= self.budget
+
+    def _files(self) -> list[tuple[float, str, int]]:
+        """(last used, name, bytes) of every blob file (names without a dot)."""
+        found = []
+        with os.scandir(self.folder) as it:
+            for e in it:
+                if "." in e.name:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = e.stat(follow_symlinks=False)
+                    found.append((st.st_mtime, e.name, st.st_size))
+        return found
+
+    # -- housekeeping -------------------------------------------------------------
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def _remove_temporaries(self, name: str) -> None:
+        with os.scandir(self.folder) as it:
+            dead = [e.name for e in it if e.name.startswith(name + ".tmp.")]
+        for tmp in dead:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(tmp))
+
+    def _sweep(self) -> None:
+        """Delete temporary files whose lock nobody holds (fills that died)."""
+        with os.scandir(self.folder) as it:
+            names = {e.name.split(".tmp.")[0] for e in it if ".tmp." in e.name}
+        for name in names:
+            fd = os.open(self._path(name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._remove_temporaries(name)
+            except BlockingIOError:
+                pass  # a live fill
+            finally:
+                os.close(fd)
+
+    def _make_folder(self) -> None:
+        where = f"HOTSWAP_HOST_CACHE_DIR={str(self.folder)!r}"
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(self.folder)
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot create it ({e}); fix or unset it") from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{where} is not a folder (a link or a file); name a folder")
+        if st.st_uid != os.geteuid():
+            raise ConfigError(
+                f"{where} belongs to uid {st.st_uid}, not to this process's uid {os.geteuid()}: "
+                "agents share a cache only under one user; name a folder of this user"
+            )
+        if st.st_mode & 0o022:
+            raise ConfigError(
+                f"{where} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): "
+                f"run `chmod 700 {self.folder}`"
+            )
+
+
+class Slot:
+    """A fill in progress (``HostCache.filling``): ``held`` says whether this process may fill."""
+
+    def __init__(self, cache: HostCache, name: str, held: bool) -> None:
+        self.cache, self.name, self.held = cache, name, held
+
+    def publish(self, pieces: Sequence[Buffer]) -> bool:
+        """Store ``pieces``, in order, as the blob's file (only with the lock held).
+
+        Returns:
+            Whether the file is in place (False: over the budget, or the
+            folder refused the write; the caller has the bytes anyway).
+        """
+        return self.held and self.cache._publish(self.name, pieces)

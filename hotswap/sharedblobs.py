@@ -1,0 +1,205 @@
+"""Blob reads shared by the agents of one host (``HOTSWAP_HOST_CACHE_DIR``).
+
+``share`` turns an agent's ``BlobStore`` into a ``SharedBlobStore``: full
+blobs and delta frames are read from the host's cache folder
+(``hotswap.hostcache``) when another agent of the host already fetched them,
+and fetched from Redis once, by whichever agent needs them first, when not.
+Every read from the folder is checked before a byte of it is used: a full blob
+by its BLAKE3 digest (the manifest's), a delta blob's frames by the digest
+its file carries (the frames' own digests are then checked against the
+manifest as for frames from Redis). A file that fails is deleted and the
+blob read from Redis. ``stream`` (``hotswap verify``) always reads Redis.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable, Iterator
+
+import blake3
+
+from hotswap import codec
+from hotswap.blobs import BlobStore
+from hotswap.hostcache import Buffer, HostCache
+from hotswap.manifest import TensorEntry
+from hotswap.settings import HotswapSettings
+
+# A delta blob's file: magic, frame count, each frame's length, the frames,
+# then the BLAKE3 of all that (a file cut short or altered fails it).
+_FRAMES_MAGIC = b"HSF1"
+_DIGEST = 32
+
+
+def share(
+    blobs: BlobStore, settings: HotswapSettings, stop: threading.Event | None = None
+) -> BlobStore:
+    """``blobs`` reading through the host cache that ``settings`` names, or as is when none.
+
+    Args:
+        blobs: the agent's blob store.
+        settings: ``host_cache_dir`` (unset: ``blobs`` comes back), ``host_cache_bytes``,
+            ``host_cache_wait``.
+        stop: set when the agent stops: waiting for another agent's fill ends.
+
+    Raises:
+        ConfigError: the folder cannot be used (see ``HostCache``).
+
+    Example::
+
+        store.blobs = share(store.blobs, HotswapSettings(host_cache_dir="/dev/shm/hotswap"))
+    """
+    if not settings.host_cache_dir:
+        return blobs
+    cache = HostCache(
+        settings.host_cache_dir,
+        settings.host_cache_bytes,
+        wait=settings.host_cache_wait,
+        stop=stop,
+    )
+    return SharedBlobStore.around(blobs, cache)
+
+
+class SharedBlobStore(BlobStore):
+    """A ``BlobStore`` whose full-blob and delta-frame reads go through a ``HostCache``.
+
+    Build it with ``around`` (or ``share``); everything else is the wrapped store's.
+    """
+
+    cache: HostCache
+
+    @classmethod
+    def around(cls, blobs: BlobStore, cache: HostCache) -> SharedBlobStore:
+        """The same store (client, names, retry policy, whatever else it was built with)
+        reading through ``cache``."""
+        shared = cls.__new__(cls)
+        vars(shared).update(vars(blobs))
+        shared.cache = cache
+        return shared
+
+    def read_into(
+        self,
+        entry: TensorEntry,
+        out: memoryview,
+        version: int | None = None,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """As ``BlobStore.read_into``; the host's copy when it checks out, else Redis once."""
+        name = f"b-{entry.digest}-{entry.nbytes}"
+        if len(out) != entry.nbytes or not entry.chunks or not self.cache.usable(name):
+            super().read_into(entry, out, version, on_chunk)
+            return
+        if self._cached_into(name, entry, out, on_chunk):
+            return
+        with self.cache.filling(name) as slot:
+            if slot.held and self._cached_into(name, entry, out, on_chunk):
+                return
+            mine = codec.ChunkDigest(out, entry.chunk_bytes)
+
+            def landed(i: int, length: int) -> None:
+                mine.landed(i, length)
+                if on_chunk is not None:
+                    on_chunk(i, length)
+
+            super().read_into(entry, out, version, landed)
+            # Only bytes that are the blob go in: a bad read fails the caller's check alone.
+            if slot.held and mine.hexdigest() == entry.digest:
+                slot.publish([out])
+
+    def _cached_into(
+        self,
+        name: str,
+        entry: TensorEntry,
+        out: memoryview,
+        on_chunk: Callable[[int, int], None] | None,
+    ) -> bool:
+        if not self.cache.load_into(name, out):
+            return False
+        if codec.digest(out) != entry.digest:
+            self.cache.discard(name)
+            return False
+        self.cache.served(name)
+        if on_chunk is not None:
+            for i in range(entry.chunks):
+                on_chunk(i, min(entry.chunk_bytes, entry.nbytes - i * entry.chunk_bytes))
+        return True
+
+    def frames(self, entry: TensorEntry, version: int | None = None) -> Iterator[memoryview]:
+        """As ``BlobStore.frames``; the host's copy when it checks out, else Redis once.
+
+        Holds the delta blob's frames in memory (``stored_bytes``) while they are read.
+        """
+        ref = entry.delta
+        name = "" if ref is None else f"d-{ref.blob}-{entry.chunk_bytes}-{entry.chunks}"
+        if ref is None or not entry.chunks or not self.cache.usable(name):
+            yield from super().frames(entry, version)
+            return
+        found = self._cached_frames(name, entry)
+        if found is None:
+            found = self._fill_frames(name, entry, version)
+        if found is None:
+            yield from super().frames(entry, version)
+            return
+        yield from found
+
+    def _cached_frames(self, name: str, entry: TensorEntry) -> list[memoryview] | None:
+        ref = entry.delta
+        assert ref is not None
+        data = self.cache.load(name, _framed_size(entry.chunks, ref.stored_bytes))
+        if data is None:
+            return None
+        found = _unpack(data, entry.chunks, ref.stored_bytes)
+        if found is None:
+            self.cache.discard(name)
+        else:
+            self.cache.served(name)
+        return found
+
+    def _fill_frames(
+        self, name: str, entry: TensorEntry, version: int | None
+    ) -> list[memoryview] | None:
+        """The frames from the file another agent filled meanwhile, or read from Redis
+        and stored; None: this agent did not get the fill (read them as usual)."""
+        ref = entry.delta
+        assert ref is not None
+        with self.cache.filling(name) as slot:
+            if not slot.held:
+                return None
+            found = self._cached_frames(name, entry)
+            if found is not None:
+                return found
+            # A bad frame raises here, where reading it from Redis would.
+            frames = [bytes(f) for f in super().frames(entry, version)]
+            packed = _pack(frames)
+            slot.publish(packed)
+            return [memoryview(f) for f in frames]
+
+
+def _framed_size(count: int, stored: int) -> int:
+    return len(_FRAMES_MAGIC) + 4 * (count + 1) + stored + _DIGEST
+
+
+def _pack(frames: list[bytes]) -> list[Buffer]:
+    head = _FRAMES_MAGIC + struct.pack(f"<I{len(frames)}I", len(frames), *map(len, frames))
+    hasher = blake3.blake3(head)
+    for f in frames:
+        hasher.update(f)
+    return [head, *frames, hasher.digest()]
+
+
+def _unpack(data: bytes | None, count: int, stored: int) -> list[memoryview] | None:
+    """The frames of a delta blob's file, None unless it is whole and the blob expected."""
+    if data is None or len(data) != _framed_size(count, stored):
+        return None
+    view = memoryview(data)
+    body, digest = view[:-_DIGEST], view[-_DIGEST:]
+    if body[: len(_FRAMES_MAGIC)] != _FRAMES_MAGIC or blake3.blake3(body).digest() != digest:
+        return None
+    fields = struct.unpack_from(f"<I{count}I", body, len(_FRAMES_MAGIC))
+    if fields[0] != count or sum(fields[1:]) != stored:
+        return None
+    frames, at = [], len(_FRAMES_MAGIC) + 4 * (count + 1)
+    for length in fields[1:]:
+        frames.append(view[at : at + length])
+        at += length
+    return frames
