@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.event import AfterSlotsCacheRefreshEvent
 
 from hotswap import keys
 from hotswap.connection import RedisClient
@@ -69,6 +70,28 @@ class AgentRecordIO:
             pipe.execute()
 
         self.call("writing agent status", write)
+
+    def watch_topology(self, changed: Callable[[], None]) -> Callable[[], None]:
+        """Call ``changed()`` whenever a cluster client learns the slot map again
+        (a failover or resharding was met); returns the call that stops it.
+
+        ``changed`` runs on whichever thread refreshed the map, inside redis-py:
+        it must only take note. Nothing happens on one server.
+
+        Example::
+
+            stop = store.records.watch_topology(wake.set)
+            ...
+            stop()
+        """
+        # The cluster client's event dispatcher has no public accessor; the
+        # ClusterPubSub of redis-py listens on the same one for the same event.
+        dispatcher = getattr(getattr(self.client, "nodes_manager", None), "_event_dispatcher", None)
+        if dispatcher is None:
+            return _nothing
+        listening = {AfterSlotsCacheRefreshEvent: [_Listener(changed)]}
+        dispatcher.register_listeners(listening)
+        return lambda: dispatcher.unregister_listeners(listening)
 
     def remove(self, agent_id: str) -> None:
         """Delete an agent's record and heartbeat, and its field of the older agents' hash."""
@@ -167,6 +190,20 @@ class AgentRecordIO:
         ]
         kept = [r for r in records if r is not None]
         return AgentRecords(sorted(kept, key=lambda r: r.agent_id), problems)
+
+
+class _Listener:
+    """redis-py's event listener interface around one callback."""
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self.changed = changed
+
+    def listen(self, event: object) -> None:
+        self.changed()
+
+
+def _nothing() -> None:
+    return None
 
 
 # -- agent records: what was read, pure -----------------------------------------------

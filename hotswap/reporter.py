@@ -7,6 +7,12 @@ in front of it, and a fetch of one huge tensor does not let the heartbeat
 expire. Writes go through ``Store.write_agent_status`` on the store given (the
 agent gives one that tries once; the thread tries again later). The schedule
 (settling, heartbeat, pause after a failed write) reads an injectable clock.
+
+On a Redis Cluster the record is written again as soon as the client learns
+the slot map anew: a failover may have lost the last write (acknowledged by
+the old master, never copied to its replica), or left it waiting out the
+pause after a failed one, and ``hotswap status`` would lag until the next
+change or heartbeat.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ class Reporter:
         self._closing = threading.Event()
         # Set by start(), read by close(): the agent calls both from one thread.
         self._thread: threading.Thread | None = None
+        self._unwatch: Callable[[], None] | None = None
 
     @property
     def status(self) -> AgentStatus:
@@ -173,6 +180,15 @@ class Reporter:
         if self._due():
             self.flush(log)
 
+    def topology_changed(self) -> None:
+        """Write the record again soon, without the pause after a failed write: the
+        cluster's slot map changed, and the last write may have gone to a master
+        that is gone. Only takes note (it runs inside redis-py's refresh)."""
+        with self._lock:
+            self._dirty = True
+            self._hold = 0.0
+        self._wake.set()
+
     def _due(self) -> bool:
         with self._lock:
             if self._status.state == "disconnected":
@@ -203,6 +219,7 @@ class Reporter:
     def start(self) -> None:
         """Start the thread that writes changes and heartbeats (idempotent)."""
         if self._thread is None and not self._closing.is_set():
+            self._unwatch = self.store.records.watch_topology(self.topology_changed)
             self._thread = threading.Thread(
                 target=self._run, name=f"hotswap-reporter-{self.store.model}", daemon=True
             )
@@ -225,6 +242,9 @@ class Reporter:
 
         deadline = time.monotonic() + timeout
         thread = self._thread
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         self._closing.set()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():

@@ -28,7 +28,7 @@ from hotswap.errors import FormatError, NotFound, VersionConflict
 from hotswap.manifest import EntryCache, Limits, Manifest, decode
 from hotswap.settings import HotswapSettings
 from hotswap.status import MAX_STATUS_BYTES
-from hotswap.subscription import Subscription
+from hotswap.subscription import Subscription, notice_mode
 
 __all__ = [
     "AGENT_RECORD_LINGER",
@@ -59,8 +59,12 @@ return v
 
 # KEYS: head, manifest:V, log, signed head record. ARGV: parent ('' = none), V,
 # manifest bytes, channel, notice, log maxlen, record ('' = none: an unsigned
-# commit deletes a record that would name an older head), then log
-# field/value pairs. Manifest, head and record change together or not at all.
+# commit deletes a record that would name an older head), how to announce
+# (``subscription.notice_mode``), then log field/value pairs. Manifest, head
+# and record change together or not at all. On a cluster the notice goes to
+# the shard channel, which shares the keys' slot (hash tag): only that shard
+# hears it. A server without SPUBLISH (Redis < 7) or a user without the right
+# broadcasts instead; agents listen on both channels.
 _COMMIT = """
 local head = redis.call('GET', KEYS[1]) or ''
 if head ~= ARGV[1] then return {'conflict', head} end
@@ -69,8 +73,9 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return {'exists', head} end
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2])
 if ARGV[7] == '' then redis.call('DEL', KEYS[4]) else redis.call('SET', KEYS[4], ARGV[7]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8))
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 9))
+local shard = ARGV[8] == 'sharded' and redis.pcall('SPUBLISH', ARGV[4], ARGV[5]) or nil
+if type(shard) ~= 'number' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return {'ok', head}
 """
 
@@ -319,6 +324,7 @@ class Store:
             notice,
             LOG_MAXLEN,
             record or b"",
+            notice_mode(self.client),
             *flat,
         ]
         script_keys = [
