@@ -128,8 +128,7 @@ class HostCache:
 
     def served(self, name: str) -> None:
         """Count a read of ``name`` that passed its check; eviction goes by last use."""
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self._path(name))
+        self._touch(name)
         self.stats["hits"] += 1
 
     def discard(self, name: str) -> None:
@@ -191,6 +190,7 @@ class HostCache:
             finally:
                 os.close(fd)
             os.rename(tmp, self._path(name))
+            self._touch(name)
         except OSError as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -240,6 +240,13 @@ class HostCache:
         return found
 
     # -- housekeeping -------------------------------------------------------------
+
+    def _touch(self, name: str) -> None:
+        # The clock's own nanoseconds: the file system's timestamps can be
+        # coarser than the gap between two uses, and eviction goes by them.
+        now = time.time_ns()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._path(name), ns=(now, now))
 
     def _path(self, name: str) -> str:
         return os.path.join(self.folder, name)

@@ -1,0 +1,310 @@
+"""The host cache (hotswap.hostcache, hotswap.sharedblobs): one fetch per host, never wrong bytes.
+
+Processes of one host are real processes (tests/hostcache_worker.py) against a
+real redis-server; Redis's own count of GET calls says how often each chunk
+was fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import blake3
+import pytest
+import redis
+import torch
+
+from hotswap import codec
+from hotswap.blobs import BlobStore
+from hotswap.errors import ConfigError
+from hotswap.hostcache import HostCache
+from hotswap.manifest import TensorEntry
+from hotswap.settings import HotswapSettings
+from hotswap.sharedblobs import SharedBlobStore, share
+from hotswap.store import Store
+from publisher.publisher import Publisher
+
+WORKER = Path(__file__).with_name("hostcache_worker.py")
+ROOT = WORKER.parent.parent
+MODEL = "shared"
+
+
+def get_calls(client: redis.Redis) -> int:
+    """GET commands the server has run (INFO commandstats)."""
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_get", {}).get("calls", 0))
+
+
+def state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # 256 KiB: 4 chunks of 64 KiB; the others one short chunk each.
+    return {
+        "a": torch.randn(256, 256, generator=g),
+        "b": torch.randn(100, generator=g),
+        "c": torch.randn(64, 64, generator=g),
+    }
+
+
+def publish(settings: HotswapSettings, *states: dict[str, torch.Tensor]) -> int:
+    pub = Publisher(MODEL, settings=settings)
+    try:
+        return [pub.publish(s) for s in states][-1]
+    finally:
+        pub.close()
+
+
+def entries(client: redis.Redis, version: int) -> dict[str, TensorEntry]:
+    return Store(client, MODEL).manifest(version).by_name()
+
+
+@contextmanager
+def workers(
+    url: str, folder: Path, version: int, mode: str, n: int
+) -> Iterator[list[subprocess.Popen[str]]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(WORKER), url, str(folder), MODEL, str(version), mode]
+    procs = [
+        subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(n)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            assert line.strip() == "READY", p.stderr.read() if p.stderr else line
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            for pipe in (p.stdin, p.stdout, p.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+def results(procs: list[subprocess.Popen[str]]) -> list[dict[str, dict[str, object]]]:
+    for p in procs:  # every process starts reading at once
+        assert p.stdin is not None
+        p.stdin.write("GO\n")
+        p.stdin.flush()
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def expected_reads(client: redis.Redis, version: int) -> dict[str, str]:
+    """What a plain BlobStore reads: full blobs' digests, delta frames' BLAKE3."""
+    plain = BlobStore(client, MODEL)
+    read = {}
+    for name, e in entries(client, version).items():
+        if e.delta is None:
+            read[name] = e.digest
+        else:
+            hasher = blake3.blake3()
+            for frame in plain.frames(e, version):
+                hasher.update(frame)
+            read[name] = hasher.hexdigest()
+    return read
+
+
+def shared(
+    client: redis.Redis, folder: Path, budget: int = 1 << 30, wait: float = 60
+) -> SharedBlobStore:
+    return SharedBlobStore.around(BlobStore(client, MODEL), HostCache(folder, budget, wait=wait))
+
+
+def read(blobs: BlobStore, e: TensorEntry) -> str:
+    out = bytearray(e.nbytes)
+    blobs.read_into(e, memoryview(out))
+    return codec.digest(out)
+
+
+def blob_file(folder: Path, e: TensorEntry) -> Path:
+    return folder / f"b-{e.digest}-{e.nbytes}"
+
+
+def test_processes_of_one_host_fetch_each_blob_once(
+    client: redis.Redis, settings: HotswapSettings, server: object, tmp_path: Path
+) -> None:
+    first = state()
+    second = {**first, "a": first["a"].clone()}
+    second["a"].view(-1)[::9000] += 1.0  # a few elements: stored as a delta
+    version = publish(settings, first, second)
+    read_of = entries(client, version)
+    assert read_of["a"].delta is not None and read_of["b"].delta is None
+    chunks = sum(e.chunks for e in read_of.values())
+    folder = tmp_path / "cache"
+    with workers(settings.redis_url, folder, version, "read", 3) as procs:
+        before = get_calls(client)
+        got = results(procs)
+        fetched = get_calls(client) - before
+    assert fetched == chunks  # each chunk once, for three processes
+    expected = expected_reads(client, version)
+    assert [r["read"] for r in got] == [expected] * 3
+    fills = sum(int(r["stats"].get("fills", 0)) for r in got)  # type: ignore[union-attr]
+    hits = sum(int(r["stats"].get("hits", 0)) for r in got)  # type: ignore[union-attr]
+    assert (fills, hits) == (len(read_of), 2 * len(read_of))
+    assert sorted(p.name for p in folder.iterdir() if ".tmp." in p.name) == []
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {"0o600"}
+
+
+def test_a_filler_killed_mid_write_leaves_no_file_and_the_next_process_fills_it(
+    client: redis.Redis, settings: HotswapSettings, server: object, tmp_path: Path
+) -> None:
+    version = publish(settings, state())
+    read_of = entries(client, version)
+    first = next(iter(read_of.values()))
+    folder = tmp_path / "cache"
+    with workers(settings.redis_url, folder, version, "stall", 1) as (stalled,):
+        assert stalled.stdout is not None
+        assert stalled.stdout.readline().strip() == "WRITING"
+        stalled.send_signal(signal.SIGKILL)
+        assert stalled.wait() == -signal.SIGKILL
+    partial = [p for p in folder.iterdir() if ".tmp." in p.name]
+    assert [p.stat().st_size for p in partial] == [first.nbytes // 2]  # left behind, unseen
+    assert not blob_file(folder, first).exists()
+    with workers(settings.redis_url, folder, version, "read", 1) as procs:
+        before = get_calls(client)
+        (got,) = results(procs)
+        fetched = get_calls(client) - before
+    assert got["read"] == {n: e.digest for n, e in read_of.items()}
+    assert fetched == sum(e.chunks for e in read_of.values())
+    assert got["stats"]["fills"] == len(read_of)
+    assert [p for p in folder.iterdir() if ".tmp." in p.name] == []
+    assert blake3.blake3(blob_file(folder, first).read_bytes()).hexdigest() == first.digest
+
+
+def test_a_corrupted_file_is_read_again_from_redis(
+    client: redis.Redis, settings: HotswapSettings, server: object, tmp_path: Path
+) -> None:
+    first = state()
+    second = {**first, "a": first["a"].clone()}
+    second["a"].view(-1)[::9000] += 1.0
+    version = publish(settings, first, second)
+    read_of = entries(client, version)
+    full, delta = read_of["c"], read_of["a"]
+    folder = tmp_path / "cache"
+    expected = expected_reads(client, version)
+    filler = shared(client, folder)
+    assert read(filler, full) == full.digest
+    assert blake3.blake3(b"".join(filler.frames(delta, version))).hexdigest() == expected["a"]
+    (frames_file,) = folder.glob("d-*[0-9]")
+    for path in (blob_file(folder, full), frames_file):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01  # one bit, same length: only a check can tell
+        path.write_bytes(bytes(data))
+    reader = shared(client, folder)
+    before = get_calls(client)
+    assert read(reader, full) == full.digest
+    assert blake3.blake3(b"".join(reader.frames(delta, version))).hexdigest() == expected["a"]
+    assert get_calls(client) - before == full.chunks + delta.chunks
+    assert (reader.cache.stats["discarded"], reader.cache.stats["fills"]) == (2, 2)
+    # Filled again with the right bytes: the next reader fetches nothing.
+    assert blake3.blake3(blob_file(folder, full).read_bytes()).hexdigest() == full.digest
+    before = get_calls(client)
+    assert read(shared(client, folder), full) == full.digest
+    assert get_calls(client) == before
+    # Cut short: refused as well.
+    blob_file(folder, full).write_bytes(blob_file(folder, full).read_bytes()[:100])
+    before = get_calls(client)
+    assert read(shared(client, folder), full) == full.digest
+    assert get_calls(client) - before == full.chunks
+
+
+def test_the_budget_keeps_the_most_recently_used_blobs(
+    client: redis.Redis, settings: HotswapSettings, server: object, tmp_path: Path
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    tensors = {n: torch.randn(8192, generator=g) for n in ("x", "y", "z")}  # 32 KiB each
+    read_of = entries(client, publish(settings, tensors))
+    x, y, z = (read_of[n] for n in ("x", "y", "z"))
+    folder = tmp_path / "cache"
+    blobs = shared(client, folder, budget=2 * x.nbytes + 100)
+    assert read(blobs, x) == x.digest and read(blobs, y) == y.digest
+    assert read(blobs, x) == x.digest  # x used after y: y is the least recently used
+    assert read(blobs, z) == z.digest
+    assert (blob_file(folder, x).exists(), blob_file(folder, y).exists()) == (True, False)
+    assert (
+        blob_file(folder, z).exists()
+        and not (folder / f"{blob_file(folder, y).name}.lock").exists()
+    )
+    assert blobs.cache.size() == 2 * x.nbytes <= blobs.cache.budget
+    assert blobs.cache.stats["evicted"] == 1
+    before = get_calls(client)
+    assert read(blobs, y) == y.digest
+    assert get_calls(client) - before == y.chunks
+    # A blob over the whole budget is read, not stored.
+    small = shared(client, tmp_path / "small", budget=x.nbytes - 1)
+    assert read(small, x) == x.digest
+    assert list((tmp_path / "small").glob("b-*[0-9]")) == []
+    assert small.cache.stats["fills"] == 0
+
+
+def test_a_reader_that_waits_too_long_reads_redis_itself(
+    client: redis.Redis, settings: HotswapSettings, server: object, tmp_path: Path
+) -> None:
+    x = entries(client, publish(settings, state()))["a"]
+    folder = tmp_path / "cache"
+    holder = HostCache(folder, 1 << 30)
+    with holder.filling(blob_file(folder, x).name) as slot:
+        assert slot.held
+        impatient = shared(client, folder, wait=0)
+        before = get_calls(client)
+        assert read(impatient, x) == x.digest
+        assert get_calls(client) - before == x.chunks
+        assert impatient.cache.stats["timeouts"] == 1
+        assert not blob_file(folder, x).exists()  # only the lock's holder fills
+
+
+def test_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "open"
+    folder.mkdir()
+    folder.chmod(0o777)
+    with pytest.raises(ConfigError) as e:
+        HostCache(folder, 1 << 20)
+    assert str(e.value) == (
+        f"HOTSWAP_HOST_CACHE_DIR={str(folder)!r} is writable by others (mode 777): "
+        f"run `chmod 700 {folder}`"
+    )
+    assert list(folder.iterdir()) == []
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_bytes(b"x")
+    with pytest.raises(ConfigError) as e:
+        share(
+            BlobStore(redis.Redis(), MODEL),
+            HotswapSettings(host_cache_dir=str(not_a_folder), _env_file=None),
+        )  # type: ignore[call-arg]
+    assert str(e.value).startswith(
+        f"HOTSWAP_HOST_CACHE_DIR={str(not_a_folder)!r}: cannot create it ("
+    )
+    assert not_a_folder.read_bytes() == b"x"
+
+
+def test_sharing_is_off_unless_a_folder_is_set() -> None:
+    blobs = BlobStore(redis.Redis(), MODEL)
+    assert share(blobs, HotswapSettings(_env_file=None)) is blobs  # type: ignore[call-arg]
+
+
+@pytest.fixture(autouse=True)
+def _flushed(client: redis.Redis) -> None:
+    """The `client` fixture empties Redis before each test."""
