@@ -34,6 +34,7 @@ from hotswap.hostmem import HostMemory
 from hotswap.intake import Intake
 from hotswap.names import NameMap
 from hotswap.pipeline import Mode, OnApplied, OnRejected, Pipeline
+from hotswap.replicas import ReplicaReads
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
@@ -138,6 +139,8 @@ class Agent:
             sleep=self._stop.wait,
         )
         self.store = build(client, self.model_name, s, retrying)
+        # HOTSWAP_READ_FROM_REPLICAS: blob chunks from replicas, metadata from primaries.
+        self.store.blobs.replicas = ReplicaReads.of(client, s)
         # HOTSWAP_HOST_CACHE_DIR: the agents of one host fetch each blob from Redis once.
         self.store.blobs = share(self.store.blobs, s, self._stop)
         self.live = LiveModel(model)
@@ -298,6 +301,8 @@ class Agent:
         if self._owns_client:
             with contextlib.suppress(Exception):
                 self.store.client.close()
+        if self.store.blobs.replicas is not None:
+            self.store.blobs.replicas.close()
 
     def __enter__(self) -> Agent:
         return self.start()

@@ -18,6 +18,7 @@ from hotswap.errors import ConfigError, HotswapError
 from hotswap.headrecord import HeadRecord
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.names import Rename
+from hotswap.replication import Replication
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
@@ -72,6 +73,8 @@ class Publisher:
         self._owns_client = connection is None
         self.client = connect(self.settings) if connection is None else connection
         self.store = Store.from_settings(self.client, self.model, self.settings)
+        # HOTSWAP_WAIT_REPLICAS: WAIT before each commit (blobs) and after it (the commit).
+        self.replication = Replication.of(self.client, self.model, self.settings)
         keys_ = self.settings.key_bytes()
         self._keys = keys_
         self._signing_key = keys_[0] if keys_ else None
@@ -229,6 +232,7 @@ class Publisher:
         skipped: dict[int, str] | None = None,
         tally: Tally | None = None,
     ) -> int:
+        self.replication.before_commit(self.store.ns, entries)
         version = self.store.reserve_version()
         if lineage is None:
             lineage = head.manifest.lineage if head.manifest else heads.lineage(self.store, head)
@@ -248,6 +252,7 @@ class Publisher:
         fields = commit.log_fields(m, head, changed, sent, skipped=skipped)
         fields.update(tally.log_fields() if tally is not None else {})
         self.store.commit(m, data, fields, notice, signed)
+        self.replication.after_commit(self.store.ns, version)
         if head.distrust is not None:
             log.warning(*commit.untrusted_warning(m, head))
         seconds = time.monotonic() - started
