@@ -23,6 +23,7 @@ from hotswap.blobindex import DELETE_BATCH, blob_ids, stored_blobs
 from hotswap.blobwrite import PIPELINE_BYTES, BlobWriter, chunk_batches, chunk_span
 from hotswap.errors import IntegrityError
 from hotswap.manifest import TensorEntry
+from hotswap.replicas import ReplicaReads
 
 T = TypeVar("T")
 # Names that lived here before the blob index and writes moved out.
@@ -92,6 +93,10 @@ class BlobStore(BlobWriter):
             blobs.upload(entry, codec.as_bytes(tensor))
         blobs.read_into(entry, memoryview(bytearray(entry.nbytes)))
     """
+
+    # Replica reads of blob chunks (``hotswap.replicas``); None: primaries only.
+    # ``Store.from_settings`` sets it from HOTSWAP_READ_FROM_REPLICAS.
+    replicas: ReplicaReads | None = None
 
     # -- which blobs are stored -------------------------------------------------
 
@@ -212,7 +217,8 @@ class BlobStore(BlobWriter):
             if buf is None:
                 buf = memoryview(bytearray(stop - base))  # the first batch is the largest
             out = buf[: stop - base]
-            self._read_chunks(entry, batch, out, where, None)
+            # What Redis holds is what verify asks about: primaries only.
+            self._read_chunks(entry, batch, out, where, None, replicas=False)
             yield out
 
     def frames(self, entry: TensorEntry, version: int | None = None) -> Iterator[memoryview]:
@@ -311,13 +317,25 @@ class BlobStore(BlobWriter):
         out: memoryview,
         where: str,
         on_chunk: Callable[[int, int], None] | None,
+        *,
+        replicas: bool = True,
     ) -> None:
-        """Chunks ``chunks`` of ``entry`` into ``out``, which starts where the first one does."""
+        """Chunks ``chunks`` of ``entry`` into ``out``, which starts where the first one does:
+        from replicas first where ``replicas`` is set, the rest from the primaries."""
         names = keys.chunk_keys(
             self.ns, self.model, entry.digest, entry.chunk_bytes, chunks.stop, first=chunks.start
         )
-        if not self._read_fast(entry, chunks, out, names, where=where, on_chunk=on_chunk):
-            self._read_pipelined(entry, chunks, out, names, where=where, on_chunk=on_chunk)
+        todo = [chunks]
+        if replicas and self.replicas is not None and len(chunks):
+            todo = self.replicas.read(entry, chunks, out, names, on_chunk)
+        base = chunk_span(entry, chunks.start)[0]
+        for run in todo:
+            part = out[
+                chunk_span(entry, run.start)[0] - base : chunk_span(entry, run.stop - 1)[1] - base
+            ]
+            mine = names[run.start - chunks.start : run.stop - chunks.start]
+            if not self._read_fast(entry, run, part, mine, where=where, on_chunk=on_chunk):
+                self._read_pipelined(entry, run, part, mine, where=where, on_chunk=on_chunk)
 
     def _read_fast(
         self,
