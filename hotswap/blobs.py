@@ -59,6 +59,46 @@ def check_chunk(where: str, entry: TensorEntry, i: int, got: int | None) -> None
         )
 
 
+def frame_caps(entry: TensorEntry, chunks: range) -> list[int]:
+    """The most bytes each frame of ``chunks`` of ``entry``'s delta may take."""
+    from hotswap import delta
+
+    return [
+        delta.max_frame_bytes(chunk_span(entry, i)[1] - chunk_span(entry, i)[0]) for i in chunks
+    ]
+
+
+def checked_frames(
+    where: str, entry: TensorEntry, got: Iterable[tuple[memoryview | None, int | None]]
+) -> Iterator[memoryview]:
+    """The frames of ``entry``'s delta as read (value, length per chunk, in order), each
+    refused when missing or over its cap, and all together unless they add up to the
+    ``stored_bytes`` the manifest declares.
+
+    Raises:
+        IntegrityError: names model, version, tensor and frame (``where`` names the first three).
+    """
+    ref = entry.delta
+    assert ref is not None
+    caps = frame_caps(entry, range(entry.chunks))
+    total = 0
+    for i, (cap, (frame, length)) in enumerate(zip(caps, got, strict=True)):
+        if frame is None:
+            problem = "is missing from Redis (collected or lost)"
+            if length is not None:
+                problem = f"is {length} bytes, over the {cap} a frame of its chunk can take"
+            raise IntegrityError(f"{where} {i} of {entry.chunks} {problem}; publish again")
+        total += len(frame)
+        if total > ref.stored_bytes:
+            break
+        yield frame
+    if total != ref.stored_bytes:
+        raise IntegrityError(
+            f"{where}s add up to {total if total <= ref.stored_bytes else 'more than'} "
+            f"bytes, the manifest says {ref.stored_bytes}; publish again"
+        )
+
+
 def _stored_as(entry: TensorEntry) -> tuple[tuple[str, ...], int, int]:
     return stored_blobs(entry), entry.chunk_bytes, entry.nbytes
 
@@ -253,35 +293,20 @@ class BlobStore(BlobWriter):
         where = f"model {self.model!r}" + (f" v{version}" if version is not None else "")
         where += f" tensor {entry.name!r}: delta frame"
         per_batch = max(1, PIPELINE_BYTES // delta.max_frame_bytes(entry.chunk_bytes))
-        total = 0
-        for start in range(0, entry.chunks, per_batch):
-            batch = range(start, min(start + per_batch, entry.chunks))
-            caps = [
-                delta.max_frame_bytes(chunk_span(entry, i)[1] - chunk_span(entry, i)[0])
-                for i in batch
-            ]
-            # Anonymous memory: its pages are touched only where frames land.
-            buf = memoryview(mmap.mmap(-1, sum(caps)))
-            names = keys.chunk_keys(
-                self.ns, self.model, ref.blob, entry.chunk_bytes, batch.stop, first=batch.start
-            )
-            fetch = functools.partial(self._get_capped, names, caps, buf)
-            got = self.call(f"reading the delta of tensor {entry.name!r}", fetch)
-            for i, cap, (frame, length) in zip(batch, caps, got, strict=True):
-                if frame is None:
-                    problem = "is missing from Redis (collected or lost)"
-                    if length is not None:
-                        problem = f"is {length} bytes, over the {cap} a frame of its chunk can take"
-                    raise IntegrityError(f"{where} {i} of {entry.chunks} {problem}; publish again")
-                total += len(frame)
-                if total > ref.stored_bytes:
-                    break
-                yield frame
-        if total != ref.stored_bytes:
-            raise IntegrityError(
-                f"{where}s add up to {total if total <= ref.stored_bytes else 'more than'} "
-                f"bytes, the manifest says {ref.stored_bytes}; publish again"
-            )
+
+        def batches() -> Iterator[list[tuple[memoryview | None, int | None]]]:
+            for start in range(0, entry.chunks, per_batch):
+                batch = range(start, min(start + per_batch, entry.chunks))
+                caps = frame_caps(entry, batch)
+                # Anonymous memory: its pages are touched only where frames land.
+                buf = memoryview(mmap.mmap(-1, sum(caps)))
+                names = keys.chunk_keys(
+                    self.ns, self.model, ref.blob, entry.chunk_bytes, batch.stop, first=batch.start
+                )
+                fetch = functools.partial(self._get_capped, names, caps, buf)
+                yield self.call(f"reading the delta of tensor {entry.name!r}", fetch)
+
+        yield from checked_frames(where, entry, itertools.chain.from_iterable(batches()))
 
     def _get_capped(
         self, names: list[str], caps: list[int], buf: memoryview

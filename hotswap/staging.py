@@ -32,6 +32,7 @@ from hotswap.frames import Blobs
 from hotswap.hostmem import HostMemory
 from hotswap.live import LiveModel
 from hotswap.manifest import Manifest, TensorEntry
+from hotswap.prefetch import Prefetched
 from hotswap.ranbefore import RanBefore
 from hotswap.reconstruct import Rebuild
 from hotswap.valuecheck import check_staged
@@ -214,6 +215,7 @@ def fetch(
     bounce: torch.Tensor | None = None
     older = History(history, p.manifest)
     try:
+        reader = Prefetched.around(reader, p.fetch, digests or {}, version)
         for entry in p.fetch:
             canon = live.canonical[entry.name]
             target = live.tensors[canon]
