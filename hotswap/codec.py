@@ -172,9 +172,15 @@ def from_bytes(
         raise FormatError(f"a {dtype} tensor of shape {list(shape)} cannot exist: {e}") from e
 
 
+# Buffers from this size are hashed on every core: past it BLAKE3's threads
+# pay for themselves (docs/performance.md, "BLAKE3 threads"); a model's
+# matrices are mostly a few hundred KiB to a few MiB.
+THREADED_DIGEST_BYTES = 256 * 1024
+
+
 def digest(buf: bytes | bytearray | memoryview) -> str:
     """BLAKE3 of the bytes, as 64 hex characters (threads for large buffers)."""
-    threads = blake3.blake3.AUTO if len(buf) >= 4 * 1024 * 1024 else 1
+    threads = blake3.blake3.AUTO if len(buf) >= THREADED_DIGEST_BYTES else 1
     return blake3.blake3(buf, max_threads=threads).hexdigest()
 
 
@@ -190,10 +196,12 @@ class ChunkDigest:
     whole buffer again: the bytes hashed may since have been overwritten.
     """
 
-    def __init__(self, buf: memoryview, chunk_bytes: int) -> None:
+    def __init__(self, buf: memoryview, chunk_bytes: int, *, threads: bool = False) -> None:
         self._buf = buf
         self._chunk = chunk_bytes
-        self._hasher = blake3.blake3()
+        # ``threads``: every core hashes each chunk, for callers whose chunks come
+        # from the CPU (a delta's decode), not from the wire.
+        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
         self._waiting: set[int] = set()
         self._next = 0
         self._again = False

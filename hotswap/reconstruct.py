@@ -270,7 +270,7 @@ class Rebuild:
             if not route.links:
                 out[:] = source  # the live bytes are the target: the final check says so
             bases = (source[s:e] for s, e in self._spans())
-        hashing = codec.ChunkDigest(out, self.entry.chunk_bytes)
+        hashing = codec.ChunkDigest(out, self.entry.chunk_bytes, threads=True)
         start = "" if route.full is None else route.full.digest
         self._decode(
             route,
