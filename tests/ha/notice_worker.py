@@ -8,8 +8,10 @@ of event line (``time.monotonic()``, one clock for every process of the host):
     FETCHED <version> <monotonic when its fetch began>
 
 The hooks wrap ``Subscription`` and ``on_applied``; Redis is real throughout.
+``--plain`` makes the agent listen as agents before shard channels did (a
+plain ``SUBSCRIBE`` only), for rolling-upgrade tests.
 
-    python tests/ha/notice_worker.py 'redis://a:7000,b:7001' MODEL --poll 30
+    python tests/ha/notice_worker.py 'redis://a:7000,b:7001' MODEL --poll 30 [--plain]
 """
 
 from __future__ import annotations
@@ -59,4 +61,7 @@ Subscription.get = _heard  # type: ignore[method-assign]
 ha_worker.Agent = _TellingAgent  # type: ignore[misc]
 
 if __name__ == "__main__":
+    if "--plain" in sys.argv:
+        sys.argv.remove("--plain")
+        Subscription._open_sharded = lambda self: None  # type: ignore[method-assign]
     sys.exit(ha_worker.main())

@@ -34,6 +34,7 @@ from waiting import poll
 
 from hotswap import keys
 from hotswap.store import Store
+from hotswap.subscription import BROADCAST
 from publisher import Publisher
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
@@ -62,7 +63,9 @@ def cluster(topology: Cluster) -> Cluster:
 class NoticeWorker(Worker):
     """``notice_worker.py``: ``ha_worker.py`` that also reports subscriptions and notices."""
 
-    def __init__(self, url: str, poll_interval: float, heartbeat_ttl: float = 15.0) -> None:
+    def __init__(
+        self, url: str, poll_interval: float, heartbeat_ttl: float = 15.0, plain: bool = False
+    ) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -75,6 +78,7 @@ class NoticeWorker(Worker):
                 str(heartbeat_ttl),
                 "--socket-timeout",
                 "2.0",
+                *(["--plain"] if plain else []),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -298,3 +302,90 @@ def test_status_is_written_again_after_a_failover_lost_the_last_write(
         if worker is not None:
             worker.kill()
         pub.close()
+
+
+def finish_on(worker: NoticeWorker, store: Store, version: int) -> None:
+    """End ``worker`` and check docs/reliability.md's invariant on what it serves."""
+    result = worker.finish()
+    assert result["mixed_count"] == 0, result["mixed"]
+    digests = result["digests"]
+    assert isinstance(digests, dict)
+    assert_runs_exactly_one(store, digests, version)
+
+
+def test_a_rolling_upgrade_loses_no_version(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent from before shard channels (plain SUBSCRIBE) applies a new publisher's
+    versions by its poll; an agent of this version hears an old publisher's broadcast."""
+    seeds = cluster.urls()
+    pub = Publisher(MODEL, settings=settings_for(seeds))
+    workers: list[NoticeWorker] = []
+    try:
+        assert pub.publish(state(1)) == 1
+        store = pub.store
+        owner = cluster.owner_of(keys.events_channel(store.ns, MODEL))
+        new = NoticeWorker(seeds, LONG_POLL)
+        workers.append(new)
+        old = NoticeWorker(seeds, POLL, plain=True)
+        workers.append(old)
+        for worker, node in ((new, name_of(owner)), (old, "plain")):
+            worker.applied(1)
+            worker.wait(lambda e, node=node: e[:2] == ["SUBSCRIBED", node])
+
+        assert pub.publish(state(2)) == 2  # SPUBLISH: the old agent's poll finds it
+        new.applied(2)
+        old.applied(2)
+        assert [e[1] for e in new.events("NOTICE")] == [name_of(owner)]
+        assert old.events("NOTICE") == []
+
+        # A publisher from before: PUBLISH, which every node passes on.
+        monkeypatch.setattr("hotswap.store.notice_mode", lambda client: BROADCAST)
+        assert pub.publish(state(3)) == 3
+        new.applied(3)
+        old.applied(3)
+        assert [e[1] for e in new.events("NOTICE")] == [name_of(owner)] * 2
+        old.wait(lambda e: e[:2] == ["NOTICE", "plain"])
+        for worker in workers:
+            finish_on(worker, store, 3)
+    finally:
+        for worker in workers:
+            worker.kill()
+        pub.close()
+
+
+def test_users_without_shard_channel_rights_fall_back_to_plain_pub_sub(cluster: Cluster) -> None:
+    """As on Redis < 7 (where the commands are unknown): the agent listens on the plain
+    channel, the commit script's SPUBLISH is refused and it PUBLISHes instead."""
+    for node in cluster.alive():
+        with _client(node) as c:
+            c.execute_command(
+                "ACL", "SETUSER", "pre7", "reset", "on", ">pw", "~*", "&*", "+@all",
+                "-ssubscribe", "-spublish",
+            )  # fmt: skip
+            c.execute_command("ACL", "LOG", "RESET")
+    seeds = ",".join(f"redis://pre7:pw@127.0.0.1:{n.port}" for n in cluster.nodes)
+    pub = Publisher(MODEL, settings=settings_for(seeds))
+    worker: NoticeWorker | None = None
+    try:
+        assert pub.publish(state(1)) == 1
+        store = pub.store
+        owner = cluster.owner_of(keys.events_channel(store.ns, MODEL))
+        worker = NoticeWorker(seeds, LONG_POLL)
+        worker.applied(1)
+        worker.wait(lambda e: e[:2] == ["SUBSCRIBED", "plain"])
+        assert pub.publish(state(2)) == 2
+        worker.applied(2)
+        assert [e[1] for e in worker.events("NOTICE")] == ["plain"]
+        with _client(owner) as c:
+            refused = {e[b"object"].decode() for e in c.execute_command("ACL", "LOG")}
+        # Each refusal is in Redis's ACL LOG, where an operator looks for them.
+        assert {"ssubscribe", "spublish"} <= refused, refused
+        finish_on(worker, store, 2)
+    finally:
+        if worker is not None:
+            worker.kill()
+        pub.close()
+        for node in cluster.alive():
+            with _client(node) as c:
+                c.execute_command("ACL", "DELUSER", "pre7")
