@@ -182,7 +182,8 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
         f"{cfg['size_mb']:g} MiB models; RL run of {cfg['versions']} versions (full, naive "
         f"and ceiling every {cfg['compare_every']}), {cfg['runs']} steps of each other case; "
         f"gc keeps {cfg['keep']} versions after every publish (grace 0); Redis "
-        f"{raw['redis_version']}; load average {raw['load_before'][0]:.2f} before, "
+        f"{raw['redis_version']} over {raw.get('link', 'loopback')}; "
+        f"load average {raw['load_before'][0]:.2f} before, "
         f"{raw['load_after'][0]:.2f} after; {raw['seconds']:.0f} s in all."
     ]
     rows = []

@@ -35,6 +35,7 @@ from bench import baselines, delta_model, delta_report
 from bench.delta_measure import RedisMeter, Sample, chain_depth
 from bench.delta_worker import DeltaWorkerProc
 from bench.memory import PeakRss
+from bench.netlink import LinkedRedis
 from hotswap import HotswapSettings, chain, codec, delta, encodings
 from hotswap.embedded import EmbeddedRedis
 
@@ -346,6 +347,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare-every", type=int, default=10, help="RL run steps per full/naive")
     p.add_argument("--quick", action="store_true", help="4 MiB, 6 versions, 2 runs: seconds")
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
+    p.add_argument(
+        "--link",
+        default=None,
+        metavar="RATE",
+        help="Redis behind a veth pair in its own network namespace, held to RATE "
+        "(a tc rate: 1gbit, 10gbit) or 'veth' for no limit (root, iproute2; bench.netlink)",
+    )
     return p.parse_args(argv)
 
 
@@ -360,7 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"machine: {info['nproc']} cores, {info['cpu']}; load {load[0]:.2f}", flush=True)
     started = time.time()
-    with EmbeddedRedis() as srv, DeltaWorkerProc() as w:
+    server: EmbeddedRedis | LinkedRedis = (
+        EmbeddedRedis()
+        if args.link is None
+        else LinkedRedis(None if args.link == "veth" else args.link)
+    )
+    link = "loopback" if isinstance(server, EmbeddedRedis) else server.label
+    print(f"redis: {link}", flush=True)
+    with server as srv, DeltaWorkerProc() as w:
         bench = DeltaBench(cfg, srv.url, w, log=lambda m: print(m, flush=True))
         bench.run()
         version = bench.client.info("server")["redis_version"]
@@ -369,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": asdict(cfg),
         "settings": chosen_settings(),
         "redis_version": version,
+        "link": link,
         "samples": [asdict(s) for s in bench.samples],
         "held": bench.held,
         "late": bench.late,
