@@ -311,6 +311,24 @@ class BlobStore(BlobWriter):
     def _get_capped(
         self, names: list[str], caps: list[int], buf: memoryview
     ) -> list[tuple[memoryview | None, int | None]]:
+        """``_get_capped_primary``, from replicas first where ``replicas`` is set: the
+        values they could not serve are read from the primaries, in a buffer of their own."""
+        if self.replicas is None:
+            return self._get_capped_primary(names, caps, buf)
+        served = self.replicas.read_capped(names, caps, buf)
+        again = [i for i, got in enumerate(served) if got is None]
+        out: list[tuple[memoryview | None, int | None]] = [g or (None, None) for g in served]
+        if again:
+            more = [caps[i] for i in again]
+            rest = memoryview(mmap.mmap(-1, sum(more)))
+            got = self._get_capped_primary([names[i] for i in again], more, rest)
+            for i, value in zip(again, got, strict=True):
+                out[i] = value
+        return out
+
+    def _get_capped_primary(
+        self, names: list[str], caps: list[int], buf: memoryview
+    ) -> list[tuple[memoryview | None, int | None]]:
         """Each key's value (None: absent or over its cap) and its length (None: absent).
 
         Values land in consecutive slots of ``buf`` on the zero-copy path (a

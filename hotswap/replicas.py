@@ -56,6 +56,10 @@ _REPLICA_FAILURES: tuple[type[BaseException], ...] = (
 Landed = Callable[[int, int], None]
 
 
+def _ignore(j: int, length: int) -> None:
+    """A ``Landed`` for reads that tell nobody as values land."""
+
+
 @dataclass
 class ReplicaCounts:
     """What replica reads did, for a report or a metric (one object per reader).
@@ -105,6 +109,7 @@ class ReplicaReads:
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._resting_until = 0.0
+        self._refreshed_at = time.monotonic()  # a new client has just learned the map
         self.counts = ReplicaCounts()
 
     @classmethod
@@ -170,8 +175,7 @@ class ReplicaReads:
         try:
             lengths = self._get_into(names, views, landed)
         except _REPLICA_FAILURES:
-            self.counts.failures += 1
-            self._resting_until = time.monotonic() + REST_SECONDS
+            self._rest()
             lengths = [None] * len(views)
         again: list[int] = []
         for j, got in enumerate(lengths):
@@ -185,6 +189,42 @@ class ReplicaReads:
         self.counts.fallbacks += len(again)
         return runs(again)
 
+    def read_capped(
+        self, names: Sequence[str], caps: Sequence[int], buf: memoryview
+    ) -> list[tuple[memoryview, int] | None]:
+        """Values of ``names`` from replicas into consecutive slots of ``buf``, one of
+        ``caps[i]`` bytes each (``BlobStore._get_capped``: delta frames, small blobs).
+
+        Returns:
+            Per name, its value and length, or None where the primary must be
+            asked: absent on the replica, over its cap, or the replicas failed
+            or are resting. Never raises for a replica's fault.
+        """
+        if time.monotonic() < self._resting_until:
+            self.counts.fallbacks += len(names)
+            return [None] * len(names)
+        ends = list(itertools.accumulate(caps))
+        slots = [buf[e - c : e] for e, c in zip(ends, caps, strict=True)]
+        try:
+            lengths = self._get_into(names, slots, _ignore)
+        except _REPLICA_FAILURES:
+            self._rest()
+            lengths = [None] * len(names)
+        out: list[tuple[memoryview, int] | None] = []
+        for slot, n in zip(slots, lengths, strict=True):
+            if n is None or n > len(slot):
+                self.counts.fallbacks += 1
+                out.append(None)
+                continue
+            self.counts.chunks += 1
+            self.counts.bytes += n
+            out.append((slot[:n], n))
+        return out
+
+    def _rest(self) -> None:
+        self.counts.failures += 1
+        self._resting_until = time.monotonic() + REST_SECONDS
+
     # -- the read client --------------------------------------------------------
 
     def _next_client(self) -> RedisClient:
@@ -193,6 +233,12 @@ class ReplicaReads:
                 opened = self._open()
                 self._clients = opened if isinstance(opened, list) else [opened]
             return self._clients[next(self._turn) % len(self._clients)]
+
+    def _refresh_soon(self, client: redis.cluster.RedisCluster) -> None:
+        now = time.monotonic()
+        if now >= self._refreshed_at + REST_SECONDS:
+            self._refreshed_at = now
+            transport.refresh_topology(client)
 
     def _get_into(
         self, names: Sequence[str], views: Sequence[memoryview], landed: Landed
@@ -211,7 +257,11 @@ class ReplicaReads:
                 load_balancing_strategy=client.load_balancing_strategy,
             )
             if node.server_type != redis.cluster.REPLICA:
-                continue  # no replica serves this slot: the primary's path reads it
+                # No replica serves this slot as far as this client knows (it may have
+                # learned the map before the replicas joined): the primary's path
+                # reads it, and the map is learned again, at most once a rest.
+                self._refresh_soon(client)
+                continue
             groups.setdefault(node.name, (client.get_redis_connection(node), []))[1].append(j)
         for node_client, members in groups.values():
 
@@ -237,11 +287,9 @@ def _get_from(
         pipe.get(name)
     lengths: list[int | None] = []
     for value, view in zip(pipe.execute(), views, strict=True):
-        if value is None or len(value) != len(view):
-            lengths.append(None if value is None else len(value))
-            continue
-        view[:] = value
-        lengths.append(len(value))
+        if value is not None and len(value) <= len(view):
+            view[: len(value)] = value  # a shorter one is the caller's to refuse
+        lengths.append(None if value is None else len(value))
     return lengths
 
 
@@ -250,6 +298,7 @@ def _cluster_reader(primary: redis.cluster.RedisCluster) -> redis.cluster.RedisC
     reads from replicas: its connections send READONLY, its reads go round the replicas."""
     kwargs: dict[str, Any] = dict(primary.nodes_manager.connection_kwargs)
     kwargs.pop("redis_connect_func", None)  # the primary's READONLY-less hook
+    kwargs.pop("db", None)  # always 0 on a cluster, and refused there as an argument
     seeds = [
         redis.cluster.ClusterNode(n.host, n.port)  # type: ignore[no-untyped-call]
         for n in primary.get_nodes()  # type: ignore[no-untyped-call]

@@ -14,8 +14,12 @@ read under ``agent.reading()``; the test compares it with the published one.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,6 +56,44 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
             for name in sorted(state)
         )
     )
+
+
+@contextlib.contextmanager
+def launch(model: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """This script as a process of its own, with ``env`` as its only ``HOTSWAP_*`` settings;
+    killed on the way out if still running."""
+    root = Path(__file__).resolve().parent.parent
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
+    full = {**clean, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HOTSWAP_ENV_FILE": ""}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, model],
+        cwd=root,
+        env={**full, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        assert ready.startswith("READY"), proc.stderr.read() if proc.stderr else ready
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def applied(proc: subprocess.Popen[str], version: int) -> tuple[str, dict[str, int]]:
+    """Ask the process to wait for ``version``: the fingerprint of what its model then
+    holds and its replica counts (``ReplicaCounts`` as a dict)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(f"WAIT {version}\n")
+    proc.stdin.flush()
+    words = proc.stdout.readline().split(maxsplit=3)
+    assert words[:2] == ["APPLIED", str(version)], words
+    return words[2], dict(json.loads(words[3]))
 
 
 def main() -> int:

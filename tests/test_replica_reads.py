@@ -9,11 +9,7 @@ behind its primary does. Every test starts with the replica caught up.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 import torch
-from replica_worker import fingerprint, tensors
+from replica_worker import applied, fingerprint, launch, tensors
 from waiting import poll
 
 from hotswap import codec, keys
@@ -222,46 +218,16 @@ def test_replica_reads_on_one_server_need_the_replicas_named(fresh: Pair) -> Non
     )
 
 
-@contextlib.contextmanager
-def agent_process(pair: Pair, model: str) -> Iterator[subprocess.Popen[str]]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "HOTSWAP_ENV_FILE": "",
-        "HOTSWAP_REDIS_URL": pair.primary.url,
-        "HOTSWAP_READ_FROM_REPLICAS": "true",
-        "HOTSWAP_REPLICA_URLS": pair.replica.url,
-        "HOTSWAP_POLL_INTERVAL": "0.2",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, str(WORKER), model],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def agent_process(pair: Pair, model: str) -> contextlib.AbstractContextManager[Any]:
+    return launch(
+        model,
+        {
+            "HOTSWAP_REDIS_URL": pair.primary.url,
+            "HOTSWAP_READ_FROM_REPLICAS": "true",
+            "HOTSWAP_REPLICA_URLS": pair.replica.url,
+            "HOTSWAP_POLL_INTERVAL": "0.2",
+        },
     )
-    try:
-        assert proc.stdout is not None
-        ready = proc.stdout.readline()
-        assert ready.startswith("READY"), proc.stderr.read() if proc.stderr else ready
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-
-
-def applied(proc: subprocess.Popen[str], version: int) -> tuple[str, dict[str, int]]:
-    """Tell the agent process to wait for ``version``: its fingerprint and replica counts."""
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(f"WAIT {version}\n")
-    proc.stdin.flush()
-    words = proc.stdout.readline().split(maxsplit=3)
-    assert words[:2] == ["APPLIED", str(version)], words
-    return words[2], dict(json.loads(words[3]))
 
 
 def test_an_agent_process_applies_bit_exact_through_a_lagging_replica(fresh: Pair) -> None:
