@@ -17,6 +17,7 @@ import tenacity
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from hotswap import sentinel
 from hotswap.errors import ConfigError, HotswapError, StoreFull, StoreUnavailable
 from hotswap.redact import (
     redact,  # noqa: F401 - re-exported for callers that mask a URL
@@ -136,20 +137,33 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
 
 
 def connect(settings: HotswapSettings) -> RedisClient:
-    """A client for ``settings.redis_url`` (standalone or cluster, TLS, unix, ACL).
+    """A client for ``settings.redis_url`` (standalone, cluster or Sentinel, TLS, unix, ACL).
 
     On a cluster the URL may name several seed nodes, comma-separated
     (``redis://a:7000,b:7001``, see ``hotswap.seeds``): the client learns
     the slot map from whichever answers, so losing one seed loses nothing.
+    Under Sentinel (``HOTSWAP_SENTINELS`` or a ``redis+sentinel://`` URL) it
+    is bound to the primary the sentinels name now, and follows a failover
+    (``hotswap.sentinel``).
+
+    Raises:
+        ConfigError: the settings are malformed or contradict each other.
+        StoreUnavailable: a Redis Cluster could not be reached to learn its
+            slot map (other clients connect at their first command).
 
     Example::
 
         client = connect(HotswapSettings(redis_url="redis://a:7000,b:7001", cluster=True))
+        primary = connect(HotswapSettings(redis_url="redis+sentinel://s1:26379,s2:26379/cache"))
     """
     url = settings.redis_url
+    where = sentinel.deployment(settings)
+    if where is not None:
+        return sentinel.primary_client(settings, where)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
-            f"HOTSWAP_REDIS_URL {shown_url(url)!r} must start with redis://, rediss:// or unix://"
+            f"HOTSWAP_REDIS_URL {shown_url(url)!r} must start with redis://, rediss://, "
+            "unix:// or redis+sentinel://"
         )
     seeds = parse_seeds(url)
     if seeds.others and not settings.cluster:

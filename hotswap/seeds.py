@@ -1,4 +1,4 @@
-"""Several seed addresses in one ``HOTSWAP_REDIS_URL``, for a Redis Cluster.
+"""Several seed addresses in one ``HOTSWAP_REDIS_URL``, for a Redis Cluster or Sentinel.
 
 Pure: parses text, imports no Redis. The first entry is a whole URL (scheme,
 credentials, TLS and options for every node); each later one is either
@@ -8,6 +8,11 @@ comma inside a password does not.
 
     redis://app:pw@a:7000,b:7001,c:7002
     redis://app:pw@a:7000,redis://b:7001
+
+A Sentinel deployment is named by its sentinels and the service they watch,
+as ``redis+sentinel://[user:pass@]host1:port1,host2:port2/SERVICE[/DB]``
+(``parse_sentinel_url``; the credentials are the data nodes'), or by a bare
+``host:port`` list (``parse_addresses``, for ``HOTSWAP_SENTINELS``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from hotswap.errors import ConfigError
 from hotswap.redact import redact
 
 DEFAULT_PORT = 6379
+SENTINEL_PORT = 26379
+SENTINEL_SCHEME = "redis+sentinel://"
 # A comma ends an entry only where a URL or a host:port begins after it.
 _SPLIT = re.compile(
     r",\s*(?=(?:rediss?|unix)://|(?:\[[0-9A-Fa-f:.]+\]|[^\s,/@:\[\]]+):\d+/?\s*(?:,|$))"
@@ -52,6 +59,8 @@ def shown(url: str) -> str:
         >>> shown("redis://app:pw@a:7000,redis://app:pw@b:7001")
         'redis://app:***@a:7000,redis://app:***@b:7001'
     """
+    if is_sentinel_url(url):
+        return redact(url)  # one URL, whose commas separate sentinels
     return ",".join(redact(part) for part in split(url))
 
 
@@ -112,3 +121,99 @@ def parse(url: str) -> Seeds:
             raise ConfigError(f"HOTSWAP_REDIS_URL entry {shown!r} names no host")
         others.append((host, port))
     return Seeds(first, tuple(others))
+
+
+# -- Sentinel -------------------------------------------------------------------------
+
+_ADDRESS = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s,/@:\[\]]+))(?::(?P<port>\d+))?$"
+)
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """What a ``redis+sentinel://`` URL names: sentinels, service, db and the data
+    nodes' credentials (None where the URL leaves them out)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str | None
+    db: int
+    username: str | None
+    password: str | None
+
+
+def is_sentinel_url(url: str) -> bool:
+    """Whether ``url`` names a Sentinel deployment (``redis+sentinel://``).
+
+    Example:
+        >>> is_sentinel_url("redis+sentinel://s1:26379/mymaster")
+        True
+    """
+    return url.strip().lower().startswith(SENTINEL_SCHEME)
+
+
+def parse_addresses(text: str, where: str) -> tuple[tuple[str, int], ...]:
+    """The comma-separated ``host[:port]`` list ``text`` (port 26379 if left out).
+
+    Args:
+        text: the list, e.g. ``s1:26379, s2:26379``.
+        where: what the list was read from, for messages (``HOTSWAP_SENTINELS``).
+
+    Raises:
+        ConfigError: an entry is not ``host[:port]``, or the list is empty.
+
+    Example:
+        >>> parse_addresses("s1:26380, [::1]", "HOTSWAP_SENTINELS")
+        (('s1', 26380), ('::1', 26379))
+    """
+    found: list[tuple[str, int]] = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        match = _ADDRESS.match(entry)
+        if match is None or not 0 < int(match["port"] or SENTINEL_PORT) < 65536:
+            raise ConfigError(
+                f"{where} entry {redact(entry)!r} must be host:port "
+                "(e.g. sentinel-1:26379,sentinel-2:26379)"
+            )
+        found.append((match["v6"] or match["host"], int(match["port"] or SENTINEL_PORT)))
+    if not found:
+        raise ConfigError(f"{where} names no sentinel: list them as host:port,host:port")
+    return tuple(found)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Read ``redis+sentinel://[user:pass@]host1:port1,host2:port2/SERVICE[/DB]``.
+
+    Raises:
+        ConfigError: no sentinel, a bad address or database number, a query
+            string, or more path than ``/SERVICE/DB``.
+
+    Example:
+        >>> u = parse_sentinel_url("redis+sentinel://app:pw@s1:26379,s2/cache/2")
+        >>> u.sentinels, u.service, u.db, u.username
+        ((('s1', 26379), ('s2', 26379)), 'cache', 2, 'app')
+    """
+    shown = redact(url)
+    rest = url.strip()[len(SENTINEL_SCHEME) :]
+    if "?" in rest or "#" in rest:
+        raise ConfigError(
+            f"HOTSWAP_REDIS_URL {shown!r}: a redis+sentinel:// URL takes no options; "
+            "set them as HOTSWAP_* settings"
+        )
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    user, password = (None, None)
+    if at:
+        name, colon, secret = userinfo.partition(":")
+        user = unquote(name) or None
+        password = unquote(secret) if colon else None
+    sentinels = parse_addresses(hosts, f"HOTSWAP_REDIS_URL {shown!r}:")
+    parts = [p for p in path.split("/") if p] if path.strip("/") else []
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ConfigError(
+            f"HOTSWAP_REDIS_URL {shown!r}: the path must be /SERVICE or /SERVICE/DB "
+            "(e.g. redis+sentinel://s1:26379,s2:26379/mymaster/0)"
+        )
+    service = unquote(parts[0]) if parts else None
+    return SentinelURL(sentinels, service, int(parts[1]) if len(parts) == 2 else 0, user, password)

@@ -71,10 +71,25 @@ class HotswapSettings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         description=(
             "Redis URL: redis://, rediss:// (TLS), unix://; user:password@ for ACL users; "
-            "on a cluster several comma-separated seeds (redis://a:7000,b:7001)."
+            "on a cluster several comma-separated seeds (redis://a:7000,b:7001); "
+            "redis+sentinel://s1:26379,s2:26379/SERVICE[/DB] for a Sentinel deployment."
         ),
     )
     cluster: bool = Field(default=False, description="Connect with the Redis Cluster client.")
+    sentinels: str | None = Field(
+        default=None,
+        description="Comma-separated host:port of the Redis Sentinels watching a primary "
+        "(with HOTSWAP_SENTINEL_MASTER); the data nodes' credentials and db: HOTSWAP_REDIS_URL.",
+    )
+    sentinel_master: str | None = Field(
+        default=None, description="Name of the primary the sentinels watch (its service name)."
+    )
+    sentinel_username: str | None = Field(
+        default=None, description="ACL user to log in to the sentinels as (their own users)."
+    )
+    sentinel_password: SecretStr | None = Field(
+        default=None, description="Password to log in to the sentinels with."
+    )
     namespace: str = Field(
         default="hotswap", description="Prefix of every key, to share one Redis."
     )
@@ -308,12 +323,14 @@ def unknown_names(names: list[str]) -> dict[str, str | None]:
         {'HOTSWAP_REDIS_ULR': 'HOTSWAP_REDIS_URL'}
     """
     known = known_names()
+    # Compared without the prefix every name shares, which would make any two look alike.
+    bare = {name.removeprefix(PREFIX): name for name in known}
     found: dict[str, str | None] = {}
     for name in names:
         upper = name.upper()
         if upper.startswith(PREFIX) and upper not in known:
-            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
-            found[name] = close[0] if close else None
+            close = difflib.get_close_matches(upper.removeprefix(PREFIX), bare, n=1, cutoff=0.6)
+            found[name] = bare[close[0]] if close else None
     return found
 
 

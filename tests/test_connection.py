@@ -105,7 +105,8 @@ def test_bad_scheme_is_a_config_error(url: str) -> None:
     with pytest.raises(ConfigError) as e:
         connect(make_settings(url))
     assert str(e.value) == (
-        f"HOTSWAP_REDIS_URL {url!r} must start with redis://, rediss:// or unix://"
+        f"HOTSWAP_REDIS_URL {url!r} must start with redis://, rediss://, unix:// "
+        "or redis+sentinel://"
     )
 
 
