@@ -9,7 +9,8 @@ read right after every (re)connect and every ``poll_interval``, because
 pub/sub drops what is said while a client is away.
 
 A subscription that fails while head can still be read (its node died in a
-cluster failover) does not end the session: the loop goes on polling and
+cluster failover, or gave the shard channel's slot to another:
+``subscription.ChannelMoved``) does not end the session: the loop goes on polling and
 subscribes again, once per ``RELISTEN_GAP`` at most, each try once, to
 whichever node now serves the channel.
 """

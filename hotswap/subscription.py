@@ -166,7 +166,7 @@ class Subscription:
                 "Redis refused SSUBSCRIBE on %s (%s): listening on the plain channel, which "
                 "hears a notice only where the publisher broadcasts it (Redis < 7, or a user "
                 "without +spublish); otherwise new versions arrive by polling. Use Redis 7 or "
-                "later and grant +ssubscribe (README, Security)",
+                "later and grant +ssubscribe (README, Security), then restart the agent",
                 node.name,
                 e,
             )
