@@ -9,6 +9,8 @@ by older agents into the shared hash are read too (rolling upgrades).
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -193,13 +195,21 @@ class AgentRecordIO:
 
 
 class _Listener:
-    """redis-py's event listener interface around one callback."""
+    """redis-py's event listener interface around one callback.
+
+    A bound method is held weakly: a reporter never closed must not live as
+    long as the client it wrote through.
+    """
 
     def __init__(self, changed: Callable[[], None]) -> None:
-        self.changed = changed
+        self.changed: Callable[[], Callable[[], None] | None] = (
+            weakref.WeakMethod(changed) if inspect.ismethod(changed) else lambda: changed
+        )
 
     def listen(self, event: object) -> None:
-        self.changed()
+        changed = self.changed()
+        if changed is not None:
+            changed()
 
 
 def _nothing() -> None:

@@ -8,6 +8,8 @@ event is redis-py's own, dispatched by the test.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from types import SimpleNamespace
 
 import redis
@@ -91,3 +93,16 @@ def test_one_server_has_no_topology_to_watch(client: redis.Redis) -> None:
     records = AgentRecordIO(client, "m", "hotswap", lambda what, fn: fn())
     stop = records.watch_topology(lambda: None)
     stop()  # nothing was registered, nothing to undo
+
+
+def test_a_watching_reporter_is_held_weakly(client: redis.Redis) -> None:
+    dispatcher = EventDispatcher()
+    cluster_like = SimpleNamespace(nodes_manager=SimpleNamespace(_event_dispatcher=dispatcher))
+    records = AgentRecordIO(cluster_like, "m", "hotswap", lambda what, fn: fn())
+    reporter = Reporter(CountingStore(client), "a-1", ttl=600.0)
+    records.watch_topology(reporter.topology_changed)  # never stopped
+    gone = weakref.ref(reporter)
+    del reporter
+    gc.collect()
+    assert gone() is None
+    dispatcher.dispatch(AfterSlotsCacheRefreshEvent())  # a dead listener is a no-op
