@@ -124,7 +124,7 @@ class ReplicaReads:
             return None
         if isinstance(client, redis.cluster.RedisCluster):
             return cls(lambda: _cluster_reader(client))
-        urls = [u.strip() for u in settings.replica_urls.split(",") if u.strip()]
+        urls = [u.strip() for u in (settings.replica_urls or "").split(",") if u.strip()]
         if urls:
             return cls(lambda: [_replica_client(u, settings) for u in urls])
         sentinel = _sentinel_replica(settings)

@@ -190,8 +190,8 @@ class HotswapSettings(BaseSettings):
         description="Agents read blob chunks from replicas (a chunk a lagging replica lacks "
         "is read from its primary); head and manifests always come from primaries.",
     )
-    replica_urls: str = Field(
-        default="",
+    replica_urls: str | None = Field(
+        default=None,
         description="Comma-separated redis:// URLs of the replicas of a single primary, for "
         "HOTSWAP_READ_FROM_REPLICAS (a cluster finds its replicas itself).",
     )

@@ -92,10 +92,10 @@ def fresh(pair: Pair) -> Iterator[Pair]:
 
 
 def settings_for(pair: Pair, **values: Any) -> HotswapSettings:
+    values.setdefault("deltas", False)  # full blobs: every changed tensor read chunk by chunk
     return HotswapSettings(
         redis_url=pair.primary.url,
         chunk_bytes=4096,
-        deltas=False,  # full blobs: every changed tensor is read chunk by chunk
         retry_attempts=2,
         _env_file=None,  # type: ignore[call-arg]
         **values,
@@ -251,6 +251,17 @@ def test_an_agent_process_applies_bit_exact_through_a_lagging_replica(fresh: Pai
         # Only the changed tensors were fetched, each chunk from the primary.
         assert (counts["chunks"], counts["fallbacks"]) == (from_replica, len(new))
 
+        # A delta's frames the replica lacks come from the primary too.
+        v3_state = tensors(2, CHANGED, base=1)
+        v3_state["layer0.weight"][0, 0] += 1
+        with Publisher("m", settings=settings_for(fresh, deltas=True)) as quick:
+            v3 = quick.publish(v3_state)
+            (entry,) = [e for e in quick.store.manifest(v3).tensors if e.name == "layer0.weight"]
+        assert entry.delta is not None
+        found, later = applied(agent, v3)
+        assert found == fingerprint(v3_state)
+        assert (later["chunks"], later["fallbacks"]) == (from_replica, len(new) + entry.chunks)
+
 
 # -- WAIT ---------------------------------------------------------------------------
 
@@ -329,3 +340,59 @@ def test_a_wait_longer_than_the_socket_timeout_is_refused(fresh: Pair) -> None:
         "HOTSWAP_WAIT_TIMEOUT_MS=5000 must be under HOTSWAP_SOCKET_TIMEOUT (5 s): lower it, "
         "or raise the socket timeout"
     )
+
+
+def test_the_documented_acl_users_wait_and_read_from_a_replica() -> None:
+    from test_readme import acl_password, blocks
+
+    from hotswap import Agent
+
+    (block,) = [b for b in blocks() if b.lang == "acl"]
+    with (
+        EmbeddedRedis() as primary,
+        EmbeddedRedis(extra_args=["--replicaof", "127.0.0.1", str(primary.port)]) as replica,
+    ):
+        for node in (replica, primary):  # ACL users are not replicated: every node gets them
+            with redis.Redis(port=node.port) as c:
+                if node is replica:  # and the replica logs in to its primary as one of them
+                    c.config_set("masteruser", "hotswap-admin")
+                    c.config_set("masterauth", "secret-admin")
+                for rule in block.body.strip().splitlines():
+                    c.execute_command(*acl_password(rule).split())
+
+        def as_user(node: EmbeddedRedis, role: str, user: str) -> str:
+            return f"redis://{user}:secret-{role}@127.0.0.1:{node.port}/0"
+
+        admins = [
+            redis.Redis.from_url(as_user(n, "admin", "hotswap-admin")) for n in (primary, replica)
+        ]
+        assert poll(lambda: admins[1].info("replication")["master_link_status"] == "up", 1500)
+        for admin in admins:
+            admin.execute_command("ACL", "LOG", "RESET")
+        agent_user = "hotswap-agent-web-1"
+        agent_settings = HotswapSettings(
+            redis_url=as_user(primary, "agent", agent_user),
+            agent_id="web-1",
+            read_from_replicas=True,
+            replica_urls=as_user(replica, "agent", agent_user),
+            poll_interval=0.2,
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        publisher_settings = HotswapSettings(
+            redis_url=as_user(primary, "publisher", "hotswap-publisher"),
+            chunk_bytes=4096,
+            wait_replicas=1,
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        state = {k: torch.zeros_like(v) for k, v in tensors(1).items()}
+        with Agent(state, "acl", settings=agent_settings) as agent:
+            with Publisher("acl", settings=publisher_settings) as pub:
+                v1 = pub.publish(tensors(1))
+                assert pub.replication.last is not None and pub.replication.last.ok
+            assert agent.wait_for(v1)
+            counts = agent.store.blobs.replicas.counts if agent.store.blobs.replicas else None
+        assert fingerprint(state) == fingerprint(tensors(1))
+        assert counts is not None and counts.chunks > 0 and counts.fallbacks == 0
+        for admin in admins:
+            assert admin.execute_command("ACL", "LOG") == [], "a documented user was refused"
+            admin.close()
