@@ -26,7 +26,7 @@ import importlib
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from hotswap import transport
-from hotswap.blobwrite import chunk_span
+from hotswap.blobwrite import PIPELINE_BYTES, chunk_span
 from hotswap.connection import RedisClient
 from hotswap.errors import ConfigError
 from hotswap.manifest import TensorEntry
@@ -282,15 +282,29 @@ def _get_from(
     fast = transport.BlobTransport.for_client(client, transport.DEFAULT_WINDOW)
     if fast is not None:
         return fast.get_into(names, views, landed)
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.get(name)
     lengths: list[int | None] = []
-    for value, view in zip(pipe.execute(), views, strict=True):
-        if value is not None and len(value) <= len(view):
-            view[: len(value)] = value  # a shorter one is the caller's to refuse
-        lengths.append(None if value is None else len(value))
+    for batch in _batches([len(v) for v in views]):
+        pipe = client.pipeline(transaction=False)
+        for j in batch:
+            pipe.get(names[j])
+        for j, value in zip(batch, pipe.execute(), strict=True):
+            if value is not None and len(value) <= len(views[j]):
+                views[j][: len(value)] = value  # a shorter one is the caller's to refuse
+            lengths.append(None if value is None else len(value))
     return lengths
+
+
+def _batches(sizes: Sequence[int]) -> Iterator[range]:
+    """Consecutive runs of ``sizes`` of at most ``PIPELINE_BYTES`` each (at least one
+    item): redis-py's replies of one round trip are held in memory together."""
+    start = total = 0
+    for j, size in enumerate(sizes):
+        if j > start and total + size > PIPELINE_BYTES:
+            yield range(start, j)
+            start, total = j, 0
+        total += size
+    if start < len(sizes):
+        yield range(start, len(sizes))
 
 
 def _cluster_reader(primary: redis.cluster.RedisCluster) -> redis.cluster.RedisCluster:

@@ -216,8 +216,12 @@ class Replication:
         if not names:
             return {}
         if not self._cluster:
-            pool = self.client.connection_pool.connection_kwargs
-            return {f"{pool.get('host', 'unix')}:{pool.get('port', 0)}": (self.client, names[0])}
+            where = self.client.connection_pool.connection_kwargs
+            # Sentinel's pool finds its address per connection: then it is just "the primary".
+            name = (
+                f"{where['host']}:{where.get('port', 6379)}" if "host" in where else "the primary"
+            )
+            return {name: (self.client, names[0])}
         out: dict[str, tuple[RedisClient, str]] = {}
         for name in names:
             node = self.client.get_node_from_key(name)
