@@ -6,6 +6,11 @@ tensor; one layer), consecutive versions as users live them (default
 settings): the time from the start of a publish to the LAST of N agents
 applied, and the bytes all agents fetched per second of it, against the
 ceiling: the same chunks written raw and fetched by N bare GET clients.
+Each update is measured twice for hotswap, in one run: each agent fetching
+from Redis ("hotswap"), and the agents sharing one fetch per host through a
+host cache folder on tmpfs ("hotswap shared", ``HOTSWAP_HOST_CACHE_DIR``):
+on one host, sharing measures shared memory, not Redis, so the bytes Redis
+sent are counted for every case.
 
 Replica reads are not built yet: on the cluster every chunk is read from its
 master, the replicas only follow. All processes share this machine's cores,
@@ -18,7 +23,9 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -42,6 +49,7 @@ RESULTS = Path(__file__).parent / "results"
 CHANNEL = "bench:fanout"
 TOPOLOGIES = ("one node", "cluster 3 masters")
 UPDATES = ("full", "one layer")
+APPROACHES = ("ceiling", "hotswap", "hotswap shared")
 NO_REPLICA_READS = (
     "Replica reads are not built yet: on the cluster every chunk is read from its "
     "master (the replicas only follow)."
@@ -67,13 +75,14 @@ class Config:
 class Sample:
     topology: str
     update: str
-    approach: str  # "hotswap" or "ceiling"
+    approach: str  # one of APPROACHES
     publish: float  # seconds the publish (or the raw SETs) took
     first: float  # publish start to the first agent done
     last: float  # publish start to the last agent done
     bytes_total: int  # fetched by all agents together
     bytes_changed: int
     server_cpu: float = 0.0  # seconds of redis-server CPU (masters), the whole case
+    server_sent: int = 0  # bytes Redis sent to clients (masters), the whole case
 
 
 @contextlib.contextmanager
@@ -107,6 +116,26 @@ def server_cpu(client: Any) -> float:
     return sum(float(i["used_cpu_user"]) + float(i["used_cpu_sys"]) for i in infos)
 
 
+def server_sent(client: Any) -> int:
+    """Bytes the Redis server has sent to clients (replication apart); on a cluster, all masters."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        per_node = client.info("stats", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+        infos = list(per_node.values())
+    else:
+        infos = [client.info("stats")]
+    # The total counts what masters send their replicas too (Redis 7): taken out.
+    return sum(
+        int(i["total_net_output_bytes"]) - int(i.get("total_net_repl_output_bytes", 0))
+        for i in infos
+    )
+
+
+def cache_folder() -> str:
+    """A fresh host cache folder (0700), on tmpfs where the host has one."""
+    shm = "/dev/shm"
+    return tempfile.mkdtemp(prefix="hotswap-fanout-", dir=shm if os.path.isdir(shm) else None)
+
+
 def layer_names(sd: dict[str, torch.Tensor]) -> list[str]:
     """The tensors of one transformer layer (the middle one)."""
     return [n for n in sd if n.startswith(f"layers.{model.LAYERS // 2}.")]
@@ -128,6 +157,7 @@ class Fanout:
             client = connect(config)
             chunks = baselines.chunk_io(client)
             workers = [WorkerProc("bench.fanout_worker") for _ in range(cfg.agents)]
+            folder = cache_folder()
             from publisher import Publisher
 
             pub = Publisher("fanout", settings=config)
@@ -141,18 +171,19 @@ class Fanout:
                 for update in UPDATES:
                     names = list(sd) if update == "full" else layer_names(sd)
                     for r in range(cfg.runs):
-                        model.perturb(sd, names)
                         cases: list[Callable[[], Sample]] = [
                             partial(self._ceiling, client, chunks, workers, sd, names),
-                            partial(self._hotswap, pub, workers, sd),
+                            partial(self._hotswap, pub, workers, sd, names, None),
+                            partial(self._hotswap, pub, workers, sd, names, folder),
                         ]
-                        # Alternating which goes first, so that drift hits both alike.
+                        # Rotating which goes first, so that drift hits all alike.
                         pair = []
-                        for case in cases[r % 2 :] + cases[: r % 2]:
+                        for case in cases[r % 3 :] + cases[: r % 3]:
                             # Read outside the timed span; counts the writes too.
-                            cpu = server_cpu(client)
+                            cpu, sent = server_cpu(client), server_sent(client)
                             pair.append(case())
                             pair[-1].server_cpu = server_cpu(client) - cpu
+                            pair[-1].server_sent = server_sent(client) - sent
                         for s in pair:
                             s.topology, s.update = topology, update
                             s.bytes_changed = model.nbytes(sd, names)
@@ -166,6 +197,7 @@ class Fanout:
                     w.close()
                 pub.close()
                 client.close()
+                shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _all_applied(workers: list[WorkerProc], version: int) -> list[dict[str, Any]]:
@@ -176,14 +208,27 @@ class Fanout:
             out.append(ev)
         return out
 
-    def _hotswap(self, pub: Any, workers: list[WorkerProc], sd: dict[str, torch.Tensor]) -> Sample:
+    def _hotswap(
+        self,
+        pub: Any,
+        workers: list[WorkerProc],
+        sd: dict[str, torch.Tensor],
+        names: list[str],
+        folder: str | None,
+    ) -> Sample:
+        """A new version of ``names``; with ``folder``, the agents share their fetches."""
+        model.perturb(sd, names)  # new bytes for each publish: an unchanged one creates nothing
+        budget = 2 * self.cfg.size + 64 * MiB  # a version's bytes, and the next one's
+        for w in workers:
+            w.call("sharing", folder=folder, budget=budget)
         t0 = time.monotonic()
         version = pub.publish(sd)
         t1 = time.monotonic()
         done = self._all_applied(workers, version)
         ends = [ev["t_done"] - t0 for ev in done]
         moved = sum(int(ev["bytes"]) for ev in done)
-        return Sample("", "", "hotswap", t1 - t0, min(ends), max(ends), moved, 0)
+        approach = "hotswap" if folder is None else "hotswap shared"
+        return Sample("", "", approach, t1 - t0, min(ends), max(ends), moved, 0)
 
     def _ceiling(
         self,
@@ -236,13 +281,15 @@ def markdown(raw: dict[str, Any]) -> str:
     for topology in cfg["topologies"]:
         for update in UPDATES:
             here = [s for s in samples if (s["topology"], s["update"]) == (topology, update)]
-            got = {a: [s for s in here if s["approach"] == a] for a in ("ceiling", "hotswap")}
+            got = {a: [s for s in here if s["approach"] == a] for a in APPROACHES}
+            got = {a: runs for a, runs in got.items() if runs}
             ceil_last = summary([s["last"] for s in got["ceiling"]])["median"]
             for approach, runs in got.items():
                 last = summary([s["last"] for s in runs])
                 moved = max(s["bytes_total"] for s in runs)
                 rate = moved / last["median"] / 1e9
                 cpu = summary([s["server_cpu"] / (s["bytes_total"] / MiB) for s in runs])
+                sent = summary([s.get("server_sent", 0) / MiB for s in runs])["median"]
                 rows.append(
                     [
                         topology,
@@ -256,6 +303,7 @@ def markdown(raw: dict[str, Any]) -> str:
                         f"{rate:.2f}",
                         f"{last['median'] / ceil_last:.2f}",
                         f"{cpu['median'] * 1e6:.0f}",
+                        f"{sent:.1f}",
                     ]
                 )
     head = (
@@ -274,7 +322,10 @@ def markdown(raw: dict[str, Any]) -> str:
     caveats = (
         f"{NO_REPLICA_READS} {where}"
         "Server CPU: redis-server's user+sys seconds (all masters) over the case, "
-        "writes included, per MiB the agents fetched."
+        "writes included, per MiB the agents fetched (shared: from Redis or the host cache). "
+        "MiB sent by Redis: what the server sent to all clients over the case "
+        "(replication apart); hotswap shared: each blob read from Redis once per host, "
+        "the other agents read it from the host cache folder (tmpfs)."
     )
     header = [
         "topology",
@@ -288,6 +339,7 @@ def markdown(raw: dict[str, Any]) -> str:
         "aggregate GB/s",
         "x ceiling",
         "server CPU µs per MiB served",
+        "MiB sent by Redis",
     ]
     return "\n\n".join([head, table(header, rows), caveats])
 

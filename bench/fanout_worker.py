@@ -1,7 +1,10 @@
 """One of the fan-out benchmark's N serving processes (``python -m bench.fanout_worker``).
 
 Holds a live copy of the model with a real ``Agent`` applying into it, and a
-shadow copy that the bare-GET ceiling fetches into. Speaks the JSON lines of
+shadow copy that the bare-GET ceiling fetches into. ``sharing`` switches the
+agent, between two versions, to reading through a host cache folder that all
+the workers share (``hotswap.sharedblobs``, as ``HOTSWAP_HOST_CACHE_DIR``
+sets up) and back. Speaks the JSON lines of
 ``bench.procs.serve``; times are ``time.monotonic()``, comparable across
 processes on one machine.
 """
@@ -21,7 +24,10 @@ import torch
 from bench import baselines, model
 from bench.procs import serve
 from hotswap import HotswapSettings
+from hotswap.blobs import BlobStore
 from hotswap.connection import connect
+from hotswap.hostcache import HostCache
+from hotswap.sharedblobs import SharedBlobStore
 
 
 class FanoutWorker:
@@ -32,6 +38,8 @@ class FanoutWorker:
         self.client: Any = None
         self.chunks: baselines.ChunkIO | None = None
         self.agent: Any = None
+        self._plain: BlobStore | None = None
+        self._shared: SharedBlobStore | None = None
 
     def emit(self, message: dict[str, Any]) -> None:
         with self._out:
@@ -96,6 +104,19 @@ class FanoutWorker:
         )
         self.agent.start()
 
+    def sharing(self, folder: str | None, budget: int) -> None:
+        """Read blobs through the host cache at ``folder`` from the next version on
+        (None: straight from Redis). Called between versions, while the agent waits."""
+        if self._plain is None:
+            self._plain = self.agent.store.blobs
+        if folder is None:
+            self.agent.store.blobs = self._plain
+            return
+        if self._shared is None:
+            assert self._plain is not None
+            self._shared = SharedBlobStore.around(self._plain, HostCache(folder, budget))
+        self.agent.store.blobs = self._shared
+
     def agent_stop(self) -> None:
         if self.agent is not None:
             self.agent.stop()
@@ -114,6 +135,7 @@ def main() -> None:
         "init": worker.init,
         "arm": worker.arm,
         "agent_start": worker.agent_start,
+        "sharing": worker.sharing,
         "agent_stop": worker.agent_stop,
     }
     serve(commands, worker.emit, worker.finish)
