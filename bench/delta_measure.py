@@ -51,6 +51,11 @@ class Sample:
     pause: float = 0.0
     bytes_delta: int = 0
     bases: dict[str, int] = field(default_factory=dict)
+    # CPU seconds, every thread: the publishing process over the publish, the
+    # serving process from arming to applied, the Redis server over both.
+    publisher_cpu: float = 0.0
+    agent_cpu: float = 0.0
+    redis_cpu: float = 0.0
 
 
 def chain_depth(m: Manifest | None) -> int:
@@ -70,6 +75,11 @@ class RedisMeter:
     def net(self) -> tuple[int, int]:
         stats: dict[str, Any] = self.client.info("stats")
         return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
+
+    def cpu(self) -> float:
+        """The server's CPU seconds so far (user and system, every thread)."""
+        info: dict[str, Any] = self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     def net_since(self, before: tuple[int, int]) -> tuple[int, int]:
         now = self.net()

@@ -69,6 +69,10 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 "pause": summary([s["pause"] for s in runs]),
                 "gc": summary([s["gc"] for s in runs]),
                 "bases": _bases(runs),
+                "cpu": {
+                    k: summary([float(s.get(f"{k}_cpu", 0.0)) for s in runs])["median"]
+                    for k in ("publisher", "agent", "redis")
+                },
             }
     _held(out, raw)
     _targets(out, raw)
@@ -260,6 +264,30 @@ def markdown(raw: dict[str, Any], s: dict[str, Any]) -> str:
         "during an apply.\n\n"
         + table(
             ["case", "approach", "publisher peak extra", "publisher base", "agent peak extra"], rows
+        )
+    )
+    rows = []
+    for key, e in s["cases"].items():
+        cpu = e["cpu"]
+        total = sum(cpu.values())
+        rows.append(
+            [
+                *key.split("/"),
+                *(f"{cpu[k] * 1e3:.1f}" for k in ("publisher", "agent", "redis")),
+                f"{total * 1e3:.1f}",
+                f"{total / 2 * 1e3:.1f}",
+                f"{e['end_to_end']['median'] * 1e3:.1f}",
+            ]
+        )
+    parts.append(
+        "CPU time per step (ms, median over the case's steps, every thread): the publishing "
+        "process over the publish, the serving process from arming to applied, the Redis "
+        "server over both (`INFO cpu`). On 2 cores, end to end can be no shorter than "
+        "the total over 2 where the three run at once, and is longer where they run in turn; "
+        "CPU time moves less with a neighbour's load than wall time does.\n\n"
+        + table(
+            ["case", "approach", "publisher", "agent", "Redis", "total", "total / 2", "end to end"],
+            rows,
         )
     )
     h = s["held"]

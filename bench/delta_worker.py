@@ -60,6 +60,7 @@ class DeltaWorker(Worker):
                     "t_done": t_done,
                     "report": asdict(report),
                     "peak_extra": peak,
+                    "cpu": time.process_time() - self.cpu_armed,
                 }
             )
 

@@ -115,13 +115,16 @@ class DeltaBench:
         pub, tag = pair.pubs[approach], f"{pair.name}-{approach}"
         self.w.call("mem_arm")
         mem = PeakRss().start()
-        net = self.meter.net()
+        net, server_cpu = self.meter.net(), self.meter.cpu()
+        cpu0 = time.process_time()
         t0 = time.monotonic()
         version = pub.publish(pair.sd)
         t1 = time.monotonic()
+        cpu1 = time.process_time()
         peak = mem.stop()
         ev = self.w.applied(tag, version)
         moved = self.meter.net_since(net)
+        redis_cpu = self.meter.cpu() - server_cpu
         rep, got = pub.last_report, ev["report"]
         started = time.monotonic()
         pub.gc(keep=self.cfg.keep)
@@ -149,6 +152,9 @@ class DeltaBench:
             pause=float(got["apply_seconds"]),
             bytes_delta=int(getattr(rep, "bytes_delta", 0)),
             bases=dict(getattr(rep, "bases", {})),
+            publisher_cpu=cpu1 - cpu0,
+            agent_cpu=float(ev["cpu"]),
+            redis_cpu=redis_cpu,
         )
 
     def baseline(self, pair: Pair, mode: str, case: str, changed: float) -> Sample:
@@ -158,7 +164,8 @@ class DeltaBench:
         tag = f"{mode}:{self._seq}".encode()
         self.w.call("arm", mode=mode, names=names, prefix=mode, channel=CHANNEL, chunk=chunk)
         mem = PeakRss().start()
-        net = self.meter.net()
+        net, server_cpu = self.meter.net(), self.meter.cpu()
+        cpu0 = time.process_time()
         t0 = time.monotonic()
         if mode == "ceiling":
             baselines.ceiling_publish(
@@ -167,9 +174,11 @@ class DeltaBench:
         else:
             baselines.naive_publish(self.client, pair.sd, names, mode, CHANNEL, tag)
         t1 = time.monotonic()
+        cpu1 = time.process_time()
         peak = mem.stop()
         ev = self.w.event("applied")
         moved = self.meter.net_since(net)
+        redis_cpu = self.meter.cpu() - server_cpu
         self.meter.delete(f"{mode}:*")
         got = int(ev["bytes"])
         return Sample(
@@ -186,6 +195,9 @@ class DeltaBench:
             net_out=moved[1],
             publisher_peak=peak,
             agent_peak=int(ev["peak_extra"]),
+            publisher_cpu=cpu1 - cpu0,
+            agent_cpu=float(ev["cpu"]),
+            redis_cpu=redis_cpu,
         )
 
     def tally(self, pair: Pair, case: str) -> None:

@@ -37,6 +37,7 @@ class Worker:
         self.transport: baselines.BlobTransport | None = None
         self.agent: Any = None
         self.mem = PeakRss()
+        self.cpu_armed = time.process_time()
 
     def emit(self, message: dict[str, Any]) -> None:
         with self._out:
@@ -60,7 +61,7 @@ class Worker:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(channel)
         transport, client = self.transport, self.client
-        self.mem.start()
+        self.mem_arm()
 
         def run() -> None:
             try:
@@ -83,6 +84,7 @@ class Worker:
                         "t_done": t_done,
                         "bytes": got,
                         "peak_extra": peak,
+                        "cpu": time.process_time() - self.cpu_armed,
                     }
                 )
             except Exception as e:
@@ -107,6 +109,7 @@ class Worker:
                     "t_done": t_done,
                     "report": asdict(report),
                     "peak_extra": peak,
+                    "cpu": time.process_time() - self.cpu_armed,
                 }
             )
 
@@ -124,7 +127,9 @@ class Worker:
             self.agent = None
 
     def mem_arm(self) -> None:
+        """Start counting this process's peak memory and CPU time (every thread) for one apply."""
         self.mem.start()
+        self.cpu_armed = time.process_time()
 
     def bare_copy(self, names: list[str], reps: int) -> list[float]:
         """Seconds of a plain ``copy_`` of these tensors from fresh memory, per rep."""

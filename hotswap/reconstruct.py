@@ -279,7 +279,7 @@ class Rebuild:
             done=lambda i, _: hashing.landed(i),
             start=start,
             checked=checked,
-            parallel=True,
+            parallel=self.entry.chunks > 1,  # one chunk: nothing to overlap, no thread hop
             verify=verify,
             wrote=wrote,
         )
