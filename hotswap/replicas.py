@@ -40,7 +40,7 @@ from hotswap.blobwrite import PIPELINE_BYTES, chunk_span
 from hotswap.connection import RedisClient
 from hotswap.errors import ConfigError
 from hotswap.manifest import TensorEntry
-from hotswap.redact import redact
+from hotswap.redact import redact, scrub
 from hotswap.settings import HotswapSettings
 
 # After a replica fails (away, frozen, refusing), chunks go to primaries for
@@ -124,12 +124,14 @@ class ReplicaReads:
             return None
         if isinstance(client, redis.cluster.RedisCluster):
             return cls(lambda: _cluster_reader(client))
+        # Built now, so that a bad URL is refused at once; neither connects before a read.
         urls = [u.strip() for u in (settings.replica_urls or "").split(",") if u.strip()]
         if urls:
-            return cls(lambda: [_replica_client(u, settings) for u in urls])
+            clients = [_replica_client(u, settings) for u in urls]
+            return cls(lambda: clients)
         sentinel = _sentinel_replica(settings)
         if sentinel is not None:
-            return cls(sentinel)
+            return cls(lambda: sentinel)
         raise ConfigError(
             "HOTSWAP_READ_FROM_REPLICAS is on, but this Redis is one server and no replica "
             "is named: set HOTSWAP_REPLICA_URLS (comma-separated), or turn it off"
@@ -345,16 +347,21 @@ def _replica_client(url: str, settings: HotswapSettings) -> redis.Redis:
         ):
             if value:
                 kwargs[name] = value
-    return redis.Redis.from_url(url, **kwargs)
+    try:
+        return redis.Redis.from_url(url, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"invalid HOTSWAP_REPLICA_URLS entry {redact(url)!r}: {scrub(str(e), url)}"
+        ) from e
 
 
-def _sentinel_replica(settings: HotswapSettings) -> Callable[[], RedisClient] | None:
-    """What opens Sentinel's replica client (``slave_for``) where the settings name a
-    Sentinel deployment (``hotswap.sentinel``); None otherwise."""
+def _sentinel_replica(settings: HotswapSettings) -> RedisClient | None:
+    """Sentinel's replica client (``slave_for``) where the settings name a Sentinel
+    deployment (``hotswap.sentinel``); None otherwise."""
     try:
         sentinel: Any = importlib.import_module("hotswap.sentinel")
     except ImportError:  # a build without Sentinel support
         return None
     if not sentinel.configured(settings):
         return None
-    return lambda: sentinel.replica_client(settings)
+    return sentinel.replica_client(settings)

@@ -63,7 +63,7 @@ class WaitOutcome:
 
     Example::
 
-        outcome = replication.after_commit(store.ns, "m", 7)
+        outcome = replication.after_commit(store.ns, 7)
         if outcome is not None and not outcome.ok:
             print(outcome.describe())
     """

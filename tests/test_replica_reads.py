@@ -216,6 +216,12 @@ def test_replica_reads_on_one_server_need_the_replicas_named(fresh: Pair) -> Non
         "HOTSWAP_READ_FROM_REPLICAS is on, but this Redis is one server and no replica is "
         "named: set HOTSWAP_REPLICA_URLS (comma-separated), or turn it off"
     )
+    bad = settings_for(fresh, read_from_replicas=True, replica_urls="redis://u:pw@r:6379/0,r2:6379")
+    with fresh.client(fresh.primary) as client, pytest.raises(ConfigError) as caught:
+        ReplicaReads.of(client, bad)
+    assert str(caught.value) == (
+        "HOTSWAP_REPLICA_URLS entry 'r2:6379' must start with redis://, rediss:// or unix://"
+    )
 
 
 def agent_process(pair: Pair, model: str) -> contextlib.AbstractContextManager[Any]:
