@@ -271,7 +271,12 @@ class ReplicaReads:
                 landed(members[k], n)
 
             mine = [views[j] for j in members]
-            got = _get_from(node_client, [names[j] for j in members], mine, told)
+            try:
+                got = _get_from(node_client, [names[j] for j in members], mine, told)
+            except _REPLICA_FAILURES:
+                # A replica away, promoted or moved (MOVED): learn the map again.
+                self._refresh_soon(client)
+                raise
             for j, n in zip(members, got, strict=True):
                 lengths[j] = n
         return lengths

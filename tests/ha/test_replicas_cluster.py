@@ -174,3 +174,20 @@ def test_wait_refuses_a_commit_while_one_masters_replica_lags(cluster: Cluster) 
         with _client(behind) as c:
             c.execute_command("CLIENT", "UNPAUSE")
         assert pub.publish(tensors(2, CHANGED, base=1)) == v1 + 1
+
+
+def test_a_dead_cluster_replica_costs_fallbacks_not_a_version(cluster: Cluster) -> None:
+    dead = cluster.replica_of(cluster.masters[2])
+    with agent(cluster) as proc, Publisher(MODEL, settings=settings_for(cluster)) as pub:
+        v1 = pub.publish(tensors(1))
+        found, counts = applied(proc, v1)
+        assert found == fingerprint(tensors(1))
+        dead.kill()
+        v2 = pub.publish(tensors(2, CHANGED, base=1))
+        new = chunk_names(pub.store, pub.store.manifest(v2), CHANGED)
+        found, after = applied(proc, v2)
+    assert found == fingerprint(tensors(2, CHANGED, base=1))
+    # The read that met the dead replica failed as a whole and went to the masters.
+    assert after["failures"] == counts["failures"] + 1
+    assert after["fallbacks"] - counts["fallbacks"] == len(new)
+    assert after["chunks"] == counts["chunks"]
