@@ -38,9 +38,9 @@ log = logging.getLogger("hotswap.hostcache")
 
 # A blob's file name: letters, digits and dashes only (no path can be spelled).
 _NAME = re.compile(r"[A-Za-z0-9-]{1,200}")
-# The longest pause between two tries of a busy lock: short next to a fetch,
-# long enough that waiting costs no CPU worth counting.
-_MAX_POLL = 0.02
+# The longest pause between two tries of a busy lock: a waiter starts on a
+# blob this soon after its filler is done (each try is one system call).
+_MAX_POLL = 0.002
 
 Buffer = bytes | bytearray | memoryview
 
@@ -177,8 +177,28 @@ class HostCache:
     def _publish(self, name: str, pieces: Sequence[Buffer]) -> bool:
         """Write ``pieces`` as the file ``name``, whole or not at all."""
         size = sum(memoryview(p).nbytes for p in pieces)
-        if not self._make_room(size, name):
+        if not self._make_room(size, name, self.budget):
             return False
+        try:
+            try:
+                self._write(name, pieces)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                # The file system is smaller than the budget (a container's 64 MiB
+                # /dev/shm): the oldest files make way, once.
+                self._make_room(size, name, self.size())
+                self._write(name, pieces)
+        except OSError as e:
+            self.stats["unwritable"] += 1
+            if e.errno != errno.ENOENT:  # ENOENT: a later holder took it for a dead fill's
+                level = logging.DEBUG if self.stats["unwritable"] > 1 else logging.WARNING
+                log.log(level, "host cache %s: cannot write %s (%s)", self.folder, name, e)
+            return False
+        self.stats["fills"] += 1
+        return True
+
+    def _write(self, name: str, pieces: Sequence[Buffer]) -> None:
         tmp = self._path(f"{name}.tmp.{os.getpid()}-{threading.get_ident()}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -190,18 +210,11 @@ class HostCache:
             finally:
                 os.close(fd)
             os.rename(tmp, self._path(name))
-            self._touch(name)
-        except OSError as e:
+        except OSError:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            self.stats["unwritable"] += 1
-            if e.errno != errno.ENOENT:  # ENOENT: a later holder took it for a dead fill's
-                log.warning(
-                    "host cache %s: cannot write %s (%s); reading Redis", self.folder, name, e
-                )
-            return False
-        self.stats["fills"] += 1
-        return True
+            raise
+        self._touch(name)
 
     # -- budget -------------------------------------------------------------------
 
@@ -209,14 +222,14 @@ class HostCache:
         """Bytes of blob files in the folder now."""
         return sum(size for _, _, size in self._files())
 
-    def _make_room(self, size: int, name: str) -> bool:
-        """Delete the least recently used files until ``size`` more bytes fit the budget."""
-        if size > self.budget:
+    def _make_room(self, size: int, name: str, limit: int) -> bool:
+        """Delete the least recently used files until ``size`` more bytes fit in ``limit``."""
+        if size > limit:
             return False
-        files = sorted(self._files())  # oldest first
+        files = sorted(self._files())  # least recently used first
         total = sum(s for _, _, s in files)
         for _, old, s in files:
-            if total + size <= self.budget:
+            if total + size <= limit:
                 break
             if old == name:
                 continue
@@ -225,9 +238,9 @@ class HostCache:
                     os.unlink(self._path(path))
             total -= s
             self.stats["evicted"] += 1
-        return total + size <= self.budget
+        return total + size <= limit
 
-    def _files(self) -> list[tuple[float, str, int]]:
+    def _files(self) -> list[tuple[int, str, int]]:
         """(last used, name, bytes) of every blob file (names without a dot)."""
         found = []
         with os.scandir(self.folder) as it:
@@ -236,7 +249,7 @@ class HostCache:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     st = e.stat(follow_symlinks=False)
-                    found.append((st.st_mtime, e.name, st.st_size))
+                    found.append((st.st_mtime_ns, e.name, st.st_size))
         return found
 
     # -- housekeeping -------------------------------------------------------------
