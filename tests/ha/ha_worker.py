@@ -50,12 +50,14 @@ def main() -> int:
     parser.add_argument("--poll", type=float, default=0.5)
     parser.add_argument("--heartbeat-ttl", type=float, default=15.0)
     parser.add_argument("--socket-timeout", type=float, default=10.0)
+    # A primary under Sentinel (a redis+sentinel:// URL) is no cluster.
+    parser.add_argument("--no-cluster", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = Probe()
     settings = HotswapSettings(
         redis_url=args.redis_url,
-        cluster=True,
+        cluster=not args.no_cluster,
         poll_interval=args.poll,
         heartbeat_ttl=args.heartbeat_ttl,
         socket_timeout=args.socket_timeout,
