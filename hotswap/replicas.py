@@ -47,6 +47,9 @@ from hotswap.settings import HotswapSettings
 # this long before replicas are tried again: a frozen replica would otherwise
 # cost a socket timeout on every batch of every tensor.
 REST_SECONDS = 5.0
+# Each failure in a row doubles the rest, up to this: a frozen replica holds a
+# read for a whole socket timeout each time it is tried again.
+MAX_REST_SECONDS = 60.0
 # What a replica read may fail with; none of it reaches the caller.
 _REPLICA_FAILURES: tuple[type[BaseException], ...] = (
     redis.RedisError,
@@ -69,8 +72,8 @@ class ReplicaCounts:
         bytes: their bytes.
         fallbacks: chunks read from the primary instead (missing on the
             replica, the wrong length, or the replica failed).
-        failures: replica reads that failed as a whole (then ``REST_SECONDS``
-            without replicas).
+        failures: replica reads that failed as a whole (then primaries only
+            for ``REST_SECONDS``, doubled for each failure in a row).
     """
 
     chunks: int = 0
@@ -109,6 +112,7 @@ class ReplicaReads:
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._resting_until = 0.0
+        self._in_row = 0  # replica reads failed in a row
         self._refreshed_at = time.monotonic()  # a new client has just learned the map
         self.counts = ReplicaCounts()
 
@@ -176,6 +180,7 @@ class ReplicaReads:
 
         try:
             lengths = self._get_into(names, views, landed)
+            self._in_row = 0
         except _REPLICA_FAILURES:
             self._rest()
             lengths = [None] * len(views)
@@ -209,6 +214,7 @@ class ReplicaReads:
         slots = [buf[e - c : e] for e, c in zip(ends, caps, strict=True)]
         try:
             lengths = self._get_into(names, slots, _ignore)
+            self._in_row = 0
         except _REPLICA_FAILURES:
             self._rest()
             lengths = [None] * len(names)
@@ -225,7 +231,9 @@ class ReplicaReads:
 
     def _rest(self) -> None:
         self.counts.failures += 1
-        self._resting_until = time.monotonic() + REST_SECONDS
+        self._in_row += 1
+        rest = min(REST_SECONDS * 2 ** (self._in_row - 1), MAX_REST_SECONDS)
+        self._resting_until = time.monotonic() + rest
 
     # -- the read client --------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from hotswap import codec, keys
 from hotswap.embedded import EmbeddedRedis, free_port
 from hotswap.errors import ConfigError, StoreUnavailable
 from hotswap.manifest import Manifest
-from hotswap.replicas import ReplicaReads, runs
+from hotswap.replicas import REST_SECONDS, ReplicaReads, runs
 from hotswap.replication import Replication
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
@@ -202,6 +203,10 @@ def test_a_replica_that_is_away_costs_a_fallback_not_an_error(fresh: Pair) -> No
     # One failed attempt, then the replicas rest: every chunk came from the primary.
     assert (counts.failures, counts.chunks) == (1, 0)
     assert counts.fallbacks == len(chunk_names(store, m))
+    # Once the rest is over (as if 5 s had passed), a second failure in a row rests twice as long.
+    store.blobs.replicas._resting_until = 0.0
+    assert read_all(store, m) == published(tensors(1)) and counts.failures == 2
+    assert store.blobs.replicas._resting_until > time.monotonic() + REST_SECONDS
     store.blobs.replicas.close()
     client.close()
 
