@@ -102,8 +102,8 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
         What ``fn`` returned.
 
     Raises:
-        ConfigError: Redis refused the credentials or the ACL user's rights
-            (never retried: waiting will not fix it).
+        ConfigError: Redis (or every sentinel) refused the credentials, or
+            the ACL user's rights (never retried: waiting will not fix it).
         StoreFull: Redis refused a write over its ``maxmemory`` (never
             retried: it lasts until memory is freed or the limit raised).
         StoreUnavailable: Redis stayed unreachable for the whole policy, or

@@ -29,7 +29,7 @@ import redis
 import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 from hotswap.errors import ConfigError
 from hotswap.redact import scrub
@@ -42,6 +42,8 @@ from hotswap.settings import HotswapSettings
 # when a connection is handed out, so an idle process asks nothing.
 RECHECK = 1.0
 _TLS_SCHEME = "rediss+sentinel://"
+# How redis-py's discover_master quotes each sentinel's refusal ("<client> - <repr>").
+_REFUSALS = (" - AuthenticationError(", " - NoPermissionError(")
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,29 @@ def _data_nodes(url: str) -> tuple[int, str | None, str | None]:
     )
 
 
+class SentinelsRefused(redis.AuthenticationError):
+    """Every sentinel refused this client's credentials or its SENTINEL command: a
+    setting to fix, not an outage to wait out (an ``AuthenticationError``, so the
+    retry policy gives up at once and ``guarded`` raises ``ConfigError``)."""
+
+
+class _Sentinels(Sentinel):
+    """redis-py's ``Sentinel``, telling refused credentials from an absent primary."""
+
+    def discover_master(self, service_name: str) -> Any:
+        try:
+            return super().discover_master(service_name)
+        except MasterNotFoundError as e:
+            text = str(e)
+            if sum(text.count(word) for word in _REFUSALS) == len(self.sentinels):
+                raise SentinelsRefused(
+                    f"every sentinel refused to name the primary of {service_name!r}: "
+                    "check HOTSWAP_SENTINEL_USERNAME, HOTSWAP_SENTINEL_PASSWORD and the "
+                    f"sentinels' ACL ({text})"
+                ) from e
+            raise
+
+
 class SentinelRedis(redis.Redis):
     """A client whose connections go where the sentinels say; ``close`` also
     closes its connections to the sentinels."""
@@ -236,7 +261,7 @@ def _manager(settings: HotswapSettings, where: Deployment) -> Sentinel:
         to_nodes["username"] = where.username
     if where.password:
         to_nodes["password"] = where.password
-    return Sentinel(where.sentinels, sentinel_kwargs=to_sentinels, **to_nodes)
+    return _Sentinels(where.sentinels, sentinel_kwargs=to_sentinels, **to_nodes)
 
 
 def _client(manager: Sentinel, client: Any) -> SentinelRedis:
