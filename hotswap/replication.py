@@ -33,7 +33,7 @@ import redis.cluster
 
 from hotswap import keys, transport
 from hotswap.blobindex import stored_blobs
-from hotswap.connection import RedisClient, guarded, operation_retry
+from hotswap.connection import RedisClient, guarded, operation_retry, retry_from_settings
 from hotswap.errors import ConfigError, StoreUnavailable
 from hotswap.manifest import TensorEntry
 from hotswap.settings import HotswapSettings
@@ -60,6 +60,7 @@ class WaitOutcome:
         timeout_ms: how long each WAIT could take.
         acked: master address -> replicas that confirmed it.
         gone: masters whose key was missing (nothing there to wait for).
+        failed: why the WAITs could not be asked at all (Redis away), if so.
 
     Example::
 
@@ -73,14 +74,19 @@ class WaitOutcome:
     timeout_ms: int
     acked: dict[str, int] = field(default_factory=dict)
     gone: tuple[str, ...] = ()
+    failed: str | None = None
 
     @property
     def ok(self) -> bool:
         """Every master had ``wanted`` replicas confirm, and none lost its key."""
-        return not self.gone and all(n >= self.wanted for n in self.acked.values())
+        if self.failed is not None or self.gone:
+            return False
+        return all(n >= self.wanted for n in self.acked.values())
 
     def describe(self) -> str:
         """One line: which masters fell short and by how much."""
+        if self.failed is not None:
+            return f"no replica could be asked about the {self.what} ({self.failed})"
         short = [f"{m}: {n} of {self.wanted}" for m, n in self.acked.items() if n < self.wanted]
         short += [f"{m}: its key is gone" for m in self.gone]
         return f"replicas confirmed the {self.what} within {self.timeout_ms} ms only on " + (
@@ -138,6 +144,7 @@ class Replication:
                 f"HOTSWAP_SOCKET_TIMEOUT ({settings.socket_timeout:g} s): lower it, or "
                 "raise the socket timeout"
             )
+        retrying = retrying or retry_from_settings(settings)
         return cls(client, model, settings.wait_replicas, settings.wait_timeout_ms, retrying)
 
     def before_commit(self, ns: str, entries: Sequence[TensorEntry]) -> WaitOutcome | None:
@@ -170,7 +177,11 @@ class Replication:
         a shortfall is logged and returned, not raised (the version is already live)."""
         if not self.wanted:
             return None
-        outcome = self._wait("commit", [keys.manifest_key(ns, self.model, version)])
+        try:
+            outcome = self._wait("commit", [keys.manifest_key(ns, self.model, version)])
+        except StoreUnavailable as e:  # the version stands either way: say so, not raise
+            outcome = WaitOutcome("commit", self.wanted, self.timeout_ms, failed=str(e))
+            self.last = outcome
         if not outcome.ok:
             log.warning(
                 "model %r: v%d is committed and announced, but %s: a failover now could "

@@ -343,6 +343,34 @@ def test_a_shortfall_after_the_commit_is_reported_not_raised(
     ]
 
 
+def test_a_primary_away_after_the_commit_is_reported_not_raised(
+    fresh: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = settings_for(fresh, wait_replicas=1, wait_timeout_ms=300, socket_timeout=1)
+    try:
+        with Publisher("m", settings=s) as pub:
+            commit = pub.store.commit
+
+            def then_freeze(*args: Any) -> None:  # committed, then the primary stops answering
+                commit(*args)
+                fresh.primary.freeze()
+
+            pub.store.commit = then_freeze  # type: ignore[method-assign]
+            with caplog.at_level(logging.WARNING, "hotswap.replication"):
+                v1 = pub.publish(tensors(1))
+            outcome = pub.replication.last
+            assert outcome is not None and not outcome.ok and outcome.failed is not None
+    finally:
+        fresh.primary.thaw()
+    with fresh.client(fresh.primary) as p:
+        assert p.get(keys.head_key("hotswap", "m")) is not None
+    (message,) = caplog.messages
+    assert message.startswith(
+        f"model 'm': v{v1} is committed and announced, but no replica could be asked about "
+        "the commit (Redis unreachable while waiting for replicas (commit) for model 'm'"
+    )
+
+
 def test_a_wait_longer_than_the_socket_timeout_is_refused(fresh: Pair) -> None:
     s = settings_for(fresh, wait_replicas=1, wait_timeout_ms=5000, socket_timeout=5)
     with fresh.client(fresh.primary) as client, pytest.raises(ConfigError) as caught:
