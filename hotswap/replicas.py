@@ -15,8 +15,10 @@ Where the replicas are:
 - Sentinel: ``hotswap.sentinel.replica_client(settings)`` where that module
   exists (``slave_for``).
 
-The read client is opened at the first read, so a ``Store`` that never reads
-a blob (an agent's status reporter) never connects to a replica.
+Replica clients connect at the first read (the cluster's, which learns the
+slot map as it is built, is built then too), so an agent that never fetches
+never connects to a replica, and a bad ``HOTSWAP_REPLICA_URLS`` entry is a
+``ConfigError`` when the agent is made.
 """
 
 from __future__ import annotations
