@@ -47,7 +47,10 @@ TRANSIENT: tuple[type[BaseException], ...] = (
         else ()
     ),
 )
-PERMANENT: tuple[type[BaseException], ...] = (redis.AuthenticationError,)
+PERMANENT: tuple[type[BaseException], ...] = (
+    redis.AuthenticationError,
+    sentinel.SentinelSetupError,
+)
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -102,8 +105,9 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
         What ``fn`` returned.
 
     Raises:
-        ConfigError: Redis (or every sentinel) refused the credentials, or
-            the ACL user's rights (never retried: waiting will not fix it).
+        ConfigError: Redis refused the credentials or the ACL user's rights,
+            or the sentinels the credentials or the service name (never
+            retried: waiting will not fix it).
         StoreFull: Redis refused a write over its ``maxmemory`` (never
             retried: it lasts until memory is freed or the limit raised).
         StoreUnavailable: Redis stayed unreachable for the whole policy, or
@@ -120,6 +124,8 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
         raise
     except redis.AuthenticationError as e:
         raise ConfigError(f"Redis refused the credentials while {what}: {e}") from e
+    except sentinel.SentinelSetupError as e:
+        raise ConfigError(f"Redis Sentinel could not name the primary while {what}{of}: {e}") from e
     except redis.exceptions.NoPermissionError as e:
         raise ConfigError(f"Redis user may not do this while {what}{of}: {e}") from e
     except TRANSIENT as e:

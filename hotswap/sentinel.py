@@ -42,8 +42,6 @@ from hotswap.settings import HotswapSettings
 # when a connection is handed out, so an idle process asks nothing.
 RECHECK = 1.0
 _TLS_SCHEME = "rediss+sentinel://"
-# How redis-py's discover_master quotes each sentinel's refusal ("<client> - <repr>").
-_REFUSALS = (" - AuthenticationError(", " - NoPermissionError(")
 
 
 @dataclass(frozen=True)
@@ -160,27 +158,50 @@ def _data_nodes(url: str) -> tuple[int, str | None, str | None]:
     )
 
 
-class SentinelsRefused(redis.AuthenticationError):
-    """Every sentinel refused this client's credentials or its SENTINEL command: a
-    setting to fix, not an outage to wait out (an ``AuthenticationError``, so the
-    retry policy gives up at once and ``guarded`` raises ``ConfigError``)."""
+class SentinelSetupError(redis.ConnectionError):
+    """The sentinels answered, and what they said needs a setting fixed, not time:
+    every one refused the credentials or the command, or none watches the service.
+    Never retried (``connection.PERMANENT``); ``guarded`` raises ``ConfigError``."""
 
 
 class _Sentinels(Sentinel):
-    """redis-py's ``Sentinel``, telling refused credentials from an absent primary."""
+    """redis-py's ``Sentinel`` whose lookup of the primary says why it found none,
+    in one short line per sentinel, and tells a setting to fix from an outage."""
 
     def discover_master(self, service_name: str) -> Any:
-        try:
-            return super().discover_master(service_name)
-        except MasterNotFoundError as e:
-            text = str(e)
-            if sum(text.count(word) for word in _REFUSALS) == len(self.sentinels):
-                raise SentinelsRefused(
-                    f"every sentinel refused to name the primary of {service_name!r}: "
-                    "check HOTSWAP_SENTINEL_USERNAME, HOTSWAP_SENTINEL_PASSWORD and the "
-                    f"sentinels' ACL ({text})"
-                ) from e
-            raise
+        refused: list[str] = []
+        other: list[str] = []
+        unknown = 0
+        for i, sentinel in enumerate(self.sentinels):
+            where = "{host}:{port}".format_map(sentinel.connection_pool.connection_kwargs)
+            try:
+                masters: Any = sentinel.sentinel_masters()
+            except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
+                refused.append(f"{where} refused: {e}")
+                continue
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
+                other.append(f"{where}: {type(e).__name__}: {e}")
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):  # type: ignore[no-untyped-call]
+                # The one that answered is asked first next time (as redis-py does).
+                self.sentinels[0], self.sentinels[i] = sentinel, self.sentinels[0]
+                return state["ip"], state["port"]
+            unknown += state is None
+            other.append(f"{where}: " + ("no such service" if state is None else "primary down"))
+        found = "; ".join(refused + other)
+        if len(refused) == len(self.sentinels):
+            raise SentinelSetupError(
+                f"every sentinel refused to name the primary of {service_name!r}: check "
+                f"HOTSWAP_SENTINEL_USERNAME, HOTSWAP_SENTINEL_PASSWORD and the sentinels' "
+                f"users ({found})"
+            )
+        if unknown and len(refused) + unknown == len(self.sentinels):
+            raise SentinelSetupError(
+                f"no sentinel watches a primary named {service_name!r}: check "
+                f"HOTSWAP_SENTINEL_MASTER or the URL's /NAME ({found})"
+            )
+        raise MasterNotFoundError(f"no sentinel names a live primary of {service_name!r} ({found})")
 
 
 class SentinelRedis(redis.Redis):

@@ -34,10 +34,14 @@ FAILOVER_TIMEOUT_MS = 4000
 QUORUM = 2
 
 
-def _client(port: int) -> redis.Redis:
+def _client(port: int, password: str | None = None) -> redis.Redis:
     # No retries: a question to a dead node is answered by its failure, at once.
     return redis.Redis(
-        port=port, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+        port=port,
+        password=password,
+        socket_timeout=2,
+        socket_connect_timeout=1,
+        retry=Retry(NoBackoff(), 0),
     )
 
 
@@ -48,6 +52,11 @@ class SentinelProcess:
         self.port = free_port()
         # Extra sentinel.conf lines (``user ...`` rules), written before the monitor line.
         self.lines = list(lines or [])
+        # The fixture asks as the default user: with its password where a line sets one.
+        self.password = next(
+            (line.split(None, 1)[1] for line in self.lines if line.startswith("requirepass ")),
+            None,
+        )
         self.dir = tempfile.mkdtemp(prefix="hotswap-sentinel-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -83,6 +92,10 @@ class SentinelProcess:
         assert poll(self._answers, attempts=500), f"sentinel on port {self.port} did not start"
         return self
 
+    def admin(self) -> redis.Redis:
+        """A client of this sentinel as its default user (close it)."""
+        return _client(self.port, self.password)
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -90,7 +103,7 @@ class SentinelProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"sentinel exited at start: {self.log_tail()}")
-        with contextlib.suppress(redis.RedisError), _client(self.port) as c:
+        with contextlib.suppress(redis.RedisError), _client(self.port, self.password) as c:
             return bool(c.execute_command("SENTINEL", "MASTERS") is not None)
         return False
 
@@ -101,14 +114,14 @@ class SentinelProcess:
 
     def master_port(self) -> int | None:
         """The primary's port this sentinel names now (None: it does not answer)."""
-        with contextlib.suppress(redis.RedisError), _client(self.port) as c:
+        with contextlib.suppress(redis.RedisError), _client(self.port, self.password) as c:
             reply = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
             return None if reply is None else int(reply[1])
         return None
 
     def knows(self, peers: int, replicas: int) -> bool:
         """Whether it sees ``peers`` other sentinels and ``replicas`` live replicas."""
-        with contextlib.suppress(redis.RedisError), _client(self.port) as c:
+        with contextlib.suppress(redis.RedisError), _client(self.port, self.password) as c:
             state = c.sentinel_master(SERVICE)
             if int(state["num-other-sentinels"]) < peers or state["is_sdown"]:
                 return False
@@ -195,7 +208,7 @@ class SentinelSet:
     def sentinel_failover(self) -> None:
         """``SENTINEL FAILOVER``: promote the replica without asking the others."""
         live = next(s for s in self.sentinels if s.alive())
-        with _client(live.port) as c:
+        with _client(live.port, live.password) as c:
             c.execute_command("SENTINEL", "FAILOVER", SERVICE)
 
     # -- life ------------------------------------------------------------------------
