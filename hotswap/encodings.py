@@ -242,27 +242,46 @@ def _unshuffle(payload: memoryview, base: Bytes, out: Bytes, where: str) -> None
         np.bitwise_xor(words, shifted, out=words)
 
 
-def _patch(payload: memoryview, base: Bytes, out: Bytes, where: str) -> Patched:
-    """Copy ``base`` into ``out`` and XOR the payload's values in at its indices."""
+class SparseChange(NamedTuple):
+    """A sparse payload read: word width, rising word indices, the words' XOR values."""
+
+    width: int
+    at: npt.NDArray[np.uint64]
+    xor: npt.NDArray[np.unsignedinteger]
+
+
+def sparse_change(payload: memoryview, length: int, where: str) -> SparseChange:
+    """What a ``SPARSE_ZSTD`` payload of a ``length``-byte chunk changes, checked as
+    decoding checks it.
+
+    Raises:
+        FormatError: the payload is malformed, or its indices do not rise within the chunk.
+    """
     if len(payload) < _SPARSE_HEAD.size:
         raise FormatError(f"{where}: sparse payload of {len(payload)} bytes has no head")
     width, count = _SPARSE_HEAD.unpack_from(payload)
-    _width(width, len(out), where)
+    _width(width, length, where)
     size = count * (4 + width)
-    if size > len(out):
+    if size > length:
         raise FormatError(
-            f"{where}: {count} changed elements of {width} bytes do not fit {len(out)} bytes"
+            f"{where}: {count} changed elements of {width} bytes do not fit {length} bytes"
         )
     raw = _expand(payload[_SPARSE_HEAD.size :], size, where)
     gaps = raw[: 4 * count].view(np.uint32)
     at = np.cumsum(gaps, dtype=np.uint64)
     # Indices must rise strictly and stay inside the chunk: numpy would raise
     # on one past the end, and a repeated index would be patched only once.
-    if count and (int(at[-1]) >= len(out) // width or not gaps[1:].all()):
+    if count and (int(at[-1]) >= length // width or not gaps[1:].all()):
         raise FormatError(f"{where}: sparse indices do not rise within the chunk")
+    return SparseChange(width, at, raw[4 * count :].view(_WIDTHS[width]))
+
+
+def _patch(payload: memoryview, base: Bytes, out: Bytes, where: str) -> Patched:
+    """Copy ``base`` into ``out`` and XOR the payload's values in at its indices."""
+    change = sparse_change(payload, len(out), where)
     np.copyto(out, base)
-    out.view(_WIDTHS[width])[at] ^= raw[4 * count :].view(_WIDTHS[width])
-    return Patched(width, at)
+    out.view(_WIDTHS[change.width])[change.at] ^= change.xor
+    return Patched(change.width, change.at)
 
 
 def _expand(payload: memoryview, length: int, where: str) -> Bytes:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hotswap import chain, delta, dtypes
+from hotswap import chain, codec, delta, dtypes
 from hotswap.candidates import History
 from hotswap.entries import DeltaRef, TensorEntry
 from hotswap.errors import IntegrityError
@@ -33,7 +33,7 @@ from hotswap.manifest import Manifest
 from hotswap.reconstruct import Rebuild
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
-from publisher import deltas
+from publisher import deltas, patchstats
 
 # Where a delta candidate's base came from: this publisher's memory, Redis,
 # or nowhere (the tensor went as a full blob).
@@ -193,6 +193,9 @@ class Encoded:
     frames: list[bytes]
     # Each chunk's BLAKE3 of the new content: the next delta's base digests.
     digests: list[bytes]
+    # The content's statistics, derived from the frames (``patchstats``); None:
+    # measure the tensor whole.
+    stats: codec.Stats | None = None
 
 
 class Encoder:
@@ -260,7 +263,9 @@ class Encoder:
         ref = deltas.forward(parent, entry, frames)
         self._count(ref)
         self.tally.stored_bytes += ref.stored_bytes
-        return Encoded(ref, frames, delta.result_digests(frames))
+        # A keyframe is measured whole: derived figures drift by a rounding a link.
+        stats = None if ref.keyframe else patchstats.derived(parent, entry, frames, base)
+        return Encoded(ref, frames, delta.result_digests(frames), stats)
 
     def _count(self, ref: DeltaRef) -> None:
         self.tally.tensors += 1

@@ -13,6 +13,7 @@ it) over small named steps; the I/O is in that loop and in
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -253,10 +254,12 @@ class _Uploads:
                     break
                 name = _source_name(self.store.model, self.names, entry)
                 tensor = self.src.load(name)
-                self._measure(pool, entry.digest, tensor)
+                measure = functools.partial(self._measure, pool, entry.digest, tensor)
                 buf = codec.as_bytes(tensor)
                 del tensor
-                written = self._store(entry, buf, _running_total(self.progress, done, total), pool)
+                tick = _running_total(self.progress, done, total)
+                written = self._store(entry, buf, tick, pool, measure)
+                del measure
                 done += entry.nbytes
                 changed += self._settle(checking)
                 before = self.prints[entry.digest]
@@ -276,8 +279,13 @@ class _Uploads:
         buf: memoryview,
         tick: Callable[[int], None],
         pool: ThreadPoolExecutor,
+        measure: Callable[[], None],
     ) -> list[str]:
         """Upload ``entry``'s bytes as a delta, a full blob or both; the blob ids written.
+
+        Its statistics come from the delta where its frames give them
+        (``patchstats``), else ``measure`` starts them in the thread, before
+        any upload, so that they are computed while the bytes go.
 
         A delta's frames (bytes of their own, not views of the source) join a
         batch that goes in one round trip with other tensors' frames
@@ -290,6 +298,10 @@ class _Uploads:
         enc = self.encoder
         encoded = enc.encode(entry, buf) if enc is not None and entry.delta is None else None
         final = entry if encoded is None else replace(entry, delta=encoded.ref)
+        content = (entry.digest, entry.dtype)
+        if encoded is not None and encoded.stats is not None and content in self.pending:
+            self.stats.setdefault(content, _known(encoded.stats))
+        measure()
         written: list[str] = []
         blobs = self.store.blobs
         if encoded is not None and encoded.frames:
@@ -355,6 +367,12 @@ class _Uploads:
     def statistics(self) -> dict[Content, codec.Stats]:
         """The statistics measured beside the uploads, by content."""
         return {content: future.result() for content, future in self.stats.items()}
+
+
+def _known(stats: codec.Stats) -> Future[codec.Stats]:
+    done: Future[codec.Stats] = Future()
+    done.set_result(stats)
+    return done
 
 
 @dataclass(frozen=True)

@@ -544,3 +544,31 @@ def test_a_tensor_whose_deltas_are_refused_is_probed_less_and_less(
     probes.append(0)
     pub.publish(step(sd, 0.015, seed=2))  # after a delta: encoded without a glance
     assert probes[-1] == 0 and pub.last_report.tensors_delta == 3
+
+
+def test_a_sparse_deltas_statistics_are_derived_and_match_a_full_pass(
+    pub: Publisher, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hotswap import codec
+
+    sd = bf16_weights()
+    pub.publish(sd)
+    measured: list[int] = []
+    whole = codec.stats
+
+    def counted(t: torch.Tensor) -> codec.Stats:
+        measured.append(t.numel())
+        return whole(t)
+
+    monkeypatch.setattr(codec, "stats", counted)
+    for i in range(1, 6):
+        sd = step(sd, 0.015, seed=i)
+        pub.publish(sd)
+        m = store.head_manifest()
+        assert m is not None
+        for e in m.tensors:
+            truth = whole(sd[e.name])
+            assert e.max_abs == truth.max_abs
+            assert math.isclose(e.norm, truth.norm, rel_tol=1e-12)
+    # Only the tensors whose largest magnitude a step changed were measured whole.
+    assert len(measured) < 5 * len(sd) / 2

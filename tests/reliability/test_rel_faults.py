@@ -174,7 +174,9 @@ def test_redis_killed_during_commit(durable: EmbeddedRedis, when: str) -> None:
 
 def test_redis_killed_during_an_agents_fetch(durable: EmbeddedRedis) -> None:
     cfg = settings_for(durable)
-    first, second = make_state(1, tensors=12), make_state(2, tensors=12)
+    # Tensors over prefetch.SMALL_BLOB_BYTES: each is a read of its own, as large ones are
+    # (small blobs come in one round trip before staging, and would all be in by then).
+    first, second = make_state(1, tensors=12, width=160), make_state(2, tensors=12, width=160)
     live = live_copy(first)
     store = admin_store(durable)
     with Publisher(MODEL, settings=cfg) as pub:
