@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from hotswap import codec, delta, encodings
@@ -38,7 +39,19 @@ from hotswap.patchcheck import MAX_FALL
 # Dtypes whose squares float64 holds exactly, so that derived and measured
 # sums differ only by their order.
 EXACT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_SIGNED = {2: np.int16, 4: np.int32}
+_UNSIGNED = {2: np.uint16, 4: np.uint32}
+
+
+def _floats(words: npt.NDArray[np.unsignedinteger], dtype: str) -> npt.NDArray[np.floating]:
+    """Words of a float dtype as exact float32 (or float16) values, with numpy alone."""
+    if dtype == "BF16":  # the high half of a float32
+        wide: npt.NDArray[np.floating] = (words.astype(np.uint32) << 16).view(np.float32)
+        return wide
+    if dtype == "F16":
+        half: npt.NDArray[np.floating] = words.view(np.float16)
+        return half
+    single: npt.NDArray[np.floating] = words.view(np.float32)
+    return single
 
 
 def derived(
@@ -76,15 +89,15 @@ def derived(
             return None
         if not change.at.size:
             continue
-        words = np.frombuffer(base[start : start + header.length], dtype=_SIGNED[width])
+        words = np.frombuffer(base[start : start + header.length], dtype=_UNSIGNED[width])
         old_words = words[change.at]
-        new_words = old_words ^ change.xor.view(_SIGNED[width])
-        old = torch.from_numpy(old_words).view(dtype).to(torch.float64)
-        new = torch.from_numpy(new_words).view(dtype).to(torch.float64)
-        grown += float(torch.dot(new, new))
-        had += float(torch.dot(old, old))
-        top_new = max(top_new, float(new.abs().max()))
-        top_old = max(top_old, float(old.abs().max()))
+        old, new = _floats(old_words, entry.dtype), _floats(old_words ^ change.xor, entry.dtype)
+        o64, n64 = old.astype(np.float64), new.astype(np.float64)
+        grown += float(n64 @ n64)
+        had += float(o64 @ o64)
+        # NaN and infinity propagate into the maxima and sums: refused below.
+        top_new = max(top_new, float(np.abs(new).max()))
+        top_old = max(top_old, float(np.abs(old).max()))
     if not all(math.isfinite(x) for x in (grown, had, top_new, top_old)):
         return None
     before = parent.norm * parent.norm
