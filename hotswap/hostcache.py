@@ -10,11 +10,16 @@ takes the lock, deletes the dead filler's temporary file and fills the blob
 itself. Others wait on the lock (at most ``wait`` seconds, then they read
 Redis themselves) and read the file.
 
-Trust: the folder must belong to this process's user and be writable by no one
-else (0700; files 0600). Every reader checks what it reads (a full blob by
-its BLAKE3 digest) and treats a file that fails as absent, so whoever can
-write the folder can cost refetches from Redis, never put other bytes into a
-model. ``budget`` bytes at most: the least recently used files go first.
+Each file ends with the XXH3-128 of its bytes, written by its filler and
+checked by every reader before it hands a byte on: a file damaged in any
+way (cut short, a flipped bit) counts as absent and is deleted. XXH3 guards
+against accidents, at a fifth of BLAKE3's cost; the caller still checks the
+bytes as it checks bytes from Redis (a full blob against the manifest's
+BLAKE3). Trust: the folder must belong to this process's user and be
+writable by no one else (0700; files 0600); whoever can still write it can
+cost refetches, or get a version refused by the caller's check, never put
+other bytes into a model. ``budget`` bytes at most: the least recently used
+files go first.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
+import itertools
 import logging
 import os
 import re
@@ -32,6 +39,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import xxhash
+
 from hotswap.errors import ConfigError
 
 log = logging.getLogger("hotswap.hostcache")
@@ -41,6 +50,8 @@ _NAME = re.compile(r"[A-Za-z0-9-]{1,200}")
 # The longest pause between two tries of a busy lock: a waiter starts on a
 # blob this soon after its filler is done (each try is one system call).
 _MAX_POLL = 0.002
+# Each file's last bytes: the XXH3-128 of the bytes before them.
+_SUM = 16
 
 Buffer = bytes | bytearray | memoryview
 
@@ -67,7 +78,6 @@ class HostCache:
                 if not (slot.held and cache.load_into(name, memoryview(out))):
                     out[:] = read_from_redis()
                     slot.publish([out])
-        check(out)  # and cache.served(name), or cache.discard(name) and read again
     """
 
     def __init__(
@@ -94,45 +104,45 @@ class HostCache:
         return _NAME.fullmatch(name) is not None
 
     def load_into(self, name: str, out: memoryview) -> bool:
-        """Fill ``out`` from the file ``name`` if it is there and exactly ``len(out)`` long.
+        """Fill ``out`` from the blob ``name`` if it is stored, ``len(out)`` long and intact.
 
-        The bytes are not checked here: the caller calls ``served`` once they
-        pass its check, ``discard`` when they fail it.
+        False (``out`` then holds anything) for a blob absent or damaged, which is deleted.
         """
         try:
-            with open(self._path(name), "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size != len(out):
+            with io.FileIO(self._path(name), "rb") as f:
+                if os.fstat(f.fileno()).st_size != len(out) + _SUM:
                     self.discard(name)
                     return False
-                have = 0
-                while have < len(out):
-                    got = f.readinto(out[have:])
-                    if not got:
-                        return False
-                    have += got
+                _read_exactly(f, out)
+                stored = f.read(_SUM)
         except FileNotFoundError:
             return False
-        return True
+        return self._intact(name, out, stored)
 
-    def load(self, name: str, most: int) -> bytes | None:
-        """The whole file ``name`` (None: absent, or over ``most`` bytes)."""
+    def load(self, name: str, most: int) -> memoryview | None:
+        """The blob ``name`` if it is stored, at most ``most`` bytes long and intact."""
         try:
-            with open(self._path(name), "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size > most:
+            with io.FileIO(self._path(name), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not _SUM <= size <= most + _SUM:
                     self.discard(name)
                     return None
-                data = f.read()
+                data = memoryview(bytearray(size))
+                _read_exactly(f, data)
         except FileNotFoundError:
             return None
-        return data
+        return data[:-_SUM] if self._intact(name, data[:-_SUM], data[-_SUM:]) else None
 
-    def served(self, name: str) -> None:
-        """Count a read of ``name`` that passed its check; eviction goes by last use."""
-        self._touch(name)
+    def _intact(self, name: str, data: memoryview, stored: Buffer) -> bool:
+        if xxhash.xxh3_128_digest(data) != bytes(stored):
+            self.discard(name)
+            return False
+        self._touch(name)  # eviction goes by last use
         self.stats["hits"] += 1
+        return True
 
     def discard(self, name: str) -> None:
-        """Delete the file ``name``: its bytes failed a reader's check."""
+        """Delete the blob ``name``: it failed a reader's check."""
         self.stats["discarded"] += 1
         log.warning("host cache %s: %s failed its check; deleted, read again", self.folder, name)
         with contextlib.suppress(FileNotFoundError):
@@ -176,7 +186,7 @@ class HostCache:
 
     def _publish(self, name: str, pieces: Sequence[Buffer]) -> bool:
         """Write ``pieces`` as the file ``name``, whole or not at all."""
-        size = sum(memoryview(p).nbytes for p in pieces)
+        size = sum(memoryview(p).nbytes for p in pieces) + _SUM
         if not self._make_room(size, name, self.budget):
             return False
         try:
@@ -203,8 +213,13 @@ class HostCache:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                for piece in pieces:
-                    view = memoryview(piece).cast("B")
+                summed = xxhash.xxh3_128()
+                for piece in itertools.chain(pieces, [None]):
+                    if piece is None:  # after the bytes, their sum
+                        view = memoryview(summed.digest())
+                    else:
+                        view = memoryview(piece).cast("B")
+                        summed.update(view)
                     while view:
                         view = view[os.write(fd, view) :]
             finally:
@@ -219,7 +234,7 @@ class HostCache:
     # -- budget -------------------------------------------------------------------
 
     def size(self) -> int:
-        """Bytes of blob files in the folder now."""
+        """Bytes of blob files in the folder now (their sums included)."""
         return sum(size for _, _, size in self._files())
 
     def _make_room(self, size: int, name: str, limit: int) -> bool:
@@ -304,6 +319,15 @@ class HostCache:
                 f"{where} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): "
                 f"run `chmod 700 {self.folder}`"
             )
+
+
+def _read_exactly(f: io.FileIO, out: memoryview) -> None:
+    have = 0
+    while have < len(out):
+        got = f.readinto(out[have:])
+        if not got:
+            return  # the file shrank under us: the sum will not match
+        have += got
 
 
 class Slot:

@@ -4,11 +4,12 @@
 blobs and delta frames are read from the host's cache folder
 (``hotswap.hostcache``) when another agent of the host already fetched them,
 and fetched from Redis once, by whichever agent needs them first, when not.
-Every read from the folder is checked before a byte of it is used: a full blob
-by its BLAKE3 digest (the manifest's), a delta blob's frames by the digest
-its file carries (the frames' own digests are then checked against the
-manifest as for frames from Redis). A file that fails is deleted and the
-blob read from Redis. ``stream`` (``hotswap verify``) always reads Redis.
+The folder hands on only files whose checksum holds (``HostCache``); a file
+that fails it is deleted and the blob read from Redis. The agent then checks
+the bytes as it checks bytes from Redis (a full blob's BLAKE3 against the
+manifest, a delta's frames against the digests the manifest signs). A
+filler stores a full blob only once it matched the manifest's digest.
+``stream`` (``hotswap verify``) always reads Redis.
 """
 
 from __future__ import annotations
@@ -17,18 +18,14 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 
-import blake3
-
 from hotswap import codec
 from hotswap.blobs import BlobStore
 from hotswap.hostcache import Buffer, HostCache
 from hotswap.manifest import TensorEntry
 from hotswap.settings import HotswapSettings
 
-# A delta blob's file: magic, frame count, each frame's length, the frames,
-# then the BLAKE3 of all that (a file cut short or altered fails it).
+# A delta blob's file: magic, frame count, each frame's length, the frames.
 _FRAMES_MAGIC = b"HSF1"
-_DIGEST = 32
 
 
 def share(
@@ -115,10 +112,6 @@ class SharedBlobStore(BlobStore):
     ) -> bool:
         if not self.cache.load_into(name, out):
             return False
-        if codec.digest(out) != entry.digest:
-            self.cache.discard(name)
-            return False
-        self.cache.served(name)
         if on_chunk is not None:
             for i in range(entry.chunks):
                 on_chunk(i, min(entry.chunk_bytes, entry.nbytes - i * entry.chunk_bytes))
@@ -151,8 +144,6 @@ class SharedBlobStore(BlobStore):
         found = _unpack(data, entry.chunks, ref.stored_bytes)
         if found is None:
             self.cache.discard(name)
-        else:
-            self.cache.served(name)
         return found
 
     def _fill_frames(
@@ -176,26 +167,19 @@ class SharedBlobStore(BlobStore):
 
 
 def _framed_size(count: int, stored: int) -> int:
-    return len(_FRAMES_MAGIC) + 4 * (count + 1) + stored + _DIGEST
+    return len(_FRAMES_MAGIC) + 4 * (count + 1) + stored
 
 
 def _pack(frames: list[bytes]) -> list[Buffer]:
     head = _FRAMES_MAGIC + struct.pack(f"<I{len(frames)}I", len(frames), *map(len, frames))
-    hasher = blake3.blake3(head)
-    for f in frames:
-        hasher.update(f)
-    return [head, *frames, hasher.digest()]
+    return [head, *frames]
 
 
-def _unpack(data: bytes | None, count: int, stored: int) -> list[memoryview] | None:
-    """The frames of a delta blob's file, None unless it is whole and the blob expected."""
-    if data is None or len(data) != _framed_size(count, stored):
+def _unpack(view: memoryview, count: int, stored: int) -> list[memoryview] | None:
+    """The frames of a delta blob's file, None unless it is the blob expected."""
+    if len(view) != _framed_size(count, stored) or view[: len(_FRAMES_MAGIC)] != _FRAMES_MAGIC:
         return None
-    view = memoryview(data)
-    body, digest = view[:-_DIGEST], view[-_DIGEST:]
-    if body[: len(_FRAMES_MAGIC)] != _FRAMES_MAGIC or blake3.blake3(body).digest() != digest:
-        return None
-    fields = struct.unpack_from(f"<I{count}I", body, len(_FRAMES_MAGIC))
+    fields = struct.unpack_from(f"<I{count}I", view, len(_FRAMES_MAGIC))
     if fields[0] != count or sum(fields[1:]) != stored:
         return None
     frames, at = [], len(_FRAMES_MAGIC) + 4 * (count + 1)

@@ -20,10 +20,13 @@ import blake3
 import pytest
 import redis
 import torch
+import xxhash
+from agent_support import Ten, bump, cloned, equal_state, snapshot
 
 from hotswap import codec
+from hotswap.agent import Agent
 from hotswap.blobs import BlobStore
-from hotswap.errors import ConfigError
+from hotswap.errors import ConfigError, ValidationError
 from hotswap.hostcache import HostCache
 from hotswap.manifest import TensorEntry
 from hotswap.settings import HotswapSettings
@@ -34,6 +37,7 @@ from publisher.publisher import Publisher
 WORKER = Path(__file__).with_name("hostcache_worker.py")
 ROOT = WORKER.parent.parent
 MODEL = "shared"
+SUM = 16  # each cache file ends with the XXH3-128 of its bytes
 
 
 def get_calls(client: redis.Redis) -> int:
@@ -142,6 +146,11 @@ def blob_file(folder: Path, e: TensorEntry) -> Path:
     return folder / f"b-{e.digest}-{e.nbytes}"
 
 
+def stored(path: Path) -> str:
+    """BLAKE3 of the blob a cache file holds (its last 16 bytes are its checksum)."""
+    return blake3.blake3(path.read_bytes()[:-SUM]).hexdigest()
+
+
 def test_processes_of_one_host_fetch_each_blob_once(
     client: redis.Redis, settings: HotswapSettings, server: object, tmp_path: Path
 ) -> None:
@@ -191,7 +200,7 @@ def test_a_filler_killed_mid_write_leaves_no_file_and_the_next_process_fills_it(
     assert fetched == sum(e.chunks for e in read_of.values())
     assert got["stats"]["fills"] == len(read_of)
     assert [p for p in folder.iterdir() if ".tmp." in p.name] == []
-    assert blake3.blake3(blob_file(folder, first).read_bytes()).hexdigest() == first.digest
+    assert stored(blob_file(folder, first)) == first.digest
 
 
 def test_a_corrupted_file_is_read_again_from_redis(
@@ -220,7 +229,7 @@ def test_a_corrupted_file_is_read_again_from_redis(
     assert get_calls(client) - before == full.chunks + delta.chunks
     assert (reader.cache.stats["discarded"], reader.cache.stats["fills"]) == (2, 2)
     # Filled again with the right bytes: the next reader fetches nothing.
-    assert blake3.blake3(blob_file(folder, full).read_bytes()).hexdigest() == full.digest
+    assert stored(blob_file(folder, full)) == full.digest
     before = get_calls(client)
     assert read(shared(client, folder), full) == full.digest
     assert get_calls(client) == before
@@ -239,7 +248,7 @@ def test_the_budget_keeps_the_most_recently_used_blobs(
     read_of = entries(client, publish(settings, tensors))
     x, y, z = (read_of[n] for n in ("x", "y", "z"))
     folder = tmp_path / "cache"
-    blobs = shared(client, folder, budget=2 * x.nbytes + 100)
+    blobs = shared(client, folder, budget=2 * (x.nbytes + SUM) + 10)
     assert read(blobs, x) == x.digest and read(blobs, y) == y.digest
     assert read(blobs, x) == x.digest  # x used after y: y is the least recently used
     assert read(blobs, z) == z.digest
@@ -248,7 +257,7 @@ def test_the_budget_keeps_the_most_recently_used_blobs(
         blob_file(folder, z).exists()
         and not (folder / f"{blob_file(folder, y).name}.lock").exists()
     )
-    assert blobs.cache.size() == 2 * x.nbytes <= blobs.cache.budget
+    assert blobs.cache.size() == 2 * (x.nbytes + SUM) <= blobs.cache.budget
     assert blobs.cache.stats["evicted"] == 1
     before = get_calls(client)
     assert read(blobs, y) == y.digest
@@ -274,6 +283,34 @@ def test_a_reader_that_waits_too_long_reads_redis_itself(
         assert get_calls(client) - before == x.chunks
         assert impatient.cache.stats["timeouts"] == 1
         assert not blob_file(folder, x).exists()  # only the lock's holder fills
+
+
+def test_a_planted_file_with_a_valid_checksum_gets_the_version_refused_never_applied(
+    settings: HotswapSettings, tmp_path: Path
+) -> None:
+    folder = tmp_path / "cache"
+    model = Ten()
+    v1 = cloned(model)
+    pub = Publisher(MODEL, settings=settings)
+    pub.publish(v1)
+    v2 = bump(v1)
+    name = "layers.0.weight"
+    data = codec.as_bytes(v2[name])
+    wrong = bytes(b ^ 0xFF for b in data)  # other bytes, under v2's name, checksum right
+    folder.mkdir(mode=0o700)
+    (folder / f"b-{codec.digest(data)}-{len(data)}").write_bytes(
+        wrong + xxhash.xxh3_128_digest(wrong)
+    )
+    cached = settings.model_copy(update={"host_cache_dir": str(folder)})
+    with Agent(model, MODEL, settings=cached) as agent:
+        assert agent.wait_for(1, timeout=30)
+        before = snapshot(model)
+        assert pub.publish(v2) == 2
+        with pytest.raises(ValidationError) as e:
+            agent.wait_for(2, timeout=30)
+        assert "bytes hash to" in str(e.value) and name in str(e.value)
+        assert snapshot(model) == before and equal_state(model, v1)
+    pub.close()
 
 
 def test_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
