@@ -285,12 +285,14 @@ def test_agent_rides_through_a_primary_failover(sentinel_set: SentinelSet, fault
 
         assert poll(status_says_v4, attempts=20, pause=0.5), rows.get(worker.agent_id)
         # rollback (to v3, as v5) by a publisher started after the failover reaches the
-        # agent; verify (the CLI, a process of its own) passes.
+        # agent, and verify passes (in this process: the CLI's torch import is the
+        # slowest step of the test; the CLI's own connection is checked by status).
         with Publisher(MODEL, settings=settings_for(url)) as later:
             assert later.rollback(to=3) == 5
-        worker.applied(5)
-        verified = hotswap_cli(cli, "verify", MODEL)
-        assert verified.returncode == 0, verified.stderr
+            rolled_back = worker.applied(5)
+            assert later.verify(5).ok
+        # The agent settles after the apply (its state watcher reports each change).
+        worker.wait(lambda e: e[:2] == ["STATE", "idle"] and float(e[2]) >= rolled_back)
         assert watch.reads > reads_before
         # The bound: the heartbeat never lapses for longer than the failover.
         # A read may miss it only while the failover runs, or until the agent's next
