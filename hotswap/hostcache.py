@@ -99,9 +99,14 @@ class HostCache:
 
     # -- reading ------------------------------------------------------------------
 
-    def usable(self, name: str) -> bool:
-        """Whether ``name`` can name a file here (letters, digits, dashes)."""
-        return _NAME.fullmatch(name) is not None
+    def usable(self, name: str, size: int) -> bool:
+        """Whether a blob of ``size`` bytes can be stored here as ``name``.
+
+        Names are letters, digits and dashes; a blob over the budget is read
+        by each process on its own (waiting for a fill that cannot be stored
+        would only take turns).
+        """
+        return _NAME.fullmatch(name) is not None and size + _SUM <= self.budget
 
     def load_into(self, name: str, out: memoryview) -> bool:
         """Fill ``out`` from the blob ``name`` if it is stored, ``len(out)`` long and intact.
@@ -115,7 +120,7 @@ class HostCache:
                     return False
                 _read_exactly(f, out)
                 stored = f.read(_SUM)
-        except FileNotFoundError:
+        except OSError:  # absent, or the folder gone or unreadable: read Redis
             return False
         return self._intact(name, out, stored)
 
@@ -129,7 +134,7 @@ class HostCache:
                     return None
                 data = memoryview(bytearray(size))
                 _read_exactly(f, data)
-        except FileNotFoundError:
+        except OSError:
             return None
         return data[:-_SUM] if self._intact(name, data[:-_SUM], data[-_SUM:]) else None
 
@@ -157,7 +162,12 @@ class HostCache:
         With the lock, look again (another process may have filled the file
         while this one waited), else read the blob and ``slot.publish`` it.
         """
-        fd = os.open(self._path(name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self._path(name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:  # the folder was removed or made read-only under us
+            self._unwritable(name, e)
+            yield Slot(self, name, False)
+            return
         try:
             held = self._lock(fd)
             if held:
@@ -187,9 +197,9 @@ class HostCache:
     def _publish(self, name: str, pieces: Sequence[Buffer]) -> bool:
         """Write ``pieces`` as the file ``name``, whole or not at all."""
         size = sum(memoryview(p).nbytes for p in pieces) + _SUM
-        if not self._make_room(size, name, self.budget):
-            return False
         try:
+            if not self._make_room(size, name, self.budget):
+                return False
             try:
                 self._write(name, pieces)
             except OSError as e:
@@ -200,13 +210,15 @@ class HostCache:
                 self._make_room(size, name, self.size())
                 self._write(name, pieces)
         except OSError as e:
-            self.stats["unwritable"] += 1
-            if e.errno != errno.ENOENT:  # ENOENT: a later holder took it for a dead fill's
-                level = logging.DEBUG if self.stats["unwritable"] > 1 else logging.WARNING
-                log.log(level, "host cache %s: cannot write %s (%s)", self.folder, name, e)
+            self._unwritable(name, e)
             return False
         self.stats["fills"] += 1
         return True
+
+    def _unwritable(self, name: str, e: OSError) -> None:
+        self.stats["unwritable"] += 1
+        level = logging.DEBUG if self.stats["unwritable"] > 1 else logging.WARNING
+        log.log(level, "host cache %s: cannot store %s (%s); reading Redis", self.folder, name, e)
 
     def _write(self, name: str, pieces: Sequence[Buffer]) -> None:
         tmp = self._path(f"{name}.tmp.{os.getpid()}-{threading.get_ident()}")
@@ -280,8 +292,11 @@ class HostCache:
         return os.path.join(self.folder, name)
 
     def _remove_temporaries(self, name: str) -> None:
-        with os.scandir(self.folder) as it:
-            dead = [e.name for e in it if e.name.startswith(name + ".tmp.")]
+        try:
+            with os.scandir(self.folder) as it:
+                dead = [e.name for e in it if e.name.startswith(name + ".tmp.")]
+        except OSError:
+            return
         for tmp in dead:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(tmp))

@@ -83,7 +83,7 @@ class SharedBlobStore(BlobStore):
     ) -> None:
         """As ``BlobStore.read_into``; the host's copy when it checks out, else Redis once."""
         name = f"b-{entry.digest}-{entry.nbytes}"
-        if len(out) != entry.nbytes or not entry.chunks or not self.cache.usable(name):
+        if len(out) != entry.nbytes or not entry.chunks or not self.cache.usable(name, len(out)):
             super().read_into(entry, out, version, on_chunk)
             return
         if self._cached_into(name, entry, out, on_chunk):
@@ -124,7 +124,8 @@ class SharedBlobStore(BlobStore):
         """
         ref = entry.delta
         name = "" if ref is None else f"d-{ref.blob}-{entry.chunk_bytes}-{entry.chunks}"
-        if ref is None or not entry.chunks or not self.cache.usable(name):
+        size = 0 if ref is None else _framed_size(entry.chunks, ref.stored_bytes)
+        if ref is None or not entry.chunks or not self.cache.usable(name, size):
             yield from super().frames(entry, version)
             return
         found = self._cached_frames(name, entry)

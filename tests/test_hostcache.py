@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,8 +266,24 @@ def test_the_budget_keeps_the_most_recently_used_blobs(
     # A blob over the whole budget is read, not stored.
     small = shared(client, tmp_path / "small", budget=x.nbytes - 1)
     assert read(small, x) == x.digest
-    assert list((tmp_path / "small").glob("b-*[0-9]")) == []
+    assert list((tmp_path / "small").iterdir()) == []  # nor waited for: no lock either
     assert small.cache.stats["fills"] == 0
+
+
+def test_a_folder_removed_under_the_agents_costs_reads_from_redis_only(
+    client: redis.Redis, settings: HotswapSettings, server: object, tmp_path: Path
+) -> None:
+    read_of = entries(client, publish(settings, state()))
+    folder = tmp_path / "cache"
+    blobs = shared(client, folder)
+    assert read(blobs, read_of["a"]) == read_of["a"].digest
+    shutil.rmtree(folder)
+    before = get_calls(client)
+    assert read(blobs, read_of["a"]) == read_of["a"].digest
+    assert read(blobs, read_of["c"]) == read_of["c"].digest
+    assert get_calls(client) - before == read_of["a"].chunks + read_of["c"].chunks
+    assert blobs.cache.stats["unwritable"] == 2
+    assert not folder.exists()
 
 
 def test_a_reader_that_waits_too_long_reads_redis_itself(
