@@ -1,7 +1,7 @@
 """From a source, on top of head, to a new version's entries with their blobs in Redis.
 
 ``build`` is the middle of ``Publisher.publish``: hash the source's tensors
-(``upload.hash_entries``), inherit the rest for ``--only``, upload what Redis
+(``hashing.hash_entries``), inherit the rest for ``--only``, upload what Redis
 lacks, as deltas where they pay (``publisher.base``), and fill in the
 statistics. The commit is the publisher's.
 """
@@ -15,7 +15,7 @@ from hotswap.errors import SourceError
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
-from publisher import complete, plan, upload
+from publisher import complete, hashing, plan, upload
 from publisher.base import Base, Tally, encoder_for
 from publisher.fingerprint import Fingerprints
 from publisher.reports import Progress
@@ -51,7 +51,7 @@ def build(
         NotFound: blobs of an inherited tensor are gone.
         StoreUnavailable: Redis could not be reached.
     """
-    hashed = upload.hash_entries(src, names, trusted, settings, progress=progress, memo=memo)
+    hashed = hashing.hash_entries(src, names, trusted, settings, progress=progress, memo=memo)
     fresh, pending = hashed.entries, hashed.pending
     if trusted and only is not None:
         entries = complete.kept_entries(plan.merge(trusted.tensors, fresh), exclude)
@@ -79,5 +79,5 @@ def build(
     )
     sent = uploaded.sent
     entries = upload.stored_as(entries, uploaded.refs)
-    entries = upload.with_stats(src, entries, pending, uploaded.stats)
+    entries = hashing.with_stats(src, entries, pending, uploaded.stats)
     return Built(entries, sent, encoder.tally if encoder is not None else None)

@@ -1,10 +1,9 @@
-"""From a source to manifest entries whose bytes are in Redis.
+"""The blobs a version's entries need, written to Redis.
 
-``hash_entries`` reads one tensor at a time and makes its entry (head's
-entry reused when the bytes are equal, the digest found by fingerprint when
-this publisher saw the bytes before); ``upload_missing`` writes the blobs
-Redis lacks, measures each new tensor while it uploads and fingerprints it
-again after; ``with_stats`` fills in the statistics before the commit.
+``upload_missing`` writes the blobs Redis lacks (entries from
+``hashing.hash_entries``), measures each new tensor while it uploads (or
+derives a sparse delta's statistics from its frames) and fingerprints it
+again after.
 
 ``upload_missing`` is one loop of rounds (check what Redis lacks, upload
 it) over small named steps; the I/O is in that loop and in
@@ -14,7 +13,6 @@ it) over small named steps; the I/O is in that loop and in
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -24,112 +22,14 @@ import torch
 from hotswap import codec, keys
 from hotswap.blobwrite import PIPELINE_BYTES
 from hotswap.errors import IntegrityError, NotFound, SourceError
-from hotswap.manifest import DeltaRef, Manifest, TensorEntry
-from hotswap.settings import HotswapSettings
+from hotswap.manifest import DeltaRef, TensorEntry
 from hotswap.store import Store
 from publisher import plan
 from publisher.base import Encoder
 from publisher.fingerprint import Fingerprint, Fingerprints, fingerprint
+from publisher.hashing import Content, Hashed
 from publisher.reports import Progress
 from publisher.sources import TensorSource
-
-Content = tuple[str, str]
-"""(digest, dtype): what a tensor's statistics depend on."""
-
-
-def _view_key(t: torch.Tensor) -> tuple[object, ...]:
-    """Identity of a tensor's bytes: two names with this key are the same memory."""
-    return (
-        t.device,
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
-        t.dtype,
-        tuple(t.shape),
-        tuple(t.stride()),
-    )
-
-
-@dataclass
-class Hashed:
-    """What ``hash_entries`` found: one entry per name, and what is still to do."""
-
-    entries: list[TensorEntry]
-    # Contents whose statistics are still to come (NaN until ``with_stats``).
-    pending: set[Content]
-    # The fingerprint each digest's bytes had when they were read: an upload
-    # of them must leave the same fingerprint behind.
-    fingerprints: dict[str, Fingerprint]
-
-
-def hash_entries(
-    src: TensorSource,
-    names: Sequence[str],
-    head: Manifest | None,
-    settings: HotswapSettings,
-    *,
-    progress: Progress | None,
-    memo: Fingerprints,
-) -> Hashed:
-    """One entry per name, reading one tensor at a time; head entries reused when equal.
-
-    Each tensor is fingerprinted first; bytes ``memo`` knows by fingerprint
-    are not hashed again (a scan of a state dict where little changed costs
-    one xxh3 pass). Bytes that are hashed and turn out to be head's are
-    fingerprinted again to learn them. New content gets its statistics
-    later (``with_stats``): they are computed while that tensor uploads.
-    """
-    old = head.by_name() if head else {}
-    chunk_of = {e.digest: e.chunk_bytes for e in old.values()}
-    seen: dict[tuple[object, ...], TensorEntry] = {}
-    out: list[TensorEntry] = []
-    pending: set[Content] = set()
-    prints: dict[str, Fingerprint] = {}
-    done = 0
-    total = sum(src.size(n) for n in names) if progress else 0
-    for name in names:
-        tensor = src.load(name)
-        view = _view_key(tensor) if src.stable else None
-        entry = seen.get(view) if view else None
-        if entry is None:
-            buf = codec.as_bytes(tensor)
-            if len(buf) > settings.max_tensor_bytes:
-                raise SourceError(
-                    f"{src.where}: tensor {name!r} is {len(buf)} bytes, over the limit of "
-                    f"{settings.max_tensor_bytes} (HOTSWAP_MAX_TENSOR_BYTES)"
-                )
-            fp = fingerprint(buf)
-            digest = memo.digest_of(fp)
-            hashed = digest is None
-            if digest is None:
-                digest = codec.digest(buf)
-            prints[digest] = fp
-            dtype = codec.dtype_name(tensor.dtype)
-            shape = tuple(int(d) for d in tensor.shape)
-            prev = old.get(name)
-            if prev is not None and (prev.digest, prev.dtype, prev.shape) == (
-                digest,
-                dtype,
-                shape,
-            ):
-                entry = prev
-                # Head's bytes will not be uploaded: read them once more to learn
-                # them (a tensor written to meanwhile is not learned).
-                if hashed and fingerprint(buf) == fp:
-                    memo.learn(fp, digest)
-            else:
-                chunk = chunk_of.get(digest, settings.chunk_bytes)
-                entry = TensorEntry(name, dtype, shape, len(buf), digest, chunk, math.nan, math.nan)
-                pending.add((digest, dtype))
-            if view:
-                seen[view] = entry
-            del buf
-        out.append(entry if entry.name == name else replace(entry, name=name))
-        done += entry.nbytes
-        del tensor
-        if progress:
-            progress("hash", done, total)
-    return Hashed(out, pending, prints)
-
 
 # Full blobs up to this size join the publish's batch of chunks (a copy of
 # their bytes) instead of a round trip each: a model's many small tensors
@@ -443,29 +343,3 @@ def _keeps_disappearing(model: str) -> IntegrityError:
         f"model {model!r}: uploaded blobs keep disappearing (a gc with "
         "HOTSWAP_GC_GRACE_SECONDS=0 running?); publish again"
     )
-
-
-def with_stats(
-    src: TensorSource,
-    entries: Sequence[TensorEntry],
-    pending: set[Content],
-    known: dict[Content, codec.Stats],
-) -> list[TensorEntry]:
-    """``entries`` with the statistics of every ``pending`` content filled in.
-
-    Content that was not uploaded (its blob was in Redis already) is read
-    and measured here.
-    """
-    if not pending:
-        return list(entries)
-    readable = set(src.names)
-    stats = dict(known)
-    for e in entries:
-        content = (e.digest, e.dtype)
-        if content in pending and content not in stats and e.name in readable:
-            stats[content] = codec.stats(src.load(e.name))
-    out = []
-    for e in entries:
-        s = stats.get((e.digest, e.dtype)) if (e.digest, e.dtype) in pending else None
-        out.append(e if s is None else replace(e, norm=s.norm, max_abs=s.max_abs))
-    return out

@@ -17,7 +17,7 @@ from hotswap import codec
 from hotswap.errors import SourceError
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
-from publisher import upload
+from publisher import hashing, upload
 from publisher.fingerprint import Fingerprints, fingerprint
 from publisher.publisher import Publisher
 
@@ -174,6 +174,8 @@ class Racer:
                         write()
             return fp
 
+        # The first fingerprint is taken while hashing, the second after the upload.
+        monkeypatch.setattr(hashing, "fingerprint", racing)
         monkeypatch.setattr(upload, "fingerprint", racing)
 
 
