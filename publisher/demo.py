@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import IO, Any
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.markup import escape
 
@@ -159,6 +160,8 @@ def _environment(settings: HotswapSettings) -> dict[str, str]:
         text = str(value).lower() if isinstance(value, bool) else str(value)
         if name == "signing_keys":
             text = ",".join(key.decode() for key in settings.key_bytes())
+        elif isinstance(value, SecretStr):  # the secret, not pydantic's mask
+            text = value.get_secret_value()
         env[f"HOTSWAP_{name.upper()}"] = text
     return env
 
