@@ -387,9 +387,10 @@ def cmd_demo(ctx: Context) -> int:
     from publisher.demo import run_demo
 
     settings = ctx.settings()
-    # A Redis named anywhere (--redis-url, HOTSWAP_REDIS_URL in the environment
-    # or in .env) is used under a namespace of the demo's own; else a private one.
-    given = "redis_url" in settings.model_fields_set
+    # A Redis named anywhere (--redis-url, HOTSWAP_REDIS_URL or HOTSWAP_SENTINELS in
+    # the environment or in .env) is used under a namespace of the demo's own; else
+    # a private one.
+    given = bool({"redis_url", "sentinels"} & settings.model_fields_set)
     return int(run_demo(settings if given else None, ctx.out))
 
 
