@@ -93,8 +93,9 @@ def derived(
         old_words = words[change.at]
         old, new = _floats(old_words, entry.dtype), _floats(old_words ^ change.xor, entry.dtype)
         o64, n64 = old.astype(np.float64), new.astype(np.float64)
-        grown += float(n64 @ n64)
-        had += float(o64 @ o64)
+        # numpy's own pairwise sums, not BLAS: a threaded BLAS dot spins on a busy host.
+        grown += float(np.square(n64).sum())
+        had += float(np.square(o64).sum())
         # NaN and infinity propagate into the maxima and sums: refused below.
         top_new = max(top_new, float(np.abs(new).max()))
         top_old = max(top_old, float(np.abs(old).max()))
