@@ -41,6 +41,9 @@ from hotswap.settings import HotswapSettings
 # longer name as the primary. Each check is one SENTINEL MASTERS, asked only
 # when a connection is handed out, so an idle process asks nothing.
 RECHECK = 1.0
+# After a re-check that reached no sentinel at all: each one costs up to the
+# connect timeout per sentinel, paid by a command, so not every second.
+RECHECK_UNREACHABLE = 30.0
 _TLS_SCHEME = "rediss+sentinel://"
 
 
@@ -164,6 +167,10 @@ class SentinelSetupError(redis.ConnectionError):
     Never retried (``connection.PERMANENT``); ``guarded`` raises ``ConfigError``."""
 
 
+class SentinelsUnreachable(MasterNotFoundError):
+    """No sentinel answered at all (each refused the connection or timed out)."""
+
+
 class _Sentinels(Sentinel):
     """redis-py's ``Sentinel`` whose lookup of the primary says why it found none,
     in one short line per sentinel, and tells a setting to fix from an outage."""
@@ -171,7 +178,7 @@ class _Sentinels(Sentinel):
     def discover_master(self, service_name: str) -> Any:
         refused: list[str] = []
         other: list[str] = []
-        unknown = 0
+        unknown = answered = 0
         for i, sentinel in enumerate(self.sentinels):
             where = "{host}:{port}".format_map(sentinel.connection_pool.connection_kwargs)
             try:
@@ -187,6 +194,7 @@ class _Sentinels(Sentinel):
                 # The one that answered is asked first next time (as redis-py does).
                 self.sentinels[0], self.sentinels[i] = sentinel, self.sentinels[0]
                 return state["ip"], state["port"]
+            answered += 1
             unknown += state is None
             other.append(f"{where}: " + ("no such service" if state is None else "primary down"))
         found = "; ".join(refused + other)
@@ -201,6 +209,8 @@ class _Sentinels(Sentinel):
                 f"no sentinel watches a primary named {service_name!r}: check "
                 f"HOTSWAP_SENTINEL_MASTER or the URL's /NAME ({found})"
             )
+        if not answered and not refused:
+            raise SentinelsUnreachable(f"no sentinel answered ({found})")
         raise MasterNotFoundError(f"no sentinel names a live primary of {service_name!r} ({found})")
 
 
@@ -248,6 +258,9 @@ class PrimaryPool(SentinelConnectionPool):
         try:
             # Also drops the idle connections to a primary that moved.
             address = self.get_master_address()  # type: ignore[no-untyped-call]
+        except SentinelsUnreachable:
+            self._recheck_at = time.monotonic() + RECHECK_UNREACHABLE
+            return False
         except redis.RedisError:
             # No sentinel answered, or none names a healthy primary: the open
             # connection is the best guess left, and its command fails by itself

@@ -8,14 +8,27 @@ tests/ha/test_sentinel_acl.py.
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
+import redis
 from pydantic import SecretStr
 
 from hotswap import sentinel
 from hotswap.connection import connect
+from hotswap.embedded import free_port
 from hotswap.errors import ConfigError
 from hotswap.seeds import parse_addresses, parse_sentinel_url, shown
-from hotswap.sentinel import Deployment, PrimaryPool, SentinelRedis, deployment, replica_client
+from hotswap.sentinel import (
+    RECHECK_UNREACHABLE,
+    Deployment,
+    PrimaryPool,
+    SentinelRedis,
+    SentinelsUnreachable,
+    deployment,
+    replica_client,
+)
 from hotswap.settings import HotswapSettings, load
 
 
@@ -264,3 +277,24 @@ def test_replica_client_needs_a_sentinel_deployment() -> None:
         assert reader.connection_pool.is_master is False
     finally:
         reader.close()
+
+
+def test_no_sentinel_answering_is_an_outage_and_spaces_the_rechecks() -> None:
+    """Nobody listens on these ports: the lookup fails as an outage (retried, then
+    StoreUnavailable), and an open connection's re-check waits longer before the
+    next try, since each costs its command up to a connect timeout per sentinel."""
+    dead = [free_port(), free_port()]
+    url = f"redis+sentinel://127.0.0.1:{dead[0]},127.0.0.1:{dead[1]}/cache"
+    client = connect(settings(redis_url=url, connect_timeout=0.2))
+    try:
+        with pytest.raises(SentinelsUnreachable) as e:
+            client.ping()
+        assert isinstance(e.value, redis.ConnectionError)
+        assert str(e.value).startswith(f"no sentinel answered (127.0.0.1:{dead[0]}: ")
+        pool = client.connection_pool
+        assert isinstance(pool, PrimaryPool)
+        before = time.monotonic()
+        assert pool._moved(SimpleNamespace(host="127.0.0.1", port=dead[0])) is False
+        assert pool._recheck_at >= before + RECHECK_UNREACHABLE
+    finally:
+        client.close()
