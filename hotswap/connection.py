@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import redis
 import redis.cluster
+import redis.sentinel
 import tenacity
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -129,9 +130,13 @@ def guarded(retrying: tenacity.Retrying, model: str, what: str, fn: Callable[[],
     except redis.exceptions.NoPermissionError as e:
         raise ConfigError(f"Redis user may not do this while {what}{of}: {e}") from e
     except TRANSIENT as e:
+        check = (
+            "the sentinels (HOTSWAP_SENTINELS) and the primary"
+            if isinstance(e, redis.sentinel.MasterNotFoundError)
+            else "HOTSWAP_REDIS_URL and the server"
+        )
         raise StoreUnavailable(
-            f"Redis unreachable while {what}{of} "
-            f"({type(e).__name__}: {e}); check HOTSWAP_REDIS_URL and the server"
+            f"Redis unreachable while {what}{of} ({type(e).__name__}: {e}); check {check}"
         ) from e
     except redis.RedisError as e:
         if _out_of_memory(e):

@@ -16,9 +16,9 @@ import redis
 from pydantic import SecretStr
 
 from hotswap import sentinel
-from hotswap.connection import connect
+from hotswap.connection import connect, operation_retry
 from hotswap.embedded import free_port
-from hotswap.errors import ConfigError
+from hotswap.errors import ConfigError, StoreUnavailable
 from hotswap.seeds import parse_addresses, parse_sentinel_url, shown
 from hotswap.sentinel import (
     RECHECK_UNREACHABLE,
@@ -30,6 +30,7 @@ from hotswap.sentinel import (
     replica_client,
 )
 from hotswap.settings import HotswapSettings, load
+from hotswap.store import Store
 
 
 def settings(**values: object) -> HotswapSettings:
@@ -291,6 +292,13 @@ def test_no_sentinel_answering_is_an_outage_and_spaces_the_rechecks() -> None:
             client.ping()
         assert isinstance(e.value, redis.ConnectionError)
         assert str(e.value).startswith(f"no sentinel answered (127.0.0.1:{dead[0]}: ")
+        with pytest.raises(StoreUnavailable) as unavailable:
+            Store(client, "m", retrying=operation_retry(2, 0.01)).head()
+        message = str(unavailable.value)
+        assert message.startswith(
+            "Redis unreachable while reading head for model 'm' (SentinelsUnreachable: "
+        ), message
+        assert message.endswith("; check the sentinels (HOTSWAP_SENTINELS) and the primary")
         pool = client.connection_pool
         assert isinstance(pool, PrimaryPool)
         before = time.monotonic()
