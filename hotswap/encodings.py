@@ -250,6 +250,14 @@ class SparseChange(NamedTuple):
     xor: npt.NDArray[np.unsignedinteger]
 
 
+def sparse_count(payload: memoryview) -> int | None:
+    """How many elements a ``SPARSE_ZSTD`` payload changes, from its head alone (None:
+    no head)."""
+    if len(payload) < _SPARSE_HEAD.size:
+        return None
+    return int(_SPARSE_HEAD.unpack_from(payload)[1])
+
+
 def sparse_change(payload: memoryview, length: int, where: str) -> SparseChange:
     """What a ``SPARSE_ZSTD`` payload of a ``length``-byte chunk changes, checked as
     decoding checks it.

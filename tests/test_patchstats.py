@@ -108,3 +108,14 @@ def test_a_frame_of_another_encoding_leaves_it_to_a_full_pass() -> None:
     frames = frames_of(new, t)
     assert {delta.read_header(f).encoding for f in frames} == {delta.Encoding.SHUFFLE_ZSTD}
     assert patchstats.derived(entry("w", t), entry("w", new), frames, codec.as_bytes(t)) is None
+
+
+def test_a_delta_that_changes_many_elements_is_measured_whole() -> None:
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(64, 512, generator=g).to(torch.bfloat16)
+    few, many = step(t, 900, seed=1), step(t, 2000, seed=1)  # 2.7% and 6% of 32768
+    base = codec.as_bytes(t)
+    assert patchstats.derived(entry("w", t), entry("w", few), frames_of(few, t), base)
+    frames = frames_of(many, t)
+    assert {delta.read_header(f).encoding for f in frames} == {delta.Encoding.SPARSE_ZSTD}
+    assert patchstats.derived(entry("w", t), entry("w", many), frames, base) is None
