@@ -156,6 +156,7 @@ class SentinelSet:
     def __init__(self, sentinel_lines: list[str] | None = None) -> None:
         self.nodes = [EmbeddedRedis(), EmbeddedRedis()]
         self.sentinels = [SentinelProcess(sentinel_lines) for _ in range(3)]
+        self.frozen: set[int] = set()
 
     # -- who is what -----------------------------------------------------------------
 
@@ -205,6 +206,12 @@ class SentinelSet:
 
     # -- faults ----------------------------------------------------------------------
 
+    def freeze(self, node: EmbeddedRedis) -> None:
+        """SIGSTOP ``node``: alive, silent. ``restore`` restarts it as a replica (thawed,
+        a frozen primary would take writes until the sentinels convert it, seconds on)."""
+        self.frozen.add(node.port)
+        node.freeze()
+
     def sentinel_failover(self) -> None:
         """``SENTINEL FAILOVER``: promote the replica without asking the others."""
         live = next(s for s in self.sentinels if s.alive())
@@ -248,6 +255,9 @@ class SentinelSet:
                 s.start(self.primary().port)
         primary = self.primary()
         for node in self.nodes:
+            if node.port in self.frozen and node is not primary:
+                node.kill()
+            self.frozen.discard(node.port)
             node.thaw()
             if node is not primary and (node.process is None or node.process.poll() is not None):
                 node.extra_args = ["--replicaof", "127.0.0.1", str(primary.port)]

@@ -234,7 +234,16 @@ def test_losing_any_one_sentinel_loses_nothing(sentinel_set: SentinelSet) -> Non
         reader.close()
 
 
-@pytest.mark.parametrize("fault", ["kill-9", "sentinel-failover"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "kill-9",
+        # A frozen primary holds each read until the client's socket timeout (2 s here,
+        # under down-after-milliseconds), and takes writes again for a while once thawed.
+        pytest.param("sigstop", marks=pytest.mark.slow),
+        "sentinel-failover",
+    ],
+)
 def test_agent_rides_through_a_primary_failover(sentinel_set: SentinelSet, fault: str) -> None:
     """After the failover the agent applies the next versions in time, its heartbeat
     never lapses, and status, rollback and verify work."""
@@ -255,6 +264,8 @@ def test_agent_rides_through_a_primary_failover(sentinel_set: SentinelSet, fault
 
         if fault == "kill-9":
             victim.kill()
+        elif fault == "sigstop":
+            sentinel_set.freeze(victim)
         else:
             sentinel_set.sentinel_failover()
         began = time.monotonic()
