@@ -219,8 +219,15 @@ def _cluster(seeds: Seeds, kwargs: dict[str, Any]) -> RedisClient:
     nodes = [redis.cluster.ClusterNode(h, p) for h, p in seeds.others]  # type: ignore[no-untyped-call]
     try:
         return redis.cluster.RedisCluster.from_url(url, startup_nodes=nodes, **kwargs)
+    except redis.exceptions.NoPermissionError as e:  # COMMAND, asked once the map is known
+        raise ConfigError(_cluster_refused(seeds, e)) from e
     except redis.exceptions.RedisClusterException as e:
         where = seeds.shown()
+        # redis-py reports any refusal of CLUSTER SLOTS as "Cluster mode is not
+        # enabled", the refusal itself a link or two down the exception chain.
+        refusal = _refusal(e)
+        if refusal is not None:
+            raise ConfigError(_cluster_refused(seeds, refusal)) from e
         if "Cluster mode is not enabled" in str(e):
             raise ConfigError(
                 f"HOTSWAP_CLUSTER is set but {where} is not a Redis Cluster node; unset it"
@@ -229,3 +236,20 @@ def _cluster(seeds: Seeds, kwargs: dict[str, Any]) -> RedisClient:
             f"Redis Cluster at {where} unreachable ({scrub(str(e), url)}); "
             "check HOTSWAP_REDIS_URL and the nodes"
         ) from e
+
+
+def _cluster_refused(seeds: Seeds, e: redis.RedisError) -> str:
+    return (
+        f"Redis user may not do this while connecting to the Redis Cluster at {seeds.shown()}: "
+        f"{scrub(str(e), seeds.first)}; its user needs +cluster|slots +command "
+        "(README, Security)"
+    )
+
+
+def _refusal(e: BaseException | None) -> redis.exceptions.NoPermissionError | None:
+    seen = 0
+    while e is not None and seen < 8:  # a chain is short; never loop on a cycle
+        if isinstance(e, redis.exceptions.NoPermissionError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None

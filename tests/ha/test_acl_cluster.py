@@ -302,3 +302,40 @@ def test_each_documented_user_is_refused_the_rest_on_every_node(cluster: Cluster
         forged.publish(tensors(2))
     with Publisher(MODEL, settings=settings_for(cluster, PUBLISHER)) as pub:
         assert pub.store.head() == v1 and pub.store.versions() == [v1]
+
+
+@pytest.mark.parametrize("grant", ["+cluster|slots", "+command"])
+def test_a_user_without_a_cluster_grant_is_told_which_and_nothing_changes(
+    cluster: Cluster, grant: str
+) -> None:
+    """redis-py calls a refused CLUSTER SLOTS "Cluster mode is not enabled": the
+    error must not send the user off to unset HOTSWAP_CLUSTER."""
+    line = next(line for line in documented() if line.split()[2] == PUBLISHER)
+    words = [w for w in line.split() if w != grant]
+    words[2] = "hotswap-publisher-old"
+    for node in cluster.nodes:
+        with as_user(node, ADMIN) as c:
+            c.execute_command(*words)
+    try:
+        with Publisher(MODEL, settings=settings_for(cluster, PUBLISHER)) as pub:
+            v1 = pub.publish(tensors(1))
+        old = settings_for(cluster, PUBLISHER)
+        old.redis_url = old.redis_url.replace(f"{PUBLISHER}:", "hotswap-publisher-old:", 1)
+        with pytest.raises(ConfigError) as e, Publisher(MODEL, settings=old) as stale:
+            stale.publish(tensors(2))
+        shown = old.redis_url.replace(password(PUBLISHER), "***", 1)
+        message = str(e.value)
+        assert message.startswith(
+            f"Redis user may not do this while connecting to the Redis Cluster at {shown}: "
+        ), message
+        # Redis 7.0 says "this user", later versions the user's name.
+        assert message.endswith(
+            f" has no permissions to run the '{grant[1:]}' command; "
+            "its user needs +cluster|slots +command (README, Security)"
+        ), message
+        with Publisher(MODEL, settings=settings_for(cluster, PUBLISHER)) as pub:
+            assert pub.store.head() == v1 and pub.store.versions() == [v1]
+    finally:
+        for node in cluster.nodes:
+            with as_user(node, ADMIN) as c:
+                c.execute_command("ACL", "DELUSER", words[2])
