@@ -7,6 +7,7 @@ was fetched.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -328,6 +329,64 @@ def test_a_planted_file_with_a_valid_checksum_gets_the_version_refused_never_app
         assert "bytes hash to" in str(e.value) and name in str(e.value)
         assert snapshot(model) == before and equal_state(model, v1)
     pub.close()
+
+
+def test_an_agent_reading_a_damaged_file_applies_the_version_from_redis(
+    client: redis.Redis, settings: HotswapSettings, tmp_path: Path
+) -> None:
+    folder = tmp_path / "cache"
+    model = Ten()
+    v1 = cloned(model)
+    pub = Publisher(MODEL, settings=settings)
+    pub.publish(v1)
+    v2 = bump(v1)
+    name = "layers.0.weight"
+    data = bytes(codec.as_bytes(v2[name]))
+    damaged = bytearray(data + xxhash.xxh3_128_digest(data))
+    damaged[7] ^= 0x10  # one bit of the blob: its checksum no longer holds
+    folder.mkdir(mode=0o700)
+    (folder / f"b-{codec.digest(data)}-{len(data)}").write_bytes(bytes(damaged))
+    cached = settings.model_copy(update={"host_cache_dir": str(folder)})
+    with Agent(model, MODEL, settings=cached) as agent:
+        assert agent.wait_for(1, timeout=30)
+        assert pub.publish(v2) == 2
+        assert agent.wait_for(2, timeout=30)
+        assert equal_state(model, v2)
+    pub.close()
+    # Filled again by the agent, with the right bytes.
+    assert stored(folder / f"b-{codec.digest(data)}-{len(data)}") == codec.digest(data)
+
+
+def test_a_file_system_smaller_than_the_budget_makes_room_for_the_newest(
+    client: redis.Redis,
+    settings: HotswapSettings,
+    server: object,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g = torch.Generator().manual_seed(4)
+    tensors = {n: torch.randn(8192, generator=g) for n in ("x", "y", "z")}  # 32 KiB each
+    read_of = entries(client, publish(settings, tensors))
+    x, y, z = (read_of[n] for n in ("x", "y", "z"))
+    folder = tmp_path / "cache"
+    room = 2 * (x.nbytes + SUM) + 100  # a tmpfs that holds two blobs, under a 1 GiB budget
+    write = os.write
+
+    def small_tmpfs(fd: int, data: memoryview) -> int:
+        used = sum(p.stat().st_size for p in folder.iterdir())
+        mine = os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder))
+        if mine and used + len(data) > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(fd, data)
+
+    blobs = shared(client, folder)
+    monkeypatch.setattr(os, "write", small_tmpfs)
+    assert read(blobs, x) == x.digest and read(blobs, y) == y.digest
+    assert read(blobs, z) == z.digest  # full: x, the least recently used, makes way
+    monkeypatch.undo()
+    assert [blob_file(folder, e).exists() for e in (x, y, z)] == [False, True, True]
+    assert (blobs.cache.stats["evicted"], blobs.cache.stats["unwritable"]) == (1, 0)
+    assert [p.name for p in folder.iterdir() if ".tmp." in p.name] == []
 
 
 def test_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
