@@ -302,16 +302,25 @@ class HostCache:
                 os.unlink(self._path(tmp))
 
     def _sweep(self) -> None:
-        """Delete temporary files whose lock nobody holds (fills that died)."""
+        """Delete what dead fills left: temporary files, and locks of blobs never stored.
+
+        Only under the blob's lock, so a live fill keeps both (a lock deleted
+        while another process waits on it costs at most one more fetch).
+        """
         with os.scandir(self.folder) as it:
-            names = {e.name.split(".tmp.")[0] for e in it if ".tmp." in e.name}
+            found = [e.name for e in it]
+        present = set(found)
+        names = {n.split(".tmp.")[0] for n in found if ".tmp." in n}
+        names |= {n[: -len(".lock")] for n in found if n.endswith(".lock")}
         for name in names:
             fd = os.open(self._path(name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self._remove_temporaries(name)
-            except BlockingIOError:
-                pass  # a live fill
+                if name not in present:
+                    os.unlink(self._path(name + ".lock"))
+            except (BlockingIOError, FileNotFoundError):
+                pass  # a live fill, or another process swept it first
             finally:
                 os.close(fd)
 

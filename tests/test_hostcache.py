@@ -389,6 +389,23 @@ def test_a_file_system_smaller_than_the_budget_makes_room_for_the_newest(
     assert [p.name for p in folder.iterdir() if ".tmp." in p.name] == []
 
 
+def test_a_starting_cache_sweeps_what_dead_fills_left_and_spares_live_ones(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    live = HostCache(folder, 1 << 20)
+    for leftover in ("b-dead.tmp.1-2", "b-dead.lock", "b-gone.lock", "b-kept", "b-kept.lock"):
+        (folder / leftover).write_bytes(b"")
+    with live.filling("b-busy") as slot:
+        assert slot.held
+        (folder / "b-busy.tmp.3-4").write_bytes(b"half")
+        HostCache(folder, 1 << 20)  # another agent starts meanwhile
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "b-busy.lock",
+            "b-busy.tmp.3-4",
+            "b-kept",
+            "b-kept.lock",
+        ]
+
+
 def test_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "open"
     folder.mkdir()
