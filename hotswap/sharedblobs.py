@@ -17,12 +17,15 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from hotswap import codec
 from hotswap.blobs import BlobStore
-from hotswap.hostcache import Buffer, HostCache
 from hotswap.manifest import TensorEntry
 from hotswap.settings import HotswapSettings
+
+if TYPE_CHECKING:  # imported when sharing is on: fcntl is POSIX's
+    from hotswap.hostcache import Buffer, HostCache
 
 # A delta blob's file: magic, frame count, each frame's length, the frames.
 _FRAMES_MAGIC = b"HSF1"
@@ -48,6 +51,8 @@ def share(
     """
     if not settings.host_cache_dir:
         return blobs
+    from hotswap.hostcache import HostCache
+
     cache = HostCache(
         settings.host_cache_dir,
         settings.host_cache_bytes,
