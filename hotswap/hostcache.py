@@ -1,7 +1,7 @@
 """A folder of blobs that the agents of one host share, so Redis serves hosts, not processes.
 
-Imports no Redis: what goes in and how it is checked are the caller's
-(``hotswap.sharedblobs``). One file per blob, named by its content; the first
+Imports no Redis: what goes in, and what the bytes must be, are the
+caller's (``hotswap.sharedblobs``). One file per blob, named by its content; the first
 process that needs a blob takes an exclusive ``flock`` on ``NAME.lock``, reads
 the blob (from Redis), writes it to ``NAME.tmp.*`` and renames that into
 place, so a reader sees the whole file or none. The kernel drops a lock when
@@ -13,9 +13,9 @@ Redis themselves) and read the file.
 Each file ends with the XXH3-128 of its bytes, written by its filler and
 checked by every reader before it hands a byte on: a file damaged in any
 way (cut short, a flipped bit) counts as absent and is deleted. XXH3 guards
-against accidents, at a fifth of BLAKE3's cost; the caller still checks the
-bytes as it checks bytes from Redis (a full blob against the manifest's
-BLAKE3). Trust: the folder must belong to this process's user and be
+against accidents, far cheaper than BLAKE3 (docs/scaling.md); the caller
+still checks the bytes as it checks bytes from Redis (a full blob against
+the manifest's BLAKE3). Trust: the folder must belong to this process's user and be
 writable by no one else (0700; files 0600); whoever can still write it can
 cost refetches, or get a version refused by the caller's check, never put
 other bytes into a model. ``budget`` bytes at most: the least recently used
