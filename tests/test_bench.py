@@ -142,7 +142,7 @@ def test_quick_fanout_bench_prints_every_row_of_its_table(tmp_path: Path) -> Non
     assert "| topology | update | approach | MiB changed |" in out
     for topology in ("one node", "cluster 3 masters"):
         for update in ("full", "one layer"):
-            for approach in ("ceiling", "hotswap"):
+            for approach in ("ceiling", "hotswap", "hotswap shared"):
                 assert f"| {topology} | {update} | {approach} |" in out, (topology, update)
     assert "Replica reads are not built yet" in out
     assert "CPU-bound" in out
@@ -154,3 +154,11 @@ def test_quick_fanout_bench_prints_every_row_of_its_table(tmp_path: Path) -> Non
         floor = 2 * s["bytes_changed"] if s["approach"] == "ceiling" else 2
         assert s["bytes_total"] >= floor > 0, s
         assert 0 < s["first"] <= s["last"], s
+    # Sharing one fetch per host: Redis sent a full version once, not once per agent.
+    sent = {
+        (s["topology"], s["approach"]): s["server_sent"]
+        for s in raw["samples"]
+        if s["update"] == "full"
+    }
+    for topology in ("one node", "cluster 3 masters"):
+        assert sent[topology, "hotswap shared"] < 0.75 * sent[topology, "hotswap"], sent
