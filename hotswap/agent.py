@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -34,6 +34,7 @@ from hotswap.hostmem import HostMemory
 from hotswap.intake import Intake
 from hotswap.names import NameMap
 from hotswap.pipeline import Mode, OnApplied, OnRejected, Pipeline
+from hotswap.postapply import Probe
 from hotswap.replicas import ReplicaReads
 from hotswap.reporter import ApplyReport, Reporter, agent_id
 from hotswap.settings import HotswapSettings
@@ -87,6 +88,10 @@ class Agent:
             (``strip_prefix="bert."``, ``exclude=["*.position_ids"]``, ``rename``).
         transform: a ``Transform`` for published tensors the model holds
             fused or sliced (vLLM's ``load_weights`` pattern).
+        probes: post-apply checks ``(model) -> None | str`` (``hotswap.postapply``):
+            run on ``model`` after each copy, before readers resume; a reason
+            (or a raise) puts the previous bytes back at once and refuses the
+            version for good.
 
     Raises:
         ConfigError: a bad argument, a bad ``HOTSWAP_*`` variable (when
@@ -117,6 +122,7 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         names: NameMap | None = None,
         transform: Transform | None = None,
+        probes: Sequence[Probe] = (),
     ) -> None:
         self.model_name = keys.check_name(model_name)
         if mode not in ("auto", "manual"):
@@ -168,6 +174,9 @@ class Agent:
             on_applied=on_applied,
             on_rejected=on_rejected,
             intake=Intake(names, transform),
+            probes=probes,
+            model=model,
+            revert_bytes=s.revert_bytes,
         )
         # The loop hands each notice or poll to the pipeline; every failure goes
         # to one handler, which reports the outage and logs it once.
@@ -342,6 +351,35 @@ class Agent:
             ...     logits = await run_model(batch)
         """
         return self._gate.reading_async()
+
+    def revert(self) -> int | None:
+        """Put back the version that ran before the last one applied, from host memory.
+
+        One ``copy_`` per replaced tensor (or a scatter of a sparse delta's
+        elements) under the writer lock, from the bytes the apply kept
+        (``HOTSWAP_REVERT_BYTES``): no Redis, so it works while Redis is down.
+        The reverted version counts as refused by this agent from then on (it
+        is not applied again when the agent converges on head); a newer
+        version is. Call it between forward passes, never inside ``reading()``.
+
+        Returns:
+            The version running again (None: the model's own weights).
+
+        Raises:
+            HotswapError: nothing to revert (no apply since start or the last
+                revert, or the last version's bytes exceeded the budget).
+            ConfigError: called inside ``reading()``.
+
+        Example:
+            >>> agent.revert()  # the new weights answer badly  # doctest: +SKIP
+            6
+        """
+        if self._gate.held_in_thread():
+            raise ConfigError(
+                f"agent of model {self.model_name!r}: revert() was called inside reading(); "
+                "call it between forward passes"
+            )
+        return self._pipeline.revert()
 
     def apply_pending(self) -> int | None:
         """Apply the newest fetched and validated version now (manual mode).

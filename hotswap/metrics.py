@@ -112,6 +112,7 @@ class _Standing:
 @dataclass(frozen=True)
 class _Metrics:
     rejections: Any
+    reverts: Any
     apply_seconds: Any
     bytes_fetched: Any
     standing: _Standing
@@ -130,6 +131,9 @@ def _get() -> _Metrics | None:
         prom.REGISTRY.register(standing)
         _made["metrics"] = _Metrics(
             rejections=prom.Counter("hotswap_rejections", "Versions the agent refused.", ["model"]),
+            reverts=prom.Counter(
+                "hotswap_reverts", "Versions the agent put back from host memory.", ["model"]
+            ),
             apply_seconds=prom.Histogram(
                 "hotswap_apply_seconds",
                 "Seconds the writer lock was held to apply a version.",
@@ -165,6 +169,13 @@ def rejected(model: str, nbytes: int) -> None:
     if m is not None:
         m.rejections.labels(model=model).inc()
         m.bytes_fetched.labels(model=model).inc(nbytes)
+
+
+def reverted(model: str) -> None:
+    """Count a revert (the version running again is read at scrape time)."""
+    m = _get()
+    if m is not None:
+        m.reverts.labels(model=model).inc()
 
 
 def enabled() -> bool:

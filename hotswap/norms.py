@@ -7,7 +7,7 @@ agent can trust it: see ``RunningNorms.learn``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.validate import Policy
@@ -58,6 +58,18 @@ class RunningNorms:
                 self._norms[name] = (entry.digest, checked[name])
             else:
                 self._norms.pop(name, None)
+
+    def snapshot(self, names: Iterable[str]) -> dict[str, tuple[str, float] | None]:
+        """What is known of ``names`` now, for ``restore`` (a revert)."""
+        return {name: self._norms.get(name) for name in names}
+
+    def restore(self, snapshot: Mapping[str, tuple[str, float] | None]) -> None:
+        """Put back what ``snapshot`` knew of its names."""
+        for name, seen in snapshot.items():
+            if seen is None:
+                self._norms.pop(name, None)
+            else:
+                self._norms[name] = seen
 
     def _checked(self, name: str) -> bool:
         """Whether the policy checks this name's norm (where it does not, no norm is trusted)."""

@@ -175,6 +175,12 @@ class Scatter:
         """The changed elements' new values as words."""
         return cls(patch.index, patch.new.view(_TORCH_SIGNED[patch.new.itemsize]).numpy())
 
+    @classmethod
+    def gather(cls, live: torch.Tensor, index: npt.NDArray[np.int64]) -> Scatter:
+        """What ``live`` holds at ``index`` now: the scatter that puts it back."""
+        words = live.detach().view(-1).view(_TORCH_SIGNED[live.itemsize]).numpy()
+        return cls(index, words[index].copy())
+
     def into(self, live: torch.Tensor) -> None:
         """Write the values into ``live`` (dense CPU, as ``usable`` requires) in place."""
         # numpy's indexed store: fewer steps an element than torch's index_copy_.

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any, Literal
 
@@ -33,11 +32,13 @@ from hotswap.intake import Intake
 from hotswap.lookout import Lookout
 from hotswap.looks import Candidate, Confirmation, Quiet, Refused
 from hotswap.manifest import Manifest
+from hotswap.postapply import Probe
 from hotswap.reporter import ApplyReport, Reporter
 from hotswap.runstate import Ready, Rejection, RunState
 from hotswap.settings import HotswapSettings
-from hotswap.staging import LiveModel, Staged, Staging, apply, pairs, patched
+from hotswap.staging import LiveModel, Staged, Staging
 from hotswap.store import Store
+from hotswap.writer import Writer
 
 log = logging.getLogger("hotswap.agent")
 Mode = Literal["auto", "manual"]
@@ -107,6 +108,10 @@ class Pipeline:
         stop: set once the agent stops: work in progress is abandoned.
         on_applied, on_rejected: the agent's callbacks.
         intake: the agent's name map and transform (default: none).
+        probes: checks of the model run after each copy, under the writer lock
+            (``hotswap.postapply``); ``model`` is what they are given.
+        revert_bytes: the host bytes kept of what a version replaced (None: one
+            version's, whatever their size; 0: none, so no revert and no probes).
     """
 
     def __init__(
@@ -125,14 +130,27 @@ class Pipeline:
         on_applied: OnApplied | None = None,
         on_rejected: OnRejected | None = None,
         intake: Intake | None = None,
+        probes: Sequence[Probe] = (),
+        model: Any = None,
+        revert_bytes: int | None = None,
     ) -> None:
         self.model_name = store.model
+
         self.intake = intake or Intake()
         self.store, self.live, self.policy = store, live, policy
         self.mode, self.staging = mode, staging
         self.reporter = reporter
         self.on_applied, self.on_rejected = on_applied, on_rejected
         self.state = RunState(policy, reporter)
+        self.writer = Writer(
+            self.model_name,
+            live,
+            self.state,
+            gate,
+            probes=probes,
+            model=model,
+            revert_bytes=revert_bytes,
+        )
         self.lookout = Lookout(store, settings)
         self._memory, self._gate, self._stop = memory, gate, stop
         self._said = LogOnce()
@@ -333,16 +351,15 @@ class Pipeline:
         return Outcome.PENDING
 
     def _apply(self, ready: Ready) -> None:
-        """Copy a staged version into the live tensors under the writer lock, and report it."""
+        """Copy a staged version into the live tensors (``Writer.apply``), and report it."""
         staged = ready.staged
         m = staged.plan.manifest
         self.reporter.update(state="applying")
-        # A patched tensor writes only its changed elements where what runs is its base.
-        copies = pairs(staged, self.live, self.state.basis().digests)
-        with self._gate.writing():
-            locked = time.perf_counter()
-            apply(copies)
-            self.state.record_applied(staged, ready.digest)
+        written = self.writer.apply(staged, ready.digest)
+        if written.refused is not None:
+            reasons = {"<probes>": [written.refused]}
+            self._reject(m.version, m.lineage, reasons, None, digest=ready.digest)
+            return
         report = ApplyReport(
             m.version,
             m.lineage,
@@ -350,10 +367,10 @@ class Pipeline:
             staged.bytes_fetched,
             staged.seconds,
             staged.validate_seconds,
-            time.perf_counter() - locked,
+            written.paused,
             staged.started,
             ready.digest,
-            tensors_patched=patched(copies),
+            tensors_patched=written.patched,
             tensors_validated_by_patch=staged.checked_by_patch,
         )
         # The reporter's thread writes the record: neither this thread nor
@@ -362,6 +379,15 @@ class Pipeline:
         self._said.note("applied")
         _callback(self.on_applied, m.version, report)
         self.state.decided()  # after the callback: it has run when wait_for returns
+
+    def revert(self) -> int | None:
+        """``Agent.revert`` (``Writer.revert``), reported: the version running again."""
+        last, error = self.writer.revert()
+        back = last.before.version
+        self.reporter.reverted(last.version, back, last.before.digest, error, log)
+        self._said.note(f"rejected:{last.version}")
+        _callback(self.on_rejected, last.version, error.reasons)
+        return back
 
     def _reject(
         self,

@@ -175,6 +175,33 @@ class Reporter:
         metrics.rejected(self.store.model, nbytes)
         log.error("%s", error)
 
+    def reverted(
+        self,
+        version: int,
+        back: int | None,
+        manifest_digest: str | None,
+        error: ValidationError,
+        log: logging.Logger,
+    ) -> None:
+        """Record a revert: ``back`` runs again (its manifest's ``manifest_digest``), and
+        ``version`` counts as refused. Written when Redis can be reached; never waits."""
+        with self._lock:
+            count = self._status.rejected_count + 1
+            recent = status.remember_rejection(self._status.rejected_versions, version)
+        self.update(
+            state="idle",
+            version=back,
+            manifest_digest=manifest_digest,
+            last_error=str(error),
+            rejected_version=version,
+            rejected_versions=recent,
+            rejection=error.reasons,
+            rejected_tensors=len(error.reasons),
+            rejected_count=count,
+        )
+        metrics.reverted(self.store.model)
+        log.warning("%s", error)
+
     def beat(self, log: logging.Logger) -> None:
         """Write the record now if it changed or the heartbeat is due (not while offline)."""
         if self._due():

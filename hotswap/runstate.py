@@ -22,6 +22,7 @@ from hotswap.norms import RunningNorms
 from hotswap.ranbefore import RanBefore
 from hotswap.reporter import Reporter
 from hotswap.staging import Staged
+from hotswap.undo import Saved
 from hotswap.validate import Policy
 
 
@@ -59,6 +60,20 @@ class Ready:
 
     staged: Staged
     digest: str
+
+
+@dataclass(frozen=True)
+class Undo:
+    """What the last apply replaced (``hotswap.undo``), and what ran before it: enough to
+    put that back without Redis."""
+
+    version: int
+    lineage: str
+    manifest_digest: str
+    before: Running
+    digests: dict[str, str | None]
+    norms: dict[str, tuple[str, float] | None]
+    saved: list[Saved]
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,8 @@ class RunState:
         self._rejections: dict[int, Rejection] = {}
         self._last_rejection: ValidationError | None = None
         self._pending: Ready | None = None
+        # The bytes the last apply replaced (None: over the budget, or reverted).
+        self._undo: Undo | None = None
 
     # -- readers ------------------------------------------------------------------
 
@@ -227,12 +244,31 @@ class RunState:
             self._applying = False
             self._stepped.notify_all()
 
-    def record_applied(self, staged: Staged, digest: str) -> None:
+    def undo(self) -> Undo | None:
+        """What the last apply replaced, while it can be put back."""
+        with self._lock:
+            return self._undo
+
+    def record_applied(self, staged: Staged, digest: str, saved: list[Saved] | None = None) -> None:
         """What runs now, ``digest`` the BLAKE3 of its manifest's wire bytes (call under
         the gate's writer lock, so that a reader never sees new weights with the old
-        version number)."""
+        version number). ``saved``: the bytes it replaced, kept for a revert."""
         m = staged.plan.manifest
         with self._lock:
+            changed = staged.plan.changed
+            self._undo = (
+                None
+                if saved is None
+                else Undo(
+                    m.version,
+                    m.lineage,
+                    digest,
+                    Running(self._applied, self._lineage, self._manifest_digest),
+                    {name: self._digests.get(name) for name in changed},
+                    self._norms.snapshot(changed),
+                    saved,
+                )
+            )
             for name, entry in staged.plan.changed.items():
                 self._digests[name] = entry.digest
             self._norms.applied(staged.plan.changed, staged.norms)
@@ -255,6 +291,24 @@ class RunState:
     def decided(self) -> None:
         """A version was applied and its callback ran: ``wait_for`` looks again."""
         with self._lock:
+            self._decided.notify_all()
+
+    def record_reverted(self, undo: Undo, rejection: Rejection) -> None:
+        """``undo`` was put back (under the writer lock): what ran before it runs again, and
+        its version counts as refused, so that convergence on head does not bring it back."""
+        with self._lock:
+            for name, was in undo.digests.items():
+                if was is None:
+                    self._digests.pop(name, None)
+                else:
+                    self._digests[name] = was
+            self._norms.restore(undo.norms)
+            self._generation += 1
+            self._applied, self._lineage = undo.before.version, undo.before.lineage
+            self._manifest_digest = undo.before.digest
+            self._undo = None
+            self._rejections[undo.version] = rejection
+            self._last_rejection = rejection.error
             self._decided.notify_all()
 
     def record_rejection(self, version: int, rejection: Rejection) -> None:

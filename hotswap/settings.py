@@ -155,6 +155,13 @@ class HotswapSettings(BaseSettings):
         description="Host staging memory an agent of a CPU model keeps between versions "
         "(fetches of updates up to this size land in memory already faulted in); 0 keeps none.",
     )
+    revert_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Host memory an agent keeps of the bytes the last version replaced, so "
+        "that Agent.revert() and failed probes put them back without Redis (unset: one "
+        "version's, whatever their size; 0: none, and no probes).",
+    )
     max_manifest_bytes: int = Field(
         default=64 * MiB, ge=1024, description="Largest manifest accepted from Redis."
     )

@@ -48,6 +48,8 @@ WHOLE = {
     "<signed head>": "the signed head record",
     "<names>": "the agent's name map",
     "<transform>": "the agent's transform",
+    "<probes>": "a post-apply probe",
+    "<revert>": "reverted",
 }
 # Dtypes an agent may cast between when the policy allows the pair: the
 # floating-point ones whose conversion needs no scale.

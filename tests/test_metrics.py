@@ -138,6 +138,9 @@ def test_docs_list_every_metric_with_its_type_and_labels(make: Make, pub: Publis
     bad["head.weight"][0, 0] = float("inf")
     with pytest.raises(ValidationError):
         agent.wait_for(pub.publish(bad), 10)
+    again = pub.publish(bump(model.state_dict()))
+    assert agent.wait_for(again, 10)
+    assert agent.revert() == v  # counted in hotswap_reverts_total
 
     exposed: dict[str, tuple[str, set[str]]] = {}
     for family in prometheus_client.REGISTRY.collect():
