@@ -303,31 +303,32 @@ class BlobStore(BlobWriter):
                 names = keys.chunk_keys(
                     self.ns, self.model, ref.blob, entry.chunk_bytes, batch.stop, first=batch.start
                 )
-                fetch = functools.partial(self._get_capped, names, caps, buf)
+                # A batch's frames at once: their caps bound the bytes in flight.
+                fetch = functools.partial(self._get_capped, names, caps, buf, len(names))
                 yield self.call(f"reading the delta of tensor {entry.name!r}", fetch)
 
         yield from checked_frames(where, entry, itertools.chain.from_iterable(batches()))
 
     def _get_capped(
-        self, names: list[str], caps: list[int], buf: memoryview
+        self, names: list[str], caps: list[int], buf: memoryview, window: int | None = None
     ) -> list[tuple[memoryview | None, int | None]]:
         """``_get_capped_primary``, from replicas first where ``replicas`` is set: the
         values they could not serve are read from the primaries, in a buffer of their own."""
         if self.replicas is None:
-            return self._get_capped_primary(names, caps, buf)
+            return self._get_capped_primary(names, caps, buf, window)
         served = self.replicas.read_capped(names, caps, buf)
         again = [i for i, got in enumerate(served) if got is None]
         out: list[tuple[memoryview | None, int | None]] = [g or (None, None) for g in served]
         if again:
             more = [caps[i] for i in again]
             rest = memoryview(mmap.mmap(-1, sum(more)))
-            got = self._get_capped_primary([names[i] for i in again], more, rest)
+            got = self._get_capped_primary([names[i] for i in again], more, rest, window)
             for i, value in zip(again, got, strict=True):
                 out[i] = value
         return out
 
     def _get_capped_primary(
-        self, names: list[str], caps: list[int], buf: memoryview
+        self, names: list[str], caps: list[int], buf: memoryview, window: int | None = None
     ) -> list[tuple[memoryview | None, int | None]]:
         """Each key's value (None: absent or over its cap) and its length (None: absent).
 
@@ -339,7 +340,7 @@ class BlobStore(BlobWriter):
             ends = list(itertools.accumulate(caps))
             slots = [buf[e - c : e] for e, c in zip(ends, caps, strict=True)]
             with contextlib.suppress(*transport.REDIRECTED):
-                lengths = fast.get_into(names, slots)
+                lengths = fast.get_into(names, slots, window=window)
                 return [
                     (slot[:n] if n is not None and n <= len(slot) else None, n)
                     for slot, n in zip(slots, lengths, strict=True)

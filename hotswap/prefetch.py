@@ -109,7 +109,8 @@ class Prefetched:
         buf = memoryview(mmap.mmap(-1, sum(caps)))
         got: Got = blobs.call(
             "reading the version's small blobs",
-            functools.partial(blobs._get_capped, names, caps, buf),
+            # All at once: small values, and at most ``budget`` stored bytes in all.
+            functools.partial(blobs._get_capped, names, caps, buf, len(names)),
         )
         for entry, frames, first in picked:
             mine = got[first : first + entry.chunks]

@@ -306,12 +306,15 @@ class BlobTransport:
         keys: Sequence[Key],
         outs: Sequence[memoryview],
         on_chunk: Callable[[int, int], None] | None = None,
+        window: int | None = None,
     ) -> list[int | None]:
         """GET each key into its buffer; returns each value's length, None if absent.
 
         A value longer than its buffer fills it and the rest is discarded (its true
         length is returned, so the caller can tell). ``on_chunk(i, length)`` runs as
         soon as value ``i`` has landed, while later ones are still on the wire.
+        ``window``: GETs in flight (default the transport's, sized for whole
+        chunks); a caller reading many small values asks for them all at once.
         """
         if len(keys) != len(outs):
             raise ValueError(f"{len(keys)} keys for {len(outs)} buffers")
@@ -321,7 +324,7 @@ class BlobTransport:
         error: redis.RedisError | None = None
         with self._socket() as sock:
             reader = _Reader(sock)
-            asked = min(self.window, len(keys))
+            asked = min(window or self.window, len(keys))
             sock.sendall(b"".join(get_command(k) for k in keys[:asked]))
             for i, out in enumerate(outs):
                 line = reader.reply()
@@ -421,6 +424,7 @@ class ChunkIO:
         keys: Sequence[Key],
         outs: Sequence[memoryview],
         on_chunk: Callable[[int, int], None] | None = None,
+        window: int | None = None,
     ) -> list[int | None]:
         """``BlobTransport.get_into`` over every node; ``on_chunk`` gets indices into
         ``keys`` (in order on one server, in order per node on a cluster)."""
@@ -435,6 +439,7 @@ class ChunkIO:
                 [keys[i] for i in indices],
                 [outs[i] for i in indices],
                 on_chunk=None if on_chunk is None else landed,
+                window=window,
             )
             for i, n in zip(indices, got, strict=True):
                 lengths[i] = n
