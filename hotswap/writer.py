@@ -66,6 +66,10 @@ class Writer:
         self.model_name, self.live, self.state, self._gate = model_name, live, state, gate
         self.probes, self.model, self.revert_bytes = tuple(probes), model, revert_bytes
         self._writes = threading.Lock()
+        # Seconds the last revert held the writer lock (bench.revert reads it).
+        self.last_revert_seconds = 0.0
+        # Seconds the last revert held the writer lock (bench.revert reads it).
+        self.last_revert_seconds = 0.0
 
     def apply(self, staged: Staged, digest: str) -> Written:
         """Copy ``staged`` into the live tensors under the writer lock and record it, unless a
@@ -115,8 +119,9 @@ class Writer:
             why = {"<revert>": ["by Agent.revert(), from host memory"]}
             error = validate.rejection(self.model_name, last.version, why)
             with self._gate.writing():
+                locked = time.perf_counter()
                 undo.restore(last.saved)
-                self.state.record_reverted(
-                    last, Rejection(last.lineage, error, last.manifest_digest)
-                )
+                refused = Rejection(last.lineage, error, last.manifest_digest)
+                self.state.record_reverted(last, refused)
+                self.last_revert_seconds = time.perf_counter() - locked
         return last, error

@@ -1,0 +1,82 @@
+"""How long ``Agent.revert()`` holds the writer lock, against a bare ``copy_`` of the bytes.
+
+    python -m bench.revert [--changed-mib 16] [--model-mib 64] [--repeats 7]
+
+A float32 model of ``--model-mib`` MiB takes versions that each rewrite
+``--changed-mib`` MiB of it (whole tensors: a fine-tuning step), through a
+real Publisher, Redis and Agent; after each apply the agent reverts it from
+host memory. In the same run, the same live tensors are overwritten by a bare
+``copy_`` from tensors of the same sizes. Issue 17's target: the revert's
+pause at most 1.5x the copy. A throwaway redis-server is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from hotswap import Agent, HotswapSettings
+from hotswap.embedded import EmbeddedRedis
+from publisher import Publisher
+
+MiB = 1024 * 1024
+TARGET = 1.5
+BLOCK_MIB = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.revert", description=__doc__)
+    p.add_argument("--changed-mib", type=int, default=16)
+    p.add_argument("--model-mib", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args(argv)
+    blocks = max(1, args.model_mib // BLOCK_MIB)
+    changed = max(1, min(blocks, args.changed_mib // BLOCK_MIB))
+    rows = BLOCK_MIB * MiB // 4096
+    model = {f"b{i}": torch.zeros(rows, 1024) for i in range(blocks)}
+    state = {k: v.clone() for k, v in model.items()}
+    sources = [torch.full((rows, 1024), 7.0) for _ in range(changed)]
+    pauses: list[float] = []
+    copies: list[float] = []
+    with EmbeddedRedis() as srv:
+        settings = HotswapSettings(redis_url=srv.url, _env_file=None)  # type: ignore[call-arg]
+        with (
+            Agent(model, "revert", settings=settings) as agent,
+            Publisher("revert", settings=settings) as pub,
+        ):
+            version = pub.publish(state)
+            agent.wait_for(version, 60)
+            for step in range(args.repeats):
+                for i in range(changed):
+                    state[f"b{i}"].fill_(float(step + 1))
+                version = pub.publish(state)
+                agent.wait_for(version, 60)
+                agent.revert()
+                pauses.append(agent._pipeline.writer.last_revert_seconds)
+                # The same bytes by a bare copy_, then what the agent runs put back:
+                # anything else would leave it bytes other than it knows.
+                runs = [model[f"b{i}"].clone() for i in range(changed)]
+                started = time.perf_counter()
+                with torch.no_grad():
+                    for i in range(changed):
+                        model[f"b{i}"].copy_(sources[i])
+                copies.append(time.perf_counter() - started)
+                with torch.no_grad():
+                    for i in range(changed):
+                        model[f"b{i}"].copy_(runs[i])
+    pause, copy = statistics.median(pauses), statistics.median(copies)
+    size = f"{changed * BLOCK_MIB} MiB in a {blocks * BLOCK_MIB} MiB model"
+    print(f"revert of {size}, {args.repeats} runs")
+    print(f"  revert pause  median {pause * 1e3:.2f} ms (min {min(pauses) * 1e3:.2f})")
+    print(f"  bare copy_    median {copy * 1e3:.2f} ms (min {min(copies) * 1e3:.2f})")
+    ratio = pause / copy
+    print(f"  ratio {ratio:.2f} (target <= {TARGET}): {'met' if ratio <= TARGET else 'not met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
