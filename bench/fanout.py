@@ -1,20 +1,23 @@
 """``python -m bench --fanout N``: N agent processes on one model, one publish.
 
 For each topology (one Redis node; a Redis Cluster of 3 masters, each with a
-replica, built by the cluster fixture of ``tests/ha``) and each update (every
-tensor; one layer), consecutive versions as users live them (default
-settings): the time from the start of a publish to the LAST of N agents
-applied, and the bytes all agents fetched per second of it, against the
-ceiling: the same chunks written raw and fetched by N bare GET clients.
-Each update is measured twice for hotswap, in one run: each agent fetching
-from Redis ("hotswap"), and the agents sharing one fetch per host through a
-host cache folder on tmpfs ("hotswap shared", ``HOTSWAP_HOST_CACHE_DIR``):
-on one host, sharing measures shared memory, not Redis, so the bytes Redis
-sent are counted for every case.
+replica, built by the cluster fixture of ``tests/ha``, read from its masters;
+the same cluster read from its replicas, ``HOTSWAP_READ_FROM_REPLICAS`` with
+``HOTSWAP_WAIT_REPLICAS=1``) and each update (every tensor; one layer),
+consecutive versions as users live them (default settings otherwise): the
+time from the start of a publish to the LAST of N agents applied, and the
+bytes all agents fetched per second of it, against the ceiling: the same
+chunks written raw and fetched by N bare GET clients (from the replicas too
+where the agents read them, after a ``WAIT 1`` on each master). Each update
+is measured twice for hotswap, in one run: each agent fetching from Redis
+("hotswap"), and the agents sharing one fetch per host through a host cache
+folder on tmpfs ("hotswap shared", ``HOTSWAP_HOST_CACHE_DIR``): on one host,
+sharing measures shared memory, not Redis, so the bytes Redis sent, and the
+GETs masters and replicas served (``INFO commandstats``), are counted for
+every case.
 
-Replica reads are not built yet: on the cluster every chunk is read from its
-master, the replicas only follow. All processes share this machine's cores,
-so on a small machine the figure is CPU-bound, not network-bound.
+All processes share this machine's cores, so on a small machine the figure
+is CPU-bound, not network-bound.
 """
 
 from __future__ import annotations
@@ -47,13 +50,13 @@ MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 CHANNEL = "bench:fanout"
-TOPOLOGIES = ("one node", "cluster 3 masters")
+REPLICA_READS = "cluster 3+3 replica reads"
+TOPOLOGIES = ("one node", "cluster 3 masters", REPLICA_READS)
 UPDATES = ("full", "one layer")
 APPROACHES = ("ceiling", "hotswap", "hotswap shared")
-NO_REPLICA_READS = (
-    "Replica reads are not built yet: on the cluster every chunk is read from its "
-    "master (the replicas only follow)."
-)
+# Settings of the replica-read topology: the publisher waits for each master's
+# replica before it commits and announces, so an agent finds every chunk there.
+REPLICA_SETTINGS: dict[str, Any] = {"read_from_replicas": True, "wait_replicas": 1}
 
 
 @dataclass
@@ -81,8 +84,10 @@ class Sample:
     last: float  # publish start to the last agent done
     bytes_total: int  # fetched by all agents together
     bytes_changed: int
-    server_cpu: float = 0.0  # seconds of redis-server CPU (masters), the whole case
-    server_sent: int = 0  # bytes Redis sent to clients (masters), the whole case
+    server_cpu: float = 0.0  # seconds of redis-server CPU (all nodes), the whole case
+    server_sent: int = 0  # bytes Redis sent to clients (all nodes), the whole case
+    gets_masters: int = 0  # GET commands the masters served, the whole case
+    gets_replicas: int = 0  # GET commands the replicas served, the whole case
 
 
 @contextlib.contextmanager
@@ -103,31 +108,65 @@ def redis_topology(name: str, url: str | None = None) -> Iterator[tuple[str, boo
     from cluster_support import Cluster  # type: ignore[import-not-found]
 
     with Cluster() as cluster:
+        if name == REPLICA_READS:
+            replicas_listed(cluster.urls())
         yield cluster.urls(), True
 
 
-def server_cpu(client: Any) -> float:
-    """CPU seconds (user + sys) the Redis server has used; on a cluster, all masters."""
-    if isinstance(client, redis.cluster.RedisCluster):
-        per_node = client.info("cpu", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
-        infos = list(per_node.values())
-    else:
-        infos = [client.info("cpu")]
+def server_cpu(nodes: list[redis.Redis]) -> float:
+    """CPU seconds (user + sys) the Redis servers have used, all nodes (replicas too)."""
+    infos = [n.info("cpu") for n in nodes]
     return sum(float(i["used_cpu_user"]) + float(i["used_cpu_sys"]) for i in infos)
 
 
-def server_sent(client: Any) -> int:
-    """Bytes the Redis server has sent to clients (replication apart); on a cluster, all masters."""
-    if isinstance(client, redis.cluster.RedisCluster):
-        per_node = client.info("stats", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
-        infos = list(per_node.values())
-    else:
-        infos = [client.info("stats")]
+def server_sent(nodes: list[redis.Redis]) -> int:
+    """Bytes the Redis servers have sent to clients (replication apart), all nodes."""
+    infos = [n.info("stats") for n in nodes]
     # The total counts what masters send their replicas too (Redis 7): taken out.
     return sum(
         int(i["total_net_output_bytes"]) - int(i.get("total_net_repl_output_bytes", 0))
         for i in infos
     )
+
+
+def replicas_listed(url: str, deadline: float = 30.0) -> None:
+    """Wait until the cluster's slot map names a replica for every slot range: a
+    client that learns the map before then reads those slots from their masters."""
+    with redis.Redis.from_url(url.split(",", maxsplit=1)[0]) as node:
+        end = time.monotonic() + deadline
+        while any(len(r) < 4 for r in node.execute_command("CLUSTER SLOTS")):
+            if time.monotonic() > end:
+                raise RuntimeError("the cluster's replicas are not in its slot map")
+            time.sleep(0.05)
+
+
+def gets(nodes: list[redis.Redis]) -> tuple[int, int]:
+    """GET commands served so far (``INFO commandstats``): by the masters, by the replicas.
+
+    Asked of every node by address: a cluster client lists only the nodes it routes to.
+    """
+    served = [0, 0]
+    for node in nodes:
+        replica = node.info("replication")["role"] != "master"
+        served[replica] += _gets(node.info("commandstats"))
+    return served[0], served[1]
+
+
+def node_clients(url: str) -> list[redis.Redis]:
+    """A plain client of each node in ``url`` (one, or a cluster's comma-separated seeds)."""
+    return [redis.Redis.from_url(u.strip()) for u in url.split(",") if u.strip()]
+
+
+def _gets(info: dict[str, Any]) -> int:
+    stat = info.get("cmdstat_get", {})
+    return int(stat.get("calls", 0)) if isinstance(stat, dict) else 0
+
+
+def wait_replicas(client: Any) -> None:
+    """``WAIT 1`` on each master: every write so far is on a replica."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        for node in client.get_primaries():  # type: ignore[no-untyped-call]
+            client.get_redis_connection(node).execute_command("WAIT", 1, 2000)  # type: ignore[no-untyped-call]
 
 
 def cache_folder() -> str:
@@ -153,8 +192,11 @@ class Fanout:
         with redis_topology(topology, cfg.redis_url) as (url, cluster):
             # Defaults otherwise: what a user runs.
             settings: dict[str, Any] = {"redis_url": url, "cluster": cluster, "namespace": "bench"}
+            if topology == REPLICA_READS:
+                settings.update(REPLICA_SETTINGS)
             config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
             client = connect(config)
+            nodes = node_clients(url)
             chunks = baselines.chunk_io(client)
             workers = [WorkerProc("bench.fanout_worker") for _ in range(cfg.agents)]
             folder = cache_folder()
@@ -172,7 +214,7 @@ class Fanout:
                     names = list(sd) if update == "full" else layer_names(sd)
                     for r in range(cfg.runs):
                         cases: list[Callable[[], Sample]] = [
-                            partial(self._ceiling, client, chunks, workers, sd, names),
+                            partial(self._ceiling, client, chunks, workers, sd, names, topology),
                             partial(self._hotswap, pub, workers, sd, names, None),
                             partial(self._hotswap, pub, workers, sd, names, folder),
                         ]
@@ -180,10 +222,14 @@ class Fanout:
                         pair = []
                         for case in cases[r % 3 :] + cases[: r % 3]:
                             # Read outside the timed span; counts the writes too.
-                            cpu, sent = server_cpu(client), server_sent(client)
+                            cpu, sent = server_cpu(nodes), server_sent(nodes)
+                            got = gets(nodes)
                             pair.append(case())
-                            pair[-1].server_cpu = server_cpu(client) - cpu
-                            pair[-1].server_sent = server_sent(client) - sent
+                            pair[-1].server_cpu = server_cpu(nodes) - cpu
+                            pair[-1].server_sent = server_sent(nodes) - sent
+                            now = gets(nodes)
+                            pair[-1].gets_masters = now[0] - got[0]
+                            pair[-1].gets_replicas = now[1] - got[1]
                         for s in pair:
                             s.topology, s.update = topology, update
                             s.bytes_changed = model.nbytes(sd, names)
@@ -197,6 +243,8 @@ class Fanout:
                     w.close()
                 pub.close()
                 client.close()
+                for node in nodes:
+                    node.close()
                 shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
@@ -237,8 +285,10 @@ class Fanout:
         workers: list[WorkerProc],
         sd: dict[str, torch.Tensor],
         names: list[str],
+        topology: str,
     ) -> Sample:
-        """The same changed bytes, raw SETs then one PUBLISH; N bare clients GET them all."""
+        """The same changed bytes, raw SETs then one PUBLISH; N bare clients GET them all
+        (with replica reads: after a WAIT 1 on each master, from the replicas)."""
         self._seq += 1
         prefix = f"ceiling:{self._seq}"
         chunk = HotswapSettings(_env_file=None).chunk_bytes  # type: ignore[call-arg]
@@ -247,6 +297,8 @@ class Fanout:
         keys, views = baselines.chunked(sd, names, chunk, prefix)
         t0 = time.monotonic()
         chunks.set_chunks(keys, views)
+        if topology == REPLICA_READS:
+            wait_replicas(client)
         client.publish(CHANNEL, prefix)
         t1 = time.monotonic()
         done = [w.event("fetched") for w in workers]
@@ -290,6 +342,8 @@ def markdown(raw: dict[str, Any]) -> str:
                 rate = moved / last["median"] / 1e9
                 cpu = summary([s["server_cpu"] / (s["bytes_total"] / MiB) for s in runs])
                 sent = summary([s.get("server_sent", 0) / MiB for s in runs])["median"]
+                masters = summary([s.get("gets_masters", 0) for s in runs])["median"]
+                replicas = summary([s.get("gets_replicas", 0) for s in runs])["median"]
                 rows.append(
                     [
                         topology,
@@ -304,6 +358,7 @@ def markdown(raw: dict[str, Any]) -> str:
                         f"{last['median'] / ceil_last:.2f}",
                         f"{cpu['median'] * 1e6:.0f}",
                         f"{sent:.1f}",
+                        f"{masters:.0f} / {replicas:.0f}",
                     ]
                 )
     head = (
@@ -320,12 +375,18 @@ def markdown(raw: dict[str, Any]) -> str:
         "the figure is CPU-bound, not a network figure. "
     )
     caveats = (
-        f"{NO_REPLICA_READS} {where}"
-        "Server CPU: redis-server's user+sys seconds (all masters) over the case, "
+        f"{where}"
+        f"{REPLICA_READS}: the cluster of the row above, agents with "
+        "HOTSWAP_READ_FROM_REPLICAS (blob chunks from replicas, head and manifests from "
+        "masters) and a publisher with HOTSWAP_WAIT_REPLICAS=1; its ceiling's clients GET "
+        "from the replicas after a WAIT 1 on each master. "
+        "Server CPU: redis-server's user+sys seconds (all nodes, replicas too) over the case, "
         "writes included, per MiB the agents fetched (shared: from Redis or the host cache). "
-        "MiB sent by Redis: what the server sent to all clients over the case "
+        "MiB sent by Redis: what the servers (all nodes) sent to clients over the case "
         "(replication apart); hotswap shared: each blob read from Redis once per host, "
-        "the other agents read it from the host cache folder (tmpfs)."
+        "the other agents read it from the host cache folder (tmpfs). "
+        "GETs masters / replicas: GET commands each kind of node served over the case "
+        "(INFO commandstats; readers only, the writes are SETs)."
     )
     header = [
         "topology",
@@ -340,6 +401,7 @@ def markdown(raw: dict[str, Any]) -> str:
         "x ceiling",
         "server CPU µs per MiB served",
         "MiB sent by Redis",
+        "GETs masters / replicas",
     ]
     return "\n\n".join([head, table(header, rows), caveats])
 

@@ -27,6 +27,7 @@ from hotswap import HotswapSettings
 from hotswap.blobs import BlobStore
 from hotswap.connection import connect
 from hotswap.hostcache import HostCache
+from hotswap.replicas import ReplicaReads
 from hotswap.sharedblobs import SharedBlobStore
 
 
@@ -40,6 +41,7 @@ class FanoutWorker:
         self.agent: Any = None
         self._plain: BlobStore | None = None
         self._shared: SharedBlobStore | None = None
+        self.replicas: ReplicaReads | None = None
 
     def emit(self, message: dict[str, Any]) -> None:
         with self._out:
@@ -54,6 +56,8 @@ class FanoutWorker:
         config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
         self.client = connect(config)
         self.chunks = baselines.chunk_io(self.client)  # the default window, as agents
+        # Where the agents read replicas, so does the ceiling (hotswap's own replica client).
+        self.replicas = ReplicaReads.of(self.client, config)
         return len(self.live)
 
     def arm(self, names: list[str], chunk: int, prefix: str, channel: str) -> None:
@@ -72,7 +76,7 @@ class FanoutWorker:
                 while pubsub.get_message(timeout=60) is None:
                     pass
                 keys, views = baselines.chunked(self.shadow, names, chunk, prefix)
-                got = sum(n or 0 for n in chunks.get_into(keys, views))
+                got = self._get_all(chunks, keys, views)
                 self.emit({"event": "fetched", "t_done": time.monotonic(), "bytes": got})
             except Exception as e:
                 self.emit({"event": "error", "error": f"{type(e).__name__}: {e}"})
@@ -80,6 +84,16 @@ class FanoutWorker:
                 pubsub.close()
 
         threading.Thread(target=run, daemon=True).start()
+
+    def _get_all(self, chunks: baselines.ChunkIO, keys: list[str], views: list[memoryview]) -> int:
+        """GET ``keys`` into ``views`` (from replicas first where they are read); bytes got."""
+        if self.replicas is None:
+            return sum(n or 0 for n in chunks.get_into(keys, views))
+        lengths = self.replicas._get_into(keys, views, lambda j, n: None)
+        # A chunk a replica lacks (there should be none after the WAIT) from its master.
+        missing = [j for j, n in enumerate(lengths) if n is None]
+        again = chunks.get_into([keys[j] for j in missing], [views[j] for j in missing])
+        return sum(n or 0 for n in lengths) + sum(n or 0 for n in again)
 
     def agent_start(self, model_name: str, settings: dict[str, Any]) -> None:
         from hotswap import Agent
@@ -124,6 +138,8 @@ class FanoutWorker:
 
     def finish(self) -> None:
         self.agent_stop()
+        if self.replicas is not None:
+            self.replicas.close()
         if self.client is not None:
             self.client.close()
 

@@ -140,11 +140,13 @@ def test_quick_fanout_bench_prints_every_row_of_its_table(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout
     assert "| topology | update | approach | MiB changed |" in out
-    for topology in ("one node", "cluster 3 masters"):
+    topologies = ("one node", "cluster 3 masters", "cluster 3+3 replica reads")
+    for topology in topologies:
         for update in ("full", "one layer"):
             for approach in ("ceiling", "hotswap", "hotswap shared"):
                 assert f"| {topology} | {update} | {approach} |" in out, (topology, update)
-    assert "Replica reads are not built yet" in out
+    assert "GETs masters / replicas |" in out
+    assert "HOTSWAP_READ_FROM_REPLICAS" in out
     assert "CPU-bound" in out
     raw = json.loads(results.read_text())
     assert raw["config"]["agents"] == 2
@@ -160,5 +162,12 @@ def test_quick_fanout_bench_prints_every_row_of_its_table(tmp_path: Path) -> Non
         for s in raw["samples"]
         if s["update"] == "full"
     }
-    for topology in ("one node", "cluster 3 masters"):
+    for topology in topologies:
         assert sent[topology, "hotswap shared"] < 0.75 * sent[topology, "hotswap"], sent
+    # Replica reads: the replicas served the chunks (the masters only head and
+    # manifests); without them, no replica served a GET.
+    for s in raw["samples"]:
+        if s["topology"] == "cluster 3+3 replica reads" and s["update"] == "full":
+            assert s["gets_replicas"] > s["gets_masters"], s
+        elif s["topology"] != "cluster 3+3 replica reads":
+            assert s["gets_replicas"] == 0 < s["gets_masters"], s
