@@ -159,18 +159,7 @@ class Reporter:
         log: logging.Logger,
     ) -> None:
         """Record, write, count and log a rejected version."""
-        with self._lock:
-            count = self._status.rejected_count + 1
-            recent = status.remember_rejection(self._status.rejected_versions, version)
-        self.update(
-            state="pending" if pending else "idle",
-            last_error=str(error),
-            rejected_version=version,
-            rejected_versions=recent,
-            rejection=error.reasons,
-            rejected_tensors=len(error.reasons),
-            rejected_count=count,
-        )
+        self.update(state="pending" if pending else "idle", **self._refusal(version, error))
         self.beat(log)
         metrics.rejected(self.store.model, nbytes)
         log.error("%s", error)
@@ -185,22 +174,28 @@ class Reporter:
     ) -> None:
         """Record a revert: ``back`` runs again (its manifest's ``manifest_digest``), and
         ``version`` counts as refused. Written when Redis can be reached; never waits."""
-        with self._lock:
-            count = self._status.rejected_count + 1
-            recent = status.remember_rejection(self._status.rejected_versions, version)
         self.update(
             state="idle",
             version=back,
             manifest_digest=manifest_digest,
-            last_error=str(error),
-            rejected_version=version,
-            rejected_versions=recent,
-            rejection=error.reasons,
-            rejected_tensors=len(error.reasons),
-            rejected_count=count,
+            **self._refusal(version, error),
         )
         metrics.reverted(self.store.model)
         log.warning("%s", error)
+
+    def _refusal(self, version: int, error: ValidationError) -> dict[str, Any]:
+        """The record's fields for one more refused version."""
+        with self._lock:
+            count = self._status.rejected_count + 1
+            recent = status.remember_rejection(self._status.rejected_versions, version)
+        return {
+            "last_error": str(error),
+            "rejected_version": version,
+            "rejected_versions": recent,
+            "rejection": error.reasons,
+            "rejected_tensors": len(error.reasons),
+            "rejected_count": count,
+        }
 
     def beat(self, log: logging.Logger) -> None:
         """Write the record now if it changed or the heartbeat is due (not while offline)."""
