@@ -95,7 +95,7 @@ class HostCache:
         self.budget = budget
         self.wait = wait
         self.stop = stop or threading.Event()
-        # hits, fills, waits, timeouts, discarded, evicted, unwritable: what tests
+        # hits, fills, waits, timeouts, busy, discarded, evicted, unwritable: what tests
         # and logs read.
         self.stats: Counter[str] = Counter()
         # The folder's bytes as of its last listing, plus this process's fills since.
@@ -163,11 +163,14 @@ class HostCache:
     # -- filling ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def filling(self, name: str) -> Iterator[Slot]:
+    def filling(self, name: str, wait: bool = True) -> Iterator[Slot]:
         """Hold ``name``'s fill lock (``slot.held``), or not once ``wait`` ran out.
 
         With the lock, look again (another process may have filled the file
         while this one waited), else read the blob and ``slot.publish`` it.
+        ``wait=False``: one try, no waiting (another process is filling it
+        now: ``held`` is False, counted as ``busy``); a read-ahead that
+        claims many blobs at once never waits holding the others.
         """
         try:
             fd = os.open(self._path(name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -176,23 +179,25 @@ class HostCache:
             yield Slot(self, name, False)
             return
         try:
-            held = self._lock(fd)
+            held = self._lock(fd, self.wait if wait else 0.0)
             if held:
                 # Whoever held the lock before is gone: a temporary file left is a dead fill's.
                 self._remove_temporaries(name)
             else:
-                self.stats["timeouts"] += 1
+                self.stats["timeouts" if wait else "busy"] += 1
             yield Slot(self, name, held)
         finally:
             os.close(fd)  # also drops the lock
 
-    def _lock(self, fd: int) -> bool:
-        deadline, pause, waited = time.monotonic() + self.wait, 0.001, False
+    def _lock(self, fd: int, wait: float) -> bool:
+        deadline, pause, waited = time.monotonic() + wait, 0.001, False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
+                if not wait:
+                    return False
                 if not waited:
                     self.stats["waits"] += 1
                     waited = True

@@ -15,22 +15,36 @@ The prefetched bytes pass the same checks as the store's own reads
 its cap, a chunk of the wrong length, frames that do not add up. Digests are
 checked by the reader as for any read.
 
+With the host cache on (``HOTSWAP_HOST_CACHE_DIR``, a ``SharedBlobStore``),
+a blob the cache holds is read from it; of the rest, the blobs no other
+agent of the host is fetching now are read in the one round trip and stored
+in the cache for the others (``SharedBlobStore.claim``/``keep``: the fill
+locks are held, without waiting for any, until they are stored); a blob
+another agent is fetching now is left to the store, which waits for its file.
+
 Redis I/O only through the ``BlobStore`` it wraps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hotswap import keys
 from hotswap.blobs import BlobStore, check_chunk, checked_frames, frame_caps
 from hotswap.blobwrite import PIPELINE_BYTES, chunk_span
 from hotswap.candidates import reads_backwards
+from hotswap.errors import IntegrityError
 from hotswap.frames import Blobs
 from hotswap.manifest import TensorEntry
+from hotswap.sharedblobs import SharedBlobStore
+
+if TYPE_CHECKING:
+    from hotswap.hostcache import Slot
 
 # Full blobs up to this size are read ahead (norms, biases: one chunk each).
 SMALL_BLOB_BYTES = 64 * 1024
@@ -79,42 +93,95 @@ class Prefetched:
     ) -> None:
         self.blobs = blobs
         self._ahead: dict[tuple[object, ...], _Ahead] = {}
-        names: list[str] = []
-        caps: list[int] = []
-        picked: list[tuple[TensorEntry, bool, int]] = []
-        spent = 0
-        ns, model = blobs.ns, blobs.model
-        for entry in entries:
-            ref = entry.delta
-            frames = ref is not None and running.get(entry.name) == ref.base
-            if frames and ref is not None and reads_backwards(entry) is False:
-                size, blob = ref.stored_bytes, ref.blob
-                more = frame_caps(entry, range(entry.chunks))
-            elif ref is None and 0 < entry.nbytes <= SMALL_BLOB_BYTES:
-                size, blob, frames = entry.nbytes, entry.digest, False
-                more = [
-                    chunk_span(entry, i)[1] - chunk_span(entry, i)[0] for i in range(entry.chunks)
-                ]
+        self.from_cache = 0  # blobs the host cache served
+        shared = blobs if isinstance(blobs, SharedBlobStore) else None
+        with contextlib.ExitStack() as held:  # the fill locks this read-ahead claimed
+            names: list[str] = []
+            caps: list[int] = []
+            picked: list[tuple[TensorEntry, bool, int, Slot | None]] = []
+            spent = 0
+            ns, model = blobs.ns, blobs.model
+            for entry in entries:
+                ref = entry.delta
+                frames = ref is not None and running.get(entry.name) == ref.base
+                if frames and ref is not None and reads_backwards(entry) is False:
+                    size, blob = ref.stored_bytes, ref.blob
+                    more = frame_caps(entry, range(entry.chunks))
+                elif ref is None and 0 < entry.nbytes <= SMALL_BLOB_BYTES:
+                    size, blob, frames = entry.nbytes, entry.digest, False
+                    more = [
+                        chunk_span(entry, i)[1] - chunk_span(entry, i)[0]
+                        for i in range(entry.chunks)
+                    ]
+                else:
+                    continue
+                if spent + size > budget:
+                    continue
+                slot = None
+                if shared is not None and shared.shares(entry, frames):
+                    if self._from_cache(shared, entry, version, frames):
+                        spent += size
+                        continue
+                    slot = shared.claim(entry, frames, held)
+                    if slot is None:
+                        continue  # another agent fetches it now: the store waits for its file
+                    # Filled between the first look and the lock?
+                    if self._from_cache(shared, entry, version, frames):
+                        spent += size
+                        continue
+                spent += size
+                picked.append((entry, frames, len(names), slot))
+                names += keys.chunk_keys(ns, model, blob, entry.chunk_bytes, entry.chunks)
+                caps += more
+            if not names:
+                return
+            # Anonymous memory: its pages are touched only where values land.
+            buf = memoryview(mmap.mmap(-1, sum(caps)))
+            got: Got = blobs.call(
+                "reading the version's small blobs",
+                # All at once: small values, and at most ``budget`` stored bytes in all.
+                functools.partial(blobs._get_capped, names, caps, buf, len(names)),
+            )
+            for entry, frames, first, slot in picked:
+                mine = got[first : first + entry.chunks]
+                self._ahead[_key(entry, version, frames)] = _Ahead(entry, version, mine)
+                if slot is not None and shared is not None:
+                    self._keep(shared, slot, entry, version, frames=frames, got=mine)
+
+    def _from_cache(
+        self, shared: SharedBlobStore, entry: TensorEntry, version: int, frames: bool
+    ) -> bool:
+        values = shared.cached(entry, frames)
+        if values is None:
+            return False
+        got: Got = [(v, len(v)) for v in values]
+        self._ahead[_key(entry, version, frames)] = _Ahead(entry, version, got)
+        self.from_cache += 1
+        return True
+
+    def _keep(
+        self,
+        shared: SharedBlobStore,
+        slot: Slot,
+        entry: TensorEntry,
+        version: int,
+        *,
+        frames: bool,
+        got: Got,
+    ) -> None:
+        """Store what came from Redis for the host, once it passes the store's checks (a
+        read that fails them stores nothing: the agent's own read raises as usual)."""
+        where = self._where(version)
+        try:
+            if frames:
+                values = list(checked_frames(where, entry, got))
             else:
-                continue
-            if spent + size > budget:
-                continue
-            spent += size
-            picked.append((entry, frames, len(names)))
-            names += keys.chunk_keys(ns, model, blob, entry.chunk_bytes, entry.chunks)
-            caps += more
-        if not names:
+                for i, (value, length) in enumerate(got):
+                    check_chunk(where, entry, i, length if value is None else len(value))
+                values = [v for v, _ in got if v is not None]
+        except IntegrityError:
             return
-        # Anonymous memory: its pages are touched only where values land.
-        buf = memoryview(mmap.mmap(-1, sum(caps)))
-        got: Got = blobs.call(
-            "reading the version's small blobs",
-            # All at once: small values, and at most ``budget`` stored bytes in all.
-            functools.partial(blobs._get_capped, names, caps, buf, len(names)),
-        )
-        for entry, frames, first in picked:
-            mine = got[first : first + entry.chunks]
-            self._ahead[_key(entry, version, frames)] = _Ahead(entry, version, mine)
+        shared.keep(slot, entry, frames, values)
 
     @classmethod
     def around(
@@ -124,10 +191,10 @@ class Prefetched:
         running: Mapping[str, str],
         version: int,
     ) -> Blobs:
-        """A ``Prefetched`` over ``blobs`` when it is a plain ``BlobStore`` and something is
-        worth reading ahead; ``blobs`` itself otherwise (a subclass, such as the host
-        cache's, reads its own way)."""
-        if type(blobs) is not BlobStore:
+        """A ``Prefetched`` over ``blobs`` when it is a ``BlobStore`` (plain, or reading
+        through the host cache) and something is worth reading ahead; ``blobs`` itself
+        otherwise (any other subclass reads its own way)."""
+        if not isinstance(blobs, BlobStore) or type(blobs) not in (BlobStore, SharedBlobStore):
             return blobs
         return cls(blobs, entries, running, version)
 

@@ -10,22 +10,32 @@ the bytes as it checks bytes from Redis (a full blob's BLAKE3 against the
 manifest, a delta's frames against the digests the manifest signs). A
 filler stores a full blob only once it matched the manifest's digest.
 ``stream`` (``hotswap verify``) always reads Redis.
+
+The agent's read-ahead of a version's small blobs (``hotswap.prefetch``)
+asks the host cache first (``cached``), claims the fill of each blob it
+then reads from Redis without waiting for any (``claim``: a blob another
+agent is filling now is left to ``frames``/``read_into``, which wait for
+its file), reads the claimed ones in one round trip and stores them
+(``keep``) under the same rules, so that Redis still sends each blob once
+per host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from hotswap import codec
 from hotswap.blobs import BlobStore
+from hotswap.blobwrite import chunk_span
 from hotswap.manifest import TensorEntry
 from hotswap.settings import HotswapSettings
 
 if TYPE_CHECKING:  # imported when sharing is on: fcntl is POSIX's
-    from hotswap.hostcache import Buffer, HostCache
+    from hotswap.hostcache import Buffer, HostCache, Slot
 
 # A delta blob's file: magic, frame count, each frame's length, the frames.
 _FRAMES_MAGIC = b"HSF1"
@@ -87,7 +97,7 @@ class SharedBlobStore(BlobStore):
         on_chunk: Callable[[int, int], None] | None = None,
     ) -> None:
         """As ``BlobStore.read_into``; the host's copy when it checks out, else Redis once."""
-        name = f"b-{entry.digest}-{entry.nbytes}"
+        name, _ = _name_size(entry, False)
         if len(out) != entry.nbytes or not entry.chunks or not self.cache.usable(name, len(out)):
             super().read_into(entry, out, version, on_chunk)
             return
@@ -107,6 +117,51 @@ class SharedBlobStore(BlobStore):
             # Only bytes that are the blob go in: a bad read fails the caller's check alone.
             if slot.held and mine.hexdigest() == entry.digest:
                 slot.publish([out])
+
+    # -- the read-ahead's side (``hotswap.prefetch``) --------------------------------
+
+    def shares(self, entry: TensorEntry, frames: bool) -> bool:
+        """Whether ``entry``'s blob (its delta's frames with ``frames``) goes through the cache."""
+        return bool(entry.chunks) and self.cache.usable(*_name_size(entry, frames))
+
+    def cached(self, entry: TensorEntry, frames: bool) -> list[memoryview] | None:
+        """The blob's chunks (``frames``: its delta's frames), in order, from the host
+        cache; None unless it is stored there and intact. Call only where ``shares``."""
+        name, _ = _name_size(entry, frames)
+        if frames:
+            return self._cached_frames(name, entry)
+        out = memoryview(bytearray(entry.nbytes))
+        if not self.cache.load_into(name, out):
+            return None
+        return [out[slice(*chunk_span(entry, i))] for i in range(entry.chunks)]
+
+    def claim(self, entry: TensorEntry, frames: bool, held: contextlib.ExitStack) -> Slot | None:
+        """The blob's fill lock, held until ``held`` closes, or None at once if another
+        process holds it (it is filling the blob: read it with ``frames``/``read_into``,
+        which wait for the file). Look at ``cached`` again once it is held."""
+        name, _ = _name_size(entry, frames)
+        slot = held.enter_context(self.cache.filling(name, wait=False))
+        return slot if slot.held else None
+
+    def keep(
+        self, slot: Slot, entry: TensorEntry, frames: bool, values: Sequence[memoryview]
+    ) -> None:
+        """Store the blob read from Redis under ``slot``: frames that passed the store's
+        checks (``blobs.checked_frames``) as they are, a full blob's chunks only if
+        together they are the blob the manifest names (its BLAKE3)."""
+        if frames:
+            slot.publish(_pack([bytes(v) for v in values]))
+            return
+        data = memoryview(bytearray(entry.nbytes))
+        mine = codec.ChunkDigest(data, entry.chunk_bytes)
+        for i, value in enumerate(values):
+            start, end = chunk_span(entry, i)
+            if len(value) != end - start:
+                return
+            data[start:end] = value
+            mine.landed(i, end - start)
+        if mine.hexdigest() == entry.digest:
+            slot.publish([data])
 
     def _cached_into(
         self,
@@ -128,8 +183,7 @@ class SharedBlobStore(BlobStore):
         Holds the delta blob's frames in memory (``stored_bytes``) while they are read.
         """
         ref = entry.delta
-        name = "" if ref is None else f"d-{ref.blob}-{entry.chunk_bytes}-{entry.chunks}"
-        size = 0 if ref is None else _framed_size(entry.chunks, ref.stored_bytes)
+        name, size = _name_size(entry, True)
         if ref is None or not entry.chunks or not self.cache.usable(name, size):
             yield from super().frames(entry, version)
             return
@@ -170,6 +224,15 @@ class SharedBlobStore(BlobStore):
             packed = _pack(frames)
             slot.publish(packed)
             return [memoryview(f) for f in frames]
+
+
+def _name_size(entry: TensorEntry, frames: bool) -> tuple[str, int]:
+    """The cache's name for ``entry``'s blob (``frames``: its delta's), and its size."""
+    ref = entry.delta
+    if frames and ref is not None:
+        name = f"d-{ref.blob}-{entry.chunk_bytes}-{entry.chunks}"
+        return name, _framed_size(entry.chunks, ref.stored_bytes)
+    return f"b-{entry.digest}-{entry.nbytes}", entry.nbytes
 
 
 def _framed_size(count: int, stored: int) -> int:
