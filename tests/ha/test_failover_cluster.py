@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
-import redis.cluster
 import torch
 from cluster_support import Cluster
+from ha_process import EventWorker, HeartbeatWatch
 from serving_worker import Probe, fill
 from waiting import poll
 
@@ -118,109 +115,15 @@ def hotswap_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-class Worker:
-    """``ha_worker.py`` in its own process; its event lines land in ``events``."""
+class Worker(EventWorker):
+    """``ha_worker.py`` in its own process; its event lines land in ``seen``."""
 
     def __init__(self, url: str, heartbeat_ttl: float, socket_timeout: float) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                url,
-                MODEL,
-                "--poll",
-                str(POLL),
-                "--heartbeat-ttl",
-                str(heartbeat_ttl),
-                "--socket-timeout",
-                str(socket_timeout),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
+        super().__init__(
+            WORKER,
+            *(url, MODEL, "--poll", str(POLL), "--heartbeat-ttl", str(heartbeat_ttl)),
+            *("--socket-timeout", str(socket_timeout)),
         )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[list[str]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        ready = self.wait(lambda e: e[0] == "READY")
-        self.agent_id = ready[1]
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait(self, match: Callable[[list[str]], bool], timeout: float = 60.0) -> list[str]:
-        """The first event (old or new) that ``match`` accepts; fails after ``timeout``."""
-        for event in self.seen:
-            if match(event):
-                return event
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"worker never reported it; saw {self.seen[-10:]}") from None
-            event = line.split()
-            self.seen.append(event)
-            if match(event):
-                return event
-
-    def applied(self, version: int, timeout: float = 60.0) -> float:
-        """When (monotonic) the worker applied ``version``."""
-        return float(self.wait(lambda e: e[:2] == ["APPLIED", str(version)], timeout)[2])
-
-    def finish(self) -> dict[str, object]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=60) == 0
-        self._reader.join(10)
-        while not self.lines.empty():
-            self.seen.append(self.lines.get().split())
-        result: dict[str, object] = json.loads(" ".join(self.seen[-1]))
-        return result
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(10)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None and not pipe.closed:
-                pipe.close()
-
-
-class HeartbeatWatch:
-    """Reads the agent's heartbeat key over and over from its own cluster client:
-    every read that reached Redis must find it (reads the failover refused do not count)."""
-
-    def __init__(self, url: str, key: str) -> None:
-        self.client = connect(settings_for(url))
-        self.key = key
-        self.missing: list[float] = []
-        self.reads = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                found = self.client.exists(self.key)
-            except (redis.RedisError, redis.exceptions.RedisClusterException):
-                self.stop.wait(0.05)
-                continue
-            self.reads += 1
-            if not found:
-                self.missing.append(time.monotonic())
-            self.stop.wait(0.05)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.client.close()
 
 
 def assert_runs_exactly_one(store: Store, digests: dict[str, str], version: int) -> None:
@@ -288,7 +191,9 @@ def test_agent_rides_through_a_failover_of_the_metadata_master(
         )
         worker.applied(1)
         store = pub.store
-        watch = HeartbeatWatch(seeds, keys.heartbeat_key(store.ns, MODEL, worker.agent_id))
+        watch = HeartbeatWatch(
+            connect(settings_for(seeds)), keys.heartbeat_key(store.ns, MODEL, worker.agent_id)
+        )
         head = keys.head_key(store.ns, MODEL)
         victim = cluster.owner_of(head)
         heir = cluster.replica_of(victim)

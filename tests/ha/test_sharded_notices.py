@@ -12,15 +12,12 @@ Every test ends with docs/reliability.md's check.
 
 from __future__ import annotations
 
-import queue
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 from cluster_support import Cluster, _client
+from ha_process import EventWorker
 from test_failover_cluster import (
     MODEL,
     ROOT,
@@ -66,30 +63,12 @@ class NoticeWorker(Worker):
     def __init__(
         self, url: str, poll_interval: float, heartbeat_ttl: float = 15.0, plain: bool = False
     ) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                url,
-                MODEL,
-                "--poll",
-                str(poll_interval),
-                "--heartbeat-ttl",
-                str(heartbeat_ttl),
-                "--socket-timeout",
-                "2.0",
-                *(["--plain"] if plain else []),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
+        EventWorker.__init__(
+            self,
+            WORKER,
+            *(url, MODEL, "--poll", str(poll_interval), "--heartbeat-ttl", str(heartbeat_ttl)),
+            *("--socket-timeout", "2.0", *(["--plain"] if plain else [])),
         )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[list[str]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.agent_id = self.wait(lambda e: e[0] == "READY")[1]
 
     def events(self, kind: str, since: int = 0) -> list[list[str]]:
         """The events of ``kind`` among those after the first ``since``."""
