@@ -60,7 +60,8 @@ def test_revert_puts_the_previous_version_back_and_refuses_the_reverted_one(
 
     assert agent.revert() == v1
     assert snapshot(model) == at_v1 and agent.applied_version == v1
-    with pytest.raises(ValidationError, match=r"v2 rejected: reverted: by Agent\.revert\(\), from host memory"):
+    reverted = r"v2 rejected: reverted: by Agent\.revert\(\), from host memory"
+    with pytest.raises(ValidationError, match=reverted):
         agent.wait_for(v2, 1)
     # Head is still v2: the agent looks again at its next polls and leaves it refused.
     asked = [0]
@@ -114,7 +115,8 @@ def test_a_failed_probe_leaves_the_model_as_it_was_and_refuses_the_version(
     bad = bump(model.state_dict())
     bad["head.weight"][0, 0] = 9.0  # valid bytes, a bad model
     v2 = pub.publish(bad)
-    with pytest.raises(ValidationError, match=r"v2 rejected: a post-apply probe: probe small_head: head weight reached 9\.0$"):
+    probed = r"v2 rejected: a post-apply probe: probe small_head: head weight reached 9\.0$"
+    with pytest.raises(ValidationError, match=probed):
         agent.wait_for(v2, 10)
     # The probe saw the new weights; readers never did: they are back.
     assert calls[-1] == 9.0 and snapshot(model) == at_v1 and agent.applied_version == v1

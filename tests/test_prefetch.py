@@ -91,7 +91,9 @@ def test_read_ahead_bytes_pass_the_stores_checks(store: Store, client: redis.Red
             reader.read_into(b, memoryview(bytearray(b.nbytes)), 2)
 
 
-def test_a_flipped_frame_is_found_by_the_agent_not_passed(store: Store, client: redis.Redis) -> None:
+def test_a_flipped_frame_is_found_by_the_agent_not_passed(
+    store: Store, client: redis.Redis
+) -> None:
     # Read ahead or not, a frame is only bytes: the reconstruction's digest check refuses it.
     from hotswap.reconstruct import Rebuild
 
