@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from hotswap.agent import Agent
     from hotswap.connection import connect, operation_retry
     from hotswap.names import NameMap
+    from hotswap.postapply import Probation
     from hotswap.probes import Readiness, readiness
     from hotswap.reporter import ApplyReport
     from hotswap.settings import HotswapSettings
@@ -51,6 +52,7 @@ _LAZY = {
     "NameMap": "hotswap.names",
     "Override": "hotswap.validate",
     "Policy": "hotswap.validate",
+    "Probation": "hotswap.postapply",
     "Readiness": "hotswap.probes",
     "Store": "hotswap.store",
     "Transform": "hotswap.transform",
@@ -85,6 +87,7 @@ __all__ = [
     "NotFound",
     "Override",
     "Policy",
+    "Probation",
     "Readiness",
     "SignatureError",
     "SourceError",

@@ -301,6 +301,7 @@ class Agent:
                 with contextlib.suppress(Exception):
                     self.store.client.close()
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._pipeline.probations.cancel()
         pending = self._pipeline.state.take_pending()
         if pending is not None:
             pending.release()

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import redis
 
-from hotswap import unpublished, validate
+from hotswap import postapply, unpublished, validate
 from hotswap.delivery import Reason, Request, Stopped
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
@@ -33,8 +33,9 @@ from hotswap.lookout import Lookout
 from hotswap.looks import Candidate, Confirmation, Quiet, Refused
 from hotswap.manifest import Manifest
 from hotswap.postapply import Probe
+from hotswap.probation import Probations
 from hotswap.reporter import ApplyReport, Reporter
-from hotswap.runstate import Ready, Rejection, RunState
+from hotswap.runstate import Ready, Rejection, RunState, Undo
 from hotswap.settings import HotswapSettings
 from hotswap.staging import LiveModel, Staged, Staging
 from hotswap.store import Store
@@ -150,6 +151,9 @@ class Pipeline:
             probes=probes,
             model=model,
             revert_bytes=revert_bytes,
+        )
+        self.probations = Probations(
+            postapply.probations(probes), self.writer, gate, stop, self._reverted
         )
         self.lookout = Lookout(store, settings)
         self._memory, self._gate, self._stop = memory, gate, stop
@@ -379,10 +383,15 @@ class Pipeline:
         self._said.note("applied")
         _callback(self.on_applied, m.version, report)
         self.state.decided()  # after the callback: it has run when wait_for returns
+        self.probations.start(m.version, ready.digest)
 
     def revert(self) -> int | None:
         """``Agent.revert`` (``Writer.revert``), reported: the version running again."""
-        last, error = self.writer.revert()
+        done = self.writer.revert()
+        assert done is not None  # raises instead when there is nothing to revert
+        return self._reverted(*done)
+
+    def _reverted(self, last: Undo, error: ValidationError) -> int | None:
         back = last.before.version
         self.reporter.reverted(last.version, back, last.before.digest, error, log)
         self._said.note(f"rejected:{last.version}")

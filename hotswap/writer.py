@@ -64,7 +64,13 @@ class Writer:
         revert_bytes: int | None = None,
     ) -> None:
         self.model_name, self.live, self.state, self._gate = model_name, live, state, gate
-        self.probes, self.model, self.revert_bytes = tuple(probes), model, revert_bytes
+        self.probes, self.model, self.revert_bytes = (
+            postapply.immediate(probes),
+            model,
+            revert_bytes,
+        )
+        # Probations need the replaced bytes kept too: a failure reverts.
+        self._keeps = bool(self.probes or postapply.probations(probes))
         self._writes = threading.Lock()
         # Seconds the last revert held the writer lock (bench.revert reads it).
         self.last_revert_seconds = 0.0
@@ -78,7 +84,7 @@ class Writer:
             # A patched tensor writes only its changed elements where what runs is its base.
             copies = pairs(staged, self.live, self.state.basis().digests)
             saved = undo.save(copies, self.revert_bytes, self._reusable())
-            if saved is None and self.probes:
+            if saved is None and self._keeps:
                 return Written(
                     refused=f"its {undo.needed(copies)} replaced bytes exceed the revert budget "
                     f"(HOTSWAP_REVERT_BYTES={self.revert_bytes}): a failed probe could not put "
@@ -96,28 +102,37 @@ class Writer:
                 paused = time.perf_counter() - locked
         return Written(paused, patched(copies), failed)
 
+    def last_applied(self) -> str | None:
+        """The manifest digest of the last apply whose replaced bytes are kept."""
+        last = self.state.undo()
+        return None if last is None else last.manifest_digest
+
     def _reusable(self) -> dict[int, torch.Tensor]:
         """The whole-tensor copies the last apply kept: written over by the next one."""
         last = self.state.undo()
         return {} if last is None else undo.copies_of(last.saved)
 
-    def revert(self) -> tuple[Undo, ValidationError]:
+    def revert(
+        self, why: str = "by Agent.revert(), from host memory", only: str | None = None
+    ) -> tuple[Undo, ValidationError] | None:
         """Put back what the last apply replaced, under the writer lock, from host memory;
-        its version counts as refused from now on (the error says so).
+        its version counts as refused from now on, for ``why``. With ``only`` (a manifest
+        digest), only while that version is the last applied (None otherwise).
 
         Raises:
-            HotswapError: nothing can be reverted.
+            HotswapError: nothing can be reverted (without ``only``).
         """
         with self._writes:
             last = self.state.undo()
+            if only is not None and (last is None or last.manifest_digest != only):
+                return None
             if last is None:
                 raise HotswapError(
                     f"model {self.model_name!r}: nothing to revert (no version applied since "
                     "the agent started or last reverted, or the last one's replaced bytes "
                     "exceeded HOTSWAP_REVERT_BYTES)"
                 )
-            why = {"<revert>": ["by Agent.revert(), from host memory"]}
-            error = validate.rejection(self.model_name, last.version, why)
+            error = validate.rejection(self.model_name, last.version, {"<revert>": [why]})
             with self._gate.writing():
                 locked = time.perf_counter()
                 undo.restore(last.saved)

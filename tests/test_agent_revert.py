@@ -174,3 +174,71 @@ def test_revert_inside_a_read_is_refused(make: Make, pub: Publisher) -> None:
     with agent.reading(), pytest.raises(ConfigError, match="revert\\(\\) was called inside"):
         agent.revert()
     assert agent.applied_version == v1
+
+
+def test_a_probation_that_fails_reverts_the_version_once_traffic_met_it(
+    make: Make, pub: Publisher
+) -> None:
+    import threading
+
+    from hotswap.postapply import Probation
+
+    model = Ten()
+    ran = threading.Event()
+    refused = threading.Event()
+
+    def error_rate_ok(m: Ten) -> str | None:
+        ran.set()
+        big = float(m.head.weight.abs().max())
+        return None if big < 5 else f"error rate 7% with head weight {big:.0f}"
+
+    agent = make(
+        model,
+        probes=[Probation(error_rate_ok, seconds=0.2)],
+        on_rejected=lambda _v, _reasons: refused.set(),
+    )
+    v1 = pub.publish(bump(model.state_dict()))
+    assert agent.wait_for(v1, 10) and ran.wait(10)
+    at_v1 = snapshot(model)
+    bad = bump(model.state_dict())
+    bad["head.weight"][0, 0] = 9.0
+    v2 = pub.publish(bad)
+    assert agent.wait_for(v2, 10)  # applied: the window lets traffic meet it first
+    assert snapshot(model) != at_v1
+    assert refused.wait(10)  # the check ran after 0.2 s and failed
+    assert snapshot(model) == at_v1 and agent.applied_version == v1
+    with pytest.raises(ValidationError, match=r"reverted: probation failed: probe error_rate_ok"):
+        agent.wait_for(v2, 1)
+
+
+def test_a_probation_for_a_version_already_replaced_does_nothing(
+    make: Make, pub: Publisher
+) -> None:
+    import threading
+
+    from hotswap.postapply import Probation
+
+    model = Ten()
+    seen: list[float] = []
+    checked = threading.Event()
+
+    def head_small(m: Ten) -> str | None:
+        seen.append(float(m.head.weight.abs().max()))
+        checked.set()
+        return None if seen[-1] < 5 else "too big"
+
+    # A window long enough that v3 lands within v2's on a loaded machine.
+    agent = make(model, probes=[Probation(head_small, seconds=2.0)])
+    first = bump(model.state_dict())
+    bad = bump(first)
+    bad["head.weight"][0, 0] = 9.0
+    v1 = pub.publish(first)
+    assert agent.wait_for(v1, 10)
+    v2 = pub.publish(bad)
+    assert agent.wait_for(v2, 10)
+    v3 = pub.publish(bump(first, 0.02))  # replaces v2 within its window
+    assert agent.wait_for(v3, 10)
+    # Windows end in the order they began: v1's and v2's found a newer version
+    # running and stood down unchecked; the first check to run is v3's.
+    assert checked.wait(10)
+    assert len(seen) == 1 and seen[0] < 5 and agent.applied_version == v3
