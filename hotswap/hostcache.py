@@ -3,12 +3,12 @@
 Imports no Redis: what goes in, and what the bytes must be, are the
 caller's (``hotswap.sharedblobs``). One file per blob, named by its content; the first
 process that needs a blob takes an exclusive ``flock`` on ``NAME.lock``, reads
-the blob (from Redis), writes it to ``NAME.tmp.*`` and renames that into
-place, so a reader sees the whole file or none. The kernel drops a lock when
-its holder dies, so a filler killed mid-write blocks nobody: the next process
-takes the lock, deletes the dead filler's temporary file and fills the blob
-itself. Others wait on the lock (at most ``wait`` seconds, then they read
-Redis themselves) and read the file.
+the blob (from Redis), writes it to ``NAME.tmp.*`` (named in the lock file
+first) and renames that into place, so a reader sees the whole file or none.
+The kernel drops a lock when its holder dies, so a filler killed mid-write
+blocks nobody: the next process takes the lock, deletes the dead filler's
+temporary file and fills the blob itself. Others wait on the lock (at most
+``wait`` seconds, then they read Redis themselves) and read the file.
 
 Each file ends with the XXH3-128 of its bytes, written by its filler and
 checked by every reader before it hands a byte on: a file damaged in any
@@ -47,6 +47,8 @@ log = logging.getLogger("hotswap.hostcache")
 
 # A blob's file name: letters, digits and dashes only (no path can be spelled).
 _NAME = re.compile(r"[A-Za-z0-9-]{1,200}")
+# A temporary file's: the blob's, ".tmp.", the filler's process and thread ids.
+_TMP = re.compile(r"[A-Za-z0-9-]{1,200}\.tmp\.[0-9]+-[0-9]+")
 # The longest pause between two tries of a busy lock: a waiter starts on a
 # blob this soon after its filler is done (each try is one system call).
 _MAX_POLL = 0.002
@@ -182,10 +184,10 @@ class HostCache:
             held = self._lock(fd, self.wait if wait else 0.0)
             if held:
                 # Whoever held the lock before is gone: a temporary file left is a dead fill's.
-                self._remove_temporaries(name)
+                self._remove_dead_fill(fd, name)
             else:
                 self.stats["timeouts" if wait else "busy"] += 1
-            yield Slot(self, name, held)
+            yield Slot(self, name, held, fd)
         finally:
             os.close(fd)  # also drops the lock
 
@@ -206,21 +208,37 @@ class HostCache:
                 return False
             pause = min(pause * 2, _MAX_POLL)
 
-    def _publish(self, name: str, pieces: Sequence[Buffer]) -> bool:
+    def _remove_dead_fill(self, lock: int, name: str) -> None:
+        """Delete the temporary file the last holder of ``lock`` named in it (``_write``).
+
+        Read from the lock file, not by listing the folder: a listing at each
+        fill costs a stat per file the folder holds, and it holds every blob
+        of the versions kept. A holder that names no file (one of an earlier
+        release) is left to ``_sweep``.
+        """
+        try:
+            tmp = os.pread(lock, 256, 0).decode("ascii", "replace")
+        except OSError:
+            return
+        if _TMP.fullmatch(tmp) and tmp.startswith(name + ".tmp."):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(tmp))
+
+    def _publish(self, name: str, pieces: Sequence[Buffer], lock: int) -> bool:
         """Write ``pieces`` as the file ``name``, whole or not at all."""
         size = sum(memoryview(p).nbytes for p in pieces) + _SUM
         try:
             if not self._make_room(size, name, self.budget):
                 return False
             try:
-                self._write(name, pieces)
+                self._write(name, pieces, lock)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
                 # The file system is smaller than the budget (a container's 64 MiB
                 # /dev/shm): the oldest files make way, once.
                 self._make_room(size, name, self.size())
-                self._write(name, pieces)
+                self._write(name, pieces, lock)
         except OSError as e:
             self._unwritable(name, e)
             return False
@@ -232,8 +250,13 @@ class HostCache:
         level = logging.DEBUG if self.stats["unwritable"] > 1 else logging.WARNING
         log.log(level, "host cache %s: cannot store %s (%s); reading Redis", self.folder, name, e)
 
-    def _write(self, name: str, pieces: Sequence[Buffer]) -> None:
-        tmp = self._path(f"{name}.tmp.{os.getpid()}-{threading.get_ident()}")
+    def _write(self, name: str, pieces: Sequence[Buffer], lock: int) -> None:
+        base = f"{name}.tmp.{os.getpid()}-{threading.get_ident()}"
+        # Named in the lock file before it exists: if this process dies before the
+        # rename, the next holder of the lock deletes it (``_remove_dead_fill``).
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, base.encode("ascii"), 0)
+        tmp = self._path(base)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -253,6 +276,9 @@ class HostCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        # Named only while it is being written: an empty lock file takes no page.
+        with contextlib.suppress(OSError):
+            os.ftruncate(lock, 0)
         self._touch(name)
 
     # -- budget -------------------------------------------------------------------
@@ -385,8 +411,8 @@ def _read_exactly(f: io.FileIO, out: memoryview) -> None:
 class Slot:
     """A fill in progress (``HostCache.filling``): ``held`` says whether this process may fill."""
 
-    def __init__(self, cache: HostCache, name: str, held: bool) -> None:
-        self.cache, self.name, self.held = cache, name, held
+    def __init__(self, cache: HostCache, name: str, held: bool, lock: int = -1) -> None:
+        self.cache, self.name, self.held, self.lock = cache, name, held, lock
 
     def publish(self, pieces: Sequence[Buffer]) -> bool:
         """Store ``pieces``, in order, as the blob's file (only with the lock held).
@@ -395,4 +421,4 @@ class Slot:
             Whether the file is in place (False: over the budget, or the
             folder refused the write; the caller has the bytes anyway).
         """
-        return self.held and self.cache._publish(self.name, pieces)
+        return self.held and self.cache._publish(self.name, pieces, self.lock)

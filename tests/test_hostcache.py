@@ -438,3 +438,32 @@ def test_sharing_is_off_unless_a_folder_is_set() -> None:
 @pytest.fixture(autouse=True)
 def _flushed(client: redis.Redis) -> None:
     """The `client` fixture empties Redis before each test."""
+
+
+def test_the_next_filler_deletes_the_temporary_file_the_lock_names(tmp_path: Path) -> None:
+    # What a filler killed mid-write leaves, planted after this cache's start-up
+    # sweep: its lock file names its temporary file. A fill finds it there, without
+    # listing the folder (another blob's dead fill is left for the next sweep).
+    folder = tmp_path / "cache"
+    cache = HostCache(folder, 1 << 20)
+    (folder / "b-x.lock").write_bytes(b"b-x.tmp.999-1")
+    (folder / "b-x.tmp.999-1").write_bytes(b"half")
+    (folder / "b-y.tmp.5-6").write_bytes(b"half")
+    (folder / "b-z.lock").write_bytes(b"b-y.tmp.5-6")  # names another blob's: not deleted
+    with cache.filling("b-z") as slot:
+        assert slot.held and slot.publish([b"zz"])
+    with cache.filling("b-x") as slot:
+        assert slot.held
+        assert not (folder / "b-x.tmp.999-1").exists()
+        assert slot.publish([b"xyz"])
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "b-x",
+        "b-x.lock",
+        "b-y.tmp.5-6",
+        "b-z",
+        "b-z.lock",
+    ]
+    # The lock names a temporary file only while it is written.
+    assert (folder / "b-x.lock").read_bytes() == b""
+    out = bytearray(3)
+    assert cache.load_into("b-x", memoryview(out)) and out == b"xyz"
