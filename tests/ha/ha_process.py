@@ -1,5 +1,6 @@
-"""A worker script run in its own process for the high-availability tests, and a watch on
-an agent's heartbeat key: shared by the cluster, Sentinel and sharded-notice modules.
+"""A worker script run in its own process for the high-availability tests, a watch on an
+agent's heartbeat key, and the probe model's versions: shared by the cluster, Sentinel
+and sharded-notice modules.
 
 The worker prints one event a line (``READY <agent id>``, ``APPLIED <version>
 <monotonic>``, ..., and a JSON summary last); ``wait`` finds one, old or new.
@@ -19,6 +20,12 @@ from typing import Any
 
 import redis
 import redis.exceptions
+import torch
+from serving_worker import Probe, fill
+
+from hotswap.errors import StoreUnavailable
+from hotswap.store import Store
+from publisher import Publisher
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,3 +121,36 @@ class HeartbeatWatch:
         self.stop.set()
         self.thread.join(10)
         self.client.close()
+
+
+def state(version: int) -> dict[str, torch.Tensor]:
+    """The probe model's content for ``version`` (``serving_worker.fill``)."""
+    s = {k: t.clone() for k, t in Probe().state_dict().items()}
+    fill(s, version)
+    return s
+
+
+def content_of(store: Store, version: int) -> dict[str, str]:
+    return {t.name: t.digest for t in store.manifest(version).tensors}
+
+
+def publish(pub: Publisher, version: int) -> tuple[int, int]:
+    """Publish the probe's ``version`` content; (version committed, attempts it took).
+
+    A publish that meets the failover still in progress fails with
+    ``StoreUnavailable`` and is tried again, as an operator would.
+    """
+    for attempt in range(1, 6):
+        try:
+            return pub.publish(state(version), message=f"v{version}"), attempt
+        except StoreUnavailable:
+            if attempt == 5:
+                raise
+    raise AssertionError("unreachable")
+
+
+def assert_runs_exactly_one(store: Store, digests: dict[str, str], version: int) -> None:
+    """docs/reliability.md's check: bit-equal to ``version``, and every version it
+    equals has that very content (never a mix of two)."""
+    matching = [v for v in store.versions() if content_of(store, v) == digests]
+    assert version in matching, f"live model matches {matching}, expected v{version}"

@@ -18,10 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from cluster_support import Cluster
-from ha_process import EventWorker, HeartbeatWatch
-from serving_worker import Probe, fill
+from ha_process import (
+    EventWorker,
+    HeartbeatWatch,
+    assert_runs_exactly_one,
+    content_of,
+    publish,
+    state,
+)
+from serving_worker import Probe
 from waiting import poll
 
 from hotswap import codec, keys
@@ -68,31 +74,6 @@ def settings_for(url: str) -> HotswapSettings:
     )
 
 
-def state(version: int) -> dict[str, torch.Tensor]:
-    s = {k: t.clone() for k, t in Probe().state_dict().items()}
-    fill(s, version)
-    return s
-
-
-def content_of(store: Store, version: int) -> dict[str, str]:
-    return {t.name: t.digest for t in store.manifest(version).tensors}
-
-
-def publish(pub: Publisher, version: int) -> tuple[int, int]:
-    """Publish the probe's ``version`` content; (version committed, attempts it took).
-
-    A publish that meets the failover still in progress fails with
-    ``StoreUnavailable`` and is tried again, as an operator would.
-    """
-    for attempt in range(1, 6):
-        try:
-            return pub.publish(state(version), message=f"v{version}"), attempt
-        except StoreUnavailable:
-            if attempt == 5:
-                raise
-    raise AssertionError("unreachable")
-
-
 def hotswap_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")},
@@ -124,13 +105,6 @@ class Worker(EventWorker):
             *(url, MODEL, "--poll", str(POLL), "--heartbeat-ttl", str(heartbeat_ttl)),
             *("--socket-timeout", str(socket_timeout)),
         )
-
-
-def assert_runs_exactly_one(store: Store, digests: dict[str, str], version: int) -> None:
-    """docs/reliability.md's check: bit-equal to ``version``, and every version it
-    equals has that very content (never a mix of two)."""
-    matching = [v for v in store.versions() if content_of(store, v) == digests]
-    assert version in matching, f"live model matches {matching}, expected v{version}"
 
 
 def test_several_seed_nodes_survive_losing_the_first(cluster: Cluster) -> None:

@@ -19,18 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from ha_process import EventWorker, HeartbeatWatch
+from ha_process import EventWorker, HeartbeatWatch, content_of, publish, state
 from sentinel_support import DOWN_AFTER_MS, SERVICE, SentinelSet
-from serving_worker import Probe, fill
 from waiting import poll
 
 from hotswap import keys
 from hotswap.connection import connect
-from hotswap.errors import StoreUnavailable
 from hotswap.sentinel import replica_client
 from hotswap.settings import HotswapSettings
-from hotswap.store import Store
 from publisher import Publisher
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
@@ -68,27 +64,6 @@ def settings_for(url: str, **more: object) -> HotswapSettings:
         _env_file=None,  # type: ignore[call-arg]
         **more,
     )
-
-
-def state(version: int) -> dict[str, torch.Tensor]:
-    s = {k: t.clone() for k, t in Probe().state_dict().items()}
-    fill(s, version)
-    return s
-
-
-def content_of(store: Store, version: int) -> dict[str, str]:
-    return {t.name: t.digest for t in store.manifest(version).tensors}
-
-
-def publish(pub: Publisher, version: int) -> tuple[int, int]:
-    """Publish the probe's ``version`` content; (version committed, attempts it took)."""
-    for attempt in range(1, 6):
-        try:
-            return pub.publish(state(version), message=f"v{version}"), attempt
-        except StoreUnavailable:
-            if attempt == 5:
-                raise
-    raise AssertionError("unreachable")
 
 
 def hotswap_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -17,16 +17,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 from cluster_support import Cluster, _client
-from ha_process import EventWorker
-from test_failover_cluster import (
-    MODEL,
-    ROOT,
-    Worker,
-    assert_runs_exactly_one,
-    content_of,
-    settings_for,
-    state,
-)
+from ha_process import EventWorker, assert_runs_exactly_one, content_of, state
+from test_failover_cluster import MODEL, ROOT, Worker, settings_for
 from waiting import poll
 
 from hotswap import keys
