@@ -304,12 +304,12 @@ class BlobStore(BlobWriter):
                     self.ns, self.model, ref.blob, entry.chunk_bytes, batch.stop, first=batch.start
                 )
                 # A batch's frames at once: their caps bound the bytes in flight.
-                fetch = functools.partial(self._get_capped, names, caps, buf, len(names))
+                fetch = functools.partial(self.get_capped, names, caps, buf, len(names))
                 yield self.call(f"reading the delta of tensor {entry.name!r}", fetch)
 
         yield from checked_frames(where, entry, itertools.chain.from_iterable(batches()))
 
-    def _get_capped(
+    def get_capped(
         self, names: list[str], caps: list[int], buf: memoryview, window: int | None = None
     ) -> list[tuple[memoryview | None, int | None]]:
         """``_get_capped_primary``, from replicas first where ``replicas`` is set: the

@@ -140,7 +140,7 @@ class Prefetched:
             got: Got = blobs.call(
                 "reading the version's small blobs",
                 # All at once: small values, and at most ``budget`` stored bytes in all.
-                functools.partial(blobs._get_capped, names, caps, buf, len(names)),
+                functools.partial(blobs.get_capped, names, caps, buf, len(names)),
             )
             for entry, frames, first, slot in picked:
                 mine = got[first : first + entry.chunks]

@@ -202,7 +202,7 @@ class ReplicaReads:
         self, names: Sequence[str], caps: Sequence[int], buf: memoryview
     ) -> list[tuple[memoryview, int] | None]:
         """Values of ``names`` from replicas into consecutive slots of ``buf``, one of
-        ``caps[i]`` bytes each (``BlobStore._get_capped``: delta frames, small blobs).
+        ``caps[i]`` bytes each (``BlobStore.get_capped``: delta frames, small blobs).
 
         Returns:
             Per name, its value and length, or None where the primary must be

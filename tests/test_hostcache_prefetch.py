@@ -84,13 +84,13 @@ def test_small_blobs_come_in_one_round_trip_then_from_the_host_cache(
     want = read_all(store.blobs, entries)
     first, second = agent_store(store, tmp_path / "c"), agent_store(store, tmp_path / "c")
     batches: list[int] = []
-    real = first._get_capped
+    real = first.get_capped
 
     def counted(names: list[str], *rest: object) -> object:
         batches.append(len(names))
         return real(names, *rest)  # type: ignore[arg-type]
 
-    first._get_capped = counted  # type: ignore[method-assign,assignment]
+    first.get_capped = counted  # type: ignore[method-assign,assignment]
     before = get_calls(client)
     ahead = Prefetched(first, entries, running, 2)
     # One batch: every frame and small chunk of the version, one GET each, nothing more.
