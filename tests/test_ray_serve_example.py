@@ -125,6 +125,8 @@ def every_replica_answers(
 
     def all_at_version() -> bool:
         header, logits, pid = ask(http, route)
+        if header == "None":
+            return False  # a replica whose agent applied nothing yet: the model's own weights
         assert same(logits, want[header]), f"{route} v{header} answered other logits"
         answers[pid] = header
         return len(answers) == REPLICAS and set(answers.values()) == {str(version)}
