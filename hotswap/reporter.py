@@ -24,7 +24,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,6 +46,10 @@ RETRY_SECONDS = 1.0
 # wait: once the update is over its record is written at once (a rejection is
 # written before waiters wake). It is also how far ``hotswap status`` may lag.
 SETTLE_SECONDS = 0.25
+
+# A user callback the reporter's thread calls every ``health_interval``: numbers
+# by name (error rate, latency, any scalar) for ``hotswap rollout`` to judge.
+Health = Callable[[], Mapping[str, float]]
 
 
 def _trim(rejection: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -71,8 +75,13 @@ class Reporter:
         log: logging.Logger | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        track: str = "stable",
+        health: Health | None = None,
+        health_interval: float = 1.0,
     ) -> None:
         self.store = store
+        self._health = health
+        self._health_interval = health_interval
         self.ttl = ttl
         self.log = log or logging.getLogger("hotswap.agent")
         self._clock = clock
@@ -346,7 +355,15 @@ class ApplyReport:
     tensors_validated_by_patch: int = 0
 
 
-def agent_id() -> str:
-    """A fresh id for one agent: host, pid and a random suffix, as a valid key part."""
-    raw = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    return re.sub(r"[^A-Za-z0-9._-]", "-", raw)[-128:]
+def agent_id(name: str | None = None) -> str:
+    """One agent's id, as a valid key part: host and ``name`` (the same at each start of a
+    process that gives itself that name), else host, pid and a random suffix (new each time).
+
+    Example:
+        >>> agent_id("web-1") == f"{socket.gethostname()}-web-1"  # doctest: +SKIP
+        True
+    """
+    tail = name if name is not None else f"{os.getpid()}-{secrets.token_hex(3)}"
+    # The name is kept whole: a long host name is cut from the left instead.
+    raw = re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{tail}")
+    return raw[-128:]
