@@ -5,11 +5,11 @@ Every metric is documented in docs/metrics.md. Two kinds:
 - **Events** (rejections, bytes fetched, apply durations) are counted when
   they happen, labelled by model: several agents of one model in a process
   add up.
-- **Where each agent stands** (head, applied version, lag, state) is read
-  from the agents themselves at each scrape, labelled by model and agent id,
-  so the four gauges always agree with each other and with
-  ``Agent.head_version``/``applied_version``/``state``, and cost nothing
-  between scrapes. An agent is reported from its construction until it is
+- **Where each agent stands** (head, applied version, lag, state; its track
+  and health numbers) is read from the agents themselves at each scrape,
+  labelled by model and agent id, so the gauges always agree with each other
+  and with ``Agent.head_version``/``applied_version``/``state`` and its status
+  record, and cost nothing between scrapes. An agent is reported from its construction until it is
   garbage-collected (its state says ``stopped`` once stopped).
 
 Everything is created once per process, on first use, in the default registry
@@ -25,11 +25,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hotswap.status import STATES
+from hotswap.status import STATES, AgentStatus
 
 _lock = threading.Lock()
 # {"metrics": _Metrics | None} once looked up; empty before.
 _made: dict[str, _Metrics | None] = {}
+
+
+class Reporting(Protocol):
+    """Whatever holds an agent's status record (``hotswap.reporter.Reporter``)."""
+
+    @property
+    def status(self) -> AgentStatus: ...
 
 
 class Tracked(Protocol):
@@ -37,6 +44,9 @@ class Tracked(Protocol):
 
     model_name: str
     agent_id: str
+
+    @property
+    def reporter(self) -> Reporting: ...
 
     @property
     def head_version(self) -> int | None: ...
@@ -67,9 +77,13 @@ class _Standing:
         with self._lock:
             agents = list(self._agents)
         families = self._families()
-        head, applied, lag, state = families
+        head, applied, lag, state, info, health = families
         for agent in agents:
             labels = [agent.model_name, agent.agent_id]
+            record = agent.reporter.status
+            info.add_metric([*labels, record.track or "stable"], 1.0)
+            for name, value in sorted((record.health or {}).items()):
+                health.add_metric([*labels, name], value)
             # One read of each property, so lag is head minus the applied shown.
             h, v, now = agent.head_version, agent.applied_version, agent.state
             if h is not None:
@@ -83,7 +97,7 @@ class _Standing:
         yield from families
 
     @staticmethod
-    def _families() -> tuple[Any, Any, Any, Any]:
+    def _families() -> tuple[Any, Any, Any, Any, Any, Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         per_agent = ["model", "agent"]
@@ -106,6 +120,16 @@ class _Standing:
                 "1 for the agent's current state, 0 for the others.",
                 labels=[*per_agent, "state"],
             ),
+            GaugeMetricFamily(
+                "hotswap_agent_info",
+                "Always 1: the agent and the track it follows (HOTSWAP_TRACK).",
+                labels=[*per_agent, "track"],
+            ),
+            GaugeMetricFamily(
+                "hotswap_health",
+                "The numbers the agent's health callback returned last (Agent(health=...)).",
+                labels=[*per_agent, "name"],
+            ),
         )
 
 
@@ -113,6 +137,7 @@ class _Standing:
 class _Metrics:
     rejections: Any
     reverts: Any
+    probe_failures: Any
     apply_seconds: Any
     bytes_fetched: Any
     standing: _Standing
@@ -134,6 +159,11 @@ def _get() -> _Metrics | None:
             reverts=prom.Counter(
                 "hotswap_reverts", "Versions the agent put back from host memory.", ["model"]
             ),
+            probe_failures=prom.Counter(
+                "hotswap_probe_failures",
+                "Versions a post-apply probe or a probation failure refused.",
+                ["model"],
+            ),
             apply_seconds=prom.Histogram(
                 "hotswap_apply_seconds",
                 "Seconds the writer lock was held to apply a version.",
@@ -149,7 +179,8 @@ def _get() -> _Metrics | None:
 
 
 def track(agent: Tracked) -> None:
-    """Report ``agent``'s head, applied version, lag and state at every scrape."""
+    """Report ``agent``'s head, applied version, lag, state, track and health numbers at
+    every scrape."""
     m = _get()
     if m is not None:
         m.standing.track(agent)
@@ -176,6 +207,14 @@ def reverted(model: str) -> None:
     m = _get()
     if m is not None:
         m.reverts.labels(model=model).inc()
+
+
+def probe_failed(model: str) -> None:
+    """Count a version a probe or a probation refused (also counted as a rejection or a
+    revert)."""
+    m = _get()
+    if m is not None:
+        m.probe_failures.labels(model=model).inc()
 
 
 def enabled() -> bool:

@@ -13,6 +13,13 @@ the slot map anew: a failover may have lost the last write (acknowledged by
 the old master, never copied to its replica), or left it waiting out the
 pause after a failed one, and ``hotswap status`` would lag until the next
 change or heartbeat.
+
+With a health callback (``Agent(health=...)``) the reporter's second thread
+(``health.HealthWatch``) calls it at start and every ``health_interval``, and
+its numbers go into the record (``health``, ``health_at``), where ``hotswap
+rollout`` judges canaries. A change of the numbers is written like any other
+change; the same numbers again only move ``health_at``, which goes out with
+the next write (at the latest the heartbeat).
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from hotswap import candidates, metrics, status
 from hotswap.errors import HotswapError, ValidationError
-from hotswap.status import AgentStatus
+from hotswap.health import Health, HealthWatch
+from hotswap.status import MAX_PROBE_REASON, AgentStatus
 from hotswap.store import Store
 
 # Reasons kept in the record: it must stay small enough for ``status.decode``.
@@ -46,10 +54,6 @@ RETRY_SECONDS = 1.0
 # wait: once the update is over its record is written at once (a rejection is
 # written before waiters wake). It is also how far ``hotswap status`` may lag.
 SETTLE_SECONDS = 0.25
-
-# A user callback the reporter's thread calls every ``health_interval``: numbers
-# by name (error rate, latency, any scalar) for ``hotswap rollout`` to judge.
-Health = Callable[[], Mapping[str, float]]
 
 
 def _trim(rejection: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -80,8 +84,6 @@ class Reporter:
         health_interval: float = 1.0,
     ) -> None:
         self.store = store
-        self._health = health
-        self._health_interval = health_interval
         self.ttl = ttl
         self.log = log or logging.getLogger("hotswap.agent")
         self._clock = clock
@@ -96,6 +98,7 @@ class Reporter:
             host=socket.gethostname(),
             pid=os.getpid(),
             encodings=candidates.understood(),
+            track=track,
         )
         self._dirty = True
         # An applied version is written at once: it is what ``hotswap status`` is for.
@@ -107,6 +110,9 @@ class Reporter:
         # Set by start(), read by close(): the agent calls both from one thread.
         self._thread: threading.Thread | None = None
         self._unwatch: Callable[[], None] | None = None
+        self._health = (
+            HealthWatch(health, health_interval, self._healthy, self.log) if health else None
+        )
 
     @property
     def status(self) -> AgentStatus:
@@ -114,12 +120,23 @@ class Reporter:
         with self._lock:
             return replace(self._status, rejection=dict(self._status.rejection))
 
+    def _healthy(self, numbers: dict[str, float] | None, at: float) -> None:
+        """Take a health sample: new numbers are a change; the same only move ``health_at``."""
+        with self._lock:
+            changed = self._status.health != numbers or self._status.health_at is None
+            self._status.health, self._status.health_at = numbers, at
+            self._dirty = self._dirty or changed
+        if changed:
+            self._wake.set()
+
     def update(self, **fields: Any) -> None:
         """Change fields of the record; the thread writes it soon after."""
         if "rejection" in fields:
             fields["rejection"] = _trim(fields["rejection"])
         if "last_error" in fields and fields["last_error"] is not None:
             fields["last_error"] = str(fields["last_error"])[:2000]
+        if "last_probe" in fields and fields["last_probe"] is not None:
+            fields["last_probe"] = str(fields["last_probe"])[:MAX_PROBE_REASON]
         changed = False
         with self._lock:
             for name, value in fields.items():
@@ -193,10 +210,15 @@ class Reporter:
         log.warning("%s", error)
 
     def _refusal(self, version: int, error: ValidationError) -> dict[str, Any]:
-        """The record's fields for one more refused version."""
+        """The record's fields for one more refused version (and one more probe failure,
+        when a probe or a probation refused it)."""
+        probe = probe_failure(error)
         with self._lock:
             count = self._status.rejected_count + 1
             recent = status.remember_rejection(self._status.rejected_versions, version)
+            probes = self._status.probe_failures + (probe is not None)
+        if probe is not None:
+            metrics.probe_failed(self.store.model)
         return {
             "last_error": str(error),
             "rejected_version": version,
@@ -204,6 +226,8 @@ class Reporter:
             "rejection": error.reasons,
             "rejected_tensors": len(error.reasons),
             "rejected_count": count,
+            "probe_failures": probes,
+            **({} if probe is None else {"last_probe": f"v{version}: {probe}"}),
         }
 
     def beat(self, log: logging.Logger) -> None:
@@ -255,6 +279,8 @@ class Reporter:
                 target=self._run, name=f"hotswap-reporter-{self.store.model}", daemon=True
             )
             self._thread.start()
+            if self._health is not None:
+                self._health.start(f"hotswap-health-{self.store.model}")
 
     def close(self, timeout: float) -> bool:
         """Stop the thread after one last write; True if that write landed within ``timeout``.
@@ -273,6 +299,8 @@ class Reporter:
 
         deadline = time.monotonic() + timeout
         thread = self._thread
+        if self._health is not None:
+            self._health.stop()
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
@@ -330,6 +358,31 @@ class Reporter:
             return max(0.0, self._next - now)
 
 
+def probe_failure(error: ValidationError) -> str | None:
+    """The reason a post-apply probe or a probation gave, when one refused the version.
+
+    A probe's refusal comes as ``"<probes>": ["probe NAME: ..."]`` (pipeline, after
+    ``postapply.run``), a probation's as a revert ``"probation failed: ..."``
+    (``probation.Probations``); a revert by hand, or a version refused because its
+    replaced bytes exceed the revert budget, is no probe failure.
+
+    Example:
+        >>> probe_failure(ValidationError("x", {"<probes>": ["probe loss: 3.1 > 2.5"]}))
+        'probe loss: 3.1 > 2.5'
+    """
+    for why in error.reasons.get("<probes>", []):
+        if why.startswith("probe "):
+            return why
+    for why in error.reasons.get("<revert>", []):
+        if why.startswith(PROBATION_FAILED):
+            return why
+    return None
+
+
+# How ``probation.Probations`` words the revert a failed probation makes.
+PROBATION_FAILED = "probation failed: "
+
+
 @dataclass(frozen=True)
 class ApplyReport:
     """What one applied version cost; passed to ``Agent(on_applied=...)``."""
@@ -367,3 +420,7 @@ def agent_id(name: str | None = None) -> str:
     # The name is kept whole: a long host name is cut from the left instead.
     raw = re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{tail}")
     return raw[-128:]
+
+
+# Health is re-exported: the agent takes one (``Agent(health=...)``).
+__all__ = ["SETTLE_SECONDS", "ApplyReport", "Health", "Reporter", "agent_id", "probe_failure"]

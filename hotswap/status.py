@@ -7,12 +7,14 @@ a rolling upgrade.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import msgpack
 
 from hotswap.errors import FormatError
+from hotswap.keys import is_name
 
 MAX_STATUS_BYTES = 256 * 1024
 # msgpack allocates every slot an array header declares before reading any
@@ -24,6 +26,11 @@ MAX_MAP = 1024
 # Versions an agent remembers having rejected (``rejected_versions``): enough
 # for ``hotswap rollback`` to pass over a run of bad versions.
 RECENT_REJECTIONS = 16
+# Health numbers a record carries (``Agent(health=...)``), and how long a name.
+MAX_HEALTH = 32
+MAX_HEALTH_NAME = 64
+# Kept of the last probe failure's reason (``last_probe``).
+MAX_PROBE_REASON = 300
 STATES = ("starting", "idle", "fetching", "applying", "pending", "disconnected", "stopped")
 
 
@@ -65,6 +72,21 @@ class AgentStatus:
     # older than deltas, which read full blobs only): a fleet is upgraded
     # before a publisher writes deltas (``hotswap status`` shows them).
     encodings: list[str] | None = None
+    # The track the agent follows (``HOTSWAP_TRACK``; None from agents older
+    # than tracks, which follow head like "stable").
+    track: str | None = None
+    # The numbers ``Agent(health=...)`` returned last (at most ``MAX_HEALTH``,
+    # finite), and when (wall clock) that call was made; health None with a
+    # time: the callback raised or returned no mapping then. None, None: no
+    # callback (or an older agent).
+    health: dict[str, float] | None = None
+    health_at: float | None = None
+    # Versions a post-apply probe or a probation failure refused, and the last
+    # such failure's reason (cut to ``MAX_PROBE_REASON``).
+    probe_failures: int = 0
+    last_probe: str | None = None
+    # The version a rollout pinned this agent to (None: it follows its track).
+    pinned: int | None = None
 
 
 _FIELDS = set(AgentStatus.__dataclass_fields__)
@@ -94,6 +116,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "rejected_count": _INT,
     "updated": _NUM,
     "encodings": (list, type(None)),
+    "track": _STR + _OPTIONAL,
+    "health": (dict, type(None)),
+    "health_at": _NUM + _OPTIONAL,
+    "probe_failures": _INT,
+    "last_probe": _STR + _OPTIONAL,
+    "pinned": _INT + _OPTIONAL,
 }
 
 
@@ -108,9 +136,37 @@ def _check(name: str, value: Any) -> Any:
             isinstance(k, str) and isinstance(v, list) and all(isinstance(r, str) for r in v)
             for k, v in value.items()
         )
+    if ok and name == "track" and value is not None:
+        ok = is_name(value)
+    if ok and name == "health" and value is not None:
+        ok = len(value) <= MAX_HEALTH and all(health_entry(k, v) for k, v in value.items())
     if not ok:
         raise FormatError(f"agent status field {name!r} has a bad value {value!r:.80}")
-    return float(value) if _TYPES[name] is _NUM else value
+    if name == "health" and value is not None:
+        return {k: float(v) for k, v in value.items()}
+    if value is not None and _TYPES[name] in (_NUM, _NUM + _OPTIONAL):
+        return float(value)
+    return value
+
+
+def health_entry(name: object, value: object) -> bool:
+    """Whether ``name: value`` may stand among an agent's health numbers: a valid key name
+    of at most ``MAX_HEALTH_NAME`` characters and a finite int or float (not a bool).
+
+    Example:
+        >>> health_entry("p99_ms", 12.5), health_entry("p99 ms", 1.0)
+        (True, False)
+        >>> health_entry("errors", float("nan")), health_entry("up", True)
+        (False, False)
+    """
+    if not isinstance(name, str) or len(name) > MAX_HEALTH_NAME or not is_name(name):
+        return False
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def remember_rejection(recent: list[int] | None, version: int) -> list[int]:
