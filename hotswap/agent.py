@@ -36,7 +36,7 @@ from hotswap.names import NameMap
 from hotswap.pipeline import Mode, OnApplied, OnRejected, Pipeline
 from hotswap.postapply import Probe
 from hotswap.replicas import ReplicaReads
-from hotswap.reporter import ApplyReport, Reporter, agent_id
+from hotswap.reporter import ApplyReport, Health, Reporter, agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.sharedblobs import share
@@ -92,6 +92,13 @@ class Agent:
             run on ``model`` after each copy, before readers resume; a reason
             (or a raise) puts the previous bytes back at once and refuses the
             version for good.
+        name: a name this process gives its agent (default: the
+            ``agent_name`` setting): the agent's id is then host-name, the same
+            across restarts, so a rollout's canary stays one. Without a name (or
+            ``HOTSWAP_AGENT_ID``) the id is new at each start.
+        health: called every ``health_interval`` seconds on the status thread,
+            returns numbers (error rate, latency, any scalar) by name; they go
+            into the status record, where ``hotswap rollout`` judges canaries.
 
     Raises:
         ConfigError: a bad argument, a bad ``HOTSWAP_*`` variable (when
@@ -123,6 +130,8 @@ class Agent:
         names: NameMap | None = None,
         transform: Transform | None = None,
         probes: Sequence[Probe] = (),
+        name: str | None = None,
+        health: Health | None = None,
     ) -> None:
         self.model_name = keys.check_name(model_name)
         if mode not in ("auto", "manual"):
@@ -154,11 +163,20 @@ class Agent:
             staging_keep_bytes = s.staging_keep_bytes
         self._memory = HostMemory(staging_keep_bytes)
         # A fixed id (HOTSWAP_AGENT_ID) names the keys a per-agent ACL user may write.
-        self.agent_id = s.agent_id or agent_id()
+        self.agent_id = s.agent_id or agent_id(name or s.agent_name)
         # Status writes are tried once: the reporter's thread tries again later,
         # and stop()'s last write must not wait out a retry budget.
         once = build(client, self.model_name, s, operation_retry(1))
-        self.reporter = Reporter(once, self.agent_id, s.heartbeat_ttl, log, clock=clock)
+        self.reporter = Reporter(
+            once,
+            self.agent_id,
+            s.heartbeat_ttl,
+            log,
+            clock=clock,
+            track=s.track,
+            health=health,
+            health_interval=s.health_interval,
+        )
         self._gate = Gate()
         self._pipeline = Pipeline(
             self.store,
@@ -209,8 +227,16 @@ class Agent:
     @property
     def head_version(self) -> int | None:
         """The head this agent last saw in Redis (None before the first look, or if none);
-        with signing keys, the version the signed head record names."""
+        with signing keys, the version the signed head record names; while a rollout
+        pins this agent, the version it pins (``pinned_version``)."""
         return self._pipeline.lookout.head
+
+    @property
+    def pinned_version(self) -> int | None:
+        """The version a rollout pinned this agent (or its track) to at its last look, while
+        head is still the version the rollout started from; None: it follows head."""
+        pin = self._pipeline.lookout.pin
+        return None if pin is None else pin.version
 
     @property
     def head_seen(self) -> bool:

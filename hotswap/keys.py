@@ -86,6 +86,22 @@ def agent_of_status_key(key: str) -> str:
     return key.split("}:status:", 1)[1]
 
 
+def follow_key(ns: str, model: str) -> str:
+    """Hash of rollout pins: ``agent:<id>`` or ``track:<name>`` -> the version that agent
+    or track follows instead of head, while head is still the pin's base (``hotswap.pins``)."""
+    return _meta(ns, model, "follow")
+
+
+def rollout_key(ns: str, model: str) -> str:
+    """The rollout record of ``hotswap rollout`` (``hotswap.rollouts``)."""
+    return _meta(ns, model, "rollout")
+
+
+def rollout_lease_key(ns: str, model: str) -> str:
+    """Who drives the rollout now: an owner token that lives as long as its lease."""
+    return _meta(ns, model, "rollout:lease")
+
+
 def events_channel(ns: str, model: str) -> str:
     return _meta(ns, model, "events")
 

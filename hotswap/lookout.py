@@ -23,6 +23,7 @@ from hotswap.errors import FormatError, IntegrityError, NotFound
 from hotswap.freshness import SignedHeads
 from hotswap.looks import Candidate, Confirmation, Look, Quiet, Refused
 from hotswap.manifest import Manifest
+from hotswap.pins import STABLE, Pin, PinIO
 from hotswap.refusals import EDGE, Refusals
 from hotswap.runstate import Running
 from hotswap.settings import HotswapSettings
@@ -42,8 +43,14 @@ class Lookout:
     Used by the agent's thread; ``head`` is also read by others (under a lock).
     """
 
-    def __init__(self, store: Store, settings: HotswapSettings) -> None:
+    def __init__(
+        self, store: Store, settings: HotswapSettings, agent_id: str = "-", track: str = STABLE
+    ) -> None:
         self.store, self.settings = store, settings
+        # Without signing keys, a rollout's pin for this agent or its track
+        # (``hotswap.pins``) decides instead of head while head is its base.
+        self.agent_id, self.track = agent_id, track
+        self.pins = PinIO(store)
         keys = settings.key_bytes()
         # With signing keys the signed head record decides, never the plain key.
         heads = SignedHeads(store.model, keys, settings.head_require_expiry)
@@ -55,6 +62,8 @@ class Lookout:
         # Guarded by _lock: whether head was read at all (``head`` None then
         # means that no version is published).
         self._looked = False
+        # Guarded by _lock: the pin followed at the last look (None: head).
+        self._pin: Pin | None = None
         # The agent's thread only: the head whose manifest was last looked at,
         # so that a poll of an unchanged head reads nothing more.
         self._checked_head: int | None = None
@@ -71,6 +80,12 @@ class Lookout:
             return self._head
 
     @property
+    def pin(self) -> Pin | None:
+        """The rollout pin this agent followed at its last look (None: it follows head)."""
+        with self._lock:
+            return self._pin
+
+    @property
     def looked(self) -> bool:
         """Whether head was read from Redis (or named by a notice) at least once."""
         with self._lock:
@@ -85,12 +100,15 @@ class Lookout:
         the very manifest that runs; a look at head if it is garbled or names a
         version no newer than what runs (after Redis was restored from an older
         snapshot, that number may name other content: head decides)."""
+        if notice.is_look(raw, self.store.model):
+            return Request(Reason.NOTICE)  # a rollout moved pins: look at what this agent follows
         try:
             n = notice.decode(raw)
         except FormatError:
             return Request(Reason.NOTICE)
         if n.model != self.store.model:
             return None
+
         if running.covers(n.version, n.lineage):
             if n.manifest is not None and codec.digest(n.manifest) == running.digest:
                 return None
@@ -184,6 +202,13 @@ class Lookout:
                 return candidate
         return self._look_at_head(request.force)
 
+    def _following(self) -> int | None:
+        """The version this agent follows: head, or the rollout pin that holds for it."""
+        found = self.pins.read(self.agent_id, self.track)
+        with self._lock:
+            self._pin = found.pin
+        return found.version
+
     def _read(self, version: int, head: bool = False) -> Candidate:
         """Read, decode and (with keys) verify a manifest; its digest is of the wire bytes."""
         data = self.store.manifest_bytes(version)
@@ -206,7 +231,7 @@ class Lookout:
     def _look_at_head(self, force: bool) -> Look:
         refused = self._checked_head if force and self._checked_head in self._refusals else None
         if refused is None:
-            head = self.store.head()
+            head = self._following()
         else:
             # A full look at a head refused before: a glance tells whether it
             # changed, so a flood of notices does not read it again each time.
@@ -214,6 +239,7 @@ class Lookout:
             if head == refused and self._refusals.unchanged(refused, glance):
                 self._saw_head(head)
                 return Quiet.NOTHING_NEW
+            head = self._following()
         self._saw_head(head)
         if head is None:
             if self._checked_head is not None or force:

@@ -79,3 +79,25 @@ def decode(data: bytes) -> Notice:
     ):
         raise FormatError(f"notice has the wrong fields: {raw!r:.200}")
     return Notice(raw["model"], raw["version"], raw["kind"], raw["lineage"], raw.get("manifest"))
+
+
+# A notice that says only "look again": a rollout moved what some agents
+# follow (``hotswap.pins``). It names no version, so an agent that reads it
+# cannot be led to apply anything but what Redis says it follows; agents
+# older than pins read it as garbled, which also makes them look at head.
+LOOK_KIND = "look"
+
+
+def encode_look(model: str) -> bytes:
+    """The notice that sends every agent of ``model`` to look at what it follows.
+
+    Example:
+        >>> is_look(encode_look("m"), "m"), is_look(encode_look("m"), "other")
+        (True, False)
+    """
+    return bytes(msgpack.packb({"model": model, "kind": LOOK_KIND}, use_bin_type=True))
+
+
+def is_look(data: bytes, model: str) -> bool:
+    """Whether ``data`` is ``encode_look(model)``'s notice (exactly those bytes)."""
+    return data == encode_look(model)

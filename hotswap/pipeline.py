@@ -23,12 +23,13 @@ from typing import Any, Literal
 
 import redis
 
-from hotswap import postapply, unpublished, validate
+from hotswap import metrics, postapply, unpublished, validate
 from hotswap.delivery import Reason, Request, Stopped
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
 from hotswap.hostmem import HostMemory
 from hotswap.intake import Intake
+from hotswap.logonce import LogOnce
 from hotswap.lookout import Lookout
 from hotswap.looks import Candidate, Confirmation, Quiet, Refused
 from hotswap.manifest import Manifest
@@ -56,41 +57,6 @@ class Outcome(Enum):
     PENDING = "valid, waiting for apply_pending()"
     UNCONFIRMED = "a notice carried it and Redis holds otherwise: nothing changed"
     REPLAN = "apply_pending() ran meanwhile: plan again against what runs now"
-
-
-class LogOnce:
-    """Logs each change of state once, not each retry: remembers the key of the last thing said.
-
-    The agent's thread and ``apply_pending()``'s caller both use it, hence its lock.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last: str | None = None
-
-    @property
-    def last(self) -> str | None:
-        with self._lock:
-            return self._last
-
-    def say(self, key: str, level: int, message: str, exc: BaseException | None = None) -> None:
-        """Log ``message`` unless the last thing said had the same ``key``."""
-        with self._lock:
-            if self._last == key:
-                return
-            self._last = key
-        log.log(level, "%s", message, exc_info=exc)
-
-    def note(self, key: str) -> None:
-        """Record a change of state logged elsewhere, so the next repeat is said again."""
-        with self._lock:
-            self._last = key
-
-    def replace(self, old: str | None, new: str) -> None:
-        """Record ``new`` unless something was said since ``old``."""
-        with self._lock:
-            if self._last == old:
-                self._last = new
 
 
 class Pipeline:
@@ -155,9 +121,12 @@ class Pipeline:
         self.probations = Probations(
             postapply.probations(probes), self.writer, gate, stop, self._reverted
         )
-        self.lookout = Lookout(store, settings)
+        self.lookout = Lookout(store, settings, reporter.status.agent_id, settings.track)
         self._memory, self._gate, self._stop = memory, gate, stop
         self._said = LogOnce()
+        # The manifest digest of the last version applied because a rollout pinned
+        # this agent to it (None: the last followed head).
+        self._pinned_apply: str | None = None
         # Whether the agent warned that nothing is published under its name
         # (once: a misspelled name must show, not fill the log every poll).
         self._warned_unpublished = False
@@ -238,6 +207,8 @@ class Pipeline:
                 return
             self.state.rest()  # nothing changed; what Redis holds decides
         look = self.lookout.look(request, self.state.running())
+        pin = self.lookout.pin
+        self.reporter.update(pinned=None if pin is None else pin.version)
         if isinstance(look, Candidate):
             self._consider(look)
         elif isinstance(look, Refused):
@@ -277,10 +248,36 @@ class Pipeline:
                 f"v{running.version} that runs (Redis restored from an older snapshot?); "
                 "following head, comparing tensors by digest",
             )
+        if self._revert_to(candidate):
+            return Outcome.APPLIED
         outcome = Outcome.REPLAN
         while outcome is Outcome.REPLAN:
             outcome = self._stage(candidate)
         return outcome
+
+    def _revert_to(self, candidate: Candidate) -> bool:
+        """Whether the last apply followed a rollout's pin, what this agent follows now is
+        the very manifest that ran before it (the rollout took its canaries back), and that
+        apply was reverted from host memory: one copy per tensor, no fetch. The version
+        left is not refused here: a rollout may offer it again."""
+        last = self.state.undo()
+        if (
+            last is None
+            or last.manifest_digest != self._pinned_apply
+            or last.before.digest != candidate.digest
+        ):
+            return False
+        why = f"a rollout took v{last.version} back; v{candidate.manifest.version} runs again"
+        done = self.writer.revert(why, only=last.manifest_digest, refuse=False)
+        if done is None:
+            return False  # another apply came first: stage as usual
+        back = last.before
+        self.reporter.update(state="idle", version=back.version, manifest_digest=back.digest)
+        metrics.reverted(self.model_name)
+        self._said.say(
+            f"unpinned:{last.version}", logging.INFO, f"model {self.model_name!r}: {why}"
+        )
+        return True
 
     def _stage(self, candidate: Candidate) -> Outcome:
         """Fetch and validate what differs from what runs, confirm a carried manifest, act."""
@@ -379,6 +376,8 @@ class Pipeline:
         )
         # The reporter's thread writes the record: neither this thread nor
         # apply_pending()'s caller waits for Redis.
+        pin = self.lookout.pin
+        self._pinned_apply = ready.digest if pin is not None and pin.version == m.version else None
         self.reporter.applied(report, log)
         self._said.note("applied")
         _callback(self.on_applied, m.version, report)

@@ -293,9 +293,10 @@ class RunState:
         with self._lock:
             self._decided.notify_all()
 
-    def record_reverted(self, undo: Undo, rejection: Rejection) -> None:
+    def record_reverted(self, undo: Undo, rejection: Rejection | None) -> None:
         """``undo`` was put back (under the writer lock): what ran before it runs again, and
-        its version counts as refused, so that convergence on head does not bring it back."""
+        its version counts as refused (``rejection``), so that convergence on head does
+        not bring it back; None: not refused (a rollout took it back, see ``pins``)."""
         with self._lock:
             for name, was in undo.digests.items():
                 if was is None:
@@ -307,8 +308,9 @@ class RunState:
             self._applied, self._lineage = undo.before.version, undo.before.lineage
             self._manifest_digest = undo.before.digest
             self._undo = None
-            self._rejections[undo.version] = rejection
-            self._last_rejection = rejection.error
+            if rejection is not None:
+                self._rejections[undo.version] = rejection
+                self._last_rejection = rejection.error
             self._decided.notify_all()
 
     def record_rejection(self, version: int, rejection: Rejection) -> None:

@@ -116,6 +116,23 @@ class HotswapSettings(BaseSettings):
         description="This agent's id in its status keys, fixed for a per-agent ACL user "
         "(default: host-pid-random, new at each start).",
     )
+    agent_name: str | None = Field(
+        default=None,
+        description="A name this serving process gives itself: the agent's id is then "
+        "host-name, the same across restarts, so a restarted canary is still a canary "
+        "(HOTSWAP_AGENT_ID, if set, wins).",
+    )
+    track: str = Field(
+        default="stable",
+        description="The track this agent follows: 'stable' follows head; another track "
+        "follows the version a rollout sets for it (hotswap rollout), else head.",
+    )
+    health_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between two calls of the agent's health callback; its "
+        "numbers go into the status record that hotswap rollout watches.",
+    )
     keep_versions: int = Field(
         default=10, ge=1, description="Versions gc keeps besides those agents run."
     )
@@ -274,6 +291,13 @@ class HotswapSettings(BaseSettings):
         from hotswap.keys import check_name
 
         return None if value is None else check_name(value, "agent id")
+
+    @field_validator("agent_name", "track")
+    @classmethod
+    def _check_names(cls, value: str | None) -> str | None:
+        from hotswap.keys import check_name
+
+        return None if value is None else check_name(value, "agent name or track")
 
     def key_bytes(self) -> list[bytes]:
         """The signing keys as bytes, the publisher's first."""

@@ -74,8 +74,6 @@ class Writer:
         self._writes = threading.Lock()
         # Seconds the last revert held the writer lock (bench.revert reads it).
         self.last_revert_seconds = 0.0
-        # Seconds the last revert held the writer lock (bench.revert reads it).
-        self.last_revert_seconds = 0.0
 
     def apply(self, staged: Staged, digest: str) -> Written:
         """Copy ``staged`` into the live tensors under the writer lock and record it, unless a
@@ -113,11 +111,16 @@ class Writer:
         return {} if last is None else undo.copies_of(last.saved)
 
     def revert(
-        self, why: str = "by Agent.revert(), from host memory", only: str | None = None
+        self,
+        why: str = "by Agent.revert(), from host memory",
+        only: str | None = None,
+        *,
+        refuse: bool = True,
     ) -> tuple[Undo, ValidationError] | None:
         """Put back what the last apply replaced, under the writer lock, from host memory;
-        its version counts as refused from now on, for ``why``. With ``only`` (a manifest
-        digest), only while that version is the last applied (None otherwise).
+        its version counts as refused from now on, for ``why`` (unless ``refuse`` is
+        False: a rollout took it back). With ``only`` (a manifest digest), only while
+        that version is the last applied (None otherwise).
 
         Raises:
             HotswapError: nothing can be reverted (without ``only``).
@@ -136,7 +139,7 @@ class Writer:
             with self._gate.writing():
                 locked = time.perf_counter()
                 undo.restore(last.saved)
-                refused = Rejection(last.lineage, error, last.manifest_digest)
+                refused = Rejection(last.lineage, error, last.manifest_digest) if refuse else None
                 self.state.record_reverted(last, refused)
                 self.last_revert_seconds = time.perf_counter() - locked
         return last, error
