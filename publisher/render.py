@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hotswap import keys
+from publisher import views
 from publisher.reports import GcReport, PublishReport, VerifyReport, describe
 
 PHASES = {"hash": "hashing", "upload": "uploading", "verify": "verifying"}
@@ -263,10 +264,13 @@ def status_table(data: dict[str, Any]) -> Table:
     head = data["head"]
     table = Table(title=plain(f"model {data['model']}: head " + (f"v{head}" if head else "none")))
     cols = ("agent", "host", "pid", "version", "state", "lag", "last rejection", "heartbeat")
-    for col in (*cols, "fetched last", "reads"):
+    # Track, pin, health and probe failures: a column only when some agent has any.
+    notes = [views.safety_note(a) for a in data["agents"]]
+    safety = ("track, health, probes",) if any(notes) else ()
+    for col in (*cols, "fetched last", "reads", *safety):
         right = col in ("pid", "version", "lag", "fetched last")
         table.add_column(col, justify="right" if right else "left")
-    for a in data["agents"]:
+    for a, note in zip(data["agents"], notes, strict=True):
         lag = a["lag"]
         lag_text = (
             "other lineage"
@@ -300,6 +304,7 @@ def status_table(data: dict[str, Any]) -> Table:
             beat,
             "-" if a.get("last_fetched") is None else _mb(a["last_fetched"]),
             reads(a.get("encodings")),
+            *([plain(note or "-")] if safety else []),
         )
     return table
 

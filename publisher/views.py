@@ -95,7 +95,44 @@ def agent_row(
         "encodings": s.encodings,
         # What it can apply, as the table's "reads" column: full blobs, then those.
         "reads": ["full", *(s.encodings or [])],
+        # Fleet safety (None/0 from agents older than these fields): the track it
+        # follows, its health numbers and their age, what probes refused, and the
+        # version a rollout pinned it to.
+        "track": s.track,
+        "health": s.health,
+        "health_age": round(now - s.health_at, 3) if s.health_at else None,
+        "probe_failures": s.probe_failures,
+        "last_probe": s.last_probe,
+        "pinned": s.pinned,
     }
+
+
+def safety_note(row: Mapping[str, Any]) -> str | None:
+    """A row's track (when not "stable"), pin, health numbers and probe failures, compact;
+    None when it has none of them (``hotswap status`` then shows no column for them).
+
+    Example:
+        >>> safety_note({"track": "canary", "pinned": 7, "health": {"error_rate": 0.5},
+        ...     "probe_failures": 1, "last_probe": "v8: probe loss: 3.1 > 2.5"})
+        'canary, pinned v7, error_rate=0.5, 1 probe failure (v8: probe loss: 3.1 > 2.5)'
+        >>> safety_note({"track": "stable", "health": None, "probe_failures": 0}) is None
+        True
+    """
+    parts = []
+    if row.get("track") not in (None, "stable"):
+        parts.append(str(row["track"]))
+    if row.get("pinned") is not None:
+        parts.append(f"pinned v{row['pinned']}")
+    health = row.get("health")
+    if health:
+        parts.extend(f"{name}={value:.4g}" for name, value in sorted(health.items()))
+    elif health is None and row.get("health_age") is not None:
+        parts.append("health unknown (callback failed)")
+    failures = row.get("probe_failures") or 0
+    if failures:
+        last = f" ({row['last_probe']})" if row.get("last_probe") else ""
+        parts.append(f"{failures} probe failure{'s' if failures > 1 else ''}{last}")
+    return ", ".join(parts) or None
 
 
 def decode_record(agent_id: str, raw: bytes) -> AgentStatus:

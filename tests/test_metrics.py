@@ -13,6 +13,7 @@ import pytest
 import redis
 import torch
 from agent_support import MODEL, Ten, bump, until
+from waiting import poll
 
 from hotswap.agent import Agent
 from hotswap.errors import ValidationError
@@ -37,8 +38,8 @@ def pub(settings: HotswapSettings, client: redis.Redis) -> Iterator[Publisher]:
 def make(settings: HotswapSettings) -> Iterator[Make]:
     agents: list[Agent] = []
 
-    def build(model: Any, start: bool = True) -> Agent:
-        agent = Agent(model, MODEL, settings=settings)
+    def build(model: Any, start: bool = True, **kwargs: Any) -> Agent:
+        agent = Agent(model, MODEL, settings=kwargs.pop("settings", settings), **kwargs)
         agents.append(agent)
         return agent.start() if start else agent
 
@@ -62,6 +63,12 @@ def standing(agent: Agent) -> tuple[float | None, float | None, float | None, st
         gauge("hotswap_lag_versions", agent),
         states[0],
     )
+
+
+def health(agent: Agent, name: str) -> float | None:
+    """The agent's health number ``name`` as scraped (a label called name: not ``gauge``'s)."""
+    labels = {"model": MODEL, "agent": agent.agent_id, "name": name}
+    return prometheus_client.REGISTRY.get_sample_value("hotswap_health", labels)
 
 
 def counter(name: str) -> float:
@@ -129,11 +136,19 @@ def documented() -> dict[str, tuple[str, set[str]]]:
     return {name: (kind, set(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
 
 
-def test_docs_list_every_metric_with_its_type_and_labels(make: Make, pub: Publisher) -> None:
+def test_docs_list_every_metric_with_its_type_and_labels(
+    make: Make, pub: Publisher, settings: HotswapSettings
+) -> None:
     model = Ten()
     agent = make(model)
+    # Health numbers and a probe failure, so that their series exist.
+    quick = settings.model_copy(update={"health_interval": 0.05})
+    probed = make(Ten(), settings=quick, probes=[lambda m: "bad"], health=lambda: {"x": 1.0})
+    assert poll(lambda: health(probed, "x") == 1.0)
     v = pub.publish(bump(model.state_dict()))
     assert agent.wait_for(v, 10)
+    with pytest.raises(ValidationError, match="probe <lambda>: bad"):
+        probed.wait_for(v, 10)
     bad = bump(model.state_dict())
     bad["head.weight"][0, 0] = float("inf")
     with pytest.raises(ValidationError):
@@ -160,3 +175,52 @@ def test_metrics_can_be_read_without_an_agent_thread(settings: HotswapSettings) 
         assert gauge("hotswap_head_version", agent) is None
     finally:
         agent.stop()
+
+
+def test_health_numbers_and_track_are_read_at_each_scrape(
+    make: Make, settings: HotswapSettings
+) -> None:
+    numbers = {"error_rate": 0.5, "p99_ms": 12.0}
+    quick = settings.model_copy(update={"health_interval": 0.05, "track": "canary"})
+    agent = make(Ten(), settings=quick, health=lambda: dict(numbers))
+    assert poll(lambda: health(agent, "error_rate") == 0.5)
+    assert health(agent, "p99_ms") == 12.0
+    assert gauge("hotswap_agent_info", agent, track="canary") == 1.0
+    assert gauge("hotswap_agent_info", agent, track="stable") is None
+    numbers["error_rate"] = 0.25
+    del numbers["p99_ms"]
+    assert poll(lambda: health(agent, "error_rate") == 0.25)
+    # A name the callback no longer returns leaves the scrape.
+    assert health(agent, "p99_ms") is None
+
+
+def test_an_agent_without_health_has_info_and_no_health_series(make: Make) -> None:
+    agent = make(Ten(), start=False)
+    assert gauge("hotswap_agent_info", agent, track="stable") == 1.0
+    text = prometheus_client.generate_latest().decode()
+    assert f'agent="{agent.agent_id}"' in text
+    assert not [
+        line
+        for line in text.splitlines()
+        if line.startswith("hotswap_health{") and f'agent="{agent.agent_id}"' in line
+    ]
+
+
+def test_a_probe_failure_is_counted_once_and_a_bad_value_is_not_one(
+    make: Make, pub: Publisher
+) -> None:
+    model = Ten()
+    agent = make(model, probes=[lambda m: "loss rose"])
+    failures = counter("hotswap_probe_failures_total")
+    rejections = counter("hotswap_rejections_total")
+    with pytest.raises(ValidationError, match="probe <lambda>: loss rose"):
+        agent.wait_for(pub.publish(bump(model.state_dict())), 10)
+    assert counter("hotswap_probe_failures_total") - failures == 1
+    assert counter("hotswap_rejections_total") - rejections == 1
+    bad = bump(model.state_dict())
+    bad["head.weight"][0, 0] = float("nan")
+    with pytest.raises(ValidationError, match="not finite"):
+        agent.wait_for(pub.publish(bad), 10)
+    # Refused by validation, before any probe ran: a rejection, no probe failure.
+    assert counter("hotswap_probe_failures_total") - failures == 1
+    assert counter("hotswap_rejections_total") - rejections == 2
