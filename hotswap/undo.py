@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap import patches
+from hotswap import hostmem, patches
 
 Source = torch.Tensor | patches.Scatter
 
@@ -79,10 +79,22 @@ def save(
                 continue
             kept = (reuse or {}).get(id(dst))
             if kept is None or kept.shape != dst.shape or kept.dtype != dst.dtype:
-                kept = torch.empty_like(dst, device="cpu", memory_format=torch.contiguous_format)
+                kept = _fresh(dst)
             kept.copy_(dst)
             out.append(Saved(dst, kept))
     return out
+
+
+def _fresh(like: torch.Tensor) -> torch.Tensor:
+    """Host memory for a copy of ``like``. Large copies get mappings of their own, never
+    lazily freed (``hostmem.anonymous``): the allocator's heap would keep a dropped
+    copy's pages resident for good (glibc raises its mmap threshold after the first
+    large free), so a version that replaced the whole model would leave the whole
+    model's size resident after the next, smaller one."""
+    nbytes = like.numel() * like.element_size()
+    if nbytes < hostmem.ARENA_MIN_BYTES or like.is_complex():
+        return torch.empty_like(like, device="cpu", memory_format=torch.contiguous_format)
+    return hostmem.anonymous(nbytes).view(like.dtype).view(like.shape)
 
 
 def copies_of(saved: Iterable[Saved]) -> dict[int, torch.Tensor]:
