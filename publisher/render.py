@@ -32,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hotswap import keys
-from publisher import views
+from publisher import rolloutview, views
 from publisher.reports import GcReport, PublishReport, VerifyReport, describe
 
 PHASES = {"hash": "hashing", "upload": "uploading", "verify": "verifying"}
@@ -332,6 +332,9 @@ def print_status(console: Console, data: dict[str, Any]) -> None:
         console.print(plain(f"agent records: {problem}", "yellow"))
     for why in data.get("unhealthy", []):
         console.print(plain(f"not healthy: {why}", "red"))
+    for said in rolloutview.lines(data.get("rollout")):
+        # Verdicts quote agents' records: plain text.
+        console.print(plain(said))
 
 
 def signing_lines(signing: dict[str, Any] | None) -> list[Text]:

@@ -20,6 +20,7 @@ from hotswap.errors import HotswapError, IntegrityError, NotFound
 from hotswap.freshness import SignedHeads
 from hotswap.status import AgentStatus
 from hotswap.store import AgentRecord, AgentRecords, Store
+from publisher import rolloutview
 
 
 def rejection_reason(s: AgentStatus) -> str | None:
@@ -179,10 +180,11 @@ def status_view(
 
     Returns:
         ``{"model", "head", "lineage", "healthy", "unhealthy", "agents": [row,
-        ...], "signing", "problems"}``, as ``hotswap status --json`` prints it
+        ...], "signing", "problems", "rollout"}``, as ``hotswap status --json`` prints it
         (``unhealthy``: see ``unhealthy_agents``; ``signing`` is None without
         keys; ``problems`` lists agent records that could not be read at all,
-        such as a key of the wrong type).
+        such as a key of the wrong type; ``rollout``: the model's rollout in
+        progress or lately ended, ``publisher.rolloutview``).
 
     Example:
         >>> view = status_view(store, signing_keys=settings.key_bytes())  # doctest: +SKIP
@@ -211,6 +213,7 @@ def status_view(
         "agents": agents,
         "signing": signing,
         "problems": report.problems,
+        "rollout": rolloutview.view(store),
     }
 
 

@@ -271,3 +271,35 @@ def test_rollout_refuses_what_it_cannot_roll_out(fleet: Make, pub: Publisher, st
     assert RolloutIO(store).read() is None and store.head() == v3
     with pytest.raises(ConfigError, match="rollout step 'ten'"):
         Rollout(pub, v3, canary="ten")
+
+
+def test_status_shows_the_rollout_in_progress_and_how_it_ended(
+    fleet: Make, pub: Publisher, store: Store
+) -> None:
+    from rich.console import Console
+
+    from publisher import render, views
+
+    _, a, _ = fleet("a", track="canary")
+    _v1_everywhere(pub, [a])
+    v2 = pub.publish(bump(Ten().state_dict(), 0.5), promote=False)
+    rollout = Rollout(pub, v2, canary="1", bake=60, tick=0.02)
+    ran = threading.Thread(target=rollout.run)
+    ran.start()
+    try:
+        assert until(
+            a, lambda: (views.status_view(store)["rollout"] or {}).get("bake_left") is not None
+        )
+        data = views.status_view(store)
+        assert data["rollout"]["state"] == "running" and data["rollout"]["step"] == 1
+        assert data["rollout"]["owner"]["id"] == rollout.io.owner
+        console = Console(record=True, width=300)
+        render.print_status(console, data)
+        text = console.export_text()
+        assert f"rollout of v{v2} from v1: step 1 of 2 (1), 1 agents pinned, baking" in text
+        assert f"driven by {rollout.io.owner}" in text
+    finally:
+        rollout.stop.set()
+        ran.join(10)
+    ended = views.status_view(store)["rollout"]
+    assert ended["state"] == "aborted" and ended["reason"] == "interrupted"
