@@ -77,13 +77,15 @@ class _Standing:
         with self._lock:
             agents = list(self._agents)
         families = self._families()
-        head, applied, lag, state, info, health = families
+        head, applied, lag, state, info, health, pinned = families
         for agent in agents:
             labels = [agent.model_name, agent.agent_id]
             record = agent.reporter.status
             info.add_metric([*labels, record.track or "stable"], 1.0)
             for name, value in sorted((record.health or {}).items()):
                 health.add_metric([*labels, name], value)
+            if record.pinned is not None:
+                pinned.add_metric(labels, record.pinned)
             # One read of each property, so lag is head minus the applied shown.
             h, v, now = agent.head_version, agent.applied_version, agent.state
             if h is not None:
@@ -97,7 +99,7 @@ class _Standing:
         yield from families
 
     @staticmethod
-    def _families() -> tuple[Any, Any, Any, Any, Any, Any]:
+    def _families() -> tuple[Any, Any, Any, Any, Any, Any, Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         per_agent = ["model", "agent"]
@@ -130,6 +132,11 @@ class _Standing:
                 "The numbers the agent's health callback returned last (Agent(health=...)).",
                 labels=[*per_agent, "name"],
             ),
+            GaugeMetricFamily(
+                "hotswap_pinned_version",
+                "The version a rollout pinned the agent to (absent: it follows head).",
+                labels=per_agent,
+            ),
         )
 
 
@@ -140,6 +147,8 @@ class _Metrics:
     probe_failures: Any
     apply_seconds: Any
     bytes_fetched: Any
+    rollouts: Any
+    rollout_step: Any
     standing: _Standing
 
 
@@ -172,6 +181,17 @@ def _get() -> _Metrics | None:
             ),
             bytes_fetched=prom.Counter(
                 "hotswap_fetched_bytes", "Tensor bytes fetched from Redis.", ["model"]
+            ),
+            rollouts=prom.Counter(
+                "hotswap_rollouts",
+                "Rollouts this process drove to an end, by outcome (promoted, rolled_back, "
+                "superseded, aborted).",
+                ["model", "outcome"],
+            ),
+            rollout_step=prom.Gauge(
+                "hotswap_rollout_step",
+                "The step a rollout this process drives is at (1 = the canary; 0: none).",
+                ["model"],
             ),
             standing=standing,
         )
@@ -215,6 +235,21 @@ def probe_failed(model: str) -> None:
     m = _get()
     if m is not None:
         m.probe_failures.labels(model=model).inc()
+
+
+def rollout_step(model: str, step: int) -> None:
+    """The step the rollout of ``model`` driven here is at (0 once it ended)."""
+    m = _get()
+    if m is not None:
+        m.rollout_step.labels(model=model).set(step)
+
+
+def rollout_ended(model: str, outcome: str) -> None:
+    """Count a rollout driven here that ended with ``outcome``."""
+    m = _get()
+    if m is not None:
+        m.rollouts.labels(model=model, outcome=outcome).inc()
+        m.rollout_step.labels(model=model).set(0)
 
 
 def enabled() -> bool:

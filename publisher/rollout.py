@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from hotswap import status
+from hotswap import metrics, status
 from hotswap.errors import ConfigError, FormatError, HotswapError, NotFound, VersionConflict
 from hotswap.pins import Pin, PinIO, agent_field, track_field
 from hotswap.rollouts import ENDED, Limit, Record, RolloutIO
@@ -275,6 +275,7 @@ class Rollout:
         pins = {agent_field(a): Pin(record.version, record.base) for a in record.members}
         pins[track_field(record.track)] = Pin(record.version, record.base)
         self.pins.write(pins)
+        metrics.rollout_step(record.model, record.step + 1)
         record.step_started, record.baking_since = now, None
         shown = ", ".join(record.members[:8]) + (" ..." if len(record.members) > 8 else "")
         record.say(
@@ -349,6 +350,7 @@ class Rollout:
         self.say(record.verdicts[-1])
         self._write(record)
         self._log(record, state.replace("_", " "), reason or "")
+        metrics.rollout_ended(record.model, state)
         return Outcome(state, record.version, reason, record)
 
     def _settle(self, record: Record) -> None:

@@ -15,11 +15,14 @@ import torch
 from agent_support import MODEL, Ten, bump, until
 from waiting import poll
 
+from hotswap import pins
 from hotswap.agent import Agent
 from hotswap.errors import ValidationError
+from hotswap.pins import PinIO
 from hotswap.settings import HotswapSettings
 from hotswap.status import STATES
 from publisher.publisher import Publisher
+from publisher.rollout import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "metrics.md"
@@ -156,6 +159,17 @@ def test_docs_list_every_metric_with_its_type_and_labels(
     again = pub.publish(bump(model.state_dict()))
     assert agent.wait_for(again, 10)
     assert agent.revert() == v  # counted in hotswap_reverts_total
+    # A rollout ends (rollout series), and a pin holds for the agent (its gauge).
+    staged = pub.publish(bump(model.state_dict(), 0.3), promote=False)
+    assert Rollout(pub, staged, canary="100%", bake=0, tick=0.02).run().state in (
+        "promoted",
+        "rolled_back",
+    )
+    base = pub.store.head()
+    assert base is not None
+    pinned = pub.publish(bump(model.state_dict(), 0.4), promote=False)
+    PinIO(pub.store).write({pins.agent_field(agent.agent_id): pins.Pin(pinned, base)})
+    assert poll(lambda: agent.reporter.status.pinned == pinned)
 
     exposed: dict[str, tuple[str, set[str]]] = {}
     for family in prometheus_client.REGISTRY.collect():
