@@ -23,7 +23,7 @@ from hotswap.errors import FormatError, IntegrityError, NotFound
 from hotswap.freshness import SignedHeads
 from hotswap.looks import Candidate, Confirmation, Look, Quiet, Refused
 from hotswap.manifest import Manifest
-from hotswap.pins import STABLE, Pin, PinIO
+from hotswap.pins import STABLE, Pin
 from hotswap.refusals import EDGE, Refusals
 from hotswap.runstate import Running
 from hotswap.settings import HotswapSettings
@@ -50,7 +50,6 @@ class Lookout:
         # Without signing keys, a rollout's pin for this agent or its track
         # (``hotswap.pins``) decides instead of head while head is its base.
         self.agent_id, self.track = agent_id, track
-        self.pins = PinIO(store)
         keys = settings.key_bytes()
         # With signing keys the signed head record decides, never the plain key.
         heads = SignedHeads(store.model, keys, settings.head_require_expiry)
@@ -204,7 +203,7 @@ class Lookout:
 
     def _following(self) -> int | None:
         """The version this agent follows: head, or the rollout pin that holds for it."""
-        found = self.pins.read(self.agent_id, self.track)
+        found = self.store.following(self.agent_id, self.track)
         with self._lock:
             self._pin = found.pin
         return found.version

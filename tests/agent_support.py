@@ -26,6 +26,7 @@ from hotswap.agent import Agent
 from hotswap.blobs import BlobStore
 from hotswap.connection import RedisClient
 from hotswap.manifest import Manifest, TensorEntry
+from hotswap.pins import Following
 from hotswap.settings import HotswapSettings
 from hotswap.status import AgentStatus
 from hotswap.status import decode as decode_status
@@ -150,6 +151,10 @@ class WatchedStore(Store):
     def head(self) -> int | None:
         self.watch.saw("head")
         return super().head()
+
+    def following(self, agent_id: str, track: str = "stable") -> Following:
+        self.watch.saw("head")
+        return super().following(agent_id, track)
 
     def head_and_record(self) -> tuple[int | None, bytes | None]:
         self.watch.saw("head")
