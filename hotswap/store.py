@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from hotswap import keys
+from hotswap import keys, scripts
 from hotswap.agentrecords import (
     AGENT_RECORD_LINGER,
     MAX_AGENT_RECORDS,
@@ -45,50 +45,6 @@ __all__ = [
 T = TypeVar("T")
 DEFAULT_LIMITS = Limits()
 LOG_MAXLEN = 10_000
-
-# KEYS: seq, head. The next number is max(seq, head) + 1: a seq that was
-# evicted, deleted or restored older than head costs no failed publish.
-# A value that is not a number counts as 0 (head's own check reports it).
-_RESERVE = """
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-local head = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-local v = math.max(math.floor(seq), math.floor(head)) + 1
-redis.call('SET', KEYS[1], string.format('%d', v))
-return v
-"""
-
-# KEYS: head, manifest:V, log, signed head record. ARGV: parent ('' = none), V,
-# manifest bytes, channel, notice, log maxlen, record ('' = none: an unsigned
-# commit deletes a record that would name an older head), how to announce
-# (``subscription.notice_mode``), then log field/value pairs. Manifest, head
-# and record change together or not at all. On a cluster the notice goes to
-# the shard channel, which shares the keys' slot (hash tag): only that shard
-# hears it. A server without SPUBLISH (Redis < 7) or a user without the right
-# broadcasts instead; agents listen on both channels.
-_COMMIT = """
-local head = redis.call('GET', KEYS[1]) or ''
-if head ~= ARGV[1] then return {'conflict', head} end
-if head ~= '' and tonumber(ARGV[2]) <= tonumber(head) then return {'stale', head} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'exists', head} end
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[1], ARGV[2])
-if ARGV[7] == '' then redis.call('DEL', KEYS[4]) else redis.call('SET', KEYS[4], ARGV[7]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 9))
-local shard = ARGV[8] == 'sharded' and redis.pcall('SPUBLISH', ARGV[4], ARGV[5]) or nil
-if type(shard) ~= 'number' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
-return {'ok', head}
-"""
-
-
-# KEYS: head, signed head record. ARGV: expected head, expected record ('' =
-# none), new record. A re-sign must not overwrite the record of a commit that
-# landed since it read head: that would name the old head again.
-_RESIGN = """
-if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[2], ARGV[3])
-return 1
-"""
 
 
 class Store:
@@ -128,9 +84,10 @@ class Store:
         self.limits = limits
         self._entries = EntryCache()
         self._retrying = retrying or operation_retry()
-        self._commit_script = client.register_script(_COMMIT)
-        self._reserve_script = client.register_script(_RESERVE)
-        self._resign_script = client.register_script(_RESIGN)
+        self._commit_script = client.register_script(scripts.COMMIT)
+        self._promote_script = client.register_script(scripts.PROMOTE)
+        self._reserve_script = client.register_script(scripts.RESERVE)
+        self._resign_script = client.register_script(scripts.RESIGN)
         self.blobs = BlobStore(client, self.model, namespace=self.ns, retrying=self._retrying)
         self.records = AgentRecordIO(client, self.model, self.ns, self.call)
 
@@ -304,37 +261,25 @@ class Store:
         log_fields: dict[str, str | int | float],
         notice: bytes,
         record: bytes | None = None,
+        *,
+        promote: bool = True,
     ) -> None:
-        """Make ``manifest`` the head if head is still its parent (atomic, one script).
+        """Store ``manifest`` and make it head if head is still its parent (atomic, one script).
 
         ``record`` (a signed ``hotswap.headrecord``) is written with head;
-        None deletes the one there, which would name an older head.
+        None deletes the one there, which would name an older head. With
+        ``promote`` False the manifest and its log entry are stored under the
+        same checks, and head, record and notice are left alone (``promote``).
 
         Raises VersionConflict (and writes nothing) if head moved.
         """
         version, parent = manifest.version, manifest.parent
-        flat: list[str | int | float] = []
-        for name, value in log_fields.items():
-            flat += [name, value]
-        args = [
-            "" if parent is None else str(parent),
-            str(version),
-            manifest_bytes,
-            self._key(keys.events_channel),
-            notice,
-            LOG_MAXLEN,
-            record or b"",
-            notice_mode(self.client),
-            *flat,
-        ]
-        script_keys = [
-            self._key(keys.head_key),
-            self._key(keys.manifest_key, version),
-            self._key(keys.log_key),
-            self._key(keys.head_record_key),
-        ]
+        args = self._script_args(
+            manifest, manifest_bytes, log_fields, notice, record, promote=promote
+        )
         status, head = self.call(
-            f"committing v{version}", lambda: self._commit_script(keys=script_keys, args=args)
+            f"committing v{version}",
+            lambda: self._commit_script(keys=self._script_keys(version), args=args),
         )
         if status == b"ok":
             return
@@ -359,6 +304,73 @@ class Store:
             f"model {self.model!r}: head is {now}, not {read} as this publish read it; "
             "another publisher committed first, publish again on top of it"
         )
+
+    def promote(
+        self,
+        manifest: Manifest,
+        log_fields: dict[str, str | int | float],
+        notice: bytes,
+        record: bytes | None = None,
+    ) -> bool:
+        """Make stored ``manifest`` head if head is still its parent (atomic, one script),
+        writing head, ``record``, a log entry and ``notice`` as ``commit`` does. True if
+        this call moved head, False if the version already was head (nothing written).
+
+        Raises VersionConflict (head moved on) or NotFound (manifest collected).
+        """
+        version, parent = manifest.version, manifest.parent
+        args = self._script_args(manifest, b"", log_fields, notice, record, promote=True)
+        status, head = self.call(
+            f"promoting v{version}",
+            lambda: self._promote_script(keys=self._script_keys(version), args=args),
+        )
+        if status in (b"ok", b"already"):
+            return bool(status == b"ok")
+        if status == b"missing":
+            raise NotFound(
+                f"model {self.model!r} has no version {version} to promote (collected by gc?)"
+            )
+        now = "empty" if not head else f"v{head.decode()}"
+        was = "no version" if parent is None else f"v{parent}"
+        raise VersionConflict(
+            f"model {self.model!r}: cannot promote v{version}: head is {now}, not {was} that "
+            f"v{version} was published on top of; a newer publish or a rollback moved head, "
+            f"so v{version} is superseded: publish its weights again on top of {now}"
+        )
+
+    def _script_keys(self, version: int) -> list[str]:
+        return [
+            self._key(keys.head_key),
+            self._key(keys.manifest_key, version),
+            self._key(keys.log_key),
+            self._key(keys.head_record_key),
+        ]
+
+    def _script_args(
+        self,
+        manifest: Manifest,
+        data: bytes,
+        log_fields: dict[str, str | int | float],
+        notice: bytes,
+        record: bytes | None,
+        *,
+        promote: bool,
+    ) -> list[str | int | float | bytes]:
+        """ARGV of ``scripts.COMMIT`` and ``scripts.PROMOTE``."""
+        args: list[str | int | float | bytes] = [
+            "" if manifest.parent is None else str(manifest.parent),
+            str(manifest.version),
+            data,
+            self._key(keys.events_channel),
+            notice,
+            LOG_MAXLEN,
+            record or b"",
+            notice_mode(self.client),
+            "1" if promote else "0",
+        ]
+        for name, value in log_fields.items():
+            args += [name, value]
+        return args
 
     def replace_head_record(self, head: int, old: bytes | None, new: bytes) -> bool:
         """Write head record ``new`` if head is still ``head`` and the record still

@@ -37,7 +37,7 @@ from publisher.exitcodes import (
 
 # The rest is imported inside the commands: parsing (--help, usage errors)
 # needs none of it, and torch is slow to import (docs/performance.md). Only
-# publish, rollback, gc, verify, export and demo import torch (through
+# publish, rollback, promote, gc, verify, export and demo import torch (through
 # Publisher or the reconstruction); the other commands read through a bare Store.
 if TYPE_CHECKING:
     from hotswap.connection import RedisClient
@@ -155,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse NaN/inf and norms 0.1-10x head's before uploading (Policy defaults)",
     )
+    w = p.add_mutually_exclusive_group()
     _wait_option(
-        p,
+        w,
         "wait until every live agent applied the new version, or any rejected it "
         f"(exit 4), at most SECONDS (default {DEFAULT_WAIT:g})",
     )
+    w.add_argument("--no-promote", action="store_true", help="leave head: `hotswap promote` later")
     p.add_argument(
         "--follow-symlinks",
         action="store_true",
@@ -207,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--no-wait", action="store_true", help="return once committed; do not ask the agents"
     )
+
+    p = command("promote", "make a version published with --no-promote head")
+    p.add_argument("model")
+    p.add_argument("version", type=_version)
+    p.add_argument("-m", "--message", default="")
 
     p = command("resign", "re-issue head's signed record (new issue time and expiry)")
     p.add_argument("model")
@@ -375,23 +382,15 @@ def cmd_publish(ctx: Context) -> int:
             rename=rename_pairs(a.rename) or None,
             dtype=a.dtype,
             check=Policy() if a.check else None,
+            promote=not a.no_promote,
         )
         r = pub.last_report
         fleet = None if a.wait is None else commands.await_fleet(ctx, pub.store, r.version, a.wait)
-    data = {**render.report_data(pub.model, r), "fleet": None if fleet is None else fleet.data}
-    ctx.emit(data, lambda: commands.print_report(ctx, pub.model, r, fleet))
+    promoted = not (r.created and a.no_promote)  # nothing changed: head is that version
+    data = {**render.report_data(pub.model, r), "promoted": promoted}
+    data["fleet"] = None if fleet is None else fleet.data
+    ctx.emit(data, lambda: commands.print_report(ctx, pub.model, r, fleet, not a.no_promote))
     return OK if fleet is None else fleet.code
-
-
-def cmd_demo(ctx: Context) -> int:
-    from publisher.demo import run_demo
-
-    settings = ctx.settings()
-    # A Redis named anywhere (--redis-url, HOTSWAP_REDIS_URL or HOTSWAP_SENTINELS in
-    # the environment or in .env) is used under a namespace of the demo's own; else
-    # a private one.
-    given = bool({"redis_url", "sentinels"} & settings.model_fields_set)
-    return int(run_demo(settings if given else None, ctx.out))
 
 
 COMMANDS: dict[str, Callable[[Context], int]] = {
@@ -401,13 +400,14 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "show": commands.show,
     "diff": commands.diff,
     "rollback": commands.rollback,
+    "promote": commands.promote,
     "resign": commands.resign,
     "gc": commands.gc,
     "verify": commands.verify,
     "export": commands.export,
     "models": commands.models,
     "delete": commands.delete,
-    "demo": cmd_demo,
+    "demo": commands.demo,
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``hotswap`` commands other than ``publish`` and ``demo``: each parses nothing,
+"""The ``hotswap`` commands other than ``publish``: each parses nothing,
 calls the library and prints (``--json``: the data, typed; else tables and lines).
 
 Every command that reads a model first checks that it exists
@@ -96,11 +96,20 @@ def await_fleet(ctx: Context, store: Store, version: int, timeout: float) -> Wai
     return Waited(af.data(r), af.lines(r), OK if r.ok else UNHEALTHY)
 
 
-def print_report(ctx: Context, model: str, r: PublishReport, fleet: Waited | None) -> None:
-    """A publish's or rollback's lines: what it made, why (rollback), what agents did."""
+def print_report(
+    ctx: Context, model: str, r: PublishReport, fleet: Waited | None, promoted: bool = True
+) -> None:
+    """A publish's or rollback's lines: what it made, why (rollback), what agents did;
+    a version not ``promoted`` says that head stayed where it was."""
     from publisher import render
 
-    ctx.out.print(render.report_line(model, r))
+    line = render.report_line(model, r)
+    if r.created and not promoted:
+        head = "empty" if r.parent is None else f"v{r.parent}"
+        line = render.plain(
+            f"{line}; not head: agents stay on {head} until `hotswap promote {model} {r.version}`"
+        )
+    ctx.out.print(line, soft_wrap=True)  # one line, however long: scripts grep it
     why = render.rollback_why(model, r) if r.kind == "rollback" else None
     if why is not None:
         ctx.out.print(why)
@@ -124,6 +133,24 @@ def rollback(ctx: Context) -> int:
     data = {**render.report_data(pub.model, r), "fleet": None if fleet is None else fleet.data}
     ctx.emit(data, lambda: print_report(ctx, pub.model, r, fleet))
     return OK if fleet is None else fleet.code
+
+
+def promote(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.publisher(require=True) as pub:
+        pub.promote(a.version, message=a.message)
+        done = pub.last_promotion
+    if done is None:  # promote always sets it; the type cannot say so
+        raise RuntimeError("promote left no record")
+    was = "empty" if done.previous is None else f"v{done.previous}"
+    line = (
+        f"model {pub.model}: promoted v{done.version} to head (was {was}); agents apply it"
+        if done.moved
+        else f"model {pub.model}: v{done.version} is already head; nothing changed"
+    )
+    data = {"model": pub.model, "version": done.version, "previous": done.previous}
+    ctx.emit({**data, "moved": done.moved}, lambda: ctx.out.print(line, markup=False))
+    return OK
 
 
 def resign(ctx: Context) -> int:
@@ -240,3 +267,14 @@ def _confirmed(ctx: Context, what: str) -> bool:
     if not answer:
         ctx.err.print()
     return answer.strip().lower() in ("y", "yes")
+
+
+def demo(ctx: Context) -> int:
+    from publisher.demo import run_demo
+
+    settings = ctx.settings()
+    # A Redis named anywhere (--redis-url, HOTSWAP_REDIS_URL or HOTSWAP_SENTINELS in
+    # the environment or in .env) is used under a namespace of the demo's own; else
+    # a private one.
+    given = bool({"redis_url", "sentinels"} & settings.model_fields_set)
+    return int(run_demo(settings if given else None, ctx.out))

@@ -15,19 +15,43 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hotswap import codec, headrecord
+from hotswap import notice as nt
 from hotswap.errors import IntegrityError
 from hotswap.headrecord import HeadRecord
 from hotswap.manifest import Manifest, TensorEntry
 from publisher.plan import Head, cause
 from publisher.reports import PublishReport, author, describe
 
+if TYPE_CHECKING:
+    from publisher.base import Tally
+
 # The step that keeps creation and issue times strictly increasing: well above
 # a float's resolution at today's epoch seconds, well below anything a person sees.
 TICK = 1e-3
 # The clock new manifests and head records are stamped with (tests step it back).
 now = time.time
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one commit puts on top of head: the new version's entries, how it came
+    about (``kind``, ``rollback_to``, ``lineage``: None for head's), what its log and
+    report say, and whether it becomes head (``promote``)."""
+
+    entries: Sequence[TensorEntry]
+    kind: str
+    message: str
+    changed: int
+    sent: int = 0
+    rollback_to: int | None = None
+    lineage: str | None = None
+    skipped: dict[int, str] | None = None
+    tally: Tally | None = None
+    promote: bool = True
 
 
 def not_before(head: Head, record: bytes | None, keys: Sequence[bytes]) -> float:
@@ -87,11 +111,29 @@ def head_record(m: Manifest, data: bytes, expiry: float, issued: float | None = 
     )
 
 
+def announcement(
+    m: Manifest, data: bytes, key: bytes | None, expiry: float, issued: float | None = None
+) -> tuple[bytes, bytes | None]:
+    """The notice that announces ``m`` (wire bytes ``data``) as head, and the signed head
+    record naming it (``head_record``; None without a signing ``key``)."""
+    notice = nt.encode(nt.Notice(m.model, m.version, m.kind, m.lineage, nt.carried(data)))
+    if key is None:
+        return notice, None
+    return notice, headrecord.encode(head_record(m, data, expiry, issued), key)
+
+
 def log_fields(
-    m: Manifest, head: Head, changed: int, sent: int, *, skipped: dict[int, str] | None = None
+    m: Manifest,
+    head: Head,
+    changed: int,
+    sent: int,
+    *,
+    skipped: dict[int, str] | None = None,
+    promoted: bool = True,
 ) -> dict[str, str | int | float]:
-    """The log entry of a commit (``hotswap log``), with why the parent was not trusted
-    and what a rollback's default target passed over."""
+    """The log entry of a commit (``hotswap log``), with why the parent was not trusted,
+    what a rollback's default target passed over, and whether it became head
+    (``promoted`` 0: stored beside head, ``Publisher.promote`` makes it head)."""
     fields: dict[str, str | int | float] = {
         "version": m.version,
         "kind": m.kind,
@@ -104,6 +146,7 @@ def log_fields(
         "bytes_total": m.nbytes,
         "parent": "" if m.parent is None else m.parent,
         "rollback_to": "" if m.rollback_to is None else m.rollback_to,
+        "promoted": int(promoted),
     }
     if head.distrust is not None:
         fields["untrusted_parent"] = cause(head.distrust)

@@ -38,6 +38,7 @@ LOG_INTS = frozenset(
         "keyframes",
         "bytes_delta",
         "blobs_deleted",
+        "promoted",
     }
 )
 LOG_FLOATS = frozenset({"created"})
@@ -95,9 +96,7 @@ def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
         table.add_column(col, justify="right" if col in ("version", "changed") else "left")
     for row in rows:
         created = _number(row.get("created"))
-        kind = row.get("kind", "?")
-        if kind == "rollback" and row.get("rollback_to"):
-            kind = f"rollback to v{row['rollback_to']}"
+        kind = _kind(row)
         if row.get("untrusted_parent"):
             kind += f" (parent untrusted: {row['untrusted_parent']})"
         uploaded = _number(row.get("bytes_uploaded"))
@@ -116,6 +115,24 @@ def log_table(model: str, rows: Sequence[dict[str, str]]) -> Table:
             plain(row.get("message", "")),
         )
     return table
+
+
+def _kind(row: dict[str, str]) -> str:
+    """What a log entry did, in words: a rollback's target, a version stored without
+    becoming head, a promotion and the head it replaced.
+
+    Example:
+        >>> _kind({"kind": "publish", "promoted": "0"}), _kind({"kind": "promote", "parent": "3"})
+        ('publish (not head)', 'promoted to head (was v3)')
+    """
+    kind = row.get("kind", "?")
+    if kind == "rollback" and row.get("rollback_to"):
+        kind = f"rollback to v{row['rollback_to']}"
+    if kind == "promote":
+        kind = "promoted to head" + (f" (was v{row['parent']})" if row.get("parent") else "")
+    if row.get("promoted") == "0":
+        kind += " (not head)"
+    return kind
 
 
 def _removed(row: dict[str, str]) -> str:

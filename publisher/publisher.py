@@ -10,26 +10,26 @@ from types import TracebackType
 
 import torch
 
-from hotswap import headrecord, keys
+from hotswap import keys
 from hotswap import manifest as mf
-from hotswap import notice as nt
 from hotswap.connection import RedisClient, connect
 from hotswap.errors import ConfigError, HotswapError
 from hotswap.headrecord import HeadRecord
-from hotswap.manifest import Manifest, TensorEntry
+from hotswap.manifest import Manifest
 from hotswap.names import Rename
 from hotswap.replication import Replication
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.store import Store
 from hotswap.validate import Policy
-from publisher import commit, complete, contents, heads, plan, resign, restore, upkeep
-from publisher.base import Base, Tally
+from publisher import commit, complete, contents, heads, plan, resign, restore, rollbackplan, upkeep
+from publisher.base import Base
 from publisher.fingerprint import Fingerprints
 from publisher.mapping import SourceMapping
 from publisher.plan import Head
 from publisher.precheck import before_upload
-from publisher.reports import GcReport, Progress, PublishReport, VerifyReport, describe
+from publisher.promote import Promotion, make_head
+from publisher.reports import GcReport, Progress, PublishReport, VerifyReport
 from publisher.sources import Source, open_source
 
 __all__ = ["GcReport", "Progress", "PublishReport", "Publisher", "VerifyReport"]
@@ -83,6 +83,8 @@ class Publisher:
         self._fingerprints = Fingerprints()
         # The bytes it last published, to encode the next deltas (publisher.base).
         self._base = Base()
+        # What the last ``promote`` did (None before one).
+        self.last_promotion: Promotion | None = None
 
     @property
     def last_report(self) -> PublishReport:
@@ -111,6 +113,7 @@ class Publisher:
         strip_prefix: str | Sequence[str] = (),
         dtype: str | torch.dtype | None = None,
         check: Policy | None = None,
+        promote: bool = True,
     ) -> int:
         """Publish ``source`` as a new version and return its number.
 
@@ -142,6 +145,8 @@ class Publisher:
                 tensors; the digest is over the cast bytes, as published.
             check: a ``Policy`` whose ``check_finite`` and ``norm_ratio`` (against
                 head's norms) run on every tensor before anything is uploaded.
+            promote: False: store the version on top of head without making it
+                head; agents following head never see it (``promote`` later).
 
         Returns:
             The new version's number, or head's when nothing changed (and not
@@ -166,6 +171,7 @@ class Publisher:
             v = pub.publish(model.state_dict(), only=["head.*"], message="new head")
             v = pub.publish("ckpt/", exclude=["lm_head.weight"])  # tied, not saved
             v = pub.publish("model.safetensors", strip_prefix="bert.", dtype="bf16")
+            v = pub.publish(model.state_dict(), promote=False)  # then pub.promote(v)
         """
         started = time.monotonic()
         if len(message) > mf.MAX_MESSAGE_LEN:
@@ -199,76 +205,77 @@ class Publisher:
             self._base.retain({e.digest for e in entries})
             self._last = commit.unchanged(trusted, len(entries), sent, seconds)
             return trusted.version
-        return self._commit(
-            head=head,
-            record=record,
-            entries=entries,
-            kind="publish",
-            rollback_to=None,
-            message=message,
-            changed=changes.count,
-            sent=sent,
-            started=started,
-            tally=built.tally,
+        change = commit.Change(
+            entries, "publish", message, changes.count, sent, tally=built.tally, promote=promote
         )
+        return self._commit(head, record, change, started)
 
     def _head(self) -> tuple[Head, bytes | None]:
         guess = self._last.version if self._last is not None else None
         return heads.read(self.store, self._keys, guess)
 
-    def _commit(
-        self,
-        *,
-        head: Head,
-        record: bytes | None,
-        entries: Sequence[TensorEntry],
-        kind: str,
-        rollback_to: int | None,
-        message: str,
-        changed: int,
-        sent: int,
-        started: float,
-        lineage: str | None = None,
-        skipped: dict[int, str] | None = None,
-        tally: Tally | None = None,
-    ) -> int:
-        self.replication.before_commit(self.store.ns, entries)
+    def _commit(self, head: Head, record: bytes | None, c: commit.Change, started: float) -> int:
+        self.replication.before_commit(self.store.ns, c.entries)
         version = self.store.reserve_version()
+        lineage = c.lineage
         if lineage is None:
             lineage = head.manifest.lineage if head.manifest else heads.lineage(self.store, head)
         m = commit.new_manifest(
             head,
             version,
-            entries,
-            kind=kind,
-            rollback_to=rollback_to,
-            message=message,
+            c.entries,
+            kind=c.kind,
+            rollback_to=c.rollback_to,
+            message=c.message,
             lineage=lineage,
             earliest=commit.not_before(head, record, self._keys),
         )
         data = mf.encode(m, self._signing_key)
-        notice = nt.encode(nt.Notice(self.model, version, kind, m.lineage, nt.carried(data)))
-        signed = self._sign_head(m, data)
-        fields = commit.log_fields(m, head, changed, sent, skipped=skipped)
-        fields.update(tally.log_fields() if tally is not None else {})
-        self.store.commit(m, data, fields, notice, signed)
+        expiry = self.settings.head_expiry_seconds
+        notice, signed = commit.announcement(m, data, self._signing_key, expiry)
+        fields = commit.log_fields(
+            m, head, c.changed, c.sent, skipped=c.skipped, promoted=c.promote
+        )
+        fields.update(c.tally.log_fields() if c.tally is not None else {})
+        self.store.commit(m, data, fields, notice, signed, promote=c.promote)
         self.replication.after_commit(self.store.ns, version)
         if head.distrust is not None:
             log.warning(*commit.untrusted_warning(m, head))
         seconds = time.monotonic() - started
-        report = commit.committed(m, head, changed, sent, seconds, skipped=skipped)
-        if tally is not None:
-            self._base.retain({e.digest for e in entries})
-            report = replace(report, **tally.report(self._base.nbytes))
+        report = commit.committed(m, head, c.changed, c.sent, seconds, skipped=c.skipped)
+        if c.tally is not None:
+            self._base.retain({e.digest for e in c.entries})
+            report = replace(report, **c.tally.report(self._base.nbytes))
         self._last = report
         return version
 
-    def _sign_head(self, m: Manifest, data: bytes) -> bytes | None:
-        """The signed head record naming ``m`` (None without a signing key)."""
-        if self._signing_key is None:
-            return None
+    def promote(self, version: int, message: str = "") -> int:
+        """Make ``version``, published with ``promote=False``, head: agents that follow
+        head apply it. Only while head is still the version's parent: a publish or
+        rollback since then supersedes it. Promoting the head changes nothing.
+        ``last_promotion`` says what happened (``publisher.promote``).
+
+        Args: ``version``, a stored version whose parent is head (returned, now
+        head); ``message``, a note for ``hotswap log``.
+
+        Raises:
+            VersionConflict: head moved since ``version`` was published (the
+                message names head; nothing written).
+            NotFound: no such version (or collected by gc).
+            IntegrityError: it does not verify with the signing keys.
+            StoreUnavailable: Redis could not be reached.
+
+        Example::
+
+            v = pub.publish(model.state_dict(), promote=False)
+            pub.promote(v, message="canary passed")
+        """
         expiry = self.settings.head_expiry_seconds
-        return headrecord.encode(commit.head_record(m, data, expiry), self._signing_key)
+        done = make_head(self.store, version, message=message, keys=self._keys, expiry=expiry)
+        if done.moved:
+            self.replication.after_commit(self.store.ns, version)
+        self.last_promotion = done
+        return version
 
     # -- rollback -----------------------------------------------------------------
 
@@ -319,29 +326,8 @@ class Publisher:
         """
         started = time.monotonic()
         parent, record = self._head()
-        chosen = restore.target_version(self.store, self._keys, parent, to)
-        target_version, skipped = chosen.version, chosen.skipped
-        target = restore.target_manifest(self.store, target_version, self._keys)
-        default = f"rollback to v{target_version}"
-        if skipped:
-            default += f" (skipped {describe(skipped)})"
-            log.info("model %r: %s", self.model, default)
-        head = parent.manifest
-        changed = plan.diff(head.tensors if head else (), target.tensors).count
-        return self._commit(
-            head=parent,
-            record=record,
-            entries=target.tensors,
-            kind="rollback",
-            rollback_to=target_version,
-            message=message or default,
-            changed=changed,
-            sent=0,
-            started=started,
-            # An untrusted head's lineage is not taken: the target's is verified.
-            lineage=target.lineage if head is None else None,
-            skipped=skipped,
-        )
+        change = rollbackplan.prepare(self.store, self._keys, parent, to, message)
+        return self._commit(parent, record, change, started)
 
     # -- the signed head ---------------------------------------------------------------
 

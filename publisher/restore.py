@@ -31,6 +31,7 @@ from hotswap.manifest import Manifest
 from hotswap.store import Store
 from publisher import fleet, plan
 from publisher.plan import Head, cause
+from publisher.promote import HeadChain
 from publisher.reports import describe
 
 
@@ -99,9 +100,12 @@ def default_target(store: Store, keys: Sequence[bytes], parent: Head, number: in
     agents = fleet.read(store, None if head is None else head.lineage)
     if head is not None:
         _retract(head, retracted, agents)
+    # Never head (published with promote=False, never promoted; issue 17): not
+    # a version to go back to, and a canary running one says nothing of the fleet.
+    chain = HeadChain(store, head)
     # Applied: some live agent runs it. Where none runs an earlier version (all
     # run head, or nothing yet) that says nothing of the others: not asked.
-    ask_applied = any(v < number for v in agents.running)
+    ask_applied = any(v < number and not chain.never_head(v) for v in agents.running)
     skipped: dict[int, str] = {}
     for version in sorted((v for v in store.versions() if v < number), reverse=True):
         try:
@@ -111,7 +115,9 @@ def default_target(store: Store, keys: Sequence[bytes], parent: Head, number: in
         except IntegrityError as e:
             skipped[version] = f"does not verify ({cause(e)})"
             continue
-        if version in retracted:
+        if chain.never_head(version):
+            skipped[version] = "never head (published without promotion)"
+        elif version in retracted:
             skipped[version] = f"retracted by v{retracted[version]}"
         elif head is not None and plan.diff(head.tensors, m.tensors).count == 0:
             skipped[version] = f"holds what v{number} holds"
