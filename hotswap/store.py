@@ -26,6 +26,7 @@ from hotswap.blobs import BlobStore
 from hotswap.connection import RedisClient, guarded, operation_retry, retry_from_settings
 from hotswap.errors import FormatError, NotFound, VersionConflict
 from hotswap.manifest import EntryCache, Limits, Manifest, decode
+from hotswap.pins import STABLE, Following, PinIO
 from hotswap.settings import HotswapSettings
 from hotswap.status import MAX_STATUS_BYTES
 from hotswap.subscription import Subscription, notice_mode
@@ -90,6 +91,8 @@ class Store:
         self._resign_script = client.register_script(scripts.RESIGN)
         self.blobs = BlobStore(client, self.model, namespace=self.ns, retrying=self._retrying)
         self.records = AgentRecordIO(client, self.model, self.ns, self.call)
+        # Rollout pins (``hotswap.pins``): read with head, by agents.
+        self.pins = PinIO(self)
 
     @classmethod
     def from_settings(
@@ -130,6 +133,11 @@ class Store:
         return self._head(
             self.call("reading head", lambda: self.client.get(self._key(keys.head_key)))
         )
+
+    def following(self, agent_id: str, track: str = STABLE) -> Following:
+        """Head and the rollout pin that holds for this agent or its track, in one round
+        trip: what an agent without signing keys follows (``hotswap.pins``)."""
+        return self.pins.read(agent_id, track)
 
     def head_and_record(self) -> tuple[int | None, bytes | None]:
         """Head and the signed head record's bytes (None where absent), in one round trip."""

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from hotswap.errors import HotswapError
 from hotswap.redact import scrub
-from publisher import commands
+from publisher import commands, rollout_cli
 from publisher.exitcodes import (
     INTERRUPTED,
     OK,
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read both versions' bytes for ||new-old|| and max |new-old| of changed tensors",
     )
+
+    rollout_cli.add(command)
 
     p = command("rollback", "make an earlier version current (as a new version)")
     p.add_argument("model")
@@ -394,6 +396,7 @@ def cmd_publish(ctx: Context) -> int:
 
 
 COMMANDS: dict[str, Callable[[Context], int]] = {
+    "rollout": rollout_cli.run,
     "publish": cmd_publish,
     "status": commands.status,
     "log": commands.log,

@@ -44,6 +44,7 @@ from hotswap.embedded import EmbeddedRedis
 from hotswap.errors import ConfigError
 from hotswap.store import Store
 from publisher.publisher import Publisher
+from publisher.rollout import Rollout
 
 pytestmark = pytest.mark.reliability
 
@@ -97,14 +98,18 @@ def test_publisher_and_agent_run_a_whole_workflow_under_their_users(
         v3 = pub.rollback()
         assert agent.wait_for(v3, 10)
         third = nudged(first, 0.02)
-        v4 = pub.publish(third)
+        # A canary rollout: pins, the record and its lease, the look notice, promotion.
+        v4 = pub.publish(third, promote=False)
+        outcome = Rollout(pub, v4, canary="100%", bake=0.1, tick=0.02).run()
+        assert outcome.state == "promoted" and pub.store.head() == v4
         assert agent.wait_for(v4, 10)
         assert agent.reporter.flush(logging.getLogger("test"))
         assert pub.running_versions() == [v4]  # read the agents' records and heartbeats
         report = pub.gc(keep=1)
         assert report.deleted_versions == [v1, v2, v3] and report.blobs_deleted > 0
         assert pub.verify().ok
-        assert [row["kind"] for row in pub.store.log(10)][:2] == ["gc", "publish"]
+        kinds = [row["kind"] for row in pub.store.log(10)]
+        assert kinds[:3] == ["gc", "rollout promoted", "promote"], kinds
     store = admin_store(server)
     assert_runs_exactly(store, live, v4)
     assert agent.agent_id == agent_id()
