@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     for i in range(changed):
                         model[f"b{i}"].copy_(runs[i])
+        probed = _probe_overhead(settings, blocks, changed, rows, args.repeats)
     pause, copy = statistics.median(pauses), statistics.median(copies)
     size = f"{changed * BLOCK_MIB} MiB in a {blocks * BLOCK_MIB} MiB model"
     print(f"revert of {size}, {args.repeats} runs")
@@ -75,7 +76,52 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  bare copy_    median {copy * 1e3:.2f} ms (min {min(copies) * 1e3:.2f})")
     ratio = pause / copy
     print(f"  ratio {ratio:.2f} (target <= {TARGET}): {'met' if ratio <= TARGET else 'not met'}")
+    bare, with_probe, own = probed
+    print("apply of the same change, writer-lock pause (medians):")
+    print(f"  no probe                      {bare * 1e3:.2f} ms")
+    less = (with_probe - own) * 1e3
+    print(f"  one probe, less its own time  {less:.2f} ms (the probe: {own * 1e3:.2f} ms)")
+    print(f"  probe overhead beyond its own time {(with_probe - own - bare) * 1e3:+.2f} ms")
     return 0
+
+
+def _probe_overhead(
+    settings: HotswapSettings, blocks: int, changed: int, rows: int, repeats: int
+) -> tuple[float, float, float]:
+    """Medians of the writer-lock pause applying the same change without a probe and with
+    one (a forward pass of a probe-sized matmul), and of the probe's own time."""
+    own: list[float] = []
+    probe_input = torch.randn(64, 1024)
+
+    def probe(model: dict[str, torch.Tensor]) -> str | None:
+        started = time.perf_counter()
+        out = probe_input @ model["b0"][:1024].T
+        own.append(time.perf_counter() - started)
+        return None if torch.isfinite(out).all() else "not finite"
+
+    medians = []
+    for probes in ([], [probe]):
+        model = {f"b{i}": torch.zeros(rows, 1024) for i in range(blocks)}
+        state = {k: v.clone() for k, v in model.items()}
+        paused: list[float] = []
+        with (
+            Agent(
+                model,
+                "probed",
+                settings=settings,
+                probes=probes,
+                on_applied=lambda _v, r, into=paused: into.append(r.apply_seconds),
+            ) as agent,
+            Publisher("probed", settings=settings) as pub,
+        ):
+            agent.wait_for(pub.publish(state), 60)
+            for step in range(repeats):
+                for i in range(changed):
+                    state[f"b{i}"].fill_(float(step + 1))
+                agent.wait_for(pub.publish(state), 60)
+            pub.store.delete_all()
+        medians.append(statistics.median(paused[1:]))
+    return medians[0], medians[1], statistics.median(own)
 
 
 if __name__ == "__main__":
