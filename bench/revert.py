@@ -16,10 +16,11 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
-from hotswap import Agent, HotswapSettings
+from hotswap import Agent, ApplyReport, HotswapSettings
 from hotswap.embedded import EmbeddedRedis
 from publisher import Publisher
 
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _recorder(into: list[float]) -> Callable[[int, ApplyReport], None]:
+    return lambda _v, report: into.append(report.apply_seconds)
+
+
 def _probe_overhead(
     settings: HotswapSettings, blocks: int, changed: int, rows: int, repeats: int
 ) -> tuple[float, float, float]:
@@ -110,7 +115,7 @@ def _probe_overhead(
                 "probed",
                 settings=settings,
                 probes=probes,
-                on_applied=lambda _v, r, into=paused: into.append(r.apply_seconds),
+                on_applied=_recorder(paused),
             ) as agent,
             Publisher("probed", settings=settings) as pub,
         ):
