@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -50,6 +51,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tune", action="store_true", help="sweep chunk size and window instead")
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
     p.add_argument("--fanout", type=int, metavar="N", help="N agents on one model (bench.fanout)")
+    # Issue 18's two cases run after the others unless --quick, --tune or this.
+    p.add_argument("--no-serving", action="store_true", help="skip bench.steady and bench.serving")
+    p.add_argument(
+        "--steady", action="store_true", help="only the steady-state case (bench.steady)"
+    )
+    p.add_argument(
+        "--serving", action="store_true", help="only serving while updating (bench.serving)"
+    )
     return p.parse_args(argv)
 
 
@@ -60,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench import fanout
 
         return fanout.main(given)
+    # Each of issue 18's cases alone, with its own options (bench/steady.py, bench/serving.py).
+    for flag, module in (("--steady", "steady"), ("--serving", "serving")):
+        if flag in given:
+            rest = [a for a in given if a != flag]
+            return int(importlib.import_module(f"bench.{module}").main(rest))
     args = parse(argv)
     cfg = runner.Config(
         size_mb=args.size_mb,
@@ -90,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"\nresults: {path}")
+    if not (args.quick or args.tune or args.no_serving):
+        # Serving while updating (issue 18) at their own default sizes.
+        from bench import serving, steady
+
+        print(flush=True)
+        steady.main([])
+        print(flush=True)
+        serving.main([])
     return 0
 
 
