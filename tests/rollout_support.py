@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,48 +35,59 @@ def digests(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 class Worker:
-    """``rollout_worker.py`` in its own process: send a command, read its JSON reply."""
+    """``rollout_worker.py`` in its own process, idle until it is told to ``serve``; send a
+    command, read its JSON reply."""
 
-    def __init__(
-        self,
-        url: str,
-        name: str,
-        track: str = "stable",
-        heartbeat_ttl: float = 10.0,
-        model: str = MODEL,
-        probe: bool = False,
-    ) -> None:
-        self.name, self.track = name, track
+    def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), url, model, "--name", name, "--track", track]
-            + ["--heartbeat-ttl", str(heartbeat_ttl)]
-            + (["--probe"] if probe else []),
+            [sys.executable, str(WORKER)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
             cwd=ROOT,
         )
-        self.agent_id = ""
-        self.started_at = 0.0
+        self.idle = False
+        self.name, self.agent_id, self.started_at = "", "", 0.0
 
-    def ready(self) -> Worker:
-        """Wait for the ready line (the agent has started)."""
-        line = self._read()
-        self.agent_id, self.started_at = line["ready"], float(line["at"])
-        return self
+    def send(self, cmd: str, **fields: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
 
-    def _read(self) -> dict[str, Any]:
+    def read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line, f"worker {self.name} exited with {self.proc.wait(10)}"
         reply: dict[str, Any] = json.loads(line)
+        if reply.get("idle"):
+            self.idle = True
+            return self.read()
         return reply
 
+    def ask_serve(
+        self,
+        url: str,
+        name: str,
+        track: str = "stable",
+        *,
+        heartbeat_ttl: float = 10.0,
+        model: str = MODEL,
+        probe: bool = False,
+        poll: float = 0.3,
+    ) -> None:
+        """Tell the process to start an agent (``served`` reads the answer)."""
+        self.name = name
+        fields = {"url": url, "model": model, "name": name, "track": track, "poll": poll}
+        self.send("serve", **fields, heartbeat_ttl=heartbeat_ttl, probe=probe)
+
+    def served(self) -> Worker:
+        line = self.read()
+        self.agent_id, self.started_at = line["ready"], float(line["at"])
+        return self
+
     def __call__(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
-        return self._read()
+        self.send(cmd, **fields)
+        return self.read()
 
     def until(self, version: int, timeout: float = 20.0) -> dict[str, Any]:
         """Wait (bounded, in the worker) until it runs ``version``; its state then."""
@@ -84,25 +95,24 @@ class Worker:
         assert reply["ok"], f"{self.name} runs v{reply['applied']}, not v{version}: {reply}"
         return reply
 
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def kill(self) -> None:
         """kill -9, as a crash."""
-        if self.proc.poll() is None:
+        if self.alive:
             self.proc.kill()
         self.proc.wait(10)
         self._close_pipes()
 
-    def quit(self) -> None:
-        """Ask the worker to stop its agent and exit (``close`` waits for it)."""
-        assert self.proc.stdin is not None
-        if self.proc.poll() is None:
+    def close(self) -> None:
+        """Quit (stopping the agent, if any) and wait for the process to exit."""
+        if self.alive:
             try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.flush()
+                self.send("quit")
             except BrokenPipeError:
                 pass
-
-    def close(self) -> None:
-        self.quit()
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -119,18 +129,45 @@ class Worker:
                     pass
 
 
-def start(workers: Iterable[Worker]) -> list[Worker]:
-    """Wait for workers that start side by side (each imports torch: seconds)."""
-    return [w.ready() for w in workers]
+class Pool:
+    """Idle worker processes to hand: a test takes some (they serve an agent), gives them
+    back (they stop it); a process killed by a test is replaced by a new one."""
 
+    def __init__(self, size: int) -> None:
+        self.idle = [Worker() for _ in range(size)]
+        self.busy: list[Worker] = []
 
-def close(workers: Iterable[Worker]) -> None:
-    """Stop workers side by side (each agent's stop writes its last record)."""
-    workers = list(workers)
-    for w in workers:
-        w.quit()
-    for w in workers:
-        w.close()
+    def serve(self, url: str, *specs: tuple[str, str], **options: Any) -> list[Worker]:
+        """Workers serving agents named and tracked as ``specs`` says, side by side;
+        ``options`` go to each (``probe=NAME`` gives only that one the probe)."""
+        probe = options.pop("probe", "")
+        while len(self.idle) < len(specs):
+            self.idle.append(Worker())
+        taken, self.idle = self.idle[: len(specs)], self.idle[len(specs) :]
+        self.busy.extend(taken)
+        for w, (name, track) in zip(taken, specs):
+            w.ask_serve(url, name, track, probe=name == probe, **options)
+        return [w.served() for w in taken]
+
+    def give_back(self) -> None:
+        """Stop every agent the taken workers serve, side by side; the processes idle."""
+        alive = [w for w in self.busy if w.alive]
+        for w in alive:
+            w.send("stop")
+        for w in alive:
+            assert w.read() == {"stopped": True}
+        self.idle.extend(alive)
+        self.busy = []
+
+    def close(self) -> None:
+        for w in self.idle + self.busy:
+            if w.alive:
+                try:
+                    w.send("quit")
+                except BrokenPipeError:
+                    pass
+        for w in self.idle + self.busy:
+            w.close()
 
 
 def versions(history: list[dict[str, Any]], event: str | None = None) -> list[int]:

@@ -15,11 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 from rollout_support import (
-    Worker,
-    close,
+    Pool,
     digests,
     hotswap_rollout,
-    start,
     started_rollout,
     state,
     versions,
@@ -59,10 +57,10 @@ def test_a_rollout_rides_through_a_sentinel_failover(sentinel_set: SentinelSet) 
     url = sentinel_set.url()
     env = {"HOTSWAP_SENTINELS": sentinel_set.addresses(), "HOTSWAP_SENTINEL_MASTER": SERVICE}
     names = [("c1", "canary"), ("s1", "stable"), ("s2", "stable")]
-    workers = [Worker(url, name, track, heartbeat_ttl=15.0, model=MODEL) for name, track in names]
+    pool = Pool(len(names))
     pub = Publisher(MODEL, settings=settings_for(url))
     try:
-        start(workers)
+        workers = pool.serve(url, *names, heartbeat_ttl=15.0, model=MODEL)
         c1, *others = workers
         v1 = pub.publish(state(1))
         for w in workers:
@@ -106,5 +104,5 @@ def test_a_rollout_rides_through_a_sentinel_failover(sentinel_set: SentinelSet) 
             # Stable agents ran v2 only once it was head.
             assert versions(w("state")["history"], "applied") == [v1, v2]
     finally:
-        close(workers)
+        pool.close()
         pub.close()
