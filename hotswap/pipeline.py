@@ -232,6 +232,8 @@ class Pipeline:
             not candidate.head and running.covers(m.version, m.lineage)
         ):
             return Outcome.SKIPPED
+        if self._revert_to(candidate):
+            return Outcome.APPLIED
         lineage = running.lineage
         if lineage is not None and m.lineage != lineage:
             self._said.say(
@@ -248,8 +250,6 @@ class Pipeline:
                 f"v{running.version} that runs (Redis restored from an older snapshot?); "
                 "following head, comparing tensors by digest",
             )
-        if self._revert_to(candidate):
-            return Outcome.APPLIED
         outcome = Outcome.REPLAN
         while outcome is Outcome.REPLAN:
             outcome = self._stage(candidate)

@@ -186,7 +186,8 @@ class Rollout:
                 )
             self.say(
                 f"resuming the rollout of v{record.version} at step {record.step + 1} of "
-                f"{len(record.steps)} ({record.steps[record.step]})"
+                f"{len(record.steps)} ({record.steps[record.step]}), with the steps, bake "
+                f"({record.bake:g}s) and limits it started with"
             )
             record.owner = self.io.owner
             return record
