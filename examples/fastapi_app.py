@@ -10,6 +10,13 @@ GET  /readyz   readiness: 200 once the model runs head (or refused head and runs
                earlier version), else 503 with the reason
 GET  /metrics  Prometheus: hotswap's gauges and counters (docs/metrics.md)
 
+The agent reports the app's health to ``hotswap rollout`` (``Agent(health=...)``):
+the /predict requests of the last ``WINDOW`` seconds, their error rate (answers
+of 500 and over) and their p99 latency in ms, e.g. ``hotswap rollout mlp 7
+--max error_rate=0.01 --max p99_ms=50``. ``HOTSWAP_AGENT_NAME=web-1`` gives
+the agent a stable id (host-web-1), so a restarted canary is still one, and
+``HOTSWAP_TRACK=canary`` makes this process a canary.
+
 Async-safe: each request holds the model with ``async with agent.reading_async()``
 (the read belongs to the request's task, never blocks the event loop, and no
 update lands while it is held), and the forward pass runs in a worker thread
@@ -26,13 +33,16 @@ import contextlib
 import logging
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import prometheus_client
 import torch
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -40,7 +50,43 @@ from hotswap import Agent, HotswapSettings, readiness
 
 WIDTH = 16
 VERSION_HEADER = "X-Model-Version"
+# Seconds of requests the health numbers cover: recent enough to show a bad version
+# within a rollout's bake, long enough to hold a p99.
+WINDOW = 60.0
 T = TypeVar("T")
+
+
+class Window:
+    """The /predict requests of the last ``seconds``: when, how long, whether they failed.
+
+    Example::
+
+        window = Window(60.0)
+        window.add(0.012, failed=False)
+        window.health()  # {'requests': 1.0, 'error_rate': 0.0, 'p99_ms': 12.0}
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()  # requests add, the agent's health thread reads
+        self._seen: deque[tuple[float, float, bool]] = deque()
+
+    def add(self, took: float, failed: bool) -> None:
+        with self._lock:
+            self._seen.append((time.monotonic(), took, failed))
+
+    def health(self) -> dict[str, float]:
+        """Requests in the window, their error rate and p99 latency (ms); none: just 0."""
+        with self._lock:
+            while self._seen and self._seen[0][0] < time.monotonic() - self.seconds:
+                self._seen.popleft()
+            seen = list(self._seen)
+        if not seen:
+            return {"requests": 0.0}
+        took = sorted(t for _, t, _ in seen)
+        p99 = took[min(len(took) - 1, int(0.99 * len(took)))]
+        errors = sum(1 for *_, failed in seen if failed)
+        return {"requests": float(len(seen)), "error_rate": errors / len(seen), "p99_ms": p99 * 1e3}
 
 
 def build_model(seed: int = 0) -> torch.nn.Module:
@@ -58,8 +104,9 @@ class Features(BaseModel):
 def create_app(model_name: str = "mlp", settings: HotswapSettings | None = None) -> FastAPI:
     """The app: the model, its agent (started by the lifespan) and the routes."""
     model = build_model()
+    window = Window(WINDOW)
     # Build the agent once the model is where it will run (``.to(device)`` first).
-    agent = Agent(model, model_name, settings=settings or HotswapSettings())
+    agent = Agent(model, model_name, settings=settings or HotswapSettings(), health=window.health)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,6 +115,21 @@ def create_app(model_name: str = "mlp", settings: HotswapSettings | None = None)
 
     app = FastAPI(lifespan=lifespan)
     app.state.agent = agent
+
+    @app.middleware("http")
+    async def timed(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if request.url.path != "/predict":
+            return await call_next(request)
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            window.add(time.perf_counter() - start, failed=True)
+            raise
+        window.add(time.perf_counter() - start, failed=response.status_code >= 500)
+        return response
 
     @app.post("/predict")
     async def predict(body: Features, response: Response) -> dict[str, object]:

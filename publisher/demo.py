@@ -3,8 +3,9 @@
 Starts a Redis of its own (unless given settings, then it works under a fresh
 namespace of its own and deletes only its keys), launches the example server
 (``publisher.demo_server``, which examples/serve.py runs) with an embedded
-agent, then publishes, updates one layer, publishes a NaN, rolls back and
-shows ``hotswap status``. Every process and file it started is
+agent, then publishes, updates one layer, publishes a NaN, rolls back, rolls
+out a bad and a good version through two canaries (``publisher.demo_rollout``)
+and shows ``hotswap status``. Every process and file it started is
 removed on the way out, also on Ctrl-C or SIGTERM.
 """
 
@@ -37,7 +38,7 @@ from hotswap.redact import redact, scrub
 from hotswap.settings import HotswapSettings
 from hotswap.status import AgentStatus
 from hotswap.store import Store
-from publisher import render, views
+from publisher import demo_rollout, render, views
 from publisher.demo_model import build
 from publisher.exitcodes import INTERRUPTED, OK, for_error
 from publisher.publisher import Publisher
@@ -48,7 +49,7 @@ LAYER = "blocks.1.mlp."
 NAN_TENSOR = "blocks.0.mlp.0.weight"
 STEP_TIMEOUT = 30.0
 INTERRUPTED_LINE = (
-    "Interrupted: stopped the server and Redis and removed the demo's keys and files."
+    "Interrupted: stopped the servers and Redis and removed the demo's keys and files."
 )
 
 
@@ -72,17 +73,29 @@ class _Server:
         log: IO[bytes],
         stack: contextlib.ExitStack,
         check: Callable[[], None],
+        *,
+        name: str,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
-        self.check = check
-        env = {**os.environ, **_environment(settings), "PYTHONUNBUFFERED": "1"}
+        self.check, self.name = check, name
+        env = {
+            **os.environ,
+            **_environment(settings),
+            "PYTHONUNBUFFERED": "1",
+            # A stable agent id (host-name): the rollout act tells its servers apart by it.
+            "HOTSWAP_AGENT_NAME": name,
+            **(env or {}),
+        }
         env["HOTSWAP_POLL_INTERVAL"] = "1"  # a lost notice costs a second, not five
         # A Ctrl-C in a terminal also stops the embedded redis-server (same process
         # group); short retries keep the server's last status write from stalling exit.
         env["HOTSWAP_RETRY_ATTEMPTS"] = "2"
         env["HOTSWAP_RETRY_MAX_WAIT"] = "0.2"
         self._log = log
+        self.base = ""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", SERVER_MODULE, "--model-name", MODEL, "--port", "0"],
+            [sys.executable, "-m", SERVER_MODULE, "--model-name", MODEL, "--port", "0", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -93,12 +106,16 @@ class _Server:
             start_new_session=True,
         )
         stack.callback(self.stop)
+
+    def listening(self) -> _Server:
+        """Wait for the server's first line (it loads torch first); returns itself."""
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("listening on "):
             self.stop()
             raise HotswapError(f"the example server did not start: {self.errors()}")
         self.base = line.split()[-1]
+        return self
 
     def errors(self) -> str:
         """The last lines the server wrote to stderr, for error messages."""
@@ -253,9 +270,16 @@ class _Demo:
         self.store = Store(client, MODEL, namespace=settings.namespace)
         self.pub = Publisher(MODEL, settings=settings, connection=client)
         stack.callback(self.pub.close)
+        self.settings, self.stack = settings, stack
+        self.server = self.start_server("web-1").listening()
+
+    def start_server(
+        self, name: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> _Server:
+        """One more example server (call ``listening()`` on it), stopped on the way out."""
         # Anonymous file: the server's stderr for error messages, gone when closed.
-        log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - on the stack
-        self.server = _Server(settings, log, stack, check)
+        log = self.stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - on the stack
+        return _Server(self.settings, log, self.stack, self.check, name=name, env=env, args=args)
 
     def run(self) -> None:
         server, pub, say = self.server, self.pub, self.say
@@ -324,8 +348,9 @@ class _Demo:
         if not exact:
             raise HotswapError(f"rollback to v{v1} did not restore the answer bit-exactly")
 
+        demo_rollout.act(self, weights, head=v4)
         self.check()
-        say(f"6. hotswap status {MODEL}:")
+        say(f"9. hotswap status {MODEL}:")
         render.print_status(self.out, views.status_view(self.store))
 
 
@@ -389,6 +414,6 @@ def run_demo(settings: HotswapSettings | None, console: Console | None = None) -
         return for_error(e)
     say(
         f"[green]Demo finished in {time.monotonic() - started:.1f}s[/green]; "
-        "the server, Redis and every temporary file are gone."
+        "the servers, Redis and every temporary file are gone."
     )
     return OK

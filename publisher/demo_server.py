@@ -8,6 +8,7 @@ runs without a checkout of the repository.
 
 POST /predict {"tokens": [1, 2, 3]} -> top tokens, the version that answered, a fingerprint
 GET  /version                       -> the version this process runs, what its apply cost
+GET  /applied                       -> every version this process applied, in order
 GET  /healthz                       -> liveness: agent state and lag behind head (503 once stopped)
 GET  /readyz                        -> readiness: 200 once the model runs head (or refused head
                                        and runs an earlier version), else 503 with the reason
@@ -15,6 +16,11 @@ GET  /readyz                        -> readiness: 200 once the model runs head (
 Each forward pass runs inside ``agent.reading()``, so an update is applied
 between requests, never during one. SIGTERM or SIGINT stops accepting
 requests, lets the ones in flight finish, then stops the agent.
+
+``--max-drift 0.1`` adds a post-apply probe (``OutputsInBounds``): a fixed
+batch whose logits may move at most that fraction from those of the last
+version the probe passed. HOTSWAP_TRACK=canary makes the process a canary of
+``hotswap rollout``; HOTSWAP_AGENT_NAME gives its agent a stable id.
 """
 
 from __future__ import annotations
@@ -50,7 +56,42 @@ MAX_TOKENS = 512
 MAX_BODY = 64 * 1024
 HEAD_CACHE_SECONDS = 1.0
 
+# The probe's fixed batch: the same prompts in every process and at every start.
+PROBE_BATCH = (8, 16)
+PROBE_SEED = 7
+
 log = logging.getLogger("serve")
+
+
+class OutputsInBounds:
+    """A post-apply probe: the fixed batch's logits may move at most ``max_drift`` (relative
+    L2 change) from those of the last version it passed; the first version it sees passes
+    (nothing ran before it to compare with).
+
+    Example::
+
+        Agent(model, "tiny", probes=[OutputsInBounds(vocab=2000, max_drift=0.1)])
+    """
+
+    def __init__(self, vocab: int, max_drift: float) -> None:
+        self.__name__ = "outputs_in_bounds"  # how the agent names the probe in reasons
+        self.max_drift = max_drift
+        generator = torch.Generator().manual_seed(PROBE_SEED)
+        self.batch = torch.randint(0, vocab, PROBE_BATCH, generator=generator)
+        self.reference: torch.Tensor | None = None
+
+    def __call__(self, model: TinyTransformer) -> str | None:
+        logits = model(self.batch)
+        if self.reference is not None:
+            drift = float((logits - self.reference).norm() / self.reference.norm())
+            if drift > self.max_drift:
+                # The reference stays: the version that serves after the revert is its own.
+                return (
+                    f"logits on the fixed batch moved {drift:.0%} from the last good "
+                    f"version's (at most {self.max_drift:.0%})"
+                )
+        self.reference = logits
+        return None
 
 
 class HeadWatch:
@@ -104,6 +145,8 @@ class Server(ThreadingHTTPServer):
         self.head_watch = head
         # What the last applied version cost, for /version (set by the agent's callback).
         self.last_apply: dict[str, Any] = {}
+        # Every version this process applied, in order: a version it never ran is absent.
+        self.applied: list[int] = []
         self._inflight = 0
         self._idle = threading.Condition()
 
@@ -154,6 +197,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(
                 200, {"version": agent.applied_version, "last_apply": self.server.last_apply}
             )
+        elif self.path == "/applied":
+            self._send(200, {"applied": list(self.server.applied)})
         elif self.path == "/healthz":
             head, error = self.server.head_watch.head()
             applied = agent.applied_version
@@ -223,8 +268,13 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 0,
     seed: int = 0,
+    *,
+    max_drift: float | None = None,
 ) -> Server:
-    """Build the model, start its agent and bind the HTTP server (not yet serving)."""
+    """Build the model, start its agent and bind the HTTP server (not yet serving).
+
+    ``max_drift`` adds the ``OutputsInBounds`` probe with that bound.
+    """
     model = build(seed)
     servers: list[Server] = []
 
@@ -238,8 +288,10 @@ def make_server(
             "validate_seconds": report.validate_seconds,
             "apply_seconds": report.apply_seconds,
         }
+        servers[0].applied.append(version)
 
-    agent = Agent(model, model_name, settings=settings, on_applied=applied)
+    probes = [] if max_drift is None else [OutputsInBounds(model.embed.num_embeddings, max_drift)]
+    agent = Agent(model, model_name, settings=settings, on_applied=applied, probes=probes)
     servers.append(Server((host, port), model, agent, HeadWatch(model_name, settings)))
     agent.start()
     return servers[0]
@@ -260,11 +312,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--seed", type=int, default=0, help="initial weights before any update")
+    parser.add_argument(
+        "--max-drift",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="probe each version: the fixed batch's logits may move at most this much "
+        "(relative L2) from the last good version's, else it is reverted and refused",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="serve: %(message)s", stream=sys.stderr)
 
     try:
-        server = make_server(args.model_name, HotswapSettings(), args.host, args.port, args.seed)
+        server = make_server(
+            args.model_name,
+            HotswapSettings(),
+            args.host,
+            args.port,
+            args.seed,
+            max_drift=args.max_drift,
+        )
     except (HotswapError, OSError) as e:
         print(f"serve: cannot start: {e}", file=sys.stderr)
         return 1

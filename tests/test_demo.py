@@ -81,8 +81,10 @@ class DemoRun:
             return
         for child in found:
             try:
+                # Read at every sample: one first seen between fork and exec still shows
+                # the demo's own command line.
+                self.cmdlines[child.pid] = child.cmdline() or self.cmdlines.get(child.pid, [])
                 if child.pid not in self.children:
-                    self.cmdlines[child.pid] = child.cmdline()
                     self.children[child.pid] = child
                 # redis-server rewrites its command line; its working directory is --dir.
                 self.cwds[child.pid] = child.cwd()
@@ -133,11 +135,12 @@ class DemoRun:
             return False
         return False
 
-    def assert_all_gone(self) -> None:
+    def assert_all_gone(self, servers: int = 3) -> None:
+        """``servers``: how many example servers it started (web-1, canary-1, canary-2)."""
         redis_pids = self.started_by_demo("redis-server")
         server_pids = self.started_by_demo(SERVER)
         assert len(redis_pids) == 1, self.cmdlines
-        assert len(server_pids) == 1, self.cmdlines
+        assert len(server_pids) == servers, self.cmdlines
         for pid, child in self.children.items():
             assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, (
                 f"demo left {self.cmdlines[pid]} running"
@@ -178,11 +181,40 @@ def test_demo_narrates_every_step_and_cleans_up(tmp_path: Path) -> None:
     assert step(4).endswith("from v2, the same bytes as before.")
     assert step(5).startswith("5. Rolled back to v1: v4 is a new version with v1's tensors")
     assert step(5).endswith("bit-exactly v1's.")
-    assert step(6) == "6. hotswap status tiny:"
-    status = out[out.index("6. hotswap status") :]
-    assert "model tiny: head v4" in status
-    assert re.search(r"│ +v4 │ idle +│ +0 │ v3: blocks\.0\.mlp\.0\.weight", status), status
-    assert re.search(r"Demo finished in \d+\.\ds; the server, Redis and every", lines[-1])
+    assert re.match(
+        r"6\. Started two more servers on the canary track \(HOTSWAP_TRACK=canary\), named "
+        r"canary-1 \(pid \d+\) and canary-2 \(pid \d+\) .*both run head v4",
+        step(6),
+    )
+    # The rollout act: a valid but bad v5 refused by canary-1's probe, every pin taken
+    # back, canary-2 (which served it) reverted, web-1 never applied it.
+    assert "head stays v4. Rollout(pub, v5, canary='1') pinned it for both canaries" in step(7)
+    assert re.search(
+        r"canary-1 refused v5 \(probe outputs_in_bounds: logits on the fixed batch moved "
+        r"\d+% from the last good version's \(at most 10%\)\) and put v4's bytes back before "
+        r"any request saw them \(\d+ answers during the rollout, none from v5\)",
+        step(7),
+    )
+    reverted = re.search(r"served v5 to (\d+) requests, answered from v4 again (\d+) ms", step(7))
+    assert reverted, step(7)
+    # Issue 17's target: a failed canary is back within a second of the rollout's decision.
+    assert int(reverted[2]) < 1000, step(7)
+    assert step(7).endswith(
+        "the servers applied: web-1 [1, 2, 4], canary-1 [4], canary-2 [4, 5]: v5 never "
+        "reached web-1."
+    )
+    assert re.match(
+        r"8\. Published v6 with promote=False .* so the rollout made it head \d+\.\ds after it "
+        r"began; web-1 applied v6 \d+ ms later\.",
+        step(8),
+    )
+    assert step(9) == "9. hotswap status tiny:"
+    status = out[out.index("9. hotswap status") :]
+    assert "model tiny: head v6" in status
+    row = r"│ +v6 │ idle +│ +0 │ "
+    assert re.search(rf"-web-1 +│.*{row}v3: blocks\.0\.mlp\.0\.weight", status), status
+    assert re.search(rf"-canary-1 +│.*{row}v5: <probes>: probe", status), status
+    assert re.search(r"Demo finished in \d+\.\ds; the servers, Redis and every", lines[-1])
     # README's transcript is this output, figures aside.
     narration = [line for line in lines if re.match(r"(hotswap demo |\d\. |Demo finished)", line)]
     shown = readme_transcript()
@@ -200,10 +232,10 @@ def test_demo_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
     demo.process.send_signal(signal.SIGINT)
     code, out = demo.finish(attempts=600)
     assert code == 130, out
-    assert "Interrupted: stopped the server and Redis" in out
+    assert "Interrupted: stopped the servers and Redis" in out
     assert "Traceback" not in out
     assert "2. Published" not in out
-    demo.assert_all_gone()
+    demo.assert_all_gone(servers=1)  # interrupted while the first one booted
 
 
 def test_demo_on_a_given_redis_deletes_only_its_own_keys(
@@ -233,7 +265,7 @@ def test_demo_on_a_given_redis_deletes_only_its_own_keys(
     out = capsys.readouterr().out
     found = re.search(r"under the namespace (hotswap-demo-[0-9a-f]{8}); its keys are deleted", out)
     assert found, out
-    assert "bit-exactly v1's." in out and "model tiny: head v4" in out
+    assert "bit-exactly v1's." in out and "model tiny: head v6" in out
     assert {key: client.dump(key) for key in client.keys("*")} == before
     # Its agent wrote status under the demo namespace, not under ours.
     assert client.hgetall("hotswap:{tiny}:agents") == {}

@@ -25,6 +25,7 @@ import torch
 from waiting import poll
 
 from hotswap.embedded import EmbeddedRedis
+from hotswap.reporter import agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.status import decode as decode_status
 from hotswap.store import Store
@@ -69,6 +70,8 @@ def start_app(server: EmbeddedRedis) -> Iterator[Start]:
         HOTSWAP_SOCKET_TIMEOUT="1",
         HOTSWAP_CONNECT_TIMEOUT="1",
         HOTSWAP_RETRY_MAX_WAIT="0.2",
+        HOTSWAP_AGENT_NAME="web-1",
+        HOTSWAP_HEALTH_INTERVAL="0.2",
         PYTHONUNBUFFERED="1",
     )
     started: list[subprocess.Popen[str]] = []
@@ -177,6 +180,8 @@ def test_ready_flips_once_caught_up_and_answers_follow_each_version(
         loader = threading.Thread(target=load)
         loader.start()
         try:
+            # Under load from the first publish on (the loader's client takes a while to start).
+            assert poll(lambda: len(answers) > 0 or bool(failures), 1500), failures
             for seed in (2, 3, 4):
                 version = pub.publish(weights(seed))
                 wanted[str(version)] = expected(weights(seed))
@@ -190,6 +195,19 @@ def test_ready_flips_once_caught_up_and_answers_follow_each_version(
         seen = [int(h) for h, _ in answers]
         assert seen == sorted(seen)  # never backwards
         last = version
+
+        # The app's health numbers reach its status record, under the agent's stable id.
+        store = Store(client, MODEL)
+
+        def reported() -> dict[str, float]:
+            records = {name: raw for name, raw, _alive in store.agent_records()}
+            raw = records.get(agent_id("web-1"))
+            return {} if raw is None else decode_status(raw).health or {}
+
+        assert poll(lambda: reported().get("requests", 0) >= len(answers), 1500), reported()
+        numbers = reported()
+        assert numbers["error_rate"] == 0.0  # every request of the load answered 200
+        assert 0 < numbers["p99_ms"] < 10_000
 
         # A NaN version is refused: still ready, still the last good weights.
         bad = weights(5)
@@ -234,6 +252,7 @@ def test_ready_flips_once_caught_up_and_answers_follow_each_version(
     assert "Traceback" not in stderr, stderr
     records = Store(client, MODEL).agent_records()
     assert len(records) == 1
+    assert records[0][0] == agent_id("web-1")
     record = decode_status(records[0][1])
     assert (record.state, record.version, record.pid) == ("stopped", last, process.pid)
 
