@@ -26,6 +26,7 @@ import tenacity
 import torch
 
 from hotswap import keys, metrics, validate
+from hotswap.callbacks import OnApplied, OnRejected
 from hotswap.connection import RedisClient, connect, operation_retry, retry_from_settings
 from hotswap.delivery import Delivery
 from hotswap.errors import ConfigError, ValidationError
@@ -33,7 +34,7 @@ from hotswap.gate import Gate
 from hotswap.hostmem import HostMemory
 from hotswap.intake import Intake
 from hotswap.names import NameMap
-from hotswap.pipeline import Mode, OnApplied, OnRejected, Pipeline
+from hotswap.pipeline import Mode, Pipeline
 from hotswap.postapply import Probe
 from hotswap.replicas import ReplicaReads
 from hotswap.reporter import ApplyReport, Health, Reporter, agent_id

@@ -57,6 +57,7 @@ class Reason(enum.Enum):
     CONNECTED = "a session began: head may have moved while nobody listened"
     NOTICE = "a notice arrived"
     POLL = "the poll interval passed"
+    FOLLOW = "a rollout moved what agents follow (pins): look at it, unforced"
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ CONNECTED = Request(Reason.CONNECTED)
 POLL = Request(Reason.POLL)
 # A full look at head, which notices that name nothing to read ask for.
 LOOK = Request(Reason.NOTICE)
+# A look at what this agent follows, at once and unforced: one read of head and
+# pins, and a manifest only if that moved (so a flood of these costs a round
+# trip a wake-up, as a poll does), which a rollout's pin notice asks for.
+FOLLOW = Request(Reason.FOLLOW, recheck=False)
 
 
 class Handler(Protocol):
@@ -270,10 +275,13 @@ class Delivery:
         if not batch:
             return None
         named: Request | None = None
-        look = False
+        look = follow = False
         for raw in batch:
             request = self.handler.wanted(raw)
             if request is None:
+                continue
+            if request.reason is Reason.FOLLOW:
+                follow = True
                 continue
             if request.version is None:
                 look = True
@@ -284,7 +292,7 @@ class Delivery:
         now = self._clock()
         pace.hear(now, look=look, flood=pacing.flood(len(batch), sum(map(len, batch))))
         if named is None:
-            return None
+            return FOLLOW if follow else None
         return dataclasses.replace(named, recheck=pace.may_force(now))
 
 

@@ -18,7 +18,7 @@ import logging
 import threading
 
 from hotswap import codec, notice
-from hotswap.delivery import Reason, Request
+from hotswap.delivery import FOLLOW, Reason, Request
 from hotswap.errors import FormatError, IntegrityError, NotFound
 from hotswap.freshness import SignedHeads
 from hotswap.looks import Candidate, Confirmation, Look, Quiet, Refused
@@ -94,13 +94,19 @@ class Lookout:
         with self._lock:
             self._head, self._looked = head, True
 
+    def _saw_commit(self, version: int) -> None:
+        """A notice named ``version`` and Redis holds it: a commit or promotion moved head
+        to it, which ends every pin (their base is no longer head)."""
+        with self._lock:
+            self._head, self._looked, self._pin = version, True, None
+
     def wanted(self, raw: bytes, running: Running) -> Request | None:
         """The request a raw notice makes: None if it is another model's or carries
         the very manifest that runs; a look at head if it is garbled or names a
         version no newer than what runs (after Redis was restored from an older
         snapshot, that number may name other content: head decides)."""
         if notice.is_look(raw, self.store.model):
-            return Request(Reason.NOTICE)  # a rollout moved pins: look at what this agent follows
+            return FOLLOW  # a rollout moved pins: look at what this agent follows
         try:
             n = notice.decode(raw)
         except FormatError:
@@ -110,7 +116,8 @@ class Lookout:
 
         if running.covers(n.version, n.lineage):
             if n.manifest is not None and codec.digest(n.manifest) == running.digest:
-                return None
+                # The version a pin ran became head (a promotion): look, so the pin ends.
+                return FOLLOW if self.pin is not None else None
             return Request(Reason.NOTICE)
         return Request(Reason.NOTICE, n.version, n.manifest if self.use_carried else None)
 
@@ -131,7 +138,7 @@ class Lookout:
             # Not a byte fetched on a notice no signed head backs (a replayed
             # notice would otherwise cost a fetch each time it is sent).
             return None
-        self._saw_head(request.version)
+        self._saw_commit(request.version)
         self._checked_head = request.version
         return Candidate(m, codec.digest(request.carried), request.carried)
 
@@ -196,7 +203,7 @@ class Lookout:
                 self._checked_head = request.version  # polls of the same head do not re-read it
                 return Refused(request.version, e)
             else:
-                self._saw_head(request.version)
+                self._saw_commit(request.version)
                 self._checked_head = request.version
                 return candidate
         return self._look_at_head(request.force)

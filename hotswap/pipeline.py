@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any, Literal
 
 import redis
 
-from hotswap import metrics, postapply, unpublished, validate
+from hotswap import callbacks, metrics, postapply, unpublished, validate
+from hotswap.callbacks import OnApplied, OnRejected
 from hotswap.delivery import Reason, Request, Stopped
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
@@ -44,8 +45,6 @@ from hotswap.writer import Writer
 
 log = logging.getLogger("hotswap.agent")
 Mode = Literal["auto", "manual"]
-OnApplied = Callable[[int, ApplyReport], None]
-OnRejected = Callable[[int, dict[str, list[str]]], None]
 
 
 class Outcome(Enum):
@@ -201,14 +200,19 @@ class Pipeline:
 
     def _update(self, request: Request) -> None:
         """One request: the notice's own manifest if it may be relied on, else Redis's."""
+        try:
+            self._look_and_act(request)
+        finally:
+            pin = self.lookout.pin
+            self.reporter.update(pinned=None if pin is None else pin.version)
+
+    def _look_and_act(self, request: Request) -> None:
         candidate = self.lookout.carried(request, self.state.running())
         if candidate is not None:
             if self._consider(candidate) is not Outcome.UNCONFIRMED:
                 return
             self.state.rest()  # nothing changed; what Redis holds decides
         look = self.lookout.look(request, self.state.running())
-        pin = self.lookout.pin
-        self.reporter.update(pinned=None if pin is None else pin.version)
         if isinstance(look, Candidate):
             self._consider(look)
         elif isinstance(look, Refused):
@@ -380,7 +384,7 @@ class Pipeline:
         self._pinned_apply = ready.digest if pin is not None and pin.version == m.version else None
         self.reporter.applied(report, log)
         self._said.note("applied")
-        _callback(self.on_applied, m.version, report)
+        callbacks.call(self.on_applied, m.version, report)
         self.state.decided()  # after the callback: it has run when wait_for returns
         self.probations.start(m.version, ready.digest)
 
@@ -394,7 +398,7 @@ class Pipeline:
         back = last.before.version
         self.reporter.reverted(last.version, back, last.before.digest, error, log)
         self._said.note(f"rejected:{last.version}")
-        _callback(self.on_rejected, last.version, error.reasons)
+        callbacks.call(self.on_rejected, last.version, error.reasons)
         return back
 
     def _reject(
@@ -412,7 +416,7 @@ class Pipeline:
         # The record is written before waiters wake, so they can read it at once.
         self.reporter.rejected(version, error, nbytes, self.state.has_pending(), log)
         self._said.note(f"rejected:{version}")
-        _callback(self.on_rejected, version, error.reasons)
+        callbacks.call(self.on_rejected, version, error.reasons)
         self.state.record_rejection(version, Rejection(lineage, error, digest))
 
     def _refuse(self, refused: Refused) -> None:
@@ -439,12 +443,3 @@ class Pipeline:
             )
             self.reporter.update(last_error=gone)
             self._said.say("head-gone", logging.WARNING, gone)
-
-
-def _callback(fn: Callable[..., None] | None, *args: Any) -> None:
-    if fn is None:
-        return
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("agent callback %r raised; the agent carries on", fn)

@@ -303,3 +303,25 @@ def test_status_shows_the_rollout_in_progress_and_how_it_ended(
         ran.join(10)
     ended = views.status_view(store)["rollout"]
     assert ended["state"] == "aborted" and ended["reason"] == "interrupted"
+
+
+def test_pins_taken_back_right_after_a_look_are_followed_at_once(
+    fleet: Make, pub: Publisher, store: Store
+) -> None:
+    """A pin notice is not paced like a notice that names nothing (one full look per
+    pacing.LOOK_GAP): the agent reads head and its pins at once, and a promotion's
+    notice ends the pin in the agent's record too. The agent's clock stands still, so
+    no poll and no paced look could be what moved it."""
+    _, a, applied = fleet("a", clock=lambda: 1000.0)
+    v1 = _v1_everywhere(pub, [a])
+    v2 = pub.publish(bump(Ten().state_dict(), 0.5), promote=False)
+    io = PinIO(store)
+    io.write({pins.agent_field(a.agent_id): Pin(v2, v1)})
+    assert a.wait_for(v2, 10)
+    io.clear_all()  # within LOOK_GAP of the look that applied v2
+    assert until(a, lambda: a.applied_version == v1)
+    io.write({pins.agent_field(a.agent_id): Pin(v2, v1)})
+    assert until(a, lambda: a.applied_version == v2 and a.reporter.status.pinned == v2)
+    pub.promote(v2)
+    assert until(a, lambda: a.head_version == v2 and a.reporter.status.pinned is None)
+    assert applied == [v1, v2, v2] and a.pinned_version is None
