@@ -11,14 +11,17 @@ sender to the serving process's apply:
 
 * **hotswap**: ``Publisher.publish`` (default settings: ``HOTSWAP_KEEP_VERSIONS``
   10, deltas on) to the agent's ``on_applied``;
-* **naive**: the ``torch.save`` loop of ``bench.baselines`` (``SET`` over the
-  same keys each round, as such a loop does);
+* **naive**: the ``torch.save`` loop of ``bench.baselines``, fresh keys per
+  version (a loop that keeps its versions);
 * **bare**: the raw pipelined script of ``bench.baselines`` (1 MiB chunks,
-  fresh keys per version, pipelined ``SET``s and ``GET``s, no checks).
+  fresh keys per version, pipelined ``SET``s and ``GET``s, no checks);
+* **naive-same**: the naive loop ``SET``ting over the same keys each round (a
+  loop that keeps no versions: Redis reuses the values' memory), shown for
+  what fresh keys cost; no target compares with it.
 
 Nothing is deleted within the run: no gc (a user's ``gc`` with the default
 ``HOTSWAP_GC_GRACE_SECONDS`` of an hour would delete nothing this young
-anyway), and the bare script's earlier versions stay too.
+anyway), and the naive and bare versions stay too.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from hotswap.embedded import EmbeddedRedis
 MiB = 1024 * 1024
 MODEL = "bench-steady"
 CHANNEL = "bench:steady"
-APPROACHES = ("hotswap", "naive", "bare")
+APPROACHES = ("hotswap", "naive", "bare", "naive-same")
 RESULTS = Path(__file__).parent / "results"
 # The issue's targets: hotswap within 1.3x the bare script, 1.5x faster than naive.
 BARE_RATIO = 1.3
@@ -71,6 +74,10 @@ class Sample:
     fetch: float = 0.0
     validate: float = 0.0
     pause: float = 0.0
+    # From the publish's return to the agent's first fetch, and from the fetch's
+    # end to the apply less validation and pause (the revert copy, the record).
+    to_fetch: float = 0.0
+    rest: float = 0.0
     bytes_moved: int = 0
     tensors_delta: int = 0
     redis_used: int = 0
@@ -129,14 +136,21 @@ class Steady:
             fetch=rep["fetch_seconds"],
             validate=rep["validate_seconds"],
             pause=rep["apply_seconds"],
+            to_fetch=rep["fetch_started"] - t1,
+            rest=ev["t_done"]
+            - rep["fetch_started"]
+            - rep["fetch_seconds"]
+            - rep["validate_seconds"]
+            - rep["apply_seconds"],
             bytes_moved=rep["bytes_fetched"],
             tensors_delta=int(self.pub.last_report.tensors_delta),
         )
 
     def baseline(self, mode: str, r: int, sd: dict[str, torch.Tensor], names: list[str]) -> Sample:
-        """``bare`` (the raw ceiling of ``bench.baselines``, fresh keys) or ``naive``."""
+        """``bare`` (the raw ceiling of ``bench.baselines``), ``naive`` (both on fresh
+        keys) or ``naive-same`` (the naive loop over the same keys each round)."""
         chunk = int(self.cfg.chunk_mb * MiB)
-        prefix = f"bare:{r}" if mode == "bare" else "naive"
+        prefix = f"{mode}:{r}" if mode != "naive-same" else mode
         arm = "ceiling" if mode == "bare" else "naive"
         tag = f"{mode}:{r}".encode()
         self.w.call("arm", mode=arm, names=names, prefix=prefix, channel=CHANNEL, chunk=chunk)
@@ -152,7 +166,7 @@ class Steady:
         return Sample(r, mode, ev["t_done"] - t0, t1 - t0, bytes_moved=ev["bytes"])
 
     def round(self, r: int, sd: dict[str, torch.Tensor], names: list[str]) -> None:
-        order = APPROACHES[r % 3 :] + APPROACHES[: r % 3]
+        order = APPROACHES[r % len(APPROACHES) :] + APPROACHES[: r % len(APPROACHES)]
         for approach in order:
             if approach == "hotswap":
                 s = self.hotswap(r, sd, names)
@@ -160,7 +174,7 @@ class Steady:
                 s = self.baseline(approach, r, sd, names)
             s.redis_used = int(self.client.info("memory")["used_memory"])
             self.samples.append(s)
-        got = {s.approach: s for s in self.samples[-3:]}
+        got = {s.approach: s for s in self.samples[-len(APPROACHES) :]}
         self.log(
             f"  round {r + 1}/{self.cfg.rounds}: "
             + ", ".join(f"{a} {got[a].end_to_end:.2f} s" for a in APPROACHES)
@@ -236,12 +250,15 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any]) -> str:
                 r + 1,
                 f"{h['end_to_end']:.2f}",
                 f"{h['publish']:.2f}",
+                f"{h['to_fetch']:.2f}",
                 f"{h['fetch']:.2f}",
                 f"{h['validate']:.3f}",
                 f"{h['pause']:.3f}",
+                f"{h['rest']:.2f}",
                 h["tensors_delta"],
                 f"{got['naive']['end_to_end']:.2f}",
                 f"{got['bare']['end_to_end']:.2f}",
+                f"{got['naive-same']['end_to_end']:.2f}",
                 f"{max(s['redis_used'] for s in got.values()) / 2**30:.1f}",
             ]
         )
@@ -250,12 +267,15 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any]) -> str:
         "round",
         "hotswap s",
         "publish s",
+        "return→fetch s",
         "agent fetch s",
         "validate s",
         "pause s",
+        "rest s",
         "tensors as delta",
         "naive s",
         "bare s",
+        "naive same keys s",
         "Redis GiB",
     ]
     lines = [
@@ -267,7 +287,7 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any]) -> str:
         table(header, rows),
         "",
         f"medians: hotswap {med['hotswap']:.2f} s, naive {med['naive']:.2f} s, "
-        f"bare {med['bare']:.2f} s",
+        f"bare {med['bare']:.2f} s (naive over the same keys {med['naive-same']:.2f} s)",
         "",
     ]
     trows = [
