@@ -51,6 +51,7 @@ class Config:
     idle_seconds: float = 2.0
     gap_seconds: float = 1.0
     seed: int = 0
+    cases: tuple[str, ...] = CASES
 
 
 @dataclass
@@ -147,7 +148,8 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
             for r in range(cfg.updates):
                 _idle(cfg.idle_seconds, idle)
                 # Rotated each round: drift on a shared machine hits every case alike.
-                for case in CASES[r % 3 :] + CASES[: r % 3]:
+                at = r % len(cfg.cases)
+                for case in cfg.cases[at:] + cfg.cases[:at]:
                     change(sd, case, gen)
                     t0 = time.monotonic()
                     p = dpub if case == "delta" else pub
@@ -209,13 +211,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=4, help="updates per case (default 4)")
     p.add_argument("--idle-seconds", type=float, default=2.0, help="each idle window")
     p.add_argument("--gap-seconds", type=float, default=1.0, help="pause after each update")
+    p.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES)
+    )
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown or not args.cases:
+        p.error(f"--cases: {', '.join(unknown) or 'none given'}: choose from {', '.join(CASES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    cfg = Config(args.size_mb, args.batch, args.updates, args.idle_seconds, args.gap_seconds)
+    cfg = Config(
+        args.size_mb,
+        args.batch,
+        args.updates,
+        args.idle_seconds,
+        args.gap_seconds,
+        cases=args.cases,
+    )
     print(f"machine: {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}", flush=True)
     raw = run(cfg, log=lambda m: print(m, flush=True))
     summary = serving_report.summarize(raw)

@@ -118,3 +118,13 @@ def test_serving_bench_reports_every_window_and_update_and_the_targets(tmp_path:
     assert len(raw["starts"]) == len(raw["ends"]) > 0
     assert raw["ends"][-1] > max(u["t_applied"] for u in raw["updates"])
     assert len(raw["idle"]) == 2
+
+
+def test_serving_bench_refuses_an_unknown_case_before_starting_anything(tmp_path: Path) -> None:
+    results = tmp_path / "serving.json"
+    done = bench("--serving", "--cases", "full,bogus", "--json", str(results), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(
+        "error: --cases: bogus: choose from full, one tensor, delta"
+    ), done.stderr
+    assert done.stdout == "" and not results.exists()
