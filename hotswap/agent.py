@@ -25,23 +25,25 @@ from typing import Any
 import tenacity
 import torch
 
-from hotswap import keys, metrics, validate
+from hotswap import keys, metrics, priority, validate
 from hotswap.callbacks import OnApplied, OnRejected
 from hotswap.connection import RedisClient, connect, operation_retry, retry_from_settings
 from hotswap.delivery import Delivery
-from hotswap.errors import ConfigError, ValidationError
+from hotswap.errors import ConfigError
 from hotswap.gate import Gate
 from hotswap.hostmem import HostMemory
 from hotswap.intake import Intake
 from hotswap.names import NameMap
 from hotswap.pipeline import Mode, Pipeline
 from hotswap.postapply import Probe
+from hotswap.priority import Foreground
 from hotswap.replicas import ReplicaReads
 from hotswap.reporter import ApplyReport, Health, Reporter, agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.sharedblobs import share
 from hotswap.staging import LiveModel, Staging
+from hotswap.standing import Standing
 from hotswap.store import Store
 from hotswap.transform import Transform
 from hotswap.validate import Policy
@@ -56,7 +58,7 @@ StoreFactory = Callable[[RedisClient, str, HotswapSettings, tenacity.Retrying], 
 """Builds a ``Store`` from (client, model name, settings, retry policy); ``Store.from_settings``."""
 
 
-class Agent:
+class Agent(Standing):
     """Keeps ``model`` at the head version of ``model_name``, in place and all-or-nothing.
 
     Build the agent after the model is on its device (``module.to()`` replaces
@@ -179,6 +181,9 @@ class Agent:
             health_interval=s.health_interval,
         )
         self._gate = Gate()
+        # The agent's thread runs below the serving threads (HOTSWAP_AGENT_NICE);
+        # what holds the writer lock runs on this thread, at the starter's priority.
+        self._foreground = Foreground(f"hotswap-writer-{self.model_name}")
         self._pipeline = Pipeline(
             self.store,
             s,
@@ -196,6 +201,7 @@ class Agent:
             probes=probes,
             model=model,
             revert_bytes=s.revert_bytes,
+            foreground=self._foreground,
         )
         # The loop hands each notice or poll to the pipeline; every failure goes
         # to one handler, which reports the outage and logs it once.
@@ -213,72 +219,6 @@ class Agent:
 
     # -- public API -------------------------------------------------------------
 
-    @property
-    def applied_version(self) -> int | None:
-        """The version the model runs (None until the first version is applied)."""
-        return self._pipeline.state.running().version
-
-    @property
-    def manifest_digest(self) -> str | None:
-        """BLAKE3 (hex) of the wire bytes of the manifest the model runs (None until the
-        first version is applied): what the model runs, where a version number may
-        name other content after Redis was restored from an older snapshot."""
-        return self._pipeline.state.running().digest
-
-    @property
-    def head_version(self) -> int | None:
-        """The head this agent last saw in Redis (None before the first look, or if none);
-        with signing keys, the version the signed head record names; while a rollout
-        pins this agent, the version it pins (``pinned_version``)."""
-        return self._pipeline.lookout.head
-
-    @property
-    def pinned_version(self) -> int | None:
-        """The version a rollout pinned this agent (or its track) to at its last look, while
-        head is still the version the rollout started from; None: it follows head."""
-        pin = self._pipeline.lookout.pin
-        return None if pin is None else pin.version
-
-    @property
-    def head_seen(self) -> bool:
-        """Whether the agent has read head from Redis at least once (``head_version``
-        None then means that no version is published)."""
-        return self._pipeline.lookout.looked
-
-    @property
-    def pending_version(self) -> int | None:
-        """The fetched, valid version waiting for ``apply_pending()`` (manual mode)."""
-        return self._pipeline.state.pending_version
-
-    @property
-    def state(self) -> str:
-        """What the agent does now: starting, idle, fetching, applying, pending,
-        disconnected or stopped (as its status record says)."""
-        return self.reporter.status.state
-
-    @property
-    def last_rejection(self) -> ValidationError | None:
-        """The error of the last version this agent refused, or None."""
-        return self._pipeline.state.last_rejection
-
-    @property
-    def on_applied(self) -> OnApplied | None:
-        """Called as ``on_applied(version, ApplyReport)`` after each applied version."""
-        return self._pipeline.on_applied
-
-    @on_applied.setter
-    def on_applied(self, fn: OnApplied | None) -> None:
-        self._pipeline.on_applied = fn
-
-    @property
-    def on_rejected(self) -> OnRejected | None:
-        """Called as ``on_rejected(version, reasons)`` after each refused version."""
-        return self._pipeline.on_rejected
-
-    @on_rejected.setter
-    def on_rejected(self, fn: OnRejected | None) -> None:
-        self._pipeline.on_rejected = fn
-
     def start(self) -> Agent:
         """Start the background thread and the status writer (returns at once; idempotent).
 
@@ -294,6 +234,7 @@ class Agent:
         if self._stop.is_set():
             raise ConfigError(f"agent of model {self.model_name!r} was stopped; create a new one")
         if self._thread is None:
+            self._foreground.start()
             self._thread = threading.Thread(
                 target=self._run, name=f"hotswap-agent-{self.model_name}", daemon=True
             )
@@ -333,6 +274,7 @@ class Agent:
         if pending is not None:
             pending.release()
         self._memory.clear()
+        self._foreground.close()
         self.reporter.update(state="stopped")
         self.reporter.close(min(timeout, FINAL_WRITE_SECONDS))
         if self._owns_client:
@@ -458,6 +400,8 @@ class Agent:
     # -- the background thread --------------------------------------------------
 
     def _run(self) -> None:
+        # Everything this thread starts from now on inherits its lower priority.
+        priority.lower(self.settings.agent_nice, self.settings.agent_threads)
         self._pipeline.start()
         self.delivery.run()
 

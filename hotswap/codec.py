@@ -18,7 +18,7 @@ from typing import Any
 import blake3
 import torch
 
-from hotswap import dtypes
+from hotswap import dtypes, priority
 from hotswap.errors import FormatError, IntegrityError, SourceError
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
@@ -180,7 +180,7 @@ THREADED_DIGEST_BYTES = 256 * 1024
 
 def digest(buf: bytes | bytearray | memoryview) -> str:
     """BLAKE3 of the bytes, as 64 hex characters (threads for large buffers)."""
-    threads = blake3.blake3.AUTO if len(buf) >= THREADED_DIGEST_BYTES else 1
+    threads = priority.hash_threads() if len(buf) >= THREADED_DIGEST_BYTES else 1
     return blake3.blake3(buf, max_threads=threads).hexdigest()
 
 
@@ -201,7 +201,7 @@ class ChunkDigest:
         self._chunk = chunk_bytes
         # ``threads``: every core hashes each chunk, for callers whose chunks come
         # from the CPU (a delta's decode), not from the wire.
-        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
+        self._hasher = blake3.blake3(max_threads=priority.hash_threads() if threads else 1)
         self._waiting: set[int] = set()
         self._next = 0
         self._again = False

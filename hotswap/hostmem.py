@@ -105,7 +105,8 @@ def populate_behind(buf: torch.Tensor) -> threading.Thread | None:
 
 
 class HostMemory:
-    """Host staging memory for CPU models, kept between versions up to ``keep_bytes``.
+    """Host staging memory for CPU models, kept between versions up to ``keep_bytes``
+    (None: the last arena, whatever its size).
 
     A version's host-staged tensors are slices of one arena taken here, and
     ``give`` returns it once they were applied or dropped. The next version
@@ -116,8 +117,8 @@ class HostMemory:
     memory pressure instead of swapping or killing anything.
     """
 
-    def __init__(self, keep_bytes: int = 0) -> None:
-        if keep_bytes < 0:
+    def __init__(self, keep_bytes: int | None = 0) -> None:
+        if keep_bytes is not None and keep_bytes < 0:
             raise ConfigError(f"staging keep_bytes must be >= 0, not {keep_bytes}")
         self.keep_bytes = keep_bytes
         self._lock = threading.Lock()
@@ -164,7 +165,7 @@ class HostMemory:
         if filling is not None:
             # Pages it faults in after the advice below would no longer be lazily free.
             filling.join()
-        if arena.numel() > self.keep_bytes:
+        if self.keep_bytes is not None and arena.numel() > self.keep_bytes:
             return
         # Before it can be taken: advised after a taker began writing into it,
         # the kernel could drop pages already fetched and checked. Arenas this

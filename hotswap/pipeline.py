@@ -35,6 +35,7 @@ from hotswap.lookout import Lookout
 from hotswap.looks import Candidate, Confirmation, Quiet, Refused
 from hotswap.manifest import Manifest
 from hotswap.postapply import Probe
+from hotswap.priority import Foreground
 from hotswap.probation import Probations
 from hotswap.reporter import ApplyReport, Reporter
 from hotswap.runstate import Ready, Rejection, RunState, Undo
@@ -78,6 +79,7 @@ class Pipeline:
             (``hotswap.postapply``); ``model`` is what they are given.
         revert_bytes: the host bytes kept of what a version replaced (None: one
             version's, whatever their size; 0: none, so no revert and no probes).
+        foreground: runs the writes under the writer lock for a lowered agent thread.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class Pipeline:
         probes: Sequence[Probe] = (),
         model: Any = None,
         revert_bytes: int | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
         self.model_name = store.model
 
@@ -116,6 +119,7 @@ class Pipeline:
             probes=probes,
             model=model,
             revert_bytes=revert_bytes,
+            foreground=foreground,
         )
         self.probations = Probations(
             postapply.probations(probes), self.writer, gate, stop, self._reverted

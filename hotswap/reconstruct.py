@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 import blake3
 import numpy as np
 
-from hotswap import chain, codec, delta, patches, workers
+from hotswap import chain, codec, delta, patches, priority, workers
 from hotswap.candidates import (
     Candidates,
     History,
@@ -297,11 +297,11 @@ class Rebuild:
         if route.full is None:
             raise Broken(IntegrityError(f"{self.where}: a check starts from stored blobs only"), "")
         source = self.candidates.fulls[route.full.digest]
-        start = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        start = blake3.blake3(max_threads=priority.hash_threads())
         pieces = self.blobs.stream(source.entry, source.version)
         longest = min(self.entry.chunk_bytes, self.entry.nbytes)
         bases = recut(pieces, self._spans(), longest, start, self._counted)
-        result = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        result = blake3.blake3(max_threads=priority.hash_threads())
         scratch = np.empty(longest, dtype=np.uint8).data.cast("B")
 
         def done(_: int, chunk: memoryview) -> None:

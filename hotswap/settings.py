@@ -133,6 +133,20 @@ class HotswapSettings(BaseSettings):
         description="Seconds between two calls of the agent's health callback; its "
         "numbers go into the status record that hotswap rollout watches.",
     )
+    agent_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="How far below the serving threads the agent's own work runs (Linux nice, "
+        "added to the process's): fetch, hashing, decoding, validation and staging copies; "
+        "the writes under the writer lock keep the serving threads' priority. 0: as they do.",
+    )
+    agent_threads: int | None = Field(
+        default=1,
+        ge=1,
+        description="Threads the agent's CPU work may use at once (torch, BLAKE3, frame "
+        "decoding); unset: every core, for the fastest updates at serving's expense.",
+    )
     keep_versions: int = Field(
         default=10, ge=1, description="Versions gc keeps besides those agents run."
     )
@@ -166,11 +180,12 @@ class HotswapSettings(BaseSettings):
     retry_max_wait: float = Field(
         default=2.0, gt=0, description="Longest backoff in seconds between two attempts."
     )
-    staging_keep_bytes: int = Field(
-        default=64 * MiB,
+    staging_keep_bytes: int | None = Field(
+        default=None,
         ge=0,
-        description="Host staging memory an agent of a CPU model keeps between versions "
-        "(fetches of updates up to this size land in memory already faulted in); 0 keeps none.",
+        description="Host staging memory an agent of a CPU model keeps between versions, "
+        "so the next fetch lands in memory already faulted in (unset: the last version's "
+        "arena, whatever its size; 0: none). At rest it is lazily freed (MADV_FREE).",
     )
     revert_bytes: int | None = Field(
         default=None,

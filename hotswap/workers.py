@@ -19,6 +19,8 @@ from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from hotswap import priority
+
 T = TypeVar("T")
 
 # Frame work a core can take; more threads than cores only add switching.
@@ -75,8 +77,10 @@ def ordered(
 
         frames = list(workers.ordered(functools.partial(encode_frame, n, b) for n, b in chunks))
     """
-    window = window or 2 * threads()
-    if not parallel or threads() == 1:  # nothing to overlap: no thread hops
+    allowed = priority.budget()  # an agent's thread may be held to fewer (HOTSWAP_AGENT_THREADS)
+    width = threads() if allowed is None else min(threads(), allowed)
+    window = min(window or 2 * width, 2 * width)
+    if not parallel or width == 1:  # nothing to overlap: no thread hops
         for job in jobs:
             yield job()
         return

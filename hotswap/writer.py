@@ -25,6 +25,7 @@ from hotswap import postapply, undo, validate
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
 from hotswap.postapply import Probe
+from hotswap.priority import Foreground
 from hotswap.runstate import Rejection, RunState, Undo
 from hotswap.staging import LiveModel, Staged, apply, pairs, patched
 
@@ -62,6 +63,7 @@ class Writer:
         probes: Sequence[Probe] = (),
         model: Any = None,
         revert_bytes: int | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
         self.model_name, self.live, self.state, self._gate = model_name, live, state, gate
         self.probes, self.model, self.revert_bytes = (
@@ -72,6 +74,8 @@ class Writer:
         # Probations need the replaced bytes kept too: a failure reverts.
         self._keeps = bool(self.probes or postapply.probations(probes))
         self._writes = threading.Lock()
+        # Writes under the writer lock run at the serving threads' priority.
+        self._foreground = foreground or Foreground("unused")
         # Seconds the last revert held the writer lock (bench.revert reads it).
         self.last_revert_seconds = 0.0
 
@@ -88,16 +92,20 @@ class Writer:
                     f"(HOTSWAP_REVERT_BYTES={self.revert_bytes}): a failed probe could not put "
                     "them back"
                 )
-            with self._gate.writing():
-                locked = time.perf_counter()
-                apply(copies)
-                failed = postapply.run(self.probes, self.model) if self.probes else None
-                if failed is None:
-                    self.state.record_applied(staged, digest, saved)
-                else:
-                    assert saved is not None  # probes run only where the bytes were kept
-                    undo.restore(saved)
-                paused = time.perf_counter() - locked
+
+            def locked() -> tuple[float, str | None]:
+                with self._gate.writing():
+                    started = time.perf_counter()
+                    apply(copies)
+                    failed = postapply.run(self.probes, self.model) if self.probes else None
+                    if failed is None:
+                        self.state.record_applied(staged, digest, saved)
+                    else:
+                        assert saved is not None  # probes run only where the bytes were kept
+                        undo.restore(saved)
+                    return time.perf_counter() - started, failed
+
+            paused, failed = self._foreground.run(locked)
         return Written(paused, patched(copies), failed)
 
     def last_applied(self) -> str | None:
@@ -136,10 +144,14 @@ class Writer:
                     "exceeded HOTSWAP_REVERT_BYTES)"
                 )
             error = validate.rejection(self.model_name, last.version, {"<revert>": [why]})
-            with self._gate.writing():
-                locked = time.perf_counter()
-                undo.restore(last.saved)
-                refused = Rejection(last.lineage, error, last.manifest_digest) if refuse else None
-                self.state.record_reverted(last, refused)
-                self.last_revert_seconds = time.perf_counter() - locked
+            refused = Rejection(last.lineage, error, last.manifest_digest) if refuse else None
+
+            def locked() -> None:
+                with self._gate.writing():
+                    started = time.perf_counter()
+                    undo.restore(last.saved)
+                    self.state.record_reverted(last, refused)
+                    self.last_revert_seconds = time.perf_counter() - started
+
+            self._foreground.run(locked)
         return last, error
