@@ -351,8 +351,8 @@ def test_a_primary_away_after_the_commit_is_reported_not_raised(
         with Publisher("m", settings=s) as pub:
             commit = pub.store.commit
 
-            def then_freeze(*args: Any) -> None:  # committed, then the primary stops answering
-                commit(*args)
+            def then_freeze(*args: Any, **kwargs: Any) -> None:  # committed, then frozen
+                commit(*args, **kwargs)
                 fresh.primary.freeze()
 
             pub.store.commit = then_freeze  # type: ignore[method-assign]
