@@ -42,6 +42,7 @@ from hotswap.reporter import ApplyReport, Health, Reporter, agent_id
 from hotswap.settings import HotswapSettings
 from hotswap.settings import load as load_settings
 from hotswap.sharedblobs import share
+from hotswap.slices import Chooser, ShardSpec, Slicer
 from hotswap.staging import LiveModel, Staging
 from hotswap.standing import Standing
 from hotswap.store import Store
@@ -102,6 +103,12 @@ class Agent(Standing):
         health: called every ``health_interval`` seconds on the status thread,
             returns numbers (error rate, latency, any scalar) by name; they go
             into the status record, where ``hotswap rollout`` judges canaries.
+        shards: the slice of each published tensor a live tensor holds (tensor
+            parallelism): ``{glob of live names: ShardSpec(rank, world_size, dim)}``
+            or a callable ``(name, shape) -> Part | ShardSpec | None``
+            (``hotswap.slices``); only the chunks covering a slice are fetched.
+        tensors: globs of the live names this agent takes (expert parallelism);
+            the others are left out of every version (default: all).
 
     Raises:
         ConfigError: a bad argument, a bad ``HOTSWAP_*`` variable (when
@@ -135,6 +142,8 @@ class Agent(Standing):
         probes: Sequence[Probe] = (),
         name: str | None = None,
         health: Health | None = None,
+        shards: Mapping[str, ShardSpec] | Chooser | None = None,
+        tensors: Sequence[str] | None = None,
     ) -> None:
         self.model_name = keys.check_name(model_name)
         if mode not in ("auto", "manual"):
@@ -197,7 +206,7 @@ class Agent(Standing):
             stop=self._stop,
             on_applied=on_applied,
             on_rejected=on_rejected,
-            intake=Intake(names, transform),
+            intake=Intake(names, transform, Slicer(shards, tensors)),
             probes=probes,
             model=model,
             revert_bytes=s.revert_bytes,

@@ -218,12 +218,26 @@ class BlobStore(BlobWriter):
             store.blobs.read_into(entry, memoryview(out), version=7)
             codec.check_digest(entry.name, out, entry.digest, "model 'm' v7")
         """
+        self.read_chunks(entry, range(entry.chunks), out, version, on_chunk)
+
+    def read_chunks(
+        self,
+        entry: TensorEntry,
+        chunks: range,
+        out: memoryview,
+        version: int | None = None,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """``read_into`` for a run of chunks only (a rank's slice, ``hotswap.slice_read``):
+        ``out`` holds exactly them, from where chunk ``chunks.start`` starts."""
         where = f"model {self.model!r}" + (f" v{version}" if version is not None else "")
-        if len(out) != entry.nbytes:
+        need = chunk_span(entry, chunks.stop - 1)[1] - chunk_span(entry, chunks.start)[0]
+        need = need if chunks else 0
+        if len(out) != need:
             raise IntegrityError(
-                f"{where} tensor {entry.name!r}: buffer is {len(out)} bytes, need {entry.nbytes}"
+                f"{where} tensor {entry.name!r}: buffer is {len(out)} bytes, need {need}"
             )
-        self._read_chunks(entry, range(entry.chunks), out, where, on_chunk)
+        self._read_chunks(entry, chunks, out, where, on_chunk)
 
     def stream(self, entry: TensorEntry, version: int | None = None) -> Iterator[memoryview]:
         """A tensor's bytes in order, a batch of chunks at a time, in one reused buffer.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -31,6 +31,13 @@ MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis refuses larger values
 # is refused, so a manifest costs at most nbytes / MIN_CHUNK_BYTES + 1 reads
 # per tensor, whatever it declares.
 MIN_CHUNK_BYTES = 4096
+# Per-chunk digests (issue 19): the first bytes of each stored chunk's BLAKE3,
+# so that a rank reading a slice verifies the chunks it reads without the
+# whole tensor. 16 bytes keep a manifest at 16 bytes per chunk (16 KiB per GiB
+# at the default chunk size) with 128-bit second-preimage resistance; an entry
+# of more chunks than this carries none (its readers fall back to the whole digest).
+CHUNK_DIGEST_BYTES = 16
+MAX_CHUNK_DIGESTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,10 @@ class TensorEntry:
     max_abs: float
     # How the bytes are stored besides (or instead of) a full blob; None: full only.
     delta: DeltaRef | None = None
+    # CHUNK_DIGEST_BYTES of BLAKE3 per chunk of the content, concatenated in order
+    # (None: not stated; written for tensors of two chunks or more). Not part of
+    # an entry's identity: the whole digest decides the content.
+    chunk_digests: bytes | None = field(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def chunks(self) -> int:
@@ -106,7 +117,8 @@ class DeltaRef:
 
 
 def entry_wire(t: TensorEntry) -> list[Any]:
-    """The entry as its wire array: 8 fields, and a 9th for a delta."""
+    """The entry as its wire array: 8 fields, a 9th for a delta (nil when there is none
+    but a 10th follows), a 10th for chunk digests."""
     fields: list[Any] = [
         t.name,
         t.dtype,
@@ -117,8 +129,10 @@ def entry_wire(t: TensorEntry) -> list[Any]:
         t.norm,
         t.max_abs,
     ]
-    if t.delta is not None:
-        fields.append(t.delta.wire())
+    if t.delta is not None or t.chunk_digests is not None:
+        fields.append(None if t.delta is None else t.delta.wire())
+    if t.chunk_digests is not None:
+        fields.append(t.chunk_digests)
     return fields
 
 
@@ -209,7 +223,7 @@ def _dims(shape: list[Any]) -> bool:
 def parse_entry(raw: Any, where: str, limits: Limits) -> TensorEntry:
     # Called once per tensor on every manifest read: the checks are cheap and
     # messages are formatted only when one fails (docs/performance.md).
-    if type(raw) is not list or len(raw) not in (8, 9):
+    if type(raw) is not list or len(raw) not in (8, 9, 10):
         raise _fail(where, "tensor entry is not an 8-field array")
     name, dtype, shape, nbytes, digest, chunk_bytes, norm, max_abs = raw[:8]
     if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN:
@@ -241,8 +255,28 @@ def parse_entry(raw: Any, where: str, limits: Limits) -> TensorEntry:
         )
     if type(norm) is not float or type(max_abs) is not float:
         raise _fail(f"{where} tensor {name!r}", "stats are not floats")
-    delta = _delta(raw[8], f"{where} tensor {name!r}", digest, limits) if len(raw) == 9 else None
-    return TensorEntry(name, dtype, tuple(shape), nbytes, digest, chunk_bytes, norm, max_abs, delta)
+    delta = None
+    if len(raw) >= 9 and (raw[8] is not None or len(raw) == 9):
+        delta = _delta(raw[8], f"{where} tensor {name!r}", digest, limits)
+    chunk_digests = None
+    if len(raw) == 10:
+        chunk_digests = _chunk_digests(raw[9], f"{where} tensor {name!r}", nbytes, chunk_bytes)
+    return TensorEntry(
+        name, dtype, tuple(shape), nbytes, digest, chunk_bytes, norm, max_abs, delta, chunk_digests
+    )
+
+
+def _chunk_digests(raw: Any, where: str, nbytes: int, chunk_bytes: int) -> bytes:
+    """Chunk digests as declared: exactly one per chunk, and no more than the bound."""
+    count = dtypes.chunk_count(nbytes, chunk_bytes)
+    if type(raw) is not bytes or not 0 < count <= MAX_CHUNK_DIGESTS:
+        raise _fail(where, f"bad chunk digests for {count} chunks")
+    if len(raw) != count * CHUNK_DIGEST_BYTES:
+        raise _fail(
+            where,
+            f"{len(raw)} bytes of chunk digests, {count} chunks need {count * CHUNK_DIGEST_BYTES}",
+        )
+    return raw
 
 
 def _delta(raw: Any, where: str, result: str, limits: Limits) -> DeltaRef:

@@ -33,6 +33,7 @@ from hotswap.live import LiveModel
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.names import Coverage, NameMap, coverage
 from hotswap.ranbefore import RanBefore
+from hotswap.slices import SLICES, SliceEntry, Slicer
 from hotswap.staging import Plan, Staged, Staging, fetch, prepare
 from hotswap.transform import TRANSFORM, Transform
 
@@ -71,18 +72,25 @@ class Intake:
         False
     """
 
-    def __init__(self, names: NameMap | None = None, xform: Transform | None = None) -> None:
+    def __init__(
+        self,
+        names: NameMap | None = None,
+        xform: Transform | None = None,
+        slicer: Slicer | None = None,
+    ) -> None:
         if names is not None and not isinstance(names, NameMap):
             raise ConfigError(f"names must be a NameMap, not {type(names).__name__}")
         if xform is not None and not isinstance(xform, Transform):
             raise ConfigError(f"transform must be a Transform, not {type(xform).__name__}")
         self.names = names if names is not None else NameMap()
         self.transform = xform
+        self.slicer = slicer if slicer is not None else Slicer()
 
     @property
     def plain(self) -> bool:
-        """True when names go through unchanged and no transform runs."""
-        return self.names.identity and self.transform is None
+        """True when names go through unchanged, no transform runs and every tensor is
+        taken whole."""
+        return self.names.identity and self.transform is None and self.slicer.identity
 
     def translate(self, m: Manifest) -> Manifest:
         """``m`` with live names: entries the map leaves out dropped (ConfigError on a clash)."""
@@ -161,6 +169,11 @@ class Intake:
             mapped = self.translate(m)
         except Exception as e:  # the user's rename callable, too
             return m, _nothing(m), {NAMES: [_failed("the name map", e)]}
+        try:
+            # Slices only here: older manifests (deltas' routes) stay whole.
+            mapped = self.slicer.apply(mapped)
+        except Exception as e:  # the user's shards callable, too
+            return m, _nothing(m), {SLICES: [_failed("the shards", e)]}
         try:
             claimed = self.claimed(mapped)
         except Exception as e:
@@ -327,8 +340,13 @@ def _enough(
 
 
 def _described(m: Manifest, live: LiveModel) -> Manifest:
-    """``m`` without the entries of another dtype than their live tensor's (cast)."""
-    same = tuple(e for e in m.tensors if live.meta.get(e.name, (e.dtype,))[0] == e.dtype)
+    """``m`` without the entries of another dtype than their live tensor's (cast), nor
+    slices (the manifest states the whole tensor's norm, not the slice's)."""
+    same = tuple(
+        e
+        for e in m.tensors
+        if live.meta.get(e.name, (e.dtype,))[0] == e.dtype and not isinstance(e, SliceEntry)
+    )
     return m if len(same) == len(m.tensors) else dataclasses.replace(m, tensors=same)
 
 

@@ -39,7 +39,10 @@ FORMAT = 1
 # Written only by a manifest with a delta entry: a reader of format 1 then
 # refuses it with "upgrade" instead of misreading it (rolling upgrades).
 FORMAT_DELTA = 2
-FORMATS = (FORMAT, FORMAT_DELTA)
+# Written only by a manifest with per-chunk digests (issue 19; deltas allowed
+# too): readers of formats 1-2 refuse it with "upgrade".
+FORMAT_CHUNKS = 3
+FORMATS = (FORMAT, FORMAT_DELTA, FORMAT_CHUNKS)
 KINDS = ("publish", "rollback")
 
 
@@ -75,6 +78,7 @@ class Manifest:
 __all__ = [
     "DEFAULT_LIMITS",
     "FORMAT",
+    "FORMAT_CHUNKS",
     "FORMAT_DELTA",
     "KINDS",
     "MAX_CHUNK_BYTES",
@@ -140,7 +144,11 @@ def encode(m: Manifest, signing_key: bytes | None = None) -> bytes:
     """Canonical wire bytes of a manifest, signed when a key is given."""
     _check_encodable(m)
     body = msgpack.packb(_body(m), use_bin_type=True)
-    form = FORMAT_DELTA if any(t.delta is not None for t in m.tensors) else FORMAT
+    form = FORMAT
+    if any(t.chunk_digests is not None for t in m.tensors):
+        form = FORMAT_CHUNKS
+    elif any(t.delta is not None for t in m.tensors):
+        form = FORMAT_DELTA
     envelope: dict[str, Any] = {"format": form, "body": body, "kid": None, "sig": None}
     if signing_key:
         envelope["kid"], envelope["sig"] = sign(body, signing_key)
@@ -309,9 +317,14 @@ def decode(
     )
     entries = (cache or EntryCache()).entries(raw_tensors, limits, where)
     _need(
-        env["format"] == FORMAT_DELTA or all(e.delta is None for e in entries),
+        env["format"] != FORMAT or all(e.delta is None for e in entries),
         where,
         f"a delta entry in a format {FORMAT} manifest",
+    )
+    _need(
+        env["format"] == FORMAT_CHUNKS or all(e.chunk_digests is None for e in entries),
+        where,
+        f"chunk digests in a format {env['format']} manifest",
     )
     names = [e.name for e in entries]
     _need(len(set(names)) == len(names), where, "duplicate tensor names")

@@ -36,6 +36,8 @@ from hotswap.metadata import check_metadata, covered_names
 from hotswap.prefetch import Prefetched
 from hotswap.ranbefore import RanBefore
 from hotswap.reconstruct import Rebuild
+from hotswap.slice_read import fetch_slice, state_stats
+from hotswap.slices import SliceEntry
 from hotswap.valuecheck import check_staged
 
 __all__ = [
@@ -216,7 +218,8 @@ def fetch(
     bounce: torch.Tensor | None = None
     older = History(history, p.manifest)
     try:
-        reader = Prefetched.around(reader, p.fetch, digests or {}, version)
+        plain = [e for e in p.fetch if not isinstance(e, SliceEntry)]
+        direct, reader = reader, Prefetched.around(reader, plain, digests or {}, version)
         for entry in p.fetch:
             canon = live.canonical[entry.name]
             target = live.tensors[canon]
@@ -236,7 +239,11 @@ def fetch(
             hashing = codec.ChunkDigest(view, entry.chunk_bytes)
             patch: tuple[str, patches.Where] | None = None
             try:
-                if entry.delta is not None:
+                if isinstance(entry, SliceEntry):
+                    staged.bytes_fetched += fetch_slice(
+                        direct, entry, view, p.manifest, older=older, where=where
+                    )
+                elif entry.delta is not None:
                     running = (digests or {}).get(entry.name)
                     rebuild = Rebuild(reader, p.manifest, entry, history=older, where=where)
                     try:
@@ -261,6 +268,8 @@ def fetch(
             if host is not buf:
                 buf.copy_(host)
             out[canon] = typed(buf, entry)
+            if isinstance(entry, SliceEntry):
+                state_stats(p.changed, entry, out[canon])
             if patch is not None:
                 staged.patches[canon] = patches.make(*patch, out[canon])
             if between is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from hotswap import codec
+from hotswap import codec, slice_check
 from hotswap.errors import SourceError
 from hotswap.manifest import Manifest, TensorEntry
 from hotswap.settings import HotswapSettings
@@ -70,6 +70,15 @@ def hash_entries(
     """
     old = head.by_name() if head else {}
     chunk_of = {e.digest: e.chunk_bytes for e in old.values()}
+    # Chunk digests head states for a content (a renamed or tied tensor reuses them).
+    known_digests = {
+        (e.digest, e.chunk_bytes): e.chunk_digests
+        for e in old.values()
+        if e.chunk_digests is not None
+    }
+    # HOTSWAP_DELTAS=0 is the switch for agents older than the publisher: their
+    # manifests stay format 1, which chunk digests (format 3) would end.
+    per_chunk = settings.deltas
     seen: dict[tuple[object, ...], TensorEntry] = {}
     out: list[TensorEntry] = []
     pending: set[Content] = set()
@@ -110,6 +119,18 @@ def hash_entries(
                 chunk = chunk_of.get(digest, settings.chunk_bytes)
                 entry = TensorEntry(name, dtype, shape, len(buf), digest, chunk, math.nan, math.nan)
                 pending.add((digest, dtype))
+            if (
+                per_chunk
+                and entry.chunk_digests is None
+                and slice_check.worth(entry.nbytes, entry.chunk_bytes)
+            ):
+                found = known_digests.get((entry.digest, entry.chunk_bytes))
+                if found is None:
+                    found = slice_check.chunk_digests(buf, entry.chunk_bytes)
+                    known_digests[(entry.digest, entry.chunk_bytes)] = found
+                entry = replace(entry, chunk_digests=found)
+            elif not per_chunk and entry.chunk_digests is not None:
+                entry = replace(entry, chunk_digests=None)
             if view:
                 seen[view] = entry
             del buf

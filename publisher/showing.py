@@ -45,6 +45,8 @@ def entry_data(e: TensorEntry) -> dict[str, Any]:
         **asdict(e),
         "shape": list(e.shape),
         "chunks": e.chunks,
+        # Issue 19 (slices): whether per-chunk digests are stated, not their bytes.
+        "chunk_digests": e.chunk_digests is not None,
         "stored_as": stored_as(e),
         "stored_bytes": stored_bytes(e),
     }

@@ -279,11 +279,11 @@ def test_wrong_envelope_is_a_format_error(env: Any) -> None:
     assert format_error(pack(env)) == "manifest: not a manifest envelope"
 
 
-@pytest.mark.parametrize("number", [0, 3, 999, "1", None])
+@pytest.mark.parametrize("number", [0, 4, 999, "1", None])
 def test_unknown_format_number_is_refused(number: object) -> None:
     data = envelope(body_of(fixed_manifest()), format=number)
     assert format_error(data) == (
-        f"manifest: format {number!r} is not supported (this hotswap reads 1, 2); upgrade"
+        f"manifest: format {number!r} is not supported (this hotswap reads 1, 2, 3); upgrade"
     )
 
 
@@ -302,9 +302,9 @@ def test_bad_envelope_fields(over: dict[str, Any], problem: str) -> None:
 
 
 def test_where_names_model_and_version() -> None:
-    data = envelope(body_of(fixed_manifest()), format=3)
+    data = envelope(body_of(fixed_manifest()), format=4)
     message = format_error(data, expect_model="m", expect_version=3)
-    assert message.startswith("manifest of m v3: format 3 is not supported")
+    assert message.startswith("manifest of m v3: format 4 is not supported")
 
 
 @pytest.mark.parametrize(
