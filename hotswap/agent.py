@@ -25,6 +25,7 @@ from typing import Any
 import tenacity
 import torch
 
+from hotswap import group as groups
 from hotswap import keys, metrics, priority, validate
 from hotswap.callbacks import OnApplied, OnRejected
 from hotswap.connection import RedisClient, connect, operation_retry, retry_from_settings
@@ -279,8 +280,7 @@ class Agent(Standing):
                     self.store.client.close()
             thread.join(max(0.0, deadline - time.monotonic()))
         self._pipeline.probations.cancel()
-        pending = self._pipeline.state.take_pending()
-        if pending is not None:
+        for pending in self._pipeline.state.take_pending():
             pending.release()
         self._memory.clear()
         self._foreground.close()
@@ -331,7 +331,7 @@ class Agent(Standing):
         """
         return self._gate.reading_async()
 
-    def revert(self) -> int | None:
+    def revert(self, group: Any = None) -> int | None:
         """Put back the version that ran before the last one applied, from host memory.
 
         One ``copy_`` per replaced tensor (or a scatter of a sparse delta's
@@ -341,12 +341,17 @@ class Agent(Standing):
         is not applied again when the agent converges on head); a newer
         version is. Call it between forward passes, never inside ``reading()``.
 
+        Args:
+            group: a ``torch.distributed`` process group whose every rank calls
+                this at the same step: all revert the same version, or none does.
+
         Returns:
             The version running again (None: the model's own weights).
 
         Raises:
             HotswapError: nothing to revert (no apply since start or the last
-                revert, or the last version's bytes exceeded the budget).
+                revert, or the last version's bytes exceeded the budget); with a
+                group, on any rank (``GroupError``: a rank died or timed out).
             ConfigError: called inside ``reading()``.
 
         Example:
@@ -358,20 +363,30 @@ class Agent(Standing):
                 f"agent of model {self.model_name!r}: revert() was called inside reading(); "
                 "call it between forward passes"
             )
+        if group is not None:
+            return groups.revert(self._pipeline, group)
         return self._pipeline.revert()
 
-    def apply_pending(self) -> int | None:
+    def apply_pending(self, group: Any = None) -> int | None:
         """Apply the newest fetched and validated version now (manual mode).
 
         The copy runs on the caller's thread under the writer lock, so call it
         between forward passes, never inside ``reading()``.
 
+        Args:
+            group: a ``torch.distributed`` process group (tensor-parallel ranks)
+                whose every rank calls this at the same step: the newest version
+                every rank holds and none refused is applied on all, or on none
+                (``hotswap.group``); a rank's refusal refuses it on all.
+
         Returns:
-            The version applied, or None when none was pending.
+            The version applied (with a group: the same on every rank), or None.
 
         Raises:
             ConfigError: called inside ``reading()`` (or while another task on
                 this event loop holds it).
+            GroupError: a collective of the group failed (a rank died: the
+                group's timeout); this rank applied nothing.
 
         Example:
             >>> agent = Agent(model, "resnet", mode="manual").start()  # doctest: +SKIP
@@ -384,7 +399,9 @@ class Agent(Standing):
                 "reading() (or while another task on this event loop holds it); call it "
                 "between forward passes"
             )
-        return self._pipeline.apply_pending()
+        if group is not None:
+            return groups.apply_pending(self._pipeline, group)
+        return groups.apply_newest(self._pipeline)
 
     def wait_for(self, version: int, timeout: float = 10.0) -> bool:
         """Wait until ``version`` (or a newer one) runs, its ``on_applied`` callback run.

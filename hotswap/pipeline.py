@@ -25,7 +25,7 @@ import redis
 
 from hotswap import callbacks, metrics, postapply, unpublished, validate
 from hotswap.callbacks import OnApplied, OnRejected
-from hotswap.delivery import Reason, Request, Stopped
+from hotswap.delivery import LOOK, Reason, Request, Stopped
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
 from hotswap.hostmem import HostMemory
@@ -42,7 +42,7 @@ from hotswap.runstate import Ready, Rejection, RunState, Undo
 from hotswap.settings import HotswapSettings
 from hotswap.staging import LiveModel, Staged, Staging
 from hotswap.store import Store
-from hotswap.writer import Writer
+from hotswap.writer import Writer, Written
 
 log = logging.getLogger("hotswap.agent")
 Mode = Literal["auto", "manual"]
@@ -57,6 +57,7 @@ class Outcome(Enum):
     PENDING = "valid, waiting for apply_pending()"
     UNCONFIRMED = "a notice carried it and Redis holds otherwise: nothing changed"
     REPLAN = "apply_pending() ran meanwhile: plan again against what runs now"
+    # apply_pending() (manual mode) is ``group.apply_newest`` or ``group.apply_pending``.
 
 
 class Pipeline:
@@ -122,7 +123,7 @@ class Pipeline:
             foreground=foreground,
         )
         self.probations = Probations(
-            postapply.probations(probes), self.writer, gate, stop, self._reverted
+            postapply.probations(probes), self.writer, gate, stop, self.reverted
         )
         self.lookout = Lookout(store, settings, reporter.status.agent_id, settings.track)
         self._memory, self._gate, self._stop = memory, gate, stop
@@ -146,6 +147,8 @@ class Pipeline:
 
     def handle(self, request: Request) -> None:
         """Take one request to its end (``delivery.Handler``); raises to end the session."""
+        if request.reason is Reason.POLL and self.state.take_relook():
+            request = LOOK  # an apply dropped newer pending versions: stage head again
         try:
             if request.reason is Reason.CONNECTED:
                 self._reconnect(request)
@@ -175,20 +178,6 @@ class Pipeline:
                 e,
             )
         self.state.stepped()
-
-    # -- apply_pending()'s caller -------------------------------------------------
-
-    def apply_pending(self) -> int | None:
-        """``Agent.apply_pending``, on the caller's thread, outside any read."""
-        ready = self.state.begin_apply_pending()
-        if ready is None:
-            return None
-        try:
-            self._apply(ready)
-        finally:
-            ready.staged.release()
-            self.state.end_apply_pending()
-        return ready.staged.plan.manifest.version
 
     # -- the path, top to bottom --------------------------------------------------
 
@@ -327,7 +316,7 @@ class Pipeline:
         try:
             if self._stop.is_set():
                 raise Stopped  # stop() may have given up waiting: change nothing after it
-            self._apply(ready)
+            self.apply(ready)
         finally:
             staged.release()
         return Outcome.APPLIED
@@ -350,21 +339,24 @@ class Pipeline:
 
     def _pend(self, ready: Ready, generation: int) -> Outcome:
         """Keep a valid version for ``apply_pending()``, unless one ran since it was planned."""
-        stale = self.state.pend(ready, generation)
-        if stale is not None:
-            stale.release()
-        if stale is ready.staged:
+        dropped = self.state.pend(ready, generation, self._stop)
+        for staged in dropped:
+            staged.release()
+        if any(staged is ready.staged for staged in dropped):
             return Outcome.REPLAN
         m = ready.staged.plan.manifest
         log.info("model %r: v%d valid; apply_pending() applies it", self.model_name, m.version)
         return Outcome.PENDING
 
-    def _apply(self, ready: Ready) -> None:
+    def apply(self, ready: Ready) -> None:
         """Copy a staged version into the live tensors (``Writer.apply``), and report it."""
+        self.reporter.update(state="applying")
+        self.settle(ready, self.writer.apply(ready.staged, ready.digest))
+
+    def settle(self, ready: Ready, written: Written) -> None:
+        """Report what ``Writer.apply`` did: a version a probe refused, or one applied."""
         staged = ready.staged
         m = staged.plan.manifest
-        self.reporter.update(state="applying")
-        written = self.writer.apply(staged, ready.digest)
         if written.refused is not None:
             reasons = {"<probes>": [written.refused]}
             self._reject(m.version, m.lineage, reasons, None, digest=ready.digest)
@@ -396,9 +388,10 @@ class Pipeline:
         """``Agent.revert`` (``Writer.revert``), reported: the version running again."""
         done = self.writer.revert()
         assert done is not None  # raises instead when there is nothing to revert
-        return self._reverted(*done)
+        return self.reverted(*done)
 
-    def _reverted(self, last: Undo, error: ValidationError) -> int | None:
+    def reverted(self, last: Undo, error: ValidationError) -> int | None:
+        """Report a revert ``Writer.revert`` made; the version running again."""
         back = last.before.version
         self.reporter.reverted(last.version, back, last.before.digest, error, log)
         self._said.note(f"rejected:{last.version}")

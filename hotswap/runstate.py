@@ -25,6 +25,12 @@ from hotswap.staging import Staged
 from hotswap.undo import Saved
 from hotswap.validate import Policy
 
+# Valid versions a manual-mode agent keeps for ``apply_pending()``, newest last.
+# More than one, so that the ranks of a group (``hotswap.group``) that stage at
+# different speeds still hold a version in common while a fast publisher moves
+# on; few, since each holds its changed tensors' bytes until applied or dropped.
+KEEP_PENDING = 3
+
 
 @dataclass(frozen=True)
 class Running:
@@ -47,11 +53,13 @@ class Running:
 @dataclass(frozen=True)
 class Rejection:
     """A refused version: the lineage and manifest digest of the manifest refused
-    (None when the manifest itself failed its checks) and the error ``wait_for`` raises."""
+    (None when the manifest itself failed its checks) and the error ``wait_for`` raises;
+    ``shared``: a group refused it because another rank did (``hotswap.group``)."""
 
     lineage: str | None
     error: ValidationError
     digest: str | None = None
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,12 @@ class Ready:
 
     staged: Staged
     digest: str
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """(lineage, version, manifest digest): what the ranks of a group agree on."""
+        m = self.staged.plan.manifest
+        return (m.lineage, m.version, self.digest)
 
 
 @dataclass(frozen=True)
@@ -94,10 +108,14 @@ class RunState:
     Args:
         policy: the validation policy (which norms may be trusted).
         reporter: the status record, updated with the pending version.
+        keep_pending: the most valid versions kept for ``apply_pending()``.
     """
 
-    def __init__(self, policy: Policy, reporter: Reporter) -> None:
+    def __init__(
+        self, policy: Policy, reporter: Reporter, keep_pending: int = KEEP_PENDING
+    ) -> None:
         self._reporter = reporter
+        self._keep_pending = max(1, keep_pending)
         self._lock = threading.RLock()
         self._decided = threading.Condition(self._lock)
         self._stepped = threading.Condition(self._lock)
@@ -114,7 +132,12 @@ class RunState:
         self._manifest_digest: str | None = None
         self._rejections: dict[int, Rejection] = {}
         self._last_rejection: ValidationError | None = None
-        self._pending: Ready | None = None
+        # Valid versions waiting for apply_pending(), newest last, all planned
+        # against the same generation (an apply drops them all).
+        self._pending: list[Ready] = []
+        # An apply dropped pending versions newer than the one it applied: the
+        # next poll looks at head in full and stages it again.
+        self._relook = False
         # The bytes the last apply replaced (None: over the budget, or reverted).
         self._undo: Undo | None = None
 
@@ -131,12 +154,29 @@ class RunState:
 
     @property
     def pending_version(self) -> int | None:
+        """The newest pending version (None: none waits)."""
         with self._lock:
-            return None if self._pending is None else self._pending.staged.plan.manifest.version
+            return self._pending[-1].staged.plan.manifest.version if self._pending else None
 
     def has_pending(self) -> bool:
         with self._lock:
-            return self._pending is not None
+            return bool(self._pending)
+
+    def pending(self) -> list[tuple[str, int, str]]:
+        """(lineage, version, manifest digest) of each pending version, newest last."""
+        with self._lock:
+            return [r.key for r in self._pending]
+
+    def local_rejections(self) -> list[tuple[str, int, str, Rejection]]:
+        """This agent's own refusals of manifests at least as new as what runs (by number,
+        any lineage): (lineage, version, digest, rejection), the ones a group must hear."""
+        with self._lock:
+            floor = self._applied or 0
+            return [
+                (r.lineage, v, r.digest, r)
+                for v, r in sorted(self._rejections.items())
+                if r.lineage is not None and r.digest is not None and not r.shared and v >= floor
+            ]
 
     @property
     def last_rejection(self) -> ValidationError | None:
@@ -156,7 +196,7 @@ class RunState:
             refused = self._rejections.get(m.version)
             if refused is not None and refused.digest == digest:
                 return True
-            return self._pending is not None and self._pending.digest == digest
+            return any(r.digest == digest for r in self._pending)
 
     def basis(self) -> Basis:
         with self._lock:
@@ -204,45 +244,88 @@ class RunState:
         with self._lock:
             self._norms.learn(m, digests)
 
-    def pend(self, ready: Ready, generation: int) -> Staged | None:
+    def pend(
+        self, ready: Ready, generation: int, stop: threading.Event | None = None
+    ) -> list[Staged]:
         """Keep a valid version for ``apply_pending()`` unless one ran since it was planned.
 
+        While an ``apply_pending()`` is under way (a group's may wait on its
+        collectives), this waits for it to end instead of planning again in a loop.
+
         Returns:
-            The version to release: the one it replaced, ``ready.staged`` itself
-            when it came too late (plan again), or None.
+            The versions to release: the oldest kept ones beyond ``keep_pending``,
+            or ``ready.staged`` itself when it came too late (plan again).
         """
         with self._lock:
+            while self._applying and not (stop is not None and stop.is_set()):
+                self._stepped.wait(0.2)
             if self._applying or self._generation != generation:
-                return ready.staged
-            replaced, self._pending = self._pending, ready
+                return [ready.staged]
+            kept = [r for r in self._pending if r.digest != ready.digest]
+            kept.append(ready)
+            dropped = kept[: -self._keep_pending]
+            self._pending = kept[-self._keep_pending :]
             # With the pending version: whoever sees one sees the other.
             self._reporter.update(state="pending")
-            return None if replaced is None else replaced.staged
+            return [r.staged for r in dropped]
 
     def rest(self, **fields: object) -> None:
         """Report the state between updates (pending if a version waits, else idle)."""
         with self._lock:
             self._reporter.update(state="pending" if self._pending else "idle", **fields)
 
-    def take_pending(self) -> Staged | None:
-        """Remove the pending version (the caller releases it)."""
+    def take_pending(self) -> list[Staged]:
+        """Remove every pending version (the caller releases them)."""
         with self._lock:
-            ready, self._pending = self._pending, None
-            return None if ready is None else ready.staged
+            taken, self._pending = self._pending, []
+            return [r.staged for r in taken]
 
-    def begin_apply_pending(self) -> Ready | None:
-        """Remove the pending version to apply it on the caller's thread; until
-        ``end_apply_pending()``, a version planned meanwhile is planned again."""
+    def drop_pending(self, digest: str) -> Staged | None:
+        """Remove the pending version of manifest ``digest`` (the caller releases it)."""
         with self._lock:
-            ready, self._pending = self._pending, None
-            if ready is not None:
-                self._applying = True
-            return ready
+            found = [r for r in self._pending if r.digest == digest]
+            self._pending = [r for r in self._pending if r.digest != digest]
+            return found[0].staged if found else None
+
+    def begin_apply_pending(self) -> bool:
+        """Hold the pending versions still until ``end_apply_pending()``: none is added or
+        dropped meanwhile, and one planned meanwhile waits, then is planned again.
+
+        Returns:
+            Whether one was already under way (then nothing is held; the caller stops).
+        """
+        with self._lock:
+            if self._applying:
+                return True
+            self._applying = True
+            return False
+
+    def choose(self, digest: str | None) -> tuple[Ready | None, list[Staged]]:
+        """Take the pending version of manifest ``digest`` (None: the newest) to apply, and
+        every other one (planned against what runs now, so stale once it changes):
+        the caller releases those. Dropping a newer one makes the next poll look at
+        head in full."""
+        with self._lock:
+            found = [r for r in self._pending if digest is None or r.digest == digest]
+            chosen = found[-1] if found else None
+            if chosen is None:
+                return None, []
+            at = next(i for i, r in enumerate(self._pending) if r is chosen)
+            newer, self._relook = self._pending[at + 1 :], bool(self._pending[at + 1 :])
+            others = self._pending[:at] + newer
+            self._pending = []
+            return chosen, [r.staged for r in others]
 
     def end_apply_pending(self) -> None:
         with self._lock:
             self._applying = False
             self._stepped.notify_all()
+
+    def take_relook(self) -> bool:
+        """Whether an apply dropped newer pending versions since this was last asked."""
+        with self._lock:
+            relook, self._relook = self._relook, False
+            return relook
 
     def undo(self) -> Undo | None:
         """What the last apply replaced, while it can be put back."""

@@ -31,6 +31,8 @@ MAX_HEALTH = 32
 MAX_HEALTH_NAME = 64
 # Kept of the last probe failure's reason (``last_probe``).
 MAX_PROBE_REASON = 300
+# The largest process group a record may name (rank and world size).
+MAX_WORLD = 1 << 20
 STATES = ("starting", "idle", "fetching", "applying", "pending", "disconnected", "stopped")
 
 
@@ -87,6 +89,12 @@ class AgentStatus:
     last_probe: str | None = None
     # The version a rollout pinned this agent to (None: it follows its track).
     pinned: int | None = None
+    # The process group this agent applies with (``apply_pending(group=...)``):
+    # its name (rank 0's agent id), this agent's rank and the group's size;
+    # None until its first group apply (or from older agents).
+    group: str | None = None
+    rank: int | None = None
+    world: int | None = None
 
 
 _FIELDS = set(AgentStatus.__dataclass_fields__)
@@ -122,6 +130,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "probe_failures": _INT,
     "last_probe": _STR + _OPTIONAL,
     "pinned": _INT + _OPTIONAL,
+    "group": _STR + _OPTIONAL,
+    "rank": _INT + _OPTIONAL,
+    "world": _INT + _OPTIONAL,
 }
 
 
@@ -136,8 +147,10 @@ def _check(name: str, value: Any) -> Any:
             isinstance(k, str) and isinstance(v, list) and all(isinstance(r, str) for r in v)
             for k, v in value.items()
         )
-    if ok and name == "track" and value is not None:
+    if ok and name in ("track", "group") and value is not None:
         ok = is_name(value)
+    if ok and name in ("rank", "world") and value is not None:
+        ok = 0 <= value <= MAX_WORLD
     if ok and name == "health" and value is not None:
         ok = len(value) <= MAX_HEALTH and all(health_entry(k, v) for k, v in value.items())
     if not ok:

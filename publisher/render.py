@@ -335,6 +335,27 @@ def print_status(console: Console, data: dict[str, Any]) -> None:
     for said in rolloutview.lines(data.get("rollout")):
         # Verdicts quote agents' records: plain text.
         console.print(plain(said))
+    for line in group_lines(data.get("groups") or []):
+        console.print(line)
+
+
+def group_lines(groups: list[dict[str, Any]]) -> list[Text]:
+    """A line per process group: its version when all its ranks agree, else why not.
+
+    Example:
+        >>> [t.plain for t in group_lines([{"group": "g", "world": 2, "state": "agreed",
+        ...     "version": 3, "ranks": {"0": "a", "1": "b"}}])]
+        ['group g (2 ranks): v3']
+    """
+    lines = []
+    for g in groups:
+        head = f"group {g['group']} ({g['world']} ranks): "
+        if g["state"] == "agreed":
+            runs = "nothing yet" if g["version"] is None else f"v{g['version']}"
+            lines.append(plain(head + runs))
+        else:
+            lines.append(plain(head + f"no version ({g['state']})", "red"))
+    return lines
 
 
 def signing_lines(signing: dict[str, Any] | None) -> list[Text]:

@@ -105,7 +105,62 @@ def agent_row(
         "probe_failures": s.probe_failures,
         "last_probe": s.last_probe,
         "pinned": s.pinned,
+        # The process group it applies with (None: none), its rank and the group's size.
+        "group": s.group,
+        "rank": s.rank,
+        "world": s.world,
     }
+
+
+def group_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per process group (``Agent.apply_pending(group=...)``), from the agents' rows.
+
+    A group's version is shown only when every rank reported, is alive, and runs the
+    same manifest; otherwise ``state`` says why: ``missing rank R`` (its record is
+    gone), ``dead rank R`` (its heartbeat expired or it stopped), or ``split`` (ranks
+    run different versions: the group protocol never does this).
+
+    Example:
+        >>> row = {"group": "g", "world": 2, "alive": True, "version": 3, "manifest_digest": "d"}
+        >>> [g["state"] for g in group_rows([{**row, "rank": 0}, {**row, "rank": 1}])]
+        ['agreed']
+        >>> group_rows([{**row, "rank": 0}])[0]["state"]
+        'missing rank 1'
+    """
+    by_group: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row.get("group") is not None:
+            by_group.setdefault(row["group"], []).append(row)
+    found = []
+    for name, members in sorted(by_group.items()):
+        world = max(int(m.get("world") or 0) for m in members)
+        ranks = {m.get("rank"): m for m in members}
+        missing = [r for r in range(world) if r not in ranks]
+        dead = sorted(r for r, m in ranks.items() if r is not None and not m["alive"])
+        runs = {(m["version"], m.get("manifest_digest")) for m in members}
+        state = (
+            f"missing rank {', '.join(map(str, missing))}"
+            if missing
+            else f"dead rank {', '.join(map(str, dead))}"
+            if dead
+            else "split"
+            if len(runs) > 1
+            else "agreed"
+        )
+        found.append(
+            {
+                "group": name,
+                "world": world,
+                "state": state,
+                "version": members[0]["version"] if state == "agreed" else None,
+                "ranks": {str(r): m["agent_id"] for r, m in sorted(ranks.items(), key=_rank)},
+            }
+        )
+    return found
+
+
+def _rank(item: tuple[Any, Any]) -> int:
+    return -1 if item[0] is None else int(item[0])
 
 
 def safety_note(row: Mapping[str, Any]) -> str | None:
@@ -180,11 +235,12 @@ def status_view(
 
     Returns:
         ``{"model", "head", "lineage", "healthy", "unhealthy", "agents": [row,
-        ...], "signing", "problems", "rollout"}``, as ``hotswap status --json`` prints it
+        ...], "signing", "problems", "rollout", "groups"}``, as ``hotswap status --json`` prints it
         (``unhealthy``: see ``unhealthy_agents``; ``signing`` is None without
         keys; ``problems`` lists agent records that could not be read at all,
         such as a key of the wrong type; ``rollout``: the model's rollout in
-        progress or lately ended, ``publisher.rolloutview``).
+        progress or lately ended, ``publisher.rolloutview``; ``groups``: see
+        ``group_rows``).
 
     Example:
         >>> view = status_view(store, signing_keys=settings.key_bytes())  # doctest: +SKIP
@@ -214,6 +270,7 @@ def status_view(
         "signing": signing,
         "problems": report.problems,
         "rollout": rolloutview.view(store),
+        "groups": group_rows(agents),
     }
 
 
