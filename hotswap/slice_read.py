@@ -166,7 +166,7 @@ def state_stats(
     states the whole tensor's, which validation cannot compare with a slice. The bytes
     passed their chunk digests, so these describe exactly what the publisher published."""
     s = codec.stats(t)
-    stated = dataclasses.replace(entry, norm=s.norm, max_abs=s.max_abs)
     for name, e in changed.items():
-        if e is entry:
-            changed[name] = stated
+        # Tied names share the staged bytes, each with an entry of its own.
+        if isinstance(e, SliceEntry) and (e.digest, e.part) == (entry.digest, entry.part):
+            changed[name] = dataclasses.replace(e, norm=s.norm, max_abs=s.max_abs)

@@ -321,3 +321,21 @@ def test_a_tensor_stored_as_a_delta_is_rebuilt_whole_then_sliced(
                 assert rank.agent.wait_for(v2, 15) and rank.holds(v2_state)
                 # The whole tensor is rebuilt from v1's full blob and the delta's frames.
                 assert rank.reports[v2].bytes_fetched >= nbytes(v1_state)
+
+
+def test_tied_names_share_one_sliced_fetch(settings: HotswapSettings, client: redis.Redis) -> None:
+    weight = full_state(8)["layers.0.weight"]
+    v = publish(settings, client, {"embed.weight": weight, "head.weight": weight.clone()})
+    shared = torch.zeros(OUT // 2, IN)
+    live = {"embed.weight": shared, "head.weight": shared}  # one storage, two names
+    reports: dict[int, ApplyReport] = {}
+    with Agent(
+        live,
+        MODEL,
+        settings=settings,
+        shards={"*": ShardSpec(1, 2)},
+        on_applied=reports.__setitem__,
+    ) as agent:
+        assert agent.wait_for(v, 15)
+        assert torch.equal(shared, weight[OUT // 2 :])
+        assert reports[v].bytes_fetched < OUT * IN * 4 * 3 // 4  # one half, read once
