@@ -2,11 +2,9 @@
 versions as one or not at all; the decision itself, the bounded pending versions and
 how ``hotswap status`` shows a group.
 
-The ranks fetch whole tensors and keep their slice through a ``Transform``
-(``tests/group_worker.py``). With whole tensors a NaN is seen by every rank
-(the published tensor's own values are checked before the transform), so the
-one-rank refusal is a value only that rank's slice holds, refused by a
-validator of the live slice; the one-rank probe failure likewise.
+Each rank's agent takes only its slice (``shards=``, ``tests/group_worker.py``), so
+a NaN in one rank's rows is seen, and refused, by that rank alone; the one-rank
+probe failure is a value only that rank's slice holds.
 """
 
 from __future__ import annotations
@@ -266,8 +264,8 @@ def test_two_ranks_apply_together_refuse_together_and_revert_together(
             assert [r["applied"] for r in replies] == [v, v]
             assert all(close_to(r["out"], full(seed)) for r in replies)
         good = v
-        # Rank 1 holds rows 4-7 of l0: only its validator sees the 5000.
-        bad = pub.publish(with_value(full(3), 6, 5000.0))
+        # Rank 1 holds rows 4-7 of l0: only it sees the NaN.
+        bad = pub.publish(with_value(full(3), 6, float("nan")))
         g.pending(bad, ranks=[0])
         assert g.ranks[1]("refused", version=bad)["ok"]
         replies = g.all("step")
@@ -276,7 +274,7 @@ def test_two_ranks_apply_together_refuse_together_and_revert_together(
         assert all(close_to(r["out"], full(2)) for r in replies)
         assert replies[0]["pending"] == []  # dropped: the group refused it
         assert replies[0]["rejection"] == {
-            GROUP: ["rank 1: l0.weight: validator bounded: l0.weight holds 5000"]
+            GROUP: ["rank 1: l0.weight: 1 of 32 values are not finite (NaN or inf)"]
         }
         # Valid everywhere, but rank 0's probe fails on its slice: both put it back.
         probed = pub.publish(with_value(full(4), 1, 500.0))
@@ -343,3 +341,38 @@ def test_four_ranks_wait_for_a_slow_rank_stay_on_a_failed_one_and_never_apply_al
     assert [r["version"] for r in replies] == [v1] * 3
     assert [r["pending"] for r in replies] == [[v2]] * 3
     assert poll(lambda: _groups(store)[0][:2] == ("dead rank 1", None), 400)
+
+
+def test_an_apply_of_an_older_pending_version_stages_the_newer_one_again(
+    settings: HotswapSettings,
+) -> None:
+    """What a group's choice of a version some rank holds older than its newest does
+    on that rank: the newer one, planned against what ran, is dropped and staged again."""
+    model = Ten()
+    with (
+        Publisher(MODEL, settings=settings) as pub,
+        Agent(model, MODEL, settings=settings, mode="manual") as agent,
+    ):
+        state = agent._pipeline.state
+        first = bump(model.state_dict(), 0.01)
+        v1 = pub.publish(first)
+        assert until(agent, lambda: agent.pending_version == v1)
+        v2 = pub.publish(bump(model.state_dict(), 0.02))
+        assert until(agent, lambda: agent.pending_version == v2)
+        older = state.pending()[0]
+        assert older[1] == v1
+        assert not state.begin_apply_pending()
+        try:
+            ready, others = state.choose(older[2])
+            assert ready is not None and len(others) == 1 and state.pending() == []
+            for staged in others:
+                staged.release()
+            agent._pipeline.apply(ready)
+            ready.staged.release()
+        finally:
+            state.end_apply_pending()
+        assert agent.applied_version == v1 and equal_state(model, first)
+        # The next poll looks at head in full and stages v2 against v1.
+        assert until(agent, lambda: agent.pending_version == v2)
+        assert agent.apply_pending() == v2
+        assert equal_state(model, bump(Ten().state_dict(), 0.02))
