@@ -240,9 +240,14 @@ def apply_pending(pipeline: Pipeline, group: Any) -> int | None:
 
     Raises:
         GroupError: a collective failed; this rank applied nothing (or reverted it).
-        ConfigError: the agent has probations (they would revert one rank alone), or
-            another thread is in ``apply_pending()`` already.
+        ConfigError: the agent is in auto mode, or has probations (they would revert
+            one rank alone), or another thread is in ``apply_pending()`` already.
     """
+    if pipeline.mode != "manual":
+        raise ConfigError(
+            f"model {pipeline.model_name!r}: a group apply needs Agent(mode='manual'); "
+            "in auto mode each rank applies on its own"
+        )
     if pipeline.probations.probations:
         raise ConfigError(
             f"model {pipeline.model_name!r}: a Probation reverts one rank alone; "

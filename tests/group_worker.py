@@ -18,6 +18,7 @@ stdin, one JSON line each; every reply is one JSON line:
     {"cmd": "fail"}                   make this rank's reads of manifests fail from now on
     {"cmd": "heal"}                   ... and work again
     {"cmd": "stop"}                   stop this rank's agent (its thread ends)
+    {"cmd": "state"}                  just the reply: what runs, waits, was refused
     {"cmd": "quit"}
 """
 

@@ -25,7 +25,7 @@ from waiting import poll
 
 from hotswap import status as st
 from hotswap.agent import Agent
-from hotswap.errors import FormatError
+from hotswap.errors import ConfigError, FormatError
 from hotswap.group import (
     GROUP,
     MAX_REFUSALS,
@@ -36,6 +36,7 @@ from hotswap.group import (
     decode_offer,
     encode_offer,
 )
+from hotswap.postapply import Probation
 from hotswap.runstate import KEEP_PENDING
 from hotswap.settings import HotswapSettings
 from hotswap.store import Store
@@ -252,7 +253,7 @@ def test_manual_mode_keeps_the_newest_few_valid_versions_and_applies_the_newest(
 # -- processes ----------------------------------------------------------------------
 
 
-def test_two_ranks_apply_together_refuse_together_and_revert_together(
+def test_two_ranks_apply_together_refuse_together_revert_together_and_outlast_a_stop(
     settings: HotswapSettings, store: Store, group_of: Any
 ) -> None:
     g = group_of(2)
@@ -296,6 +297,16 @@ def test_two_ranks_apply_together_refuse_together_and_revert_together(
     assert all(close_to(r["out"], full(2)) for r in replies)
     # Both reported one group, agreed on what runs.
     assert poll(lambda: _groups(store) == [("agreed", good, 2)], 500)
+    # Rank 1's agent stops (its thread ends): the group stays on what it runs.
+    g.ranks[1]("stop")
+    with Publisher("m", settings=settings) as pub:
+        after = pub.publish(full(6))
+    g.pending(after, ranks=[0])
+    replies = g.all("step")
+    assert [r["applied"] for r in replies] == [None, None]
+    assert [r["version"] for r in replies] == [good, good]
+    assert all(close_to(r["out"], full(2)) for r in replies)
+    assert poll(lambda: _groups(store) == [("dead rank 1", None, 2)], 500)
 
 
 def _groups(store: Store) -> list[tuple[str, int | None, int]]:
@@ -376,3 +387,36 @@ def test_an_apply_of_an_older_pending_version_stages_the_newer_one_again(
         assert until(agent, lambda: agent.pending_version == v2)
         assert agent.apply_pending() == v2
         assert equal_state(model, bump(Ten().state_dict(), 0.02))
+
+
+def test_a_group_apply_is_refused_in_auto_mode_and_with_probations(
+    settings: HotswapSettings,
+) -> None:
+    model = Ten()
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    late = Probation(lambda m: None, seconds=60)
+    with Publisher(MODEL, settings=settings) as pub:
+        v1 = pub.publish(bump(model.state_dict(), 0.01))
+        with Agent(model, MODEL, settings=settings) as auto:
+            with pytest.raises(
+                ConfigError,
+                match=r"^model 'm': a group apply needs Agent\(mode='manual'\); in auto mode",
+            ):
+                auto.apply_pending(group=object())
+            assert auto.wait_for(v1, 10)
+        restore(model, before)
+        with Agent(model, MODEL, settings=settings, mode="manual", probes=[late]) as agent:
+            assert until(agent, lambda: agent.pending_version == v1)
+            with pytest.raises(
+                ConfigError, match=r"^model 'm': a Probation reverts one rank alone; a group"
+            ):
+                agent.apply_pending(group=object())
+            # Nothing changed: still pending, nothing applied.
+            assert agent.pending_version == v1 and agent.applied_version is None
+            assert equal_state(model, before)
+
+
+def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, t in model.state_dict().items():
+            t.copy_(state[k])
