@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import blake3
 
-from hotswap import dtypes
+from hotswap import codec, dtypes
 from hotswap.entries import CHUNK_DIGEST_BYTES, MAX_CHUNK_DIGESTS, TensorEntry
 from hotswap.errors import IntegrityError
 
@@ -31,6 +31,11 @@ def worth(nbytes: int, chunk_bytes: int) -> bool:
     return 2 <= dtypes.chunk_count(nbytes, chunk_bytes) <= MAX_CHUNK_DIGESTS
 
 
+def verifiable(entry: TensorEntry) -> bool:
+    """Whether each chunk of ``entry`` can be checked on its own (``check_chunk``)."""
+    return entry.chunk_digests is not None or entry.chunks == 1
+
+
 def chunk_digests(buf: memoryview, chunk_bytes: int) -> bytes:
     """The chunk digests of ``buf`` cut at ``chunk_bytes``, concatenated in order.
 
@@ -44,9 +49,15 @@ def chunk_digests(buf: memoryview, chunk_bytes: int) -> bytes:
 def check_chunk(entry: TensorEntry, i: int, chunk: memoryview, where: str) -> None:
     """Refuse chunk ``i`` of ``entry`` unless it hashes to its digest in the manifest.
 
+    A tensor of one chunk states no chunk digests: its whole digest is its chunk's.
+
     Raises:
         IntegrityError: names model and version (``where``), tensor, chunk and digests.
     """
+    if entry.chunk_digests is None and entry.chunks == 1:
+        actual = blake3.blake3(chunk).hexdigest()
+        codec.check_hexdigest(entry.name, actual, entry.digest, where)
+        return
     assert entry.chunk_digests is not None
     want = entry.chunk_digests[i * CHUNK_DIGEST_BYTES : (i + 1) * CHUNK_DIGEST_BYTES]
     got = _one(chunk)

@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from hotswap import codec, dtypes
+from hotswap import codec, dtypes, slice_check, slice_delta
 from hotswap.blobwrite import chunk_span
 from hotswap.candidates import History
 from hotswap.entries import TensorEntry
@@ -36,6 +36,7 @@ from hotswap.frames import Blobs
 from hotswap.manifest import Manifest
 from hotswap.reconstruct import Rebuild
 from hotswap.slice_check import check_chunk
+from hotswap.slice_delta import Live
 from hotswap.slices import Part, SliceEntry, unsliced
 
 
@@ -76,7 +77,7 @@ def covering(full: TensorEntry, part: Part) -> range:
 
 
 def _verifiable(reader: Blobs, full: TensorEntry) -> bool:
-    return full.chunk_digests is not None and hasattr(reader, "read_chunks")
+    return slice_check.verifiable(full) and hasattr(reader, "read_chunks")
 
 
 def read_slice(
@@ -87,12 +88,14 @@ def read_slice(
     version: int,
     where: str,
     whole: Callable[[memoryview], int],
+    live: Live | None = None,
 ) -> int:
     """Fill ``out`` (``entry.nbytes``) with the verified bytes of the slice; the bytes read.
 
     ``whole(buf)`` fills ``buf`` with the published tensor's verified bytes
     (a delta's reconstruction) and returns the bytes it read; it runs only
-    for a tensor that has no full blob.
+    for a tensor that has no full blob and whose frames cannot be decoded
+    against what the rank holds (``slice_delta``; ``live``: what it runs).
 
     Raises:
         IntegrityError: a chunk is missing, of the wrong length, or does not
@@ -104,21 +107,43 @@ def read_slice(
         return 0
     # Anonymous memory: only the pages of the chunks read are ever touched.
     buf = memoryview(mmap.mmap(-1, full.nbytes))
+    chunks = covering(full, part)
+    lo, hi = byte_range(full, part)
     if full.delta is not None and not full.delta.keyframe:
-        fetched = whole(buf)
+        halo = slice_delta.halo_for(reader, full, part, live, entry.halos)
+        if halo is not None and set(slice_delta.boundary(full, lo, hi, chunks)) <= set(halo):
+            assert live is not None
+            fetched = slice_delta.decode_slice(
+                reader,  # type: ignore[arg-type]  # halo_for(): a BlobStore
+                full,
+                chunks,
+                buf,
+                lo=lo,
+                live=live,
+                halo=halo,
+                where=where,
+            )
+        else:
+            fetched = whole(buf)
     elif _verifiable(reader, full):
-        chunks = covering(full, part)
-        lo, hi = chunk_span(full, chunks.start)[0], chunk_span(full, chunks.stop - 1)[1]
+        start, stop = chunk_span(full, chunks.start)[0], chunk_span(full, chunks.stop - 1)[1]
         ranged: RangeBlobs = reader  # type: ignore[assignment]
-        ranged.read_chunks(full, chunks, buf[lo:hi], version)
+        ranged.read_chunks(full, chunks, buf[start:stop], version)
         for i in chunks:
             check_chunk(full, i, buf[slice(*chunk_span(full, i))], where)
-        fetched = hi - lo
+        fetched = stop - start
     else:
         hashing = codec.ChunkDigest(buf, full.chunk_bytes)
         reader.read_into(full, buf, version, hashing.landed)
         codec.check_hexdigest(full.name, hashing.hexdigest(), full.digest, where)
         fetched = full.nbytes
+    if entry.halos is not None and part.dim == 0:
+        # Every covering chunk is in ``buf`` and verified: keep the boundary ones for
+        # the next delta of this content.
+        edges = slice_delta.boundary(full, lo, hi, chunks)
+        entry.halos.put(
+            full.name, full.digest, {i: bytes(buf[slice(*chunk_span(full, i))]) for i in edges}
+        )
     _copy_part(buf, full, part, out)
     return fetched
 
@@ -144,10 +169,11 @@ def fetch_slice(
     *,
     older: History,
     where: str,
+    live: Live | None,
 ) -> int:
-    """``read_slice`` for ``staging.fetch``: a tensor stored only as a delta is rebuilt
-    whole from full blobs and deltas (never from the live slice, which is not its
-    base), reading older manifests from ``older``. Returns the bytes read."""
+    """``read_slice`` for ``staging.fetch``: a tensor stored only as a delta whose frames
+    cannot be decoded against the live slice (``slice_delta``) is rebuilt whole from
+    full blobs and deltas, reading older manifests from ``older``. Returns the bytes read."""
     full = entry.full
     assert full is not None
 
@@ -156,7 +182,7 @@ def fetch_slice(
         rebuild.into(buf, None)
         return rebuild.fetched
 
-    return read_slice(reader, entry, view, version=m.version, where=where, whole=whole)
+    return read_slice(reader, entry, view, version=m.version, where=where, whole=whole, live=live)
 
 
 def state_stats(

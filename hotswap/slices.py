@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from hotswap import dtypes
@@ -139,6 +140,7 @@ class Slicer:
                     raise ConfigError(f"shards[{glob!r}] must map a glob to a ShardSpec")
         self.shards = shards
         self.tensors: tuple[str, ...] | None = None if tensors is None else tuple(tensors)
+        self.halos = Halos()
 
     @property
     def identity(self) -> bool:
@@ -178,8 +180,53 @@ class Slicer:
             if not self.wants(e.name):
                 continue
             p = self.part(e.name, e.shape)
-            out.append(e if p is None else SliceEntry.of(e, p))
+            out.append(e if p is None else SliceEntry.of(e, p, self.halos))
         return dataclasses.replace(m, tensors=tuple(out))
+
+
+# The most bytes of boundary chunks an agent keeps (``Halos``): past it the
+# tensors used longest ago lose theirs, and their next delta is rebuilt whole.
+HALO_BYTES = 1 << 30
+
+
+class Halos:
+    """The whole boundary chunks of the content each sliced tensor last read, by name.
+
+    One content per name (a delta's frames apply only against what runs, and
+    the last content read is what runs or what is about to), at most two
+    chunks each: about two chunks per sliced tensor (2 MiB at the default
+    chunk size), and no more than ``budget`` bytes in all (``HALO_BYTES``).
+
+    Example:
+        >>> h = Halos()
+        >>> h.put("w", "d1", {0: b"ab"})
+        >>> h.get("w", "d1"), h.get("w", "d2")
+        ({0: b'ab'}, None)
+    """
+
+    def __init__(self, budget: int = HALO_BYTES) -> None:
+        self._budget = budget
+        self._by_name: OrderedDict[str, tuple[str, dict[int, bytes]]] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, name: str, digest: str) -> dict[int, bytes] | None:
+        kept = self._by_name.get(name)
+        return kept[1] if kept is not None and kept[0] == digest else None
+
+    def put(self, name: str, digest: str, chunks: dict[int, bytes]) -> None:
+        self._drop(name)
+        size = sum(map(len, chunks.values()))
+        if size > self._budget:
+            return
+        while self._by_name and self.nbytes + size > self._budget:
+            self._drop(next(iter(self._by_name)))
+        self._by_name[name] = (digest, chunks)
+        self.nbytes += size
+
+    def _drop(self, name: str) -> None:
+        kept = self._by_name.pop(name, None)
+        if kept is not None:
+            self.nbytes -= sum(map(len, kept[1].values()))
 
 
 @dataclass(frozen=True)
@@ -194,9 +241,11 @@ class SliceEntry(TensorEntry):
 
     full: TensorEntry | None = None
     part: Part | None = None
+    # The agent's boundary chunks of contents it read (``slice_delta.Halos``).
+    halos: Halos | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of(cls, full: TensorEntry, part: Part) -> SliceEntry:
+    def of(cls, full: TensorEntry, part: Part, halos: Halos | None = None) -> SliceEntry:
         shape = part.shape(full.shape)
         itemsize = dtypes.DTYPES[full.dtype].itemsize
         fields = {f.name: getattr(full, f.name) for f in dataclasses.fields(TensorEntry)}
@@ -207,6 +256,7 @@ class SliceEntry(TensorEntry):
             max_abs=math.nan,
             full=full,
             part=part,
+            halos=halos,
         )
         return cls(**fields)
 

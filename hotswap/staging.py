@@ -240,8 +240,15 @@ def fetch(
             patch: tuple[str, patches.Where] | None = None
             try:
                 if isinstance(entry, SliceEntry):
+                    running = (digests or {}).get(entry.name)
                     staged.bytes_fetched += fetch_slice(
-                        direct, entry, view, p.manifest, older=older, where=where
+                        direct,
+                        entry,
+                        view,
+                        p.manifest,
+                        older=older,
+                        where=where,
+                        live=None if running is None else (running, _bytes(target)),
                     )
                 elif entry.delta is not None:
                     running = (digests or {}).get(entry.name)

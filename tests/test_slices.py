@@ -16,7 +16,7 @@ import redis
 import torch
 from agent_support import MODEL, commit_raw
 
-from hotswap import codec, keys
+from hotswap import codec, delta, keys
 from hotswap import manifest as mf
 from hotswap.agent import Agent
 from hotswap.entries import CHUNK_DIGEST_BYTES, TensorEntry
@@ -25,7 +25,7 @@ from hotswap.reporter import ApplyReport
 from hotswap.settings import HotswapSettings
 from hotswap.slice_check import chunk_digests
 from hotswap.slice_read import byte_range, covering
-from hotswap.slices import Part, ShardSpec, SliceEntry, Slicer
+from hotswap.slices import Halos, Part, ShardSpec, SliceEntry, Slicer
 from hotswap.store import Store
 from publisher.publisher import Publisher
 
@@ -300,27 +300,108 @@ def bf16(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.to(torch.bfloat16) for n, t in state.items()}
 
 
-def test_a_tensor_stored_as_a_delta_is_rebuilt_whole_then_sliced(
+def sparse_step(state: Mapping[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
+    """A few elements of each tensor change: a version stored as deltas of ``state``."""
+    out = {n: t.clone() for n, t in state.items()}
+    for t in out.values():
+        t.view(-1)[offset::97] += 1.0
+    return out
+
+
+def frames_covering(store: Store, client: redis.Redis, version: int, spec: ShardSpec) -> int:
+    total = 0
+    for e in store.manifest(version).tensors:
+        assert e.delta is not None
+        chunks = covering(e, spec.part(e.name, e.shape))
+        names = keys.chunk_keys(
+            store.ns, store.model, e.delta.blob, e.chunk_bytes, chunks.stop, first=chunks.start
+        )
+        total += sum(int(client.strlen(n)) for n in names)
+    return total
+
+
+def frame_bytes(store: Store, version: int) -> int:
+    return sum(e.delta.stored_bytes for e in store.manifest(version).tensors if e.delta)
+
+
+def test_a_rank_decodes_only_the_frames_its_slice_needs(
     settings: HotswapSettings, client: redis.Redis, store: Store
 ) -> None:
     v1_state = bf16(full_state(7))
-    v2_state = {n: t.clone() for n, t in v1_state.items()}
-    for t in v2_state.values():
-        t.view(-1)[::97] += 1.0  # a sparse step: stored as a delta of v1
-    with Publisher(MODEL, settings=settings, connection=client) as pub:
+    v2_state = sparse_step(v1_state, 0)
+    v3_state = sparse_step(v2_state, 5)
+    late = Rank(settings, ShardSpec(1, 2), dtype=torch.bfloat16)  # starts at v2
+    with Publisher(MODEL, settings=settings, connection=client) as pub, ExitStack() as stack:
         v1 = pub.publish(v1_state)
         group = [Rank(settings, ShardSpec(r, 2), dtype=torch.bfloat16) for r in range(2)]
-        with ExitStack() as stack:
-            for rank in group:
-                stack.enter_context(rank.agent)
-                assert rank.agent.wait_for(v1, 15) and rank.holds(v1_state)
-            v2 = pub.publish(v2_state)
-            entry = store.manifest(v2).by_name()["layers.0.weight"]
-            assert entry.delta is not None and not entry.delta.keyframe
-            for rank in group:
-                assert rank.agent.wait_for(v2, 15) and rank.holds(v2_state)
-                # The whole tensor is rebuilt from v1's full blob and the delta's frames.
-                assert rank.reports[v2].bytes_fetched >= nbytes(v1_state)
+        for rank in group:
+            stack.enter_context(rank.agent)
+            assert rank.agent.wait_for(v1, 15) and rank.holds(v1_state)
+        v2 = pub.publish(v2_state)
+        for rank in group:
+            assert rank.agent.wait_for(v2, 15) and rank.holds(v2_state)
+        v3 = pub.publish(v3_state)
+        assert all(e.delta and e.delta.depth == 2 for e in store.manifest(v3).tensors)
+        for rank in group:
+            assert rank.agent.wait_for(v3, 15) and rank.holds(v3_state)
+        stack.enter_context(late.agent)
+        assert late.agent.wait_for(v3, 15) and late.holds(v3_state)
+    for v in (v2, v3):
+        for rank in group:
+            got = rank.reports[v].bytes_fetched
+            print(f"v{v} rank {rank.spec.rank}: {got} of the delta's {frame_bytes(store, v)} bytes")
+            # Exactly the frames of the chunks that cover its half.
+            assert got == frames_covering(store, client, v, rank.spec) < frame_bytes(store, v)
+    # A rank with no boundary chunks of the content it runs rebuilds the whole tensor:
+    # v1's full blobs and both deltas.
+    assert late.reports[v3].bytes_fetched > nbytes(v1_state)
+
+
+def test_a_corrupted_frame_in_a_rank_slice_is_refused_by_that_rank(
+    settings: HotswapSettings, client: redis.Redis, store: Store
+) -> None:
+    v1_state = bf16(full_state(9))
+    v2_state = sparse_step(v1_state, 3)
+    with Publisher(MODEL, settings=settings, connection=client) as pub, ExitStack() as stack:
+        v1 = pub.publish(v1_state)
+        group = [Rank(settings, ShardSpec(r, 2), dtype=torch.bfloat16) for r in range(2)]
+        for rank in group:
+            stack.enter_context(rank.agent)
+            assert rank.agent.wait_for(v1, 15)
+        # Stage v2 by hand: corrupt frame 0 of one tensor (rank 0's rows) before a notice.
+        v2 = pub.publish(v2_state, promote=False)
+        entry = store.manifest(v2).by_name()["layers.1.weight"]
+        assert entry.delta is not None and entry.chunk_digests is not None
+        key = keys.chunk_keys(store.ns, store.model, entry.delta.blob, entry.chunk_bytes, 1)[0]
+        frame = cast(bytes, client.get(key))
+        bad = frame[:-1] + bytes([frame[-1] ^ 1])
+        client.set(key, bad)
+        base = raw_bytes(v1_state["layers.1.weight"])[: entry.chunk_bytes]
+        what = f"model {MODEL!r} v{v2} tensor 'layers.1.weight': delta frame 0 of {entry.chunks}"
+        try:  # what the rank finds: a frame that does not decode, or one that decodes wrong
+            out = bytearray(len(base))
+            delta.decode_frame(bad, base, memoryview(out), where=what, verify=False)
+            got = blake3.blake3(out).digest(length=CHUNK_DIGEST_BYTES).hex()[:16]
+            want = entry.chunk_digests[:CHUNK_DIGEST_BYTES].hex()[:16]
+            reason = (
+                f"model {MODEL!r} v{v2} tensor 'layers.1.weight': chunk 0 of {entry.chunks} "
+                f"hashes to {got}..., the manifest says {want}... (corrupted in Redis or in "
+                "transit); run `hotswap verify` and publish again"
+            )
+        except FormatError as undecodable:
+            reason = f"{undecodable}; publish again"
+        before = {n: t.clone() for n, t in group[0].live.items()}
+        pub.promote(v2)
+        assert group[1].agent.wait_for(v2, 15) and group[1].holds(v2_state)
+        with pytest.raises(ValidationError) as refused:
+            group[0].agent.wait_for(v2, 15)
+        assert refused.value.reasons == {"layers.1.weight": [reason]}
+        assert group[0].agent.applied_version == v1
+        assert all(torch.equal(group[0].live[n], before[n]) for n in before)
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return bytes(codec.as_bytes(t))
 
 
 def test_tied_names_share_one_sliced_fetch(settings: HotswapSettings, client: redis.Redis) -> None:
@@ -339,3 +420,14 @@ def test_tied_names_share_one_sliced_fetch(settings: HotswapSettings, client: re
         assert agent.wait_for(v, 15)
         assert torch.equal(shared, weight[OUT // 2 :])
         assert reports[v].bytes_fetched < OUT * IN * 4 * 3 // 4  # one half, read once
+
+
+def test_halos_keep_one_content_per_name_within_their_budget() -> None:
+    h = Halos(budget=10)
+    h.put("a", "d1", {0: b"1234"})
+    h.put("a", "d2", {0: b"12345"})
+    assert (h.get("a", "d1"), h.get("a", "d2"), h.nbytes) == (None, {0: b"12345"}, 5)
+    h.put("b", "d3", {0: b"123456"})  # over the budget with a's: a (used longest ago) goes
+    assert (h.get("a", "d2"), h.get("b", "d3"), h.nbytes) == (None, {0: b"123456"}, 6)
+    h.put("c", "d4", {0: b"x" * 11})  # larger than the whole budget: not kept
+    assert (h.get("c", "d4"), h.nbytes) == (None, 6)
