@@ -8,12 +8,16 @@ stages and validates versions on its own (manual mode keeps up to
 
 1. **Offer** (one ``all_gather`` of a fixed-size buffer, on the group's own
    backend): each rank's pending versions as (lineage, version, manifest
-   digest), its own refusals of versions at least as new as what it runs
-   (with the reason), what it runs, its agent id and its last error.
+   digest), the one it is staging, its own refusals of versions at least as
+   new as what it runs (with the reason), what it runs, its agent id and its
+   last error.
 2. **Decide** (``decide``, pure): every rank computes the same decision from
    the same gathered offers. A version any rank refused is refused by all, as
    ``"rank R: reason"``; of the versions every rank holds, the newest in rank
-   0's order is chosen (none: nothing changes anywhere).
+   0's order is chosen (none: nothing changes anywhere). Each rank keeps the
+   version every other rank stages, and the newest it holds, beyond its bound
+   until the next step (``needed``), so a fast publisher cannot push a slow
+   rank's version out of the others' hands before it is ready.
 3. **Apply**: each rank copies the chosen version in under its writer lock
    and runs its probes there (a failed probe puts its bytes back at once).
 4. **Settle** (a second ``all_gather``): each rank's outcome. If any rank
@@ -69,6 +73,7 @@ class Offer:
     refused: list[tuple[Key, str]]
     running: Key | None
     error: str | None = None
+    staging: Key | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,23 @@ def decide(offers: list[Offer]) -> Decision:
     return Decision(chosen, refused)
 
 
+def needed(offers: list[Offer], rank: int) -> set[Key]:
+    """What ``rank`` keeps pending beyond its bound until the next step: the version each
+    other rank stages and the newest it holds, so that a slow rank's version is still
+    held here when it is ready (at most ``2 * (world - 1)`` more).
+
+    Example:
+        >>> slow = Offer("b", [("L", 1, "d1")], [], None, staging=("L", 5, "d5"))
+        >>> sorted(needed([Offer("a", [("L", 6, "d6")], [], None), slow], 0))
+        [('L', 1, 'd1'), ('L', 5, 'd5')]
+    """
+    found: set[Key] = set()
+    for r, o in enumerate(offers):
+        if r != rank:
+            found |= {k for k in (o.staging, o.pending[-1] if o.pending else None) if k}
+    return found
+
+
 def encode_offer(offer: Offer) -> bytes:
     """``offer`` as msgpack, refusals dropped oldest first until it fits ``OFFER_BYTES``."""
     refused = offer.refused[-MAX_REFUSALS:]
@@ -119,6 +141,7 @@ def encode_offer(offer: Offer) -> bytes:
                     "refused": [[*k, why[:MAX_REASON]] for k, why in refused],
                     "running": None if offer.running is None else list(offer.running),
                     "error": None if offer.error is None else offer.error[:MAX_REASON],
+                    "staging": None if offer.staging is None else list(offer.staging),
                 },
                 use_bin_type=True,
             )
@@ -139,6 +162,7 @@ def decode_offer(data: bytes) -> Offer:
             [(_key(r[:3]), str(r[3])) for r in raw["refused"]],
             None if raw["running"] is None else _key(raw["running"]),
             raw["error"],
+            None if raw.get("staging") is None else _key(raw["staging"]),
         )
     except (ValueError, KeyError, TypeError, IndexError, msgpack.UnpackException) as e:
         raise GroupError(f"a rank's offer does not decode ({type(e).__name__}: {e})") from e
@@ -205,6 +229,7 @@ def offer_of(pipeline: Pipeline) -> Offer:
         if running.version is None or running.lineage is None or running.digest is None
         else (running.lineage, running.version, running.digest),
         pipeline.reporter.status.last_error,
+        state.staging(),
     )
 
 
@@ -264,6 +289,7 @@ def apply_pending(pipeline: Pipeline, group: Any) -> int | None:
         rank = dist.get_rank(group)
         pipeline.reporter.update(group=offers[0].agent_id, rank=rank, world=len(offers))
         decision = decide(offers)
+        state.protect(needed(offers, rank))
         for key, why in decision.refused.items():
             refuse(pipeline, key, why)
         if decision.chosen is None:

@@ -248,8 +248,13 @@ class Pipeline:
                 "following head, comparing tensors by digest",
             )
         outcome = Outcome.REPLAN
-        while outcome is Outcome.REPLAN:
-            outcome = self._stage(candidate)
+        # A group's other ranks keep this version pending while this rank stages it.
+        self.state.staging_now((m.lineage, m.version, candidate.digest))
+        try:
+            while outcome is Outcome.REPLAN:
+                outcome = self._stage(candidate)
+        finally:
+            self.state.staging_now(None)
         return outcome
 
     def _revert_to(self, candidate: Candidate) -> bool:

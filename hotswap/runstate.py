@@ -138,6 +138,11 @@ class RunState:
         # An apply dropped pending versions newer than the one it applied: the
         # next poll looks at head in full and stages it again.
         self._relook = False
+        # The version being staged now, and the pending versions kept beyond
+        # keep_pending because another rank of a group holds or stages them
+        # (``hotswap.group``): a slow rank's version is still here when it is ready.
+        self._staging: tuple[str, int, str] | None = None
+        self._protected: set[tuple[str, int, str]] = set()
         # The bytes the last apply replaced (None: over the budget, or reverted).
         self._undo: Undo | None = None
 
@@ -166,6 +171,11 @@ class RunState:
         """(lineage, version, manifest digest) of each pending version, newest last."""
         with self._lock:
             return [r.key for r in self._pending]
+
+    def staging(self) -> tuple[str, int, str] | None:
+        """(lineage, version, manifest digest) of the version being staged now."""
+        with self._lock:
+            return self._staging
 
     def local_rejections(self) -> list[tuple[str, int, str, Rejection]]:
         """This agent's own refusals of manifests at least as new as what runs (by number,
@@ -263,8 +273,10 @@ class RunState:
                 return [ready.staged]
             kept = [r for r in self._pending if r.digest != ready.digest]
             kept.append(ready)
-            dropped = kept[: -self._keep_pending]
-            self._pending = kept[-self._keep_pending :]
+            # The oldest beyond keep_pending go, but not one another rank needs.
+            free = [r for r in kept if r.key not in self._protected]
+            dropped = free[: max(0, len(free) - self._keep_pending)]
+            self._pending = [r for r in kept if all(r is not d for d in dropped)]
             # With the pending version: whoever sees one sees the other.
             self._reporter.update(state="pending")
             return [r.staged for r in dropped]
@@ -320,6 +332,17 @@ class RunState:
         with self._lock:
             self._applying = False
             self._stepped.notify_all()
+
+    def staging_now(self, key: tuple[str, int, str] | None) -> None:
+        """The version being staged now (None: none)."""
+        with self._lock:
+            self._staging = key
+
+    def protect(self, keys: set[tuple[str, int, str]]) -> None:
+        """Keep these pending versions beyond ``keep_pending`` (until the next call):
+        the newest each rank of a group holds or stages."""
+        with self._lock:
+            self._protected = set(keys)
 
     def take_relook(self) -> bool:
         """Whether an apply dropped newer pending versions since this was last asked."""

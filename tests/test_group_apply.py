@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from hotswap.group import (
     decide,
     decode_offer,
     encode_offer,
+    needed,
 )
 from hotswap.postapply import Probation
 from hotswap.runstate import KEEP_PENDING
@@ -164,6 +166,16 @@ def test_the_group_picks_the_newest_version_every_rank_holds_and_none_refused() 
     # Rank 0's order decides between lineages, not the numbers.
     new = Offer("a", [("L", 9, "d9"), ("M", 1, "m1")], [], None)
     assert decide([new, new]).chosen == ("M", 1, "m1")
+
+
+def test_each_rank_keeps_what_the_others_stage_and_hold_newest() -> None:
+    slow = Offer("b", [("L", 1, "d1"), ("L", 2, "d2")], [], None, staging=("L", 7, "d7"))
+    fast = Offer("a", [("L", 6, "d6"), ("L", 8, "d8")], [], None)
+    assert needed([fast, slow], 0) == {("L", 2, "d2"), ("L", 7, "d7")}
+    assert needed([fast, slow], 1) == {("L", 8, "d8")}
+    assert needed([fast], 0) == set()
+    back = decode_offer(encode_offer(slow))
+    assert back.staging == ("L", 7, "d7") and back.pending == slow.pending
 
 
 def test_an_offer_fits_its_fixed_size_and_garbage_is_refused() -> None:
@@ -420,3 +432,39 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, t in model.state_dict().items():
             t.copy_(state[k])
+
+
+def test_a_fast_publisher_does_not_keep_a_slow_rank_from_ever_agreeing(
+    settings: HotswapSettings, group_of: Any
+) -> None:
+    """Rank 1 validates a version in about 1.8 s; a version comes every 0.1 s, so rank 0
+    alone would keep only the last 0.3 s of them: it keeps what rank 1 stages too."""
+    g = group_of(2, slow=1)
+    stop = threading.Event()
+    published: list[int] = []
+
+    def publish() -> None:
+        with Publisher("m", settings=settings) as pub:
+            for seed in range(1, 200):
+                published.append(pub.publish(full(seed)))
+                if stop.wait(0.1):
+                    return
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        assert poll(lambda: len(published) > 0, 500)
+        steps = 0
+        applied: list[Any] = [None]
+        while applied[0] is None and steps < 3000:
+            replies = g.all("step")
+            applied = [r["applied"] for r in replies]
+            assert len(set(applied)) == 1 and len({r["version"] for r in replies}) == 1
+            assert all(len(r["pending"]) <= KEEP_PENDING + 2 for r in replies)
+            steps += 1
+        assert applied[0] is not None, "no version agreed on while the publisher ran"
+        assert publisher.is_alive()  # agreed while versions kept coming
+        assert all(close_to(r["out"], full(published.index(applied[0]) + 1)) for r in replies)
+    finally:
+        stop.set()
+        publisher.join(30)
