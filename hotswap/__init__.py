@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from hotswap.probes import Readiness, readiness
     from hotswap.reporter import ApplyReport
     from hotswap.settings import HotswapSettings
+    from hotswap.slices import ShardSpec
     from hotswap.store import Store
     from hotswap.transform import Transform
     from hotswap.validate import Override, Policy
@@ -54,6 +55,7 @@ _LAZY = {
     "Policy": "hotswap.validate",
     "Probation": "hotswap.postapply",
     "Readiness": "hotswap.probes",
+    "ShardSpec": "hotswap.slices",
     "Store": "hotswap.store",
     "Transform": "hotswap.transform",
     "connect": "hotswap.connection",
@@ -89,6 +91,7 @@ __all__ = [
     "Policy",
     "Probation",
     "Readiness",
+    "ShardSpec",
     "SignatureError",
     "SourceError",
     "Store",
