@@ -15,7 +15,7 @@ tensor, not a copy of all of it.
 The staged tensor is still built and hashed whole: the manifest signs
 BLAKE3 of the whole tensor. A scatter is exact only while the live tensor
 holds the bytes the delta started from (``Patch.base``): the agent is their
-only writer, and ``staging.pairs`` copies the whole staged tensor whenever
+only writer, and ``copies.pairs`` copies the whole staged tensor whenever
 what runs is not that digest.
 
 Pure: no Redis.

@@ -27,6 +27,7 @@ import torch
 
 from hotswap import codec, patches, validate
 from hotswap.candidates import History, Manifests, unknown_encoding
+from hotswap.copies import to_device
 from hotswap.errors import IntegrityError
 from hotswap.frames import Blobs
 from hotswap.hostmem import HostMemory
@@ -47,11 +48,9 @@ __all__ = [
     "Plan",
     "Staged",
     "Staging",
-    "apply",
     "check_metadata",
     "covered_names",
     "fetch",
-    "pairs",
     "plan",
     "prepare",
     "staging_device",
@@ -216,6 +215,10 @@ def fetch(
         p, out, failures, 0, 0.0, started=started, arena_used=total, arena=arena, memory=memory
     )
     bounce: torch.Tensor | None = None
+    # Host-to-device copies of staged bytes go on side streams of their own, so they
+    # never wait on the serving stream's kernels nor hold them up (only the apply, under
+    # the writer lock, synchronizes with what readers queued).
+    side: dict[torch.device, Any] = {}
     older = History(history, p.manifest)
     try:
         plain = [e for e in p.fetch if not isinstance(e, SliceEntry)]
@@ -273,7 +276,7 @@ def fetch(
                 failures[entry.name] = [str(e)]
                 continue
             if host is not buf:
-                buf.copy_(host)
+                to_device(buf, host, side)
             out[canon] = typed(buf, entry)
             if isinstance(entry, SliceEntry):
                 state_stats(p.changed, entry, out[canon])
@@ -291,85 +294,6 @@ def fetch(
 def _bytes(t: torch.Tensor) -> Callable[[], memoryview]:
     """A live tensor's bytes on the host, read when called (a copy only off the CPU)."""
     return lambda: codec.as_bytes(t)
-
-
-class _Copier:
-    """Copies onto one device: a side stream on CUDA, plain ``copy_`` elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stream = (
-            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-            if device.type == "cuda"
-            else None
-        )
-
-    def context(self) -> contextlib.AbstractContextManager[Any]:
-        if self.stream is None:
-            return contextlib.nullcontext()
-        # Kernels the readers queued may still be reading the weights.
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.stream(self.stream)
-
-    def finish(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-
-
-Source = torch.Tensor | patches.Scatter
-
-
-def pairs(
-    staged: Staged, live: LiveModel, running: Mapping[str, str] | None = None
-) -> list[tuple[torch.Tensor, Source]]:
-    """(live tensor, staged tensor or its changed elements) per storage, tied names once.
-
-    A patched tensor (``Staged.patches``) gives a ``patches.Scatter`` when it
-    still describes the staged tensor, ``running`` (digest per live name,
-    what runs now) holds the bytes it started from and the patch is small
-    enough to be worth it (``Scatter.worth``); the whole tensor otherwise.
-    """
-    out: list[tuple[torch.Tensor, Source]] = []
-    for name, new in staged.tensors.items():
-        patch = staged.patches.get(name)
-        if (
-            patch is not None
-            and patch.staged is new
-            and running is not None
-            and running.get(name) == patch.base
-            and patches.Scatter.worth(patch)
-        ):
-            out.append((live.tensors[name], patches.Scatter.of(patch)))
-        else:
-            out.append((live.tensors[name], new))
-    return out
-
-
-def patched(copies: list[tuple[torch.Tensor, Source]]) -> int:
-    """How many of ``copies`` write only changed elements."""
-    return sum(isinstance(src, patches.Scatter) for _, src in copies)
-
-
-def apply(copies: list[tuple[torch.Tensor, Source]]) -> None:
-    """Copy every staged tensor into its live tensor in place (a ``Scatter``: only its
-    elements); returns when all landed.
-
-    The caller holds the writer lock: readers must not run while this runs.
-    """
-    by_device: dict[torch.device, list[tuple[torch.Tensor, Source]]] = {}
-    for dst, src in copies:
-        by_device.setdefault(dst.device, []).append((dst, src))
-    copiers = [(_Copier(device), items) for device, items in by_device.items()]
-    with torch.no_grad():
-        for copier, items in copiers:
-            with copier.context():
-                for dst, src in items:
-                    if isinstance(src, patches.Scatter):
-                        src.into(dst)
-                    else:
-                        dst.copy_(src, non_blocking=True)
-        for copier, _ in copiers:
-            copier.finish()
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ def save(
     Example::
 
         saved = undo.save(copies, budget=None)
-        staging.apply(copies)
+        copies.apply(pairs)
         undo.restore(saved)  # the live tensors hold what they held before
     """
     if budget is not None and needed(copies) > budget:

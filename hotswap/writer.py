@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from hotswap import postapply, undo, validate
+from hotswap.copies import apply, pairs, patched
 from hotswap.errors import HotswapError, ValidationError
 from hotswap.gate import Gate
 from hotswap.postapply import Probe
 from hotswap.priority import Foreground
 from hotswap.runstate import Rejection, RunState, Undo
-from hotswap.staging import LiveModel, Staged, apply, pairs, patched
+from hotswap.staging import LiveModel, Staged
 
 
 @dataclass(frozen=True)

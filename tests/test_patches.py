@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from hotswap import patches
+from hotswap.copies import apply, pairs, patched
 from hotswap.encodings import Patched
 from hotswap.manifest import Manifest
-from hotswap.staging import LiveModel, Plan, Staged, apply, pairs, patched
+from hotswap.staging import LiveModel, Plan, Staged
 
 
 def test_union_and_joined_give_indices_into_the_whole_tensor() -> None:

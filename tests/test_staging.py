@@ -15,16 +15,15 @@ from agent_support import Ten, commit_raw, entry_for
 
 from hotswap import codec, hostmem, keys, staging, validate
 from hotswap import manifest as mf
+from hotswap.copies import apply, pairs
 from hotswap.errors import ConfigError, StoreUnavailable
 from hotswap.hostmem import HostMemory, anonymous, populate, populate_behind
 from hotswap.staging import (
     ALIGN,
     LiveModel,
     Staging,
-    apply,
     check_metadata,
     fetch,
-    pairs,
     plan,
     prepare,
     typed,
