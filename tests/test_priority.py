@@ -115,3 +115,24 @@ def test_settings_refuse_a_nice_or_a_thread_count_out_of_range() -> None:
         HotswapSettings(agent_nice=20, _env_file=None)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="agent_threads"):
         HotswapSettings(agent_threads=0, _env_file=None)  # type: ignore[call-arg]
+
+
+def test_frame_work_stays_on_a_thread_held_to_one_and_spreads_otherwise() -> None:
+    from hotswap import workers
+
+    def names(limit: int | None) -> set[str]:
+        out: list[set[str]] = []
+
+        def run() -> None:
+            priority.lower(0, limit)
+            jobs = [lambda: threading.current_thread().name for _ in range(16)]
+            out.append(set(workers.ordered(jobs)))
+
+        t = threading.Thread(target=run, name="held")
+        t.start()
+        t.join()
+        return out[0]
+
+    assert names(1) == {"held"}  # HOTSWAP_AGENT_THREADS=1: no thread hops at all
+    if workers.threads() > 1:
+        assert all(n.startswith("hotswap-frames") for n in names(None))
