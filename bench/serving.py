@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class Config:
     gap_seconds: float = 1.0
     seed: int = 0
     cases: tuple[str, ...] = CASES
+    # Agent settings over the defaults (``--agent agent_nice=0``): what each costs.
+    agent: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +133,8 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
     with EmbeddedRedis() as srv, WorkerProc("bench.serving_worker") as w:
         settings = settings_for(srv.url)
         config = HotswapSettings(**settings, _env_file=None)  # type: ignore[call-arg]
+        # Only the serving process's agent takes them; the publishers keep the defaults.
+        settings = {**settings, **cfg.agent}
         # The delta case has its own publisher: one that has just seen every tensor
         # drawn again skips probing them for deltas for a few publishes
         # (publisher.base.MAX_SKIPS), and would send this case's tensors full.
@@ -214,8 +218,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES)
     )
+    p.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an agent setting over the defaults, e.g. agent_nice=0 or agent_threads=null",
+    )
     p.add_argument("--json", type=Path, default=None, help="where to write the results")
     args = p.parse_args(argv)
+    try:
+        args.agent = {k: json.loads(v) for k, _, v in (a.partition("=") for a in args.agent)}
+    except json.JSONDecodeError as e:
+        p.error(f"--agent: a value is not JSON ({e})")
     args.cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     unknown = [c for c in args.cases if c not in CASES]
     if unknown or not args.cases:
@@ -232,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         args.idle_seconds,
         args.gap_seconds,
         cases=args.cases,
+        agent=args.agent,
     )
     print(f"machine: {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}", flush=True)
+    if cfg.agent:
+        print(f"agent settings over the defaults: {cfg.agent}", flush=True)
     raw = run(cfg, log=lambda m: print(m, flush=True))
     summary = serving_report.summarize(raw)
     print()
