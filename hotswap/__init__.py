@@ -32,6 +32,7 @@ from hotswap.errors import (
 if TYPE_CHECKING:
     from hotswap.agent import Agent
     from hotswap.connection import connect, operation_retry
+    from hotswap.group import GroupError
     from hotswap.names import NameMap
     from hotswap.postapply import Probation
     from hotswap.probes import Readiness, readiness
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Agent": "hotswap.agent",
     "ApplyReport": "hotswap.reporter",
+    "GroupError": "hotswap.group",
     "HotswapSettings": "hotswap.settings",
     "NameMap": "hotswap.names",
     "Override": "hotswap.validate",
@@ -82,6 +84,7 @@ __all__ = [
     "ApplyReport",
     "ConfigError",
     "FormatError",
+    "GroupError",
     "HotswapError",
     "HotswapSettings",
     "IntegrityError",
