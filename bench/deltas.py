@@ -19,7 +19,6 @@ Redis ``INFO stats`` (every byte on the wire, all clients), both per publish.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import redis
 import torch
 
-from bench import baselines, delta_model, delta_report
+from bench import baselines, delta_model, delta_report, results
 from bench.delta_measure import RedisMeter, Sample, chain_depth
 from bench.delta_worker import DeltaWorkerProc
 from bench.memory import PeakRss
@@ -43,7 +42,6 @@ MiB = 1024 * 1024
 CHANNEL = "bench:notice"
 RL = "rl-1.5%"
 FRACTIONS = (0.01, 0.03, 0.08)
-RESULTS = Path(__file__).parent / "results"
 
 
 # Seconds a late agent's heartbeat lives (see ``late_agent``).
@@ -408,10 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = delta_report.summarize(raw)
     print()
     print(delta_report.markdown(raw, summary))
-    path = args.json or RESULTS / f"deltas-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"raw": raw, "summary": summary}, indent=1))
-    print(f"\nresults: {path}")
+    results.save("deltas", {"raw": raw, "summary": summary}, args.json)
     return 0
 
 

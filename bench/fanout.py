@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -39,7 +38,7 @@ from typing import Any
 import redis
 import torch
 
-from bench import baselines, model
+from bench import baselines, model, results
 from bench.procs import WorkerProc
 from bench.stats import ms, summary, table
 from hotswap import HotswapSettings
@@ -48,7 +47,6 @@ from hotswap.embedded import EmbeddedRedis
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
 CHANNEL = "bench:fanout"
 REPLICA_READS = "cluster 3+3 replica reads"
 TOPOLOGIES = ("one node", "cluster 3 masters", REPLICA_READS)
@@ -435,10 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = run(cfg, log=lambda m: print(m, flush=True))
     print()
     print(markdown(raw))
-    path = args.json or RESULTS / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(raw, indent=1))
-    print(f"\nresults: {path}")
+    results.save("fanout", raw, args.json)
     return 0
 
 

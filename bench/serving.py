@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from bench import serving_report
+from bench import results, serving_report
 from bench.procs import WorkerProc
 from bench.serving_worker import build
 from hotswap.embedded import EmbeddedRedis
@@ -40,7 +40,6 @@ MiB = 1024 * 1024
 MODEL = "bench-serving"
 CASES = ("full", "one tensor", "delta")
 DELTA_FRACTION = 0.015
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
@@ -256,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = serving_report.summarize(raw)
     print()
     print(serving_report.markdown(raw, summary))
-    path = args.json or RESULTS / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"raw": raw, "summary": summary}, indent=1))
-    print(f"\nresults: {path}")
+    results.save("serving", {"raw": raw, "summary": summary}, args.json)
     return 0
 
 

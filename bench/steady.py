@@ -27,7 +27,6 @@ anyway), and the naive and bare versions stay too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ from typing import Any
 import redis
 import torch
 
-from bench import baselines, model
+from bench import baselines, model, results
 from bench.procs import WorkerProc
 from bench.stats import table
 from hotswap.embedded import EmbeddedRedis
@@ -48,7 +47,6 @@ MiB = 1024 * 1024
 MODEL = "bench-steady"
 CHANNEL = "bench:steady"
 APPROACHES = ("hotswap", "naive", "bare", "naive-same")
-RESULTS = Path(__file__).parent / "results"
 # The targets: hotswap within 1.3x the bare script, 1.5x faster than naive.
 BARE_RATIO = 1.3
 NAIVE_RATIO = 1.5
@@ -319,10 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(raw)
     print()
     print(markdown(raw, summary))
-    path = args.json or RESULTS / f"steady-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"raw": raw, "summary": summary}, indent=1))
-    print(f"\nresults: {path}")
+    results.save("steady", {"raw": raw, "summary": summary}, args.json)
     return 0
 
 
