@@ -1,8 +1,9 @@
 """The agent is a guest in a serving process: its CPU work runs below the serving threads.
 
 The agent's own thread lowers itself at start (``lower``): a nice value on
-Linux, where it is per thread (``setpriority`` of the thread's id), and its
-share of torch's intra-op threads and of BLAKE3's. Every thread it starts
+Linux, where it is per thread (``setpriority`` of the thread's id), and the
+threads its torch operations (this thread's OpenMP count), BLAKE3 and frame
+decoding may use. Every thread it starts
 afterwards (frame workers, hashing, probation timers) inherits the nice
 value, so the fetch, hashing, decoding, validation and staging copies all
 run below the threads that serve. An unprivileged thread cannot raise its
@@ -24,13 +25,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import blake3
 
@@ -72,19 +76,19 @@ def hash_threads() -> int:
 
 def lower(nice: int, threads: int | None) -> bool:
     """Lower this thread: ``nice`` added to the process's own (0: unchanged), and at
-    most ``threads`` torch intra-op threads for its torch work (None: unchanged).
+    most ``threads`` threads for its torch, BLAKE3 and frame work (None: unchanged).
 
     Returns:
         Whether the nice value was lowered (False elsewhere than Linux, for 0,
         or where the system refused).
     """
     if threads is not None:
-        import torch  # here: modules that only read Redis must not import torch
-
-        # Per thread under OpenMP (torch's CPU backend here): the serving
-        # threads keep theirs. BLAKE3 and the frame workers read ``budget``.
-        torch.set_num_threads(max(1, threads))
+        # BLAKE3 and the frame workers read ``budget``; torch's OpenMP count is set for
+        # this thread only (``torch.set_num_threads`` would also set MKL's for the
+        # whole process: the serving threads' matmuls, and their float sums, would
+        # change with it).
         _local.threads = max(1, threads)
+        _omp_threads(max(1, threads))
     if nice <= 0 or sys.platform != "linux":
         return False
     tid = threading.get_native_id()
@@ -96,6 +100,36 @@ def lower(nice: int, threads: int | None) -> bool:
         return False
     _local.lowered = True
     return True
+
+
+def _omp_threads(count: int) -> bool:
+    """Set this thread's OpenMP thread count in the runtime torch loaded (an OpenMP
+    count is per thread); False where torch runs on another backend."""
+    setter = _omp_setter()
+    if setter is None:
+        return False
+    setter(count)
+    return True
+
+
+@functools.cache
+def _omp_setter() -> Any:
+    """``omp_set_num_threads`` of the libgomp torch loaded, or None."""
+    if sys.platform != "linux":
+        return None
+    import torch  # loads its OpenMP runtime; only the agent's thread gets here
+
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        with contextlib.suppress(OSError, AttributeError):
+            return ctypes.CDLL(path).omp_set_num_threads
+    return None
 
 
 class Foreground:

@@ -144,8 +144,9 @@ class HotswapSettings(BaseSettings):
     agent_threads: int | None = Field(
         default=1,
         ge=1,
-        description="Threads the agent's CPU work may use at once (torch, BLAKE3, frame "
-        "decoding); unset: every core, for the fastest updates at serving's expense.",
+        description="Threads the agent's CPU work may use at once (its torch operations, "
+        "BLAKE3, frame decoding); unset: every core, for the fastest updates at serving's "
+        "expense.",
     )
     keep_versions: int = Field(
         default=10, ge=1, description="Versions gc keeps besides those agents run."
