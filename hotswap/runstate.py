@@ -128,6 +128,10 @@ class RunState:
         self._generation = 0
         self._applying = False
         self._applied: int | None = None
+        # What ``wait_for`` answers from: the applied version once its callback ran
+        # (``decided``), or what a revert put back. ``_applied`` flips under the
+        # writer lock, before the callback: a waiter must not wake in between.
+        self._announced: int | None = None
         self._lineage: str | None = None
         self._manifest_digest: str | None = None
         self._rejections: dict[int, Rejection] = {}
@@ -224,7 +228,7 @@ class RunState:
                 if refused is not None:
                     error = refused.error
                     raise ValidationError(str(error), error.reasons) from error.__cause__
-                if self._applied is not None and self._applied >= version:
+                if self._announced is not None and self._announced >= version:
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -397,6 +401,7 @@ class RunState:
     def decided(self) -> None:
         """A version was applied and its callback ran: ``wait_for`` looks again."""
         with self._lock:
+            self._announced = self._applied
             self._decided.notify_all()
 
     def record_reverted(self, undo: Undo, rejection: Rejection | None) -> None:
@@ -412,6 +417,7 @@ class RunState:
             self._norms.restore(undo.norms)
             self._generation += 1
             self._applied, self._lineage = undo.before.version, undo.before.lineage
+            self._announced = self._applied
             self._manifest_digest = undo.before.digest
             self._undo = None
             if rejection is not None:

@@ -49,6 +49,9 @@ def serving_v1(settings: HotswapSettings, store: Store) -> Iterator[Serving]:
     """A recorded agent, running, that has applied a first version (no carried manifest)."""
     model, agent, seen = recorded_agent(settings)
     with agent:
+        # The first look (no head yet) is over before v1 exists, so v1 arrives by its
+        # notice alone and no look at head is owed when the test starts counting.
+        assert until(agent, lambda: agent.head_seen and agent.state == "idle")
         v1 = commit_raw(store, bump(model.state_dict()))
         assert agent.wait_for(v1, 10)
         yield model, agent, seen, v1
