@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 from rich.markup import escape
 
-from hotswap.errors import HotswapError
+from hotswap import status
+from hotswap.agentrecords import AgentRecord
+from hotswap.errors import FormatError, HotswapError
 from publisher.rollout import Rollout
 
 if TYPE_CHECKING:
@@ -182,6 +184,13 @@ def _good_version(
     took, _ = web.wait_version(good)
     for server in servers[1:]:
         server.wait_version(good)
+    # The canaries' records say their pins ended once they wrote them again (each
+    # settles its changes for a moment): wait for that before status shows them.
+    deadline = time.monotonic() + BACK_TIMEOUT
+    while any(_pinned(r) for r in demo.pub.store.agent_report().records):
+        if time.monotonic() > deadline:
+            break  # status then shows the pin the last record still names
+        time.sleep(POLL)
     demo.say(
         f"8. Published v{good} with promote=False ({GOOD_LAYER}* times {GOOD_SCALE:g}) and "
         f"rolled it out the same way with a {BAKE:g}s bake: both canaries ran it (canary-1's "
@@ -189,3 +198,13 @@ def _good_version(
         f"{ran:.1f}s after it began; web-1 applied v{good} "
         f"{_ms(took)} later."
     )
+
+
+def _pinned(record: AgentRecord) -> bool:
+    """Whether an agent's status record still names a rollout pin."""
+    if record.data is None or not record.alive:
+        return False
+    try:
+        return status.decode(record.data).pinned is not None
+    except FormatError:
+        return False
