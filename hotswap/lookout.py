@@ -215,6 +215,16 @@ class Lookout:
             self._pin = found.pin
         return found.version
 
+    def still_followed(self, version: int) -> bool:
+        """Whether this agent still follows ``version`` if a pin led it there: one read
+        of head and pins just before the apply, so that a pin a rollout took back while
+        the version was fetched is not applied (and reverted) after all."""
+        with self._lock:
+            pin = self._pin
+        if pin is None or pin.version != version:
+            return True
+        return self._following() == version
+
     def _read(self, version: int, head: bool = False) -> Candidate:
         """Read, decode and (with keys) verify a manifest; its digest is of the wire bytes."""
         data = self.store.manifest_bytes(version)

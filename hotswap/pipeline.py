@@ -321,6 +321,9 @@ class Pipeline:
         try:
             if self._stop.is_set():
                 raise Stopped  # stop() may have given up waiting: change nothing after it
+            if not self.lookout.still_followed(m.version):
+                self.state.rest()  # a rollout took its pin back during the fetch
+                return Outcome.SKIPPED
             self.apply(ready)
         finally:
             staged.release()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 from agent_support import MODEL, Ten, bump, snapshot, until
 
 from hotswap import keys, pins
@@ -325,3 +326,36 @@ def test_pins_taken_back_right_after_a_look_are_followed_at_once(
     pub.promote(v2)
     assert until(a, lambda: a.head_version == v2 and a.reporter.status.pinned is None)
     assert applied == [v1, v2, v2] and a.pinned_version is None
+
+
+def test_a_pin_taken_back_during_the_fetch_is_not_applied(
+    settings: HotswapSettings, pub: Publisher, store: Store
+) -> None:
+    """The agent reads head and its pins again just before applying a pinned version: a
+    rollout that rolled back while the canary fetched leaves it on what it ran, with
+    nothing applied and nothing to revert."""
+    from agent_support import watched_agent
+
+    model = {f"w{i}": torch.zeros(512, 1024) for i in range(2)}  # read whole, not prefetched
+    applied: list[int] = []
+    agent, watch = watched_agent(model, settings, on_applied=lambda v, _r: applied.append(v))
+    with agent:
+        v1 = pub.publish({k: torch.full_like(t, 1.0) for k, t in model.items()})
+        assert agent.wait_for(v1, 10)
+        # New random values: stored full (a delta's frames take another read path).
+        g = torch.Generator().manual_seed(2)
+        fresh = {k: torch.randn(t.shape, generator=g) for k, t in model.items()}
+        v2 = pub.publish(fresh, promote=False)
+        taken: list[bool] = []
+
+        def take_back(_entry: object) -> None:
+            if not taken:  # during v2's fetch: the rollout rolls back
+                taken.append(True)
+                PinIO(store).clear_all()
+
+        watch.before_read = take_back
+        PinIO(store).write({pins.agent_field(agent.agent_id): Pin(v2, v1)})
+        assert until(agent, lambda: bool(taken) and agent.pinned_version is None)
+        assert applied == [v1] and agent.applied_version == v1
+        assert all(torch.equal(t, torch.full_like(t, 1.0)) for t in model.values())
+        assert agent.last_rejection is None  # not refused: a later rollout may offer it
