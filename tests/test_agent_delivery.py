@@ -79,6 +79,9 @@ def test_missed_notice_is_caught_within_one_poll_interval(
     slow = settings.model_copy(update={"poll_interval": 1.0})
     agent, seen = watched_agent(model, slow, clock=clock)
     with agent:
+        # The first look (no head yet) ends before v1 exists: v1 then comes by its
+        # notice alone, and no look at head is owed when the count is taken.
+        assert until(agent, lambda: agent.head_seen and agent.state == "idle")
         v1 = commit_raw(store, bump(model.state_dict(), 0.01))  # told: connected and listening
         assert agent.wait_for(v1, 10)
         heads = seen.count("head")
