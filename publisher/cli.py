@@ -25,6 +25,7 @@ from rich.console import Console
 from hotswap.errors import HotswapError
 from hotswap.redact import scrub
 from publisher import commands, rollout_cli
+from publisher.cliargs import DEFAULT_WAIT, version, wait_option
 from publisher.exitcodes import (
     INTERRUPTED,
     OK,
@@ -62,42 +63,6 @@ def _shared(defaults: bool) -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", default=d(False), help="machine output")
     g.add_argument("--debug", action="store_true", default=d(False), help="tracebacks on error")
     return p
-
-
-def _version(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"version must be a number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"version must be 1 or more, got {v}")
-    return v
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seconds must be a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"seconds must be 0 or more, got {text}")
-    return v
-
-
-# ``--wait`` alone: the seconds ``publisher.await_fleet.DEFAULT_TIMEOUT`` says
-# (not imported from there: it imports the store, and parsing must stay light).
-DEFAULT_WAIT = 60.0
-
-
-def _wait_option(p: Any, help_: str) -> None:
-    p.add_argument(
-        "--wait",
-        nargs="?",
-        const=DEFAULT_WAIT,
-        type=_seconds,
-        metavar="SECONDS",
-        help=help_,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse NaN/inf and norms 0.1-10x head's before uploading (Policy defaults)",
     )
     w = p.add_mutually_exclusive_group()
-    _wait_option(
+    wait_option(
         w,
         "wait until every live agent applied the new version, or any rejected it "
         f"(exit 4), at most SECONDS (default {DEFAULT_WAIT:g})",
@@ -179,12 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("show", "a version's manifest (default: head)")
     p.add_argument("model")
-    p.add_argument("version", nargs="?", type=_version)
+    p.add_argument("version", nargs="?", type=version)
 
     p = command("diff", "tensors that differ between two versions")
     p.add_argument("model")
-    p.add_argument("a", type=_version)
-    p.add_argument("b", type=_version)
+    p.add_argument("a", type=version)
+    p.add_argument("b", type=version)
     p.add_argument(
         "--values",
         action="store_true",
@@ -197,13 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument(
         "--to",
-        type=_version,
+        type=version,
         help="default: the newest earlier version that agents applied and none rejected, "
         "not retracted by a rollback and unlike head",
     )
     p.add_argument("-m", "--message", default="")
     w = p.add_mutually_exclusive_group()
-    _wait_option(
+    wait_option(
         w,
         "seconds to wait for every live agent to apply the rollback (default "
         f"{DEFAULT_WAIT:g}); exit 4 if any rejected it or did not in time",
@@ -214,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("promote", "make a version published with --no-promote head")
     p.add_argument("model")
-    p.add_argument("version", type=_version)
+    p.add_argument("version", type=version)
     p.add_argument("-m", "--message", default="")
 
     p = command("resign", "re-issue head's signed record (new issue time and expiry)")
@@ -234,11 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("verify", "re-read and re-hash every blob of a version (default: head)")
     p.add_argument("model")
-    p.add_argument("version", nargs="?", type=_version)
+    p.add_argument("version", nargs="?", type=version)
 
     p = command("export", "write a version's weights (default: head) to a .safetensors file")
     p.add_argument("model")
-    p.add_argument("version", nargs="?", type=_version)
+    p.add_argument("version", nargs="?", type=version)
     p.add_argument("out", metavar="OUT.safetensors")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument(

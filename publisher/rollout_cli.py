@@ -9,30 +9,14 @@ error (another rollout holds the lease, no such version, no live agent),
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from publisher.cliargs import duration, version
 from publisher.exitcodes import OK, UNHEALTHY
 
 if TYPE_CHECKING:
     from publisher.cli import Context
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def duration(text: str) -> float:
-    """Seconds of ``120s``, ``2m``, ``500ms``, ``1h`` or a bare number (seconds).
-
-    Example:
-        >>> duration("2m"), duration("500ms"), duration("30")
-        (120.0, 0.5, 30.0)
-    """
-    found = _DURATION.fullmatch(text.strip())
-    if found is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 120s, 2m or 500ms")
-    return float(found.group(1)) * _UNIT[found.group(2)]
 
 
 def add(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
@@ -43,7 +27,7 @@ def add(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
         "and promote it, or roll the canaries back (exit 4)",
     )
     p.add_argument("model")
-    p.add_argument("version", nargs="?", type=int, help="a version published with --no-promote")
+    p.add_argument("version", nargs="?", type=version, help="a version published with --no-promote")
     p.add_argument(
         "--canary",
         default="10%",

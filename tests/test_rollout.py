@@ -359,3 +359,22 @@ def test_a_pin_taken_back_during_the_fetch_is_not_applied(
         assert applied == [v1] and agent.applied_version == v1
         assert all(torch.equal(t, torch.full_like(t, 1.0)) for t in model.values())
         assert agent.last_rejection is None  # not refused: a later rollout may offer it
+
+
+def test_bad_rollout_arguments_are_usage_errors_that_change_nothing(
+    fleet: Make, pub: Publisher, store: Store, settings: HotswapSettings, capsys: Any
+) -> None:
+    from publisher.cli import main
+
+    _, a, _ = fleet("a", track="canary")
+    v1 = _v1_everywhere(pub, [a])
+    v2 = pub.publish(bump(Ten().state_dict(), 0.5), promote=False)
+    url = ["--redis-url", settings.redis_url]
+    for argv, said in (
+        (["rollout", MODEL, str(v2), "--bake", "soon", *url], "is not a duration"),
+        (["rollout", MODEL, "0", *url], "version must be 1 or more, got 0"),
+    ):
+        assert main(argv) == 2
+        assert said in capsys.readouterr().err
+    assert RolloutIO(store).read() is None and PinIO(store).all() == {}
+    assert store.head() == v1 and a.applied_version == v1
