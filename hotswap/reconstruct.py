@@ -29,12 +29,7 @@ import blake3
 import numpy as np
 
 from hotswap import chain, codec, delta, patches, priority, workers
-from hotswap.candidates import (
-    Candidates,
-    History,
-    full_stored,
-    unknown_encoding,
-)
+from hotswap.candidates import Candidates, History, full_stored, unknown_encoding
 from hotswap.encodings import Patched
 from hotswap.errors import FormatError, IntegrityError
 from hotswap.frames import Blobs, Broken, LinkReader, recut, starts

@@ -1,10 +1,12 @@
-"""The Lua scripts behind ``Store``'s atomic steps: text only, imports no Redis.
+"""The Lua scripts behind ``Store``'s atomic steps, and what their refusals mean; imports no Redis.
 
 Each script takes every key it touches in KEYS (built by ``hotswap.keys``:
 no script spells a key), so that on a cluster they share the model's slot.
 """
 
 from __future__ import annotations
+
+from hotswap.errors import VersionConflict
 
 # KEYS: seq, head. The next number is max(seq, head) + 1: a seq that was
 # evicted, deleted or restored older than head costs no failed publish.
@@ -80,3 +82,23 @@ if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[2], ARGV[3])
 return 1
 """
+
+
+def commit_refused(
+    model: str, version: int, parent: int | None, status: bytes, head: str
+) -> VersionConflict:
+    """The error for a commit script's refusal ``status`` (``exists``, ``stale`` or a head
+    that moved), ``head`` being the head it found (``"none"``: no head)."""
+    if status == b"exists":
+        return VersionConflict(f"model {model!r} v{version} already exists; versions are immutable")
+    if status == b"stale":
+        return VersionConflict(
+            f"model {model!r}: v{version} is not newer than head v{head}; "
+            "reserve a new version number"
+        )
+    read = "empty" if parent is None else f"v{parent}"
+    now = "empty" if head == "none" else f"v{head}"
+    return VersionConflict(
+        f"model {model!r}: head is {now}, not {read} as this publish read it; "
+        "another publisher committed first, publish again on top of it"
+    )

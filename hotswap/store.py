@@ -297,21 +297,7 @@ class Store:
         # lost, even if another publish has moved head on since.
         if self._stored_equals(version, manifest_bytes):
             return
-        if status == b"exists":
-            raise VersionConflict(
-                f"model {self.model!r} v{version} already exists; versions are immutable"
-            )
-        if status == b"stale":
-            raise VersionConflict(
-                f"model {self.model!r}: v{version} is not newer than head v{head_text}; "
-                "reserve a new version number"
-            )
-        read = "empty" if parent is None else f"v{parent}"
-        now = "empty" if head_text == "none" else f"v{head_text}"
-        raise VersionConflict(
-            f"model {self.model!r}: head is {now}, not {read} as this publish read it; "
-            "another publisher committed first, publish again on top of it"
-        )
+        raise scripts.commit_refused(self.model, version, parent, status, head_text)
 
     def promote(
         self,
