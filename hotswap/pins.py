@@ -76,13 +76,15 @@ def decode(raw: bytes | None) -> Pin | None:
     return Pin(int(parts[0]), int(parts[1]))
 
 
+def holding(head: int | None, own: Pin | None, track: Pin | None) -> Pin | None:
+    """The pin that holds: the agent's own, else its track's, while head is its base."""
+    return next((p for p in (own, track) if p is not None and p.base == head), None)
+
+
 def follows(head: int | None, own: Pin | None, track: Pin | None) -> int | None:
-    """The version an agent follows: its own pin, else its track's, while head is the
-    pin's base; else head."""
-    for pin in (own, track):
-        if pin is not None and head is not None and pin.base == head:
-            return pin.version
-    return head
+    """The version an agent follows: the pin that holds (``holding``), else head."""
+    pin = holding(head, own, track)
+    return head if pin is None else pin.version
 
 
 @dataclass(frozen=True)
@@ -154,9 +156,7 @@ class PinIO:
         found = [] if isinstance(raw_pins, redis.ResponseError) else list(raw_pins)
         own = decode(found[0]) if found else None
         of_track = decode(found[1]) if len(found) > 1 else None
-        version = follows(head, own, of_track)
-        pin = next((p for p in (own, of_track) if p is not None and p.version == version), None)
-        return Following(head, pin if pin is not None and pin.base == head else None)
+        return Following(head, None if head is None else holding(head, own, of_track))
 
     def all(self) -> dict[str, Pin]:
         """Every pin that parses, by field (``agent:<id>`` / ``track:<name>``); none if
